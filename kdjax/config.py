@@ -1,0 +1,164 @@
+"""Experiment configs: the standard keys, loading `get_config()` files, command-line overrides.
+
+Every experiment is a Python file with `get_config()` returning an ml_collections ConfigDict
+(big_vision style). It starts from `base_config()`, which is also the schema: a key that is not in
+it, or a value of the wrong type, is refused with the list of valid keys, so a typo never silently
+trains with a default. `loss.kwargs` and `model.kwargs` are free-form; the loss function's and
+the model constructor's signatures check them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+FREE_FORM = ("loss.kwargs", "model.kwargs")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema and defaults shared by every experiment."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(
+        name="fashion_mnist",
+        data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+        train_split="train",
+        eval_split="test",
+        mean=(),  # () = the dataset's known per-channel statistics (kdjax.data.NORMALIZATION)
+        std=(),
+        crop_padding=0,
+        flip=False,
+    )
+    # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
+    # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype).
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto")
+    c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1)
+    c.optimizer = dict(
+        name="sgd",  # sgd | adam | adamw
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="cosine",  # cosine | constant | step
+        warmup_steps=0,
+        decay_boundaries=(),  # step schedule: steps at which the rate is multiplied by decay_factor
+        decay_factor=0.1,
+    )
+    c.loss = dict(
+        name="ce",  # ce (supervised) | kd | dkd | lskd | reverse_kl | jsd | tvd
+        kwargs={},  # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}
+        ce_weight=1.0,
+        kd_weight=1.0,
+        kd_warmup_steps=0,
+        label_smoothing=0.0,
+    )
+    c.eval = dict(every_steps=500, batch_size=1000)
+    c.checkpoint = dict(every_steps=1000, max_to_keep=2)
+    c.teacher = dict(workdir="")  # distill: the workdir of the run that trained the teacher
+    return c
+
+
+def _walk(d: Any, prefix: str = ""):
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, (dict, ml_collections.ConfigDict)) and path not in FREE_FORM:
+            yield from _walk(v, path + ".")
+        else:
+            yield path, v
+
+
+def _lookup(schema: ml_collections.ConfigDict, path: str) -> Any:
+    node, parts = schema, path.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ValueError(f"unknown config key {path!r}: no {part!r} under {where}; "
+                             f"valid keys there: {valid}")
+        node = node[part]
+    return node
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+    """Return `value` converted to the type of the schema's `default`, or raise naming both."""
+    if path in FREE_FORM:
+        if not isinstance(value, (dict, ml_collections.ConfigDict)):
+            raise TypeError(f"config key {path!r} must be a dict, got {value!r}")
+        return dict(value)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise TypeError(f"config key {path!r} must be of type {type(default).__name__} "
+                        f"(like its default {default!r}), got {value!r}")
+    return value
+
+
+def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+    """Check every key against `base_config()` and return the full, typed config."""
+    schema = base_config()
+    out = base_config()
+    for path, value in _walk(config):
+        default = _lookup(schema, path)
+        parent, _, leaf = path.rpartition(".")
+        target = _lookup(out, parent) if parent else out
+        target[leaf] = _coerce(path, value, default)
+    return out
+
+
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `get_config()` from a Python file, apply `--config.a.b=value` overrides, validate."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path!r}: no such file (pass an experiment file, e.g. "
+                                f"experiments/fashion_mnist/teacher.py)")
+    spec = importlib.util.spec_from_file_location("kdjax_experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path!r} defines no get_config() function")
+    config = validate(module.get_config())
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Apply one `--config.a.b=value` (value parsed as a Python literal, else taken as a string)."""
+    key, sep, raw = item.removeprefix("--").partition("=")
+    if not key.startswith("config.") or not sep:
+        raise ValueError(f"config override {item!r} must look like --config.train.steps=200")
+    path = key.removeprefix("config.")
+    default = _lookup(base_config(), path)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(default, str):
+        value = raw
+    parent, _, leaf = path.rpartition(".")
+    target = _lookup(config, parent) if parent else config
+    target[leaf] = _coerce(path, value, default)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return validate(json.loads(text))

@@ -1,0 +1,188 @@
+"""The fused step: one program, frozen teacher, donation, determinism, scan equivalence, eval."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from kdjax import augment, models, objectives, sharding
+from kdjax.step import (DeviceData, compute_dtype, freeze, init_train_state, make_distill_step,
+                        make_eval_step, pad_batch)
+
+N, B, C = 96, 16, 4
+
+
+def _data(seed=0):
+    """A learnable toy set: the class sets the mean brightness of an 8x8 image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, N).astype(np.int32)
+    images = np.clip(labels[:, None, None, None] * 60 + rng.normal(20, 15, (N, 8, 8, 1)), 0, 255)
+    return images.astype(np.uint8), labels
+
+
+def _setup(*, teacher=True, steps_per_call=1, seed=0, dtype=jnp.float32, lr=0.05):
+    images, labels = _data()
+    student = models.create_model("mlp", hidden=(16,), in_features=64, num_classes=C, rngs=nnx.Rngs(seed),
+                                  dtype=dtype)
+    tx = optax.sgd(lr, momentum=0.9)
+    graphdef, state = init_train_state(student, tx, seed=seed, num_examples=N)
+    teachers = ()
+    if teacher:
+        teachers = (freeze(models.create_model("mlp", hidden=(48,), in_features=64, num_classes=C,
+                                               rngs=nnx.Rngs(100))),)
+    objective = (objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5, temperature=2.0)
+                 if teacher else objectives.supervised())
+    data = DeviceData(jnp.asarray(images), jnp.asarray(labels), batch_size=B)
+    step = make_distill_step(graphdef, tx, objective, teachers=teachers, data=data,
+                             preprocess=augment.Preprocess(crop_padding=1, flip=True),
+                             steps_per_call=steps_per_call)
+    return graphdef, sharding.replicate(state, sharding.make_mesh()), step
+
+
+def _run(step, state, n):
+    history = []
+    for _ in range(n):
+        state, m = step(state)
+        history.append(m)
+    return state, jax.device_get(history)
+
+
+def test_teacher_is_bit_identical_after_steps():
+    _, state, step = _setup()
+    before = jax.tree.map(np.array, step.teachers)
+    state, _ = _run(step, state, 10)
+    after = jax.tree.map(np.array, step.teachers)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    # and the optimizer state only mirrors the student: no teacher-shaped leaf in it
+    teacher_shapes = {x.shape for x in jax.tree.leaves(step.teachers)}
+    student_shapes = {x.shape for x in jax.tree.leaves(state.params)}
+    opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
+    assert opt_shapes <= student_shapes | {()}
+    assert (8 * 8, 48) in teacher_shapes and not opt_shapes & {(8 * 8, 48), (48, C)}
+
+
+def test_step_is_one_program_with_teacher_forward_and_update():
+    _, state, step = _setup()
+    lowered = step.lower(state)
+    hlo = lowered.as_text()
+    # one module, whose entry takes the teacher's kernels and multiplies by them (its forward)...
+    assert len(re.findall(r"^module @", hlo, flags=re.M)) == 1
+    assert re.search(r"tensor<64x48xf32>", hlo) and re.search(r"dot_general.*48xf32", hlo)
+    # ...and the student's update: the returned params are computed in the same program
+    compiled = lowered.compile()
+    assert "f32[64,16]" in compiled.as_text()
+    state, _ = _run(step, state, 3)
+    assert step.fn._cache_size() == 1  # every call reused the single executable
+
+
+def test_state_is_donated():
+    _, state, step = _setup()
+    leaf = jax.tree.leaves(state.params)[0]
+    new_state, _ = step(state)
+    assert leaf.is_deleted()
+    assert not jax.tree.leaves(new_state.params)[0].is_deleted()
+
+
+def test_loss_decreases_and_accuracy_rises():
+    _, state, step = _setup(teacher=False, lr=0.1)
+    _, hist = _run(step, state, 60)
+    first = np.mean([h["loss"] for h in hist[:6]])
+    last = np.mean([h["loss"] for h in hist[-6:]])
+    assert last < 0.5 * first
+    assert np.mean([h["accuracy"] for h in hist[-6:]]) > 0.8
+
+
+def test_same_seed_same_metrics_and_other_seed_differs():
+    losses = []
+    for seed in (0, 0, 1):
+        _, state, step = _setup(seed=seed)
+        losses.append([h["loss"] for h in _run(step, state, 8)[1]])
+    a, b, c = losses
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_scan_equals_single_steps():
+    _, s1, step1 = _setup()
+    _, s4, step4 = _setup(steps_per_call=4)
+    s1, h1 = _run(step1, s1, 8)
+    s4, h4 = _run(step4, s4, 2)
+    assert int(s4.step) == int(s1.step) == 8
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 s1.params, s4.params)
+    np.testing.assert_allclose(np.mean([h["loss"] for h in h1[4:]]), h4[1]["loss"], rtol=1e-5)
+
+
+def test_epoch_reshuffles_and_covers_every_example():
+    _, state, step = _setup(teacher=False)
+    spe = N // B
+    perms = []
+    for _ in range(2):
+        state, _ = _run(step, state, spe)
+        perms.append(np.array(state.perm))
+    for p in perms:
+        assert sorted(p.tolist()) == list(range(N))
+    assert not np.array_equal(perms[0], perms[1])
+
+
+def test_bf16_compute_keeps_float32_params():
+    _, state, step = _setup(dtype=jnp.bfloat16)
+    state, hist = _run(step, state, 2)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(hist[-1]["loss"])
+    assert compute_dtype("auto") == jnp.float32  # CPU policy
+    assert compute_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="compute dtype.*'float16'"):
+        compute_dtype("float16")
+
+
+def test_steps_per_call_must_be_positive():
+    graphdef, _, _ = _setup()
+    with pytest.raises(ValueError, match="steps_per_call=0"):
+        make_distill_step(graphdef, optax.sgd(0.1), objectives.supervised(), steps_per_call=0)
+
+
+def test_eval_counts_every_example_once_with_padding():
+    graphdef, state, _ = _setup()
+    images, labels = _data()
+    teacher = freeze(models.create_model("mlp", hidden=(48,), in_features=64, num_classes=C, rngs=nnx.Rngs(100)))
+    eval_step = make_eval_step(graphdef, teachers=(teacher,))
+    totals = None
+    for start in range(0, 40, 16):  # 40 examples in batches of 16: the last is padded
+        batch = pad_batch({"image": images[start:min(start + 16, 40)],
+                           "label": labels[start:min(start + 16, 40)]}, 16)
+        sums = jax.device_get(eval_step(state.params, state.model_state, batch))
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    x = augment.preprocess(jnp.asarray(images[:40]), augment.Preprocess(), key=None,
+                           dtype=jnp.float32)
+    logits = np.asarray(model(x))
+    t_logits = np.asarray(nnx.merge(*teacher)(x))
+    assert totals["count"] == 40
+    np.testing.assert_allclose(totals["accuracy"], (logits.argmax(-1) == labels[:40]).sum())
+    np.testing.assert_allclose(totals["teacher_agreement"],
+                               (logits.argmax(-1) == t_logits.argmax(-1)).sum())
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(totals["loss"], -logp[np.arange(40), labels[:40]].sum(), rtol=1e-5)
+    top4 = np.argsort(-logits, -1)[:, :4]  # C=4 classes: top-5 is top-4, always correct
+    assert totals["top5_accuracy"] == 40 == (top4 == labels[:40, None]).any(-1).sum()
+
+
+def test_streamed_batches_match_device_resident_sampling():
+    """The same step accepts host batches; with the same examples it computes the same update."""
+    images, labels = _data()
+    graphdef, state, step = _setup(teacher=False)
+    student = models.create_model("mlp", hidden=(16,), in_features=64, num_classes=C, rngs=nnx.Rngs(0))
+    _, state2 = init_train_state(student, optax.sgd(0.05, momentum=0.9), seed=0)
+    streamed = make_distill_step(graphdef, optax.sgd(0.05, momentum=0.9), objectives.supervised(),
+                                 preprocess=augment.Preprocess(crop_padding=1, flip=True))
+    idx = np.array(state.perm[:B])
+    state, m1 = step(state)
+    state2, m2 = streamed(state2, {"image": images[idx], "label": labels[idx]})
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), state.params,
+                 state2.params)
