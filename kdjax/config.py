@@ -13,6 +13,7 @@ import ast
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,7 +130,12 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
                                 f"experiments/fashion_mnist/teacher.py)")
     spec = importlib.util.spec_from_file_location("kdjax_experiment_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Experiments may import their siblings (kd.py builds on student_scratch.py).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config {path!r} defines no get_config() function")
     config = validate(module.get_config())

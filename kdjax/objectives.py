@@ -64,7 +64,11 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
     for arg, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
         if value < 0:
             raise ValueError(f"loss.{arg} must be >= 0, got {arg}={value}")
-    takes_labels = "labels" in inspect.signature(fn).parameters
+    params = inspect.signature(fn).parameters
+    takes_labels = "labels" in params
+    # Several teachers are averaged at the loss's own temperature, so that the target is the
+    # mean of the teachers' softened distributions rather than a softened mean.
+    ensemble_temperature = kwargs.get("temperature", params["temperature"].default)
 
     def objective(out, teacher_out, labels, step):
         if not teacher_out:
@@ -72,7 +76,8 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
         student = out["logits"].astype(jnp.float32)
         teacher = [t["logits"].astype(jnp.float32) for t in teacher_out]
         target = teacher[0] if len(teacher) == 1 else losses.ensemble_teacher(
-            teacher, weights=teacher_weights, mode=ensemble_mode)
+            teacher, weights=teacher_weights, mode=ensemble_mode,
+            temperature=ensemble_temperature)
         args = (student, target, labels) if takes_labels else (student, target)
         kd = fn(*args, **kwargs).mean()
         ce = losses.cross_entropy(student, labels, label_smoothing=label_smoothing).mean()

@@ -189,7 +189,8 @@ def make_distill_step(
             for g, v in zip(teacher_defs, teacher_vars))
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.model_state)
+            # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
+            model = nnx.merge(graphdef, params, state.model_state, copy=True)
             out = model.features(images, train=True)
             loss, metrics = objective(out, teacher_out, batch["label"], state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))

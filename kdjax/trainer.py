@@ -36,10 +36,11 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
     return config.data.data_dir or None
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-    return models.create_model(config.model.name, num_classes=num_classes,
-                               rngs=nnx.Rngs(config.seed),
-                               dtype=compute_dtype(config.model.compute_dtype))
+def build_model(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> nnx.Module:
+    return models.create_model(config.model.name, num_classes=spec.num_classes,
+                               input_shape=spec.image_shape, rngs=nnx.Rngs(config.seed),
+                               dtype=compute_dtype(config.model.compute_dtype),
+                               **config.model.kwargs)
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,7 +52,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.from_json(f.read())
 
 
-def load_teacher(config: ml_collections.ConfigDict, num_classes: int) -> FrozenModel:
+def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> FrozenModel:
     """Rebuild the teacher from its own run's config.json and load its latest checkpoint."""
     workdir = config.teacher.workdir
     if not workdir:
@@ -62,7 +63,7 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int) -> FrozenM
         raise ValueError(f"the teacher in {workdir!r} was trained on data.name="
                          f"{teacher_config.data.name!r} but this run uses data.name="
                          f"{config.data.name!r}; distil on the teacher's dataset")
-    return freeze(checkpoint.load_model(workdir, build_model(teacher_config, num_classes)))
+    return freeze(checkpoint.load_model(workdir, build_model(teacher_config, spec)))
 
 
 def _evaluate(eval_step, state: TrainState, arrays: dict[str, np.ndarray], batch_size: int,
@@ -109,9 +110,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_arrays['label'])} "
                          f"training examples of {config.data.name}")
     preprocess = _preprocess(config, spec.image_shape[-1])
-    teachers = (load_teacher(config, spec.num_classes),) if distill else ()
+    teachers = (load_teacher(config, spec),) if distill else ()
 
-    model = build_model(config, spec.num_classes)
+    model = build_model(config, spec)
     num_params = models.count_params(model)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
@@ -203,8 +204,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     arrays = data.load_arrays(config.data.name, config.data.eval_split,
                               data_dir=_data_dir(config))
-    model = checkpoint.load_model(workdir, build_model(config, spec.num_classes))
-    teachers = (load_teacher(config, spec.num_classes),) if config.teacher.workdir else ()
+    model = checkpoint.load_model(workdir, build_model(config, spec))
+    teachers = (load_teacher(config, spec),) if config.teacher.workdir else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, teachers=teachers,
                                preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)

@@ -1,0 +1,5 @@
+"""`python -m kdjax` is the `kdjax` command."""
+
+from kdjax.cli import entry
+
+entry()

@@ -1,0 +1,529 @@
+"""Flax NNX model zoo for knowledge distillation.
+
+Architectures mirror the reference PyTorch implementations used by the KD
+literature (Hinton et al. MLPs, RepDistiller / CRD CIFAR models, torchvision
+ImageNet ResNets) so that parameter counts match exactly.
+
+Every model is an :class:`FeatureModel`:
+
+* constructor takes ``num_classes``, ``rngs`` and ``dtype`` (compute dtype;
+  parameters are always float32);
+* inputs are NHWC float images (already normalised by the caller), MLPs flatten
+  whatever they get;
+* ``features(x, *, train=False)`` returns a dict of named intermediate tensors
+  (keys listed in ``model.feature_names``), ending with ``"embedding"`` (pooled
+  pre-logit vector ``[B, D]``) and ``"logits"`` (``[B, num_classes]`` in the
+  compute dtype);
+* ``__call__(x, *, train=False)`` is exactly ``features(x, train=train)["logits"]``
+  (under ``jit`` the unused taps are dead-code eliminated).
+
+State consists only of ``nnx.Param`` and ``nnx.BatchStat`` (no dropout, no
+stored rngs), BatchNorm uses ``momentum=0.9, epsilon=1e-5`` (PyTorch defaults)
+and the ``train`` flag is passed explicitly on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "MODELS",
+    "FeatureModel",
+    "MLP",
+    "SmallCNN",
+    "CifarResNet",
+    "WideResNet",
+    "VGG",
+    "MobileNetV2",
+    "ImageNetResNet",
+    "create_model",
+    "model_names",
+    "count_params",
+]
+
+# kaiming_normal_(mode="fan_out", nonlinearity="relu"), as in RepDistiller/torchvision.
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# ----------------------------------------------------------------------------
+# layer helpers
+# ----------------------------------------------------------------------------
+def _conv(in_c, out_c, k, *, stride=1, groups=1, bias=False, dtype, rngs) -> nnx.Conv:
+    """k x k conv with PyTorch-style symmetric padding (k // 2)."""
+    p = k // 2
+    return nnx.Conv(
+        in_c, out_c, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+        feature_group_count=groups, use_bias=bias, kernel_init=_conv_init,
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+    )
+
+
+def _bn(c, *, dtype, rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
+def _linear(in_f, out_f, *, dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(in_f, out_f, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _gap(x: jax.Array) -> jax.Array:
+    """Global average pool NHWC -> NC (accumulated in float32)."""
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
+
+
+def _max_pool(x, k, stride, pad=0):
+    return nnx.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
+
+
+class ConvBN(nnx.Module):
+    """conv -> BN (-> ReLU)."""
+
+    def __init__(self, in_c, out_c, k, *, stride=1, groups=1, bias=False, act=True, dtype, rngs):
+        self.conv = _conv(in_c, out_c, k, stride=stride, groups=groups, bias=bias, dtype=dtype, rngs=rngs)
+        self.bn = _bn(out_c, dtype=dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x, train: bool):
+        x = self.bn(self.conv(x), use_running_average=not train)
+        return nnx.relu(x) if self.act else x
+
+
+def _run(blocks, x, train: bool):
+    for b in blocks:
+        x = b(x, train)
+    return x
+
+
+def _make_stage(block, in_c, planes, n, stride, *, dtype, rngs):
+    """n blocks, the first one strided; returns (nnx.List, out_channels)."""
+    blocks = []
+    for j in range(n):
+        blocks.append(block(in_c, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
+        in_c = planes * block.expansion
+    return nnx.List(blocks), in_c
+
+
+# ----------------------------------------------------------------------------
+# base class
+# ----------------------------------------------------------------------------
+class FeatureModel(nnx.Module):
+    """Base: subclasses implement ``features`` once; ``__call__`` returns its logits."""
+
+    feature_names = ()  # overridden per class / instance
+
+    def features(self, x, *, train: bool = False) -> dict[str, jax.Array]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, x, *, train: bool = False) -> jax.Array:
+        return self.features(x, train=train)["logits"]
+
+    def _input(self, x) -> jax.Array:
+        return jnp.asarray(x).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------
+# blocks
+# ----------------------------------------------------------------------------
+class BasicBlock(nnx.Module):
+    """ResNet basic block (RepDistiller resnet.py / torchvision), post-activation output."""
+
+    expansion = 1
+
+    def __init__(self, in_c, planes, stride, *, dtype, rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.c1 = ConvBN(in_c, planes, 3, stride=stride, **kw)
+        self.c2 = ConvBN(planes, planes, 3, act=False, **kw)
+        need = stride != 1 or in_c != planes
+        self.shortcut = ConvBN(in_c, planes, 1, stride=stride, act=False, **kw) if need else None
+
+    def __call__(self, x, train: bool):
+        out = self.c2(self.c1(x, train), train)
+        sc = x if self.shortcut is None else self.shortcut(x, train)
+        return nnx.relu(out + sc)
+
+
+class Bottleneck(nnx.Module):
+    """torchvision ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    expansion = 4
+
+    def __init__(self, in_c, planes, stride, *, dtype, rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        out_c = planes * self.expansion
+        self.c1 = ConvBN(in_c, planes, 1, **kw)
+        self.c2 = ConvBN(planes, planes, 3, stride=stride, **kw)
+        self.c3 = ConvBN(planes, out_c, 1, act=False, **kw)
+        need = stride != 1 or in_c != out_c
+        self.shortcut = ConvBN(in_c, out_c, 1, stride=stride, act=False, **kw) if need else None
+
+    def __call__(self, x, train: bool):
+        out = self.c3(self.c2(self.c1(x, train), train), train)
+        sc = x if self.shortcut is None else self.shortcut(x, train)
+        return nnx.relu(out + sc)
+
+
+class WideBlock(nnx.Module):
+    """Pre-activation wide basic block (RepDistiller wrn.py, dropRate=0)."""
+
+    expansion = 1
+
+    def __init__(self, in_c, out_c, stride, *, dtype, rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(in_c, **kw)
+        self.conv1 = _conv(in_c, out_c, 3, stride=stride, **kw)
+        self.bn2 = _bn(out_c, **kw)
+        self.conv2 = _conv(out_c, out_c, 3, **kw)
+        self.equal_in_out = in_c == out_c
+        self.shortcut = None if self.equal_in_out else _conv(in_c, out_c, 1, stride=stride, **kw)
+
+    def __call__(self, x, train: bool):
+        o = nnx.relu(self.bn1(x, use_running_average=not train))
+        out = self.conv1(o)
+        out = self.conv2(nnx.relu(self.bn2(out, use_running_average=not train)))
+        # RepDistiller: identity on the raw input, projection on the activated input.
+        sc = x if self.shortcut is None else self.shortcut(o)
+        return sc + out
+
+
+class InvertedResidual(nnx.Module):
+    """MobileNetV2 block as in RepDistiller (pw conv present even for t=1)."""
+
+    def __init__(self, in_c, out_c, stride, expand, *, dtype, rngs):
+        kw = dict(dtype=dtype, rngs=rngs)
+        hid = in_c * expand
+        self.pw = ConvBN(in_c, hid, 1, **kw)
+        self.dw = ConvBN(hid, hid, 3, stride=stride, groups=hid, **kw)
+        self.pwl = ConvBN(hid, out_c, 1, act=False, **kw)
+        self.use_res = stride == 1 and in_c == out_c
+
+    def __call__(self, x, train: bool):
+        out = self.pwl(self.dw(self.pw(x, train), train), train)
+        return x + out if self.use_res else out
+
+
+# ----------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------
+class MLP(FeatureModel):
+    """Flatten -> [Linear -> ReLU]* -> Linear.  Features hidden1.., embedding, logits."""
+
+    def __init__(self, hidden: Sequence[int] = (1200, 1200), *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_features: int = 784):
+        self.dtype = dtype
+        dims = (in_features, *hidden)
+        self.hidden = nnx.List([_linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.out = _linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
+        self.feature_names = tuple(f"hidden{i + 1}" for i in range(len(hidden))) + ("embedding", "logits")
+
+    def features(self, x, *, train: bool = False):
+        x = self._input(x)
+        x = x.reshape(x.shape[0], -1)
+        feats = {}
+        for i, layer in enumerate(self.hidden):
+            x = nnx.relu(layer(x))
+            feats[f"hidden{i + 1}"] = x
+        feats["embedding"] = x
+        feats["logits"] = self.out(x)
+        return feats
+
+
+class SmallCNN(FeatureModel):
+    """conv-bn-relu-pool x2 -> dense -> relu -> out, for small (28x28x1) images.
+
+    stem = first conv/bn/relu (pre-pool), stage1/stage2 = pooled outputs of the
+    two conv blocks, embedding = dense hidden activation.
+    """
+
+    feature_names = ("stem", "stage1", "stage2", "embedding", "logits")
+
+    def __init__(self, channels: Sequence[int] = (32, 64), dense: int = 128, *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 1, input_size: int = 28):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        c1, c2 = channels
+        self.conv1 = ConvBN(in_channels, c1, 3, **kw)
+        self.conv2 = ConvBN(c1, c2, 3, **kw)
+        s = input_size // 4
+        self.fc = _linear(s * s * c2, dense, **kw)
+        self.out = _linear(dense, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        stem = self.conv1(self._input(x), train)
+        s1 = _max_pool(stem, 2, 2)
+        s2 = _max_pool(self.conv2(s1, train), 2, 2)
+        emb = nnx.relu(self.fc(s2.reshape(s2.shape[0], -1)))
+        return {"stem": stem, "stage1": s1, "stage2": s2, "embedding": emb, "logits": self.out(emb)}
+
+
+class CifarResNet(FeatureModel):
+    """RepDistiller CIFAR ResNet (BasicBlock, 3 stages, depth = 6n + 2)."""
+
+    feature_names = ("stem", "stage1", "stage2", "stage3", "embedding", "logits")
+
+    def __init__(self, depth: int = 20, channels: Sequence[int] = (16, 16, 32, 64), *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        self.stem = ConvBN(in_channels, channels[0], 3, **kw)
+        stages, c = [], channels[0]
+        for planes, stride in zip(channels[1:], (1, 2, 2)):
+            stage, c = _make_stage(BasicBlock, c, planes, n, stride, **kw)
+            stages.append(stage)
+        self.stages = nnx.List(stages)
+        self.fc = _linear(c, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        x = self.stem(self._input(x), train)
+        feats = {"stem": x}
+        for i, stage in enumerate(self.stages):
+            x = _run(stage, x, train)
+            feats[f"stage{i + 1}"] = x
+        feats["embedding"] = _gap(x)
+        feats["logits"] = self.fc(feats["embedding"])
+        return feats
+
+
+class ImageNetResNet(FeatureModel):
+    """torchvision ResNet (7x7/2 conv, 3x3/2 maxpool, 4 stages, fc).
+
+    stem = conv/bn/relu output (before the max pool).
+    """
+
+    feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
+
+    def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+        blk = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        self.stem = ConvBN(in_channels, 64, 7, stride=2, **kw)
+        stages, c = [], 64
+        for planes, n, stride in zip((64, 128, 256, 512), layers, (1, 2, 2, 2)):
+            stage, c = _make_stage(blk, c, planes, n, stride, **kw)
+            stages.append(stage)
+        self.stages = nnx.List(stages)
+        self.fc = _linear(c, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        x = self.stem(self._input(x), train)
+        feats = {"stem": x}
+        x = _max_pool(x, 3, 2, 1)
+        for i, stage in enumerate(self.stages):
+            x = _run(stage, x, train)
+            feats[f"stage{i + 1}"] = x
+        feats["embedding"] = _gap(x)
+        feats["logits"] = self.fc(feats["embedding"])
+        return feats
+
+
+class WideResNet(FeatureModel):
+    """RepDistiller WRN-depth-width (pre-activation, dropout 0).
+
+    stem = first conv (no BN/ReLU in this architecture), stage1..3 = raw block
+    group outputs (as RepDistiller's f1..f3), embedding = pooled relu(bn(stage3)).
+    """
+
+    feature_names = ("stem", "stage1", "stage2", "stage3", "embedding", "logits")
+
+    def __init__(self, depth: int = 16, widen_factor: int = 1, *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        chans = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = _conv(in_channels, chans[0], 3, **kw)
+        stages, c = [], chans[0]
+        for planes, stride in zip(chans[1:], (1, 2, 2)):
+            stage, c = _make_stage(WideBlock, c, planes, n, stride, **kw)
+            stages.append(stage)
+        self.stages = nnx.List(stages)
+        self.bn = _bn(c, **kw)
+        self.fc = _linear(c, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        x = self.conv1(self._input(x))
+        feats = {"stem": x}
+        for i, stage in enumerate(self.stages):
+            x = _run(stage, x, train)
+            feats[f"stage{i + 1}"] = x
+        x = nnx.relu(self.bn(x, use_running_average=not train))
+        feats["embedding"] = _gap(x)
+        feats["logits"] = self.fc(feats["embedding"])
+        return feats
+
+
+_VGG_CFG = {
+    8: ((64,), (128,), (256,), (512,), (512,)),
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    19: ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
+}
+
+
+class VGG(FeatureModel):
+    """RepDistiller CIFAR VGG with BN (conv bias=True, 5 conv groups, GAP, one fc).
+
+    stem = group 0 output, stage1..stage4 = groups 1..4 (post-ReLU, pre-pool).
+    Max-pool after groups 0-2; after group 3 only for >= 64 px inputs (as reference).
+    """
+
+    feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
+
+    def __init__(self, depth: int = 13, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 in_channels: int = 3):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        groups, c = [], in_channels
+        for cfg in _VGG_CFG[depth]:
+            layers = []
+            for v in cfg:
+                layers.append(ConvBN(c, v, 3, bias=True, **kw))
+                c = v
+            groups.append(nnx.List(layers))
+        self.groups = nnx.List(groups)
+        self.fc = _linear(c, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        x = self._input(x)
+        h = x.shape[1]
+        feats = {}
+        for i, (name, group) in enumerate(zip(self.feature_names[:5], self.groups)):
+            x = _run(group, x, train)
+            feats[name] = x
+            if i < 3 or (i == 3 and h >= 64):
+                x = _max_pool(x, 2, 2)
+        feats["embedding"] = _gap(x)
+        feats["logits"] = self.fc(feats["embedding"])
+        return feats
+
+
+class MobileNetV2(FeatureModel):
+    """RepDistiller MobileNetV2 (CIFAR: stride-2 stem; ``mobile_half`` = width 0.5, t=6).
+
+    stem = first conv/bn/relu; stage1..4 = outputs of block groups 1, 2, 4, 6
+    (RepDistiller f1..f4); embedding = pooled 1x1-conv (1280-d) features.
+    """
+
+    feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
+    _SETTING = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
+                (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1))  # t, c, n, s (None -> expand)
+    _TAPS = {1: "stage1", 2: "stage2", 4: "stage3", 6: "stage4"}
+
+    def __init__(self, width_mult: float = 0.5, expand: int = 6, *, num_classes: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+        kw = dict(dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+        c = int(32 * width_mult)
+        self.stem = ConvBN(in_channels, c, 3, stride=2, **kw)
+        groups = []
+        for t, ch, n, s in self._SETTING:
+            out_c = int(ch * width_mult)
+            blocks = []
+            for j in range(n):
+                blocks.append(InvertedResidual(c, out_c, s if j == 0 else 1, t or expand, **kw))
+                c = out_c
+            groups.append(nnx.List(blocks))
+        self.groups = nnx.List(groups)
+        last = int(1280 * width_mult) if width_mult > 1.0 else 1280
+        self.head = ConvBN(c, last, 1, **kw)
+        self.fc = _linear(last, num_classes, **kw)
+
+    def features(self, x, *, train: bool = False):
+        x = self.stem(self._input(x), train)
+        feats = {"stem": x}
+        for i, group in enumerate(self.groups):
+            x = _run(group, x, train)
+            if i in self._TAPS:
+                feats[self._TAPS[i]] = x
+        feats["embedding"] = _gap(self.head(x, train))
+        feats["logits"] = self.fc(feats["embedding"])
+        return feats
+
+
+# ----------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------
+_p = functools.partial
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    # MLPs (Hinton et al. 2015)
+    "mlp": MLP,
+    "mlp_1200": _p(MLP, hidden=(1200, 1200)),
+    "mlp_800": _p(MLP, hidden=(800, 800)),
+    "mlp_tiny": _p(MLP, hidden=(64,)),
+    # small CNNs for 28x28x1
+    "cnn_small": _p(SmallCNN, channels=(32, 64), dense=128),
+    "cnn_tiny": _p(SmallCNN, channels=(8, 16), dense=32),
+    # CIFAR ResNets (CRD benchmark)
+    **{f"resnet{d}": _p(CifarResNet, depth=d) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": _p(CifarResNet, depth=8, channels=(32, 64, 128, 256)),
+    "resnet32x4": _p(CifarResNet, depth=32, channels=(32, 64, 128, 256)),
+    # Wide ResNets
+    "wrn": WideResNet,
+    **{f"wrn_{d}_{w}": _p(WideResNet, depth=d, widen_factor=w) for d, w in ((16, 1), (16, 2), (40, 1), (40, 2))},
+    # VGG-BN (CIFAR)
+    **{f"vgg{d}": _p(VGG, depth=d) for d in _VGG_CFG},
+    # MobileNetV2 (RepDistiller mobile_half)
+    "mobilenetv2": _p(MobileNetV2, width_mult=0.5),
+    # ImageNet ResNets (torchvision)
+    "resnet18": _p(ImageNetResNet, block="basic", layers=(2, 2, 2, 2)),
+    "resnet34": _p(ImageNetResNet, block="basic", layers=(3, 4, 6, 3)),
+    "resnet50": _p(ImageNetResNet, block="bottleneck", layers=(3, 4, 6, 3)),
+}
+
+
+def model_names() -> list[str]:
+    """Sorted list of registered model names."""
+    return sorted(MODELS)
+
+
+def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
+                 input_shape: Sequence[int] | None = None, **kwargs: Any) -> nnx.Module:
+    """Instantiate registered model ``name``; extra kwargs go to the constructor.
+
+    ``input_shape`` (H, W, C) of the images sets whichever input-size arguments the architecture
+    has (``in_features`` of an MLP, ``in_channels`` of a CNN, ``input_size`` of the small CNNs),
+    so one config serves greyscale 28x28 and RGB 32x32 data; explicit kwargs win.
+    """
+    try:
+        ctor = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}") from None
+    params = inspect.signature(ctor).parameters
+    if input_shape is not None:
+        h, _, c = input_shape
+        derived = {"in_features": int(np.prod(input_shape)), "in_channels": c, "input_size": h}
+        kwargs = {**{k: v for k, v in derived.items() if k in params}, **kwargs}
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = sorted(set(params) - {"num_classes", "rngs", "dtype"})
+        raise ValueError(f"model {name!r} takes no argument(s) {unknown} (model.kwargs); valid: "
+                         f"{valid}")
+    return ctor(num_classes=num_classes, rngs=rngs, dtype=dtype, **kwargs)
+
+
+def count_params(model_or_state) -> int:
+    """Number of ``nnx.Param`` scalars in a module or a State (abstract shapes ok).
+
+    Non-Param variables (BatchStat, ...) are ignored; a plain pytree without any
+    ``nnx.Variable`` (e.g. a pure dict of arrays) is counted leaf by leaf.
+    """
+    obj = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    leaves = jax.tree.leaves(obj, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    if any(isinstance(v, nnx.Variable) for v in leaves):
+        leaves = jax.tree.leaves([v for v in leaves if isinstance(v, nnx.Param)])
+    return int(sum(int(np.prod(v.shape if hasattr(v, "shape") else np.shape(v))) for v in leaves))
