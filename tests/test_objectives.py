@@ -1,0 +1,76 @@
+"""Objectives: the config's loss section -> the scalar the step differentiates."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import config as config_lib, losses, objectives
+
+RNG = np.random.default_rng(0)
+S, T1, T2 = (jnp.asarray(RNG.normal(size=(6, 5)), jnp.float32) for _ in range(3))
+Y = jnp.asarray(RNG.integers(0, 5, 6), jnp.int32)
+
+
+def test_kd_is_hintons_mix():
+    obj = objectives.logit_distillation("kd", ce_weight=0.1, kd_weight=0.9, temperature=4.0)
+    total, m = obj({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
+    expected = losses.hinton_kd(S, T1, Y, temperature=4.0, alpha=0.9).mean()
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], np.mean(np.argmax(S, -1) == Y))
+
+
+def test_dkd_gets_labels_and_warmup_ramps():
+    obj = objectives.logit_distillation("dkd", ce_weight=1.0, kd_weight=1.0, kd_warmup_steps=10,
+                                        alpha=1.0, beta=8.0, temperature=4.0)
+    dkd = losses.dkd(S, T1, Y, alpha=1.0, beta=8.0, temperature=4.0).mean()
+    ce = losses.cross_entropy(S, Y).mean()
+    for step, ramp in ((0, 0.1), (4, 0.5), (9, 1.0), (50, 1.0)):
+        total, _ = obj({"logits": S}, ({"logits": T1},), Y, jnp.int32(step))
+        np.testing.assert_allclose(total, ce + ramp * dkd, rtol=1e-5)
+
+
+def test_several_teachers_are_averaged_at_the_loss_temperature():
+    obj = objectives.logit_distillation("kd", ce_weight=0.0, kd_weight=1.0, temperature=3.0)
+    total, _ = obj({"logits": S}, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
+    p = lambda z: np.exp(z / 3) / np.exp(z / 3).sum(-1, keepdims=True)  # noqa: E731
+    target = (p(np.asarray(T1)) + p(np.asarray(T2))) / 2
+    ps = p(np.asarray(S))
+    expected = 9 * np.mean(np.sum(target * (np.log(target) - np.log(ps)), -1))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+
+
+def test_supervised_and_from_config():
+    c = config_lib.base_config()
+    total, _ = objectives.from_config(c.loss)({"logits": S}, (), Y, jnp.int32(0))
+    np.testing.assert_allclose(total, losses.cross_entropy(S, Y).mean(), rtol=1e-6)
+    c.loss.name, c.loss.kwargs = "jsd", {"beta": 0.3}
+    c.loss.ce_weight = 0.0
+    total, _ = objectives.from_config(c.loss)({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
+    np.testing.assert_allclose(total, losses.generalized_jsd(S, T1, beta=0.3).mean(), rtol=1e-6)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"unknown loss.name='kld'.*'kd'"):
+        objectives.logit_distillation("kld", ce_weight=1.0, kd_weight=1.0)
+    with pytest.raises(ValueError, match=r"\['temp'\] are not hyperparameters.*'temperature'"):
+        objectives.logit_distillation("kd", ce_weight=1.0, kd_weight=1.0, temp=2.0)
+    with pytest.raises(ValueError, match="loss.ce_weight must be >= 0, got ce_weight=-1"):
+        objectives.logit_distillation("kd", ce_weight=-1.0, kd_weight=1.0)
+    c = config_lib.base_config()
+    c.loss.kwargs = {"temperature": 2.0}
+    with pytest.raises(ValueError, match="loss.name='ce' takes no loss.kwargs"):
+        objectives.from_config(c.loss)
+    obj = objectives.logit_distillation("kd", ce_weight=1.0, kd_weight=1.0)
+    with pytest.raises(ValueError, match="distils from a teacher, but none was given"):
+        obj({"logits": S}, (), Y, jnp.int32(0))
+
+
+def test_losses_import_alone():
+    """`import kdjax.losses` pulls in neither Flax, Orbax nor TFDS."""
+    code = ("import sys, kdjax.losses; "
+            "print(sorted(m for m in ('flax', 'orbax', 'tensorflow_datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
