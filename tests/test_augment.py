@@ -1,0 +1,61 @@
+"""On-device preprocessing: exact normalisation, crops that are windows of the padded image,
+flips that mirror, and no augmentation without a key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import augment
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (64, 6, 5, 2)).astype(np.uint8)
+
+
+def test_normalize_matches_formula():
+    out = augment.normalize(jnp.asarray(IMAGES), (0.2, 0.6), (0.5, 0.25), jnp.float32)
+    expected = (IMAGES / 255.0 - np.array([0.2, 0.6])) / np.array([0.5, 0.25])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    assert augment.normalize(jnp.asarray(IMAGES), (0.5,), (0.5,), jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    p = 2
+    out = np.asarray(augment.random_crop(jax.random.key(1), jnp.asarray(IMAGES), p))
+    padded = np.pad(IMAGES, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = set()
+    for img, pad in zip(out, padded):
+        hits = [(i, j) for i in range(2 * p + 1) for j in range(2 * p + 1)
+                if np.array_equal(pad[i:i + 6, j:j + 5], img)]
+        assert hits, "crop is not a window of the padded image"
+        offsets.add(hits[0])
+    assert len(offsets) > 5  # offsets really vary across the batch
+
+
+def test_random_flip_mirrors_about_half():
+    out = np.asarray(augment.random_flip(jax.random.key(2), jnp.asarray(IMAGES)))
+    same = [np.array_equal(o, i) for o, i in zip(out, IMAGES)]
+    mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, IMAGES)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 16 < sum(mirrored) < 48
+
+
+def test_preprocess_augments_only_with_a_key():
+    recipe = augment.Preprocess(mean=(0.5, 0.5), std=(0.5, 0.5), crop_padding=2, flip=True)
+    plain = augment.preprocess(jnp.asarray(IMAGES), recipe, key=None, dtype=jnp.float32)
+    np.testing.assert_allclose(plain, (IMAGES / 255.0 - 0.5) / 0.5, atol=1e-6)
+    a = augment.preprocess(jnp.asarray(IMAGES), recipe, key=jax.random.key(3), dtype=jnp.float32)
+    b = augment.preprocess(jnp.asarray(IMAGES), recipe, key=jax.random.key(3), dtype=jnp.float32)
+    np.testing.assert_array_equal(a, b)  # same key, same views
+    assert not np.allclose(a, plain)
+    grey = augment.preprocess(jnp.asarray(IMAGES[..., 0]), augment.Preprocess(), key=None,
+                              dtype=jnp.float32)
+    assert grey.shape == (64, 6, 5, 1)
+
+
+def test_bad_recipes_are_refused():
+    with pytest.raises(ValueError, match="one value per channel"):
+        augment.Preprocess(mean=(0.5, 0.5), std=(0.5,))
+    with pytest.raises(ValueError, match=r"std must be > 0.*std=\(0.0,\)"):
+        augment.Preprocess(std=(0.0,))
+    with pytest.raises(ValueError, match="crop_padding=-1"):
+        augment.Preprocess(crop_padding=-1)
