@@ -1,0 +1,17 @@
+"""The README's example runs as written."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_example_runs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert int(scope["state"].step) == 1
+    assert float(scope["metrics"]["loss"]) > 0
+    assert scope["kl"].shape == (4,)
