@@ -66,15 +66,20 @@ def test_teacher_is_bit_identical_after_steps():
 
 
 def test_step_is_one_program_with_teacher_forward_and_update():
-    _, state, step = _setup()
+    _, state, step = _setup(lr=0.0123)  # a learning rate we can find as a constant
     lowered = step.lower(state)
     hlo = lowered.as_text()
     # one module, whose entry takes the teacher's kernels and multiplies by them (its forward)...
     assert len(re.findall(r"^module @", hlo, flags=re.M)) == 1
     assert re.search(r"tensor<64x48xf32>", hlo) and re.search(r"dot_general.*48xf32", hlo)
-    # ...and the student's update: the returned params are computed in the same program
+    # ...and applies the SGD update with the learning rate in the same program...
+    assert re.search(r"1\.230000e-02", hlo)
+    # ...whose outputs are the whole new state (params AND momentum) plus the metrics.
+    state_out, metrics_out = lowered.out_info
+    assert jax.tree.structure(state_out) == jax.tree.structure(state)
+    assert {"loss", "ce", "kd", "grad_norm"} <= set(metrics_out)
     compiled = lowered.compile()
-    assert "f32[64,16]" in compiled.as_text()
+    assert len(re.findall(r"^ENTRY", compiled.as_text(), flags=re.M)) == 1
     state, _ = _run(step, state, 3)
     assert step.fn._cache_size() == 1  # every call reused the single executable
 
