@@ -70,7 +70,7 @@ def compute_dtype(name: str = "auto") -> jnp.dtype:
     where XLA emulates bfloat16 arithmetic and it is slower, not faster.
     """
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"compute dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
     return jnp.dtype(name)

@@ -440,3 +440,16 @@ def test_real_initialisation():
     np.testing.assert_array_equal(np.asarray(bn.var[...]), 1)
     assert cnn.conv2.conv.bias is None
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(cnn)))
+
+
+def test_input_shape_sets_the_input_arguments_and_kwargs_are_checked():
+    mlp = create_model("mlp_tiny", num_classes=3, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+    assert mlp.hidden[0].kernel.shape == (64, 64)
+    net = nnx.eval_shape(lambda: create_model("resnet8", num_classes=3, input_shape=(28, 28, 1),
+                                              rngs=nnx.Rngs(0)))
+    assert net.stem.conv.kernel.shape == (3, 3, 1, 16)
+    explicit = create_model("mlp", hidden=(4,), in_features=10, num_classes=3,
+                            input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+    assert explicit.hidden[0].kernel.shape == (10, 4)  # explicit kwargs win
+    with pytest.raises(ValueError, match=r"model 'mlp' takes no argument\(s\) \['width'\].*hidden"):
+        create_model("mlp", width=3, num_classes=3, rngs=nnx.Rngs(0))
