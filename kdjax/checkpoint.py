@@ -20,7 +20,9 @@ policies). The teacher is never copied: it is read, read-only, from the run that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +43,44 @@ from kdjax.step import TrainState
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"  # where resume moves checkpoints it cannot read
 BEST_MODES = ("max", "min")
+
+
+class _OrbaxNoise(logging.Filter):
+    """Orbax logs a failed save's traceback (twice) and warns "Given directory is read only" for
+    every read-only manager. kdjax raises the failure as one clear CheckpointError (the original
+    chained, for KDJAX_TRACEBACK=1), and reading read-only is the point of a RunReader."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        return not (record.exc_info or
+                    record.getMessage().startswith("Given directory is read only"))
+
+
+_ORBAX_NOISE = _OrbaxNoise()
+
+
+def _quiet_orbax() -> None:
+    logging.getLogger("absl").addFilter(_ORBAX_NOISE)  # idempotent: one filter object
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """When one array of a checkpoint cannot be read, Orbax closes its event loop while
+    TensorStore still completes the other reads, and each prints "Event loop is closed" with a
+    traceback (as an unraisable exception). The failure itself is reported once, clearly."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -144,6 +184,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep_best must be >= 0, got {keep_best}")
         if best_mode not in BEST_MODES:
             raise ValueError(f"checkpoint.best_mode must be one of {BEST_MODES}, got {best_mode!r}")
+        _quiet_orbax()
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
 
@@ -250,7 +291,10 @@ class Checkpointer:
         workdir has no checkpoint. Raises CheckpointMismatchError when the newest one holds a
         different model or optimizer than this run's, CheckpointError when none is readable.
         """
-        target = _items(abstract_state)
+        with _quiet_abandoned_reads():
+            return self._restore(_items(abstract_state))
+
+    def _restore(self, target: dict[str, Any]) -> tuple[TrainState, dict[str, Any]] | None:
         moved = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.path(step)
@@ -308,13 +352,15 @@ class RunReader:
     """
 
     def __init__(self, workdir: str, *, what: str = "--workdir"):
+        _quiet_orbax()
         self.workdir, self.what = workdir, what
         self.directory = checkpoint_dir(workdir)
         self.manager = None
         if os.path.isdir(self.directory):
             self.manager = ocp.CheckpointManager(
                 self.directory, item_handlers=_handlers(),
-                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                     save_interval_steps=0))
         if self.manager is None or self.manager.latest_step() is None:
             raise FileNotFoundError(
                 f"no checkpoint in {self.directory}: {what}={workdir!r} is not a kdjax workdir "
@@ -336,7 +382,7 @@ class RunReader:
             metric = checkpoint_config["best_metric"]
             best = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
                                          options=ocp.CheckpointManagerOptions(
-                                             read_only=True, create=False,
+                                             read_only=True, create=False, save_interval_steps=0,
                                              best_fn=lambda m: m[metric],
                                              best_mode=checkpoint_config["best_mode"]))
             step = best.best_step()
@@ -401,7 +447,8 @@ def restore_model(spec: ModelSpec, saved_metadata: Any, read, *, mesh: Mesh | No
             f"{spec.num_classes} classes, input {tuple(spec.input_shape)}): "
             f"{len(lines)} mismatched parameter(s):\n  " + "\n  ".join(lines))
     try:
-        restored = read(target)
+        with _quiet_abandoned_reads():
+            restored = read(target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{where} is unreadable ({_first_line(e)})") from e
     return nnx.merge(graphdef, restored["params"], restored["model_state"])

@@ -35,13 +35,20 @@ class MetricWriter:
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(json_safe(record)) + "\n")
         for k, v in scalars.items():
             self._tb.add_scalar(k, float(v), int(step))
 
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+
+
+def json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and Inf as null: json.dumps would write bare NaN, which strict JSON readers refuse.
+    (Only a model that nan_policy="skip" kept training can evaluate to them.)"""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v
+            for k, v in record.items()}
 
 
 def _keep_records_until(path: str, step: int) -> None:

@@ -301,8 +301,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                     t_train, t_mark = t_train + (now - t_mark), now
                     ips = images_timed / t_train if t_train > 0 else 0.0
                     writer.write(step, {**last_train, "train/images_per_s": ips})
-                    bar.set_postfix(loss=f"{last_train['train/loss']:.4f}",
-                                    acc=f"{last_train['train/accuracy']:.3f}", img_s=f"{ips:,.0f}")
+                    # (a window whose steps were all skipped has no loss to show)
+                    bar.set_postfix({k: f"{last_train[f'train/{k}']:.4f}"
+                                     for k in ("loss", "accuracy") if f"train/{k}" in last_train}
+                                    | {"img_s": f"{ips:,.0f}"})
                     skipped = int(last_train.get("train/skipped_steps", 0))
                     if skipped > skipped_reported:
                         skipped_reported = skipped
@@ -351,7 +353,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "seed": config.seed,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(metrics_lib.json_safe(summary), f, indent=2)
     return summary
 
 
