@@ -33,7 +33,6 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as ocp_preservation
 
 from kdjax import sharding
 from kdjax.errors import CheckpointError, CheckpointMismatchError
@@ -191,16 +190,16 @@ class Checkpointer:
         def metric(metrics: dict[str, float]) -> float:
             return metrics[best_metric]
 
-        policies = [ocp_preservation.LatestN(n=max_to_keep)]
+        policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         if keep_best:
-            policies.append(ocp_preservation.BestN(
+            policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
                 keep_checkpoints_without_metrics=False))
         self.manager = ocp.CheckpointManager(
             self.directory, item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
                 create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
-                preservation_policy=ocp_preservation.AnyPreservationPolicy(policies),
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
                 # best_fn makes Orbax store each checkpoint's metrics and answer best_step().
                 best_fn=metric if keep_best else None, best_mode=best_mode))
         self._in_flight: int | None = None  # the step of an asynchronous save not yet confirmed
@@ -387,6 +386,9 @@ class RunReader:
                                              best_mode=checkpoint_config["best_mode"]))
             step = best.best_step()
             best.close()
+            if step is None:
+                raise ValueError(f"step='best': no checkpoint of {self.what}={self.workdir!r} was "
+                                 f"saved with eval metrics (saved steps: {steps})")
             return step
         try:
             step = int(which)

@@ -252,10 +252,9 @@ def make_distill_step(
         health = dict(bad_step=jnp.where(first, state.step + 1, state.bad_step),
                       bad_terms=jnp.where(first, mask, state.bad_terms))
         if nan_policy == "skip":
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-            params = keep(params, state.params)
-            model_state = keep(model_state, state.model_state)
-            opt_state = keep(opt_state, state.opt_state)
+            params, model_state, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
+                (state.params, state.model_state, state.opt_state))
             health["skipped_steps"] = state.skipped_steps + (~ok).astype(jnp.int32)
             metrics["skipped_steps"] = health["skipped_steps"]
         return state.replace(step=state.step + 1, params=params, model_state=model_state,
