@@ -3,7 +3,13 @@
   kdjax train   --config experiments/fashion_mnist/teacher.py --workdir workdirs/teacher
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/kd --config.train.steps=200
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
+  kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
+
+train/distill resume from the workdir's latest checkpoint (--fresh refuses a workdir that has
+one). Exit codes: 0 done; 1 stopped during training (non-finite step, checkpoint failure); 2 refused
+before training (bad config, argument, workdir, data or teacher); 128+N interrupted by signal N
+(143 SIGTERM, 130 SIGINT) after saving a checkpoint: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="experiment file with get_config() (eval: default WORKDIR/config.json)")
         c.add_argument("--workdir", required=True, help="where the run's outputs go")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name != "eval":
+            c.add_argument("--fresh", action="store_true",
+                           help="start from step 0; refused if WORKDIR already has checkpoints "
+                                "(by default a run resumes from them)")
+    exp = sub.add_parser("export", help="write a run's student alone (no optimizer state), with "
+                                        "a snippet to load and run it")
+    exp.add_argument("--workdir", required=True, help="the run to export")
+    exp.add_argument("--out", required=True, help="directory to create (must not exist)")
+    exp.add_argument("--step", default="latest",
+                     help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name, e.g. fashion_mnist")
     prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
@@ -105,6 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "summary":
         print(summary_table(args.workdirs))
         return 0
+    if args.command == "export":
+        if overrides:
+            _parser().error("kdjax export takes no --config overrides")
+        from kdjax import export
+
+        path = export.export(args.workdir, args.out, step=args.step)
+        print(f"kdjax: exported the student to {path}; load and run it with:\n"
+              f"{export.snippet(path)}")
+        return 0
     config = _load_config(args, overrides)
     from kdjax import trainer
 
@@ -112,17 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = trainer.evaluate(config, args.workdir)
     else:
         result = trainer.train(config, args.workdir, distill=args.command == "distill",
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, fresh=args.fresh)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def entry() -> None:
-    """Console-script entry point: user errors print one clear line, not a traceback."""
+    """Console-script entry point: errors print a clear message, not a traceback, and exit with
+    the codes of kdjax.errors."""
+    from kdjax.errors import Interrupted, RunError
+
     try:
         sys.exit(main())
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except Interrupted as e:
+        print(f"kdjax: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (RunError, ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("KDJAX_TRACEBACK"):
             raise
         print(f"kdjax: error: {e}\n(set KDJAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code if isinstance(e, RunError) else 2)

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-FREE_FORM = ("loss.kwargs", "model.kwargs")
+FREE_FORM = ("loss.kwargs", "model.kwargs", "teacher.model.kwargs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,9 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
         flip=False,
     )
     # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
-    # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype).
-    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto")
-    c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1)
+    # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype). num_classes 0 = the
+    # dataset's; set it to give the head more outputs than the dataset has labels.
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0)
+    # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
+    # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
+    # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).
+    c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1,
+                   nan_policy="stop")
     c.optimizer = dict(
         name="sgd",  # sgd | adam | adamw
         learning_rate=0.1,
@@ -60,8 +65,16 @@ def base_config() -> ml_collections.ConfigDict:
         label_smoothing=0.0,
     )
     c.eval = dict(every_steps=500, batch_size=1000)
-    c.checkpoint = dict(every_steps=1000, max_to_keep=2)
-    c.teacher = dict(workdir="")  # distill: the workdir of the run that trained the teacher
+    # Checkpoints (Orbax, asynchronous and atomic) are saved every `every_steps`, at the end, on
+    # SIGTERM/SIGINT and, when keep_best > 0, at every eval (each evaluated model is a candidate).
+    # Kept: the latest `max_to_keep` plus the `keep_best` best by `best_metric` (an eval metric:
+    # eval/accuracy, eval/loss, eval/top5_accuracy, eval/teacher_agreement) in `best_mode`.
+    c.checkpoint = dict(every_steps=1000, max_to_keep=2, keep_best=0,
+                        best_metric="eval/accuracy", best_mode="max")
+    # distill: the workdir of the run that trained the teacher. The teacher's architecture is read
+    # from its checkpoint; model.name/kwargs, when set, state the architecture this experiment
+    # expects instead, and a checkpoint that does not match it is refused before training.
+    c.teacher = dict(workdir="", model=dict(name="", kwargs={}))
     return c
 
 
@@ -160,6 +173,13 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     parent, _, leaf = path.rpartition(".")
     target = _lookup(config, parent) if parent else config
     target[leaf] = _coerce(path, value, default)
+
+
+def diff(old: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict | dict) -> list[str]:
+    """The keys whose values differ between two configs, as "key: old -> new" lines."""
+    # Through JSON, so that a tuple and the list it was stored as compare equal.
+    before, after = (dict(_walk(json.loads(to_json(validate(c))))) for c in (old, new))
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(after) if before[k] != after[k]]
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

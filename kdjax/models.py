@@ -24,6 +24,7 @@ and the ``train`` flag is passed explicitly on every call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Sequence
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from kdjax.step import compute_dtype
 
 __all__ = [
     "MODELS",
@@ -44,6 +47,7 @@ __all__ = [
     "MobileNetV2",
     "ImageNetResNet",
     "create_model",
+    "ModelSpec",
     "model_names",
     "count_params",
 ]
@@ -521,6 +525,38 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float
         raise ValueError(f"model {name!r} takes no argument(s) {unknown} (model.kwargs); valid: "
                          f"{valid}")
     return ctor(num_classes=num_classes, rngs=rngs, dtype=dtype, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model: recorded in each checkpoint and export.
+
+    A teacher, `kdjax eval` and `kdjax export` rebuild the network from the spec saved next to its
+    weights, so they do not depend on a config.json that a later run may have rewritten.
+    `compute_dtype` stays a policy name ("auto") and is resolved where the model is rebuilt.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compute_dtype: str = "auto"
+
+    def build(self, seed: int = 0) -> nnx.Module:
+        return create_model(self.name, num_classes=self.num_classes, rngs=nnx.Rngs(seed),
+                            input_shape=self.input_shape, dtype=compute_dtype(self.compute_dtype),
+                            **self.kwargs)
+
+    def abstract(self) -> nnx.Module:
+        """The model with ShapeDtypeStructs for arrays: a restore target that allocates nothing."""
+        return nnx.eval_shape(self.build)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(**{**d, "input_shape": tuple(d["input_shape"])})
 
 
 def count_params(model_or_state) -> int:

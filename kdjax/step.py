@@ -39,8 +39,14 @@ class TrainState(flax.struct.PyTreeNode):
 
     `rng` is the run's base key as raw uint32 key data (plain arrays checkpoint everywhere); step
     keys are `fold_in(rng, step)`, so a resumed run draws the same augmentations as an
-    uninterrupted one. `perm` is the current epoch's example order for
-    device-resident data (empty when batches are streamed in).
+    uninterrupted one. `perm` is the current epoch's example order for device-resident data
+    (empty when batches are streamed in): with `step` it is the data iterator's whole state.
+
+    The health fields are kept on the device so that no step waits for the host to look at them:
+    `bad_step` is the number (1-based, as logs and checkpoints count) of the first step whose loss
+    terms, gradients or updated variables were not finite, 0 while none was; `bad_terms` is the
+    bitmask of which ones (decode it with `nonfinite_terms`); `skipped_steps` counts the steps
+    whose update nan_policy="skip" dropped.
     """
 
     step: jax.Array
@@ -49,6 +55,9 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: optax.OptState
     rng: jax.Array
     perm: jax.Array
+    skipped_steps: jax.Array
+    bad_step: jax.Array
+    bad_terms: jax.Array
 
 
 class FrozenModel(NamedTuple):
@@ -83,9 +92,32 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
     rng = jax.random.key_data(jax.random.key(seed))
     perm = (jax.random.permutation(_epoch_key(rng, 0), num_examples).astype(jnp.int32)
             if num_examples else jnp.zeros((0,), jnp.int32))
-    return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                model_state=model_state, opt_state=tx.init(params), rng=rng,
-                                perm=perm)
+    # Distinct buffers: the step donates the state, and one buffer cannot be donated twice.
+    counters = {k: jnp.zeros((), jnp.int32) for k in ("step", "skipped_steps", "bad_step",
+                                                       "bad_terms")}
+    return graphdef, TrainState(params=params, model_state=model_state,
+                                opt_state=tx.init(params), rng=rng, perm=perm, **counters)
+
+
+NAN_POLICIES = ("stop", "skip")
+# Not a term of the loss: set when an update made a parameter or a batch statistic non-finite
+# although the loss and the gradients were finite (an overflowing step size).
+NEW_VARIABLES_TERM = "updated_variables"
+COUNTERS = ("skipped_steps",)  # metrics that count since the start, not per-step values
+
+
+def _term_names(metric_names) -> list[str]:
+    # The bit order of TrainState.bad_terms; the host rebuilds it from the metrics' names.
+    return sorted(set(metric_names) - set(COUNTERS)) + [NEW_VARIABLES_TERM]
+
+
+def nonfinite_terms(bad_terms: int, metric_names) -> list[str]:
+    """Decode `TrainState.bad_terms` with the names of the step's metrics."""
+    return [n for i, n in enumerate(_term_names(metric_names)) if int(bad_terms) >> i & 1]
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def _epoch_key(rng: jax.Array, epoch) -> jax.Array:
@@ -155,6 +187,7 @@ def make_distill_step(
     mesh: Mesh | None = None,
     data: DeviceData | None = None,
     steps_per_call: int = 1,
+    nan_policy: str = "stop",
 ) -> Step:
     """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
 
@@ -170,9 +203,16 @@ def make_distill_step(
       data: a device-resident training set to sample from inside the step.
       steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
         for small models; on XLA:CPU a scanned conv step was measured ~10x slower, keep 1 there).
+      nan_policy: "stop" records the first non-finite step in the state (`bad_step`,
+        `bad_terms`) for the caller to stop at its next look; "skip" also leaves the parameters,
+        statistics and optimizer state of such a step unchanged (its batch is consumed) and
+        counts it in `skipped_steps`, returned as a metric. Both check on the device: no sync.
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy (config train.nan_policy) must be one of {NAN_POLICIES}, "
+                         f"got {nan_policy!r}")
     mesh = mesh or sharding.make_mesh()
     teacher_defs = tuple(t.graphdef for t in teachers)
 
@@ -200,8 +240,25 @@ def make_distill_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        names = _term_names(metrics)
+        if len(names) > 31:
+            raise ValueError(f"at most 30 metrics fit the int32 mask TrainState.bad_terms, the "
+                             f"objective returns {len(metrics)}: {sorted(metrics)}")
+        bad = [~jnp.isfinite(metrics[n]) for n in names[:-1]]
+        bad.append(~_all_finite((params, model_state)))
+        mask = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
+        ok = mask == 0
+        first = ~ok & (state.bad_step == 0)
+        health = dict(bad_step=jnp.where(first, state.step + 1, state.bad_step),
+                      bad_terms=jnp.where(first, mask, state.bad_terms))
+        if nan_policy == "skip":
+            params, model_state, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
+                (state.params, state.model_state, state.opt_state))
+            health["skipped_steps"] = state.skipped_steps + (~ok).astype(jnp.int32)
+            metrics["skipped_steps"] = health["skipped_steps"]
         return state.replace(step=state.step + 1, params=params, model_state=model_state,
-                             opt_state=opt_state), metrics
+                             opt_state=opt_state, **health), metrics
 
     def multi_step(state, teacher_vars, data, batch):
         if steps_per_call == 1:
@@ -209,7 +266,7 @@ def make_distill_step(
         state, metrics = jax.lax.scan(
             lambda s, b: one_step(s, teacher_vars, data, b), state, batch,
             length=steps_per_call)
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, {k: v[-1] if k in COUNTERS else v.mean() for k, v in metrics.items()}
 
     rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     batch_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(

@@ -3,12 +3,28 @@
 The loop only dispatches: the data is on the device, the step samples and augments its own batch,
 and metrics stay on the device until a log step fetches them all in one transfer. So the host
 does no per-step work and never waits on the device between logs.
+
+What a run does when something goes wrong (kdjax.errors lists the exit codes):
+- a workdir with checkpoints is resumed from the newest readable one, which is said on stdout
+  (`fresh=True` refuses such a workdir instead); an unreadable checkpoint is moved aside and the
+  one before it is used. Resuming is exact: the same data order, PRNG stream and logged averages.
+- SIGTERM/SIGINT: a checkpoint at the next step boundary, then `errors.Interrupted`.
+- NaN/Inf (train.nan_policy="stop"): `errors.NonFiniteError` naming the first bad step and its
+  terms, found at the next log, eval or checkpoint boundary (no per-step host sync); nothing
+  non-finite is ever saved. nan_policy="skip" drops such steps inside the compiled step instead.
+- refused before training: an unwritable workdir, too little disk for the checkpoints kept,
+  labels outside the model's classes, a teacher whose classes differ from the student's or whose
+  checkpoint does not match its configured architecture, a checkpoint of another model.
+- a failing save: `errors.CheckpointError`; the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -18,10 +34,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+import kdjax
 from kdjax import augment, checkpoint, config as config_lib, data, metrics as metrics_lib
-from kdjax import models, objectives, optim, sharding
-from kdjax.step import (DeviceData, FrozenModel, TrainState, compute_dtype, freeze,
-                        init_train_state, make_distill_step, make_eval_step, pad_batch)
+from kdjax import models, objectives, optim, preemption, sharding
+from kdjax.errors import Interrupted, NonFiniteError
+from kdjax.models import ModelSpec
+from kdjax.step import (DeviceData, FrozenModel, TrainState, freeze, init_train_state,
+                        make_distill_step, make_eval_step, nonfinite_terms, pad_batch)
+
+EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
 
 
 def _preprocess(config: ml_collections.ConfigDict, channels: int) -> augment.Preprocess:
@@ -36,11 +57,24 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
     return config.data.data_dir or None
 
 
-def build_model(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> nnx.Module:
-    return models.create_model(config.model.name, num_classes=spec.num_classes,
-                               input_shape=spec.image_shape, rngs=nnx.Rngs(config.seed),
-                               dtype=compute_dtype(config.model.compute_dtype),
-                               **config.model.kwargs)
+def model_spec(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> ModelSpec:
+    """The config's model on the dataset `spec` (whose classes it has unless model.num_classes)."""
+    return ModelSpec(name=config.model.name,
+                     num_classes=config.model.num_classes or spec.num_classes,
+                     input_shape=tuple(spec.image_shape), kwargs=dict(config.model.kwargs),
+                     compute_dtype=config.model.compute_dtype)
+
+
+def _check_labels(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
+                  splits: dict[str, dict[str, np.ndarray]]) -> None:
+    for split, arrays in splits.items():
+        lo, hi = int(arrays["label"].min()), int(arrays["label"].max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"the labels of {config.data.name} split {split!r} range over {lo}..{hi} but the "
+                f"model has {num_classes} classes (model.num_classes={config.model.num_classes}); "
+                f"set model.num_classes to at least {hi + 1}, or to 0 for the dataset's "
+                f"{spec.num_classes}")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -52,39 +86,100 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.from_json(f.read())
 
 
-def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> FrozenModel:
-    """Rebuild the teacher from its own run's config.json and load its latest checkpoint."""
+def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
+                 mesh) -> FrozenModel:
+    """The latest checkpoint of `teacher.workdir`, rebuilt from the ModelSpec saved with it (or
+    teacher.model.name/kwargs when set) and checked against the student's `num_classes`."""
     workdir = config.teacher.workdir
     if not workdir:
         raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
                          "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
-    teacher_config = read_run_config(workdir)
-    if teacher_config.data.name != config.data.name:
-        raise ValueError(f"the teacher in {workdir!r} was trained on data.name="
-                         f"{teacher_config.data.name!r} but this run uses data.name="
-                         f"{config.data.name!r}; distil on the teacher's dataset")
-    return freeze(checkpoint.load_model(workdir, build_model(teacher_config, spec)))
+    reader = checkpoint.RunReader(workdir, what="teacher.workdir")
+    try:
+        step = reader.resolve_step("latest")
+        run = reader.run_meta(step)
+        if run["config"]["data"]["name"] != config.data.name:
+            raise ValueError(f"the teacher in {workdir!r} was trained on data.name="
+                             f"{run['config']['data']['name']!r} but this run uses data.name="
+                             f"{config.data.name!r}; distil on the teacher's dataset")
+        teacher = ModelSpec.from_json(run["model"])
+        if config.teacher.model.name:
+            teacher = dataclasses.replace(teacher, name=config.teacher.model.name,
+                                          kwargs=dict(config.teacher.model.kwargs))
+        if teacher.num_classes != num_classes:
+            raise ValueError(
+                f"the teacher in {workdir!r} has {teacher.num_classes} classes but the student has "
+                f"{num_classes} (model.num_classes={config.model.num_classes}, 0 = the "
+                f"{spec.num_classes} of {config.data.name}); distillation compares their outputs "
+                f"class by class: give the student the teacher's {teacher.num_classes} classes")
+        what = ("the teacher model teacher.model.name="
+                f"{config.teacher.model.name!r}" if config.teacher.model.name else
+                "the teacher model recorded with it")
+        return freeze(reader.load_model(step, teacher, mesh=mesh, what=what))
+    finally:
+        reader.close()
 
 
-def _evaluate(eval_step, state: TrainState, arrays: dict[str, np.ndarray], batch_size: int,
+def _evaluate(eval_step, params, model_state, arrays: dict[str, np.ndarray], batch_size: int,
               mesh) -> dict[str, float]:
     """Fixed order, no augmentation; the last partial batch is padded and masked, never dropped."""
     totals: dict[str, Any] = {}
     n = len(arrays["label"])
     for start in range(0, n, batch_size):
         batch = pad_batch({k: v[start:start + batch_size] for k, v in arrays.items()}, batch_size)
-        sums = eval_step(state.params, state.model_state, sharding.shard_batch(batch, mesh))
+        sums = eval_step(params, model_state, sharding.shard_batch(batch, mesh))
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = totals.pop("count")
     return {f"eval/{k}": float(v / count) for k, v in totals.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
-          progress: bool = True) -> dict[str, Any]:
-    """Train (supervised, or distil from `teacher.workdir`) and return the run's summary."""
-    from tqdm import tqdm
+def _check_finite(state: TrainState, pending: list, logged_at: int, per_call: int,
+                  ckpt: checkpoint.Checkpointer, nan_policy: str) -> None:
+    """Raise NonFiniteError if a step since the last check went non-finite (nan_policy="stop").
 
+    Reads two scalars the step keeps on the device: called where the loop syncs anyway.
+    """
+    bad_step, bad_terms = (int(x) for x in jax.device_get((state.bad_step, state.bad_terms)))
+    if not bad_step or nan_policy != "stop":
+        return
+    host = jax.device_get(list(pending))
+    # pending[i] holds the metrics of steps logged_at + i*per_call + 1 .. (i+1)*per_call.
+    at = (bad_step - logged_at - 1) // per_call
+    entry = host[at] if 0 <= at < len(host) else {}
+    names = nonfinite_terms(bad_terms, entry.keys()) if entry else [f"bitmask {bad_terms:#b}"]
+    values = ", ".join(f"{n}={float(entry[n])}" for n in names if n in entry)
+    ckpt.wait()  # a save still in flight is of a state checked finite: let it complete
+    good = ckpt.latest_step()
+    kept = (f"the last good checkpoint, {ckpt.path(good)}, is kept and rerunning the command "
+            f"resumes from it" if good is not None else "no checkpoint was saved before it")
+    raise NonFiniteError(
+        f"step {bad_step} went non-finite in: {', '.join(names)}"
+        + (f" ({values}{', mean over the steps of that call' if per_call > 1 else ''})"
+           if values else "")
+        + f". Stopped without saving a non-finite state (train.nan_policy='stop'); {kept}. "
+        f"Lower optimizer.learning_rate or add optimizer.warmup_steps, or set "
+        f"train.nan_policy='skip' to skip such steps")
+
+
+def _resume_note(path: str, step: int, total: int, steps_per_epoch: int,
+                 saved_config: dict, config: ml_collections.ConfigDict) -> str:
+    epoch, batch = divmod(step, steps_per_epoch)
+    note = (f"kdjax: resumed from {path} at step {step} of {total} (data order: epoch {epoch}, "
+            f"batch {batch} of {steps_per_epoch}; same PRNG stream)")
+    changed = config_lib.diff(saved_config, config)
+    if changed:
+        note += "\nkdjax: config changed since that checkpoint: " + "; ".join(changed)
+    return note
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
+          progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Train (supervised, or distil from `teacher.workdir`) and return the run's summary.
+
+    Resumes from the workdir's newest readable checkpoint; with `fresh`, a workdir that has
+    checkpoints is refused instead (kdjax never deletes a run's checkpoints).
+    """
     if config.loss.name == "ce" and distill:
         raise ValueError("kdjax distill needs a distillation loss (loss.name='kd', 'dkd', ...), "
                          "got loss.name='ce'; use `kdjax train` for supervised training")
@@ -95,10 +190,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     if total % per_call:
         raise ValueError(f"train.steps={total} must be a multiple of train.steps_per_call="
                          f"{per_call}")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+    ck = config.checkpoint
+    valid_metrics = EVAL_METRICS if distill else EVAL_METRICS[:-1]
+    if ck.keep_best and ck.best_metric not in valid_metrics:
+        raise ValueError(f"checkpoint.best_metric={ck.best_metric!r} is not an eval metric of "
+                         f"this run; valid: {list(valid_metrics)}")
+    checkpoint.ensure_writable(workdir)
+    with checkpoint.Checkpointer(workdir, max_to_keep=ck.max_to_keep, keep_best=ck.keep_best,
+                                 best_metric=ck.best_metric, best_mode=ck.best_mode) as ckpt:
+        if fresh and ckpt.steps():
+            raise ValueError(
+                f"--fresh: {workdir!r} already has checkpoints (steps {ckpt.steps()} in "
+                f"{ckpt.directory}) and kdjax never deletes a run's checkpoints; pick a new "
+                f"--workdir, or delete {ckpt.directory} yourself to start over there")
+        return _train(config, workdir, ckpt, distill=distill, progress=progress)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, *,
+           distill: bool, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    total, per_call = config.train.steps, config.train.steps_per_call
     mesh = sharding.make_mesh()
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     train_arrays = data.load_arrays(config.data.name, config.data.train_split,
@@ -109,34 +221,53 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     if batch_size > len(train_arrays["label"]):
         raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_arrays['label'])} "
                          f"training examples of {config.data.name}")
+    student = model_spec(config, spec)
+    _check_labels(config, spec, student.num_classes, {config.data.train_split: train_arrays,
+                                                      config.data.eval_split: eval_arrays})
     preprocess = _preprocess(config, spec.image_shape[-1])
-    teachers = (load_teacher(config, spec),) if distill else ()
+    teachers = (load_teacher(config, spec, student.num_classes, mesh),) if distill else ()
 
-    model = build_model(config, spec)
+    model = student.build(config.seed)
     num_params = models.count_params(model)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
                                        num_examples=len(train_arrays["label"]))
     state = sharding.replicate(state, mesh)
+    checkpoint.ensure_space(workdir, state, copies=config.checkpoint.max_to_keep
+                            + config.checkpoint.keep_best + 1)
     device_data = DeviceData(images=sharding.replicate(train_arrays["image"], mesh),
                              labels=sharding.replicate(train_arrays["label"], mesh),
                              batch_size=batch_size)
+    nan_policy = config.train.nan_policy
     step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
-                                data=device_data, steps_per_call=per_call)
+                                data=device_data, steps_per_call=per_call, nan_policy=nan_policy)
     eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh)
 
-    ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                                   max_to_keep=config.checkpoint.max_to_keep)
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), state)
-        state = ckpt.restore(abstract)
-        print(f"kdjax: resumed from {ckpt.directory} at step {int(state.step)}")
+    pending: list = []  # on-device metrics of the steps since the last log line
+    last_train: dict[str, float] = {}
+    restored = ckpt.restore(checkpoint.abstract_like(state))
+    if restored is not None:
+        state, run = restored
+        pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
+        last_train = run["last_train"]
+        print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
+                           device_data.steps_per_epoch, run["config"], config), flush=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
 
-    writer = metrics_lib.MetricWriter(workdir)
+    def run_record() -> dict[str, Any]:
+        return {"kdjax_version": kdjax.__version__, "config": json.loads(config_lib.to_json(config)),
+                "model": student.to_json(),
+                "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
+                "pending_train_metrics": metrics_lib.pending_to_json(pending),
+                "last_train": last_train}
+
     step = start = int(jax.device_get(state.step))
-    pending, last_train, eval_metrics = [], {}, {}
+    logged_at = start - len(pending) * per_call
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
+    eval_metrics: dict[str, float] = {}
+    skipped_reported = int(jax.device_get(state.skipped_steps))
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     t_train = 0.0  # device-bound training time, excluding the first call's compile and evals
@@ -145,37 +276,65 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     def crossed(every: int, before: int, after: int) -> bool:
         return every > 0 and after // every > before // every
 
-    while step < total:
-        state, m = step_fn(state)
-        pending.append(m)
-        before, step = step, step + per_call
-        if t_mark is None:  # compile + first call: excluded from throughput
-            jax.block_until_ready(state)
-            t_mark = time.perf_counter()
-        else:
-            images_timed += per_call * batch_size
-        if crossed(config.train.log_every_steps, before, step) or step == total:
-            last_train = metrics_lib.mean_of(pending)  # the one host sync per log period
-            pending = []
-            now = time.perf_counter()
-            t_train, t_mark = t_train + (now - t_mark), now
-            ips = images_timed / t_train if t_train > 0 else 0.0
-            writer.write(step, {**last_train, "train/images_per_s": ips})
-            bar.set_postfix(loss=f"{last_train['train/loss']:.4f}",
-                            acc=f"{last_train['train/accuracy']:.3f}", img_s=f"{ips:,.0f}")
-        if crossed(config.eval.every_steps, before, step) or step == total:
-            eval_metrics = _evaluate(eval_step, state, eval_arrays, config.eval.batch_size, mesh)
-            writer.write(step, eval_metrics)
-            t_mark = time.perf_counter()
-        if crossed(config.checkpoint.every_steps, before, step):
-            ckpt.save(state)
-        bar.update(per_call)
-    bar.close()
-    if not eval_metrics:  # resumed at the end: still report the model's quality
-        eval_metrics = _evaluate(eval_step, state, eval_arrays, config.eval.batch_size, mesh)
-    ckpt.save(state, force=True)
-    ckpt.close()
-    writer.close()
+    try:
+        with preemption.StopSignals() as signals:
+            while step < total and signals.received is None:
+                state, m = step_fn(state)
+                pending.append(m)
+                before, step = step, step + per_call
+                if t_mark is None:  # compile + first call: excluded from throughput
+                    jax.block_until_ready(state)
+                    t_mark = time.perf_counter()
+                else:
+                    images_timed += per_call * batch_size
+                log = crossed(config.train.log_every_steps, before, step) or step == total
+                evaluate = crossed(config.eval.every_steps, before, step) or step == total
+                # With keep_best every evaluated model is a candidate for the best N.
+                save = step < total and (crossed(config.checkpoint.every_steps, before, step)
+                                         or (config.checkpoint.keep_best > 0 and evaluate))
+                if log or evaluate or save:
+                    _check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
+                if log:
+                    last_train = metrics_lib.mean_of(pending)  # the one host sync per log period
+                    pending, logged_at = [], step
+                    now = time.perf_counter()
+                    t_train, t_mark = t_train + (now - t_mark), now
+                    ips = images_timed / t_train if t_train > 0 else 0.0
+                    writer.write(step, {**last_train, "train/images_per_s": ips})
+                    # (a window whose steps were all skipped has no loss to show)
+                    bar.set_postfix({k: f"{last_train[f'train/{k}']:.4f}"
+                                     for k in ("loss", "accuracy") if f"train/{k}" in last_train}
+                                    | {"img_s": f"{ips:,.0f}"})
+                    skipped = int(last_train.get("train/skipped_steps", 0))
+                    if skipped > skipped_reported:
+                        skipped_reported = skipped
+                        print(f"kdjax: warning: {skipped} step(s) skipped so far for non-finite "
+                              f"values (train.nan_policy='skip'), the first at step "
+                              f"{int(state.bad_step)}", file=sys.stderr, flush=True)
+                if evaluate:
+                    eval_metrics = _evaluate(eval_step, state.params, state.model_state,
+                                             eval_arrays, config.eval.batch_size, mesh)
+                    writer.write(step, eval_metrics)
+                    t_mark = time.perf_counter()
+                if save:
+                    ckpt.save(state, run_record(), metrics=eval_metrics if evaluate else None)
+                bar.update(per_call)
+            if step < total:  # stopped by a signal: save this step, then stop
+                _check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
+                ckpt.save(state, run_record())
+                ckpt.wait()
+                name = signal.Signals(signals.received).name
+                raise Interrupted(signals.received, (
+                    f"{name} received: saved a checkpoint at step {step} of {total} in "
+                    f"{ckpt.path(step)} and stopped; run the same command again to resume"))
+            if not eval_metrics:  # resumed at the end: still report the model's quality
+                eval_metrics = _evaluate(eval_step, state.params, state.model_state, eval_arrays,
+                                         config.eval.batch_size, mesh)
+            ckpt.save(state, run_record(), metrics=eval_metrics)
+            ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
 
     summary = {
         **eval_metrics,
@@ -183,6 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         "train/accuracy": last_train.get("train/accuracy"),
         "steps": step,
         "steps_this_run": step - start,
+        "skipped_steps": int(jax.device_get(state.skipped_steps)),
         "wall_time_s": time.perf_counter() - t_start,
         "images_per_s": images_timed / t_train if t_train > 0 else None,
         "device_kind": jax.devices()[0].device_kind,
@@ -193,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         "seed": config.seed,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(metrics_lib.json_safe(summary), f, indent=2)
     return summary
 
 
@@ -204,16 +364,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     arrays = data.load_arrays(config.data.name, config.data.eval_split,
                               data_dir=_data_dir(config))
-    model = checkpoint.load_model(workdir, build_model(config, spec))
-    teachers = (load_teacher(config, spec),) if config.teacher.workdir else ()
+    reader = checkpoint.RunReader(workdir)
+    try:
+        step = reader.resolve_step("latest")
+        student = reader.model_spec(step)
+        _check_labels(config, spec, student.num_classes, {config.data.eval_split: arrays})
+        model = reader.load_model(step, student, mesh=mesh)
+    finally:
+        reader.close()
+    teachers = (load_teacher(config, spec, student.num_classes, mesh),
+                ) if config.teacher.workdir else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, teachers=teachers,
                                preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                       opt_state=(), rng=jnp.zeros((2,), jnp.uint32),
-                       perm=jnp.zeros((0,), jnp.int32))
-    result = _evaluate(eval_step, sharding.replicate(state, mesh), arrays,
-                       config.eval.batch_size, mesh)
+    result = _evaluate(eval_step, params, model_state, arrays, config.eval.batch_size, mesh)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

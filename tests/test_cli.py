@@ -8,23 +8,13 @@ import sys
 
 import pytest
 
-from kdjax import cli, data
+from kdjax import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments", "fashion_mnist")
+from conftest import EXP, ROOT
+
 TINY = ["--config.train.steps=24", "--config.train.batch_size=32", "--config.eval.every_steps=12",
         "--config.train.log_every_steps=6", "--config.checkpoint.every_steps=12",
         "--config.eval.batch_size=100"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    src = data.make_synthetic_idx_dir(str(root / "src"), 320, 150, seed=0)
-    out = str(root / "tfds")
-    assert cli.main(["prepare", "fashion_mnist", "--from", src, "--data-dir", out,
-                     "--skip-checksums"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import nnx
 
 from kdjax import augment, models, objectives, sharding
 from kdjax.step import (DeviceData, compute_dtype, freeze, init_train_state, make_distill_step,
-                        make_eval_step, pad_batch)
+                        make_eval_step, nonfinite_terms, pad_batch)
 
 N, B, C = 96, 16, 4
 
@@ -24,7 +24,8 @@ def _data(seed=0):
     return images.astype(np.uint8), labels
 
 
-def _setup(*, teacher=True, steps_per_call=1, seed=0, dtype=jnp.float32, lr=0.05):
+def _setup(*, teacher=True, steps_per_call=1, seed=0, dtype=jnp.float32, lr=0.05,
+           nan_policy="stop"):
     images, labels = _data()
     student = models.create_model("mlp", hidden=(16,), in_features=64, num_classes=C, rngs=nnx.Rngs(seed),
                                   dtype=dtype)
@@ -39,7 +40,7 @@ def _setup(*, teacher=True, steps_per_call=1, seed=0, dtype=jnp.float32, lr=0.05
     data = DeviceData(jnp.asarray(images), jnp.asarray(labels), batch_size=B)
     step = make_distill_step(graphdef, tx, objective, teachers=teachers, data=data,
                              preprocess=augment.Preprocess(crop_padding=1, flip=True),
-                             steps_per_call=steps_per_call)
+                             steps_per_call=steps_per_call, nan_policy=nan_policy)
     return graphdef, sharding.replicate(state, sharding.make_mesh()), step
 
 
@@ -191,3 +192,47 @@ def test_streamed_batches_match_device_resident_sampling():
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), state.params,
                  state2.params)
+
+
+def _finite(tree):
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+
+
+def test_nan_stop_records_the_first_bad_step_and_its_terms():
+    """A learning rate of 1e9 blows the toy MLP up within a few steps; the state names the first
+    bad step and its terms exactly as a host check after every step finds them."""
+    _, state, step = _setup(teacher=False, lr=1e9)
+    oracle, history = None, []
+    for i in range(1, 9):
+        state, m = step(state)
+        m = jax.device_get(m)
+        history.append(m)
+        bad = sorted(k for k, v in m.items() if not np.isfinite(v))
+        if not _finite((state.params, state.model_state)):
+            bad.append("updated_variables")
+        if bad and oracle is None:
+            oracle = (i, bad)
+    assert oracle is not None and oracle[0] > 1  # the first step is finite, a later one is not
+    assert int(state.bad_step) == oracle[0]
+    assert nonfinite_terms(int(state.bad_terms), history[0].keys()) == oracle[1]
+    assert int(state.skipped_steps) == 0  # "stop" applies every update; the loop stops the run
+
+
+def test_nan_skip_drops_bad_updates_and_counts_them():
+    _, state, step = _setup(teacher=False, lr=1e9, nan_policy="skip")
+    skipped = 0
+    for i in range(1, 9):
+        before = jax.tree.map(np.array, (state.params, state.opt_state))
+        state, m = step(state)
+        m = jax.device_get(m)
+        after = jax.tree.map(np.array, (state.params, state.opt_state))
+        bad = not all(np.isfinite(v) for k, v in m.items() if k != "skipped_steps")
+        skipped += bad
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                        jax.tree.leaves(after)))
+        assert same == bad, i  # a skipped step leaves parameters and optimizer state unchanged
+        assert int(m["skipped_steps"]) == skipped
+    assert skipped > 0 and int(state.step) == 8 and _finite(state.params)
+    with pytest.raises(ValueError, match=r"nan_policy \(config train.nan_policy\).*'ignore'"):
+        make_distill_step(_setup()[0], optax.sgd(0.1), objectives.supervised(),
+                          nan_policy="ignore")

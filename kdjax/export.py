@@ -1,0 +1,135 @@
+"""`kdjax export`: a run's student alone, for inference.
+
+An export is a directory:
+  model/            an Orbax checkpoint of {"params", "model_state"}: the student's parameters and
+                    BatchNorm statistics, i.e. the checkpoint's "model" item and nothing else (no
+                    optimizer, PRNG or data state; trainable connectors, when they come, stay out)
+  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its source
+  README.md         what this is, and `SNIPPET`: how to load it into the model and run it
+
+It is written into a temporary directory renamed when complete, so a path that exists is a whole
+export. `load` rebuilds the model without allocating random weights first (nnx.eval_shape) and
+places the arrays on the current devices (Orbax restores onto any mesh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+import kdjax
+from kdjax import augment, checkpoint
+from kdjax.models import ModelSpec
+
+FORMAT = "kdjax.export/1"
+MODEL_DIR = "model"
+META_FILE = "kdjax_model.json"
+
+# The documented way to use an export (README.md and each export's README.md); {path} and
+# {shape} are filled in.
+SNIPPET = """\
+import numpy as np
+from kdjax import export
+model, preprocess = export.load("{path}")  # the student (a Flax NNX module) + its input transform
+images = np.zeros((8, {shape}), np.uint8)  # your images: uint8 [N, H, W, C]
+predictions = model(preprocess(images)).argmax(-1)  # logits [N, classes] -> class ids
+"""
+
+
+def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
+    """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
+                         f"overwrites anything)")
+    reader = checkpoint.RunReader(workdir)
+    try:
+        n = reader.resolve_step(step)
+        run = reader.run_meta(n)
+        spec = ModelSpec.from_json(run["model"])
+        model = reader.load_model(n, spec)
+    finally:
+        reader.close()
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
+        saver = ocp.StandardCheckpointer()
+        saver.save(os.path.join(tmp, MODEL_DIR), {"params": params, "model_state": model_state})
+        saver.wait_until_finished()
+        saver.close()
+        meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
+                "preprocess": run["preprocess"],
+                "source": {"workdir": os.path.abspath(workdir), "step": n,
+                           "checkpoint": reader.path(n)}}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_readme(out, spec, n, workdir))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def snippet(path: str, spec: ModelSpec | None = None) -> str:
+    """`SNIPPET` for the export at `path` (its spec is read from it unless given)."""
+    if spec is None:
+        with open(os.path.join(path, META_FILE)) as f:
+            spec = ModelSpec.from_json(json.load(f)["model"])
+    return SNIPPET.format(path=path, shape=", ".join(str(d) for d in spec.input_shape))
+
+
+def _readme(path: str, spec: ModelSpec, step: int, workdir: str) -> str:
+    return (f"# kdjax export: {spec.name}, {spec.num_classes} classes\n\n"
+            f"The student of `{os.path.abspath(workdir)}` at step {step}, for inference: its "
+            f"parameters and BatchNorm statistics (`{MODEL_DIR}/`, an Orbax checkpoint), and "
+            f"`{META_FILE}` (the architecture and input normalisation). No optimizer state.\n\n"
+            f"```python\n{snippet(path, spec)}```\n\n"
+            f"Without kdjax, `orbax.checkpoint.StandardCheckpointer().restore(\"{path}/"
+            f"{MODEL_DIR}\")` returns the raw arrays as nested dicts.\n")
+
+
+def load(path: str, *, mesh: Mesh | None = None
+         ) -> tuple[nnx.Module, Callable[[np.ndarray], jax.Array]]:
+    """Load an export: (the student model, `preprocess` for uint8 [N, H, W, C] images).
+
+    `model(preprocess(images))` gives logits [N, num_classes]. The arrays are replicated over
+    `mesh` (default: every device).
+    """
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a kdjax export (no {META_FILE}); make one with "
+                                f"`kdjax export --workdir RUN --out {path}`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    spec = ModelSpec.from_json(meta["model"])
+    model_dir = os.path.join(path, MODEL_DIR)
+    reader = ocp.StandardCheckpointer()
+    try:
+        model = checkpoint.restore_model(
+            spec, reader.metadata(model_dir).item_metadata.tree,
+            lambda target: reader.restore(model_dir, target), mesh=mesh, where=model_dir,
+            what=f"the model of {META_FILE}")
+    finally:
+        reader.close()
+    recipe = augment.Preprocess(mean=tuple(meta["preprocess"]["mean"]),
+                                std=tuple(meta["preprocess"]["std"]))
+
+    def preprocess(images: np.ndarray) -> jax.Array:
+        return augment.preprocess(jnp.asarray(images), recipe, key=None, dtype=jnp.float32)
+
+    return model, preprocess

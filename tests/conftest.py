@@ -1,0 +1,22 @@
+"""Shared fixtures: one tiny prepared dataset for every end-to-end test."""
+
+import os
+
+import pytest
+
+from kdjax import cli, data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(ROOT, "experiments", "fashion_mnist")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A learnable 320/150-example Fashion-MNIST look-alike, prepared as kdjax prepares the real
+    one (10 classes, 28x28x1)."""
+    root = tmp_path_factory.mktemp("data")
+    src = data.make_synthetic_idx_dir(str(root / "src"), 320, 150, seed=0)
+    out = str(root / "tfds")
+    assert cli.main(["prepare", "fashion_mnist", "--from", src, "--data-dir", out,
+                     "--skip-checksums"]) == 0
+    return out
