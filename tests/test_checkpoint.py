@@ -104,14 +104,14 @@ def test_checkpoint_holds_student_optimizer_rng_data_order_and_config(kd):
     reader.close()
     shapes = {k: tuple(v.shape) for item in ("model", "train")
               for k, v in ocp.tree.to_flat_dict(saved[item].tree, sep="/").items()}
-    assert shapes["params/hidden/0/kernel/value"] == (784, 32)  # the student...
-    assert shapes["opt_state/1/0/trace/out/kernel/value"] == (32, 10)  # ...its SGD momentum
+    assert shapes["params/hidden/0/kernel/value"] == (784, 128)  # the student...
+    assert shapes["opt_state/1/0/trace/out/kernel/value"] == (128, 10)  # ...its SGD momentum
     assert shapes["rng"] == (2,) and shapes["perm"] == (320,) and shapes["step"] == ()
     # ...and no teacher: the 784-64-10 teacher is read from its own run, never copied
     assert (784, 64) not in shapes.values() and (64, 10) not in shapes.values()
     assert run["config"]["loss"]["name"] == "kd" and run["config"]["teacher"]["workdir"]
     assert run["model"] == {"name": "mlp", "num_classes": 10, "input_shape": [28, 28, 1],
-                            "kwargs": {"hidden": [32]}, "compute_dtype": "auto"}
+                            "kwargs": {"hidden": [128]}, "compute_dtype": "auto"}
     assert run["preprocess"] == {"mean": [0.286], "std": [0.353]}
     # the final save follows a log line: no partial averaging window left to carry over
     assert run["pending_train_metrics"]["steps"] == []
