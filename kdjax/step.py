@@ -180,19 +180,20 @@ def make_distill_step(
         if data is not None:
             state, batch = _sample(state, data, mesh)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # float32 images: each model's first layer casts them to its own compute dtype.
-        images = augment.preprocess(batch["image"], preprocess, key=key, dtype=jnp.float32)
+        # float32 images: each model's first layer casts them to its own compute dtype. Labels are
+        # int [B], or augment.MixedLabels with mixup/CutMix.
+        views = augment.train_views(batch, preprocess, key=key, dtype=jnp.float32)
         # Teachers: inference mode, outside the differentiated function, so no gradient and no
         # optimizer state ever touch them; stop_gradient documents it for features too.
         teacher_out = tuple(
-            jax.lax.stop_gradient(nnx.merge(g, v).features(images, train=False))
+            jax.lax.stop_gradient(nnx.merge(g, v).features(views.teacher, train=False))
             for g, v in zip(teacher_defs, teacher_vars))
 
         def loss_fn(params):
             # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            out = model.features(images, train=True)
-            loss, metrics = objective(out, teacher_out, batch["label"], state.step)
+            out = model.features(views.student, train=True)
+            loss, metrics = objective(out, teacher_out, views.labels, state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -7,6 +7,7 @@ does no per-step work and never waits on the device between logs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,21 +16,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from kdjax import augment, checkpoint, config as config_lib, data, metrics as metrics_lib
+from kdjax import augment, checkpoint, config as config_lib, data, input as input_lib
+from kdjax import metrics as metrics_lib
 from kdjax import models, objectives, optim, sharding
 from kdjax.step import (DeviceData, FrozenModel, TrainState, compute_dtype, freeze,
-                        init_train_state, make_distill_step, make_eval_step, pad_batch)
+                        init_train_state, make_distill_step, make_eval_step)
 
 
 def _preprocess(config: ml_collections.ConfigDict, channels: int) -> augment.Preprocess:
     mean, std = config.data.mean, config.data.std
     if not mean or not std:
-        mean, std = data.NORMALIZATION.get(config.data.name, ((0.5,) * channels, (0.5,) * channels))
+        mean, std = data.NORMALIZATION.get(config.data.name.partition("/")[0].partition(":")[0],
+                                           ((0.5,) * channels, (0.5,) * channels))
     return augment.Preprocess(mean=tuple(mean), std=tuple(std),
-                              crop_padding=config.data.crop_padding, flip=config.data.flip)
+                              crop_padding=config.data.crop_padding, flip=config.data.flip,
+                              mixup_alpha=config.data.mixup_alpha,
+                              cutmix_alpha=config.data.cutmix_alpha,
+                              teacher_view=config.data.teacher_view)
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -66,14 +71,30 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> F
     return freeze(checkpoint.load_model(workdir, build_model(teacher_config, spec)))
 
 
-def _evaluate(eval_step, state: TrainState, arrays: dict[str, np.ndarray], batch_size: int,
-              mesh) -> dict[str, float]:
+def _input(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str
+           ) -> tuple[str, data.DatasetSpec]:
+    """The input mode for `split` and the spec with the image shape the model sees."""
+    mode, why = input_lib.choose_mode(config.data, spec, split=split)
+    print(f"kdjax: {'device-resident' if mode == 'device' else 'streamed'} input ({why})")
+    return mode, dataclasses.replace(
+        spec, image_shape=input_lib.model_input_shape(config.data, spec))
+
+
+def _eval_input(config: ml_collections.ConfigDict, mode: str, mesh):
+    """A function returning a fresh pass over the eval split: padded, masked device batches."""
+    if mode == "device":
+        arrays = data.load_arrays(config.data.name, config.data.eval_split,
+                                  data_dir=_data_dir(config))
+        return lambda: input_lib.array_eval_batches(arrays, config.eval.batch_size, mesh)
+    return lambda: input_lib.eval_batches(config.data, batch_size=config.eval.batch_size,
+                                          mesh=mesh)
+
+
+def _evaluate(eval_step, state: TrainState, batches) -> dict[str, float]:
     """Fixed order, no augmentation; the last partial batch is padded and masked, never dropped."""
     totals: dict[str, Any] = {}
-    n = len(arrays["label"])
-    for start in range(0, n, batch_size):
-        batch = pad_batch({k: v[start:start + batch_size] for k, v in arrays.items()}, batch_size)
-        sums = eval_step(state.params, state.model_state, sharding.shard_batch(batch, mesh))
+    for batch in batches:
+        sums = eval_step(state.params, state.model_state, batch)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = totals.pop("count")
@@ -101,26 +122,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
 
     mesh = sharding.make_mesh()
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    train_arrays = data.load_arrays(config.data.name, config.data.train_split,
-                                    data_dir=_data_dir(config))
-    eval_arrays = data.load_arrays(config.data.name, config.data.eval_split,
-                                   data_dir=_data_dir(config))
+    mode, spec = _input(config, spec, config.data.train_split)
     batch_size = config.train.batch_size
-    if batch_size > len(train_arrays["label"]):
-        raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_arrays['label'])} "
-                         f"training examples of {config.data.name}")
+    num_train = 0
+    if mode == "device":
+        train_arrays = data.load_arrays(config.data.name, config.data.train_split,
+                                        data_dir=_data_dir(config))
+        num_train = len(train_arrays["label"])
+        if batch_size > num_train:
+            raise ValueError(f"train.batch_size={batch_size} exceeds the {num_train} "
+                             f"training examples of {config.data.name}")
+    eval_input = _eval_input(config, mode, mesh)
     preprocess = _preprocess(config, spec.image_shape[-1])
     teachers = (load_teacher(config, spec),) if distill else ()
 
     model = build_model(config, spec)
     num_params = models.count_params(model)
     tx = optim.make_optimizer(config.optimizer, total)
-    graphdef, state = init_train_state(model, tx, seed=config.seed,
-                                       num_examples=len(train_arrays["label"]))
+    graphdef, state = init_train_state(model, tx, seed=config.seed, num_examples=num_train)
     state = sharding.replicate(state, mesh)
-    device_data = DeviceData(images=sharding.replicate(train_arrays["image"], mesh),
-                             labels=sharding.replicate(train_arrays["label"], mesh),
-                             batch_size=batch_size)
+    device_data = None
+    if mode == "device":
+        device_data = DeviceData(images=sharding.replicate(train_arrays["image"], mesh),
+                                 labels=sharding.replicate(train_arrays["label"], mesh),
+                                 batch_size=batch_size)
     step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
                                 data=device_data, steps_per_call=per_call)
@@ -136,6 +161,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
 
     writer = metrics_lib.MetricWriter(workdir)
     step = start = int(jax.device_get(state.step))
+    # Streamed batches are a function of the step: resuming at `step` resumes the input exactly.
+    stream = (input_lib.train_stream(config.data, seed=config.seed, batch_size=batch_size,
+                                     mesh=mesh, steps_per_call=per_call, start_step=step)
+              if mode == "stream" and step < total else None)
     pending, last_train, eval_metrics = [], {}, {}
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -146,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         return every > 0 and after // every > before // every
 
     while step < total:
-        state, m = step_fn(state)
+        state, m = step_fn(state, next(stream) if stream is not None else None)
         pending.append(m)
         before, step = step, step + per_call
         if t_mark is None:  # compile + first call: excluded from throughput
@@ -164,15 +193,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
             bar.set_postfix(loss=f"{last_train['train/loss']:.4f}",
                             acc=f"{last_train['train/accuracy']:.3f}", img_s=f"{ips:,.0f}")
         if crossed(config.eval.every_steps, before, step) or step == total:
-            eval_metrics = _evaluate(eval_step, state, eval_arrays, config.eval.batch_size, mesh)
+            eval_metrics = _evaluate(eval_step, state, eval_input())
             writer.write(step, eval_metrics)
             t_mark = time.perf_counter()
         if crossed(config.checkpoint.every_steps, before, step):
             ckpt.save(state)
         bar.update(per_call)
     bar.close()
+    if stream is not None:
+        stream.close()
     if not eval_metrics:  # resumed at the end: still report the model's quality
-        eval_metrics = _evaluate(eval_step, state, eval_arrays, config.eval.batch_size, mesh)
+        eval_metrics = _evaluate(eval_step, state, eval_input())
     ckpt.save(state, force=True)
     ckpt.close()
     writer.close()
@@ -202,8 +233,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     teacher when `teacher.workdir` is set); writes eval.json in the workdir."""
     mesh = sharding.make_mesh()
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    arrays = data.load_arrays(config.data.name, config.data.eval_split,
-                              data_dir=_data_dir(config))
+    mode, spec = _input(config, spec, config.data.eval_split)
     model = checkpoint.load_model(workdir, build_model(config, spec))
     teachers = (load_teacher(config, spec),) if config.teacher.workdir else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -212,8 +242,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                        opt_state=(), rng=jnp.zeros((2,), jnp.uint32),
                        perm=jnp.zeros((0,), jnp.int32))
-    result = _evaluate(eval_step, sharding.replicate(state, mesh), arrays,
-                       config.eval.batch_size, mesh)
+    result = _evaluate(eval_step, sharding.replicate(state, mesh),
+                       _eval_input(config, mode, mesh)())
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
