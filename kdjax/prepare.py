@@ -639,6 +639,8 @@ class _SafeUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
+        ("__builtin__", "bytes"),
+        ("builtins", "bytes"),
     }
 
     def find_class(self, module: str, name: str):
@@ -794,6 +796,8 @@ class _CifarSplit:
 
 def _check_labels(labels: np.ndarray, num: int, where: str, what: str) -> np.ndarray:
     labels = np.asarray(labels)
+    if labels.size == 0:
+        labels = labels.reshape(0).astype(np.int64)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataPreparationError(f"{where}: expected a list of integer {what}, found "
                                    f"{labels.dtype} of shape {labels.shape}.")
