@@ -40,7 +40,8 @@ class TrainState(flax.struct.PyTreeNode):
     `rng` is the run's base key as raw uint32 key data (plain arrays checkpoint everywhere); step
     keys are `fold_in(rng, step)`, so a resumed run draws the same augmentations as an
     uninterrupted one. `perm` is the current epoch's example order for
-    device-resident data (empty when batches are streamed in).
+    device-resident data (a one-element placeholder when batches are streamed in: Orbax cannot
+    save zero-size arrays).
     """
 
     step: jax.Array
@@ -82,7 +83,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     rng = jax.random.key_data(jax.random.key(seed))
     perm = (jax.random.permutation(_epoch_key(rng, 0), num_examples).astype(jnp.int32)
-            if num_examples else jnp.zeros((0,), jnp.int32))
+            if num_examples else jnp.zeros((1,), jnp.int32))
     return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 model_state=model_state, opt_state=tx.init(params), rng=rng,
                                 perm=perm)
