@@ -189,6 +189,11 @@ def even_rows(batch_size: int, process_index: int, process_count: int) -> tuple[
 
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
     """Rows of a global batch sharded over `mesh` held by this process's devices (contiguous)."""
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"the batch size must be divisible by the number of devices, got batch_size="
+            f"{batch_size} on {mesh.size} devices; pick train.batch_size and eval.batch_size as "
+            f"multiples of {mesh.size}")
     spec = sharding.batch_sharded(mesh)
     index_map = spec.addressable_devices_indices_map((batch_size,))
     rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)

@@ -707,15 +707,16 @@ def _read_cifar_tarball(d: _CifarDef, path: Path, verify: bool) -> _CifarFiles:
         ref = by_name.get(path.name)
         refs = [ref] if ref else list(d.archives)
         expected = " or ".join(f"{a.filename}: {a.size} bytes, sha256 {a.sha256}" for a in refs)
-        state = ""
-        if ref and size != ref.size:
-            state = (f" The file is {'truncated' if size < ref.size else 'too long'} "
-                     f"({size} of {ref.size} bytes).")
+        if ref and size < ref.size:
+            state = f"The file is truncated ({size} of {ref.size} bytes)"
+        elif ref and size > ref.size:
+            state = f"The file is too long ({size} of {ref.size} bytes)"
+        else:
+            state = f"The file is corrupt or not the official {d.name} tarball"
         raise DataPreparationError(
             f"{path}: sha256 mismatch for {d.name}: expected {expected}; actual {size} bytes, "
-            f"sha256 {sha} (md5 {md5}).{state} The file is corrupt or not the official {d.name} "
-            f"tarball: copy it again from the original source, or pass --skip-checksums "
-            f"(verify_checksums=False) for a subset you made yourself.")
+            f"sha256 {sha} (md5 {md5}). {state}: copy it again from the original source, or "
+            f"pass --skip-checksums (verify_checksums=False) for a subset you made yourself.")
     files, where = {}, {}
     try:
         with tarfile.open(path, "r:*") as tar:

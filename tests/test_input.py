@@ -77,8 +77,15 @@ def assert_same(a, b):
 
 def test_streamed_batches_equal_device_resident_batches(cifar):
     dev = device_batches(cifar, seed=3, steps=5)  # crosses two epoch boundaries
-    for a, b in zip(dev, take(stream(cifar, 3), 5), strict=True):
+    streamed = take(stream(cifar, 3), 5)
+    for a, b in zip(dev, streamed, strict=True):
         assert_same(a, b)
+    mesh = sharding.make_mesh()
+    s = stream(cifar, 3)
+    with s:
+        batch = next(s)
+    assert batch["image"].sharding.is_equivalent_to(sharding.batch_sharded(mesh), 4)
+    assert len(batch["image"].addressable_shards) == mesh.size
     # steps_per_call stacks the same batches on a leading axis.
     stacked = take(stream(cifar, 3, steps_per_call=2), 2)
     for i, s in enumerate(stacked):
@@ -131,6 +138,10 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(processes):
         assert set(flat) == set(perm[:spe * batch].tolist())  # covering the epoch
         assert sorted(perm.tolist()) == list(range(n))
     assert ki.process_rows(sharding.make_mesh(), batch) == (0, batch)
+    mesh = sharding.make_mesh()
+    if mesh.size > 1:
+        with pytest.raises(ValueError, match="divisible by the number of devices"):
+            ki.process_rows(mesh, mesh.size + 1)
     with pytest.raises(ValueError, match="divisible"):
         ki.even_rows(10, 0, 3)
 
@@ -239,3 +250,18 @@ print("OK")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+def test_on_a_two_device_mesh():
+    """The same equalities with the batch split over two (fake CPU) devices: placement through
+    jax.make_array_from_process_local_data onto the step's mesh."""
+    if os.environ.get("KDJAX_INNER_TWO_DEVICES"):
+        pytest.skip("already inside the two-device run")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "KDJAX_INNER_TWO_DEVICES": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "streamed_batches_equal or eval_covers or process_shards"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO_ROOT))
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
