@@ -8,7 +8,8 @@ that the step derives from (seed, step), which makes augmentation reproducible a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,24 @@ class Preprocess:
       crop_padding: pad each side by this many pixels (zeros) then crop back at a random offset;
         0 disables random crops.
       flip: random horizontal flips with probability 1/2.
+      mixup_alpha: mixup (Zhang et al. 2018) with lambda ~ Beta(alpha, alpha), one lambda per
+        batch, each image mixed with the batch read backwards; 0 disables it.
+      cutmix_alpha: CutMix (Yun et al. 2019): a box of area (1 - lambda) pasted from the batch
+        read backwards, lambda ~ Beta(alpha, alpha) then set to the box's true area; 0 disables.
+        With both on, each batch uses one of the two with probability 1/2 (timm's switch).
+      teacher_view: "same" (default): the teachers see exactly the student's augmented, mixed
+        image - big_vision's "function matching" (Beyer et al. 2022), consistent views that let
+        aggressive augmentation such as mixup serve distillation; "clean": the teachers see the
+        batch without the on-device augmentation (a "fixed teacher" baseline).
     """
 
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     crop_padding: int = 0
     flip: bool = False
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    teacher_view: str = "same"
 
     def __post_init__(self):
         if len(self.mean) != len(self.std):
@@ -38,6 +51,16 @@ class Preprocess:
             raise ValueError(f"std must be > 0 for every channel, got std={self.std}")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got crop_padding={self.crop_padding}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        if self.teacher_view not in ("same", "clean"):
+            raise ValueError(f"teacher_view must be 'same' or 'clean', got "
+                             f"teacher_view={self.teacher_view!r}")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float], dtype) -> jax.Array:
@@ -80,3 +103,90 @@ def preprocess(images: jax.Array, recipe: Preprocess, *, key: jax.Array | None, 
         if recipe.flip:
             images = random_flip(flip_key, images)
     return normalize(images, recipe.mean, recipe.std, dtype)
+
+
+class MixedLabels(NamedTuple):
+    """Labels of mixed images: `weight` of class `label` and 1 - `weight` of class `other`.
+
+    All three are [B]. Objectives take either plain int labels or this (see
+    `kdjax.objectives.cross_entropy` and `hard_labels`).
+    """
+
+    label: jax.Array
+    other: jax.Array
+    weight: jax.Array
+
+
+def _beta(key: jax.Array, alpha: float) -> jax.Array:
+    return jax.random.beta(key, alpha, alpha).astype(jnp.float32)
+
+
+def mixup(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
+          ) -> tuple[jax.Array, MixedLabels]:
+    """lam * x + (1 - lam) * x[::-1] on float images [B, H, W, C]; one lam ~ Beta(a, a)."""
+    lam = _beta(key, alpha)
+    mixed = lam * images + (1.0 - lam) * images[::-1]
+    return mixed, MixedLabels(labels, labels[::-1], jnp.full(labels.shape, lam))
+
+
+def cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
+           ) -> tuple[jax.Array, MixedLabels]:
+    """Paste a random box of x[::-1] into x (one box per batch); weight = the area kept."""
+    lam_key, y_key, x_key = jax.random.split(key, 3)
+    _, h, w, _ = images.shape
+    lam = _beta(lam_key, alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    ch, cw = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
+    cy = jax.random.randint(y_key, (), 0, h)
+    cx = jax.random.randint(x_key, (), 0, w)
+    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    mixed = jnp.where(box[None, :, :, None], images[::-1], images)
+    kept = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+    return mixed, MixedLabels(labels, labels[::-1], jnp.full(labels.shape, kept))
+
+
+def mix(key: jax.Array, images: jax.Array, labels: jax.Array, recipe: Preprocess
+        ) -> tuple[jax.Array, MixedLabels]:
+    """Mixup or CutMix per `recipe` (a fair coin per batch when both are on)."""
+    choose_key, mix_key = jax.random.split(key)
+    if recipe.mixup_alpha > 0 and recipe.cutmix_alpha > 0:
+        return jax.lax.cond(
+            jax.random.bernoulli(choose_key),
+            lambda: cutmix(mix_key, images, labels, recipe.cutmix_alpha),
+            lambda: mixup(mix_key, images, labels, recipe.mixup_alpha))
+    if recipe.cutmix_alpha > 0:
+        return cutmix(mix_key, images, labels, recipe.cutmix_alpha)
+    return mixup(mix_key, images, labels, recipe.mixup_alpha)
+
+
+class Views(NamedTuple):
+    """What the train step feeds the models: the student's images, the teachers' images and
+    the labels (int [B], or MixedLabels when mixing)."""
+
+    student: jax.Array
+    teacher: jax.Array
+    labels: jax.Array | MixedLabels
+
+
+def train_views(batch: Mapping[str, jax.Array], recipe: Preprocess, *, key: jax.Array,
+                dtype) -> Views:
+    """Augment (crop, flip, then mixup/CutMix) and normalise a uint8 training batch.
+
+    Mixing happens after normalisation (the two commute: normalisation is affine per channel),
+    so its arithmetic is float32. With teacher_view="same" the teachers get the very array the
+    student gets.
+    """
+    images = batch["image"]
+    if images.ndim == 3:
+        images = images[..., None]
+    # Crops and flips use `key` itself (as before mixing existed); mixing a key folded from it.
+    student = preprocess(images, recipe, key=key, dtype=jnp.float32)
+    labels = batch["label"]
+    if recipe.mixes:
+        student, labels = mix(jax.random.fold_in(key, 1), student, labels, recipe)
+    teacher = (student if recipe.teacher_view == "same"
+               else preprocess(images, recipe, key=None, dtype=jnp.float32))
+    return Views(student.astype(dtype), teacher.astype(dtype), labels)

@@ -10,6 +10,8 @@ train/distill resume from the workdir's latest checkpoint (--fresh refuses a wor
 one). Exit codes: 0 done; 1 stopped during training (non-finite step, checkpoint failure); 2 refused
 before training (bad config, argument, workdir, data or teacher); 128+N interrupted by signal N
 (143 SIGTERM, 130 SIGINT) after saving a checkpoint: run the same command again to resume.
+  kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
+  kdjax datasets                           (what is prepared where)
 """
 
 from __future__ import annotations
@@ -45,14 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
-    prep.add_argument("name", help="dataset name, e.g. fashion_mnist")
+    prep.add_argument("name", help="dataset name: mnist, fashion_mnist, cifar10, cifar100, "
+                                   "imagenette[/config], imagenet2012, or any name (or "
+                                   "imagefolder:NAME) for an ImageNet-style folder tree")
     prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
     prep.add_argument("--data-dir", default=None,
                       help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     prep.add_argument("--skip-checksums", action="store_true",
                       help="accept files whose checksums differ from the official ones")
     prep.add_argument("--max-examples", type=int, default=None,
-                      help="keep only the first N examples of each split (quick demos, tests)")
+                      help="keep only N examples of each split (quick demos, tests)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="threads reading and checking images of folder trees (default: one "
+                           "per CPU core)")
+    ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
+    ds.add_argument("--data-dir", default=None,
+                    help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     summ = sub.add_parser("summary", help="print the summary.json of finished runs side by side")
     summ.add_argument("workdirs", nargs="+")
     return p
@@ -89,6 +99,29 @@ def summary_table(workdirs: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def datasets_table(data_dir: str | None) -> str:
+    """What `kdjax datasets` prints: one row per prepared dataset under the data dir."""
+    from kdjax import data
+
+    root = data._resolve_data_dir(data_dir)
+    entries = data.list_datasets(root)
+    if not entries:
+        return (f"no prepared datasets in {root}\n(prepare one offline with `kdjax prepare NAME "
+                f"--from DIR --data-dir {root}`)")
+    cols = ("name", "version", "splits", "image", "classes", "by", "path")
+    rows = []
+    for e in entries:
+        shape = "x".join("?" if s is None else str(s) for s in e.image_shape) if e.image_shape else "-"
+        splits = " ".join(f"{k}={v:,}" for k, v in e.splits.items()) or "-"
+        path = e.path + (f"  ({e.problem})" if e.problem else "")
+        rows.append((e.name, e.version, splits, shape, str(e.num_classes or "-"), e.prepared_by,
+                     path))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = [f"data dir: {root}", "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
     from kdjax import config as config_lib, trainer
 
@@ -114,8 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         path = data.prepare(args.name, args.source, data_dir=args.data_dir,
                             verify_checksums=not args.skip_checksums,
-                            max_examples_per_split=args.max_examples)
-        print(f"kdjax: prepared {args.name} in {path}")
+                            max_examples_per_split=args.max_examples, num_workers=args.workers)
+        from pathlib import Path
+
+        spec = data._spec_from_dir(args.name.removeprefix("imagefolder:"), Path(path))
+        sizes = ", ".join(f"{k} {v:,}" for k, v in spec.splits.items())
+        print(f"kdjax: prepared {spec.name} {spec.version} in {path} ({sizes}; "
+              f"{spec.num_classes} classes)")
+        return 0
+    if args.command == "datasets":
+        if overrides:
+            _parser().error("kdjax datasets takes no --config overrides")
+        print(datasets_table(args.data_dir))
         return 0
 
     if args.command == "summary":

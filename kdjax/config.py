@@ -35,6 +35,20 @@ def base_config() -> ml_collections.ConfigDict:
         std=(),
         crop_padding=0,
         flip=False,
+        # On-device mixing (kdjax.augment): mixup / CutMix with Beta(alpha, alpha); 0 = off.
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        teacher_view="same",  # same: function matching (teacher sees the student's view) | clean
+        # Input mode (kdjax.input): device = uint8 arrays on the devices, batches gathered in the
+        # step; stream = host reading and decoding on worker threads, prefetched to the devices;
+        # auto = device when the training split fits in device_memory_fraction of a device.
+        mode="auto",
+        device_memory_fraction=0.25,
+        num_workers=0,  # streaming decode threads (0 = one per CPU core)
+        image_size=0,  # 0 = the dataset's own size; required for variable-size (ImageNet) images
+        random_resized_crop=False,  # inception-style crop, on the host while decoding (stream)
+        crop_scale=(0.08, 1.0),  # its range of areas (fractions of the image)
+        eval_crop_fraction=0.875,  # variable-size eval images: central crop of the shorter side
     )
     # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
     # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype). num_classes 0 = the

@@ -512,9 +512,13 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float
         ctor = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}") from None
-    # NNX's metaclass hides the constructor's signature: read the class's __init__ instead.
-    cls = ctor.func if isinstance(ctor, functools.partial) else ctor
-    params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    # The constructor's own parameters: nnx's metaclass hides them from inspect.signature(class)
+    # (it reports (*args, **kwargs)), so look at __init__ through any functools.partial.
+    func = ctor
+    while isinstance(func, functools.partial):
+        func = func.func
+    params = dict(inspect.signature(func.__init__ if inspect.isclass(func) else func).parameters)
+    params.pop("self", None)
     if input_shape is not None:
         h, _, c = input_shape
         derived = {"in_features": int(np.prod(input_shape)), "in_channels": c, "input_size": h}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import losses
+from kdjax.augment import MixedLabels
 from kdjax.step import Objective
 
 # Logit-matching distillation losses by config name.
@@ -29,14 +30,33 @@ LOGIT_LOSSES: dict[str, Callable[..., jax.Array]] = {
 }
 
 
+def cross_entropy(logits: jax.Array, labels, *, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example CE for int labels, or w·CE(label) + (1−w)·CE(other) for mixed labels
+    (augment.MixedLabels from mixup/CutMix): the CE against the mixed target."""
+    if isinstance(labels, MixedLabels):
+        return (labels.weight * losses.cross_entropy(logits, labels.label,
+                                                     label_smoothing=label_smoothing)
+                + (1.0 - labels.weight) * losses.cross_entropy(logits, labels.other,
+                                                               label_smoothing=label_smoothing))
+    return losses.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def hard_labels(labels) -> jax.Array:
+    """Int labels; for mixed labels, the class with the larger weight (for accuracy, and for
+    losses such as DKD that need one target class)."""
+    if isinstance(labels, MixedLabels):
+        return jnp.where(labels.weight >= 0.5, labels.label, labels.other)
+    return labels
+
+
 def supervised(*, label_smoothing: float = 0.0) -> Objective:
     """Plain cross-entropy on the labels: teachers and baseline students."""
 
     def objective(out, teacher_out, labels, step):
         del teacher_out, step
         logits = out["logits"].astype(jnp.float32)
-        ce = losses.cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
-        return ce, {"ce": ce, "accuracy": (logits.argmax(-1) == labels).mean()}
+        ce = cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
+        return ce, {"ce": ce, "accuracy": (logits.argmax(-1) == hard_labels(labels)).mean()}
 
     return objective
 
@@ -78,13 +98,14 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
         target = teacher[0] if len(teacher) == 1 else losses.ensemble_teacher(
             teacher, weights=teacher_weights, mode=ensemble_mode,
             temperature=ensemble_temperature)
-        args = (student, target, labels) if takes_labels else (student, target)
+        hard = hard_labels(labels)
+        args = (student, target, hard) if takes_labels else (student, target)
         kd = fn(*args, **kwargs).mean()
-        ce = losses.cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
+        ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
         ramp = (jnp.minimum(1.0, (step + 1) / kd_warmup_steps) if kd_warmup_steps
                 else jnp.float32(1.0))
         total = ce_weight * ce + kd_weight * ramp * kd
-        return total, {"ce": ce, "kd": kd, "accuracy": (student.argmax(-1) == labels).mean()}
+        return total, {"ce": ce, "kd": kd, "accuracy": (student.argmax(-1) == hard).mean()}
 
     return objective
 

@@ -40,7 +40,8 @@ class TrainState(flax.struct.PyTreeNode):
     `rng` is the run's base key as raw uint32 key data (plain arrays checkpoint everywhere); step
     keys are `fold_in(rng, step)`, so a resumed run draws the same augmentations as an
     uninterrupted one. `perm` is the current epoch's example order for device-resident data
-    (empty when batches are streamed in): with `step` it is the data iterator's whole state.
+    (a one-element placeholder when batches are streamed in: Orbax cannot
+    save zero-size arrays): with `step` it is the data iterator's whole state.
 
     The health fields are kept on the device so that no step waits for the host to look at them:
     `bad_step` is the number (1-based, as logs and checkpoints count) of the first step whose loss
@@ -91,7 +92,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     rng = jax.random.key_data(jax.random.key(seed))
     perm = (jax.random.permutation(_epoch_key(rng, 0), num_examples).astype(jnp.int32)
-            if num_examples else jnp.zeros((0,), jnp.int32))
+            if num_examples else jnp.zeros((1,), jnp.int32))
     # Distinct buffers: the step donates the state, and one buffer cannot be donated twice.
     counters = {k: jnp.zeros((), jnp.int32) for k in ("step", "skipped_steps", "bad_step",
                                                        "bad_terms")}
@@ -220,19 +221,20 @@ def make_distill_step(
         if data is not None:
             state, batch = _sample(state, data, mesh)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # float32 images: each model's first layer casts them to its own compute dtype.
-        images = augment.preprocess(batch["image"], preprocess, key=key, dtype=jnp.float32)
+        # float32 images: each model's first layer casts them to its own compute dtype. Labels are
+        # int [B], or augment.MixedLabels with mixup/CutMix.
+        views = augment.train_views(batch, preprocess, key=key, dtype=jnp.float32)
         # Teachers: inference mode, outside the differentiated function, so no gradient and no
         # optimizer state ever touch them; stop_gradient documents it for features too.
         teacher_out = tuple(
-            jax.lax.stop_gradient(nnx.merge(g, v).features(images, train=False))
+            jax.lax.stop_gradient(nnx.merge(g, v).features(views.teacher, train=False))
             for g, v in zip(teacher_defs, teacher_vars))
 
         def loss_fn(params):
             # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            out = model.features(images, train=True)
-            loss, metrics = objective(out, teacher_out, batch["label"], state.step)
+            out = model.features(views.student, train=True)
+            loss, metrics = objective(out, teacher_out, views.labels, state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -35,12 +35,12 @@ import numpy as np
 from flax import nnx
 
 import kdjax
-from kdjax import augment, checkpoint, config as config_lib, data, metrics as metrics_lib
-from kdjax import models, objectives, optim, preemption, sharding
+from kdjax import augment, checkpoint, config as config_lib, data, input as input_lib
+from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
 from kdjax.step import (DeviceData, FrozenModel, TrainState, freeze, init_train_state,
-                        make_distill_step, make_eval_step, nonfinite_terms, pad_batch)
+                        make_distill_step, make_eval_step, nonfinite_terms)
 
 EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
 
@@ -48,9 +48,13 @@ EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teache
 def _preprocess(config: ml_collections.ConfigDict, channels: int) -> augment.Preprocess:
     mean, std = config.data.mean, config.data.std
     if not mean or not std:
-        mean, std = data.NORMALIZATION.get(config.data.name, ((0.5,) * channels, (0.5,) * channels))
+        mean, std = data.NORMALIZATION.get(config.data.name.partition("/")[0].partition(":")[0],
+                                           ((0.5,) * channels, (0.5,) * channels))
     return augment.Preprocess(mean=tuple(mean), std=tuple(std),
-                              crop_padding=config.data.crop_padding, flip=config.data.flip)
+                              crop_padding=config.data.crop_padding, flip=config.data.flip,
+                              mixup_alpha=config.data.mixup_alpha,
+                              cutmix_alpha=config.data.cutmix_alpha,
+                              teacher_view=config.data.teacher_view)
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -120,14 +124,33 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_
         reader.close()
 
 
-def _evaluate(eval_step, params, model_state, arrays: dict[str, np.ndarray], batch_size: int,
-              mesh) -> dict[str, float]:
+def _input(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str
+           ) -> tuple[str, data.DatasetSpec]:
+    """The input mode for `split` and the spec with the image shape the model sees."""
+    mode, why = input_lib.choose_mode(config.data, spec, split=split)
+    print(f"kdjax: {'device-resident' if mode == 'device' else 'streamed'} input ({why})")
+    return mode, dataclasses.replace(
+        spec, image_shape=input_lib.model_input_shape(config.data, spec))
+
+
+def _eval_input(config: ml_collections.ConfigDict, mesh, arrays: dict[str, np.ndarray] | None):
+    """A function returning a fresh pass over the eval split: padded, masked device batches,
+    from `arrays` when the split is in memory, else streamed."""
+    if arrays is not None:
+        return lambda: input_lib.array_eval_batches(arrays, config.eval.batch_size, mesh)
+    return lambda: input_lib.eval_batches(config.data, batch_size=config.eval.batch_size,
+                                          mesh=mesh)
+
+
+def _load(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+    return data.load_arrays(config.data.name, split, data_dir=_data_dir(config))
+
+
+def _evaluate(eval_step, params, model_state, batches) -> dict[str, float]:
     """Fixed order, no augmentation; the last partial batch is padded and masked, never dropped."""
     totals: dict[str, Any] = {}
-    n = len(arrays["label"])
-    for start in range(0, n, batch_size):
-        batch = pad_batch({k: v[start:start + batch_size] for k, v in arrays.items()}, batch_size)
-        sums = eval_step(params, model_state, sharding.shard_batch(batch, mesh))
+    for batch in batches:
+        sums = eval_step(params, model_state, batch)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = totals.pop("count")
@@ -213,17 +236,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     total, per_call = config.train.steps, config.train.steps_per_call
     mesh = sharding.make_mesh()
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    train_arrays = data.load_arrays(config.data.name, config.data.train_split,
-                                    data_dir=_data_dir(config))
-    eval_arrays = data.load_arrays(config.data.name, config.data.eval_split,
-                                   data_dir=_data_dir(config))
+    mode, spec = _input(config, spec, config.data.train_split)
     batch_size = config.train.batch_size
-    if batch_size > len(train_arrays["label"]):
-        raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_arrays['label'])} "
-                         f"training examples of {config.data.name}")
     student = model_spec(config, spec)
-    _check_labels(config, spec, student.num_classes, {config.data.train_split: train_arrays,
-                                                      config.data.eval_split: eval_arrays})
+    train_arrays = eval_arrays = None
+    if mode == "device":
+        train_arrays = _load(config, config.data.train_split)
+        eval_arrays = _load(config, config.data.eval_split)
+        _check_labels(config, spec, student.num_classes, {config.data.train_split: train_arrays,
+                                                          config.data.eval_split: eval_arrays})
+    num_train = (len(train_arrays["label"]) if train_arrays is not None
+                 else spec.num_examples(config.data.train_split))
+    if batch_size > num_train:
+        raise ValueError(f"train.batch_size={batch_size} exceeds the {num_train} training "
+                         f"examples of {config.data.name}")
+    eval_input = _eval_input(config, mesh, eval_arrays)
     preprocess = _preprocess(config, spec.image_shape[-1])
     teachers = (load_teacher(config, spec, student.num_classes, mesh),) if distill else ()
 
@@ -231,13 +258,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     num_params = models.count_params(model)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
-                                       num_examples=len(train_arrays["label"]))
+                                       num_examples=num_train if mode == "device" else 0)
     state = sharding.replicate(state, mesh)
     checkpoint.ensure_space(workdir, state, copies=config.checkpoint.max_to_keep
                             + config.checkpoint.keep_best + 1)
-    device_data = DeviceData(images=sharding.replicate(train_arrays["image"], mesh),
-                             labels=sharding.replicate(train_arrays["label"], mesh),
-                             batch_size=batch_size)
+    device_data = None if train_arrays is None else DeviceData(
+        images=sharding.replicate(train_arrays["image"], mesh),
+        labels=sharding.replicate(train_arrays["label"], mesh), batch_size=batch_size)
     nan_policy = config.train.nan_policy
     step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
@@ -252,7 +279,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
         last_train = run["last_train"]
         print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
-                           device_data.steps_per_epoch, run["config"], config), flush=True)
+                           num_train // batch_size, run["config"], config), flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config_lib.to_json(config))
 
@@ -276,10 +303,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     def crossed(every: int, before: int, after: int) -> bool:
         return every > 0 and after // every > before // every
 
+    # Streamed batches are a function of the step: resuming at `step` resumes the input exactly.
+    stream = (input_lib.train_stream(config.data, seed=config.seed, batch_size=batch_size,
+                                     mesh=mesh, steps_per_call=per_call, start_step=step)
+              if mode == "stream" and step < total else None)
     try:
         with preemption.StopSignals() as signals:
             while step < total and signals.received is None:
-                state, m = step_fn(state)
+                state, m = step_fn(state, next(stream) if stream is not None else None)
                 pending.append(m)
                 before, step = step, step + per_call
                 if t_mark is None:  # compile + first call: excluded from throughput
@@ -313,7 +344,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                               f"{int(state.bad_step)}", file=sys.stderr, flush=True)
                 if evaluate:
                     eval_metrics = _evaluate(eval_step, state.params, state.model_state,
-                                             eval_arrays, config.eval.batch_size, mesh)
+                                             eval_input())
                     writer.write(step, eval_metrics)
                     t_mark = time.perf_counter()
                 if save:
@@ -328,11 +359,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                     f"{name} received: saved a checkpoint at step {step} of {total} in "
                     f"{ckpt.path(step)} and stopped; run the same command again to resume"))
             if not eval_metrics:  # resumed at the end: still report the model's quality
-                eval_metrics = _evaluate(eval_step, state.params, state.model_state, eval_arrays,
-                                         config.eval.batch_size, mesh)
+                eval_metrics = _evaluate(eval_step, state.params, state.model_state,
+                                         eval_input())
             ckpt.save(state, run_record(), metrics=eval_metrics)
             ckpt.wait()
     finally:
+        if stream is not None:
+            stream.close()
         bar.close()
         writer.close()
 
@@ -362,13 +395,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     teacher when `teacher.workdir` is set); writes eval.json in the workdir."""
     mesh = sharding.make_mesh()
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    arrays = data.load_arrays(config.data.name, config.data.eval_split,
-                              data_dir=_data_dir(config))
+    mode, spec = _input(config, spec, config.data.eval_split)
+    arrays = _load(config, config.data.eval_split) if mode == "device" else None
     reader = checkpoint.RunReader(workdir)
     try:
         step = reader.resolve_step("latest")
         student = reader.model_spec(step)
-        _check_labels(config, spec, student.num_classes, {config.data.eval_split: arrays})
+        if arrays is not None:
+            _check_labels(config, spec, student.num_classes, {config.data.eval_split: arrays})
         model = reader.load_model(step, student, mesh=mesh)
     finally:
         reader.close()
@@ -377,7 +411,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, teachers=teachers,
                                preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)
-    result = _evaluate(eval_step, params, model_state, arrays, config.eval.batch_size, mesh)
+    result = _evaluate(eval_step, params, model_state, _eval_input(config, mesh, arrays)())
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 import kdjax.data as kd
+import kdjax.images as codec
+import kdjax.prepare as kp
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 FILES = {
@@ -314,7 +316,7 @@ def test_checksum_mismatch_names_file_expected_and_actual(tmp_path):
     make_source(src, gz=True)
     path = src / "train-images-idx3-ubyte.gz"
     msg = _prepare_fails(src, tmp_path / "data", "sha256 mismatch", verify_checksums=True)
-    ref = kd._DATASETS["fashion_mnist"].splits["train"].images
+    ref = kp._IDX_DATASETS["fashion_mnist"].splits["train"].images
     assert str(path) in msg
     assert ref.gz_sha256 in msg and ref.content_sha256 in msg  # expected
     assert hashlib.sha256(path.read_bytes()).hexdigest() in msg  # actual
@@ -326,7 +328,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
     """Stored-file sha256 (like TFDS's .gz checksums) or content sha256 both pass."""
     src = tmp_path / "src"
     make_source(src, gz=True)
-    d = kd._DATASETS["fashion_mnist"]
+    d = kp._IDX_DATASETS["fashion_mnist"]
     splits = {}
     for i, (split, sdef) in enumerate(d.splits.items()):
         refs = []
@@ -339,7 +341,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
                 ref = dataclasses.replace(ref, content_sha256=hashlib.sha256(content).hexdigest())
             refs.append(ref)
         splits[split] = dataclasses.replace(sdef, images=refs[0], labels=refs[1])
-    monkeypatch.setitem(kd._DATASETS, "fashion_mnist", dataclasses.replace(d, splits=splits))
+    monkeypatch.setitem(kp._IDX_DATASETS, "fashion_mnist", dataclasses.replace(d, splits=splits))
     kd.prepare("fashion_mnist", src, data_dir=tmp_path / "d", verify_checksums=True)
     spec = kd.dataset_info("fashion_mnist", data_dir=tmp_path / "d")
     assert spec.checksums_verified is True
@@ -348,7 +350,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
 
 def test_known_checksums_match_those_shipped_with_tfds():
     tfds = pytest.importorskip("tensorflow_datasets")
-    for name, d in kd._DATASETS.items():
+    for name, d in kp._IDX_DATASETS.items():
         path = Path(tfds.__file__).parent / "url_checksums" / f"{name}.txt"
         if not path.exists():
             pytest.skip(f"{path} not shipped")
@@ -382,10 +384,14 @@ def test_missing_dataset_message_has_prepare_command(tmp_path):
 
 
 def test_unknown_dataset_name(tmp_path):
-    with pytest.raises(ValueError, match="fashion_mnist, mnist"):
+    # Any other name is an image-folder dataset: an IDX folder is not one.
+    with pytest.raises(kd.DataPreparationError, match="no split folders"):
         kd.prepare("cifar11", tmp_path)
-    with pytest.raises(ValueError, match="fashion_mnist, mnist"):
+    with pytest.raises(ValueError, match="lowercase letters"):
+        kd.prepare("Bad Name", tmp_path)
+    with pytest.raises(kd.DatasetNotFoundError, match="kdjax prepare cifar11 --from DIR") as info:
         kd.load_arrays("cifar11", "train", data_dir=tmp_path)
+    assert "kdjax datasets" in str(info.value)
 
 
 def test_tfrecord_copy_is_reported(tmp_path):
@@ -406,7 +412,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     make_source(tmp_path / "src")
     data_dir = tmp_path / "data"
     calls = {"n": 0}
-    real = kd._encode_png
+    real = codec.encode_png
 
     def flaky(image):
         calls["n"] += 1
@@ -414,7 +420,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real(image)
 
-    monkeypatch.setattr(kd, "_encode_png", flaky)
+    monkeypatch.setattr(codec, "encode_png", flaky)
     with pytest.raises(OSError, match="simulated"):
         kd.prepare("fashion_mnist", tmp_path / "src", data_dir=data_dir, verify_checksums=False)
     assert calls["n"] > 40  # it did fail half-way through writing
@@ -438,7 +444,7 @@ def test_reprepare_replaces_atomically_and_failure_keeps_old(tmp_path, monkeypat
         kd.prepare("fashion_mnist", tmp_path / "a", data_dir=data_dir, verify_checksums=False)
     # ... and so does one that fails while writing.
     make_source(tmp_path / "a", seed=1)
-    monkeypatch.setattr(kd, "_encode_png", lambda image: 1 / 0)
+    monkeypatch.setattr(codec, "encode_png", lambda image: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         kd.prepare("fashion_mnist", tmp_path / "a", data_dir=data_dir, verify_checksums=False)
     assert os.listdir(data_dir / "fashion_mnist") == ["3.0.1"]
@@ -456,6 +462,8 @@ def test_no_tensorflow_imported(prepared):
     code = f"""
 import sys
 import kdjax.data as kd
+import kdjax.images as codec
+import kdjax.prepare as kp
 assert "tensorflow_datasets" not in sys.modules, "import kdjax.data imported TFDS"
 out = kd.load_arrays("fashion_mnist", "train", data_dir={os.fspath(data_dir)!r})
 spec = kd.dataset_info("fashion_mnist", data_dir={os.fspath(data_dir)!r})
@@ -506,19 +514,19 @@ def encode_png_with_filters(image: np.ndarray, *, split_idat=False, text_chunk=F
         out += bytes(line)
     comp = zlib.compress(bytes(out))
     color = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    png = kd._PNG_SIGNATURE + kd._png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+    png = codec._PNG_SIGNATURE + codec._png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
     if text_chunk:
-        png += kd._png_chunk(b"tEXt", b"Comment\x00kdjax test")
+        png += codec._png_chunk(b"tEXt", b"Comment\x00kdjax test")
     if split_idat:
-        png += kd._png_chunk(b"IDAT", comp[:7]) + kd._png_chunk(b"IDAT", comp[7:])
+        png += codec._png_chunk(b"IDAT", comp[:7]) + codec._png_chunk(b"IDAT", comp[7:])
     else:
-        png += kd._png_chunk(b"IDAT", comp)
-    return png + kd._png_chunk(b"IEND", b"")
+        png += codec._png_chunk(b"IDAT", comp)
+    return png + codec._png_chunk(b"IEND", b"")
 
 
+@pytest.mark.parametrize("small_batch_pil", [False, True], ids=["vectorised", "pil"])
 @pytest.mark.parametrize("shape", [(28, 28, 1), (6, 5, 3), (4, 7, 4)])
-def test_png_decoder_handles_all_filter_types(shape):
-    tfds = pytest.importorskip("tensorflow_datasets")
+def test_png_decoder_handles_all_filter_types(shape, small_batch_pil):
     PIL_Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, size=(7, *shape), dtype=np.uint8)
@@ -527,9 +535,8 @@ def test_png_decoder_handles_all_filter_types(shape):
         encode_png_with_filters(im, split_idat=(i == 1), text_chunk=(i == 2))
         for i, im in enumerate(images)
     ]
-    blobs.append(kd._encode_png(images[3]))
-    feature = tfds.features.Image(shape=shape)
-    decoded = kd._decode_images(blobs, feature)
+    blobs.append(codec.encode_png(images[3]))
+    decoded = codec.decode_images(blobs, shape, small_batch_pil=small_batch_pil)
     np.testing.assert_array_equal(decoded[:7], images)
     np.testing.assert_array_equal(decoded[7], images[3])
     # The reference encoder is right: PIL agrees.
@@ -538,8 +545,7 @@ def test_png_decoder_handles_all_filter_types(shape):
             np.testing.assert_array_equal(np.asarray(pil).reshape(shape), im)
 
 
-def test_png_decoder_falls_back_to_tfds_for_other_pngs():
-    tfds = pytest.importorskip("tensorflow_datasets")
+def test_png_decoder_falls_back_to_pil_for_other_pngs():
     PIL_Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
@@ -549,9 +555,9 @@ def test_png_decoder_falls_back_to_tfds_for_other_pngs():
         pil.putpalette([v for i in range(256) for v in (i, i, i)])
         buf = io.BytesIO()
         pil.save(buf, format="png")
-        assert kd._png_filtered_rows(buf.getvalue(), (28, 28, 1)) is None
+        assert codec._png_filtered_rows(buf.getvalue(), (28, 28, 1)) is None
         blobs.append(buf.getvalue())
-    decoded = kd._decode_images(blobs, tfds.features.Image(shape=(28, 28, 1)))
+    decoded = codec.decode_images(blobs, (28, 28, 1))
     np.testing.assert_array_equal(decoded[..., 0], images)
 
 
