@@ -45,9 +45,11 @@ def device_batches(data_dir, seed, steps):
     mesh = sharding.make_mesh()
     data = step_lib.DeviceData(images=jnp.asarray(arrays["image"]),
                                labels=jnp.asarray(arrays["label"]), batch_size=B)
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params={}, model_state={},
-                                opt_state=(), rng=jax.random.key_data(jax.random.key(seed)),
-                                perm=jnp.zeros((N_TRAIN,), jnp.int32))
+    zero = jnp.zeros((), jnp.int32)
+    state = step_lib.TrainState(step=zero, params={}, model_state={}, opt_state=(),
+                                rng=jax.random.key_data(jax.random.key(seed)),
+                                perm=jnp.zeros((N_TRAIN,), jnp.int32), skipped_steps=zero,
+                                bad_step=zero, bad_terms=zero)
     sample = jax.jit(lambda s: step_lib._sample(s, data, mesh))
     out = []
     for i in range(steps):
