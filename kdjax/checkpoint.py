@@ -1,8 +1,10 @@
 """Orbax checkpoints of a TrainState, and read-only loading of a finished run's model (a teacher).
 
 A checkpoint has two items so that a teacher or an export reads only what it needs:
-  "model": {"params", "model_state"}        the network (parameters, BatchNorm statistics)
-  "train": {"step", "opt_state", "rng", "perm"}   everything else needed to resume exactly
+  "model": {"params", "model_state"}        the student (parameters, BatchNorm statistics)
+  "train": {"step", "opt_state", "rng", "perm", "extras"}   everything else needed to resume
+                                            exactly; "extras" holds what trains with the student
+                                            but is not exported (connectors, memory banks, peers)
 Saving is asynchronous and atomic (Orbax writes to a temporary directory and renames it).
 """
 
@@ -14,15 +16,18 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from kdjax.step import TrainState
+from kdjax.step import TrainState, join_student, split_student
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 def _items(state: TrainState) -> dict:
-    return {"model": {"params": state.params, "model_state": state.model_state},
+    params, extra_params = split_student(state.params)
+    model_state, extra_state = split_student(state.model_state)
+    return {"model": {"params": params, "model_state": model_state},
             "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-                      "perm": state.perm}}
+                      "perm": state.perm,
+                      "extras": {"params": extra_params, "model_state": extra_state}}}
 
 
 class Checkpointer:
@@ -54,8 +59,13 @@ class Checkpointer:
         target = _items(abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             **{k: ocp.args.StandardRestore(v) for k, v in target.items()}))
-        return TrainState(params=restored["model"]["params"],
-                          model_state=restored["model"]["model_state"], **restored["train"])
+        train = dict(restored["train"])
+        extras, model = train.pop("extras"), restored["model"]
+        if "student" not in abstract_state.params:  # a plain model's state, not a Distillee's
+            return TrainState(params=model["params"], model_state=model["model_state"], **train)
+        return TrainState(params=join_student(model["params"], extras["params"]),
+                          model_state=join_student(model["model_state"], extras["model_state"]),
+                          **train)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -2,6 +2,7 @@
 
   kdjax train   --config experiments/fashion_mnist/teacher.py --workdir workdirs/teacher
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/kd --config.train.steps=200
+  kdjax distill --config experiments/fashion_mnist/born_again.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
 """
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="experiment file with get_config() (eval: default WORKDIR/config.json)")
         c.add_argument("--workdir", required=True, help="where the run's outputs go")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "distill":
+            c.add_argument("--generations", type=int, default=1,
+                           help="born-again networks: distil N generations in a row, each the "
+                                "teacher of the next, into WORKDIR/gen_1..gen_N")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name, e.g. fashion_mnist")
     prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
@@ -110,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)
+    elif args.command == "distill" and args.generations != 1:
+        result = trainer.train_generations(config, args.workdir, args.generations,
+                                           progress=not args.no_progress)
     else:
         result = trainer.train(config, args.workdir, distill=args.command == "distill",
                                progress=not args.no_progress)

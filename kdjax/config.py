@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
     # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype).
-    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto")
+    # peers: further students trained alongside (loss.name="dml"), by model name; each gets
+    # model.kwargs when its name is model.name, its registry defaults otherwise.
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", peers=())
     c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1)
     c.optimizer = dict(
         name="sgd",  # sgd | adam | adamw
@@ -52,16 +54,33 @@ def base_config() -> ml_collections.ConfigDict:
         decay_factor=0.1,
     )
     c.loss = dict(
-        name="ce",  # ce (supervised) | kd | dkd | lskd | reverse_kl | jsd | tvd
-        kwargs={},  # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}
+        # ce (supervised) | logit: kd dkd lskd reverse_kl jsd tvd | feature: fitnet at sp rkd pkt
+        # nst cc vid crd | dml (mutual learning). See kdjax.objectives.
+        name="ce",
+        # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}; for feature
+        # methods also their connector's (e.g. crd: {"num_negatives": 4096, "embed_dim": 128})
+        kwargs={},
         ce_weight=1.0,
-        kd_weight=1.0,
-        kd_warmup_steps=0,
+        kd_weight=1.0,  # logit methods: their loss; feature methods: an added Hinton KD term
+        kd_warmup_steps=0,  # the distillation terms ramp up linearly over these steps
         label_smoothing=0.0,
+        # feature methods: ce_weight * CE + kd_weight * KD(kd_temperature) + feature_weight * L
+        feature_weight=1.0,
+        kd_temperature=4.0,
+        # the layers compared, paired one to one, e.g. ("stage2",) and ("stage3",); () = the
+        # method's RepDistiller default (kdjax.objectives.FeatureMethod.taps)
+        student_taps=(),
+        teacher_taps=(),
+        hint_steps=0,  # FitNets' two-stage training: the first steps optimise the hint alone
     )
     c.eval = dict(every_steps=500, batch_size=1000)
     c.checkpoint = dict(every_steps=1000, max_to_keep=2)
-    c.teacher = dict(workdir="")  # distill: the workdir of the run that trained the teacher
+    c.teacher = dict(
+        workdir="",  # distill: the workdir of the run that trained the teacher
+        workdirs=(),  # several teachers (instead of workdir), each from its own run
+        weights=(),  # one per teacher, normalised; () = uniform
+        combine="ensemble",  # logit losses: "ensemble" (one target) | "per_teacher" (summed)
+    )
     return c
 
 
@@ -123,8 +142,14 @@ def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigD
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `get_config()` from a Python file, apply `--config.a.b=value` overrides, validate."""
-    path = os.fspath(path)
+    """Load `get_config()` from a Python file, apply `--config.a.b=value` overrides, validate.
+
+    `FILE.py:ARG` calls `get_config(ARG)` (big_vision's convention), e.g. one recipe file for
+    several teacher-student pairs: experiments/cifar100/kd.py:resnet32x4-resnet8x4.
+    """
+    path, arg = os.fspath(path), None
+    if not os.path.isfile(path) and ":" in path and os.path.isfile(path.rpartition(":")[0]):
+        path, _, arg = path.rpartition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r}: no such file (pass an experiment file, e.g. "
                                 f"experiments/fashion_mnist/teacher.py)")
@@ -138,7 +163,7 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
         sys.path.pop(0)
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config {path!r} defines no get_config() function")
-    config = validate(module.get_config())
+    config = validate(module.get_config() if arg is None else module.get_config(arg))
     for item in overrides:
         apply_override(config, item)
     return config

@@ -20,7 +20,7 @@ from flax import nnx
 
 from kdjax import augment, checkpoint, config as config_lib, data, metrics as metrics_lib
 from kdjax import models, objectives, optim, sharding
-from kdjax.step import (DeviceData, FrozenModel, TrainState, compute_dtype, freeze,
+from kdjax.step import (DeviceData, Distillee, FrozenModel, TrainState, compute_dtype, freeze,
                         init_train_state, make_distill_step, make_eval_step, pad_batch)
 
 
@@ -36,11 +36,28 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
     return config.data.data_dir or None
 
 
-def build_model(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> nnx.Module:
-    return models.create_model(config.model.name, num_classes=spec.num_classes,
-                               input_shape=spec.image_shape, rngs=nnx.Rngs(config.seed),
+def build_model(config: ml_collections.ConfigDict, spec: data.DatasetSpec, *,
+                name: str | None = None, seed: int | None = None) -> nnx.Module:
+    """The config's model (or another registry `name`: a peer, with its defaults)."""
+    name = name or config.model.name
+    return models.create_model(name, num_classes=spec.num_classes,
+                               input_shape=spec.image_shape,
+                               rngs=nnx.Rngs(config.seed if seed is None else seed),
                                dtype=compute_dtype(config.model.compute_dtype),
-                               **config.model.kwargs)
+                               **(config.model.kwargs if name == config.model.name else {}))
+
+
+def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec,
+                    teachers: tuple[FrozenModel, ...], train_labels: np.ndarray) -> Distillee:
+    """The student with what trains alongside it: the loss's connectors and model.peers."""
+    student = build_model(config, spec)
+    peers = [build_model(config, spec, name=name, seed=config.seed + i)
+             for i, name in enumerate(config.model.peers, start=1)]
+    connectors = objectives.build_connectors(
+        config.loss, student, teachers, image_shape=spec.image_shape,
+        rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
+        dtype=compute_dtype(config.model.compute_dtype))
+    return Distillee(student, connectors=connectors, peers=peers)
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -52,18 +69,33 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.from_json(f.read())
 
 
-def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> FrozenModel:
-    """Rebuild the teacher from its own run's config.json and load its latest checkpoint."""
-    workdir = config.teacher.workdir
-    if not workdir:
-        raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
-                         "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
+def teacher_workdirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """teacher.workdir, or the several teachers of teacher.workdirs (not both)."""
+    one, several = config.teacher.workdir, tuple(config.teacher.workdirs)
+    if one and several:
+        raise ValueError(f"set teacher.workdir (one teacher) or teacher.workdirs (several), not "
+                         f"both; got {one!r} and {several}")
+    return several or ((one,) if one else ())
+
+
+def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec,
+                 workdir: str) -> FrozenModel:
+    """Rebuild a teacher from its own run's config.json and load its latest checkpoint."""
     teacher_config = read_run_config(workdir)
     if teacher_config.data.name != config.data.name:
         raise ValueError(f"the teacher in {workdir!r} was trained on data.name="
                          f"{teacher_config.data.name!r} but this run uses data.name="
                          f"{config.data.name!r}; distil on the teacher's dataset")
     return freeze(checkpoint.load_model(workdir, build_model(teacher_config, spec)))
+
+
+def load_teachers(config: ml_collections.ConfigDict,
+                  spec: data.DatasetSpec) -> tuple[FrozenModel, ...]:
+    workdirs = teacher_workdirs(config)
+    if not workdirs:
+        raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
+                         "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
+    return tuple(load_teacher(config, spec, w) for w in workdirs)
 
 
 def _evaluate(eval_step, state: TrainState, arrays: dict[str, np.ndarray], batch_size: int,
@@ -110,18 +142,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         raise ValueError(f"train.batch_size={batch_size} exceeds the {len(train_arrays['label'])} "
                          f"training examples of {config.data.name}")
     preprocess = _preprocess(config, spec.image_shape[-1])
-    teachers = (load_teacher(config, spec),) if distill else ()
+    with_teacher = distill and objectives.needs_teacher(config.loss.name)
+    if distill and not with_teacher and teacher_workdirs(config):
+        raise ValueError(f"loss.name={config.loss.name!r} learns from peer students, not a "
+                         f"teacher: clear teacher.workdir and teacher.workdirs")
+    teachers = load_teachers(config, spec) if with_teacher else ()
 
-    model = build_model(config, spec)
-    num_params = models.count_params(model)
+    model = build_distillee(config, spec, teachers, train_arrays["label"])
+    num_params = models.count_params(model.student)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
                                        num_examples=len(train_arrays["label"]))
-    state = sharding.replicate(state, mesh)
+    state = sharding.place_state(state, mesh)
     device_data = DeviceData(images=sharding.replicate(train_arrays["image"], mesh),
                              labels=sharding.replicate(train_arrays["label"], mesh),
                              batch_size=batch_size)
-    step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss),
+    step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss, config.teacher),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
                                 data=device_data, steps_per_call=per_call)
     eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh)
@@ -189,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
         "num_devices": jax.device_count(),
         "model": config.model.name,
         "num_params": num_params,
-        "teacher": config.teacher.workdir if distill else None,
+        "teacher": (", ".join(teacher_workdirs(config)) or None) if with_teacher else None,
         "seed": config.seed,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -205,7 +241,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     arrays = data.load_arrays(config.data.name, config.data.eval_split,
                               data_dir=_data_dir(config))
     model = checkpoint.load_model(workdir, build_model(config, spec))
-    teachers = (load_teacher(config, spec),) if config.teacher.workdir else ()
+    workdirs = teacher_workdirs(config)
+    teachers = (load_teacher(config, spec, workdirs[0]),) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, teachers=teachers,
                                preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)
@@ -217,3 +254,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
+                      progress: bool = True) -> dict[str, Any]:
+    """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
+
+    Generation 1 distils from the config's teacher(s) into `workdir/gen_1`; generation k from
+    generation k-1's student into `workdir/gen_k` (each generation a full run with its own
+    config.json and checkpoints, usable as a teacher). `workdir/summary.json` is the last
+    generation's summary plus every generation's accuracy under "generations".
+    """
+    if generations < 1:
+        raise ValueError(f"--generations must be >= 1, got {generations}")
+    if not objectives.needs_teacher(config.loss.name):
+        raise ValueError(f"born-again generations distil each student into the next; "
+                         f"loss.name={config.loss.name!r} has no teacher")
+    history, teacher = [], None
+    for k in range(1, generations + 1):
+        gen_config = ml_collections.ConfigDict(config.to_dict())
+        if teacher is not None:
+            gen_config.teacher.update(workdir=teacher, workdirs=(), weights=())
+        teacher = os.path.join(workdir, f"gen_{k}")
+        summary = train(config_lib.validate(gen_config), teacher, distill=True,
+                        progress=progress)
+        history.append({"generation": k, "workdir": teacher,
+                        "eval/accuracy": summary.get("eval/accuracy")})
+    summary = {**summary, "generations": history}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
