@@ -201,7 +201,7 @@ class VIDRegressor(Connector):
             x = layer(x)
             if i < len(self.layers) - 1:
                 x = nnx.relu(x)
-        return x, t, self.log_scale.value
+        return x, t, self.log_scale[...]
 
 
 class ContrastMemory(Connector):
@@ -248,7 +248,7 @@ class ContrastMemory(Connector):
 
     def _contrast_idx(self, key: jax.Array, index: jax.Array) -> jax.Array:
         """[B, 1 + K]: each example itself, then K distinct examples of other classes."""
-        labels = self.labels.value
+        labels = self.labels[...]
         u = jax.random.uniform(key, (index.shape[0], labels.shape[0]))
         # Same-class examples sort last, so the K smallest keys are a uniform draw without
         # replacement from the other classes (K <= their number was checked at build time).
@@ -257,8 +257,8 @@ class ContrastMemory(Connector):
         return jnp.concatenate([index[:, None], negatives], axis=1).astype(jnp.int32)
 
     def _update(self, bank: MemoryBank, index: jax.Array, emb: jax.Array) -> None:
-        rows = bank.value[index] * self.momentum + emb * (1.0 - self.momentum)
-        bank.value = bank.value.at[index].set(losses.l2_normalize(rows))
+        rows = bank[...][index] * self.momentum + emb * (1.0 - self.momentum)
+        bank[...] = bank[...].at[index].set(losses.l2_normalize(rows))
 
     def __call__(self, student, teacher, *, train, index=None, key=None):
         if index is None or key is None:
@@ -269,13 +269,13 @@ class ContrastMemory(Connector):
         e_s = losses.l2_normalize(self.student_head(_flat(s).astype(jnp.float32)))
         e_t = losses.l2_normalize(self.teacher_head(_flat(t).astype(jnp.float32)))
         idx = self._contrast_idx(key, index)
-        mem_s, mem_t = self.student_memory.value, self.teacher_memory.value
+        mem_s, mem_t = self.student_memory[...], self.teacher_memory[...]
         scores = (losses.crd_scores(e_s, mem_t, idx, temperature=self.temperature),
                   losses.crd_scores(e_t, mem_s, idx, temperature=self.temperature))
         estimate = jax.lax.stop_gradient(mem_s.shape[0] * jnp.stack([x.mean() for x in scores]))
-        z = jnp.where(self.normalizers.value > 0, self.normalizers.value, estimate)
+        z = jnp.where(self.normalizers[...] > 0, self.normalizers[...], estimate)
         if train:
-            self.normalizers.value = z
+            self.normalizers[...] = z
             self._update(self.student_memory, index, jax.lax.stop_gradient(e_s))
             self._update(self.teacher_memory, index, jax.lax.stop_gradient(e_t))
         return e_s, e_t, mem_s, mem_t, idx, z

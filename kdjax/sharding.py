@@ -59,7 +59,9 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     divides evenly over the devices), everything else replicated. A pytree prefix of `tree`."""
 
     def leaf(x):
-        if isinstance(x, DataSharded) and x.value.shape[0] % mesh.size == 0:
+        # On one device a split is a replication; P() there keeps the step one compiled program.
+        if (isinstance(x, DataSharded) and mesh.size > 1
+                and x.get_value().shape[0] % mesh.size == 0):
             return batch_sharded(mesh)
         return replicated(mesh)
 

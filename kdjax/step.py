@@ -83,14 +83,19 @@ def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
     a run (teacher loading, `kdjax eval`) uses; connectors and peers go with the training state.
     A plain model's state (not a Distillee's) is all student.
     """
-    if "student" not in tree:
+    if not set(tree) <= {"student", "connectors", "peers"}:
         return tree, nnx.State({})
-    return tree["student"], nnx.State({k: v for k, v in tree.items() if k != "student"})
+    # raw_mapping: the nested dicts as nnx.split makes them (indexing would wrap them in State,
+    # a different pytree, hence another compiled step).
+    raw = tree.raw_mapping
+    return (nnx.State(raw.get("student", {})),
+            nnx.State({k: v for k, v in raw.items() if k != "student"}))
 
 
 def join_student(student: nnx.State, rest: nnx.State) -> nnx.State:
-    """Inverse of `split_student` for a Distillee's state."""
-    return nnx.State({"student": student, **rest})
+    """Inverse of `split_student` for a Distillee's state (nnx.split leaves out empty parts)."""
+    return nnx.State({**({"student": student.raw_mapping} if len(student) else {}),
+                      **rest.raw_mapping})
 
 
 class TrainState(flax.struct.PyTreeNode):
