@@ -155,15 +155,23 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
                                 f"experiments/fashion_mnist/teacher.py)")
     spec = importlib.util.spec_from_file_location("kdjax_experiment_config", path)
     module = importlib.util.module_from_spec(spec)
-    # Experiments may import their siblings (kd.py builds on student_scratch.py).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    # Experiments may import their siblings (kd.py builds on student_scratch.py). Siblings are
+    # imported afresh for each load and forgotten after it: folders reuse names (each has a
+    # kd.py), and a cached kd from one folder must not serve another's `import kd`.
+    folder = os.path.dirname(os.path.abspath(path))
+    siblings = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
+    shadowed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"--config {path!r} defines no get_config() function")
+        config = validate(module.get_config() if arg is None else module.get_config(arg))
     finally:
         sys.path.pop(0)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path!r} defines no get_config() function")
-    config = validate(module.get_config() if arg is None else module.get_config(arg))
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(shadowed)
     for item in overrides:
         apply_override(config, item)
     return config
