@@ -2,7 +2,7 @@
 
   kdjax train   --config experiments/fashion_mnist/teacher.py --workdir workdirs/teacher
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/kd --config.train.steps=200
-  kdjax distill --config experiments/fashion_mnist/born_again.py --workdir workdirs/ban --generations 3
+  kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
 """

@@ -374,13 +374,26 @@ def build_connectors(loss: Mapping[str, Any], student: nnx.Module,
                      dtype: jnp.dtype = jnp.float32) -> list[list[connectors.Connector]]:
     """The connectors of `loss.name` (a list per teacher, one per tap pair; [] for others).
 
-    Each is built from the shapes of its two taps, found by tracing both models abstractly on
-    `image_shape` images; `dataset_labels` (the training labels) serve CRD's memory.
+    The tap shapes come from tracing both models abstractly on `image_shape` images (see
+    `connectors_for_shapes`); `dataset_labels` (the training labels) serve CRD's memory.
     """
+    if loss["name"] not in FEATURE_METHODS:
+        return []
+    return connectors_for_shapes(
+        loss, connectors.feature_shapes(*nnx.split(student), image_shape),
+        [connectors.feature_shapes(t.graphdef, t.variables, image_shape) for t in teachers],
+        rngs=rngs, dataset_labels=dataset_labels, dtype=dtype)
+
+
+def connectors_for_shapes(loss: Mapping[str, Any], student_shapes: Mapping[str, tuple],
+                          teacher_shapes: Sequence[Mapping[str, tuple]], *, rngs: nnx.Rngs,
+                          dataset_labels: np.ndarray | None = None,
+                          dtype: jnp.dtype = jnp.float32) -> list[list[connectors.Connector]]:
+    """`build_connectors` from the models' tap shapes ({tap: shape}, student and per teacher)."""
     name = loss["name"]
     if name not in FEATURE_METHODS:
         return []
-    if not teachers:
+    if not teacher_shapes:
         raise ValueError(f"loss.name={name!r} distils from a teacher, but none was given")
     method = FEATURE_METHODS[name]
     _, connector_kwargs = _split_kwargs(name, dict(loss["kwargs"]))
@@ -390,13 +403,11 @@ def build_connectors(loss: Mapping[str, Any], student: nnx.Module,
     if "dataset_labels" in derived and dataset_labels is None:
         raise ValueError(f"loss.name={name!r} keeps per-example memory: pass the training "
                          f"labels (dataset_labels)")
-    student_shapes = connectors.feature_shapes(*nnx.split(student), image_shape)
     out = []
-    for t in teachers:
-        teacher_shapes = connectors.feature_shapes(t.graphdef, t.variables, image_shape)
+    for shapes in teacher_shapes:
         pairs = tap_pairs(name, loss["student_taps"], loss["teacher_taps"], list(student_shapes),
-                          list(teacher_shapes))
-        out.append([method.connector(s, t_tap, student_shapes[s], teacher_shapes[t_tap],
-                                     rngs=rngs, **derived, **connector_kwargs)
-                    for s, t_tap in pairs])
+                          list(shapes))
+        out.append([method.connector(s, t, student_shapes[s], shapes[t], rngs=rngs, **derived,
+                                     **connector_kwargs)
+                    for s, t in pairs])
     return out

@@ -336,7 +336,9 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
         return sums
 
     rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    fn = jax.jit(eval_step, in_shardings=(rep, rep, rep, split), out_shardings=rep)
+    # The model's variables stay where they were placed (None): a Distillee's memory banks may be
+    # split over the devices and are not read here.
+    fn = jax.jit(eval_step, in_shardings=(None, None, rep, split), out_shardings=rep)
     return lambda params, model_state, batch: fn(params, model_state, teacher_vars, batch)
 
 

@@ -20,6 +20,7 @@ from kdjax import checkpoint, config as config_lib, connectors, models, objectiv
 from kdjax.step import (DeviceData, Distillee, freeze, init_train_state, make_distill_step,
                         make_eval_step, pad_batch)
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 N, B, C, SHAPE = 32, 8, 4, (8, 8, 1)
 LABELS = (np.arange(N) % C).astype(np.int32)
 IMAGES = np.clip(LABELS[:, None, None, None] * 50 + np.random.default_rng(0).normal(
@@ -277,6 +278,7 @@ print(mesh.size, bank.sharding.spec == jax.sharding.PartitionSpec("data"),
       float(metrics["loss"]) > 0, step.fn._cache_size())
 """
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",  # as quick_compiles
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)

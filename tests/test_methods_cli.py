@@ -16,8 +16,9 @@ from flax import nnx
 
 from kdjax import checkpoint, cli, config as config_lib, connectors, data, models, objectives
 from kdjax import trainer
-from kdjax.step import FrozenModel, init_train_state
+from kdjax.step import init_train_state
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = os.path.join(ROOT, "experiments", "fashion_mnist")
 CIFAR = os.path.join(ROOT, "experiments", "cifar100")
@@ -124,13 +125,13 @@ def test_every_cifar_recipe_loads_for_every_pair():
         config_lib.load(f"{CIFAR}/crd.py:resnet8-vgg8")
 
 
-def _abstract_features(name, seed):
-    """(abstract model, its taps as ShapeDtypeStructs for a batch of 64) on CIFAR images."""
+def _abstract_taps(name):
+    """A CIFAR model's taps for a batch of 64, traced abstractly (nothing computed)."""
     model = nnx.eval_shape(lambda: models.create_model(name, num_classes=100,
                                                        input_shape=(32, 32, 3),
-                                                       rngs=nnx.Rngs(seed)))
+                                                       rngs=nnx.Rngs(0)))
     shapes = connectors.feature_shapes(*nnx.split(model), (32, 32, 3))
-    return model, {k: jax.ShapeDtypeStruct((64, *v[1:]), jnp.float32) for k, v in shapes.items()}
+    return {k: jax.ShapeDtypeStruct((64, *v[1:]), jnp.float32) for k, v in shapes.items()}
 
 
 @pytest.mark.parametrize("pair", ["resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2",
@@ -138,23 +139,21 @@ def _abstract_features(name, seed):
 def test_cifar_feature_recipes_connect_the_real_models(pair):
     """Every feature method's connectors and loss, traced abstractly on the pair's real taps."""
     teacher_name, student_name = pair.split("-")
-    student, s_feats = _abstract_features(student_name, 0)
-    teacher, t_feats = _abstract_features(teacher_name, 1)
-    frozen = FrozenModel(*nnx.split(teacher))
+    s_taps, t_taps = _abstract_taps(student_name), _abstract_taps(teacher_name)
+    shape = lambda taps: {k: v.shape for k, v in taps.items()}  # noqa: E731
     labels = np.arange(50_000) % 100
     for method in sorted(objectives.FEATURE_METHODS):
         c = config_lib.load(f"{CIFAR}/{method}.py:{pair}")
 
         def loss(s, t):
-            pairs = objectives.build_connectors(c.loss, student, (frozen,),
-                                                image_shape=(32, 32, 3), rngs=nnx.Rngs(0),
-                                                dataset_labels=labels)[0]
+            pairs = objectives.connectors_for_shapes(c.loss, shape(s), [shape(t)],
+                                                     rngs=nnx.Rngs(0), dataset_labels=labels)[0]
             out = {**s, "connectors": (tuple(p(s, t, train=True, index=jnp.arange(64),
                                                  key=jax.random.key(0)) for p in pairs),)}
             return objectives.from_config(c.loss, c.teacher)(out, (t,), jnp.zeros(64, jnp.int32),
                                                              jnp.int32(0))
 
-        total, metrics = jax.eval_shape(loss, s_feats, t_feats)
+        total, metrics = jax.eval_shape(loss, s_taps, t_taps)
         assert total.shape == () and metrics["feature"].shape == (), method
 
 
