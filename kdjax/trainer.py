@@ -270,16 +270,17 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, generatio
     if not objectives.needs_teacher(config.loss.name):
         raise ValueError(f"born-again generations distil each student into the next; "
                          f"loss.name={config.loss.name!r} has no teacher")
-    history, teacher = [], None
+    history, previous = [], None
     for k in range(1, generations + 1):
         gen_config = ml_collections.ConfigDict(config.to_dict())
-        if teacher is not None:
-            gen_config.teacher.update(workdir=teacher, workdirs=(), weights=())
-        teacher = os.path.join(workdir, f"gen_{k}")
-        summary = train(config_lib.validate(gen_config), teacher, distill=True,
+        if previous is not None:
+            gen_config.teacher.update(workdir=previous, workdirs=(), weights=())
+        gen_workdir = os.path.join(workdir, f"gen_{k}")
+        summary = train(config_lib.validate(gen_config), gen_workdir, distill=True,
                         progress=progress)
-        history.append({"generation": k, "workdir": teacher,
+        history.append({"generation": k, "workdir": gen_workdir,
                         "eval/accuracy": summary.get("eval/accuracy")})
+        previous = gen_workdir
     summary = {**summary, "generations": history}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
