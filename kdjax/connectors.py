@@ -210,27 +210,34 @@ class ContrastMemory(Connector):
     Both taps are flattened, embedded by a linear head and L2-normalised. Each model has a bank
     of `num_data x embed_dim` embeddings (uniform in +-1/sqrt(embed_dim / 3) at first, as the
     reference). Each step draws, from the step's key, `num_negatives` examples of *other classes*
-    per example, without replacement (the reference's default "exact" mode), scores the
-    embeddings against the other model's bank, and afterwards moves each example's bank rows
-    towards its new embeddings by momentum (`m * row + (1 - m) * emb`, re-normalised). NCE's
-    normalising constants are fixed from the first batch, as in the reference. Returns the
-    arguments of `kdjax.losses.crd` (banks as they were before this step's update).
+    per example (the reference's default "exact" mode), scores the embeddings against the other
+    model's bank, and afterwards moves each example's bank rows towards its new embeddings by
+    momentum (`m * row + (1 - m) * emb`, re-normalised). NCE's normalising constants are fixed
+    from the first batch, as in the reference. Returns the arguments of `kdjax.losses.crd`
+    (banks as they were before this step's update).
+
+    Negatives are drawn without replacement, as the reference does, which sorts `num_data`
+    random keys per example: cheap on accelerators, slow on CPU. `replacement=True` draws them
+    independently instead (a gather per negative); each draw is still uniform over the other
+    classes, but a row may repeat an example.
     """
 
     def __init__(self, student_tap: str, teacher_tap: str, student_shape: Shape,
                  teacher_shape: Shape, *, rngs: nnx.Rngs, dataset_labels: np.ndarray,
                  embed_dim: int = 128, num_negatives: int = 16384, momentum: float = 0.5,
-                 temperature: float = 0.07):
+                 temperature: float = 0.07, replacement: bool = False):
         super().__init__(student_tap, teacher_tap, student_shape, teacher_shape, rngs=rngs)
         labels = np.asarray(dataset_labels).astype(np.int32)
         num_data = len(labels)
-        available = num_data - int(np.bincount(labels).max()) if num_data else 0
-        if not 1 <= num_negatives <= available:
+        counts = np.bincount(labels) if num_data else np.zeros(1, np.int64)
+        available = num_data - int(counts.max())
+        if num_negatives < 1 or available < 1 or (not replacement and num_negatives > available):
             raise ValueError(
-                f"crd draws num_negatives={num_negatives} examples of other classes without "
-                f"replacement, but this training set of {num_data} examples has only {available} "
-                f"outside the largest class; set loss.kwargs.num_negatives between 1 and "
-                f"{available}")
+                f"crd draws num_negatives={num_negatives} examples of other classes "
+                f"{'with' if replacement else 'without'} replacement, but this training set of "
+                f"{num_data} examples has only {available} outside the largest class; set "
+                f"loss.kwargs.num_negatives between 1 and {available}"
+                + ("" if replacement else " (or replacement=True)"))
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got momentum={momentum}")
         self.student_head = nnx.Linear(math.prod(student_shape[1:]), embed_dim, rngs=rngs)
@@ -242,18 +249,31 @@ class ContrastMemory(Connector):
             for k in keys)
         self.normalizers = Buffer(jnp.full((2,), -1.0, jnp.float32))  # < 0: not yet estimated
         self.labels = Buffer(jnp.asarray(labels))
+        # The examples sorted by class, and where each class starts: sampling with replacement
+        # skips the example's own class range in that order.
+        self.by_class = Buffer(jnp.asarray(np.argsort(labels, kind="stable"), jnp.int32))
+        self.class_start = Buffer(jnp.asarray(np.cumsum(counts) - counts, jnp.int32))
+        self.class_count = Buffer(jnp.asarray(counts, jnp.int32))
         self.num_negatives = num_negatives
         self.momentum = momentum
         self.temperature = temperature
+        self.replacement = replacement
 
     def _contrast_idx(self, key: jax.Array, index: jax.Array) -> jax.Array:
-        """[B, 1 + K]: each example itself, then K distinct examples of other classes."""
+        """[B, 1 + K]: each example itself, then K examples of other classes."""
         labels = self.labels[...]
-        u = jax.random.uniform(key, (index.shape[0], labels.shape[0]))
-        # Same-class examples sort last, so the K smallest keys are a uniform draw without
-        # replacement from the other classes (K <= their number was checked at build time).
-        u = jnp.where(labels[None, :] == labels[index][:, None], 2.0, u)
-        negatives = jax.lax.top_k(-u, self.num_negatives)[1]
+        y = labels[index]
+        if self.replacement:
+            count, start = self.class_count[...][y][:, None], self.class_start[...][y][:, None]
+            u = jax.random.randint(key, (index.shape[0], self.num_negatives), 0,
+                                   labels.shape[0] - count)
+            negatives = self.by_class[...][jnp.where(u >= start, u + count, u)]
+        else:
+            u = jax.random.uniform(key, (index.shape[0], labels.shape[0]))
+            # Same-class examples sort last, so the K smallest keys are a uniform draw without
+            # replacement from the other classes (K <= their number was checked at build time).
+            u = jnp.where(labels[None, :] == y[:, None], 2.0, u)
+            negatives = jax.lax.top_k(-u, self.num_negatives)[1]
         return jnp.concatenate([index[:, None], negatives], axis=1).astype(jnp.int32)
 
     def _update(self, bank: MemoryBank, index: jax.Array, emb: jax.Array) -> None:

@@ -141,19 +141,24 @@ def test_crd_memory_banks_update_at_the_batch_only():
     np.testing.assert_array_equal(z[1], z[-1])  # estimated on the first batch, then fixed
 
 
-def test_crd_negatives_are_other_classes_without_replacement():
+@pytest.mark.parametrize("replacement,k", [(False, 22), (True, 200)])
+def test_crd_negatives_are_other_classes(replacement, k):
+    labels = np.repeat(np.arange(C), [5, 9, 8, 10])  # unequal classes: every branch of the draw
     memory = connectors.ContrastMemory("embedding", "embedding", (2, 16), (2, 16),
-                                       rngs=nnx.Rngs(0), dataset_labels=LABELS,
-                                       num_negatives=24, embed_dim=4)
-    index = jnp.arange(B)
+                                       rngs=nnx.Rngs(0), dataset_labels=labels, num_negatives=k,
+                                       embed_dim=4, replacement=replacement)
+    index = jnp.arange(len(labels))
     idx = np.asarray(memory._contrast_idx(jax.random.key(3), index))
-    assert idx.shape == (B, 25)
-    np.testing.assert_array_equal(idx[:, 0], np.arange(B))
-    for row, i in zip(idx, range(B)):
-        assert len(set(row[1:])) == 24 and np.all(LABELS[row[1:]] != LABELS[i])
-    with pytest.raises(ValueError, match=r"num_negatives=25 .* only 24 outside the largest class"):
+    assert idx.shape == (len(labels), 1 + k)
+    np.testing.assert_array_equal(idx[:, 0], index)
+    for row, y in zip(idx, labels):
+        assert np.all(labels[row[1:]] != y)
+        # without replacement: 22 distinct of the 22 outside class 3 (the largest, 10 examples);
+        # with: 200 draws reach every example of the other classes
+        assert len(set(row[1:])) == np.sum(labels != y) if replacement else len(set(row[1:])) == k
+    with pytest.raises(ValueError, match=r"num_negatives=23 .* only 22 outside the largest class"):
         connectors.ContrastMemory("embedding", "embedding", (2, 16), (2, 16), rngs=nnx.Rngs(0),
-                                  dataset_labels=LABELS, num_negatives=25)
+                                  dataset_labels=labels, num_negatives=23)
 
 
 def test_checkpoint_exports_the_student_alone_and_resumes_everything(tmp_path):

@@ -99,6 +99,17 @@ def test_two_teachers_per_teacher_combination(env):
                   f"--config.teacher.workdirs=('{env['teacher']}',)", *env["common"]])
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(f"{FMNIST}/*.py")))
+def test_every_fashion_mnist_config_builds_its_objective_and_model(path):
+    """Configs derive from each other: a loss.kwargs or model.kwargs left over from the parent
+    (e.g. kd.py's temperature in a feature method) must not survive."""
+    c = config_lib.load(path)
+    objectives.from_config(c.loss, c.teacher)
+    nnx.eval_shape(lambda: models.create_model(c.model.name, num_classes=10,
+                                               input_shape=(28, 28, 1), rngs=nnx.Rngs(0),
+                                               **c.model.kwargs))
+
+
 CIFAR_METHODS = sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{CIFAR}/*.py")
                        if not p.endswith("vanilla.py"))
 
@@ -114,6 +125,7 @@ def test_every_cifar_recipe_loads_for_every_pair():
     for method in CIFAR_METHODS:
         for pair, (teacher, student) in vanilla.PAIRS.items():
             c = config_lib.load(f"{CIFAR}/{method}.py:{pair}")
+            objectives.from_config(c.loss, c.teacher)  # its loss.kwargs are the method's
             assert (c.data.name, c.train.batch_size, c.train.steps) == ("cifar100", 64, 187440)
             assert c.optimizer.decay_boundaries == (117150, 140580, 164010)
             assert (c.optimizer.learning_rate, c.optimizer.weight_decay) == (0.05, 5e-4)

@@ -10,6 +10,7 @@ import vanilla
 
 def get_config(pair: str = vanilla.DEFAULT_PAIR):
     c = vanilla.distill_config(pair)
-    c.loss.update(name="dkd", kwargs={"alpha": 1.0, "beta": 8.0, "temperature": 4.0},
-                  ce_weight=1.0, kd_weight=1.0, kd_warmup_steps=20 * vanilla.STEPS_PER_EPOCH)
+    c.loss.update(name="dkd", ce_weight=1.0, kd_weight=1.0,
+                  kd_warmup_steps=20 * vanilla.STEPS_PER_EPOCH)
+    c.loss.kwargs = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
     return c

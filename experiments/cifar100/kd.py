@@ -9,5 +9,6 @@ import vanilla
 
 def get_config(pair: str = vanilla.DEFAULT_PAIR):
     c = vanilla.distill_config(pair)
-    c.loss.update(name="kd", kwargs={"temperature": 4.0}, ce_weight=0.1, kd_weight=0.9)
+    c.loss.update(name="kd", ce_weight=0.1, kd_weight=0.9)
+    c.loss.kwargs = {"temperature": 4.0}
     return c

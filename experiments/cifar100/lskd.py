@@ -10,5 +10,6 @@ import vanilla
 
 def get_config(pair: str = vanilla.DEFAULT_PAIR):
     c = vanilla.distill_config(pair)
-    c.loss.update(name="lskd", kwargs={"temperature": 2.0}, ce_weight=0.1, kd_weight=0.9)
+    c.loss.update(name="lskd", ce_weight=0.1, kd_weight=0.9)
+    c.loss.kwargs = {"temperature": 2.0}
     return c

@@ -11,5 +11,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.model.update(name="mlp_1200", kwargs={})
+    c.model.name = "mlp_1200"
+    c.model.kwargs = {}
     return c

@@ -10,5 +10,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="cc", kwargs={}, feature_weight=1.0)
+    c.loss.update(name="cc", feature_weight=1.0)
+    c.loss.kwargs = {}
     return c

@@ -9,5 +9,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="dkd", kwargs={"alpha": 1.0, "beta": 8.0, "temperature": 4.0})
+    c.loss.name = "dkd"
+    c.loss.kwargs = {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
     return c

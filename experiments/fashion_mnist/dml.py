@@ -11,5 +11,6 @@ def get_config():
     c = kd.get_config()
     c.teacher.workdir = ""
     c.model.peers = (c.model.name,)
-    c.loss.update(name="dml", kwargs={"temperature": 1.0}, ce_weight=1.0, kd_weight=1.0)
+    c.loss.update(name="dml", ce_weight=1.0, kd_weight=1.0)
+    c.loss.kwargs = {"temperature": 1.0}
     return c

@@ -12,5 +12,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="fitnet", kwargs={}, feature_weight=100.0)
+    c.loss.update(name="fitnet", feature_weight=100.0)
+    c.loss.kwargs = {}
     return c

@@ -9,5 +9,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="lskd", kwargs={"temperature": 2.0})
+    c.loss.name = "lskd"
+    c.loss.kwargs = {"temperature": 2.0}
     return c

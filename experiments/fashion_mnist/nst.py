@@ -10,7 +10,9 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.model.update(name="cnn_tiny", kwargs={})
+    c.model.name = "cnn_tiny"
+    c.model.kwargs = {}
     c.teacher.workdir = "workdirs/demo/teacher_cnn"
-    c.loss.update(name="nst", kwargs={}, feature_weight=50.0)
+    c.loss.update(name="nst", feature_weight=50.0)
+    c.loss.kwargs = {}
     return c

@@ -10,5 +10,6 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="sp", kwargs={}, feature_weight=3000.0)
+    c.loss.update(name="sp", feature_weight=3000.0)
+    c.loss.kwargs = {}
     return c

@@ -10,6 +10,7 @@ import kd  # the shared distillation recipe (kdjax.config.load puts this folder 
 
 def get_config():
     c = kd.get_config()
-    c.loss.update(name="vid", kwargs={}, feature_weight=1.0, student_taps=("hidden1",),
+    c.loss.update(name="vid", feature_weight=1.0, student_taps=("hidden1",),
                   teacher_taps=("hidden2",))
+    c.loss.kwargs = {}
     return c
