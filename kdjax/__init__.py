@@ -17,8 +17,12 @@ _LAZY = {
     "TrainState": "kdjax.step",
     "FrozenModel": "kdjax.step",
     "DeviceData": "kdjax.step",
+    "Distillee": "kdjax.step",
     "supervised": "kdjax.objectives",
     "logit_distillation": "kdjax.objectives",
+    "feature_distillation": "kdjax.objectives",
+    "mutual_learning": "kdjax.objectives",
+    "build_connectors": "kdjax.objectives",
     "create_model": "kdjax.models",
 }
 

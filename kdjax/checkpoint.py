@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from kdjax import sharding
 from kdjax.errors import CheckpointError, CheckpointMismatchError
 from kdjax.models import ModelSpec
-from kdjax.step import TrainState
+from kdjax.step import TrainState, join_student, split_student
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"  # where resume moves checkpoints it cannot read
@@ -92,9 +92,24 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def _items(state: TrainState) -> dict[str, dict[str, Any]]:
+    """The student in "model" (what teachers, eval and export read); the rest of the state, with
+    what trains alongside the student (connectors, memory banks, peers) as "extras", in "train"."""
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    model = {k: fields.pop(k) for k in ("params", "model_state")}
-    return {"model": model, "train": fields}
+    params, extra_params = split_student(fields.pop("params"))
+    model_state, extra_state = split_student(fields.pop("model_state"))
+    return {"model": {"params": params, "model_state": model_state},
+            "train": {**fields, "extras": {"params": extra_params, "model_state": extra_state}}}
+
+
+def _state(model: dict[str, Any], train: dict[str, Any], like: TrainState) -> TrainState:
+    """Inverse of `_items` for a state shaped like `like` (a Distillee's or a plain model's)."""
+    train = dict(train)
+    extras = train.pop("extras")
+    if "student" not in like.params:  # a plain model's state, not a Distillee's
+        return TrainState(**model, **train)
+    return TrainState(params=join_student(model["params"], extras["params"]),
+                      model_state=join_student(model["model_state"], extras["model_state"]),
+                      **train)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -291,9 +306,10 @@ class Checkpointer:
         different model or optimizer than this run's, CheckpointError when none is readable.
         """
         with _quiet_abandoned_reads():
-            return self._restore(_items(abstract_state))
+            return self._restore(_items(abstract_state), abstract_state)
 
-    def _restore(self, target: dict[str, Any]) -> tuple[TrainState, dict[str, Any]] | None:
+    def _restore(self, target: dict[str, Any], like: TrainState
+                 ) -> tuple[TrainState, dict[str, Any]] | None:
         moved = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = self.path(step)
@@ -318,7 +334,7 @@ class Checkpointer:
                 print(f"kdjax: warning: checkpoint {path} is unreadable ({_first_line(e)}); moved "
                       f"it to {moved[-1]}, trying the one before it", file=sys.stderr)
                 continue
-            return TrainState(**restored["model"], **restored["train"]), dict(restored["run"])
+            return _state(restored["model"], restored["train"], like), dict(restored["run"])
         if moved:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: all were unreadable "
                                   f"and moved to {os.path.dirname(moved[0])}; start over in a new "

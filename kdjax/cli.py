@@ -2,6 +2,7 @@
 
   kdjax train   --config experiments/fashion_mnist/teacher.py --workdir workdirs/teacher
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/kd --config.train.steps=200
+  kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--fresh", action="store_true",
                            help="start from step 0; refused if WORKDIR already has checkpoints "
                                 "(by default a run resumes from them)")
+        if name == "distill":
+            c.add_argument("--generations", type=int, default=1,
+                           help="born-again networks: distil N generations in a row, each the "
+                                "teacher of the next, into WORKDIR/gen_1..gen_N")
     exp = sub.add_parser("export", help="write a run's student alone (no optimizer state), with "
                                         "a snippet to load and run it")
     exp.add_argument("--workdir", required=True, help="the run to export")
@@ -178,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)
+    elif args.command == "distill" and args.generations != 1:
+        result = trainer.train_generations(config, args.workdir, args.generations,
+                                           progress=not args.no_progress, fresh=args.fresh)
     else:
         result = trainer.train(config, args.workdir, distill=args.command == "distill",
                                progress=not args.no_progress, fresh=args.fresh)

@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
     # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype). num_classes 0 = the
     # dataset's; set it to give the head more outputs than the dataset has labels.
-    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0)
+    # peers: further students trained alongside (loss.name="dml"), by model name; each gets
+    # model.kwargs when its name is model.name, its registry defaults otherwise.
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0, peers=())
     # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
     # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
     # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).
@@ -71,12 +73,24 @@ def base_config() -> ml_collections.ConfigDict:
         decay_factor=0.1,
     )
     c.loss = dict(
-        name="ce",  # ce (supervised) | kd | dkd | lskd | reverse_kl | jsd | tvd
-        kwargs={},  # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}
+        # ce (supervised) | logit: kd dkd lskd reverse_kl jsd tvd | feature: fitnet at sp rkd pkt
+        # nst cc vid crd | dml (mutual learning). See kdjax.objectives.
+        name="ce",
+        # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}; for feature
+        # methods also their connector's (e.g. crd: {"num_negatives": 4096, "embed_dim": 128})
+        kwargs={},
         ce_weight=1.0,
-        kd_weight=1.0,
-        kd_warmup_steps=0,
+        kd_weight=1.0,  # logit methods: their loss; feature methods: an added Hinton KD term
+        kd_warmup_steps=0,  # the distillation terms ramp up linearly over these steps
         label_smoothing=0.0,
+        # feature methods: ce_weight * CE + kd_weight * KD(kd_temperature) + feature_weight * L
+        feature_weight=1.0,
+        kd_temperature=4.0,
+        # the layers compared, paired one to one, e.g. ("stage2",) and ("stage3",); () = the
+        # method's RepDistiller default (kdjax.objectives.FeatureMethod.taps)
+        student_taps=(),
+        teacher_taps=(),
+        hint_steps=0,  # FitNets' two-stage training: the first steps optimise the hint alone
     )
     c.eval = dict(every_steps=500, batch_size=1000)
     # Checkpoints (Orbax, asynchronous and atomic) are saved every `every_steps`, at the end, on
@@ -88,7 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     # distill: the workdir of the run that trained the teacher. The teacher's architecture is read
     # from its checkpoint; model.name/kwargs, when set, state the architecture this experiment
     # expects instead, and a checkpoint that does not match it is refused before training.
-    c.teacher = dict(workdir="", model=dict(name="", kwargs={}))
+    # workdirs/weights/combine: several teachers (instead of workdir), each from its own run;
+    # weights one per teacher, normalised (() = uniform); combine for logit losses: "ensemble"
+    # (one target) | "per_teacher" (weighted sum of per-teacher losses).
+    c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
+                     combine="ensemble")
     return c
 
 
@@ -150,22 +168,36 @@ def validate(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigD
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `get_config()` from a Python file, apply `--config.a.b=value` overrides, validate."""
-    path = os.fspath(path)
+    """Load `get_config()` from a Python file, apply `--config.a.b=value` overrides, validate.
+
+    `FILE.py:ARG` calls `get_config(ARG)` (big_vision's convention), e.g. one recipe file for
+    several teacher-student pairs: experiments/cifar100/kd.py:resnet32x4-resnet8x4.
+    """
+    path, arg = os.fspath(path), None
+    if not os.path.isfile(path) and ":" in path and os.path.isfile(path.rpartition(":")[0]):
+        path, _, arg = path.rpartition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r}: no such file (pass an experiment file, e.g. "
                                 f"experiments/fashion_mnist/teacher.py)")
     spec = importlib.util.spec_from_file_location("kdjax_experiment_config", path)
     module = importlib.util.module_from_spec(spec)
-    # Experiments may import their siblings (kd.py builds on student_scratch.py).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    # Experiments may import their siblings (kd.py builds on student_scratch.py). Siblings are
+    # imported afresh for each load and forgotten after it: folders reuse names (each has a
+    # kd.py), and a cached kd from one folder must not serve another's `import kd`.
+    folder = os.path.dirname(os.path.abspath(path))
+    siblings = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
+    shadowed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"--config {path!r} defines no get_config() function")
+        config = validate(module.get_config() if arg is None else module.get_config(arg))
     finally:
         sys.path.pop(0)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path!r} defines no get_config() function")
-    config = validate(module.get_config())
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(shadowed)
     for item in overrides:
         apply_override(config, item)
     return config

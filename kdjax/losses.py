@@ -32,15 +32,20 @@ import numpy as np
 import optax
 
 __all__ = [
+    "adaptive_avg_pool",
     "attention_transfer",
     "correlation_congruence",
+    "crd",
+    "crd_scores",
     "cross_entropy",
     "dkd",
     "ensemble_teacher",
     "fitnet",
     "generalized_jsd",
     "hinton_kd",
+    "l2_normalize",
     "logit_standardized_kd",
+    "mutual_learning",
     "nst",
     "pkt",
     "reverse_kl",
@@ -188,8 +193,11 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """Last-axis ``x / max(||x||, 1e-12)`` (torch's F.normalize); zero vectors stay 0."""
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Last-axis ``x / max(||x||, 1e-12)`` (torch's F.normalize); zero vectors stay 0.
+
+    Public because connectors (CRD's embedding heads) normalise exactly as the losses do.
+    """
     # Clamping the squared norm (instead of the norm) keeps the gradient at 0 finite.
     sq_norm = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-24))
@@ -208,8 +216,11 @@ def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _adaptive_avg_pool(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Adaptive average pooling of an NHWC map to [B, height, width, C]."""
+def adaptive_avg_pool(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Adaptive average pooling of an NHWC map to [B, height, width, C] (torch's bins).
+
+    Public because connectors (VID's regressor) match spatial sizes exactly as AT and NST do.
+    """
     if x.shape[1:3] == (height, width):
         return x
     ph = _adaptive_pool_matrix(x.shape[1], height)
@@ -219,7 +230,7 @@ def _adaptive_avg_pool(x: jax.Array, height: int, width: int) -> jax.Array:
 
 def _pool_to_common_size(s: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     height, width = min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2])
-    return _adaptive_avg_pool(s, height, width), _adaptive_avg_pool(t, height, width)
+    return adaptive_avg_pool(s, height, width), adaptive_avg_pool(t, height, width)
 
 
 # ----------------------------------------------------------------------------------
@@ -650,7 +661,7 @@ def fitnet(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
 
 
 def _attention_map(f: jax.Array, p: float) -> jax.Array:
-    return _l2_normalize(_flatten(jnp.mean(jnp.abs(f) ** p, axis=-1)))
+    return l2_normalize(_flatten(jnp.mean(jnp.abs(f) ** p, axis=-1)))
 
 
 def attention_transfer(
@@ -699,8 +710,8 @@ def similarity_preserving(student_feat: jax.Array, teacher_feat: jax.Array) -> j
     t = _features("teacher_feat", teacher_feat)
     _check_same_batch("student_feat", s, "teacher_feat", t)
     s, t = _flatten(s), _flatten(t)
-    g_s = _l2_normalize(s @ s.T)
-    g_t = _l2_normalize(t @ t.T)
+    g_s = l2_normalize(s @ s.T)
+    g_t = l2_normalize(t @ t.T)
     return jnp.sum(jnp.square(g_s - g_t)) / s.shape[0] ** 2
 
 
@@ -716,7 +727,7 @@ def _rkd_distances(e: jax.Array) -> jax.Array:
 
 def _rkd_angles(e: jax.Array) -> jax.Array:
     """``[i, j, k] = <n(e_j - e_i), n(e_k - e_i)>`` with ``n`` the L2 normalisation."""
-    unit = _l2_normalize(e[None, :, :] - e[:, None, :])
+    unit = l2_normalize(e[None, :, :] - e[:, None, :])
     return jnp.einsum("ijd,ikd->ijk", unit, unit)
 
 
@@ -795,7 +806,7 @@ def pkt(student_emb: jax.Array, teacher_emb: jax.Array, *, eps: float = 1e-7) ->
 def _channel_rows(f: jax.Array) -> jax.Array:
     """NHWC ``[B, H, W, C]`` -> ``[B, C, H*W]`` with every channel row L2-normalised."""
     b, h, w, c = f.shape
-    return _l2_normalize(jnp.swapaxes(f.reshape(b, h * w, c), 1, 2))
+    return l2_normalize(jnp.swapaxes(f.reshape(b, h * w, c), 1, 2))
 
 
 def nst(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
@@ -900,3 +911,139 @@ def vid(
     var = jax.nn.softplus(log_scale) + e
     nll = 0.5 * (jnp.square(t - mu) / var + jnp.log(var))
     return jnp.mean(_flatten(nll), axis=-1)
+
+
+def _contrast_inputs(
+    emb: jax.Array, memory: jax.Array, contrast_idx: jax.Array, name: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    e = _features(name, emb, ndim=2)
+    m = jnp.asarray(memory, jnp.float32)
+    idx = jnp.asarray(contrast_idx)
+    if m.ndim != 2 or m.shape[1] != e.shape[1]:
+        raise ValueError(
+            f"the memory bank must be [num_data, {e.shape[1]}] to match {name}.shape={e.shape}, "
+            f"got memory.shape={m.shape}; pass one row per training example of the same "
+            "embedding size."
+        )
+    if not jnp.issubdtype(idx.dtype, jnp.integer) or idx.ndim != 2 or idx.shape[0] != e.shape[0]:
+        raise ValueError(
+            f"contrast_idx must be integer [batch, 1 + K] with batch={e.shape[0]}, got "
+            f"contrast_idx.shape={idx.shape} with dtype {idx.dtype}; column 0 holds each "
+            "example's own index, columns 1..K its negatives."
+        )
+    return e, m, idx
+
+
+def crd_scores(
+    emb: jax.Array, memory: jax.Array, contrast_idx: jax.Array, *, temperature: float = 0.07
+) -> jax.Array:
+    """CRD's unnormalised contrast scores ``exp(<emb_b, memory[contrast_idx[b, k]]> / T)``.
+
+    The dot products are taken against the whole bank (``[B, N]``) and then gathered:
+    for K in the thousands that reads N rows once instead of B * (K + 1) rows.
+
+    Args:
+      emb: ``[B, D]`` L2-normalised embeddings of one model.
+      memory: ``[N, D]`` the *other* model's memory bank (one row per training example).
+      contrast_idx: integer ``[B, 1 + K]`` rows of ``memory`` to score; column 0 is the
+        positive (the example itself), columns 1..K the negatives.
+      temperature: ``T > 0``.
+
+    Returns:
+      ``[B, 1 + K]`` float32.
+    """
+    temp = _check("temperature", temperature, _POSITIVE)
+    e, m, idx = _contrast_inputs(emb, memory, contrast_idx, "emb")
+    return jnp.exp(jnp.take_along_axis(e @ m.T, idx, axis=1) / temp)
+
+
+def _nce(scores: jax.Array, num_data: int) -> jax.Array:
+    # RepDistiller's ContrastLoss: noise distribution uniform over the data (Pn = 1 / N),
+    # K noise samples per positive.
+    k_pn = (scores.shape[1] - 1) / num_data
+    eps = 1e-7
+    log_d1 = jnp.log(scores[:, 0] / (scores[:, 0] + k_pn + eps))
+    log_d0 = jnp.log(k_pn / (scores[:, 1:] + k_pn + eps))
+    return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / scores.shape[0]
+
+
+def crd(
+    student_emb: jax.Array,
+    teacher_emb: jax.Array,
+    student_memory: jax.Array,
+    teacher_memory: jax.Array,
+    contrast_idx: jax.Array,
+    normalizers: jax.Array,
+    *,
+    temperature: float = 0.07,
+) -> jax.Array:
+    """Contrastive representation distillation (Tian et al., 2020; RepDistiller's CRDLoss).
+
+    NCE with a memory bank of each model's embeddings (N rows, one per training example).
+    With ``P_s = crd_scores(student_emb, teacher_memory) / Z_s`` (the student's embedding
+    against the teacher's bank) and ``P_t = crd_scores(teacher_emb, student_memory) / Z_t``,
+    K negatives per example and ``c = K / N`` (uniform noise),
+    ``NCE(P) = -(1/B) sum_b [log(P_b0 / (P_b0 + c + 1e-7))
+    + sum_{k>=1} log(c / (P_bk + c + 1e-7))]`` and ``loss = NCE(P_s) + NCE(P_t)``.
+    ``Z`` are NCE's normalising constants, which the reference fixes from the first batch
+    (``Z = N * mean(scores)``); the banks are read as given (update them after the loss).
+
+    Args:
+      student_emb: ``[B, D]`` L2-normalised student embeddings (after its embedding head).
+      teacher_emb: ``[B, D]`` L2-normalised teacher embeddings.
+      student_memory: ``[N, D]`` bank of student embeddings.
+      teacher_memory: ``[N, D]`` bank of teacher embeddings.
+      contrast_idx: integer ``[B, 1 + K]``; column 0 each example's own index.
+      normalizers: ``[2]`` ``(Z_s, Z_t)``, positive.
+      temperature: ``T > 0``.
+
+    Returns:
+      Scalar float32.
+    """
+    s, mem_s, idx = _contrast_inputs(student_emb, student_memory, contrast_idx, "student_emb")
+    t, mem_t, _ = _contrast_inputs(teacher_emb, teacher_memory, contrast_idx, "teacher_emb")
+    _check_same_shape("student_emb", s, "teacher_emb", t)
+    _check_same_shape("student_memory", mem_s, "teacher_memory", mem_t)
+    z = jnp.asarray(normalizers, jnp.float32)
+    if z.shape != (2,):
+        raise ValueError(
+            f"normalizers must be [2] (Z_s, Z_t), got normalizers.shape={z.shape}; pass the "
+            "NCE normalising constants of the student and teacher scores."
+        )
+    p_s = crd_scores(s, mem_t, idx, temperature=temperature) / z[0]
+    p_t = crd_scores(t, mem_s, idx, temperature=temperature) / z[1]
+    return _nce(p_s, mem_s.shape[0]) + _nce(p_t, mem_s.shape[0])
+
+
+def mutual_learning(
+    logits: Sequence[jax.Array], *, temperature: float = 1.0
+) -> jax.Array:
+    """Deep mutual learning (Zhang et al., 2018): each student mimics its peers.
+
+    For student ``k`` of ``M >= 2``:
+    ``loss_k = mean over l != k of T^2 * KL(p_l || p_k)``, ``p = softmax(logits / T)``,
+    with every peer ``p_l`` under ``stop_gradient`` (each student learns from the others'
+    current predictions, never pushes them), so summing the ``M`` losses trains every
+    student on its own term only.
+
+    Args:
+      logits: sequence of ``M >= 2`` arrays ``[..., C]`` of equal shape.
+      temperature: ``T > 0``.
+
+    Returns:
+      ``[M, ...]`` float32.
+    """
+    temp = _check("temperature", temperature, _POSITIVE)
+    if len(logits) < 2:
+        raise ValueError(
+            f"mutual learning needs at least 2 students, got len(logits)={len(logits)}; pass "
+            "the logits of every student."
+        )
+    z = [jnp.asarray(x, jnp.float32) for x in logits]
+    for i, x in enumerate(z[1:], start=1):
+        _check_same_shape("logits[0]", z[0], f"logits[{i}]", x)
+    return jnp.stack([
+        sum(_tempered_kl(zk, jax.lax.stop_gradient(zl), temp)
+            for j, zl in enumerate(z) if j != k) / (len(z) - 1)
+        for k, zk in enumerate(z)
+    ])

@@ -500,6 +500,17 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+def _constructor_params(ctor: Callable[..., nnx.Module]) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of a registry entry (a class, or a functools.partial of one).
+
+    Read from ``__init__``: nnx's metaclass makes ``inspect.signature(cls)`` ``(*args, **kwargs)``.
+    """
+    func = ctor.func if isinstance(ctor, functools.partial) else ctor
+    params = dict(inspect.signature(func.__init__ if isinstance(func, type) else func).parameters)
+    params.pop("self", None)
+    return params
+
+
 def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
                  input_shape: Sequence[int] | None = None, **kwargs: Any) -> nnx.Module:
     """Instantiate registered model ``name``; extra kwargs go to the constructor.
@@ -512,13 +523,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float
         ctor = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}") from None
-    # The constructor's own parameters: nnx's metaclass hides them from inspect.signature(class)
-    # (it reports (*args, **kwargs)), so look at __init__ through any functools.partial.
-    func = ctor
-    while isinstance(func, functools.partial):
-        func = func.func
-    params = dict(inspect.signature(func.__init__ if inspect.isclass(func) else func).parameters)
-    params.pop("self", None)
+    params = _constructor_params(ctor)
     if input_shape is not None:
         h, _, c = input_shape
         derived = {"in_features": int(np.prod(input_shape)), "in_channels": c, "input_size": h}

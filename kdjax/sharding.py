@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -46,3 +47,27 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
             f"{batch_size} on {mesh.size} devices; pick train.batch_size as a multiple of "
             f"{mesh.size}")
     return jax.device_put(tree, batch_sharded(mesh))
+
+
+class DataSharded(nnx.Variable):
+    """State with one row per training example (CRD's memory banks): its leading axis is split
+    over the data axis, like the data it indexes, instead of being replicated."""
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for a training state: DataSharded variables split on their leading axis (when it
+    divides evenly over the devices), everything else replicated. A pytree prefix of `tree`."""
+
+    def leaf(x):
+        # On one device a split is a replication; P() there keeps the step one compiled program.
+        if (isinstance(x, DataSharded) and mesh.size > 1
+                and x.get_value().shape[0] % mesh.size == 0):
+            return batch_sharded(mesh)
+        return replicated(mesh)
+
+    return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place_state(tree: Any, mesh: Mesh) -> Any:
+    """Put a training state on `mesh` as `state_shardings` says."""
+    return jax.device_put(tree, state_shardings(tree, mesh))

@@ -10,6 +10,10 @@ GraphDef and array State; inside the step they are re-assembled with `nnx.merge`
 variables are a separate, non-donated input: they are never differentiated (the teacher runs
 outside the function given to `jax.value_and_grad`), never in the optimizer state, never updated.
 Supervised training (a teacher, a baseline student) is the same step with no teachers.
+
+What trains is a `Distillee`: the student plus whatever trains with it, namely the connectors of
+feature methods (kdjax.connectors) and, for mutual learning, peer students. One optimizer updates
+all of it; only the student is exported (`split_student`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,66 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # (student features, per-teacher features, labels, step) -> (scalar loss, metrics)
 Objective = Callable[[dict, tuple[dict, ...], jax.Array, jax.Array], tuple[jax.Array, Metrics]]
+
+
+class Distillee(nnx.Module):
+    """The trainable side of the step: the student, its connectors and its peer students.
+
+    `connectors[i][j]` connects the student to teacher i for tap pair j (kdjax.connectors);
+    `peers` are further students trained alongside (deep mutual learning). Calling a Distillee
+    runs the student alone, so evaluation sees exactly the exported model. `features(...,
+    teachers=...)` adds to the student's taps what the objective needs from the rest:
+    "connectors" (per teacher, per pair: the loss's arguments) and "peers" (their taps).
+    """
+
+    def __init__(self, student: nnx.Module, *,
+                 connectors: Sequence[Sequence[nnx.Module]] = (),
+                 peers: Sequence[nnx.Module] = ()):
+        self.student = student
+        self.connectors = nnx.List([nnx.List(list(c)) for c in connectors])
+        self.peers = nnx.List(list(peers))
+
+    def __call__(self, x, *, train: bool = False) -> jax.Array:
+        return self.student(x, train=train)
+
+    def features(self, x, *, train: bool = False, teachers: Sequence[dict] = (),
+                 index: jax.Array | None = None, key: jax.Array | None = None) -> dict:
+        out = dict(self.student.features(x, train=train))
+        if len(self.peers):
+            out["peers"] = tuple(p.features(x, train=train) for p in self.peers)
+        if len(self.connectors):
+            if len(self.connectors) != len(teachers):
+                raise ValueError(f"the student has connectors for {len(self.connectors)} "
+                                 f"teacher(s) but the step has {len(teachers)}; build both from "
+                                 f"the same teachers")
+            out["connectors"] = tuple(
+                tuple(c(out, t, train=train, index=index,
+                        key=None if key is None else jax.random.fold_in(key, 1000 * i + j))
+                      for j, c in enumerate(pairs))
+                for i, (pairs, t) in enumerate(zip(self.connectors, teachers)))
+        return out
+
+
+def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the student's part, the rest) of a Distillee's params or model_state.
+
+    The student's part is the exported model: checkpoints store it as the item every reader of
+    a run (teacher loading, `kdjax eval`) uses; connectors and peers go with the training state.
+    A plain model's state (not a Distillee's) is all student.
+    """
+    if not set(tree) <= {"student", "connectors", "peers"}:
+        return tree, nnx.State({})
+    # raw_mapping: the nested dicts as nnx.split makes them (indexing would wrap them in State,
+    # a different pytree, hence another compiled step).
+    raw = tree.raw_mapping
+    return (nnx.State(raw.get("student", {})),
+            nnx.State({k: v for k, v in raw.items() if k != "student"}))
+
+
+def join_student(student: nnx.State, rest: nnx.State) -> nnx.State:
+    """Inverse of `split_student` for a Distillee's state (nnx.split leaves out empty parts)."""
+    return nnx.State({**({"student": student.raw_mapping} if len(student) else {}),
+                      **rest.raw_mapping})
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -88,7 +152,12 @@ def compute_dtype(name: str = "auto") -> jnp.dtype:
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, seed: int,
                      num_examples: int = 0) -> tuple[nnx.GraphDef, TrainState]:
-    """Split `model` into its GraphDef and a fresh TrainState (step 0, optimizer initialised)."""
+    """Split `model` into its GraphDef and a fresh TrainState (step 0, optimizer initialised).
+
+    `model` is a Distillee, or a plain model, which is wrapped in one (no connectors or peers).
+    """
+    if not isinstance(model, Distillee):
+        model = Distillee(model)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     rng = jax.random.key_data(jax.random.key(seed))
     perm = (jax.random.permutation(_epoch_key(rng, 0), num_examples).astype(jnp.int32)
@@ -152,7 +221,8 @@ def _sample(state: TrainState, data: DeviceData, mesh: Mesh) -> tuple[TrainState
                                        data.images.shape[0]).astype(jnp.int32),
         lambda: state.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, pos * data.batch_size, data.batch_size)
-    batch = {"image": data.images[idx], "label": data.labels[idx]}
+    # "index" (position in the training set) serves per-example state such as CRD's memory.
+    batch = {"image": data.images[idx], "label": data.labels[idx], "index": idx}
     # The data is replicated; the constraint makes each device compute on its slice of the batch.
     return state.replace(perm=perm), jax.lax.with_sharding_constraint(
         batch, sharding.batch_sharded(mesh))
@@ -163,8 +233,9 @@ class Step:
     """A compiled step. Call it as `state, metrics = step(state, batch)`.
 
     With device-resident data pass `batch=None` (the step samples its own); with streamed data
-    pass {"image": uint8 [B, H, W, C], "label": int32 [B]} (a leading [steps_per_call] axis when
-    steps_per_call > 1). `lower(state, batch)` gives the lowered program for inspection.
+    pass {"image": uint8 [B, H, W, C], "label": int32 [B]} and, for methods with per-example
+    state (CRD), "index": int32 [B] (a leading [steps_per_call] axis when steps_per_call > 1).
+    `lower(state, batch)` gives the lowered program for inspection.
     """
 
     fn: Callable
@@ -193,14 +264,16 @@ def make_distill_step(
     """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
 
     Args:
-      graphdef: the student's static structure (from `init_train_state`).
+      graphdef: the Distillee's static structure (from `init_train_state`).
       tx: the optax optimizer; its state lives in TrainState.opt_state.
       objective: maps (student features, teachers' features, labels, step) to (loss, metrics);
         see `kdjax.objectives`. Features are the models' `features()` dicts, so feature methods
-        read named taps; unused taps are dead code to XLA and cost nothing.
+        read named taps; unused taps are dead code to XLA and cost nothing. The student's dict
+        also holds its connectors' outputs and its peers' features (`Distillee.features`).
       teachers: frozen teachers, evaluated in inference mode inside the step.
       preprocess: the on-device normalisation/augmentation recipe.
-      mesh: device mesh (default: all devices); state replicated, batch split on the data axis.
+      mesh: device mesh (default: all devices); batch split on the data axis, state replicated
+        but for per-example memory (`sharding.state_shardings`).
       data: a device-resident training set to sample from inside the step.
       steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
         for small models; on XLA:CPU a scanned conv step was measured ~10x slower, keep 1 there).
@@ -221,6 +294,7 @@ def make_distill_step(
         if data is not None:
             state, batch = _sample(state, data, mesh)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        connector_key = jax.random.fold_in(key, 0xC0)  # apart from the augmentation stream
         # float32 images: each model's first layer casts them to its own compute dtype. Labels are
         # int [B], or augment.MixedLabels with mixup/CutMix.
         views = augment.train_views(batch, preprocess, key=key, dtype=jnp.float32)
@@ -233,7 +307,8 @@ def make_distill_step(
         def loss_fn(params):
             # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            out = model.features(views.student, train=True)
+            out = model.features(views.student, train=True, teachers=teacher_out,
+                                 index=batch.get("index"), key=connector_key)
             loss, metrics = objective(out, teacher_out, views.labels, state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -259,8 +334,10 @@ def make_distill_step(
                 (state.params, state.model_state, state.opt_state))
             health["skipped_steps"] = state.skipped_steps + (~ok).astype(jnp.int32)
             metrics["skipped_steps"] = health["skipped_steps"]
-        return state.replace(step=state.step + 1, params=params, model_state=model_state,
-                             opt_state=opt_state, **health), metrics
+        state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state, **health)
+        state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))
+        return state, metrics
 
     def multi_step(state, teacher_vars, data, batch):
         if steps_per_call == 1:
@@ -273,8 +350,10 @@ def make_distill_step(
     rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     batch_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
         None, sharding.DATA_AXIS)) if steps_per_call > 1 else split)
+    # The state's shardings (None: as placed by sharding.place_state) are kept by the constraint
+    # at the end of one_step.
     fn = jax.jit(multi_step, donate_argnums=0,
-                 in_shardings=(rep, rep, rep, batch_sharding), out_shardings=(rep, rep))
+                 in_shardings=(None, rep, rep, batch_sharding), out_shardings=(None, rep))
     return Step(fn, tuple(t.variables for t in teachers), data)
 
 
@@ -286,7 +365,8 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
     partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
     and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
-    divides by count.
+    divides by count. A Distillee is evaluated by its student alone, and its peer students (mutual
+    learning) each under the prefix "peer<i>/".
     """
     mesh = mesh or sharding.make_mesh()
     teacher_vars = tuple(t.variables for t in teachers)
@@ -294,24 +374,30 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
 
     def eval_step(params, model_state, teacher_vars, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
-        logits = nnx.merge(graphdef, params, model_state)(images, train=False)
-        logits = logits.astype(jnp.float32)
+        model = nnx.merge(graphdef, params, model_state)
+        students = {"": model}
+        if isinstance(model, Distillee):
+            students = {"": model.student,
+                        **{f"peer{i + 1}/": p for i, p in enumerate(model.peers)}}
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-        sums = {
-            "count": mask.sum(),
-            "loss": (ce * mask).sum(),
-            "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
-            "top5_accuracy": ((top5 == labels[:, None]).any(-1) * mask).sum(),
-        }
-        if teacher_defs:
-            t_logits = nnx.merge(teacher_defs[0], teacher_vars[0])(images, train=False)
-            sums["teacher_agreement"] = ((logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
+        sums = {"count": mask.sum()}
+        for prefix, student in students.items():
+            logits = student(images, train=False).astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+            sums[prefix + "loss"] = (ce * mask).sum()
+            sums[prefix + "accuracy"] = ((logits.argmax(-1) == labels) * mask).sum()
+            sums[prefix + "top5_accuracy"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
+            if teacher_defs and not prefix:
+                t_logits = nnx.merge(teacher_defs[0], teacher_vars[0])(images, train=False)
+                sums["teacher_agreement"] = (
+                    (logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
         return sums
 
     rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    fn = jax.jit(eval_step, in_shardings=(rep, rep, rep, split), out_shardings=rep)
+    # The model's variables stay where they were placed (None): a Distillee's memory banks may be
+    # split over the devices and are not read here.
+    fn = jax.jit(eval_step, in_shardings=(None, None, rep, split), out_shardings=rep)
     return lambda params, model_state, batch: fn(params, model_state, teacher_vars, batch)
 
 

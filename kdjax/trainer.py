@@ -39,8 +39,8 @@ from kdjax import augment, checkpoint, config as config_lib, data, input as inpu
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
-from kdjax.step import (DeviceData, FrozenModel, TrainState, freeze, init_train_state,
-                        make_distill_step, make_eval_step, nonfinite_terms)
+from kdjax.step import (DeviceData, Distillee, FrozenModel, TrainState, compute_dtype, freeze,
+                        init_train_state, make_distill_step, make_eval_step, nonfinite_terms)
 
 EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
 
@@ -90,14 +90,44 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.from_json(f.read())
 
 
-def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                 mesh) -> FrozenModel:
-    """The latest checkpoint of `teacher.workdir`, rebuilt from the ModelSpec saved with it (or
-    teacher.model.name/kwargs when set) and checked against the student's `num_classes`."""
-    workdir = config.teacher.workdir
-    if not workdir:
+def teacher_workdirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """teacher.workdir, or the several teachers of teacher.workdirs (not both)."""
+    one, several = config.teacher.workdir, tuple(config.teacher.workdirs)
+    if one and several:
+        raise ValueError(f"set teacher.workdir (one teacher) or teacher.workdirs (several), not "
+                         f"both; got {one!r} and {several}")
+    return several or ((one,) if one else ())
+
+
+def load_teachers(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
+                  mesh) -> tuple[FrozenModel, ...]:
+    workdirs = teacher_workdirs(config)
+    if not workdirs:
         raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
                          "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
+    return tuple(load_teacher(config, spec, num_classes, mesh, w) for w in workdirs)
+
+
+def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
+                    teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None
+                    ) -> Distillee:
+    """The student with what trains alongside it: the loss's connectors and model.peers (each a
+    registry model with its defaults, or model.kwargs when it is the student's architecture)."""
+    model = student.build(config.seed)
+    peers = [dataclasses.replace(student, name=name, kwargs=dict(
+        config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
+             for i, name in enumerate(config.model.peers, start=1)]
+    connectors = objectives.build_connectors(
+        config.loss, model, teachers, image_shape=spec.image_shape,
+        rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
+        dtype=compute_dtype(config.model.compute_dtype))
+    return Distillee(model, connectors=connectors, peers=peers)
+
+
+def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
+                 mesh, workdir: str) -> FrozenModel:
+    """The latest checkpoint of `teacher.workdir`, rebuilt from the ModelSpec saved with it (or
+    teacher.model.name/kwargs when set) and checked against the student's `num_classes`."""
     reader = checkpoint.RunReader(workdir, what="teacher.workdir")
     try:
         step = reader.resolve_step("latest")
@@ -206,6 +236,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     if config.loss.name == "ce" and distill:
         raise ValueError("kdjax distill needs a distillation loss (loss.name='kd', 'dkd', ...), "
                          "got loss.name='ce'; use `kdjax train` for supervised training")
+    if distill and not objectives.needs_teacher(config.loss.name) and teacher_workdirs(config):
+        raise ValueError(f"loss.name={config.loss.name!r} learns from peer students, not a "
+                         f"teacher: clear teacher.workdir and teacher.workdirs")
     if config.loss.name != "ce" and not distill:
         raise ValueError(f"loss.name={config.loss.name!r} distils from a teacher: run it with "
                          f"`kdjax distill`, or set loss.name='ce' for supervised training")
@@ -252,21 +285,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                          f"examples of {config.data.name}")
     eval_input = _eval_input(config, mesh, eval_arrays)
     preprocess = _preprocess(config, spec.image_shape[-1])
-    teachers = (load_teacher(config, spec, student.num_classes, mesh),) if distill else ()
+    with_teacher = distill and objectives.needs_teacher(config.loss.name)
+    teachers = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
 
-    model = student.build(config.seed)
-    num_params = models.count_params(model)
+    model = build_distillee(config, spec, student, teachers,
+                            None if train_arrays is None else train_arrays["label"])
+    num_params = models.count_params(model.student)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
                                        num_examples=num_train if mode == "device" else 0)
-    state = sharding.replicate(state, mesh)
+    state = sharding.place_state(state, mesh)
     checkpoint.ensure_space(workdir, state, copies=config.checkpoint.max_to_keep
                             + config.checkpoint.keep_best + 1)
     device_data = None if train_arrays is None else DeviceData(
         images=sharding.replicate(train_arrays["image"], mesh),
         labels=sharding.replicate(train_arrays["label"], mesh), batch_size=batch_size)
     nan_policy = config.train.nan_policy
-    step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss),
+    step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss, config.teacher),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
                                 data=device_data, steps_per_call=per_call, nan_policy=nan_policy)
     eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh)
@@ -276,6 +311,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     restored = ckpt.restore(checkpoint.abstract_like(state))
     if restored is not None:
         state, run = restored
+        # The same placement as a fresh state's, so both runs use one compiled step.
+        state = sharding.place_state(state, mesh)
         pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
         last_train = run["last_train"]
         print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
@@ -382,7 +419,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "num_devices": jax.device_count(),
         "model": config.model.name,
         "num_params": num_params,
-        "teacher": config.teacher.workdir if distill else None,
+        "teacher": (", ".join(teacher_workdirs(config)) or None) if with_teacher else None,
         "seed": config.seed,
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -406,8 +443,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         model = reader.load_model(step, student, mesh=mesh)
     finally:
         reader.close()
-    teachers = (load_teacher(config, spec, student.num_classes, mesh),
-                ) if config.teacher.workdir else ()
+    workdirs = teacher_workdirs(config)
+    teachers = (load_teacher(config, spec, student.num_classes, mesh, workdirs[0]),
+                ) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(graphdef, teachers=teachers,
                                preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)
@@ -415,3 +453,64 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
+                      progress: bool = True) -> dict[str, Any]:
+    """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
+
+    Generation 1 distils from the config's teacher(s) into `workdir/gen_1`; generation k from
+    generation k-1's student into `workdir/gen_k` (each generation a full run with its own
+    config.json and checkpoints, usable as a teacher). `workdir/summary.json` is the last
+    generation's summary plus every generation's accuracy under "generations".
+    """
+    if generations < 1:
+        raise ValueError(f"--generations must be >= 1, got {generations}")
+    if not objectives.needs_teacher(config.loss.name):
+        raise ValueError(f"born-again generations distil each student into the next; "
+                         f"loss.name={config.loss.name!r} has no teacher")
+    history, previous = [], None
+    for k in range(1, generations + 1):
+        gen_config = ml_collections.ConfigDict(config.to_dict())
+        if previous is not None:
+            gen_config.teacher.update(workdir=previous, workdirs=(), weights=())
+        gen_workdir = os.path.join(workdir, f"gen_{k}")
+        summary = train(config_lib.validate(gen_config), gen_workdir, distill=True,
+                        progress=progress)
+        history.append({"generation": k, "workdir": gen_workdir,
+                        "eval/accuracy": summary.get("eval/accuracy")})
+        previous = gen_workdir
+    summary = {**summary, "generations": history}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
+                      progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
+
+    Generation 1 distils from the config's teacher(s) into `workdir/gen_1`; generation k from
+    generation k-1's student into `workdir/gen_k` (each generation a full run with its own
+    config.json and checkpoints, usable as a teacher). `workdir/summary.json` is the last
+    generation's summary plus every generation's accuracy under "generations".
+    """
+    if generations < 1:
+        raise ValueError(f"--generations must be >= 1, got {generations}")
+    if not objectives.needs_teacher(config.loss.name):
+        raise ValueError(f"born-again generations distil each student into the next; "
+                         f"loss.name={config.loss.name!r} has no teacher")
+    history, previous = [], None
+    for k in range(1, generations + 1):
+        gen_config = ml_collections.ConfigDict(config.to_dict())
+        if previous is not None:
+            gen_config.teacher.update(workdir=previous, workdirs=(), weights=())
+        gen_workdir = os.path.join(workdir, f"gen_{k}")
+        summary = train(config_lib.validate(gen_config), gen_workdir, distill=True,
+                        progress=progress, fresh=fresh)
+        history.append({"generation": k, "workdir": gen_workdir,
+                        "eval/accuracy": summary.get("eval/accuracy")})
+        previous = gen_workdir
+    summary = {**summary, "generations": history}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(metrics_lib.json_safe(summary), f, indent=2)
+    return summary

@@ -1,7 +1,8 @@
-"""Shared fixtures: one tiny prepared dataset for every end-to-end test."""
+"""Shared fixtures: one tiny prepared dataset for every end-to-end test; quick compiles."""
 
 import os
 
+import jax
 import pytest
 
 from kdjax import cli, data
@@ -20,3 +21,16 @@ def data_dir(tmp_path_factory):
     assert cli.main(["prepare", "fashion_mnist", "--from", src, "--data-dir", out,
                      "--skip-checksums"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def quick_compiles():
+    """Compile without most of XLA's optimisation passes for a module's tests.
+
+    On CPU those passes dominate the run time of tests that compile many small steps (about 3x),
+    and they change nothing such tests check: what is computed, not how fast. Restored after.
+    """
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -105,7 +105,7 @@ def test_checkpoint_holds_student_optimizer_rng_data_order_and_config(kd):
     shapes = {k: tuple(v.shape) for item in ("model", "train")
               for k, v in ocp.tree.to_flat_dict(saved[item].tree, sep="/").items()}
     assert shapes["params/hidden/0/kernel/value"] == (784, 128)  # the student...
-    assert shapes["opt_state/1/0/trace/out/kernel/value"] == (128, 10)  # ...its SGD momentum
+    assert shapes["opt_state/1/0/trace/student/out/kernel/value"] == (128, 10)  # ...its SGD momentum
     assert shapes["rng"] == (2,) and shapes["perm"] == (320,) and shapes["step"] == ()
     # ...and no teacher: the 784-64-10 teacher is read from its own run, never copied
     assert (784, 64) not in shapes.values() and (64, 10) not in shapes.values()
@@ -197,7 +197,7 @@ def test_resuming_another_model_lists_the_mismatched_arrays(teacher, data_dir, c
     msg = str(err.value)
     assert f"the checkpoint {workdir}/checkpoints/24 does not match this run's model" in msg
     assert "model/params/hidden/0/kernel: checkpoint (784, 64) float32, expected (784, 32)" in msg
-    assert "train/opt_state/1/0/trace/out/kernel: checkpoint (64, 10) float32, expected (32, 10)" in msg
+    assert "train/opt_state/1/0/trace/student/out/kernel: checkpoint (64, 10) float32, expected (32, 10)" in msg
     assert "another --workdir" in msg
 
 

@@ -54,7 +54,8 @@ def device_batches(data_dir, seed, steps):
     out = []
     for i in range(steps):
         state, batch = sample(state.replace(step=jnp.int32(i)))
-        out.append(jax.device_get(batch))
+        # "index" (CRD's per-example memory) is device-resident only: streams do not carry it yet.
+        out.append({k: v for k, v in jax.device_get(batch).items() if k != "index"})
     return out
 
 

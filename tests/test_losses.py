@@ -808,3 +808,109 @@ def test_traced_hyperparameter_raises_helpful_error():
     call = jax.jit(lambda s, t, temp: L.soft_target_kl(s, t, temperature=temp))
     with pytest.raises(ValueError, match=r"temperature must be a static Python number"):
         call(S, T_, 2.0)
+
+
+# ----------------------------------------------------------------------------------
+# CRD and mutual learning (the method zoo's own losses).
+# ----------------------------------------------------------------------------------
+
+
+def np_unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_crd(s, t, mem_s, mem_t, idx, z, temperature):
+    """RepDistiller's ContrastMemory + ContrastLoss, gathering the sampled rows as it does."""
+    n = mem_s.shape[0]
+
+    def nce(p):
+        c = (p.shape[1] - 1) / n
+        return -(np.log(p[:, 0] / (p[:, 0] + c + 1e-7)).sum()
+                 + np.log(c / (p[:, 1:] + c + 1e-7)).sum()) / p.shape[0]
+
+    p_s = np.exp(np.einsum("bkd,bd->bk", mem_t[idx], s) / temperature) / z[0]
+    p_t = np.exp(np.einsum("bkd,bd->bk", mem_s[idx], t) / temperature) / z[1]
+    return nce(p_s) + nce(p_t)
+
+
+def np_mutual_learning(logits, temperature):
+    p = [np_softmax(np.asarray(z) / temperature) for z in logits]
+    return np.stack([
+        np.mean([temperature**2 * np_kl(p[j], p[k]) for j in range(len(p)) if j != k], axis=0)
+        for k in range(len(p))
+    ])
+
+
+CRD_S, CRD_T = np_unit(rand((4, 6), 60)).astype(np.float32), np_unit(rand((4, 6), 61)).astype(
+    np.float32)
+CRD_MS, CRD_MT = np_unit(rand((10, 6), 62)).astype(np.float32), np_unit(rand((10, 6), 63)).astype(
+    np.float32)
+CRD_IDX = np.random.default_rng(64).integers(0, 10, (4, 4)).astype(np.int32)
+CRD_Z = np.array([3.0, 5.0], np.float32)
+DML = [rand((3, 5), 65), rand((3, 5), 66), rand((3, 5), 67)]
+
+
+@pytest.fixture(scope="module")
+def zoo_values():
+    def crd(s, t, temperature=0.07):
+        return L.crd(s, t, CRD_MS, CRD_MT, CRD_IDX, CRD_Z, temperature=temperature)
+
+    def dml_first(z0):
+        return jnp.sum(L.mutual_learning([z0, *DML[1:]], temperature=2.0)[0])
+
+    def dml_second(z1):  # student 0's loss must not reach student 1
+        return jnp.sum(L.mutual_learning([DML[0], z1, DML[2]], temperature=2.0)[0])
+
+    return batched({
+        "crd": lambda: crd(CRD_S, CRD_T),
+        "crd T=0.5": lambda: crd(CRD_S, CRD_T, 0.5),
+        "crd grads": lambda: jax.grad(crd, argnums=(0, 1))(CRD_S, CRD_T),
+        "crd_scores": lambda: L.crd_scores(CRD_S, CRD_MT, CRD_IDX, temperature=0.1),
+        "dml T=1": lambda: L.mutual_learning(DML[:2]),
+        "dml T=2": lambda: L.mutual_learning(DML, temperature=2.0),
+        "dml own grad": lambda: jax.grad(dml_first)(DML[0]),
+        "dml peer grad": lambda: jax.grad(dml_second)(DML[1]),
+    })()
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_crd_matches_numpy(zoo_values, temperature):
+    key = "crd" if temperature == 0.07 else f"crd T={temperature}"
+    assert_close(zoo_values[key],
+                 np_crd(CRD_S, CRD_T, CRD_MS, CRD_MT, CRD_IDX, CRD_Z, temperature), rtol=1e-5)
+
+
+def test_crd_scores_and_gradients(zoo_values):
+    expected = np.exp(np.einsum("bkd,bd->bk", np.float64(CRD_MT)[CRD_IDX], CRD_S) / 0.1)
+    assert_close(zoo_values["crd_scores"], expected, rtol=1e-5)
+    for g in zoo_values["crd grads"]:
+        assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0)
+
+
+@pytest.mark.parametrize("key,n,temperature", [("dml T=1", 2, 1.0), ("dml T=2", 3, 2.0)])
+def test_mutual_learning_matches_numpy(zoo_values, key, n, temperature):
+    assert_close(zoo_values[key], np_mutual_learning(DML[:n], temperature), rtol=1e-5)
+
+
+def test_mutual_learning_peers_are_detached(zoo_values):
+    assert np.all(np.isfinite(zoo_values["dml own grad"]))
+    assert np.any(np.asarray(zoo_values["dml own grad"]) != 0)
+    np.testing.assert_array_equal(zoo_values["dml peer grad"], 0.0)
+
+
+@pytest.mark.parametrize("thunk,pattern", [
+    (lambda: L.crd(CRD_S, CRD_T, CRD_MS, CRD_MT, CRD_IDX, CRD_Z[:1]),
+     r"normalizers\.shape=\(1,\)"),
+    (lambda: L.crd(CRD_S, CRD_T, CRD_MS[:, :5], CRD_MT, CRD_IDX, CRD_Z),
+     r"\[num_data, 6\].*memory\.shape=\(10, 5\)"),
+    (lambda: L.crd(CRD_S, CRD_T, CRD_MS, CRD_MT, CRD_IDX[:3], CRD_Z),
+     r"contrast_idx must be integer \[batch, 1 \+ K\] with batch=4.*\(3, 4\)"),
+    (lambda: L.crd(CRD_S, CRD_T, CRD_MS, CRD_MT, CRD_IDX, CRD_Z, temperature=0.0),
+     r"temperature must be > 0, got temperature=0\.0"),
+    (lambda: L.mutual_learning(DML[:1]), r"at least 2 students, got len\(logits\)=1"),
+    (lambda: L.mutual_learning([DML[0], DML[1][:, :4]]), r"logits\[1\]\.shape=\(3, 4\)"),
+])
+def test_zoo_bad_arguments_raise(thunk, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        thunk()

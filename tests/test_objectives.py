@@ -74,3 +74,79 @@ def test_losses_import_alone():
             "print(sorted(m for m in ('flax', 'orbax', 'tensorflow_datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _feature_out(pairs_per_teacher):
+    return {"logits": S, "connectors": pairs_per_teacher}
+
+
+F1, F2, F3 = (jnp.asarray(RNG.normal(size=(6, 3)), jnp.float32) for _ in range(3))
+
+
+def test_feature_objective_is_repdistillers_mix_summed_over_pairs_and_weighted_over_teachers():
+    obj = objectives.feature_distillation("fitnet", ce_weight=0.5, kd_weight=0.25,
+                                          feature_weight=10.0, kd_temperature=2.0,
+                                          teacher_weights=(3.0, 1.0))
+    out = _feature_out((((F1, F2), (F2, F3)), ((F1, F3),)))
+    total, m = obj(out, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
+    fit = lambda a, b: float(losses.fitnet(a, b).mean())  # noqa: E731
+    feature = 0.75 * (fit(F1, F2) + fit(F2, F3)) + 0.25 * fit(F1, F3)
+    kd = losses.soft_target_kl(S, losses.ensemble_teacher([T1, T2], weights=(3.0, 1.0),
+                                                          temperature=2.0),
+                               temperature=2.0).mean()
+    ce = losses.cross_entropy(S, Y).mean()
+    np.testing.assert_allclose(m["feature"], feature, rtol=1e-6)
+    np.testing.assert_allclose(total, 0.5 * ce + 0.25 * kd + 10.0 * feature, rtol=1e-5)
+
+
+def test_hint_steps_train_the_hint_alone_first():
+    obj = objectives.feature_distillation("fitnet", ce_weight=1.0, feature_weight=2.0,
+                                          hint_steps=5)
+    out = _feature_out((((F1, F2),),))
+    hint = float(losses.fitnet(F1, F2).mean())
+    early, _ = obj(out, ({"logits": T1},), Y, jnp.int32(4))
+    late, _ = obj(out, ({"logits": T1},), Y, jnp.int32(5))
+    np.testing.assert_allclose(early, hint, rtol=1e-6)
+    np.testing.assert_allclose(late, losses.cross_entropy(S, Y).mean() + 2.0 * hint, rtol=1e-6)
+
+
+def test_per_teacher_logit_losses_are_weighted():
+    obj = objectives.logit_distillation("kd", ce_weight=0.0, kd_weight=1.0, temperature=2.0,
+                                        teacher_weights=(1.0, 3.0), combine="per_teacher")
+    total, _ = obj({"logits": S}, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
+    kl = lambda t: losses.soft_target_kl(S, t, temperature=2.0).mean()  # noqa: E731
+    np.testing.assert_allclose(total, 0.25 * kl(T1) + 0.75 * kl(T2), rtol=1e-6)
+
+
+def test_mutual_learning_sums_every_students_loss():
+    obj = objectives.mutual_learning(ce_weight=1.0, kd_weight=0.5, temperature=1.0)
+    total, m = obj({"logits": S, "peers": ({"logits": T1},)}, (), Y, jnp.int32(0))
+    kl = losses.mutual_learning([S, T1])
+    ce = [losses.cross_entropy(z, Y).mean() for z in (S, T1)]
+    np.testing.assert_allclose(total, sum(ce) + 0.5 * kl.mean(axis=-1).sum(), rtol=1e-6)
+    assert set(m) == {"ce", "kd", "accuracy", "peer1/accuracy"}
+
+
+def test_method_errors_name_the_problem():
+    c = config_lib.base_config().loss
+    c.update(name="crd", kwargs={"num_negative": 5})
+    with pytest.raises(ValueError, match=r"\['num_negative'\] are not hyperparameters of "
+                                         r"loss.name='crd'; valid: \['temperature'\] \(loss\) "
+                                         r"and \[.*'num_negatives'.*\] \(connector\)"):
+        objectives.from_config(c)
+    c.update(name="kd", kwargs={}, student_taps=("stage1",), teacher_taps=("stage1",))
+    with pytest.raises(ValueError, match="belong to feature methods"):
+        objectives.from_config(c)
+    with pytest.raises(ValueError, match=r"unknown loss.name='fitnets'.*'fitnet'"):
+        objectives.from_config({**c, "name": "fitnets"})
+    with pytest.raises(ValueError, match="teacher.combine must be one of"):
+        objectives.logit_distillation("kd", ce_weight=1.0, kd_weight=1.0, combine="vote")
+    obj = objectives.feature_distillation("at")
+    with pytest.raises(ValueError, match="needs the student's connectors"):
+        obj({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
+    with pytest.raises(ValueError, match="needs peer students: set model.peers"):
+        objectives.mutual_learning()({"logits": S}, (), Y, jnp.int32(0))
+    with pytest.raises(ValueError, match=r"teacher.weights must be 2 non-negative numbers"):
+        objectives.logit_distillation("kd", ce_weight=1.0, kd_weight=1.0, combine="per_teacher",
+                                      teacher_weights=(1.0,))(
+            {"logits": S}, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
