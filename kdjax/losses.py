@@ -939,8 +939,10 @@ def crd_scores(
 ) -> jax.Array:
     """CRD's unnormalised contrast scores ``exp(<emb_b, memory[contrast_idx[b, k]]> / T)``.
 
-    The dot products are taken against the whole bank (``[B, N]``) and then gathered:
-    for K in the thousands that reads N rows once instead of B * (K + 1) rows.
+    When the samples outnumber the bank's rows (``B * (K + 1) >= N``, e.g. CRD's K = 16384
+    on CIFAR) the whole bank is scored at once and the samples picked from ``[B, N]``: that
+    reads each row once instead of gathering ``B * (K + 1)`` copies. Otherwise only the sampled
+    rows are gathered and scored (``B * (K + 1) * D`` multiply-adds instead of ``B * N * D``).
 
     Args:
       emb: ``[B, D]`` L2-normalised embeddings of one model.
@@ -954,7 +956,11 @@ def crd_scores(
     """
     temp = _check("temperature", temperature, _POSITIVE)
     e, m, idx = _contrast_inputs(emb, memory, contrast_idx, "emb")
-    return jnp.exp(jnp.take_along_axis(e @ m.T, idx, axis=1) / temp)
+    if idx.size >= m.shape[0]:
+        logits = jnp.take_along_axis(e @ m.T, idx, axis=1)
+    else:
+        logits = jnp.einsum("bkd,bd->bk", m[idx], e)
+    return jnp.exp(logits / temp)
 
 
 def _nce(scores: jax.Array, num_data: int) -> jax.Array:

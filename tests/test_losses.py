@@ -867,6 +867,9 @@ def zoo_values():
         "crd T=0.5": lambda: crd(CRD_S, CRD_T, 0.5),
         "crd grads": lambda: jax.grad(crd, argnums=(0, 1))(CRD_S, CRD_T),
         "crd_scores": lambda: L.crd_scores(CRD_S, CRD_MT, CRD_IDX, temperature=0.1),
+        # a bank with more rows than samples: the gathering branch
+        "crd_scores gather": lambda: L.crd_scores(CRD_S, np.tile(CRD_MT, (2, 1)), CRD_IDX,
+                                                  temperature=0.1),
         "dml T=1": lambda: L.mutual_learning(DML[:2]),
         "dml T=2": lambda: L.mutual_learning(DML, temperature=2.0),
         "dml own grad": lambda: jax.grad(dml_first)(DML[0]),
@@ -884,6 +887,7 @@ def test_crd_matches_numpy(zoo_values, temperature):
 def test_crd_scores_and_gradients(zoo_values):
     expected = np.exp(np.einsum("bkd,bd->bk", np.float64(CRD_MT)[CRD_IDX], CRD_S) / 0.1)
     assert_close(zoo_values["crd_scores"], expected, rtol=1e-5)
+    assert_close(zoo_values["crd_scores gather"], expected, rtol=1e-5)
     for g in zoo_values["crd grads"]:
         assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0)
 

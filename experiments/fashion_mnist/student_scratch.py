@@ -1,7 +1,6 @@
 """Fashion-MNIST student trained from the labels alone: the baseline distillation must beat.
 
-  kdjax train --config experiments/fashion_mnist/student_scratch.py \
-      --workdir workdirs/demo/student_scratch
+  kdjax train --config experiments/fashion_mnist/student_scratch.py --workdir workdirs/demo/student_scratch
 
 Same model, data, augmentation, steps and optimizer as kd.py; only the loss differs. Both see
 randomly cropped (2 px) and flipped images: the distilled student gets the teacher's soft labels
