@@ -456,36 +456,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
 
 def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
-                      progress: bool = True) -> dict[str, Any]:
-    """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
-
-    Generation 1 distils from the config's teacher(s) into `workdir/gen_1`; generation k from
-    generation k-1's student into `workdir/gen_k` (each generation a full run with its own
-    config.json and checkpoints, usable as a teacher). `workdir/summary.json` is the last
-    generation's summary plus every generation's accuracy under "generations".
-    """
-    if generations < 1:
-        raise ValueError(f"--generations must be >= 1, got {generations}")
-    if not objectives.needs_teacher(config.loss.name):
-        raise ValueError(f"born-again generations distil each student into the next; "
-                         f"loss.name={config.loss.name!r} has no teacher")
-    history, previous = [], None
-    for k in range(1, generations + 1):
-        gen_config = ml_collections.ConfigDict(config.to_dict())
-        if previous is not None:
-            gen_config.teacher.update(workdir=previous, workdirs=(), weights=())
-        gen_workdir = os.path.join(workdir, f"gen_{k}")
-        summary = train(config_lib.validate(gen_config), gen_workdir, distill=True,
-                        progress=progress)
-        history.append({"generation": k, "workdir": gen_workdir,
-                        "eval/accuracy": summary.get("eval/accuracy")})
-        previous = gen_workdir
-    summary = {**summary, "generations": history}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
-
-def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
                       progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
 
