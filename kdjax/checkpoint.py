@@ -4,16 +4,23 @@ A checkpoint has two items so that a teacher or an export reads only what it nee
   "model": {"params", "model_state"}        the network (parameters, BatchNorm statistics)
   "train": {"step", "opt_state", "rng", "perm"}   everything else needed to resume exactly
 Saving is asynchronous and atomic (Orbax writes to a temporary directory and renames it).
+In a multi-process run every process saves and restores collectively: each writes the shards of
+its own devices (the workdir must be on a filesystem all hosts share), and a restore reads each
+array onto the shardings of its target, so a checkpoint written on 8 devices restores on 1 and
+vice versa.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kdjax import sharding
 from kdjax.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -65,10 +72,15 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_model(workdir: str, model: nnx.Module) -> nnx.Module:
+def load_model(workdir: str, model: nnx.Module, *,
+               shardings_for: Callable[[Any], Any] | None = None) -> nnx.Module:
     """Fill `model` (built with the right architecture) with the latest weights of a run, read-only.
 
-    Only the "model" item is read; the run's optimizer state is never loaded.
+    Only the "model" item is read; the run's optimizer state is never loaded. `model` may be
+    abstract (`nnx.eval_shape`). `shardings_for` maps {"params", "model_state"} to their
+    NamedShardings (e.g. `kdjax.sharding.tree_shardings` with a mesh and rule): each array is
+    then read straight onto its devices, whatever mesh wrote it, and a large teacher is never
+    whole on one device.
     """
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
@@ -81,6 +93,8 @@ def load_model(workdir: str, model: nnx.Module) -> nnx.Module:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     target = {"params": params, "model_state": model_state}
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if shardings_for is not None:
+        abstract = sharding.abstract(abstract, shardings_for(abstract))
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract)))["model"]
     manager.close()

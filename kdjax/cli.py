@@ -4,6 +4,9 @@
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/kd --config.train.steps=200
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
+
+Several hosts: the same command on every host, plus --coordinator HOST:PORT --num-processes N
+--process-id I unless SLURM, Open MPI or a TPU pod provides them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="experiment file with get_config() (eval: default WORKDIR/config.json)")
         c.add_argument("--workdir", required=True, help="where the run's outputs go")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        multi = c.add_argument_group(
+            "multi-host", "every process runs the same command (docs/scaling.md); under SLURM, "
+            "Open MPI or on a TPU pod these are detected and may be left out")
+        multi.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="address of process 0's coordinator service")
+        multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+        multi.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name, e.g. fashion_mnist")
     prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
@@ -105,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "summary":
         print(summary_table(args.workdirs))
         return 0
+    from kdjax import distributed
+
+    # Before any JAX computation: afterwards jax.devices() spans every process.
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = _load_config(args, overrides)
     from kdjax import trainer
 

@@ -38,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # kwargs go to the model's constructor (e.g. {"hidden": (256,)}); compute_dtype "auto" is
     # bfloat16 on GPU/TPU and float32 on CPU (kdjax.step.compute_dtype).
-    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto")
+    # sharding: how the student's parameters and optimizer state are placed on the mesh,
+    # "replicated" or "fsdp" (split over mesh.fsdp; see kdjax/sharding.py).
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", sharding="replicated")
     c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1)
     c.optimizer = dict(
         name="sgd",  # sgd | adam | adamw
@@ -61,7 +63,15 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.eval = dict(every_steps=500, batch_size=1000)
     c.checkpoint = dict(every_steps=1000, max_to_keep=2)
-    c.teacher = dict(workdir="")  # distill: the workdir of the run that trained the teacher
+    # distill: workdir = the run that trained the teacher; sharding = its variables' placement,
+    # "replicated" or "fsdp" (a large teacher is usually sharded, a small student replicated).
+    c.teacher = dict(workdir="", sharding="replicated")
+    # The device mesh over all devices of all processes: the batch is split over data × fsdp,
+    # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
+    # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.
+    # fsdp_min_bytes: arrays smaller than this stay replicated under "fsdp" (gathering them
+    # costs more than it saves; big_vision's 4 MiB).
+    c.mesh = dict(data=-1, fsdp=1, fsdp_min_bytes=4 * 2**20)
     return c
 
 

@@ -15,19 +15,29 @@ import numpy as np
 
 
 class MetricWriter:
-    def __init__(self, workdir: str):
+    """Writes in one process only (`active`): in a multi-process run every process computes the
+    same global metrics, and process 0 records them."""
+
+    def __init__(self, workdir: str, *, active: bool = True):
+        self.active = active
+        if not active:
+            return
         from tensorboardX import SummaryWriter  # heavy-ish import, only for a run
 
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         for k, v in scalars.items():
             self._tb.add_scalar(k, float(v), int(step))
 
     def close(self) -> None:
+        if not self.active:
+            return
         self._jsonl.close()
         self._tb.close()
 

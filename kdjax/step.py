@@ -155,6 +155,8 @@ def make_distill_step(
     mesh: Mesh | None = None,
     data: DeviceData | None = None,
     steps_per_call: int = 1,
+    state_sharding: TrainState | None = None,
+    teacher_sharding: Sequence[nnx.State] | None = None,
 ) -> Step:
     """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
 
@@ -166,15 +168,24 @@ def make_distill_step(
         read named taps; unused taps are dead code to XLA and cost nothing.
       teachers: frozen teachers, evaluated in inference mode inside the step.
       preprocess: the on-device normalisation/augmentation recipe.
-      mesh: device mesh (default: all devices); state replicated, batch split on the data axis.
-      data: a device-resident training set to sample from inside the step.
+      mesh: device mesh (default: all devices); the batch is split over its data and fsdp axes.
+      data: a device-resident training set to sample from inside the step (replicated: every
+        device gathers its own rows of the global batch, no communication).
       steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
         for small models; on XLA:CPU a scanned conv step was measured ~10x slower, keep 1 there).
+      state_sharding: a TrainState of NamedShardings, the state's placement in and out of the
+        step (`kdjax.sharding.state_shardings`); default: replicated.
+      teacher_sharding: per teacher, its variables' shardings (`kdjax.sharding.tree_shardings`);
+        default: replicated. The teachers' variables are placed on them once, here.
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
     mesh = mesh or sharding.make_mesh()
     teacher_defs = tuple(t.graphdef for t in teachers)
+    rep = sharding.replicated(mesh)
+    state_sharding = rep if state_sharding is None else state_sharding
+    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
+    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
 
     def one_step(state: TrainState, teacher_vars, data, batch):
         if data is not None:
@@ -211,26 +222,30 @@ def make_distill_step(
             length=steps_per_call)
         return state, jax.tree.map(jnp.mean, metrics)
 
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    batch_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        None, sharding.DATA_AXIS)) if steps_per_call > 1 else split)
+    batch_sharding = sharding.batch_sharded(mesh, stacked=steps_per_call > 1)
     fn = jax.jit(multi_step, donate_argnums=0,
-                 in_shardings=(rep, rep, rep, batch_sharding), out_shardings=(rep, rep))
-    return Step(fn, tuple(t.variables for t in teachers), data)
+                 in_shardings=(state_sharding, teacher_sharding, rep, batch_sharding),
+                 out_shardings=(state_sharding, rep))
+    return Step(fn, teacher_vars, data)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
-                   mesh: Mesh | None = None) -> Callable:
+                   mesh: Mesh | None = None, state_sharding: TrainState | None = None,
+                   teacher_sharding: Sequence[nnx.State] | None = None) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
     partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
     and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
-    divides by count.
+    divides by count. `state_sharding` and `teacher_sharding` are make_distill_step's.
     """
     mesh = mesh or sharding.make_mesh()
-    teacher_vars = tuple(t.variables for t in teachers)
+    rep = sharding.replicated(mesh)
+    params_sharding = rep if state_sharding is None else state_sharding.params
+    model_state_sharding = rep if state_sharding is None else state_sharding.model_state
+    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
+    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
     teacher_defs = tuple(t.graphdef for t in teachers)
 
     def eval_step(params, model_state, teacher_vars, batch):
@@ -251,8 +266,8 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
             sums["teacher_agreement"] = ((logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
         return sums
 
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    fn = jax.jit(eval_step, in_shardings=(rep, rep, rep, split), out_shardings=rep)
+    fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(
+        params_sharding, model_state_sharding, teacher_sharding, sharding.batch_sharded(mesh)))
     return lambda params, model_state, batch: fn(params, model_state, teacher_vars, batch)
 
 
