@@ -118,7 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdjax import distributed
 
     # Before any JAX computation: afterwards jax.devices() spans every process.
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    how = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if how:
+        import jax
+
+        print(f"kdjax: process {jax.process_index()} of {jax.process_count()} ({how}), "
+              f"{jax.device_count()} devices", flush=True)
     config = _load_config(args, overrides)
     from kdjax import trainer
 
