@@ -114,7 +114,7 @@ def leaf_spec(shape: tuple[int, ...], dtype: Any, mesh: Mesh, rule: str, *,
     divisible = [i for i, d in enumerate(shape) if d % n == 0]
     if not divisible:
         return P()
-    # Largest axis; on a tie the later one (a kernel's output features), as big_vision does.
+    # Largest axis; on a tie the later one (a kernel's output features).
     axis = max(divisible, key=lambda i: (shape[i], i))
     return P(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
 

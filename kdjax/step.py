@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -156,7 +156,7 @@ def make_distill_step(
     data: DeviceData | None = None,
     steps_per_call: int = 1,
     state_sharding: TrainState | None = None,
-    teacher_sharding: Sequence[nnx.State] | None = None,
+    teacher_sharding: Sequence[Any] | None = None,
 ) -> Step:
     """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
 
@@ -232,7 +232,7 @@ def make_distill_step(
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
                    mesh: Mesh | None = None, state_sharding: TrainState | None = None,
-                   teacher_sharding: Sequence[nnx.State] | None = None) -> Callable:
+                   teacher_sharding: Sequence[Any] | None = None) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last

@@ -27,6 +27,13 @@ from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step
 N, B, C, STEPS = 256, 32, 4, 50
 
 
+def xla_flags(num_devices: int) -> str:
+    """`num_devices` simulated CPU devices. Their collectives wait for every device's thread; on
+    a loaded 2-core machine one can be starved past XLA's 40 s abort, so allow 10 minutes."""
+    return (f"--xla_force_host_platform_device_count={num_devices} "
+            f"--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
+
 def toy_data():
     """8x8 images whose mean brightness encodes the class."""
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ def run8(tmp_path_factory):
     ckpt.close()
     written_on_1 = md.flat({"params": state.params, "opt_state": state.opt_state})
     env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": md.xla_flags(8)}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_multidevice.py"), str(tmp),
                         str(tmp / "run1")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
