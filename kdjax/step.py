@@ -137,9 +137,11 @@ class Step:
     fn: Callable
     teachers: tuple[nnx.State, ...]
     data: DeviceData | None
+    serial: bool = False  # wait for each call to finish (kdjax.sharding.serial_dispatch)
 
     def __call__(self, state: TrainState, batch: Batch | None = None) -> tuple[TrainState, Metrics]:
-        return self.fn(state, self.teachers, self.data, batch)
+        out = self.fn(state, self.teachers, self.data, batch)
+        return jax.block_until_ready(out) if self.serial else out
 
     def lower(self, state: TrainState, batch: Batch | None = None):
         return self.fn.lower(state, self.teachers, self.data, batch)
@@ -226,7 +228,7 @@ def make_distill_step(
     fn = jax.jit(multi_step, donate_argnums=0,
                  in_shardings=(state_sharding, teacher_sharding, rep, batch_sharding),
                  out_shardings=(state_sharding, rep))
-    return Step(fn, teacher_vars, data)
+    return Step(fn, teacher_vars, data, sharding.serial_dispatch(mesh))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
@@ -268,7 +270,13 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
 
     fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(
         params_sharding, model_state_sharding, teacher_sharding, sharding.batch_sharded(mesh)))
-    return lambda params, model_state, batch: fn(params, model_state, teacher_vars, batch)
+    serial = sharding.serial_dispatch(mesh)
+
+    def run(params, model_state, batch):
+        sums = fn(params, model_state, teacher_vars, batch)
+        return jax.block_until_ready(sums) if serial else sums
+
+    return run
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -27,11 +27,9 @@ from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step
 N, B, C, STEPS = 256, 32, 4, 50
 
 
-def xla_flags(num_devices: int) -> str:
-    """`num_devices` simulated CPU devices. Their collectives wait for every device's thread; on
-    a loaded 2-core machine one can be starved past XLA's 40 s abort, so allow 10 minutes."""
-    return (f"--xla_force_host_platform_device_count={num_devices} "
-            f"--xla_cpu_collective_call_terminate_timeout_seconds=600")
+def simulated_devices_env(num_devices: int) -> dict[str, str]:
+    """Environment for a subprocess with `num_devices` simulated CPU devices."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
 
 
 def toy_data():
@@ -126,6 +124,7 @@ def main(out: str, ckpt_1dev: str) -> None:
     result["local_batch"] = {"shard_shapes": split_info(batch)["['image']"]["shard_shapes"],
                              "equal": bool(np.array_equal(np.asarray(batch["image"]),
                                                           images[:B]))}
+    result["serial_dispatch"] = sharding.serial_dispatch(meshes["dp"][0])
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)
 

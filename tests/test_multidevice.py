@@ -31,8 +31,7 @@ def run8(tmp_path_factory):
     ckpt.save(state, force=True)
     ckpt.close()
     written_on_1 = md.flat({"params": state.params, "opt_state": state.opt_state})
-    env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": md.xla_flags(8)}
+    env = {**os.environ, "PYTHONPATH": ROOT, **md.simulated_devices_env(8)}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "_multidevice.py"), str(tmp),
                         str(tmp / "run1")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -115,3 +114,9 @@ def test_checkpoint_from_8_fsdp_devices_restores_onto_1_device(run8):
 def test_process_local_batches_assemble_the_global_batch(run8):
     local = run8["result"]["local_batch"]
     assert local["equal"] and local["shard_shapes"] == [[md.B // 8, 8, 8, 1]]
+
+
+def test_several_cpu_devices_in_one_process_dispatch_serially(run8):
+    """XLA:CPU can deadlock overlapping multi-device steps (kdjax.sharding.serial_dispatch)."""
+    assert run8["result"]["serial_dispatch"] is True
+    assert sharding.serial_dispatch(sharding.make_mesh()) is False  # one device: asynchronous

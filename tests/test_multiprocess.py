@@ -38,8 +38,7 @@ def _launch(args_for, env_for, n=2, timeout=400):
     """Start `n` kdjax processes (2 CPU devices each), wait for all, return their outputs."""
     procs = []
     for i in range(n):
-        env = {**os.environ, "PYTHONPATH": ROOT,
-               "XLA_FLAGS": md.xla_flags(2), **env_for(i)}
+        env = {**os.environ, "PYTHONPATH": ROOT, **md.simulated_devices_env(2), **env_for(i)}
         procs.append(subprocess.Popen([sys.executable, "-m", "kdjax", *args_for(i)], env=env,
                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
