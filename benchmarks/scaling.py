@@ -146,7 +146,9 @@ def main() -> None:
              f"Distillation step (MLP 784-1200-1200-10 teacher -> 784-128-10 student, KD), "
              f"{args.per_device_batch} images per device per step (weak scaling), best of "
              f"{args.repeats} x {args.steps} steps (median in the JSON). jax {jax.__version__}, "
-             f"{meta['date']}.", ""]
+             f"{meta['date']}. 1-minute load average {load_before:.1f} before, "
+             f"{meta['load_average_1min'][1]:.1f} after (other work on the machine adds noise).",
+             ""]
     if simulated:
         lines += ["**Simulated devices share the same CPU cores: the total compute is fixed, so "
                   "the efficiency here measures the overhead of the partitioned program and its "

@@ -2,12 +2,13 @@
 (XLA_FLAGS=--xla_force_host_platform_device_count=8) must be set before JAX starts, so it cannot
 run inside the pytest process (which keeps its single CPU device).
 
-  python tests/_multidevice.py OUT_DIR CKPT_1DEV
+  python tests/_multidevice.py OUT_DIR
 
 trains the same distillation for STEPS steps on 1 device, on 8 (data parallel), with FSDP over 8
 and on a (data=2, fsdp=4) mesh with a sharded teacher and a replicated student; writes each run's
-losses and final parameters, how the FSDP arrays are split, restores CKPT_1DEV (written on one
-device by the test) onto 8 devices, and writes an 8-device checkpoint for the test to restore on 1.
+losses and final parameters and how the FSDP arrays are split; checkpoints the 1-device run and
+restores it onto the 8-device FSDP layout; checkpoints the FSDP run for the test to restore in its
+own one-device process.
 """
 
 import json
@@ -15,7 +16,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -40,16 +40,22 @@ def toy_data():
     return images.astype(np.uint8), labels
 
 
-def setup(mesh, *, rule="replicated", teacher_rule="replicated"):
-    """Student: a small CNN with BatchNorm (its statistics must be global-batch statistics);
-    teacher: an MLP. min_bytes=0: the FSDP rule splits every array with an axis divisible by the
-    fsdp axis size, however small."""
+TX = optax.sgd(0.05, momentum=0.9)
+
+
+def init():
+    """Student: a small CNN with BatchNorm (its statistics must be global-batch statistics)."""
     student = models.create_model("cnn_small", channels=(8, 16), dense=32, input_size=8,
                                   in_channels=1, num_classes=C, rngs=nnx.Rngs(0))
+    return init_train_state(student, TX, seed=0, num_examples=N)
+
+
+def setup(mesh, *, rule="replicated", teacher_rule="replicated"):
+    """The student, an MLP teacher, the step. min_bytes=0: the FSDP rule splits every array with
+    an axis divisible by the fsdp axis size, however small."""
     teacher = freeze(models.create_model("mlp", hidden=(64,), in_features=64, num_classes=C,
                                          rngs=nnx.Rngs(1)))
-    tx = optax.sgd(0.05, momentum=0.9)
-    graphdef, state = init_train_state(student, tx, seed=0, num_examples=N)
+    graphdef, state = init()
     state_sharding = sharding.state_shardings(state, mesh, rule, min_bytes=0)
     teacher_sharding = (sharding.tree_shardings(teacher.variables, mesh, teacher_rule,
                                                 min_bytes=0),)
@@ -57,7 +63,7 @@ def setup(mesh, *, rule="replicated", teacher_rule="replicated"):
     data = DeviceData(sharding.replicate(images, mesh), sharding.replicate(labels, mesh),
                       batch_size=B)
     step = make_distill_step(
-        graphdef, tx, objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5,
+        graphdef, TX, objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5,
                                                     temperature=2.0),
         teachers=(teacher,), preprocess=augment.Preprocess(crop_padding=1, flip=True),
         mesh=mesh, data=data, state_sharding=state_sharding, teacher_sharding=teacher_sharding)
@@ -79,7 +85,7 @@ def split_info(tree) -> dict[str, dict]:
         for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def main(out: str, ckpt_1dev: str) -> None:
+def main(out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     meshes = {
         "single": (sharding.make_mesh(devices=jax.devices()[:1]), "replicated", "replicated"),
@@ -100,6 +106,12 @@ def main(out: str, ckpt_1dev: str) -> None:
                         "teacher_bytes": sharding.bytes_per_device(step.teachers)}
         np.savez(os.path.join(out, f"{name}.npz"),
                  **flat({"params": state.params, "model_state": state.model_state}))
+        if name == "single":  # a checkpoint written on one device
+            ckpt = Checkpointer(os.path.join(out, "run1"), every_steps=1, max_to_keep=1)
+            ckpt.save(state, force=True)
+            ckpt.close()
+            np.savez(os.path.join(out, "written_on_1.npz"),
+                     **flat({"params": state.params, "opt_state": state.opt_state}))
         if name == "fsdp":
             result["fsdp"]["params_split"] = split_info(state.params)
             result["fsdp"]["opt_split"] = split_info(state.opt_state)
@@ -108,8 +120,8 @@ def main(out: str, ckpt_1dev: str) -> None:
             ckpt.save(state, force=True)
             ckpt.close()
             # A checkpoint written on one device, restored straight onto the 8-device FSDP layout.
-            restored = Checkpointer(ckpt_1dev, every_steps=1, max_to_keep=1).restore(
-                sharding.abstract(state, state_sharding))
+            restored = Checkpointer(os.path.join(out, "run1"), every_steps=1,
+                                    max_to_keep=1).restore(sharding.abstract(state, state_sharding))
             result["restored_from_1dev"] = {"step": int(restored.step),
                                             "params_split": split_info(restored.params)}
             np.savez(os.path.join(out, "restored_from_1dev.npz"),
