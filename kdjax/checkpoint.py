@@ -16,6 +16,11 @@ temporary directory renamed when complete): a reader never sees a half-written c
 temporary directory left by a killed run is removed when the next run starts. Kept: the latest
 `max_to_keep` checkpoints plus the `keep_best` best by an eval metric (Orbax preservation
 policies). The teacher is never copied: it is read, read-only, from the run that trained it.
+
+In a multi-process run every process saves and restores collectively: each writes the shards of
+its own devices (the workdir must be on a filesystem all hosts share), and a restore reads each
+array onto the shardings of its target, so a checkpoint written on 8 devices restores on 1 and
+vice versa.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -110,12 +116,6 @@ def _state(model: dict[str, Any], train: dict[str, Any], like: TrainState) -> Tr
     return TrainState(params=join_student(model["params"], extras["params"]),
                       model_state=join_student(model["model_state"], extras["model_state"]),
                       **train)
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of `tree`'s arrays: a restore target for Orbax, which
-    then places every array as the running job wants it (any mesh, any device count)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def mismatches(saved: Any, target: Any) -> list[str]:
@@ -298,7 +298,7 @@ class Checkpointer:
             f"{kept}. Free disk space (or fix the permissions) there first.")
 
     def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """Restore the newest readable checkpoint onto `abstract_state` (see `abstract_like`).
+        """Restore the newest readable checkpoint onto `abstract_state` (`kdjax.sharding.abstract`).
 
         A checkpoint that cannot be read (truncated, corrupted) is reported on stderr and moved to
         WORKDIR/checkpoints_unreadable, and the one before it is tried. Returns None when the
@@ -428,8 +428,10 @@ class RunReader:
         return ModelSpec.from_json(self.run_meta(step)["model"])
 
     def load_model(self, step: int, spec: ModelSpec, *, mesh: Mesh | None = None,
+                   shardings_for: Callable[[Any], Any] | None = None,
                    what: str = "the model") -> nnx.Module:
-        """Rebuild `spec` with the weights of checkpoint `step`, replicated on `mesh`.
+        """Rebuild `spec` with the weights of checkpoint `step`, replicated on `mesh` (or placed
+        as `shardings_for` says: see `restore_model`).
 
         Raises CheckpointMismatchError listing every differing parameter path and shape when the
         checkpoint does not hold that architecture, CheckpointError when it cannot be read.
@@ -441,23 +443,27 @@ class RunReader:
             raise CheckpointError(f"the checkpoint {path} is unreadable ({_first_line(e)})") from e
         return restore_model(spec, saved, lambda target: self.manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"],
-            mesh=mesh, where=path, what=what)
+            mesh=mesh, shardings_for=shardings_for, where=path, what=what)
 
     def close(self) -> None:
         self.manager.close()
 
 
 def restore_model(spec: ModelSpec, saved_metadata: Any, read, *, mesh: Mesh | None, where: str,
-                  what: str) -> nnx.Module:
+                  what: str, shardings_for: Callable[[Any], Any] | None = None) -> nnx.Module:
     """Check the saved arrays against `spec`'s model, then `read(target)` them onto `mesh`.
 
     Shared by checkpoints and exports: `saved_metadata` is the saved {"params", "model_state"}
-    tree's metadata and `read` restores that tree onto an abstract target.
+    tree's metadata and `read` restores that tree onto an abstract target. The arrays are
+    replicated on `mesh`, or, with `shardings_for` (mapping {"params", "model_state"} to their
+    NamedShardings, e.g. `kdjax.sharding.tree_shardings` with a mesh and rule), read straight onto
+    their devices, whatever mesh wrote them: a large teacher is never whole on one device.
     """
     graphdef, params, model_state = nnx.split(spec.abstract(), nnx.Param, ...)
-    rep = sharding.replicated(mesh or sharding.make_mesh())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          {"params": params, "model_state": model_state})
+    tree = {"params": params, "model_state": model_state}
+    shardings = (shardings_for(tree) if shardings_for is not None
+                 else sharding.replicated(mesh or sharding.make_mesh()))
+    target = sharding.abstract(tree, shardings)
     lines = mismatches(saved_metadata, target)
     if lines:
         raise CheckpointMismatchError(

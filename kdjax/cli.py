@@ -6,13 +6,16 @@
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
+  kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
+  kdjax datasets                           (what is prepared where)
 
 train/distill resume from the workdir's latest checkpoint (--fresh refuses a workdir that has
 one). Exit codes: 0 done; 1 stopped during training (non-finite step, checkpoint failure); 2 refused
 before training (bad config, argument, workdir, data or teacher); 128+N interrupted by signal N
 (143 SIGTERM, 130 SIGINT) after saving a checkpoint: run the same command again to resume.
-  kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
-  kdjax datasets                           (what is prepared where)
+
+Several hosts: the same command on every host, plus --coordinator HOST:PORT --num-processes N
+--process-id I unless SLURM, Open MPI or a TPU pod provides them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--generations", type=int, default=1,
                            help="born-again networks: distil N generations in a row, each the "
                                 "teacher of the next, into WORKDIR/gen_1..gen_N")
+        multi = c.add_argument_group(
+            "multi-host", "every process runs the same command (docs/scaling.md); under SLURM, "
+            "Open MPI or on a TPU pod these are detected and may be left out")
+        multi.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="address of process 0's coordinator service")
+        multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+        multi.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
     exp = sub.add_parser("export", help="write a run's student alone (no optimizer state), with "
                                         "a snippet to load and run it")
     exp.add_argument("--workdir", required=True, help="the run to export")
@@ -178,6 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdjax: exported the student to {path}; load and run it with:\n"
               f"{export.snippet(path)}")
         return 0
+
+    from kdjax import distributed
+
+    # Before any JAX computation: afterwards jax.devices() spans every process.
+    how = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if how:
+        import jax
+
+        print(f"kdjax: process {jax.process_index()} of {jax.process_count()} ({how}), "
+              f"{jax.device_count()} devices", flush=True)
     config = _load_config(args, overrides)
     from kdjax import trainer
 

@@ -55,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     # dataset's; set it to give the head more outputs than the dataset has labels.
     # peers: further students trained alongside (loss.name="dml"), by model name; each gets
     # model.kwargs when its name is model.name, its registry defaults otherwise.
-    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0, peers=())
+    # sharding: how the student's parameters and optimizer state are placed on the mesh,
+    # "replicated" or "fsdp" (split over mesh.fsdp; see kdjax/sharding.py).
+    c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0, peers=(),
+                   sharding="replicated")
     # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
     # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
     # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).
@@ -105,8 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     # workdirs/weights/combine: several teachers (instead of workdir), each from its own run;
     # weights one per teacher, normalised (() = uniform); combine for logit losses: "ensemble"
     # (one target) | "per_teacher" (weighted sum of per-teacher losses).
+    # sharding: the teachers' variables' placement, "replicated" or "fsdp" (a large teacher is
+    # usually sharded, a small student replicated).
     c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
-                     combine="ensemble")
+                     combine="ensemble", sharding="replicated")
+    # The device mesh over all devices of all processes: the batch is split over data × fsdp,
+    # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
+    # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.
+    # fsdp_min_bytes: arrays smaller than this stay replicated under "fsdp" (gathering them
+    # costs more than it saves; big_vision's 4 MiB).
+    c.mesh = dict(data=-1, fsdp=1, fsdp_min_bytes=4 * 2**20)
     return c
 
 

@@ -189,11 +189,7 @@ def even_rows(batch_size: int, process_index: int, process_count: int) -> tuple[
 
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
     """Rows of a global batch sharded over `mesh` held by this process's devices (contiguous)."""
-    if batch_size % mesh.size:
-        raise ValueError(
-            f"the batch size must be divisible by the number of devices, got batch_size="
-            f"{batch_size} on {mesh.size} devices; pick train.batch_size and eval.batch_size as "
-            f"multiples of {mesh.size}")
+    sharding.check_batch_size(batch_size, mesh, "the batch size (train.batch_size, eval.batch_size)")
     spec = sharding.batch_sharded(mesh)
     index_map = spec.addressable_devices_indices_map((batch_size,))
     rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
@@ -404,8 +400,7 @@ class _Pipeline:
 
 def _placer(mesh: jax.sharding.Mesh, global_batch: int, leading: tuple[int, ...]):
     """Host batch of this process's rows -> global jax.Arrays sharded like the step expects."""
-    spec = jax.sharding.PartitionSpec(*([None] * len(leading)), sharding.DATA_AXIS)
-    target = jax.sharding.NamedSharding(mesh, spec)
+    target = sharding.batch_sharded(mesh, stacked=bool(leading))
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         out = {}
@@ -518,7 +513,7 @@ def array_eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
     n = len(arrays["label"])
     for start in range(0, n, batch_size):
         batch = pad_batch({k: v[start:start + batch_size] for k, v in arrays.items()}, batch_size)
-        yield sharding.shard_batch(batch, mesh)
+        yield sharding.shard_batch(batch, mesh, "eval.batch_size")
 
 
 # --------------------------------------------------------------------------

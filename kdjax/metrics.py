@@ -22,9 +22,13 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
     """Appends to metrics.jsonl and TensorBoard, after dropping what a killed run wrote past the
     step the run (re)starts from, so that a resumed run's records read as one uninterrupted run's.
-    """
+    Writes in one process only (`active`): in a multi-process run every process computes the
+    same global metrics, and process 0 records them."""
 
-    def __init__(self, workdir: str, *, start_step: int = 0):
+    def __init__(self, workdir: str, *, start_step: int = 0, active: bool = True):
+        self.active = active
+        if not active:
+            return
         from tensorboardX import SummaryWriter  # heavy-ish import, only for a run
 
         path = os.path.join(workdir, METRICS_FILE)
@@ -34,12 +38,16 @@ class MetricWriter:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(json_safe(record)) + "\n")
         for k, v in scalars.items():
             self._tb.add_scalar(k, float(v), int(step))
 
     def close(self) -> None:
+        if not self.active:
+            return
         self._jsonl.close()
         self._tb.close()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -241,9 +241,11 @@ class Step:
     fn: Callable
     teachers: tuple[nnx.State, ...]
     data: DeviceData | None
+    serial: bool = False  # wait for each call to finish (kdjax.sharding.serial_dispatch)
 
     def __call__(self, state: TrainState, batch: Batch | None = None) -> tuple[TrainState, Metrics]:
-        return self.fn(state, self.teachers, self.data, batch)
+        out = self.fn(state, self.teachers, self.data, batch)
+        return jax.block_until_ready(out) if self.serial else out
 
     def lower(self, state: TrainState, batch: Batch | None = None):
         return self.fn.lower(state, self.teachers, self.data, batch)
@@ -260,6 +262,8 @@ def make_distill_step(
     data: DeviceData | None = None,
     steps_per_call: int = 1,
     nan_policy: str = "stop",
+    state_sharding: TrainState | None = None,
+    teacher_sharding: Sequence[Any] | None = None,
 ) -> Step:
     """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
 
@@ -272,15 +276,20 @@ def make_distill_step(
         also holds its connectors' outputs and its peers' features (`Distillee.features`).
       teachers: frozen teachers, evaluated in inference mode inside the step.
       preprocess: the on-device normalisation/augmentation recipe.
-      mesh: device mesh (default: all devices); batch split on the data axis, state replicated
-        but for per-example memory (`sharding.state_shardings`).
-      data: a device-resident training set to sample from inside the step.
+      mesh: device mesh (default: all devices); the batch is split over its data and fsdp axes.
+      data: a device-resident training set to sample from inside the step (replicated: every
+        device gathers its own rows of the global batch, no communication).
       steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
         for small models; on XLA:CPU a scanned conv step was measured ~10x slower, keep 1 there).
       nan_policy: "stop" records the first non-finite step in the state (`bad_step`,
         `bad_terms`) for the caller to stop at its next look; "skip" also leaves the parameters,
         statistics and optimizer state of such a step unchanged (its batch is consumed) and
         counts it in `skipped_steps`, returned as a metric. Both check on the device: no sync.
+      state_sharding: a TrainState of NamedShardings, the state's placement in and out of the
+        step (`kdjax.sharding.state_shardings`); default: as placed, constrained to replicated
+        but for per-example memory.
+      teacher_sharding: per teacher, its variables' shardings (`kdjax.sharding.tree_shardings`);
+        default: replicated. The teachers' variables are placed on them once, here.
     """
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
@@ -289,6 +298,9 @@ def make_distill_step(
                          f"got {nan_policy!r}")
     mesh = mesh or sharding.make_mesh()
     teacher_defs = tuple(t.graphdef for t in teachers)
+    rep = sharding.replicated(mesh)
+    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
+    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
 
     def one_step(state: TrainState, teacher_vars, data, batch):
         if data is not None:
@@ -336,7 +348,8 @@ def make_distill_step(
             metrics["skipped_steps"] = health["skipped_steps"]
         state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, **health)
-        state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh))
+        state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh)
+                                                 if state_sharding is None else state_sharding)
         return state, metrics
 
     def multi_step(state, teacher_vars, data, batch):
@@ -347,29 +360,33 @@ def make_distill_step(
             length=steps_per_call)
         return state, {k: v[-1] if k in COUNTERS else v.mean() for k, v in metrics.items()}
 
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    batch_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        None, sharding.DATA_AXIS)) if steps_per_call > 1 else split)
-    # The state's shardings (None: as placed by sharding.place_state) are kept by the constraint
-    # at the end of one_step.
+    batch_sharding = sharding.batch_sharded(mesh, stacked=steps_per_call > 1)
     fn = jax.jit(multi_step, donate_argnums=0,
-                 in_shardings=(None, rep, rep, batch_sharding), out_shardings=(None, rep))
-    return Step(fn, tuple(t.variables for t in teachers), data)
+                 in_shardings=(state_sharding, teacher_sharding, rep, batch_sharding),
+                 out_shardings=(state_sharding, rep))
+    return Step(fn, teacher_vars, data, sharding.serial_dispatch(mesh))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
-                   mesh: Mesh | None = None) -> Callable:
+                   mesh: Mesh | None = None, state_sharding: TrainState | None = None,
+                   teacher_sharding: Sequence[Any] | None = None) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
     partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
     and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
     divides by count. A Distillee is evaluated by its student alone, and its peer students (mutual
-    learning) each under the prefix "peer<i>/".
+    learning) each under the prefix "peer<i>/". `state_sharding` and `teacher_sharding` are
+    make_distill_step's; without `state_sharding` the model's variables stay where they were
+    placed.
     """
     mesh = mesh or sharding.make_mesh()
-    teacher_vars = tuple(t.variables for t in teachers)
+    rep = sharding.replicated(mesh)
+    params_sharding = None if state_sharding is None else state_sharding.params
+    model_state_sharding = None if state_sharding is None else state_sharding.model_state
+    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
+    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
     teacher_defs = tuple(t.graphdef for t in teachers)
 
     def eval_step(params, model_state, teacher_vars, batch):
@@ -394,11 +411,15 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
                     (logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
         return sums
 
-    rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    # The model's variables stay where they were placed (None): a Distillee's memory banks may be
-    # split over the devices and are not read here.
-    fn = jax.jit(eval_step, in_shardings=(None, None, rep, split), out_shardings=rep)
-    return lambda params, model_state, batch: fn(params, model_state, teacher_vars, batch)
+    fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(
+        params_sharding, model_state_sharding, teacher_sharding, sharding.batch_sharded(mesh)))
+    serial = sharding.serial_dispatch(mesh)
+
+    def run(params, model_state, batch):
+        sums = fn(params, model_state, teacher_vars, batch)
+        return jax.block_until_ready(sums) if serial else sums
+
+    return run
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,14 @@ What a run does when something goes wrong (kdjax.errors lists the exit codes):
   labels outside the model's classes, a teacher whose classes differ from the student's or whose
   checkpoint does not match its configured architecture, a checkpoint of another model.
 - a failing save: `errors.CheckpointError`; the previous checkpoint stays intact.
+
+Scale-out (docs/scaling.md): the mesh of `config.mesh` spans every device of every process; the
+state is placed by the `model.sharding` rule, the teacher by `teacher.sharding`. With several
+processes and device-resident input, each one loads the whole (small) dataset into device memory,
+replicated, and the step gathers on each device only that device's rows of the global batch (the
+gather is local, no example crosses hosts); streamed input reads a disjoint slice of each global
+batch per process (kdjax.input). Every process computes the same global metrics, process 0 writes the
+run's files, and all of them write the checkpoint collectively.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +44,8 @@ import numpy as np
 from flax import nnx
 
 import kdjax
-from kdjax import augment, checkpoint, config as config_lib, data, input as input_lib
+from kdjax import augment, checkpoint, config as config_lib, data, distributed
+from kdjax import input as input_lib
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
@@ -59,6 +69,14 @@ def _preprocess(config: ml_collections.ConfigDict, channels: int) -> augment.Pre
 
 def _data_dir(config: ml_collections.ConfigDict) -> str | None:
     return config.data.data_dir or None
+
+
+def _mesh(config: ml_collections.ConfigDict, with_teacher: bool) -> jax.sharding.Mesh:
+    """The run's mesh over every device of every process, after checking the sharding rules."""
+    sharding.check_rule(config.model.sharding, config.mesh, "model.sharding")
+    if with_teacher:
+        sharding.check_rule(config.teacher.sharding, config.mesh, "teacher.sharding")
+    return sharding.mesh_from_config(config.mesh)
 
 
 def model_spec(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> ModelSpec:
@@ -88,6 +106,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
                                 f"model there first with `kdjax train`)")
     with open(path) as f:
         return config_lib.from_json(f.read())
+
+
+def _shardings_for(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   rule: str) -> Callable[[Any], Any]:
+    return lambda tree: sharding.tree_shardings(tree, mesh, rule,
+                                                min_bytes=config.mesh.fsdp_min_bytes)
 
 
 def teacher_workdirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -149,7 +173,9 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_
         what = ("the teacher model teacher.model.name="
                 f"{config.teacher.model.name!r}" if config.teacher.model.name else
                 "the teacher model recorded with it")
-        return freeze(reader.load_model(step, teacher, mesh=mesh, what=what))
+        return freeze(reader.load_model(
+            step, teacher, what=what,
+            shardings_for=_shardings_for(config, mesh, config.teacher.sharding)))
     finally:
         reader.close()
 
@@ -267,7 +293,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     from tqdm import tqdm
 
     total, per_call = config.train.steps, config.train.steps_per_call
-    mesh = sharding.make_mesh()
+    mesh = _mesh(config, distill)
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     mode, spec = _input(config, spec, config.data.train_split)
     batch_size = config.train.batch_size
@@ -283,10 +309,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     if batch_size > num_train:
         raise ValueError(f"train.batch_size={batch_size} exceeds the {num_train} training "
                          f"examples of {config.data.name}")
+    sharding.check_batch_size(batch_size, mesh)
+    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     eval_input = _eval_input(config, mesh, eval_arrays)
     preprocess = _preprocess(config, spec.image_shape[-1])
     with_teacher = distill and objectives.needs_teacher(config.loss.name)
     teachers = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
+    teacher_sharding = tuple(_shardings_for(config, mesh, config.teacher.sharding)(t.variables)
+                             for t in teachers)
 
     model = build_distillee(config, spec, student, teachers,
                             None if train_arrays is None else train_arrays["label"])
@@ -294,7 +324,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
                                        num_examples=num_train if mode == "device" else 0)
-    state = sharding.place_state(state, mesh)
+    state_sharding = sharding.state_shardings(state, mesh, config.model.sharding,
+                                              min_bytes=config.mesh.fsdp_min_bytes)
+    state = sharding.put(state, state_sharding)
     checkpoint.ensure_space(workdir, state, copies=config.checkpoint.max_to_keep
                             + config.checkpoint.keep_best + 1)
     device_data = None if train_arrays is None else DeviceData(
@@ -303,22 +335,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     nan_policy = config.train.nan_policy
     step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss, config.teacher),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
-                                data=device_data, steps_per_call=per_call, nan_policy=nan_policy)
-    eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh)
+                                data=device_data, steps_per_call=per_call, nan_policy=nan_policy,
+                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+    eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh,
+                               state_sharding=state_sharding, teacher_sharding=teacher_sharding)
 
     pending: list = []  # on-device metrics of the steps since the last log line
     last_train: dict[str, float] = {}
-    restored = ckpt.restore(checkpoint.abstract_like(state))
+    # Onto this run's shardings, whatever device count wrote the checkpoint.
+    restored = ckpt.restore(sharding.abstract(state, state_sharding))
     if restored is not None:
         state, run = restored
-        # The same placement as a fresh state's, so both runs use one compiled step.
-        state = sharding.place_state(state, mesh)
         pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
         last_train = run["last_train"]
         print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
                            num_train // batch_size, run["config"], config), flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+    primary = distributed.is_primary()
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
 
     def run_record() -> dict[str, Any]:
         return {"kdjax_version": kdjax.__version__, "config": json.loads(config_lib.to_json(config)),
@@ -329,10 +364,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
 
     step = start = int(jax.device_get(state.step))
     logged_at = start - len(pending) * per_call
-    writer = metrics_lib.MetricWriter(workdir, start_step=start)
+    writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
     eval_metrics: dict[str, float] = {}
     skipped_reported = int(jax.device_get(state.skipped_steps))
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not (progress and primary), unit="step",
+               dynamic_ncols=True)
     t_start = time.perf_counter()
     t_train = 0.0  # device-bound training time, excluding the first call's compile and evals
     t_mark, images_timed = None, 0
@@ -417,20 +453,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "images_per_s": images_timed / t_train if t_train > 0 else None,
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
+        # What sharding buys: bytes one device holds (the largest over devices).
+        "param_bytes_per_device": sharding.bytes_per_device(state.params),
+        "opt_state_bytes_per_device": sharding.bytes_per_device(state.opt_state),
+        "teacher_bytes_per_device": sharding.bytes_per_device(
+            [t.variables for t in teachers]) if teachers else None,
         "model": config.model.name,
         "num_params": num_params,
         "teacher": (", ".join(teacher_workdirs(config)) or None) if with_teacher else None,
         "seed": config.seed,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(metrics_lib.json_safe(summary), f, indent=2)
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(metrics_lib.json_safe(summary), f, indent=2)
     return summary
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluate the latest checkpoint of `workdir` on `data.eval_split` (and agreement with the
     teacher when `teacher.workdir` is set); writes eval.json in the workdir."""
-    mesh = sharding.make_mesh()
+    mesh = _mesh(config, bool(config.teacher.workdir))
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     mode, spec = _input(config, spec, config.data.eval_split)
     arrays = _load(config, config.data.eval_split) if mode == "device" else None
@@ -440,18 +484,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         student = reader.model_spec(step)
         if arrays is not None:
             _check_labels(config, spec, student.num_classes, {config.data.eval_split: arrays})
-        model = reader.load_model(step, student, mesh=mesh)
+        model = reader.load_model(step, student, shardings_for=_shardings_for(
+            config, mesh, config.model.sharding))
     finally:
         reader.close()
     workdirs = teacher_workdirs(config)
     teachers = (load_teacher(config, spec, student.num_classes, mesh, workdirs[0]),
                 ) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    eval_step = make_eval_step(graphdef, teachers=teachers,
-                               preprocess=_preprocess(config, spec.image_shape[-1]), mesh=mesh)
+    eval_step = make_eval_step(
+        graphdef, teachers=teachers, preprocess=_preprocess(config, spec.image_shape[-1]),
+        mesh=mesh, teacher_sharding=tuple(
+            _shardings_for(config, mesh, config.teacher.sharding)(t.variables) for t in teachers))
     result = _evaluate(eval_step, params, model_state, _eval_input(config, mesh, arrays)())
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 
@@ -481,6 +529,7 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, generatio
                         "eval/accuracy": summary.get("eval/accuracy")})
         previous = gen_workdir
     summary = {**summary, "generations": history}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(metrics_lib.json_safe(summary), f, indent=2)
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(metrics_lib.json_safe(summary), f, indent=2)
     return summary

@@ -448,9 +448,9 @@ print("restored on", jax.device_count(), "devices")
 def test_restores_onto_another_mesh_and_device_count(teacher, copy_of, tmp_path):
     """Saved from one device, restored onto two (XLA's host-platform devices), sharded."""
     workdir = copy_of(teacher)
-    state = sharding.replicate(_fresh_state(workdir), sharding.make_mesh())
+    state = _fresh_state(workdir)
     with checkpoint.Checkpointer(workdir, max_to_keep=2) as ck:
-        restored, _ = ck.restore(checkpoint.abstract_like(state))
+        restored, _ = ck.restore(sharding.abstract(state, sharding.replicated(sharding.make_mesh())))
     np.savez(tmp_path / "expected.npz", *[np.asarray(x) for x in jax.tree.leaves(restored)])
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

@@ -76,7 +76,8 @@ def build(name, *, n_teachers=1, **overrides):
     graphdef, state = init_train_state(bundle, tx, seed=0, num_examples=N)
     step = make_distill_step(graphdef, tx, objectives.from_config(cfg), teachers=teachers,
                              data=DeviceData(jnp.asarray(IMAGES), jnp.asarray(LABELS), B))
-    return step, sharding.place_state(state, sharding.make_mesh()), graphdef
+    mesh = sharding.make_mesh()
+    return step, sharding.put(state, sharding.state_shardings(state, mesh)), graphdef
 
 
 def host(tree):
@@ -282,11 +283,11 @@ mesh = sharding.make_mesh()
 data = DeviceData(*sharding.replicate((np.zeros((16, 4, 4, 1), np.uint8), labels), mesh), 4)
 step = make_distill_step(g, tx, objectives.from_config(loss), teachers=(teacher,), data=data,
                          mesh=mesh)
-state = sharding.place_state(state, mesh)
+state = sharding.put(state, sharding.state_shardings(state, mesh))
 for _ in range(2):
     state, metrics = step(state)
 bank = state.model_state["connectors"][0][0]["student_memory"].get_value()
-print(mesh.size, bank.sharding.spec == jax.sharding.PartitionSpec("data"),
+print(mesh.size, bank.sharding.spec == sharding.batch_sharded(mesh).spec,
       float(metrics["loss"]) > 0, step.fn._cache_size())
 """
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
