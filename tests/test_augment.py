@@ -39,6 +39,19 @@ def test_random_flip_mirrors_about_half():
     assert 16 < sum(mirrored) < 48
 
 
+def test_crop_flip_in_one_gather_is_crop_then_flip():
+    """The single gather equals the two steps it replaces: the same keys draw the same offsets and
+    flips as random_crop and random_flip, composed here in numpy."""
+    x, ck, fk = jnp.asarray(IMAGES), jax.random.key(4), jax.random.key(5)
+    out = np.asarray(augment.random_crop_flip(x, crop_key=ck, padding=2, flip_key=fk))
+    cropped = np.asarray(augment.random_crop(ck, x, 2))
+    flips = np.asarray(jax.random.bernoulli(fk, 0.5, (len(IMAGES), 1)))[:, 0]
+    expected = np.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
+    np.testing.assert_array_equal(out, expected)
+    assert 0 < flips.sum() < len(flips)
+    np.testing.assert_array_equal(augment.random_crop_flip(x), IMAGES)  # no key: the identity
+
+
 def test_preprocess_augments_only_with_a_key():
     recipe = augment.Preprocess(mean=(0.5, 0.5), std=(0.5, 0.5), crop_padding=2, flip=True)
     plain = augment.preprocess(jnp.asarray(IMAGES), recipe, key=None, dtype=jnp.float32)
