@@ -448,6 +448,15 @@ class SplitReader:
             labels[i] = feature["label"].int64_list.value[0]
         return blobs, labels
 
+    def labels(self, chunk: int = 8192) -> np.ndarray:
+        """int32 [N]: every example's label, in record order. Parses every record once (a full
+        read of the split), for the few methods that need all labels up front (CRD's negatives)."""
+        out = np.empty(len(self), np.int32)
+        for start in range(0, len(self), chunk):
+            stop = min(start + chunk, len(self))
+            out[start:stop] = self.read(range(start, stop))[1]
+        return out
+
 
 def open_split(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> SplitReader:
     """Random access to a prepared split (see :class:`SplitReader`)."""
