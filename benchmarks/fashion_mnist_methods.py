@@ -206,15 +206,25 @@ def chart(entries: list[dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 7))
     for e in entries:
         teacher = e["name"] in TEACHERS
         scratch = "gain" not in e and not teacher
         (mean, std), x = e["accuracy"], e["num_params"]
         ax.errorbar(x, mean, yerr=std, fmt="*" if teacher else ("s" if scratch else "o"),
                     color="black" if teacher else ("tab:gray" if scratch else "tab:blue"),
-                    markersize=10 if teacher else 6, capsize=3)
-        ax.annotate(e["name"], (x, mean), textcoords="offset points", xytext=(5, 3), fontsize=7)
+                    markersize=10 if teacher else 6, capsize=3, alpha=0.8)
+    # Students of one size share an x: their labels go to the right, pushed apart vertically.
+    accuracies = [e["accuracy"][0] for e in entries]
+    gap = (max(accuracies) - min(accuracies)) / 40
+    for x in sorted({e["num_params"] for e in entries}):
+        label_y = -np.inf
+        for e in sorted((e for e in entries if e["num_params"] == x),
+                        key=lambda e: e["accuracy"][0]):
+            label_y = max(e["accuracy"][0], label_y + gap)
+            ax.annotate(e["name"], (x, e["accuracy"][0]), xytext=(x * 1.3, label_y),
+                        fontsize=7, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     ax.set_xscale("log")
     ax.set_xlabel("parameters (student; teachers as stars)")
     ax.set_ylabel("Fashion-MNIST top-1 accuracy (%), mean ± std over seeds")
