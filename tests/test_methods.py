@@ -296,7 +296,7 @@ state, _ = streamed(state, sharding.shard_batch(
      "index": np.arange(6, 10, dtype=np.int32)}, mesh))
 bank = state.model_state["connectors"][0][0]["student_memory"].get_value()
 changed = np.nonzero((np.asarray(bank) != before).any(1))[0]
-print(bank.sharding.spec == jax.sharding.PartitionSpec("data"), changed.tolist())
+print(bank.sharding.spec == sharding.batch_sharded(mesh).spec, changed.tolist())
 """
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",  # as quick_compiles
