@@ -11,18 +11,13 @@ device and software they were measured on.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 
-import jax
 import numpy as np
 
-from kdjax import config as config_lib, trainer
+from fashion_mnist_common import RESULTS, ROOT, machine, mean_std, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments", "fashion_mnist")
 RUNS = (("teacher", "teacher.py", False), ("student_scratch", "student_scratch.py", False),
         ("student_kd", "kd.py", True))
 
@@ -32,23 +27,20 @@ def main() -> None:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "seeds"))
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
 
     results: dict[str, list[dict]] = {name: [] for name, _, _ in RUNS}
     for seed in args.seeds:
         for name, path, distill in RUNS:
-            overrides = [f"--config.seed={seed}", f"--config.data.data_dir={args.data_dir}",
-                         f"--config.teacher.workdir={args.workdir}/seed{seed}/teacher"]
-            config = config_lib.load(os.path.join(EXP, path), overrides)
-            s = trainer.train(config, f"{args.workdir}/seed{seed}/{name}", distill=distill,
-                              progress=False)
+            overrides = [f"--config.seed={seed}", f"--config.data.data_dir={args.data_dir}"]
+            if distill:
+                overrides.append(f"--config.teacher.workdir={args.workdir}/seed{seed}/teacher")
+            s = run(path, f"{args.workdir}/seed{seed}/{name}", overrides)
             results[name].append({"seed": seed, **s})
             print(f"seed {seed} {name}: accuracy {s['eval/accuracy']:.4f}", flush=True)
 
-    meta = {"device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat()}
+    meta = machine()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fashion_mnist_seeds.json"), "w") as f:
         json.dump({"meta": meta, "runs": results}, f, indent=2)
@@ -58,9 +50,9 @@ def main() -> None:
         acc = np.array([r["eval/accuracy"] for r in runs]) * 100
         wall = np.mean([r["wall_time_s"] for r in runs])
         per_seed = ", ".join(f"{a:.2f}" for a in acc)
+        mean, std = mean_std(acc)
         lines.append(f"| {name} | {runs[0]['model']} | {runs[0]['num_params']:,} | "
-                     f"{acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} % | "
-                     f"{per_seed} | {wall:.0f} |")
+                     f"{mean:.2f} ± {std:.2f} % | {per_seed} | {wall:.0f} |")
     lines.append(f"\nseeds {args.seeds}; {meta['device_kind']} ({meta['cpu_count']} cores), jax "
                  f"{meta['jax']}, {meta['date']}")
     with open(os.path.join(args.out, "fashion_mnist_seeds.md"), "w") as f:

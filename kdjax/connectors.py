@@ -283,8 +283,8 @@ class ContrastMemory(Connector):
     def __call__(self, student, teacher, *, train, index=None, key=None):
         if index is None or key is None:
             raise ValueError("crd needs each example's index in the training set and a PRNG key: "
-                             "sample batches on device (kdjax.step.DeviceData) or pass "
-                             "batch['index'] with streamed batches")
+                             "sample batches on device (kdjax.step.DeviceData) or stream them "
+                             "with kdjax.input.TrainStream, which both add batch['index']")
         s, t = self.taps(student, teacher)
         e_s = losses.l2_normalize(self.student_head(_flat(s).astype(jnp.float32)))
         e_t = losses.l2_normalize(self.teacher_head(_flat(t).astype(jnp.float32)))

@@ -366,6 +366,8 @@ class _Pipeline:
                          "label": labels.reshape(item.shape)}
                 if item.mask:
                     batch["mask"] = (item.indices >= 0).astype(np.float32).reshape(item.shape)
+                else:  # training: each row's place in the training set, for CRD's memory
+                    batch["index"] = item.indices.astype(np.int32).reshape(item.shape)
                 self._put((item.key, self._to_device(batch)))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             self._put(_Error(e))
@@ -414,8 +416,9 @@ def _placer(mesh: jax.sharding.Mesh, global_batch: int, leading: tuple[int, ...]
 
 class TrainStream:
     """Streamed training batches in the device path's order; ``next(stream)`` gives the batch of
-    the next step(s) as global jax.Arrays ({"image": uint8, "label": int32}, a leading
-    [steps_per_call] axis when steps_per_call > 1)."""
+    the next step(s) as global jax.Arrays ({"image": uint8, "label": int32, "index": int32, the
+    examples' rows in the training set as in the device path}, a leading [steps_per_call] axis
+    when steps_per_call > 1)."""
 
     def __init__(self, reader: data_lib.SplitReader, decode: DecodeSpec, *, seed: int,
                  batch_size: int, mesh: jax.sharding.Mesh | None = None, steps_per_call: int = 1,

@@ -731,6 +731,16 @@ def _rkd_angles(e: jax.Array) -> jax.Array:
     return jnp.einsum("ijd,ikd->ijk", unit, unit)
 
 
+def _span_coordinates(e: jax.Array) -> jax.Array:
+    """The rows' coordinates in an orthonormal basis of their span (``e^T = QR``, rows of
+    ``R^T``): ``[B, min(B, D)]`` with every distance and angle of ``e``. The angles cost B^3 D,
+    so a wide embedding (a 1200-d teacher, batch 128) costs ~10x less. For the teacher side
+    only: QR's gradient needs full rank, which a student's embeddings need not have."""
+    if e.shape[1] <= e.shape[0]:
+        return e
+    return jnp.linalg.qr(e.T)[1].T
+
+
 def rkd(
     student_emb: jax.Array,
     teacher_emb: jax.Array,
@@ -767,7 +777,8 @@ def rkd(
     _check_same_batch("student_emb", s, "teacher_emb", t)
     s, t = _flatten(s), jax.lax.stop_gradient(_flatten(t))
     loss_d = jnp.mean(optax.huber_loss(_rkd_distances(s), _rkd_distances(t), delta=1.0))
-    loss_a = jnp.mean(optax.huber_loss(_rkd_angles(s), _rkd_angles(t), delta=1.0))
+    loss_a = jnp.mean(optax.huber_loss(_rkd_angles(s), _rkd_angles(_span_coordinates(t)),
+                                       delta=1.0))
     return w_d * loss_d + w_a * loss_a
 
 

@@ -99,6 +99,13 @@ COMBINE = ("ensemble", "per_teacher")
 _DERIVED = ("rngs", "dtype", "dataset_labels")
 
 
+def needs_dataset_labels(name: str) -> bool:
+    """Whether loss.name's connectors need every training label up front (CRD's memory draws
+    negatives of other classes)."""
+    method = FEATURE_METHODS.get(name)
+    return method is not None and "dataset_labels" in _parameters(method.connector)
+
+
 def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
     # A connector class: read __init__ (nnx's metaclass hides it from inspect.signature(cls)).
     return inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters

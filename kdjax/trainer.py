@@ -318,8 +318,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     teacher_sharding = tuple(_shardings_for(config, mesh, config.teacher.sharding)(t.variables)
                              for t in teachers)
 
-    model = build_distillee(config, spec, student, teachers,
-                            None if train_arrays is None else train_arrays["label"])
+    train_labels = None if train_arrays is None else train_arrays["label"]
+    if train_labels is None and objectives.needs_dataset_labels(config.loss.name):
+        train_labels = data.open_split(config.data.name, config.data.train_split,
+                                       data_dir=_data_dir(config)).labels()
+    model = build_distillee(config, spec, student, teachers, train_labels)
     num_params = models.count_params(model.student)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(model, tx, seed=config.seed,

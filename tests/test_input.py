@@ -54,8 +54,7 @@ def device_batches(data_dir, seed, steps):
     out = []
     for i in range(steps):
         state, batch = sample(state.replace(step=jnp.int32(i)))
-        # "index" (CRD's per-example memory) is device-resident only: streams do not carry it yet.
-        out.append({k: v for k, v in jax.device_get(batch).items() if k != "index"})
+        out.append(jax.device_get(batch))
     return out
 
 
@@ -82,7 +81,10 @@ def test_streamed_batches_equal_device_resident_batches(cifar):
     dev = device_batches(cifar, seed=3, steps=5)  # crosses two epoch boundaries
     streamed = take(stream(cifar, 3), 5)
     for a, b in zip(dev, streamed, strict=True):
-        assert_same(a, b)
+        assert_same(a, b)  # "index" too: CRD's memory rows are the same in both modes
+    assert streamed[0]["index"].dtype == np.int32
+    np.testing.assert_array_equal(streamed[3]["index"],
+                                  ki.TrainSampler(N_TRAIN, B, seed=3).global_indices(3))
     mesh = sharding.make_mesh()
     s = stream(cifar, 3)
     with s:

@@ -289,6 +289,15 @@ for _ in range(2):
 bank = state.model_state["connectors"][0][0]["student_memory"].get_value()
 print(mesh.size, bank.sharding.spec == sharding.batch_sharded(mesh).spec,
       float(metrics["loss"]) > 0, step.fn._cache_size())
+# A streamed batch updates exactly its "index" rows, here in both devices' halves of the bank.
+streamed = make_distill_step(g, tx, objectives.from_config(loss), teachers=(teacher,), mesh=mesh)
+before = np.asarray(bank)
+state, _ = streamed(state, sharding.shard_batch(
+    {"image": np.ones((4, 4, 4, 1), np.uint8), "label": labels[6:10],
+     "index": np.arange(6, 10, dtype=np.int32)}, mesh))
+bank = state.model_state["connectors"][0][0]["student_memory"].get_value()
+changed = np.nonzero((np.asarray(bank) != before).any(1))[0]
+print(bank.sharding.spec == sharding.batch_sharded(mesh).spec, changed.tolist())
 """
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",  # as quick_compiles
@@ -296,4 +305,4 @@ print(mesh.size, bank.sharding.spec == sharding.batch_sharded(mesh).spec,
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["2", "True", "True", "1"]
+    assert out.stdout.split() == ["2", "True", "True", "1", "True", "[6,", "7,", "8,", "9]"]

@@ -63,6 +63,27 @@ def test_crd_through_the_cli_and_eval_of_its_export(env):
         assert json.load(f)["eval/accuracy"] == pytest.approx(s["eval/accuracy"])
 
 
+def test_crd_streamed_trains_as_on_device(env):
+    """Streamed batches carry the rows' dataset indices, so CRD's memory reads and writes the
+    same rows as with device-resident data: the same seed gives the same run in both modes."""
+    runs = {}
+    for mode in ("device", "stream"):
+        work = str(env["root"] / f"crd_{mode}")
+        assert cli.main(["distill", "--config", f"{FMNIST}/crd.py", "--workdir", work,
+                         f"--config.teacher.workdir={env['teacher']}",
+                         "--config.loss.kwargs={'num_negatives': 32, 'embed_dim': 16}",
+                         f"--config.data.mode={mode}", *env["common"]]) == 0
+        runs[mode] = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+    device, stream = ([(r["step"], r["train/feature"]) for r in runs[m] if "train/feature" in r]
+                      for m in ("device", "stream"))
+    assert [s for s, _ in device] == [4, 8] and [s for s, _ in stream] == [4, 8]
+    np.testing.assert_allclose([f for _, f in stream], [f for _, f in device], rtol=1e-5)
+    assert device[0][1] > 0
+    accuracy = [r["eval/accuracy"] for m in ("device", "stream") for r in runs[m]
+                if "eval/accuracy" in r]
+    assert accuracy[0] == pytest.approx(accuracy[1])
+
+
 def test_born_again_generations_teach_each_other(env):
     work = str(env["root"] / "ban")
     assert cli.main(["distill", "--config", f"{FMNIST}/born_again.py", "--workdir", work,

@@ -1,6 +1,6 @@
 """Fashion-MNIST student: kd.py's loss (0.1 CE + 0.9 KD at T=4) plus relational KD on the
-embeddings (weight 1). Its angle term compares all B^3 triplets of the teacher's 1200-d
-embeddings: on 2 CPU cores a step is ~25x slower than kd.py's.
+embeddings (weight 1). Its angle term compares all B^3 triplets of both embeddings (the
+teacher's 1200-d ones in their 128-d span): on 2 CPU cores the slowest method here.
 
   kdjax distill --config experiments/fashion_mnist/rkd.py --workdir workdirs/demo/student_rkd \
       --config.teacher.workdir=workdirs/demo/teacher

@@ -2,6 +2,10 @@
 
   kdjax train --config experiments/fashion_mnist/student_scratch.py --workdir workdirs/demo/student_scratch
 
+`student_scratch.py:MODEL` trains another registry model (its default size) on the same recipe:
+the baseline of the distilled students of that architecture (cnn_tiny for kd_cnn.py, at.py and
+nst.py; mlp_1200 for born_again.py).
+
 Same model, data, augmentation, steps and optimizer as kd.py; only the loss differs. Both see
 randomly cropped (2 px) and flipped images: the distilled student gets the teacher's soft labels
 for each augmented view (consistent teaching, Beyer et al. 2022), which is where most of its
@@ -14,12 +18,12 @@ from kdjax.config import base_config
 STUDENT_HIDDEN = (128,)  # 784-128-10: ~0.1M parameters, ~24x smaller than the teacher
 
 
-def get_config():
+def get_config(model: str = "mlp"):
     c = base_config()
     c.seed = 0
     c.data.name = "fashion_mnist"
-    c.model.name = "mlp"
-    c.model.kwargs = {"hidden": STUDENT_HIDDEN}
+    c.model.name = model
+    c.model.kwargs = {"hidden": STUDENT_HIDDEN} if model == "mlp" else {}
     c.data.crop_padding = 2
     c.data.flip = True
     c.train.steps = 2340  # 5 epochs
