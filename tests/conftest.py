@@ -28,9 +28,13 @@ def quick_compiles():
     """Compile without most of XLA's optimisation passes for a module's tests.
 
     On CPU those passes dominate the run time of tests that compile many small steps (about 3x),
-    and they change nothing such tests check: what is computed, not how fast. Restored after.
+    and they change nothing such tests check: what is computed, not how fast. Restored after,
+    and the compiled programs dropped: jit's cache does not key on this flag, so a later test
+    would otherwise reuse them (e.g. a parameter init whose last bits differ from the optimised
+    program's, breaking a bit-identical resume check against a subprocess).
     """
     before = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
