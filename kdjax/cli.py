@@ -13,6 +13,7 @@ before training (bad config, argument, workdir, data or teacher); 128+N interrup
 (143 SIGTERM, 130 SIGINT) after saving a checkpoint: run the same command again to resume.
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax datasets                           (what is prepared where)
+  kdjax bench [--rows resnet56:resnet20@64]  (the step-throughput suite vs PyTorch, from a checkout)
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
     ds.add_argument("--data-dir", default=None,
                     help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    sub.add_parser("bench", add_help=False,
+                   help="time the fused step against the PyTorch peer (benchmarks/suite.py; "
+                        "kdjax bench --help)")
     summ = sub.add_parser("summary", help="print the summary.json of finished runs side by side")
     summ.add_argument("workdirs", nargs="+")
     return p
@@ -138,8 +142,23 @@ def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
     return config
 
 
+def _bench(argv: Sequence[str]) -> int:
+    # The suite lives in the repository's benchmarks/ folder, next to this package, not in the
+    # installed package; PyTorch and matplotlib are imported only by the suite, when it runs.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "suite.py")):
+        raise FileNotFoundError(f"kdjax bench runs benchmarks/suite.py of a kdjax checkout, and "
+                                f"{root} has none: run it from a clone (pip install -e .)")
+    sys.path.insert(0, root)
+    from benchmarks import suite
+
+    return suite.main(argv, prog="kdjax bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args, extra = _parser().parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
