@@ -84,7 +84,7 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
     for spc in steps_per_call:
         fused = make_distill_step(graphdef, tx, kd, teachers=[teacher], preprocess=recipe,
                                   mesh=mesh, data=data, steps_per_call=spc)
-        compiled = fused.lower(state0).compile()
+        compiled = fused.lower(sharding.replicate(state0, mesh)).compile()
         mem = compiled.memory_analysis()
         # The compiled program itself: calling `fused` would compile it a second time.
         dt, per_window = time_step(

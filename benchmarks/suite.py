@@ -56,6 +56,10 @@ def _versions() -> dict:
     return out
 
 
+def _warmup(warmup: int | None, on_cpu: bool) -> int:
+    return warmup if warmup is not None else (2 if on_cpu else 10)
+
+
 def _check_torch(sections: Sequence[str]) -> None:
     if "torch" in sections and importlib.util.find_spec("torch") is None:
         raise ValueError("--sections includes 'torch' (the default) but PyTorch is not installed: "
@@ -201,12 +205,13 @@ def chart(result: dict, path: str) -> bool:
 
 def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str] = SECTIONS,
         steps_per_call: Sequence[int] | None = None, torch_modes: Sequence[str] = (),
-        windows: int = 5, steps: int = 20, warmup: int = 2, out_dir: str = RESULTS,
+        windows: int = 5, steps: int = 20, warmup: int | None = None, out_dir: str = RESULTS,
         tag: str | None = None, command: str = "python -m benchmarks") -> dict:
     """Measure, write throughput_<tag>.{json,md,png} into `out_dir`, return the result.
 
-    rows/steps_per_call None: this device's defaults (CPU_ROWS / ACCELERATOR_ROWS; 1 on the CPU,
-    ACCELERATOR_STEPS_PER_CALL elsewhere).
+    rows/steps_per_call/warmup None: this device's defaults (CPU_ROWS / ACCELERATOR_ROWS; 1 on
+    the CPU, ACCELERATOR_STEPS_PER_CALL elsewhere; 2 untimed calls on the CPU, 10 elsewhere, where
+    cuDNN autotuning and torch.compile's first calls need more).
     """
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or "kdjax" not in sections:
@@ -222,7 +227,7 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
         on_cpu = not torch.cuda.is_available()
         torch_rows = rows or (CPU_ROWS if on_cpu else ACCELERATOR_ROWS)
         torch_result = run_torch(torch_rows, torch_modes, windows=windows, steps=steps,
-                                 warmup=warmup)
+                                 warmup=_warmup(warmup, on_cpu))
 
     import jax
 
@@ -238,7 +243,8 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
     for name, batch in rows:
         measured = step_throughput.bench_pair(pairs_lib.get_pair(name), batch,
                                               steps_per_call=steps_per_call, windows=windows,
-                                              steps=steps, warmup=warmup, peak=peak)
+                                              steps=steps, warmup=_warmup(warmup, on_cpu),
+                                              peak=peak)
         for r in measured:
             print(f"kdjax {name} batch {batch} steps/call {r['steps_per_call']}: "
                   f"{r['images_per_s']:,.0f} images/s ({r['ms_per_step']:.2f} ms/step)",
@@ -256,7 +262,7 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
         "load_before": load_before, "load_after": host["load_average_1min"],
         "compute_dtype": compute_dtype("auto").name, "measured_bf16_peak_flops": peak,
         "steps_per_call": list(steps_per_call), "windows": windows, "steps_per_window": steps,
-        "warmup": warmup, "torch_modes": sorted({r["mode"] for r in (torch_result or {}).get(
+        "warmup": _warmup(warmup, on_cpu), "torch_modes": sorted({r["mode"] for r in (torch_result or {}).get(
             "rows", [])}, key=["eager32", "amp", "compile"].index),
         "command": command,
         "note": ("CPU results: a 2-core machine shared with other jobs, no accelerator; rates "
@@ -299,7 +305,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
                    help="comma-separated, of eager32,amp,compile (default: all this device runs)")
     p.add_argument("--windows", type=int, default=5, help="timed windows per measurement")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (calls) first")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls first (default: 2 on the CPU, 10 on accelerators)")
     p.add_argument("--out", default=RESULTS, help="results folder")
     p.add_argument("--tag", default=None, help="file name suffix (default: the platform)")
     a = p.parse_args(argv)

@@ -209,6 +209,10 @@ def bench(pair: pairs_lib.Pair, batch: int, mode: str, *, windows: int, steps: i
         raise ValueError(f"mode {mode!r} is not available on this device; valid: "
                          f"{available_modes()} (amp needs CUDA)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":  # as the reference loop runs: autotuned cuDNN algorithms, TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     fmt = torch.channels_last if dev == "cuda" else torch.contiguous_format
     teacher = build(pair.teacher, pair.num_classes, pair.input_shape).to(dev, memory_format=fmt)
