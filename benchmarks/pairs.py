@@ -47,6 +47,27 @@ PAIRS: dict[str, Pair] = {p.name: p for p in (
 )}
 
 
+DEMO_ROWS = (("mlp_1200:mlp_128", 128), ("cnn_small:cnn_tiny", 128))
+CIFAR_PAIRS = ("resnet56:resnet20", "resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2")
+#: (pair, batch) rows on accelerators: what the issue's targets are measured on.
+ACCELERATOR_ROWS = (*DEMO_ROWS, *((p, b) for p in CIFAR_PAIRS for b in (64, 256, 1024)),
+                    ("resnet50:resnet18", 128), ("resnet50:resnet18", 256))
+#: What 2 CPU cores finish in minutes: the demo's pairs and two CIFAR pairs at batch 64.
+CPU_ROWS = (*DEMO_ROWS, ("resnet56:resnet20", 64), ("resnet32x4:resnet8x4", 64))
+CPU_SKIPPED = ("wrn_40_2:wrn_16_2, batches 256 and 1024, and resnet50:resnet18 at 224x224: "
+               "minutes per timed window on 2 CPU cores; they are accelerator rows")
+
+
+def default_rows(on_cpu: bool) -> tuple[tuple[str, int], ...]:
+    return CPU_ROWS if on_cpu else ACCELERATOR_ROWS
+
+
+def default_warmup(on_cpu: bool) -> int:
+    """Untimed calls before timing: more on accelerators, where cuDNN autotuning and
+    torch.compile's first calls take several."""
+    return 2 if on_cpu else 10
+
+
 def get_pair(name: str) -> Pair:
     try:
         return PAIRS[name]

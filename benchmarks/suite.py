@@ -32,15 +32,6 @@ from benchmarks import common, pairs as pairs_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SECTIONS = ("kdjax", "torch")
-DEMO_ROWS = (("mlp_1200:mlp_128", 128), ("cnn_small:cnn_tiny", 128))
-CIFAR_PAIRS = ("resnet56:resnet20", "resnet32x4:resnet8x4", "wrn_40_2:wrn_16_2")
-#: What the issue's targets are measured on (accelerators).
-ACCELERATOR_ROWS = (*DEMO_ROWS, *((p, b) for p in CIFAR_PAIRS for b in (64, 256, 1024)),
-                    ("resnet50:resnet18", 128), ("resnet50:resnet18", 256))
-#: What 2 CPU cores finish in minutes: the demo's pairs and two CIFAR pairs at batch 64.
-CPU_ROWS = (*DEMO_ROWS, ("resnet56:resnet20", 64), ("resnet32x4:resnet8x4", 64))
-CPU_SKIPPED = ("wrn_40_2:wrn_16_2, batches 256 and 1024, and resnet50:resnet18 at 224x224: "
-               "minutes per timed window on 2 CPU cores; they are accelerator rows")
 #: Steps per dispatch (lax.scan) on accelerators: one, and the multi-step dispatch the issue asks
 #: for by default there. On the CPU a scanned step is slower (benchmarks/results/perf_notes.md).
 ACCELERATOR_STEPS_PER_CALL = (1, 20)
@@ -56,10 +47,6 @@ def _versions() -> dict:
     return out
 
 
-def _warmup(warmup: int | None, on_cpu: bool) -> int:
-    return warmup if warmup is not None else (2 if on_cpu else 10)
-
-
 def _check_torch(sections: Sequence[str]) -> None:
     if "torch" in sections and importlib.util.find_spec("torch") is None:
         raise ValueError("--sections includes 'torch' (the default) but PyTorch is not installed: "
@@ -67,14 +54,17 @@ def _check_torch(sections: Sequence[str]) -> None:
                          "--sections kdjax to time kdjax alone")
 
 
-def run_torch(rows, modes: Sequence[str], *, windows: int, steps: int, warmup: int) -> dict:
-    """The PyTorch peer's rows, from a child process (see the module docstring for why)."""
+def run_torch(rows, modes: Sequence[str], *, windows: int, steps: int,
+              warmup: int | None) -> dict:
+    """The PyTorch peer's rows, from a child process (see the module docstring for why); rows
+    and warmup None: the child's device's defaults. This process never imports torch: its CUDA
+    libraries could shadow the ones JAX loads."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch.json")
         cmd = [sys.executable, "-m", "benchmarks.torch_peer",
-               "--rows", ",".join(f"{p}@{b}" for p, b in rows), "--modes", ",".join(modes),
-               "--windows", str(windows), "--steps", str(steps), "--warmup", str(warmup),
-               "--json", out]
+               "--rows", ",".join(f"{p}@{b}" for p, b in rows or ()),
+               "--modes", ",".join(modes), "--windows", str(windows), "--steps", str(steps),
+               *(["--warmup", str(warmup)] if warmup is not None else []), "--json", out]
         subprocess.run(cmd, cwd=ROOT, check=True)
         with open(out) as f:
             return json.load(f)
@@ -209,9 +199,8 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
         tag: str | None = None, command: str = "python -m benchmarks") -> dict:
     """Measure, write throughput_<tag>.{json,md,png} into `out_dir`, return the result.
 
-    rows/steps_per_call/warmup None: this device's defaults (CPU_ROWS / ACCELERATOR_ROWS; 1 on
-    the CPU, ACCELERATOR_STEPS_PER_CALL elsewhere; 2 untimed calls on the CPU, 10 elsewhere, where
-    cuDNN autotuning and torch.compile's first calls need more).
+    rows/steps_per_call/warmup None: this device's defaults (pairs.default_rows; 1 on the CPU,
+    ACCELERATOR_STEPS_PER_CALL elsewhere; pairs.default_warmup).
     """
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or "kdjax" not in sections:
@@ -220,14 +209,8 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
     _check_torch(sections)
     load_before = os.getloadavg()[0]
     torch_result = None
-    if "torch" in sections:
-        # Before JAX starts on the device: see the module docstring.
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-        torch_rows = rows or (CPU_ROWS if on_cpu else ACCELERATOR_ROWS)
-        torch_result = run_torch(torch_rows, torch_modes, windows=windows, steps=steps,
-                                 warmup=_warmup(warmup, on_cpu))
+    if "torch" in sections:  # before JAX starts on the device: see the module docstring
+        torch_result = run_torch(rows, torch_modes, windows=windows, steps=steps, warmup=warmup)
 
     import jax
 
@@ -236,14 +219,15 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
 
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    rows = list(rows or (CPU_ROWS if on_cpu else ACCELERATOR_ROWS))
+    rows = list(rows or pairs_lib.default_rows(on_cpu))
+    warmup = pairs_lib.default_warmup(on_cpu) if warmup is None else warmup
     steps_per_call = tuple(steps_per_call or ((1,) if on_cpu else ACCELERATOR_STEPS_PER_CALL))
     peak = None if on_cpu else step_throughput.bf16_peak_flops()
     kdjax_rows = []
     for name, batch in rows:
         measured = step_throughput.bench_pair(pairs_lib.get_pair(name), batch,
                                               steps_per_call=steps_per_call, windows=windows,
-                                              steps=steps, warmup=_warmup(warmup, on_cpu),
+                                              steps=steps, warmup=warmup,
                                               peak=peak)
         for r in measured:
             print(f"kdjax {name} batch {batch} steps/call {r['steps_per_call']}: "
@@ -262,14 +246,14 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
         "load_before": load_before, "load_after": host["load_average_1min"],
         "compute_dtype": compute_dtype("auto").name, "measured_bf16_peak_flops": peak,
         "steps_per_call": list(steps_per_call), "windows": windows, "steps_per_window": steps,
-        "warmup": _warmup(warmup, on_cpu), "torch_modes": sorted({r["mode"] for r in (torch_result or {}).get(
+        "warmup": warmup, "torch_modes": sorted({r["mode"] for r in (torch_result or {}).get(
             "rows", [])}, key=["eager32", "amp", "compile"].index),
         "command": command,
         "note": ("CPU results: a 2-core machine shared with other jobs, no accelerator; rates "
                  "are noisy, the 1-minute load average is recorded. kdjax runs float32 here "
                  "(bfloat16 is emulated on the CPU), the PyTorch peer eager float32 and "
                  "torch.compile'd." if on_cpu else ""),
-        "skipped": CPU_SKIPPED if on_cpu and rows == list(CPU_ROWS) else "",
+        "skipped": pairs_lib.CPU_SKIPPED if on_cpu and rows == list(pairs_lib.CPU_ROWS) else "",
     }
     result = {"meta": meta, "rows": _merge(kdjax_rows, torch_result)}
     tag = tag or device.platform

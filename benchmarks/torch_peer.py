@@ -317,24 +317,28 @@ def compare_reference(path: str, pair_name: str, batch: int, *, rounds: int, ste
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="resnet56:resnet20@64",
-                   help="comma-separated PAIR@BATCH items (pairs: benchmarks/pairs.py)")
+    p.add_argument("--rows", default="",
+                   help="comma-separated PAIR@BATCH items (pairs: benchmarks/pairs.py; default: "
+                        "this device's rows, pairs.default_rows)")
     p.add_argument("--modes", default="", help=f"comma-separated, of {MODES} (default: all "
                                                 f"this device runs)")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default: pairs.default_warmup)")
     p.add_argument("--json", default="", help="write the result here (default: stdout)")
     p.add_argument("--reference", default="",
                    help="compare the eager32 loop with this reference loop file instead")
     p.add_argument("--rounds", type=int, default=3, help="with --reference: alternated rounds")
     a = p.parse_args(argv)
-    rows = pairs_lib.parse_rows(a.rows)
+    on_cpu = not torch.cuda.is_available()
+    rows = pairs_lib.parse_rows(a.rows) or pairs_lib.default_rows(on_cpu)
+    warmup = pairs_lib.default_warmup(on_cpu) if a.warmup is None else a.warmup
     if a.reference:
         out = compare_reference(a.reference, *rows[0], rounds=a.rounds, steps=a.steps)
     else:
         out = run_rows(rows, [m for m in a.modes.split(",") if m], windows=a.windows,
-                       steps=a.steps, warmup=a.warmup)
+                       steps=a.steps, warmup=warmup)
     text = json.dumps(out, indent=2)
     if a.json:
         with open(a.json, "w") as f:
