@@ -251,8 +251,9 @@ def run(*, rows: Sequence[tuple[str, int]] | None = None, sections: Sequence[str
         "command": command,
         "note": ("CPU results: a 2-core machine shared with other jobs, no accelerator; rates "
                  "are noisy, the 1-minute load average is recorded. kdjax runs float32 here "
-                 "(bfloat16 is emulated on the CPU), the PyTorch peer eager float32 and "
-                 "torch.compile'd." if on_cpu else ""),
+                 "(bfloat16 is emulated on the CPU), one step per call (the CPU default, see "
+                 "perf_notes.md), the PyTorch peer eager float32 and torch.compile'd."
+                 if on_cpu else ""),
         "skipped": pairs_lib.CPU_SKIPPED if on_cpu and rows == list(pairs_lib.CPU_ROWS) else "",
     }
     result = {"meta": meta, "rows": _merge(kdjax_rows, torch_result)}

@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -297,10 +298,10 @@ def run_rows(rows, modes, *, windows: int, steps: int, warmup: int) -> dict:
 def compare_reference(path: str, pair_name: str, batch: int, *, rounds: int, steps: int) -> dict:
     """This peer's eager32 loop against the reference loop of `path`, alternated round by round
     (a shared machine slows both alike); each side's median over the rounds."""
-    spec = importlib.util.spec_from_file_location("torch_kd_baseline", path)
-    if spec is None or not os.path.isfile(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"--reference {path!r}: no such file (it is "
                                 f"../shared/bench/torch_kd_baseline.py beside the checkout)")
+    spec = importlib.util.spec_from_file_location("torch_kd_baseline", path)
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
     pair = pairs_lib.get_pair(pair_name)
@@ -308,7 +309,7 @@ def compare_reference(path: str, pair_name: str, batch: int, *, rounds: int, ste
     for _ in range(rounds):
         theirs.append(ref.run((pair.teacher, pair.student), "eager32", batch, steps)["img_per_s"])
         ours.append(bench(pair, batch, "eager32", windows=1, steps=steps, warmup=3)["images_per_s"])
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    med = statistics.median
     return {"pair": pair_name, "batch": batch, "device": device_name(), "software": software(),
             "peer_images_per_s": ours, "reference_images_per_s": theirs,
             "peer_median": med(ours), "reference_median": med(theirs),
