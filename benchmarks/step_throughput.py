@@ -12,19 +12,23 @@ Run it through the suite: `python -m benchmarks` (benchmarks/suite.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from benchmarks import common, pairs as pairs_lib
 from kdjax import augment, models, objectives, optim, sharding
-from kdjax.step import DeviceData, compute_dtype, freeze, init_train_state, make_distill_step
+from kdjax.step import (DeviceData, FrozenModel, Step, TrainState, compute_dtype, freeze,
+                        init_train_state, make_distill_step)
 
 
-def _sync(tree) -> None:
+def sync(tree) -> None:
+    """Wait until the device has computed `tree` (the timing protocol's synchronisation)."""
     jax.block_until_ready(tree)
 
 
@@ -34,7 +38,7 @@ def bf16_peak_flops(*, windows: int = 3, steps: int = 10) -> float:
     n = 8192
     a = jnp.ones((n, n), jnp.bfloat16)
     f = jax.jit(lambda x: x @ x)
-    dt, _ = common.seconds_per_step(lambda k: [f(a) for _ in range(k)][-1], _sync, warmup=2,
+    dt, _ = common.seconds_per_step(lambda k: [f(a) for _ in range(k)][-1], sync, warmup=2,
                                     windows=windows, steps=steps)
     return 2 * n**3 / dt
 
@@ -45,10 +49,29 @@ def _model(name: str, pair: pairs_lib.Pair, seed: int, dtype) -> nnx.Module:
                                rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)
 
 
-def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int], windows: int,
-               steps: int, warmup: int = 2, peak: float | None = None) -> list[dict]:
-    """One row per steps_per_call value; `steps` steps per timed window (rounded down to whole
-    calls, at least one). The fusion payoff and FLOPs come from the steps_per_call=1 program."""
+class Setup(NamedTuple):
+    """Everything a fused step of one (pair, batch) is built from."""
+
+    graphdef: nnx.GraphDef
+    state0: TrainState
+    tx: optax.GradientTransformation
+    objective: Callable
+    teacher: FrozenModel
+    recipe: augment.Preprocess
+    mesh: jax.sharding.Mesh
+    data: DeviceData
+
+    def fused(self, steps_per_call: int = 1) -> Step:
+        return make_distill_step(self.graphdef, self.tx, self.objective, teachers=[self.teacher],
+                                 preprocess=self.recipe, mesh=self.mesh, data=self.data,
+                                 steps_per_call=steps_per_call)
+
+    def fresh_state(self) -> TrainState:
+        return sharding.replicate(jax.tree.map(jnp.copy, self.state0), self.mesh)  # steps donate
+
+
+def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
+    """The models, device-resident data and optimizer of the suite's step for (pair, batch)."""
     dtype = compute_dtype("auto")
     mesh = sharding.make_mesh()
     n = batch * 8  # a small device-resident set: the in-step sampling is what real runs pay
@@ -66,9 +89,19 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
     kd = objectives.logit_distillation("kd", ce_weight=pairs_lib.KD["ce_weight"],
                                        kd_weight=pairs_lib.KD["kd_weight"],
                                        temperature=pairs_lib.KD["temperature"])
+    return Setup(graphdef, state0, tx, kd, teacher, recipe, mesh, data)
+
+
+def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int], windows: int,
+               steps: int, warmup: int = 2, peak: float | None = None) -> list[dict]:
+    """One row per steps_per_call value; `steps` steps per timed window (rounded down to whole
+    calls, at least one). The fusion payoff and FLOPs come from the steps_per_call=1 program."""
+    su = setup(pair, batch)
+    graphdef, state0, tx, teacher, recipe, mesh, data = (
+        su.graphdef, su.state0, su.tx, su.teacher, su.recipe, su.mesh, su.data)
 
     def time_step(step, per_call: int = 1) -> tuple[float, list[float]]:
-        state = sharding.replicate(jax.tree.map(jnp.copy, state0), mesh)  # steps donate it
+        state = su.fresh_state()
 
         def run(k):
             nonlocal state
@@ -76,14 +109,13 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
                 state = step(state)[0]
             return state
 
-        dt, per_window = common.seconds_per_step(run, _sync, warmup=warmup, windows=windows,
+        dt, per_window = common.seconds_per_step(run, sync, warmup=warmup, windows=windows,
                                                  steps=max(1, steps // per_call))
         return dt / per_call, [w / per_call for w in per_window]
 
     rows = []
     for spc in steps_per_call:
-        fused = make_distill_step(graphdef, tx, kd, teachers=[teacher], preprocess=recipe,
-                                  mesh=mesh, data=data, steps_per_call=spc)
+        fused = su.fused(spc)
         compiled = fused.lower(sharding.replicate(state0, mesh)).compile()
         mem = compiled.memory_analysis()
         # The compiled program itself: calling `fused` would compile it a second time.
@@ -114,7 +146,7 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
         augment.preprocess(x, recipe, key=None, dtype=jnp.float32)))
     x = data.images[:batch]
     t_teacher, _ = common.seconds_per_step(lambda k: [t_fwd(t_vars, x) for _ in range(k)][-1],
-                                           _sync, warmup=warmup, windows=windows, steps=steps)
+                                           sync, warmup=warmup, windows=windows, steps=steps)
     stats = jax.devices()[0].memory_stats() or {}
     for r in rows:
         dt = r["ms_per_step"] / 1e3

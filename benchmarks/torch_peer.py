@@ -25,6 +25,8 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -203,9 +205,17 @@ def available_modes() -> tuple[str, ...]:
     return MODES if torch.cuda.is_available() else ("eager32", "compile")
 
 
-def bench(pair: pairs_lib.Pair, batch: int, mode: str, *, windows: int, steps: int,
-          warmup: int) -> dict:
-    """Time one (pair, batch, mode); returns images/s, ms/step and, on CUDA, peak memory."""
+class Loop(NamedTuple):
+    """One (pair, batch, mode) ready to time: `run(k)` runs k steps, `sync(run(k))` waits."""
+
+    run: Callable[[int], Any]
+    sync: Callable[[Any], None]
+    teacher_params: int
+    student_params: int
+
+
+def make_loop(pair: pairs_lib.Pair, batch: int, mode: str) -> Loop:
+    """Build the models, data and optimizer of one (pair, batch, mode) on this device."""
     if mode not in available_modes():
         raise ValueError(f"mode {mode!r} is not available on this device; valid: "
                          f"{available_modes()} (amp needs CUDA)")
@@ -265,14 +275,22 @@ def bench(pair: pairs_lib.Pair, batch: int, mode: str, *, windows: int, steps: i
         elif loss is not None:
             loss.item()  # CPU ops are synchronous; this only touches the result
 
-    if dev == "cuda":
+    return Loop(run, sync, count_params(teacher), count_params(student))
+
+
+def bench(pair: pairs_lib.Pair, batch: int, mode: str, *, windows: int, steps: int,
+          warmup: int) -> dict:
+    """Time one (pair, batch, mode); returns images/s, ms/step and, on CUDA, peak memory."""
+    loop = make_loop(pair, batch, mode)
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    dt, per_window = common.seconds_per_step(run, sync, warmup=warmup, windows=windows,
+    dt, per_window = common.seconds_per_step(loop.run, loop.sync, warmup=warmup, windows=windows,
                                              steps=steps)
     return {"mode": mode, "images_per_s": batch / dt, "ms_per_step": dt * 1e3,
             "window_ms_per_step": [s * 1e3 for s in per_window],
-            "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
-            "teacher_params": count_params(teacher), "student_params": count_params(student)}
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "teacher_params": loop.teacher_params, "student_params": loop.student_params}
 
 
 def software() -> dict:
