@@ -129,7 +129,7 @@ def markdown(result: dict) -> str:
             f"{r['kdjax_images_per_s']:,.0f} | {r['kdjax_ms_per_step']:.2f} | {torch_cell} | "
             f"{_fmt(r['ratio_kdjax_over_torch'], '.2f')} | "
             f"{_fmt(r['flops_per_step'], '.2f', 1e9)} | {_fmt(r['mfu'], '.1%')} | "
-            f"{_mib(r['device_peak_bytes'] or r['program_bytes'])} / "
+            f"{_mib(r['program_bytes'])} / "
             f"{_mib(r['torch_best_peak_bytes'])} | {_fmt(r['fusion_payoff'], '.2f')} |")
     lines += ["", "PyTorch modes, images/s:", "",
               "| pair | batch | " + " | ".join(m["torch_modes"]) + " |",
@@ -144,9 +144,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['pair']} | {r['batch']} | " + " | ".join(cells) + " |")
     lines += ["", "Columns: median of timed windows after warm-up, synchronised (kdjax: "
               "block_until_ready; PyTorch: torch.cuda.synchronize / the loss's value). Memory: "
-              "kdjax's device peak where the backend reports one (accelerators; the process's "
-              "high-water mark so far), else the compiled step's arguments + outputs + temporaries "
-              "(XLA memory analysis); PyTorch's torch.cuda.max_memory_allocated (CUDA only). "
+              "kdjax's compiled step, arguments + outputs + temporaries less the donated state "
+              "(XLA memory analysis; the JSON also has device_peak_bytes, the device's high-water "
+              "mark so far, on accelerators); PyTorch's torch.cuda.max_memory_allocated (CUDA "
+              "only). "
               "MFU: model FLOPs per step (XLA cost analysis) / time / the measured bf16 matmul "
               "peak, accelerators only. Fusion payoff: fused step / (teacher forward alone + "
               "student step alone), steps_per_call=1."]
