@@ -34,21 +34,12 @@ import optax
 from flax import nnx
 from PIL import Image
 
+from benchmarks import common
 from kdjax import augment, data, images, input as input_lib, models, objectives, sharding
 from kdjax import prepare as prepare_lib
 from kdjax.step import DeviceData, init_train_state, make_distill_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 #: Batches a stream may hold ready when a round starts (2 on the device, up to 4 being decoded):
@@ -236,7 +227,7 @@ def main() -> None:
     dev = jax.devices()[0]
     result = {
         "device": {"platform": dev.platform, "device_kind": dev.device_kind,
-                   "num_devices": jax.device_count(), "cpu": _cpu_name(),
+                   "num_devices": jax.device_count(), "cpu": common.cpu_name(),
                    "cpu_cores": os.cpu_count(),
                    "note": ("a 2-core CPU machine shared with other jobs (no accelerator): "
                             "rates are noisy; the 1-minute load average is recorded")

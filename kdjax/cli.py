@@ -8,6 +8,7 @@
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax datasets                           (what is prepared where)
+  kdjax bench [--rows resnet56:resnet20@64]  (the step-throughput suite vs PyTorch, from a checkout)
 
 train/distill resume from the workdir's latest checkpoint (--fresh refuses a workdir that has
 one). Exit codes: 0 done; 1 stopped during training (non-finite step, checkpoint failure); 2 refused
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
     ds.add_argument("--data-dir", default=None,
                     help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    sub.add_parser("bench", add_help=False,
+                   help="time the fused step against the PyTorch peer (benchmarks/suite.py; "
+                        "kdjax bench --help)")
     summ = sub.add_parser("summary", help="print the summary.json of finished runs side by side")
     summ.add_argument("workdirs", nargs="+")
     return p
@@ -148,8 +152,23 @@ def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
     return config
 
 
+def _bench(argv: Sequence[str]) -> int:
+    # The suite lives in the repository's benchmarks/ folder, next to this package, not in the
+    # installed package; PyTorch and matplotlib are imported only by the suite, when it runs.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "suite.py")):
+        raise FileNotFoundError(f"kdjax bench runs benchmarks/suite.py of a kdjax checkout, and "
+                                f"{root} has none: run it from a clone (pip install -e .)")
+    sys.path.insert(0, root)
+    from benchmarks import suite
+
+    return suite.main(argv, prog="kdjax bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args, extra = _parser().parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]

@@ -280,7 +280,7 @@ def make_distill_step(
       data: a device-resident training set to sample from inside the step (replicated: every
         device gathers its own rows of the global batch, no communication).
       steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
-        for small models; on XLA:CPU a scanned conv step was measured ~10x slower, keep 1 there).
+        for small models; on the CPU the scan is unrolled, and 1 is as fast).
       nan_policy: "stop" records the first non-finite step in the state (`bad_step`,
         `bad_terms`) for the caller to stop at its next look; "skip" also leaves the parameters,
         statistics and optimizer state of such a step unchanged (its batch is consumed) and
@@ -352,12 +352,18 @@ def make_distill_step(
                                                  if state_sharding is None else state_sharding)
         return state, metrics
 
+    # XLA:CPU gives convolutions inside a while loop neither its YNNPACK kernels nor its layout
+    # rewrites, so a rolled scan of a conv step ran 2-3x slower per step than one step per call
+    # (benchmarks/results/perf_notes.md). Unrolled, there is no loop; compile time grows with
+    # steps_per_call instead.
+    unroll = steps_per_call if mesh.devices.flat[0].platform == "cpu" else 1
+
     def multi_step(state, teacher_vars, data, batch):
         if steps_per_call == 1:
             return one_step(state, teacher_vars, data, batch)
         state, metrics = jax.lax.scan(
             lambda s, b: one_step(s, teacher_vars, data, b), state, batch,
-            length=steps_per_call)
+            length=steps_per_call, unroll=unroll)
         return state, {k: v[-1] if k in COUNTERS else v.mean() for k, v in metrics.items()}
 
     batch_sharding = sharding.batch_sharded(mesh, stacked=steps_per_call > 1)
