@@ -27,16 +27,7 @@ def _kdjax_loop(pair: pairs_lib.Pair, batch: int):
     from benchmarks import step_throughput
 
     su = step_throughput.setup(pair, batch)
-    fused = su.fused()
-    state = su.fresh_state()
-
-    def run(k):
-        nonlocal state
-        for _ in range(k):
-            state = fused(state)[0]
-        return state
-
-    return run, step_throughput.sync
+    return step_throughput.stepping(su.fused(), su.fresh_state()), step_throughput.sync
 
 
 def _torch_loop(pair: pairs_lib.Pair, batch: int):

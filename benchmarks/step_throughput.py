@@ -92,6 +92,18 @@ def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
     return Setup(graphdef, state0, tx, kd, teacher, recipe, mesh, data)
 
 
+def stepping(step, state):
+    """`run(k)`: k calls of `step`, each on the state the last one returned (donated buffers)."""
+
+    def run(k):
+        nonlocal state
+        for _ in range(k):
+            state = step(state)[0]
+        return state
+
+    return run
+
+
 def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int], windows: int,
                steps: int, warmup: int = 2, peak: float | None = None) -> list[dict]:
     """One row per steps_per_call value; `steps` steps per timed window (rounded down to whole
@@ -101,14 +113,7 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
         su.graphdef, su.state0, su.tx, su.teacher, su.recipe, su.mesh, su.data)
 
     def time_step(step, per_call: int = 1) -> tuple[float, list[float]]:
-        state = su.fresh_state()
-
-        def run(k):
-            nonlocal state
-            for _ in range(k):
-                state = step(state)[0]
-            return state
-
+        run = stepping(step, su.fresh_state())
         dt, per_window = common.seconds_per_step(run, sync, warmup=warmup, windows=windows,
                                                  steps=max(1, steps // per_call))
         return dt / per_call, [w / per_call for w in per_window]
