@@ -154,8 +154,16 @@ def ensure_writable(workdir: str) -> None:
 
 
 def _disk_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f))
-               for root, _, files in os.walk(directory) for f in files)
+    total = 0
+    for root, _, files in os.walk(directory):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except FileNotFoundError:
+                # Orbax deletes a failed save's temporary directory in a background thread, so
+                # files listed by the walk may be gone a moment later; they free space anyway.
+                pass
+    return total
 
 
 def ensure_space(workdir: str, state: TrainState, copies: int) -> None:

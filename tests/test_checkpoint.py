@@ -297,6 +297,33 @@ def test_too_little_disk_is_refused_before_training(tmp_path, data_dir, monkeypa
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+def test_space_check_skips_files_a_background_cleanup_deletes_during_the_walk(
+        tmp_path, monkeypatch):
+    # Orbax removes a failed save's temporary directory from a background thread; the walk
+    # over the checkpoints may list a file that is gone by the time its size is read (CI saw
+    # exactly this after the failing-save test below).
+    directory = checkpoint.checkpoint_dir(str(tmp_path))
+    os.makedirs(os.path.join(directory, "24.orbax-checkpoint-tmp"))
+    with open(os.path.join(directory, "kept"), "wb") as f:
+        f.write(b"x" * 4096)
+    vanishing = os.path.join(directory, "24.orbax-checkpoint-tmp", "_METADATA")
+    open(vanishing, "wb").close()
+    getsize = os.path.getsize
+
+    def deleted_meanwhile(path):
+        if path == vanishing:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return getsize(path)
+
+    monkeypatch.setattr(checkpoint.os.path, "getsize", deleted_meanwhile)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(2 ** 30, 2 ** 30, 0))
+    state = {"params": np.zeros(1024, np.float32)}  # 4096 bytes: exactly what "kept" frees
+    checkpoint.ensure_space(str(tmp_path), state, copies=1)
+    with pytest.raises(ValueError, match=r"2 copies of the 0\.0 MiB train state need 0\.0 MiB"):
+        checkpoint.ensure_space(str(tmp_path), state, copies=2)
+
+
 def test_failing_save_is_a_clear_error_and_the_previous_checkpoint_stays(
         tmp_path, data_dir, monkeypatch, capsys):
     calls = []
