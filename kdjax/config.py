@@ -110,8 +110,15 @@ def base_config() -> ml_collections.ConfigDict:
     # (one target) | "per_teacher" (weighted sum of per-teacher losses).
     # sharding: the teachers' variables' placement, "replicated" or "fsdp" (a large teacher is
     # usually sharded, a small student replicated).
+    # A frozen teacher is prepared for inference (kdjax.teacher): fold_batchnorm folds each
+    # BatchNorm that follows a convolution into it; compute_dtype ("auto" = bfloat16 on GPU/TPU,
+    # float32 on CPU) is the dtype of its activations and of its stored weights. When that changes
+    # anything, the prepared teacher is compared with its float32 self on the first
+    # agreement_examples eval examples before training (0 = skip) and refused below min_agreement
+    # (top-1 agreement, a fraction).
     c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
-                     combine="ensemble", sharding="replicated")
+                     combine="ensemble", sharding="replicated", compute_dtype="auto",
+                     fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99)
     # The device mesh over all devices of all processes: the batch is split over data × fsdp,
     # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
     # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.

@@ -92,6 +92,32 @@ def _max_pool(x, k, stride, pad=0):
     return nnx.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
 
 
+FOLDED_TRAINING = ("this model's BatchNorms were folded into its convolutions for inference "
+                   "(kdjax.models.fold_batchnorm): it cannot run with train=True; train the "
+                   "unfolded model")
+
+
+def _fold_into(conv: nnx.Conv, bn: nnx.BatchNorm) -> None:
+    """Fold an inference-mode BatchNorm into the convolution that feeds it, in float32.
+
+    BN(conv(x)) = conv(x) * s + (b - mean) * s + beta with s = gamma / sqrt(var + eps), a
+    per-output-channel affine map, so it is conv'(x) with kernel W * s (the kernel's last axis is
+    the output channel) and bias (b - mean) * s + beta: one pass over the activation instead of
+    two, and a bias epilogue the convolution kernel fuses.
+    """
+    def f32(v):
+        return jnp.asarray(v[...], jnp.float32)
+
+    s = jax.lax.rsqrt(f32(bn.var) + bn.epsilon)
+    if bn.scale is not None:
+        s = s * f32(bn.scale)
+    b = (f32(conv.bias) if conv.bias is not None else 0.0) - f32(bn.mean)
+    b = b * s + (f32(bn.bias) if bn.bias is not None else 0.0)
+    conv.kernel[...] = (f32(conv.kernel) * s).astype(conv.kernel.dtype)
+    conv.bias = nnx.Param(b.astype(conv.kernel.dtype))
+    conv.use_bias = True
+
+
 class ConvBN(nnx.Module):
     """conv -> BN (-> ReLU)."""
 
@@ -101,8 +127,19 @@ class ConvBN(nnx.Module):
         self.act = act
 
     def __call__(self, x, train: bool):
-        x = self.bn(self.conv(x), use_running_average=not train)
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x, use_running_average=not train)
+        elif train:
+            raise ValueError(FOLDED_TRAINING)
         return nnx.relu(x) if self.act else x
+
+    def fold_batchnorm(self) -> int:
+        if self.bn is None:
+            return 0
+        _fold_into(self.conv, self.bn)
+        self.bn = None
+        return 1
 
 
 def _run(blocks, x, train: bool):
@@ -196,10 +233,23 @@ class WideBlock(nnx.Module):
     def __call__(self, x, train: bool):
         o = nnx.relu(self.bn1(x, use_running_average=not train))
         out = self.conv1(o)
-        out = self.conv2(nnx.relu(self.bn2(out, use_running_average=not train)))
+        if self.bn2 is not None:
+            out = self.bn2(out, use_running_average=not train)
+        elif train:
+            raise ValueError(FOLDED_TRAINING)
+        out = self.conv2(nnx.relu(out))
         # RepDistiller: identity on the raw input, projection on the activated input.
         sc = x if self.shortcut is None else self.shortcut(o)
         return sc + out
+
+    def fold_batchnorm(self) -> int:
+        # Only bn2 follows a convolution directly; bn1 normalises the block's input, a sum of
+        # residual branches, and stays.
+        if self.bn2 is None:
+            return 0
+        _fold_into(self.conv1, self.bn2)
+        self.bn2 = None
+        return 1
 
 
 class InvertedResidual(nnx.Module):
@@ -493,6 +543,23 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet34": _p(ImageNetResNet, block="basic", layers=(3, 4, 6, 3)),
     "resnet50": _p(ImageNetResNet, block="bottleneck", layers=(3, 4, 6, 3)),
 }
+
+
+def fold_batchnorm(model: nnx.Module) -> int:
+    """Fold, in place, every BatchNorm that directly follows a convolution into that convolution.
+
+    For a frozen model (a distillation teacher): inference outputs are unchanged up to float
+    rounding, with one elementwise pass per folded layer fewer. Returns how many were folded;
+    BatchNorms that follow a sum or a pooling (WRN's pre-activations) stay. The model is
+    inference-only afterwards: calling a folded layer with train=True raises.
+    """
+    blocks = [node for _, node in nnx.iter_graph(model) if hasattr(node, "fold_batchnorm")
+              and isinstance(node, nnx.Module)]
+    return sum(block.fold_batchnorm() for block in blocks)
+
+
+def count_batchnorms(model: nnx.Module) -> int:
+    return sum(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
 
 
 def model_names() -> list[str]:

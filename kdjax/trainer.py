@@ -34,8 +34,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ import kdjax
 from kdjax import augment, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
+from kdjax import teacher as teacher_lib
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
 from kdjax.step import (DeviceData, Distillee, FrozenModel, TrainState, compute_dtype, freeze,
@@ -123,13 +124,51 @@ def teacher_workdirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return several or ((one,) if one else ())
 
 
+class Teacher(NamedTuple):
+    """A loaded teacher: `model` as the step runs it (kdjax.teacher.prepare), `reference` as it
+    was trained, in float32, kept for the agreement check (None when preparing changed nothing)."""
+
+    workdir: str
+    model: FrozenModel
+    reference: FrozenModel | None
+    preparation: teacher_lib.Preparation
+
+
 def load_teachers(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                  mesh) -> tuple[FrozenModel, ...]:
+                  mesh) -> tuple[Teacher, ...]:
     workdirs = teacher_workdirs(config)
     if not workdirs:
         raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
                          "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
     return tuple(load_teacher(config, spec, num_classes, mesh, w) for w in workdirs)
+
+
+def check_teachers(config: ml_collections.ConfigDict, teachers: Sequence[Teacher],
+                   eval_batches: Callable[[], Any], preprocess: augment.Preprocess
+                   ) -> list[dict[str, Any]]:
+    """Compare each prepared teacher with its float32 self on the first
+    `teacher.agreement_examples` eval examples; report it, and refuse one below
+    `teacher.min_agreement`. Returns the per-teacher record for summary.json."""
+    records = []
+    for t in teachers:
+        record = {"workdir": t.workdir, **dataclasses.asdict(t.preparation)}
+        line = f"kdjax: teacher {t.workdir}: {t.preparation.describe()}"
+        if t.reference is not None and config.teacher.agreement_examples > 0:
+            agree = teacher_lib.agreement(t.reference, t.model, eval_batches(), preprocess,
+                                          max_examples=config.teacher.agreement_examples)
+            record.update(dataclasses.asdict(agree))
+            line += f"; {agree.describe()}"
+            if agree.top1 < config.teacher.min_agreement:
+                raise ValueError(
+                    f"the teacher in {t.workdir!r}, prepared for inference "
+                    f"({t.preparation.describe()}), agrees with its float32 self on only "
+                    f"{100 * agree.top1:.2f}% of {agree.examples} eval examples, below "
+                    f"teacher.min_agreement={config.teacher.min_agreement}; run it as trained "
+                    f"with --config.teacher.compute_dtype=float32 "
+                    f"--config.teacher.fold_batchnorm=False, or lower teacher.min_agreement")
+        print(line, flush=True)
+        records.append(record)
+    return records
 
 
 def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
@@ -149,9 +188,18 @@ def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, s
 
 
 def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                 mesh, workdir: str) -> FrozenModel:
+                 mesh, workdir: str) -> Teacher:
     """The latest checkpoint of `teacher.workdir`, rebuilt from the ModelSpec saved with it (or
-    teacher.model.name/kwargs when set) and checked against the student's `num_classes`."""
+    teacher.model.name/kwargs when set), checked against the student's `num_classes`, and
+    prepared for inference as teacher.compute_dtype / teacher.fold_batchnorm say."""
+    try:
+        dtype = compute_dtype(config.teacher.compute_dtype)
+    except ValueError:
+        raise ValueError(f"teacher.compute_dtype must be 'auto', 'float32' or 'bfloat16', got "
+                         f"{config.teacher.compute_dtype!r}") from None
+    if not 0.0 <= config.teacher.min_agreement <= 1.0:
+        raise ValueError(f"teacher.min_agreement is a fraction of examples, in [0, 1]; got "
+                         f"{config.teacher.min_agreement}")
     reader = checkpoint.RunReader(workdir, what="teacher.workdir")
     try:
         step = reader.resolve_step("latest")
@@ -173,11 +221,15 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_
         what = ("the teacher model teacher.model.name="
                 f"{config.teacher.model.name!r}" if config.teacher.model.name else
                 "the teacher model recorded with it")
-        return freeze(reader.load_model(
-            step, teacher, what=what,
-            shardings_for=_shardings_for(config, mesh, config.teacher.sharding)))
+        reference = reader.load_model(
+            step, dataclasses.replace(teacher, compute_dtype="float32"), what=what,
+            shardings_for=_shardings_for(config, mesh, config.teacher.sharding))
     finally:
         reader.close()
+    prepared, preparation = teacher_lib.prepare(reference, teacher, dtype=dtype,
+                                                fold_batchnorm=config.teacher.fold_batchnorm)
+    return Teacher(workdir, freeze(prepared),
+                   freeze(reference) if preparation.changed else None, preparation)
 
 
 def _input(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str
@@ -314,7 +366,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     eval_input = _eval_input(config, mesh, eval_arrays)
     preprocess = _preprocess(config, spec.image_shape[-1])
     with_teacher = distill and objectives.needs_teacher(config.loss.name)
-    teachers = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
+    loaded = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
+    teacher_report = check_teachers(config, loaded, eval_input, preprocess)
+    teachers = tuple(t.model for t in loaded)
+    del loaded  # the float32 references: only the agreement check needed them
     teacher_sharding = tuple(_shardings_for(config, mesh, config.teacher.sharding)(t.variables)
                              for t in teachers)
 
@@ -466,6 +521,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "model": config.model.name,
         "num_params": num_params,
         "teacher": (", ".join(teacher_workdirs(config)) or None) if with_teacher else None,
+        "teacher_preparation": teacher_report or None,
         "seed": config.seed,
     }
     if distributed.is_primary():
@@ -492,7 +548,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     finally:
         reader.close()
     workdirs = teacher_workdirs(config)
-    teachers = (load_teacher(config, spec, student.num_classes, mesh, workdirs[0]),
+    teachers = (load_teacher(config, spec, student.num_classes, mesh, workdirs[0]).model,
                 ) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(

@@ -453,3 +453,75 @@ def test_input_shape_sets_the_input_arguments_and_kwargs_are_checked():
     assert explicit.hidden[0].kernel.shape == (10, 4)  # explicit kwargs win
     with pytest.raises(ValueError, match=r"model 'mlp' takes no argument\(s\) \['width'\].*hidden"):
         create_model("mlp", width=3, num_classes=3, rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm folding (frozen teachers)
+# ---------------------------------------------------------------------------
+def _random_batch_stats(model, seed=0):
+    """BatchNorm statistics and affine parameters far from their init, so folding has work."""
+    rng = np.random.default_rng(seed)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm):
+            c = node.mean.shape[-1]
+            node.mean[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+            node.var[...] = jnp.asarray(rng.uniform(0.3, 2.0, c), jnp.float32)
+            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+            node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+    return model
+
+
+# name -> (input shape, BatchNorms folded, BatchNorms in the model)
+FOLDABLE = {
+    "cnn_tiny": ((2, 28, 28, 1), 2, 2),
+    "resnet8": ((2, 32, 32, 3), 9, 9),  # stem + 3 blocks x 2 + the projection shortcuts of stages 2, 3
+    "wrn_16_1": ((2, 32, 32, 3), 6, 13),  # bn2 of 6 blocks; 6 bn1 + the final bn stay
+    "vgg8": ((2, 32, 32, 3), 5, 5),
+    "mlp_tiny": ((2, 28, 28, 1), 0, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLDABLE))
+def test_fold_batchnorm_keeps_every_feature_and_counts_what_it_folded(name):
+    from kdjax.models import count_batchnorms, fold_batchnorm
+    shape, n_folded, n_bn = FOLDABLE[name]
+    model = _random_batch_stats(_make(name))
+    x = _images(shape)
+    before = _jit_apply(model, "features", train=False)(x)
+    assert count_batchnorms(model) == n_bn
+    assert fold_batchnorm(model) == n_folded
+    assert count_batchnorms(model) == n_bn - n_folded
+    assert fold_batchnorm(model) == 0  # idempotent
+    after = _jit_apply(model, "features", train=False)(x)
+    assert set(after) == set(before)
+    for k in before:
+        scale = float(jnp.abs(before[k]).max())
+        assert scale > 1e-3, k  # a vanishing feature would make the comparison empty
+        np.testing.assert_allclose(np.asarray(after[k]), np.asarray(before[k]),
+                                   atol=2e-5 * scale, rtol=1e-4, err_msg=k)
+
+
+def test_folded_kernel_and_bias_are_the_batchnorm_formula():
+    from kdjax.models import fold_batchnorm
+    model = _random_batch_stats(_make("cnn_tiny"))
+    conv, bn = model.conv1.conv, model.conv1.bn
+    w, eps = np.asarray(conv.kernel[...], np.float64), bn.epsilon
+    mean, var, gamma, beta = (np.asarray(v[...], np.float64)
+                              for v in (bn.mean, bn.var, bn.scale, bn.bias))
+    fold_batchnorm(model)
+    s = gamma / np.sqrt(var + eps)
+    np.testing.assert_allclose(np.asarray(model.conv1.conv.kernel[...]), w * s, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.conv1.conv.bias[...]), beta - mean * s,
+                               rtol=1e-5, atol=1e-7)
+    assert model.conv1.bn is None
+
+
+def test_folded_model_refuses_training_mode():
+    from kdjax.models import fold_batchnorm
+    for name in ("cnn_tiny", "wrn_16_1"):
+        model = _make(name)
+        fold_batchnorm(model)
+        with pytest.raises(ValueError, match=r"BatchNorms were folded into its convolutions for "
+                                             r"inference .*cannot run with train=True; train the "
+                                             r"unfolded model"):
+            model(_images(FOLDABLE[name][0]), train=True)
