@@ -62,7 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
     # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
     # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).
-    c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=1,
+    # steps_per_call: train steps per dispatch (a lax.scan over them; kdjax.step). 0 = auto
+    # (kdjax.trainer.resolve_steps_per_call): 1 on the CPU, where one is as fast; on GPU/TPU the
+    # largest k <= 20 dividing train.steps and the step a resumed run starts from, since the
+    # host's per-dispatch cost dominates small models' steps there. Cadences that k does not
+    # divide (log/eval/checkpoint every_steps) fire at the first call boundary after their step.
+    c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=0,
                    nan_policy="stop")
     c.optimizer = dict(
         name="sgd",  # sgd | adam | adamw

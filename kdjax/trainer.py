@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -304,6 +305,81 @@ def _resume_note(path: str, step: int, total: int, steps_per_epoch: int,
     return note
 
 
+#: Steps per dispatch that train.steps_per_call=0 (auto) aims for on accelerators: where the
+#: host's dispatch cost dominates small models' steps, 20 per call gave ~1.5x images/s on a GPU
+#: (benchmarks/results/perf_notes.md).
+AUTO_STEPS_PER_CALL = 20
+
+
+def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
+                           resume_step: int = 0) -> int:
+    """The train steps each dispatch runs: train.steps_per_call, or for 0 (auto) 1 on the CPU and
+    on accelerators the largest k <= AUTO_STEPS_PER_CALL dividing train.steps and `resume_step`.
+
+    Auto on an accelerator prints the value, and a note when it is below AUTO_STEPS_PER_CALL
+    (why, and how to get it) or when it does not divide a nonzero train.log_every_steps,
+    eval.every_steps or checkpoint.every_steps (those fire at the first call boundary after
+    their step). Raises ValueError for a negative value, and for an explicit one that does not
+    divide train.steps or a `resume_step` short of it (the run would step past train.steps).
+
+    Args:
+      config: the run's config.
+      platform: the mesh's device platform ("cpu", "gpu", "tpu").
+      resume_step: the step of the checkpoint the run resumes from (0 for a new run).
+    """
+    total, asked = config.train.steps, config.train.steps_per_call
+    if asked < 0:
+        raise ValueError(f"train.steps_per_call={asked} must be >= 1 (train steps per dispatch) "
+                         f"or 0 for auto ({AUTO_STEPS_PER_CALL} on accelerators when train.steps "
+                         f"allows, 1 on the CPU)")
+    if asked:
+        if total % asked:
+            raise ValueError(f"train.steps={total} must be a multiple of train.steps_per_call="
+                             f"{asked}; set train.steps to a multiple of {asked}, or "
+                             f"train.steps_per_call to a divisor of {total} or to 0 for auto")
+        if resume_step % asked and resume_step < total:
+            raise ValueError(
+                f"this run resumes from the checkpoint of step {resume_step}, which is not a "
+                f"multiple of train.steps_per_call={asked}: its calls would end past "
+                f"train.steps={total}; set train.steps_per_call to a divisor of "
+                f"{math.gcd(resume_step, total)} (which divides both {resume_step} and {total}), "
+                f"or to 0 for auto")
+        return asked
+    if platform == "cpu":
+        return 1
+    target = AUTO_STEPS_PER_CALL
+    common = math.gcd(total, resume_step)
+    per_call = max(k for k in range(1, target + 1) if common % k == 0)
+    print(f"kdjax: train steps per dispatch: {per_call} (train.steps_per_call=0: auto on "
+          f"{platform})", flush=True)
+    notes = []
+    if per_call < target:
+        why, fix = [], []
+        if total % target:
+            why.append(f"train.steps={total}")
+            fix.append(f"make train.steps a multiple of {target} (e.g. "
+                       f"{-(-total // target) * target}) to get {target}")
+        if resume_step % target:
+            why.append(f"the step this run resumes from, {resume_step},")
+            fix.append(f"a run resumed from a multiple of {target}, or started afresh, gets "
+                       f"{target}")
+        notes.append(f"steps per dispatch {per_call}, not {target}, because {' and '.join(why)} "
+                     f"{'is' if len(why) == 1 else 'are'} not a multiple of {target}; "
+                     + "; ".join(fix))
+    cadences = (("train.log_every_steps", config.train.log_every_steps),
+                ("eval.every_steps", config.eval.every_steps),
+                ("checkpoint.every_steps", config.checkpoint.every_steps))
+    inexact = [f"{name}={every}" for name, every in cadences if every > 0 and every % per_call]
+    if inexact:
+        notes.append(f"{', '.join(inexact)} {'is' if len(inexact) == 1 else 'are'} not a "
+                     f"multiple of the {per_call} steps per dispatch, so each fires at the first "
+                     f"call boundary after its step; make it a multiple of {per_call} to land on "
+                     f"it exactly")
+    if notes:
+        print(f"kdjax: note: {'; '.join(notes)}", flush=True)
+    return per_call
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
           progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Train (supervised, or distil from `teacher.workdir`) and return the run's summary.
@@ -320,10 +396,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     if config.loss.name != "ce" and not distill:
         raise ValueError(f"loss.name={config.loss.name!r} distils from a teacher: run it with "
                          f"`kdjax distill`, or set loss.name='ce' for supervised training")
-    total, per_call = config.train.steps, config.train.steps_per_call
-    if total % per_call:
-        raise ValueError(f"train.steps={total} must be a multiple of train.steps_per_call="
-                         f"{per_call}")
     ck = config.checkpoint
     valid_metrics = EVAL_METRICS if distill else EVAL_METRICS[:-1]
     if ck.keep_best and ck.best_metric not in valid_metrics:
@@ -344,7 +416,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
            distill: bool, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    total, per_call = config.train.steps, config.train.steps_per_call
+    total = config.train.steps
     mesh = _mesh(config, distill)
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
     mode, spec = _input(config, spec, config.data.train_split)
@@ -390,6 +462,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     device_data = None if train_arrays is None else DeviceData(
         images=sharding.replicate(train_arrays["image"], mesh),
         labels=sharding.replicate(train_arrays["label"], mesh), batch_size=batch_size)
+    pending: list = []  # on-device metrics of the steps since the last log line
+    last_train: dict[str, float] = {}
+    # Onto this run's shardings, whatever device count wrote the checkpoint. Restored before the
+    # step is built: the steps per call must divide the step the run resumes from.
+    restored = ckpt.restore(sharding.abstract(state, state_sharding))
+    if restored is not None:
+        state, run = restored
+        pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
+        last_train = run["last_train"]
+        print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
+                           num_train // batch_size, run["config"], config), flush=True)
+    step = start = int(jax.device_get(state.step))
+    per_call = resolve_steps_per_call(config, mesh.devices.flat[0].platform, start)
     nan_policy = config.train.nan_policy
     step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss, config.teacher),
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
@@ -398,16 +483,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh,
                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
 
-    pending: list = []  # on-device metrics of the steps since the last log line
-    last_train: dict[str, float] = {}
-    # Onto this run's shardings, whatever device count wrote the checkpoint.
-    restored = ckpt.restore(sharding.abstract(state, state_sharding))
-    if restored is not None:
-        state, run = restored
-        pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
-        last_train = run["last_train"]
-        print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
-                           num_train // batch_size, run["config"], config), flush=True)
     primary = distributed.is_primary()
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -420,7 +495,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                 "pending_train_metrics": metrics_lib.pending_to_json(pending),
                 "last_train": last_train}
 
-    step = start = int(jax.device_get(state.step))
     logged_at = start - len(pending) * per_call
     writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
     eval_metrics: dict[str, float] = {}
@@ -509,6 +583,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "skipped_steps": int(jax.device_get(state.skipped_steps)),
         "wall_time_s": time.perf_counter() - t_start,
         "images_per_s": images_timed / t_train if t_train > 0 else None,
+        "steps_per_call": per_call,
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
         "num_processes": jax.process_count(),

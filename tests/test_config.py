@@ -49,6 +49,15 @@ def test_wrong_type_is_refused(tmp_path):
         config_lib.validate({"data": {"flip": 1}})
 
 
+def test_steps_per_call_defaults_to_auto_and_is_an_int(tmp_path):
+    path = _write(tmp_path, "    return base_config()\n")
+    assert config_lib.load(path).train.steps_per_call == 0  # auto: kdjax.trainer resolves it
+    assert config_lib.load(path, ["--config.train.steps_per_call=20"]).train.steps_per_call == 20
+    with pytest.raises(TypeError, match=r"'train.steps_per_call' must be of type int \(like its "
+                                        r"default 0\), got 'auto'"):
+        config_lib.load(path, ["--config.train.steps_per_call=auto"])
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     path = _write(tmp_path, "    return base_config()\n")
     with pytest.raises(ValueError, match="must look like --config.train.steps=200"):
