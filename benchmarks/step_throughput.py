@@ -6,7 +6,9 @@ compute on accelerators and float32 on the CPU), for each requested number of st
 model FLOPs per step from XLA's cost analysis and MFU against a measured bf16 matmul peak
 (accelerators only); the compiled program's memory (XLA's memory analysis) and the device's peak
 where the backend reports one; and the fusion payoff, time(fused step) / [time(teacher forward
-alone) + time(student train step alone)], all three measured here with steps_per_call=1.
+alone) + time(student train step alone)], all three measured here with steps_per_call=1. The
+teacher is prepared as `kdjax distill` prepares it (kdjax.teacher: BatchNorm folded, weights in
+the compute dtype); its forward as built, before that, is timed too.
 Run it through the suite: `python -m benchmarks` (benchmarks/suite.py).
 """
 
@@ -22,7 +24,8 @@ import optax
 from flax import nnx
 
 from benchmarks import common, pairs as pairs_lib
-from kdjax import augment, models, objectives, optim, sharding
+from kdjax import augment, models, objectives, optim, sharding, teacher as teacher_lib
+from kdjax.models import ModelSpec
 from kdjax.step import (DeviceData, FrozenModel, Step, TrainState, compute_dtype, freeze,
                         init_train_state, make_distill_step)
 
@@ -57,6 +60,7 @@ class Setup(NamedTuple):
     tx: optax.GradientTransformation
     objective: Callable
     teacher: FrozenModel
+    teacher_as_built: FrozenModel  # before kdjax.teacher.prepare: float32 weights, unfolded BN
     recipe: augment.Preprocess
     mesh: jax.sharding.Mesh
     data: DeviceData
@@ -79,7 +83,10 @@ def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
     data = DeviceData(
         sharding.replicate(rng.integers(0, 256, (n, *pair.input_shape), dtype=np.uint8), mesh),
         sharding.replicate(rng.integers(0, pair.num_classes, n).astype(np.int32), mesh), batch)
-    teacher = freeze(_model(pair.teacher, pair, 0, dtype))
+    as_built = _model(pair.teacher, pair, 0, dtype)
+    base, kwargs = pairs_lib.registry_entry(pair.teacher)
+    teacher, _ = teacher_lib.prepare(as_built, ModelSpec(base, pair.num_classes, pair.input_shape,
+                                                         kwargs), dtype=dtype)
     student = _model(pair.student, pair, 1, dtype)
     tx = optim.make_optimizer({**pairs_lib.SGD, "name": "sgd", "schedule": "constant",
                                "warmup_steps": 0}, total_steps=1)
@@ -89,7 +96,7 @@ def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
     kd = objectives.logit_distillation("kd", ce_weight=pairs_lib.KD["ce_weight"],
                                        kd_weight=pairs_lib.KD["kd_weight"],
                                        temperature=pairs_lib.KD["temperature"])
-    return Setup(graphdef, state0, tx, kd, teacher, recipe, mesh, data)
+    return Setup(graphdef, state0, tx, kd, freeze(teacher), freeze(as_built), recipe, mesh, data)
 
 
 def stepping(step, state):
@@ -134,7 +141,7 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
             "program_bytes": None if mem is None else (
                 mem.argument_size_in_bytes + mem.output_size_in_bytes
                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
-            "teacher_params": models.count_params(teacher.variables),
+            "teacher_params": models.count_params(su.teacher_as_built.variables),  # as trained
             "student_params": models.count_params(state0.params),
         })
         if spc == 1:
@@ -146,18 +153,22 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
     alone = make_distill_step(graphdef, tx, objectives.supervised(), preprocess=recipe,
                               mesh=mesh, data=data)
     t_student, _ = time_step(alone)
-    t_graph, t_vars = teacher
-    t_fwd = jax.jit(lambda v, x: nnx.merge(t_graph, v)(
-        augment.preprocess(x, recipe, key=None, dtype=jnp.float32)))
     x = data.images[:batch]
-    t_teacher, _ = common.seconds_per_step(lambda k: [t_fwd(t_vars, x) for _ in range(k)][-1],
-                                           sync, warmup=warmup, windows=windows, steps=steps)
+
+    def time_forward(frozen: FrozenModel) -> float:
+        fwd = jax.jit(lambda v, x: nnx.merge(frozen.graphdef, v)(
+            augment.preprocess(x, recipe, key=None, dtype=jnp.float32)))
+        return common.seconds_per_step(lambda k: [fwd(frozen.variables, x) for _ in range(k)][-1],
+                                       sync, warmup=warmup, windows=windows, steps=steps)[0]
+
+    t_teacher, t_as_built = time_forward(teacher), time_forward(su.teacher_as_built)
     stats = jax.devices()[0].memory_stats() or {}
     for r in rows:
         dt = r["ms_per_step"] / 1e3
         r["flops_per_step"] = flops
         r["mfu"] = flops / dt / peak if flops and peak else None
         r["teacher_forward_ms"], r["student_step_ms"] = t_teacher * 1e3, t_student * 1e3
+        r["teacher_forward_as_built_ms"] = t_as_built * 1e3
         r["fusion_payoff"] = dt / (t_teacher + t_student) if r["steps_per_call"] == 1 else None
         # The allocator's high-water mark of the whole process so far (GPU/TPU only).
         r["device_peak_bytes"] = stats.get("peak_bytes_in_use")

@@ -120,7 +120,8 @@ def markdown(result: dict) -> str:
         lines += [m["note"], ""]
     lines += ["| pair | batch | steps/call | kdjax images/s | kdjax ms/step | best PyTorch "
               "images/s (mode) | kdjax / PyTorch | GFLOPs/step | MFU | memory MiB kdjax / "
-              "PyTorch | fusion payoff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "PyTorch | fusion payoff | teacher fwd ms prepared / as built |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         torch_cell = (f"{r['torch_best_images_per_s']:,.0f} ({r['torch_best_mode']})"
                       if r["torch_best_mode"] else "-")
@@ -130,7 +131,9 @@ def markdown(result: dict) -> str:
             f"{_fmt(r['ratio_kdjax_over_torch'], '.2f')} | "
             f"{_fmt(r['flops_per_step'], '.2f', 1e9)} | {_fmt(r['mfu'], '.1%')} | "
             f"{_mib(r['program_bytes'])} / "
-            f"{_mib(r['torch_best_peak_bytes'])} | {_fmt(r['fusion_payoff'], '.2f')} |")
+            f"{_mib(r['torch_best_peak_bytes'])} | {_fmt(r['fusion_payoff'], '.2f')} | "
+            f"{_fmt(r.get('teacher_forward_ms'), '.2f')} / "
+            f"{_fmt(r.get('teacher_forward_as_built_ms'), '.2f')} |")
     lines += ["", "PyTorch modes, images/s:", "",
               "| pair | batch | " + " | ".join(m["torch_modes"]) + " |",
               "|---|---:|" + "---:|" * len(m["torch_modes"])]
@@ -150,7 +153,9 @@ def markdown(result: dict) -> str:
               "only). "
               "MFU: model FLOPs per step (XLA cost analysis) / time / the measured bf16 matmul "
               "peak, accelerators only. Fusion payoff: fused step / (teacher forward alone + "
-              "student step alone), steps_per_call=1."]
+              "student step alone), steps_per_call=1. Teacher forward: alone, as the step "
+              "runs it (kdjax.teacher.prepare: BatchNorm folded, weights in the compute dtype) "
+              "and as built (float32 weights, BatchNorm unfolded)."]
     if m.get("skipped"):
         lines += ["", f"Not measured here: {m['skipped']}."]
     return "\n".join(lines) + "\n"

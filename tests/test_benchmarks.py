@@ -95,6 +95,7 @@ def test_kdjax_section_alone(tmp_path, tiny_pair):
     assert row["flops_per_step"] > 0
     assert row["fusion_payoff"] == pytest.approx(row["kdjax_ms_per_step"] / (
         row["teacher_forward_ms"] + row["student_step_ms"]))
+    assert row["teacher_forward_as_built_ms"] > 0
     assert row["ratio_kdjax_over_torch"] is None and row["torch"] == {}
 
 
