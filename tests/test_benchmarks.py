@@ -143,3 +143,27 @@ def test_kdjax_bench_command_reaches_the_suite(capsys):
         cli.main(["bench", "--help"])
     assert e.value.code == 0
     assert "kdjax bench" in capsys.readouterr().out
+
+
+def test_teacher_precision_measures_every_preparation_on_the_whole_eval_split(
+        data_dir, tmp_path):
+    from benchmarks import teacher_precision
+    from kdjax import cli
+
+    teacher = str(tmp_path / "teacher")
+    assert cli.main(["train", "--config", os.path.join(ROOT, "experiments/fashion_mnist/teacher.py"),
+                     "--workdir", teacher, f"--config.data.data_dir={data_dir}",
+                     "--config.model.name=cnn_tiny", "--config.train.steps=6",
+                     "--config.train.batch_size=32", "--config.eval.batch_size=64",
+                     "--no-progress"]) == 0
+    out = tmp_path / "results"
+    out.mkdir()
+    teacher_precision.main(["--teacher", teacher, "--data-dir", data_dir, "--out", str(out)])
+    result = json.load(open(out / "teacher_precision_cpu.json"))
+    assert [(r["dtype"], r["folded"], r["batchnorms"]) for r in result["rows"]] == [
+        ("float32", 2, 2), ("bfloat16", 0, 2), ("bfloat16", 2, 2)]
+    assert all(r["examples"] == 150 for r in result["rows"])  # all of the tiny test split
+    assert result["rows"][0]["top1"] == 1.0 and result["rows"][0]["max_abs_logit_diff"] < 1e-3
+    assert all(0 < r["max_abs_logit_diff"] < 1 for r in result["rows"][1:])
+    md = open(out / "teacher_precision_cpu.md").read()
+    assert "| float32 | 2 of 2 | 150 | 100.00% |" in md and result["device"] in md

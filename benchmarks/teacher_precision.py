@@ -1,0 +1,82 @@
+"""How far each teacher preparation moves a trained teacher from its float32 self.
+
+  python -m benchmarks.teacher_precision --teacher workdirs/teacher_cnn [--data-dir data/tfds]
+
+For each preparation (BatchNorm folded or not, float32 or bfloat16 weights and compute), the
+top-1 agreement with the float32 teacher as trained, and the largest logit difference, over the
+whole eval split of the teacher's dataset: what `kdjax distill` checks on its first
+`teacher.agreement_examples` examples before training. Writes
+benchmarks/results/teacher_precision_<platform>.{json,md}, naming the device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+
+import jax
+
+from benchmarks.suite import _versions
+from kdjax import data, sharding, teacher as teacher_lib, trainer
+
+VARIANTS = (("float32", True), ("bfloat16", False), ("bfloat16", True))
+
+
+def measure(teacher_workdir: str, data_dir: str | None = None) -> dict:
+    config = trainer.read_run_config(teacher_workdir)
+    if data_dir:
+        config.data.data_dir = data_dir
+    config.teacher.workdir = teacher_workdir
+    spec = data.dataset_info(config.data.name, data_dir=data_dir or None)
+    mesh = sharding.make_mesh()
+    arrays = data.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir or None)
+    preprocess = trainer._preprocess(config, spec.image_shape[-1])
+    rows = []
+    for dtype, fold in VARIANTS:
+        config.teacher.compute_dtype, config.teacher.fold_batchnorm = dtype, fold
+        t = trainer.load_teacher(config, spec, spec.num_classes, mesh, teacher_workdir)
+        agree = teacher_lib.agreement(
+            t.reference, t.model, trainer._eval_input(config, mesh, arrays)(), preprocess,
+            max_examples=len(arrays["label"]))
+        rows.append({"compute_dtype": dtype, "fold_batchnorm": fold,
+                     **dataclasses.asdict(t.preparation), **dataclasses.asdict(agree)})
+    return {"teacher": teacher_workdir, "dataset": f"{config.data.name} {config.data.eval_split}",
+            "model": config.model.name, "device": jax.devices()[0].device_kind,
+            "platform": jax.default_backend(), "software": _versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    sw = ", ".join(f"{k} {v}" for k, v in result["software"].items() if v)
+    lines = [f"# Teacher preparation vs the float32 teacher ({result['device']})", "",
+             f"Teacher `{result['model']}` from {result['teacher']}, on {result['dataset']}; "
+             f"{result['device']} ({result['platform']}); {sw}; {result['date']}.", "",
+             "| weights and compute | BatchNorm folded | examples | top-1 agreement | "
+             "max abs logit difference |", "|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['dtype']} | {r['folded']} of {r['batchnorms']} | {r['examples']:,} | "
+                     f"{100 * r['top1']:.2f}% | {r['max_abs_logit_diff']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, help="the workdir of the run that trained it")
+    p.add_argument("--data-dir", default="", help="where its dataset is prepared")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    result = measure(args.teacher, args.data_dir)
+    stem = os.path.join(args.out, f"teacher_precision_{result['platform']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
