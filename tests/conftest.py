@@ -3,7 +3,10 @@
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from kdjax import cli, data
 
@@ -38,3 +41,17 @@ def quick_compiles():
     yield
     jax.config.update("jax_disable_most_optimizations", before)
     jax.clear_caches()
+
+
+def randomize_batchnorms(model, seed=0):
+    """BatchNorm statistics and affine parameters far from their init (as after training), so
+    that folding or casting them has work to do. In place; returns the model."""
+    rng = np.random.default_rng(seed)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm):
+            c = node.mean.shape[-1]
+            node.mean[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+            node.var[...] = jnp.asarray(rng.uniform(0.3, 2.0, c), jnp.float32)
+            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+            node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
+    return model

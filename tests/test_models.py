@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import randomize_batchnorms
 from kdjax.models import MODELS, count_params, create_model, model_names
 
 # name -> (num_classes, exact parameter count incl. BN scale/bias, input HWC)
@@ -458,19 +459,6 @@ def test_input_shape_sets_the_input_arguments_and_kwargs_are_checked():
 # ---------------------------------------------------------------------------
 # BatchNorm folding (frozen teachers)
 # ---------------------------------------------------------------------------
-def _random_batch_stats(model, seed=0):
-    """BatchNorm statistics and affine parameters far from their init, so folding has work."""
-    rng = np.random.default_rng(seed)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm):
-            c = node.mean.shape[-1]
-            node.mean[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
-            node.var[...] = jnp.asarray(rng.uniform(0.3, 2.0, c), jnp.float32)
-            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-            node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
-    return model
-
-
 # name -> (input shape, BatchNorms folded, BatchNorms in the model)
 FOLDABLE = {
     "cnn_tiny": ((2, 28, 28, 1), 2, 2),
@@ -485,7 +473,7 @@ FOLDABLE = {
 def test_fold_batchnorm_keeps_every_feature_and_counts_what_it_folded(name):
     from kdjax.models import count_batchnorms, fold_batchnorm
     shape, n_folded, n_bn = FOLDABLE[name]
-    model = _random_batch_stats(_make(name))
+    model = randomize_batchnorms(_make(name))
     x = _images(shape)
     before = _jit_apply(model, "features", train=False)(x)
     assert count_batchnorms(model) == n_bn
@@ -503,7 +491,7 @@ def test_fold_batchnorm_keeps_every_feature_and_counts_what_it_folded(name):
 
 def test_folded_kernel_and_bias_are_the_batchnorm_formula():
     from kdjax.models import fold_batchnorm
-    model = _random_batch_stats(_make("cnn_tiny"))
+    model = randomize_batchnorms(_make("cnn_tiny"))
     conv, bn = model.conv1.conv, model.conv1.bn
     w, eps = np.asarray(conv.kernel[...], np.float64), bn.epsilon
     mean, var, gamma, beta = (np.asarray(v[...], np.float64)

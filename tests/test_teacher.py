@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import EXP
+from conftest import EXP, randomize_batchnorms
 from kdjax import augment, cli, models, teacher as teacher_lib
 from kdjax.models import ModelSpec
 from kdjax.step import freeze, pad_batch
@@ -18,16 +18,7 @@ SPEC = ModelSpec("cnn_tiny", 10, (28, 28, 1), compute_dtype="float32")
 
 
 def _trained_like(seed=0):
-    """cnn_tiny with BatchNorm statistics and affine parameters far from their init."""
-    model = SPEC.build(seed)
-    rng = np.random.default_rng(seed)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm):
-            c = node.mean.shape[-1]
-            node.mean[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
-            node.var[...] = jnp.asarray(rng.uniform(0.3, 2.0, c), jnp.float32)
-            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
-    return model
+    return randomize_batchnorms(SPEC.build(seed), seed)
 
 
 def _images(n, seed=0):
