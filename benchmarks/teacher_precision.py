@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 
 import jax
 
+from benchmarks import common
 from benchmarks.suite import _versions
 from kdjax import data, sharding, teacher as teacher_lib, trainer
 
@@ -43,11 +43,12 @@ def measure(teacher_workdir: str, data_dir: str | None = None) -> dict:
             max_examples=len(arrays["label"]))
         rows.append({"compute_dtype": dtype, "fold_batchnorm": fold,
                      **dataclasses.asdict(t.preparation), **dataclasses.asdict(agree)})
+    host = common.host_info()
+    platform = jax.default_backend()
+    device = f"CPU ({host['cpu']})" if platform == "cpu" else jax.devices()[0].device_kind
     return {"teacher": teacher_workdir, "dataset": f"{config.data.name} {config.data.eval_split}",
-            "model": config.model.name, "device": jax.devices()[0].device_kind,
-            "platform": jax.default_backend(), "software": _versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "rows": rows}
+            "model": config.model.name, "device": device, "platform": platform,
+            "software": _versions(), "date": host["date"], "host": host, "rows": rows}
 
 
 def markdown(result: dict) -> str:
