@@ -5,6 +5,7 @@
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
+  kdjax export  --workdir workdirs/kd --out exports/kd_int8 --config.quant.mode=ptq  (int8 weights)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax datasets                           (what is prepared where)
@@ -199,11 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary_table(args.workdirs))
         return 0
     if args.command == "export":
-        if overrides:
-            _parser().error("kdjax export takes no --config overrides")
         from kdjax import export
 
-        path = export.export(args.workdir, args.out, step=args.step)
+        # --config.quant.* quantizes a float run on export (kdjax.compress.encode).
+        path = export.export(args.workdir, args.out, step=args.step, overrides=overrides)
         print(f"kdjax: exported the student to {path}; load and run it with:\n"
               f"{export.snippet(path)}")
         return 0

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 import kdjax
 from kdjax import augment, checkpoint
+from kdjax.compress import encode
 from kdjax.models import ModelSpec
 
 FORMAT = "kdjax.export/1"
@@ -46,8 +47,13 @@ predictions = model(preprocess(images)).argmax(-1)  # logits [N, classes] -> cla
 """
 
 
-def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
-    """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`."""
+def export(workdir: str, out: str, *, step: str | int = "latest",
+           overrides: Sequence[str] = ()) -> str:
+    """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`.
+
+    A pruned or quantized student (the run's prune/quant config, `overrides` of quant.*) is
+    written compressed (kdjax.compress.encode).
+    """
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
@@ -60,19 +66,29 @@ def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
         model = reader.load_model(n, spec)
     finally:
         reader.close()
+    config = encode.export_config(run["config"], overrides)
+    encoded = encode.encode(model, spec, config, lambda k: encode.calibration_images(
+        config, run["preprocess"], k))
+    model, spec = encoded.model, encoded.spec
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
-        saver = ocp.StandardCheckpointer()
-        saver.save(os.path.join(tmp, MODEL_DIR), {"params": params, "model_state": model_state})
-        saver.wait_until_finished()
-        saver.close()
+        if encoded.arrays is None:
+            saver = ocp.StandardCheckpointer()
+            saver.save(os.path.join(tmp, MODEL_DIR), {"params": params,
+                                                      "model_state": model_state})
+            saver.wait_until_finished()
+            saver.close()
+        else:
+            np.savez(os.path.join(tmp, encode.FILE), **encoded.arrays)
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
                            "checkpoint": reader.path(n)}}
+        if encoded.record is not None:
+            meta["compression"] = encoded.record
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -117,15 +133,19 @@ def load(path: str, *, mesh: Mesh | None = None
     with open(meta_path) as f:
         meta = json.load(f)
     spec = ModelSpec.from_json(meta["model"])
-    model_dir = os.path.join(path, MODEL_DIR)
-    reader = ocp.StandardCheckpointer()
-    try:
-        model = checkpoint.restore_model(
-            spec, reader.metadata(model_dir).item_metadata.tree,
-            lambda target: reader.restore(model_dir, target), mesh=mesh, where=model_dir,
-            what=f"the model of {META_FILE}")
-    finally:
-        reader.close()
+    if os.path.isfile(os.path.join(path, encode.FILE)):  # a compressed export
+        with np.load(os.path.join(path, encode.FILE), allow_pickle=False) as arrays:
+            model = encode.decode(spec, meta["compression"], dict(arrays))
+    else:
+        model_dir = os.path.join(path, MODEL_DIR)
+        reader = ocp.StandardCheckpointer()
+        try:
+            model = checkpoint.restore_model(
+                spec, reader.metadata(model_dir).item_metadata.tree,
+                lambda target: reader.restore(model_dir, target), mesh=mesh, where=model_dir,
+                what=f"the model of {META_FILE}")
+        finally:
+            reader.close()
     recipe = augment.Preprocess(mean=tuple(meta["preprocess"]["mean"]),
                                 std=tuple(meta["preprocess"]["std"]))
 
