@@ -157,7 +157,8 @@ def test_two_four_sparsity_along_the_input_axis():
 
 def test_first_and_last_layers_follow_the_data_flow_not_the_names():
     # nnx orders attributes alphabetically (fc < stages < stem); the forward pass reads stem first.
-    model = models.create_model("resnet8", num_classes=10, rngs=nnx.Rngs(0), input_shape=SHAPE)
+    model = nnx.eval_shape(lambda: models.create_model("resnet8", num_classes=10,
+                                                       rngs=nnx.Rngs(0), input_shape=SHAPE))
     kernels = [k for k in prune.forward_order(model, SHAPE) if k[-1] == "kernel"]
     assert kernels[0] == ("stem", "conv", "kernel") and kernels[-1] == ("fc", "kernel")
     plan = prune.make_plan(prune_config(method="magnitude", sparsity=0.5), model, SHAPE, 10)
@@ -189,8 +190,9 @@ def test_first_and_last_layers_follow_the_data_flow_not_the_names():
      "every prunable layer of the student is excluded"),
     (dict(method="magnitude", sparsity=0.5, schedule="init"), "prune.schedule='init': pruning "
                                                               "the initial weights"),
-    (dict(method="structured", sparsity=0.5), "prune.criterion='bn_scale': layer 'hidden/0' of "
-                                              "the MLP has no BatchNorm"),
+    (dict(method="structured", sparsity=0.5, scope="global"),
+     "prune.criterion='bn_scale' with prune.scope='global': layer 'hidden/0' of the MLP has no "
+     "BatchNorm after it"),
 ])
 def test_bad_prune_config_names_the_key_value_and_fix(kw, message):
     with pytest.raises(ValueError) as e:

@@ -14,8 +14,9 @@ override `quant.*` to quantize a float run after training):
   stores the integers (int4 packed two per byte) and `load` dequantizes them into the float model.
 
 Encoded arrays go into one `weights.npz` (numpy's zip of raw arrays, read with
-allow_pickle=False: no code is ever unpickled), with a per-layer table of shapes, non-zeros,
-bytes and sparsity in the export's kdjax_model.json ("compression").
+allow_pickle=False: no code is ever unpickled), concatenated per dtype; the export's
+kdjax_model.json ("compression") holds where each array lies in them ("index") and a per-layer
+table of shapes, non-zeros, sparsity, encoding and bytes ("layers").
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ UNSTRUCTURED = ("magnitude", "random", "nm")
 
 @dataclasses.dataclass
 class Encoded:
-    """An export's content: the model to describe, its spec, the encoded arrays (None: stored as
-    an ordinary Orbax export) and the record for kdjax_model.json (None: not compressed)."""
+    """An export's content: the model to describe, its spec, the encoded arrays packed per dtype
+    (None: stored as an ordinary Orbax export) and the record for kdjax_model.json (None: not
+    compressed)."""
 
     model: nnx.Module
     spec: ModelSpec
@@ -113,11 +115,14 @@ def encode(model: nnx.Module, spec: ModelSpec, config: Mapping[str, Any],
         arrays = None
         if record:
             record["encoding"] = "dense"
+    if arrays is not None:
+        arrays, record["index"] = pack(arrays)
     if record:
-        record["layers"] = layer_table(model, arrays)
+        record["layers"] = layer_table(model, None if arrays is None else
+                                       unpack(arrays, record["index"]))
         # Everything stored (BatchNorm statistics, activation scales included), and the same
         # model's arrays in float32.
-        stored = arrays if arrays is not None else _flat(model)
+        stored = arrays if arrays is not None else _flat(model)  # (packed: the same bytes)
         record["bytes"] = int(sum(v.nbytes for v in stored.values()))
         record["float32_bytes"] = int(sum(v.size * 4 for v in _flat(model).values()))
     return Encoded(model, spec, arrays, record or None)
@@ -142,6 +147,23 @@ def layer_table(model: nnx.Module, arrays: Mapping[str, np.ndarray] | None
                        "encoding": encoding, "bytes": int(sum(v.nbytes for v in parts.values())),
                        "float32_bytes": int(value.size * 4)}
     return table
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """One flat array per dtype, and where each named array lies in it: a few large arrays in
+    the file instead of one (with its ~250 bytes of headers) per parameter and scale."""
+    parts: dict[str, list[np.ndarray]] = {}
+    index = {}
+    for name, a in arrays.items():
+        chunks = parts.setdefault(a.dtype.name, [])
+        index[name] = [a.dtype.name, int(sum(c.size for c in chunks)), list(a.shape)]
+        chunks.append(np.ascontiguousarray(a).reshape(-1))
+    return {k: np.concatenate(v) for k, v in parts.items()}, index
+
+
+def unpack(blobs: Mapping[str, np.ndarray], index: Mapping[str, list]) -> dict[str, np.ndarray]:
+    return {name: blobs[dtype][offset:offset + int(np.prod(shape))].reshape(shape)
+            for name, (dtype, offset, shape) in index.items()}
 
 
 # -- unstructured: bitmap or indices ------------------------------------------------------------
@@ -218,9 +240,11 @@ def _encode_int(model: nnx.Module, quant, calibration) -> dict[str, np.ndarray]:
     return out
 
 
-def decode(spec: ModelSpec, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+def decode(spec: ModelSpec, record: Mapping[str, Any], blobs: Mapping[str, np.ndarray]
            ) -> nnx.Module:
-    """The model an encoded export stores (module docstring), ready to run."""
+    """The model an encoded export stores (`blobs`: its weights.npz; module docstring), ready to
+    run."""
+    arrays = unpack(blobs, record["index"])
     model = spec.build()
     if record["encoding"] == "int" and record["activations"] != "none":
         model = quantize.structure_like(model, record["quant"], spec.input_shape)

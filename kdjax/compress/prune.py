@@ -247,15 +247,15 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def forward_order(model: nnx.Module, input_shape: Sequence[int]) -> list[Path]:
-    """The student's parameter paths in the order its forward pass first reads them (the
+    """The student's variable paths in the order its forward pass first reads them (the
     equations of its jaxpr), so "first" and "last" layers are the data flow's, not the
     attribute names' (nnx orders those alphabetically)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    graphdef, state = nnx.split(model)  # every array an argument: the model may be abstract
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = [_key_path(p) for p, _ in flat]
 
     def forward(*leaves):
-        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         return m(jnp.zeros((1, *input_shape), jnp.float32))
 
     jaxpr = jax.make_jaxpr(forward)(*[leaf for _, leaf in flat]).jaxpr
@@ -367,13 +367,16 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
                         f"prune.targets pattern {pattern!r} names layer {name!r}, which "
                         f"structured pruning cannot shrink safely: {why}. Prune the layers "
                         f"{', '.join(g.name for g in st.groups[:4])}... instead")
-        if prune["criterion"] == "bn_scale":
+        if prune["criterion"] == "bn_scale" and prune["scope"] == "global":
+            # Per layer, a layer without BatchNorm is scored by L1; one global ranking cannot
+            # compare |gamma| with L1 norms.
             for g in st.groups:
                 if g.bn_scale is None and not _excluded(g.name, prune["exclude"]):
                     raise ValueError(
-                        f"prune.criterion='bn_scale': layer {g.name!r} of the "
-                        f"{type(model).__name__} has no BatchNorm after it to score its channels "
-                        f"by; use prune.criterion='l1' (filter L1 norm), or add {g.name!r} to "
+                        f"prune.criterion='bn_scale' with prune.scope='global': layer {g.name!r} "
+                        f"of the {type(model).__name__} has no BatchNorm after it, and its L1 "
+                        f"scores cannot be ranked with BatchNorm scales; use "
+                        f"prune.scope='per_layer', prune.criterion='l1', or add {g.name!r} to "
                         f"prune.exclude")
         targets = tuple(Target(g.name, dataclasses.replace(schedule, final=target_sparsity(g.name)),
                                group=g) for g in st.groups if not _excluded(g.name,

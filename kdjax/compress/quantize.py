@@ -86,10 +86,11 @@ def _intercept(model: nnx.Module, provider, input_shape: Sequence[int], quant) -
     unused = provider.get_unused_rules()
     if any(r.module_path == ".*" for r in unused):
         raise ValueError(f"quant.mode={quant['mode']!r}: Qwix intercepted no layer of the "
-                         f"{type(model).__name__}: none of its operations is a jax.lax."
-                         f"dot_general or conv_general_dilated of a Flax NNX module (e.g. "
-                         f"nnx.Linear, nnx.Conv) outside quant.exclude={tuple(quant['exclude'])}; "
-                         f"build it from such layers or set quant.mode='none'")
+                         f"{type(model).__name__}: it computes no matrix product or convolution "
+                         f"(jax.lax.dot_general, conv_general_dilated, jnp.einsum: what nnx.Linear "
+                         f"and nnx.Conv call) in a Flax NNX module outside "
+                         f"quant.exclude={tuple(quant['exclude'])}, so there is nothing to "
+                         f"quantize; set quant.mode='none'")
     for r in unused:
         raise ValueError(f"quant.exclude pattern matching {r.module_path!r} names no layer of "
                          f"the {type(model).__name__}; layers are paths like "
@@ -115,17 +116,10 @@ def calibrated(model: nnx.Module, quant: Mapping[str, Any], images: np.ndarray,
     preprocessed, [N, H, W, C]): the mean over batches of each layer input's max |x|."""
     static = rules(quant, static=True)
     qt = _intercept(model, qwix.QtProvider(static), images.shape[1:], quant)
-    graphdef, state = nnx.split(qt)
-
-    @jax.jit
-    def observe(state, x):
-        m = nnx.merge(graphdef, state)
-        m(x, train=False)  # updates the QuantStat running averages (Qwix's calibration)
-        return nnx.state(m)
-
+    # Eagerly: Qwix updates its QuantStat running averages inside the custom-gradient forward
+    # of each quantized op, a trace that a QuantStat created outside it cannot be written from.
     for i in range(0, len(images), batch_size):
-        state = observe(state, jnp.asarray(images[i:i + batch_size]))
-    nnx.update(qt, state)
+        qt(jnp.asarray(images[i:i + batch_size]), train=False)
     return _intercept(qt, qwix.PtqProvider(static), images.shape[1:], quant)
 
 

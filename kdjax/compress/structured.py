@@ -50,8 +50,9 @@ class ChannelGroup:
 
     def score(self, params: Mapping[Path, jnp.ndarray], criterion: str) -> jnp.ndarray:
         """Per-channel importance [size]: |gamma| (network slimming) or the mean |w| of each
-        output filter (L1 per weight, so that global pruning compares layers fairly)."""
-        if criterion == "bn_scale":
+        output filter (L1 per weight, so that global pruning compares layers fairly). A layer
+        with no BatchNorm after it (a Linear) is scored by L1 under either criterion."""
+        if criterion == "bn_scale" and self.bn_scale is not None:
             return jnp.abs(params[self.bn_scale])
         w = params[self.kernel]
         return jnp.abs(w).reshape(-1, w.shape[-1]).mean(axis=0)
