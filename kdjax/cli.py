@@ -204,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # --config.quant.* quantizes a float run on export (kdjax.compress.encode).
         path = export.export(args.workdir, args.out, step=args.step, overrides=overrides)
+        with open(os.path.join(path, export.META_FILE)) as f:
+            record = json.load(f).get("compression")
+        if record is not None:
+            from kdjax.compress import encode
+
+            print(encode.describe(record))
         print(f"kdjax: exported the student to {path}; load and run it with:\n"
               f"{export.snippet(path)}")
         return 0

@@ -149,6 +149,23 @@ def layer_table(model: nnx.Module, arrays: Mapping[str, np.ndarray] | None
     return table
 
 
+def describe(record: Mapping[str, Any]) -> str:
+    """The record as `kdjax export` prints it: one line per parameter, then the totals."""
+    head = ("parameter", "shape", "non-zeros", "sparsity", "stored as", "bytes")
+    rows = [(name, "x".join(map(str, r["shape"])) or "scalar", f"{r['nonzeros']:,}",
+             f"{100 * r['sparsity']:.1f}%", r["encoding"], f"{r['bytes']:,}")
+            for name, r in record["layers"].items()]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in [head, *rows]]
+    lines.append(f"stored: {record['bytes']:,} bytes, {record['float32_bytes'] / record['bytes']:.2f}x "
+                 f"fewer than the same model's float32 arrays ({record['float32_bytes']:,})")
+    if "channels" in record:
+        lines.append("channels kept: " + ", ".join(f"{n} {c['after']}/{c['before']}"
+                                                   for n, c in record["channels"].items()))
+    return "\n".join(lines)
+
+
 def pack(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """One flat array per dtype, and where each named array lies in it: a few large arrays in
     the file instead of one (with its ~250 bytes of headers) per parameter and scale."""
