@@ -262,9 +262,11 @@ def decode(spec: ModelSpec, record: Mapping[str, Any], blobs: Mapping[str, np.nd
     """The model an encoded export stores (`blobs`: its weights.npz; module docstring), ready to
     run."""
     arrays = unpack(blobs, record["index"])
-    model = spec.build()
     if record["encoding"] == "int" and record["activations"] != "none":
-        model = quantize.structure_like(model, record["quant"], spec.input_shape)
+        # Qwix builds its PTQ structure by running the model (it cannot be traced abstractly).
+        model = quantize.structure_like(spec.build(), record["quant"], spec.input_shape)
+    else:
+        model = spec.abstract()  # nnx.eval_shape: no weights initialised only to be replaced
     state = nnx.state(model)
     for key, var in nnx.to_flat_state(state):
         name, shape = layer_name(key), var.shape

@@ -110,8 +110,11 @@ def for_training(model: nnx.Module, quant: Mapping[str, Any], input_shape: Seque
     return _intercept(model, qwix.QtProvider(rules(quant, static=False)), input_shape, quant)
 
 
+CALIBRATION_BATCH = 128
+
+
 def calibrated(model: nnx.Module, quant: Mapping[str, Any], images: np.ndarray,
-               *, batch_size: int = 128) -> nnx.Module:
+               *, batch_size: int = CALIBRATION_BATCH) -> nnx.Module:
     """Qwix's PTQ model of `model`: int8 weights, activation scales from `images` (float,
     preprocessed, [N, H, W, C]): the mean over batches of each layer input's max |x|."""
     static = rules(quant, static=True)
@@ -126,8 +129,9 @@ def calibrated(model: nnx.Module, quant: Mapping[str, Any], images: np.ndarray,
 def structure_like(model: nnx.Module, quant: Mapping[str, Any], input_shape: Sequence[int]
                    ) -> nnx.Module:
     """A PTQ model of `model`'s architecture for an export's arrays to be loaded into (its
-    values are placeholders: calibrated on one zero image)."""
-    return calibrated(model, quant, np.zeros((1, *input_shape), np.float32))
+    values are placeholders: calibrated on zero images, a batch of calibration's shape, whose
+    eagerly compiled operations `calibrated` has usually compiled already)."""
+    return calibrated(model, quant, np.zeros((CALIBRATION_BATCH, *input_shape), np.float32))
 
 
 def quantize_weight(w: jax.Array, dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ identity.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ml_collections
 import optax
@@ -57,7 +58,7 @@ def _load_initial(config, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
         if saved.num_classes != spec.num_classes:
             raise ValueError(f"init.workdir={config.init.workdir!r} holds a model with "
                              f"{saved.num_classes} classes but this run's has {spec.num_classes}")
-        if spec.kwargs and dict(spec.kwargs) != dict(saved.kwargs):
+        if spec.kwargs and _json(spec.kwargs) != _json(saved.kwargs):  # tuples were saved as lists
             raise ValueError(f"model.kwargs={dict(spec.kwargs)} differ from the architecture "
                              f"init.workdir={config.init.workdir!r} records, {dict(saved.kwargs)}; "
                              f"leave model.kwargs empty to take that run's")
@@ -68,6 +69,10 @@ def _load_initial(config, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
         reader.close()
     print(f"kdjax: the student starts from {reader.path(step)}", flush=True)
     return spec, model
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
 
 
 def prune_once(model: nnx.Module, spec: ModelSpec, prune_config) -> tuple[nnx.Module, ModelSpec]:
