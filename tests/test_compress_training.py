@@ -130,3 +130,11 @@ def test_structured_pruning_of_the_teacher_gives_the_student_its_architecture(
         _kdjax("train", "--config", f"{EXP}/teacher.py", "--workdir", str(tmp_path / "bad2"),
                f"--config.data.data_dir={data_dir}", f"--config.init.workdir={pruned}",
                "--config.model.name=mlp_tiny", *RUN)
+
+
+def test_export_overrides_are_quant_and_the_calibration_data_only(pruned, tmp_path):
+    with pytest.raises(ValueError, match=r"kdjax export takes --config.quant.\* \(quantize on "
+                                         r"export\) and --config.data.data_dir .* got "
+                                         r"'--config.train.steps=5'"):
+        export.export(pruned, str(tmp_path / "x"), overrides=["--config.train.steps=5"])
+    assert not os.path.exists(tmp_path / "x")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import ml_collections
 import optax
 from flax import nnx
@@ -80,7 +81,7 @@ def prune_once(model: nnx.Module, spec: ModelSpec, prune_config) -> tuple[nnx.Mo
     plan = prune.make_plan({**prune_config, "schedule": "one_shot", "begin_step": 0}, model,
                            spec.input_shape, 1)
     params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    masks = plan.masks(params, 0)
+    masks = jax.jit(plan.masks)(params, 0)  # one program, not an eager op per score and rank
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for (path, _), mask in zip(plan.masked, masks):
