@@ -4,6 +4,9 @@ An export is a directory:
   model/            an Orbax checkpoint of {"params", "model_state"}: the student's parameters and
                     BatchNorm statistics, i.e. the checkpoint's "model" item and nothing else (no
                     optimizer, PRNG or data state; trainable connectors, when they come, stay out)
+  weights.npz       instead of model/ for an unstructured-pruned or quantized student: its arrays
+                    encoded (non-zeros, integers and scales; kdjax.compress.encode), described
+                    layer by layer under "compression" in kdjax_model.json
   kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its source
   README.md         what this is, and `SNIPPET`: how to load it into the model and run it
 
@@ -92,7 +95,7 @@ def export(workdir: str, out: str, *, step: str | int = "latest",
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_readme(out, spec, n, workdir))
+            f.write(_readme(out, spec, n, workdir, encoded=encoded.arrays is not None))
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,14 +111,19 @@ def snippet(path: str, spec: ModelSpec | None = None) -> str:
     return SNIPPET.format(path=path, shape=", ".join(str(d) for d in spec.input_shape))
 
 
-def _readme(path: str, spec: ModelSpec, step: int, workdir: str) -> str:
+def _readme(path: str, spec: ModelSpec, step: int, workdir: str, *, encoded: bool) -> str:
+    where = (f"`{encode.FILE}`, encoded as `{META_FILE}`'s \"compression\" describes" if encoded
+             else f"`{MODEL_DIR}/`, an Orbax checkpoint")
+    raw = (f"`numpy.load(\"{path}/{encode.FILE}\")` holds the encoded arrays, concatenated per "
+           f"dtype (\"compression\"/\"index\" says where each lies)" if encoded else
+           f"`orbax.checkpoint.StandardCheckpointer().restore(\"{path}/{MODEL_DIR}\")` returns "
+           f"the raw arrays as nested dicts")
     return (f"# kdjax export: {spec.name}, {spec.num_classes} classes\n\n"
             f"The student of `{os.path.abspath(workdir)}` at step {step}, for inference: its "
-            f"parameters and BatchNorm statistics (`{MODEL_DIR}/`, an Orbax checkpoint), and "
+            f"parameters and BatchNorm statistics ({where}), and "
             f"`{META_FILE}` (the architecture and input normalisation). No optimizer state.\n\n"
             f"```python\n{snippet(path, spec)}```\n\n"
-            f"Without kdjax, `orbax.checkpoint.StandardCheckpointer().restore(\"{path}/"
-            f"{MODEL_DIR}\")` returns the raw arrays as nested dicts.\n")
+            f"Without kdjax, {raw}.\n")
 
 
 def load(path: str, *, mesh: Mesh | None = None

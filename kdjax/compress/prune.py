@@ -76,6 +76,7 @@ class Plan:
     method: str
     scope: str
     targets: tuple[Target, ...]
+    schedule: Schedule  # the run's (prune.sparsity); targets may have their own final sparsity
     n: int = 2
     m: int = 4
     criterion: str = "bn_scale"
@@ -115,10 +116,7 @@ class Plan:
     def _pooled(self) -> list[bool]:
         # Global scope pools the targets on the run's schedule; those with their own target
         # (prune.targets) are pruned per layer to it.
-        if self.scope != "global":
-            return [False] * len(self.targets)
-        common = self.targets[0].schedule if self.targets else None
-        return [t.schedule == common for t in self.targets]
+        return [self.scope == "global" and t.schedule == self.schedule for t in self.targets]
 
 
 def _expand(keep: jax.Array, shape, axis: int) -> jax.Array:
@@ -404,8 +402,8 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
         raise ValueError(f"prune.method={method!r}: every prunable layer of the student is "
                          f"excluded (prune.exclude={tuple(prune['exclude'])}, "
                          f"prune.dense_first_last={prune['dense_first_last']}); nothing to prune")
-    return Plan(method=method, scope=prune["scope"], targets=targets, n=prune["n"], m=prune["m"],
-                criterion=prune["criterion"], seed=seed)
+    return Plan(method=method, scope=prune["scope"], targets=targets, schedule=schedule,
+                n=prune["n"], m=prune["m"], criterion=prune["criterion"], seed=seed)
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
