@@ -1,6 +1,7 @@
 """The compression pipeline on Fashion-MNIST: teacher -> distilled student -> pruned at 50/75/90 %
 (unstructured and structured, fine-tuned with distillation vs with labels only, same steps) ->
-int8 (post-training quantization vs quantization-aware distillation vs QAT with labels only),
+int8 (post-training quantization vs quantization-aware distillation vs QAT with labels only, of
+the distilled student and of its 90 %-pruned version, whose int8 export is stored sparse),
 plus the combinations (b) prune while distilling, (c) prune-distill cycles and (d) the pruned
 teacher as the student (Minitron). Every row is measured on its export, the artefact a user
 ships: `kdjax.export.load` it, top-1 on the whole test split, bytes on disk, non-zero weights.
@@ -136,6 +137,21 @@ def run_seed(p: Pipeline, seed: int) -> list[dict[str, Any]]:
                        [*s, *kd, f"--config.init.workdir={student}", *_cadence(ft), *extra],
                        distill=finetune == "kd")
         row("int8", name, f"{w}/{name}", summ, f"{w}/exports/{name}", finetune=finetune)
+    # int8 of the 90 %-pruned distilled student: PTQ, and quantization-aware fine-tuning that
+    # keeps its masks (one-shot pruning at step 0 to 90 % finds exactly its zeros).
+    pruned = f"{w}/magnitude_90_kd"
+    row("pruned+int8", "magnitude_90_ptq_int8", pruned, {}, f"{w}/exports/magnitude_90_ptq_int8",
+        ["--config.quant.mode=ptq"], finetune="none", sparsity=0.9)
+    keep = ["--config.prune.method=magnitude", "--config.prune.sparsity=0.9",
+            "--config.prune.dense_first_last=False", "--config.prune.exclude=('out',)"]
+    for finetune in ("kd", "ce"):
+        name = f"magnitude_90_qat_int8_{finetune}"
+        extra = [] if finetune == "kd" else ["--config.loss.name=ce", "--config.loss.kwargs={}"]
+        summ = p.train("compress_qat.py", f"{w}/{name}",
+                       [*s, *kd, f"--config.init.workdir={pruned}", *_cadence(ft), *keep, *extra],
+                       distill=finetune == "kd")
+        row("pruned+int8", name, f"{w}/{name}", summ, f"{w}/exports/{name}", finetune=finetune,
+            sparsity=0.9)
     # (b) prune while distilling, from scratch, for the student's and the fine-tuning's steps.
     total = _steps(a.student_epochs) + ft
     summ = p.train("compress_prune_during.py:magnitude-0.9", f"{w}/during_magnitude_90",

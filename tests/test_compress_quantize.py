@@ -82,6 +82,24 @@ def test_weight_only_export_stores_integers_and_dequantizes_on_load(cnn, tmp_pat
     assert ratio >= (3.5 if bits == "int8" else 6.0)
 
 
+def test_pruned_int8_weights_are_stored_sparse(cnn, tmp_path):
+    spec, model, images = cnn
+    pruned = nnx.clone(model)
+    w = np.asarray(pruned.fc.kernel[...])
+    pruned.fc.kernel[...] = np.where(np.abs(w) > np.quantile(np.abs(w), 0.9), w, 0.0)
+    config = config_lib.base_config()
+    config.quant.update(mode="ptq", activations="none")
+    dense = encode.encode(pruned, spec, config, None)
+    config.prune.method = "magnitude"
+    sparse = encode.encode(pruned, spec, config, None)
+    layer = sparse.record["layers"]["fc/kernel"]
+    assert layer["encoding"] == "int8+bitmap" and layer["nonzeros"] == round(0.1 * w.size)
+    assert layer["bytes"] < dense.record["layers"]["fc/kernel"]["bytes"] / 3
+    a, b = (np.asarray(encode.decode(spec, e.record, e.arrays).fc.kernel[...])
+            for e in (dense, sparse))
+    np.testing.assert_array_equal(a, b)
+
+
 def test_qat_student_computes_in_int8_with_straight_through_gradients(cnn):
     spec, model, images = cnn
     qat = quantize.for_training(model, quant_config(mode="qat"), SHAPE)

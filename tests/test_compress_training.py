@@ -92,7 +92,7 @@ def test_quantization_aware_distillation_exports_an_int8_model(pruned, data_dir,
     work = tmp_path / "qat"
     _kdjax("distill", "--config", f"{EXP}/kd.py", "--workdir", str(work),
            f"--config.data.data_dir={data_dir}", f"--config.teacher.workdir={pruned}", *RUN,
-           "--config.quant.mode=qat", "--config.quant.calibration_examples=64")
+           "--config.quant.mode=qat", "--config.quant.calibration_examples=128")
     _kdjax("export", "--workdir", str(work), "--out", str(tmp_path / "int8"),
            f"--config.data.data_dir={data_dir}")
     with open(tmp_path / "int8" / "kdjax_model.json") as f:

@@ -12,6 +12,8 @@ override `quant.*` to quantize a float run after training):
   stores Qwix's PTQ model (int8 kernels, static activation scales calibrated on
   quant.calibration_examples training images), which `load` runs with Qwix; weight-only int8/int4
   stores the integers (int4 packed two per byte) and `load` dequantizes them into the float model.
+  A student pruned unstructured as well has its int8 weights in the sparse encoding (pruned
+  weights quantize to exactly 0).
 
 Encoded arrays go into one `weights.npz` (numpy's zip of raw arrays, read with
 allow_pickle=False: no code is ever unpickled), concatenated per dtype; the export's
@@ -36,7 +38,6 @@ from kdjax.compress.structured import layer_name
 from kdjax.models import ModelSpec
 
 FILE = "weights.npz"
-ENCODINGS = ("bitmap", "indices", "int8", "int4")
 UNSTRUCTURED = ("magnitude", "random", "nm")
 
 
@@ -105,11 +106,12 @@ def encode(model: nnx.Module, spec: ModelSpec, config: Mapping[str, Any],
         record.update(encoding="int", weights=quant["weights"], activations=quant["activations"],
                       quant={k: quant[k] for k in ("weights", "activations", "exclude",
                                                    "calibration_examples")})
-        if prune["method"] in UNSTRUCTURED:
-            record["note"] = ("integer weights are stored dense: the sparse encoding is for "
-                              "float exports")
+        if prune["method"] in UNSTRUCTURED:  # pruned weights quantize to exactly 0
+            arrays = _encode_sparse(arrays, {n for n, a in arrays.items()
+                                             if a.dtype == np.int8 and a.ndim >= 2})
     elif prune["method"] in UNSTRUCTURED:
-        arrays = _encode_sparse(model)
+        arrays = _flat(model)
+        arrays = _encode_sparse(arrays, {n for n in _is_param(model) if arrays[n].ndim >= 2})
         record["encoding"] = "sparse"
     else:
         arrays = None
@@ -138,9 +140,10 @@ def layer_table(model: nnx.Module, arrays: Mapping[str, np.ndarray] | None
         parts = ({k: v for k, v in arrays.items()
                   if k == name or k.startswith(name + ":") or k.startswith(name + "/")}
                  if arrays is not None else {name: value})
-        suffixes = {k.partition(":")[2] for k in parts}
-        encoding = next((e for e in ENCODINGS if e in suffixes), None) or (
-            "int8" if any(v.dtype == np.int8 for v in parts.values()) else "dense")
+        suffixes = {part for k in parts for part in k.split(":")[1:]}
+        ints = [e for e in ("int8", "int4") if e in suffixes] or (
+            ["int8"] if any(v.dtype == np.int8 for v in parts.values()) else [])
+        encoding = "+".join(ints + [e for e in ("bitmap", "indices") if e in suffixes]) or "dense"
         nonzeros = int(np.count_nonzero(value))
         table[name] = {"shape": list(value.shape), "size": int(value.size),
                        "nonzeros": nonzeros, "sparsity": 1.0 - nonzeros / max(value.size, 1),
@@ -185,15 +188,18 @@ def unpack(blobs: Mapping[str, np.ndarray], index: Mapping[str, list]) -> dict[s
 
 # -- unstructured: bitmap or indices ------------------------------------------------------------
 
-def _encode_sparse(model: nnx.Module) -> dict[str, np.ndarray]:
-    out, params = {}, _is_param(model)
-    for name, a in _flat(model).items():
+def _encode_sparse(arrays: Mapping[str, np.ndarray], candidates: set[str]
+                   ) -> dict[str, np.ndarray]:
+    """`arrays` with each of `candidates` in the smallest of dense, bitmap + values and
+    indices + values (the values keep their dtype: float32 weights, or int8 ones)."""
+    out = {}
+    for name, a in arrays.items():
         nz = np.flatnonzero(a)
         index_dtype = np.uint16 if a.size <= 2**16 else np.uint32
         options = {"dense": a.nbytes,
                    "bitmap": (a.size + 7) // 8 + nz.size * a.itemsize,
                    "indices": nz.size * np.dtype(index_dtype).itemsize + nz.size * a.itemsize}
-        best = min(options, key=options.get) if name in params and a.ndim >= 2 else "dense"
+        best = min(options, key=options.get) if name in candidates else "dense"
         if best == "dense":
             out[name] = a
             continue
@@ -274,8 +280,10 @@ def decode(spec: ModelSpec, record: Mapping[str, Any], blobs: Mapping[str, np.nd
             value = arrays[name]
         elif f"{name}:values" in arrays:
             value = _decode_sparse(name, shape, arrays)
-        elif f"{name}:int8" in arrays:
-            value = quantize.dequantize_weight(arrays[f"{name}:int8"], arrays[f"{name}:scale"])
+        elif f"{name}:int8" in arrays or f"{name}:int8:values" in arrays:
+            q = (arrays[f"{name}:int8"] if f"{name}:int8" in arrays else
+                 _decode_sparse(f"{name}:int8", shape, arrays))
+            value = quantize.dequantize_weight(q, arrays[f"{name}:scale"])
         elif f"{name}:int4" in arrays:
             value = quantize.dequantize_weight(_unpack_int4(arrays[f"{name}:int4"], shape),
                                                arrays[f"{name}:scale"])
