@@ -105,8 +105,9 @@ def run_seed(p: Pipeline, seed: int) -> list[dict[str, Any]]:
         t = time.perf_counter()
         measured = p.export(workdir, export_path, list(export_overrides))
         rows.append({"seed": seed, "stage": stage, "name": name, "workdir": workdir,
-                     "train_eval_accuracy": summary.get("eval/accuracy"),
-                     "train_wall_s": summary.get("wall_time_s"), **measured, **extra,
+                     "export": export_path, "train_eval_accuracy": summary.get("eval/accuracy"),
+                     "train_wall_s": summary.get("wall_time_s"),
+                     "train_images_per_s": summary.get("images_per_s"), **measured, **extra,
                      "measure_wall_s": time.perf_counter() - t})
         print(f"seed {seed} {name}: export top-1 {measured['export_accuracy']:.4f}, "
               f"{measured['bytes_on_disk']:,} B, {measured['nonzero_params']:,} non-zeros",
@@ -178,13 +179,28 @@ def run_seed(p: Pipeline, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _speed(rows: list[dict[str, Any]]) -> str:
+    # Training images/s of the run behind the export (none for a post-training quantization).
+    ips = [r.get("train_images_per_s") for r in rows if r.get("train_images_per_s")]
+    return f"{np.mean(ips):,.0f}" if ips and rows[0].get("finetune") != "none" else "–"
+
+
+def _fill_speed(rows: list[dict[str, Any]]) -> None:
+    """Rows written before train_images_per_s was recorded: read it from the run's summary."""
+    for r in rows:
+        path = os.path.join(r["workdir"], "summary.json")
+        if r.get("train_images_per_s") is None and os.path.isfile(path):
+            with open(path) as f:
+                r["train_images_per_s"] = json.load(f).get("images_per_s")
+
+
 def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
     names = list(dict.fromkeys(r["name"] for r in rows))
     by = {n: [r for r in rows if r["name"] == n] for n in names}
     acc = {n: np.array([r["export_accuracy"] for r in by[n]]) * 100 for n in names}
     lines = ["| stage | run | top-1 of the export (%) | per seed | distillation minus labels "
-             "(points; seeds ahead) | bytes on disk | non-zero params | params |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "(points; seeds ahead) | bytes on disk | non-zero params | params | train img/s |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for n in names:
         r0 = by[n][0]
         mean, std = mean_std(acc[n])
@@ -197,7 +213,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
                      f"{', '.join(f'{x:.2f}' for x in acc[n])} | {delta} | "
                      f"{int(np.mean([r['bytes_on_disk'] for r in by[n]])):,} | "
                      f"{int(np.mean([r['nonzero_params'] for r in by[n]])):,} | "
-                     f"{int(np.mean([r['params'] for r in by[n]])):,} |")
+                     f"{int(np.mean([r['params'] for r in by[n]])):,} | {_speed(by[n])} |")
     lines.append(
         f"\nseeds {args.seeds}; teacher {args.teacher_epochs} epochs, distilled student "
         f"{args.student_epochs}, every compression run {args.finetune_epochs} of fine-tuning; "
@@ -216,16 +232,29 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "compress_pipeline"))
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the .md from the .json of a finished run")
     args = p.parse_args()
+    if args.render:
+        with open(os.path.join(args.out, "compress_pipeline_cpu.json")) as f:
+            saved = json.load(f)
+        _fill_speed(saved["rows"])
+        write(saved["rows"], saved["meta"], argparse.Namespace(**saved["args"]),
+              saved["commands"])
+        return
     meta, t0 = machine(), time.perf_counter()
     pipeline, rows = Pipeline(args), []
     for seed in args.seeds:
         rows += run_seed(pipeline, seed)
     meta.update(load_average_end=os.getloadavg()[0], wall_min=(time.perf_counter() - t0) / 60)
+    write(rows, meta, args, pipeline.commands)
+
+
+def write(rows, meta, args, commands) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compress_pipeline_cpu.json"), "w") as f:
-        json.dump({"meta": meta, "args": vars(args), "rows": rows,
-                   "commands": pipeline.commands}, f, indent=2)
+        json.dump({"meta": meta, "args": vars(args), "rows": rows, "commands": commands}, f,
+                  indent=2)
     text = table(rows, meta, args)
     with open(os.path.join(args.out, "compress_pipeline_cpu.md"), "w") as f:
         f.write(f"# Compression pipeline, Fashion-MNIST\n\n`nice -n 10 python "
