@@ -83,18 +83,19 @@ def _intercept(model: nnx.Module, provider, input_shape: Sequence[int], quant) -
                          f"train)` method, which it does not have; give it one (kdjax.models."
                          f"FeatureModel) or set quant.mode='none'")
     out = qwix.quantize_model(model, provider, x, methods=(CALL,), train=False)
-    unused = provider.get_unused_rules()
-    if any(r.module_path == ".*" for r in unused):
+    unused = {r.module_path for r in provider.get_unused_rules()}
+    if ".*" in unused:
         raise ValueError(f"quant.mode={quant['mode']!r}: Qwix intercepted no layer of the "
                          f"{type(model).__name__}: it computes no matrix product or convolution "
                          f"(jax.lax.dot_general, conv_general_dilated, jnp.einsum: what nnx.Linear "
                          f"and nnx.Conv call) in a Flax NNX module outside "
                          f"quant.exclude={tuple(quant['exclude'])}, so there is nothing to "
                          f"quantize; set quant.mode='none'")
-    for r in unused:
-        raise ValueError(f"quant.exclude pattern matching {r.module_path!r} names no layer of "
-                         f"the {type(model).__name__}; layers are paths like "
-                         f"{', '.join(_layer_paths(model)[:5])}")
+    for pattern in quant["exclude"]:
+        if _regex(pattern) in unused:
+            raise ValueError(f"quant.exclude pattern {pattern!r} names no layer of the "
+                             f"{type(model).__name__}; its layers: "
+                             f"{', '.join(_layer_paths(model))} (fnmatch globs, e.g. 'stages/0/*')")
     return out
 
 
