@@ -220,6 +220,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
         f"{meta['device']} ({meta['device_kind']}), shared with other work: 1-minute load "
         f"average {meta['load_average_1min']:.1f} at the start, {meta['load_average_end']:.1f} "
         f"at the end; jax {meta['jax']}, {meta['date']}, {meta['wall_min']:.0f} min.")
+    if meta.get("note"):
+        lines.append(f"\n{meta['note']}")
     return "\n".join(lines)
 
 
@@ -234,11 +236,15 @@ def main() -> None:
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--render", action="store_true",
                    help="only rewrite the .md from the .json of a finished run")
+    p.add_argument("--note", default=None, help="with --render: a note on how the run went, "
+                                                "printed under the table")
     args = p.parse_args()
     if args.render:
         with open(os.path.join(args.out, "compress_pipeline_cpu.json")) as f:
             saved = json.load(f)
         _fill_speed(saved["rows"])
+        if args.note:
+            saved["meta"]["note"] = args.note
         write(saved["rows"], saved["meta"], argparse.Namespace(**saved["args"]),
               saved["commands"])
         return
