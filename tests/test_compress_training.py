@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import EXP
-from kdjax import checkpoint, cli, export
+from kdjax import checkpoint, cli, config as config_lib, data, export
+from kdjax.compress import encode
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
@@ -92,12 +93,15 @@ def test_quantization_aware_distillation_exports_an_int8_model(pruned, data_dir,
     work = tmp_path / "qat"
     _kdjax("distill", "--config", f"{EXP}/kd.py", "--workdir", str(work),
            f"--config.data.data_dir={data_dir}", f"--config.teacher.workdir={pruned}", *RUN,
-           "--config.quant.mode=qat", "--config.quant.calibration_examples=128")
+           "--config.quant.mode=qat")
+    # Weight-only on export (--config.quant.*): the W8A8 export with calibration is
+    # test_compress_quantize's, which costs Qwix's eager calibration.
     _kdjax("export", "--workdir", str(work), "--out", str(tmp_path / "int8"),
-           f"--config.data.data_dir={data_dir}")
+           "--config.quant.activations=none")
     with open(tmp_path / "int8" / "kdjax_model.json") as f:
         record = json.load(f)["compression"]
     assert record["encoding"] == "int" and record["layers"]["hidden/0/kernel"]["encoding"] == "int8"
+    assert record["activations"] == "none"
     assert os.path.getsize(tmp_path / "int8" / "weights.npz") * 3.5 <= record["float32_bytes"]
     model, preprocess = export.load(str(tmp_path / "int8"))
     reader = checkpoint.RunReader(str(work))
@@ -138,3 +142,13 @@ def test_export_overrides_are_quant_and_the_calibration_data_only(pruned, tmp_pa
                                          r"'--config.train.steps=5'"):
         export.export(pruned, str(tmp_path / "x"), overrides=["--config.train.steps=5"])
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_calibration_images_are_training_images_as_the_model_sees_them(data_dir):
+    config = config_lib.base_config()
+    config.data.data_dir = data_dir
+    images = encode.calibration_images(config, {"mean": [0.5], "std": [0.25]}, 16)
+    train = data.load_arrays("fashion_mnist", "train", data_dir=data_dir)["image"]
+    assert images.shape == (16, 28, 28, 1) and images.dtype == np.float32
+    raw = np.rint((images * 0.25 + 0.5) * 255).astype(np.uint8)
+    assert all((raw[i] == train).all(axis=(1, 2, 3)).any() for i in range(16))
