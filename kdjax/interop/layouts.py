@@ -194,6 +194,12 @@ def entries(model: nnx.Module, layout: str) -> list[Entry]:
     return [e for _, group in modules for e in group]
 
 
+def expected_shapes(model: nnx.Module, layout: str) -> dict[str, tuple[int, ...]]:
+    """{state_dict name: the shape the file must have there} for `model` (abstract is fine)."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    return {e.name: _torch_shape(e.kind, tuple(flat[e.path].shape)) for e in entries(model, layout)}
+
+
 def _batchnorm_prefixes(model: nnx.Module, layout: str) -> list[str]:
     if layout == "kdjax":
         return []
@@ -228,14 +234,12 @@ def from_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray], layout
     """
     expected = entries(model, layout)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    names = {e.name for e in expected}
+    shapes = expected_shapes(model, layout)
     tracked = {f"{p}.{NUM_BATCHES_TRACKED}" for p in _batchnorm_prefixes(model, layout)}
-    unexpected = [k for k in tensors if k not in names and k not in tracked]
+    unexpected = [k for k in tensors if k not in shapes and k not in tracked]
     missing, misshapen, values = [], [], {}
     for e in expected:
-        variable = flat[e.path]
-        want = _torch_shape(e.kind, tuple(variable.shape)) if layout != "kdjax" else tuple(
-            variable.shape)
+        variable, want = flat[e.path], shapes[e.name]
         if e.name not in tensors:
             missing.append(f"{e.name}: {want} expected, not in the file")
             continue

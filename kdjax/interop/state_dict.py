@@ -29,6 +29,9 @@ FORMATS = ("safetensors", "torch")
 # Where training scripts put the state_dict inside a checkpoint dict, in the order tried.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 DATA_PARALLEL_PREFIX = "module."
+# The safetensors header entry in which `kdjax export --format safetensors` records the model
+# spec, layout, normalisation and dataset, so that importing the file back needs no options.
+METADATA_KEY = "kdjax"
 
 
 @dataclasses.dataclass
