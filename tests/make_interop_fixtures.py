@@ -32,6 +32,7 @@ OUT = os.path.join(HERE, "fixtures", "interop")
 sys.path.insert(0, HERE)
 
 import crd_torch  # noqa: E402
+from _interop import torch_logits  # noqa: E402
 
 CRD_MEAN = (0.5071, 0.4867, 0.4408)
 CRD_STD = (0.2675, 0.2565, 0.2761)
@@ -42,13 +43,6 @@ CRD_SHAPES = ("resnet8", "resnet20", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn
 
 def tiny_model() -> torch.nn.Module:
     return crd_torch.randomize(crd_torch.ResNet(**TINY), seed=11)
-
-
-def torch_logits(model: torch.nn.Module, images: np.ndarray, mean, std) -> np.ndarray:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    with torch.no_grad():
-        return model.eval()(x).numpy()
 
 
 def main() -> None:

@@ -130,6 +130,9 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an import never "
                          f"overwrites anything)")
+    if input_shape is not None and (len(input_shape) != 3 or min(input_shape) < 1):
+        raise ValueError(f"--input-shape must be H,W,C (three positive ints), got "
+                         f"{tuple(input_shape)}")
     source = os.path.abspath(source)
     loaded = state_dict.load(source, key=key)
     meta = _file_metadata(loaded, source)
@@ -156,8 +159,6 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
                             "data": "cifar100"}[name])
 
     shape = tuple(int(d) for d in pick(input_shape, "input_shape", "--input-shape"))
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--input-shape must be H,W,C (three positive ints), got {shape}")
     mean_ = _floats(pick(mean, "mean", "--mean"), "--mean", shape[-1])
     std_ = _floats(pick(std, "std", "--std"), "--std", shape[-1])
     if min(std_) <= 0:
