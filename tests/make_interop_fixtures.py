@@ -37,8 +37,7 @@ from _interop import torch_logits  # noqa: E402
 CRD_MEAN = (0.5071, 0.4867, 0.4408)
 CRD_STD = (0.2675, 0.2565, 0.2761)
 TINY = dict(depth=8, num_filters=(4, 8, 8, 16), num_classes=10)
-CRD_SHAPES = ("resnet8", "resnet20", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2", "vgg8",
-              "vgg13", "mobilenetv2")
+CRD_SHAPES = ("resnet8", "resnet8x4", "wrn_16_1", "wrn_16_2", "vgg8", "vgg13", "mobilenetv2")
 
 
 def tiny_model() -> torch.nn.Module:

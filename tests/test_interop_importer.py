@@ -19,6 +19,7 @@ from conftest import EXP
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "interop")
 TINY = {"channels": [4, 8, 8, 16]}  # RepDistiller's ResNet(8, [4, 8, 8, 16]) of the fixtures
 CRD_MEAN, CRD_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 def fixture(name):
