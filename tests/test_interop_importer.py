@@ -119,6 +119,13 @@ def test_an_imported_teacher_distils_and_evaluates(data_dir, tmp_path):
     summary = json.load(open(os.path.join(student, "summary.json")))
     assert summary["teacher"] == run and summary["steps"] == 4
     assert 0.0 <= summary["eval/teacher_agreement"] <= 1.0
+    # the trained student goes out the same way (an MLP has only the kdjax layout)
+    out = tmp_path / "student_st"
+    assert cli.main(["export", "--workdir", student, "--out", str(out), "--format",
+                     "safetensors"]) == 0
+    got = state_dict.load(str(out / "model.safetensors"))
+    assert json.loads(got.metadata["kdjax"])["layout"] == "kdjax"
+    assert sorted(got.tensors) == ["hidden.0.bias", "hidden.0.kernel", "out.bias", "out.kernel"]
 
 
 # ------------------------------------------------------------------ what is refused
@@ -175,6 +182,19 @@ def test_bad_arguments_are_named(tmp_path, tiny_run):
         importer.import_checkpoint(src, **kw, layout="torchvision")
     with pytest.raises(pth.UnsafePickleError, match="pickled whole model, crd_torch.ResNet"):
         importer.import_checkpoint(fixture("tiny_resnet_whole.pth"), **kw)
+    headless = str(tmp_path / "headless.safetensors")
+    tensors = state_dict.load(src).tensors
+    state_dict.save(headless, {k: v for k, v in tensors.items() if not k.startswith("fc.")},
+                    format="safetensors", metadata={"kdjax": "{not json"})
+    with pytest.raises(ValueError, match="its 'kdjax' header entry is not JSON"):
+        importer.import_checkpoint(headless, **kw)
+    state_dict.save(headless, {k: v for k, v in tensors.items() if not k.startswith("fc.")},
+                    format="safetensors")
+    with pytest.raises(ValueError, match=r"cannot tell the class count from .*headless"
+                                         r".safetensors \(its classifier head is not among its "
+                                         r"tensors\): pass --num-classes N"):
+        importer.import_checkpoint(headless, **kw)
+    os.remove(headless)
     assert _leftovers(tmp_path) == []
 
 
@@ -187,6 +207,8 @@ def test_command_line_errors(tmp_path, capsys):
         cli.main([*base, "--mean", "a,b,c"])
     with pytest.raises(ValueError, match="--model-kwargs must be a JSON object"):
         cli.main([*base, "--model-kwargs", "{depth: 8}"])
+    with pytest.raises(ValueError, match=r"--model-kwargs must be a JSON object, got '\[8\]'"):
+        cli.main([*base, "--model-kwargs", "[8]"])
     with pytest.raises(SystemExit):
         cli.main([*base, "--config.seed=1"])
     assert "kdjax import takes no --config overrides" in capsys.readouterr().err

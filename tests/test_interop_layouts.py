@@ -107,6 +107,9 @@ def test_a_layout_without_naming_for_the_architecture_is_refused():
     with pytest.raises(ValueError, match=r"layout must be one of \('torchvision', 'crd', "
                                          r"'kdjax'\), got 'timm'"):
         layouts.entries(abstract("resnet8"), "timm")
+    # a zoo module that a layout's rules do not name is a bug here, said as such
+    with pytest.raises(AssertionError, match="no naming rule for the zoo module 'stem.extra'"):
+        layouts._rename(layouts._RESNET, "stem.extra")
 
 
 # ------------------------------------------------------------------ against PyTorch

@@ -244,3 +244,94 @@ def test_torch_and_the_reader_refuse_the_same_malicious_file(tmp_path):
         torch.load(path, weights_only=True)
     assert not marker.exists()
 
+
+
+# ------------------------------------------------------------------ malformed and hostile files
+_OD = b"ccollections\nOrderedDict\n)R"
+
+
+def _storage(key="0", numel=4, kind="FloatStorage", extra=b""):
+    return (b"(" + pth._p_str("storage") + f"ctorch\n{kind}\n".encode() + pth._p_str(key)
+            + pth._p_str("cpu") + pth._p_int(numel) + extra + b"tQ")
+
+
+def _tensor(storage, offset=0, size=(4,), stride=(1,), size_bytes=None):
+    size_bytes = pth._p_tuple(size) if size_bytes is None else size_bytes
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + pth._p_int(offset) + size_bytes
+            + pth._p_tuple(stride) + b"\x89" + _OD + b"tR")
+
+
+def _dict_pickle(value: bytes) -> bytes:
+    return b"\x80\x02(" + pth._p_str("w") + value + b"d."
+
+
+def _zip(path, data_pkl, records=None):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a/data.pkl", data_pkl)
+        if records is None:
+            records = {"0": np.arange(4, dtype=np.float32).tobytes()}
+        for key, data in records.items():
+            z.writestr(f"a/data/{key}", data)
+    return path
+
+
+@pytest.mark.parametrize("pickle_bytes,records,error", [
+    (_dict_pickle(_tensor(_storage())), {}, r"the storage a/data/0 is missing"),
+    (_dict_pickle(_tensor(_storage(), size=(10,))), None,
+     r"a tensor of size \(10,\), stride \(1,\), offset 0 reaches past its storage's 4 elements"),
+    (_dict_pickle(_tensor(_storage(), size_bytes=b"(" + pth._p_str("4") + b"t")), None,
+     r"a tensor's size is \('4',\), not a tuple of ints >= 0"),
+    (_dict_pickle(_tensor(_storage(), size=(2, 2), stride=(1,))), None,
+     r"a tensor's size \(2, 2\) and stride \(1,\) differ in length"),
+    (_dict_pickle(b"(" + pth._p_str("module") + b"tQ"), None, r"unknown persistent id"),
+    (_dict_pickle(_tensor(_storage(extra=pth._p_int(1) + pth._p_int(2)))), None,
+     r"malformed storage record"),
+    (_dict_pickle(b"c_codecs\nencode\n(" + pth._p_str("x") + pth._p_str("rot13") + b"tR"), None,
+     r"_codecs.encode with 'rot13': not how pickle stores bytes"),
+    (_dict_pickle(b"ctorch._tensor\n_rebuild_from_type_v2\n(ctorch._utils\n_rebuild_tensor_v2\n"
+                  b"ccollections\nOrderedDict\n)" + _OD + b"tR"), None,
+     r"a tensor of a subclass other than torch.Tensor/Parameter"),
+    (_dict_pickle(_tensor(pth._p_int(3))), None,
+     r"a tensor record does not point to one of the file's storages"),
+    (b"\x80\x02garbage", None, r"unreadable pickle \(UnpicklingError"),
+])
+def test_malformed_zip_files_are_refused(tmp_path, pickle_bytes, records, error):
+    path = _zip(str(tmp_path / "bad.pth"), pickle_bytes, records)
+    with pytest.raises(ValueError, match=error):
+        pth.read(path)
+
+
+def _legacy(path, obj_pickle, keys, data: bytes, *, protocol=1001):
+    with open(path, "wb") as f:
+        for obj in (0x1950A86A20F9469CFC6C, protocol, {"little_endian": True}):
+            f.write(pickle.dumps(obj, protocol=2))
+        f.write(obj_pickle)
+        f.write(pickle.dumps(keys, protocol=2))
+        f.write(data)
+    return path
+
+
+_LEGACY_STORAGE = _storage(extra=b"N")  # legacy records end with view_metadata (None here)
+_FOUR = np.int64(4).tobytes() + np.arange(4, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(keys=["0"], data=_FOUR, protocol=999), "unknown PyTorch legacy protocol version"),
+    (dict(keys="0", data=_FOUR), "malformed storage key list"),
+    (dict(keys=["0", "7"], data=_FOUR), r"the data of an unknown storage '7'"),
+    (dict(keys=["0"], data=b""), r"is truncated \(storage '0' is missing\)"),
+    (dict(keys=[], data=b""), "a tensor refers to a storage with no data"),
+])
+def test_malformed_legacy_files_are_refused(tmp_path, kwargs, error):
+    path = _legacy(str(tmp_path / "bad.pth"), _dict_pickle(_tensor(_LEGACY_STORAGE)), **kwargs)
+    with pytest.raises(ValueError, match=error):
+        pth.read(path)
+
+
+def test_well_formed_files_of_those_parts_read(tmp_path):
+    # The parts above assembled correctly: each malformed case differs from these in one place.
+    legacy = _legacy(str(tmp_path / "ok_legacy.pth"), _dict_pickle(_tensor(_LEGACY_STORAGE)),
+                     keys=["0"], data=_FOUR)
+    zipped = _zip(str(tmp_path / "ok.pth"), _dict_pickle(_tensor(_storage())))
+    for path in (legacy, zipped):
+        np.testing.assert_array_equal(pth.read(path)["w"], np.arange(4, dtype=np.float32))
