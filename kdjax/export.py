@@ -57,7 +57,11 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
                          f"overwrites anything)")
-    if format == "kdjax" and layout is not None:
+    if format != "kdjax":
+        from kdjax.interop import formats
+
+        formats.check(format, layout)
+    elif layout is not None:
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
     reader = checkpoint.RunReader(workdir)
@@ -69,8 +73,6 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
     finally:
         reader.close()
     if format != "kdjax":
-        from kdjax.interop import formats
-
         return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
                               source=f"{os.path.abspath(workdir)} step {n}")
     _, params, model_state = nnx.split(model, nnx.Param, ...)

@@ -42,7 +42,7 @@ def _run_layout(run: dict[str, Any], model: nnx.Module) -> str:
     return layouts.default_layout(model)
 
 
-def _constructor(spec: ModelSpec, layout: str, reference: str | None) -> str:
+def _constructor(spec: ModelSpec, layout: str) -> str:
     """The PyTorch lines that build the reference model the state_dict loads into."""
     if layout == "torchvision":
         return (f"import torchvision\nmodel = torchvision.models.{spec.name}"
@@ -74,18 +74,25 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
     h, w, c = spec.input_shape
     return (head + f"`{_FILES[fmt]}` is the student's state_dict in the {layout!r} layout"
             + (f" of {reference}" if reference else "") + ".\n\n```python\n" + imports
-            + _constructor(spec, layout, reference) + load + "model.eval()\n"
+            + _constructor(spec, layout) + load + "model.eval()\n"
             f"# inputs: float32 [N, {c}, {h}, {w}] in [0, 1], normalised per channel with\n"
             f"# mean={preprocess['mean']}, std={preprocess['std']}\n```\n")
+
+
+def check(fmt: str, layout: str | None) -> None:
+    """Refuse a format or format/layout pair before any checkpoint is read."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be kdjax or one of {FORMATS}, got {fmt!r}")
+    if fmt == "stablehlo" and layout is not None:
+        raise ValueError("--layout names a state_dict layout; --format stablehlo has none")
+    if layout is not None and layout not in layouts.LAYOUTS:
+        raise ValueError(f"--layout must be one of {layouts.LAYOUTS}, got {layout!r}")
 
 
 def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
            layout: str | None, step: int, source: str) -> str:
     """Write `model` (the student of `run`'s checkpoint `step`) to the new directory `out`."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be kdjax or one of {FORMATS}, got {fmt!r}")
-    if fmt == "stablehlo" and layout is not None:
-        raise ValueError("--layout names a state_dict layout; --format stablehlo has none")
+    check(fmt, layout)
     if fmt != "stablehlo":
         layout = layout or _run_layout(run, model)
         layouts.entries(model, layout)  # refuses a layout this architecture has no naming for

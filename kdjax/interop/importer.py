@@ -145,12 +145,12 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
     abstract = probe.abstract()  # an unknown model name or kwargs are refused here
     layout = layout or meta.get("layout") or layouts.default_layout(abstract)
     convention = LAYOUT_CONVENTIONS.get(layout, {})
-    preprocess = meta.get("preprocess", {})
+    header = {"input_shape": recorded.get("input_shape"), "data": meta.get("data"),
+              **{k: meta.get("preprocess", {}).get(k) for k in ("mean", "std")}}
 
     def pick(value, name: str, flag: str):
-        for v in (value, preprocess.get(name) if name in ("mean", "std") else
-                  recorded.get(name) if name == "input_shape" else meta.get(name),
-                  convention.get(name)):
+        """The argument, else what a kdjax export's header recorded, else the convention."""
+        for v in (value, header[name], convention.get(name)):
             if v is not None and v != ():
                 return v
         raise ValueError(f"{flag} is required with --layout {layout} (the {layout!r} layout has "

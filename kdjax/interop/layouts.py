@@ -216,7 +216,7 @@ def to_state_dict(model: nnx.Module, layout: str, *, num_batches_tracked: int = 
     it counts the BatchNorm's training-mode calls, given here (e.g. the run's step).
     """
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    out = {e.name: np.asarray(jax.device_get(to_torch(e.kind, np.asarray(flat[e.path][...]))))
+    out = {e.name: to_torch(e.kind, np.asarray(jax.device_get(flat[e.path][...])))
            for e in entries(model, layout)}
     for prefix in _batchnorm_prefixes(model, layout):
         out[f"{prefix}.{NUM_BATCHES_TRACKED}"] = np.asarray(num_batches_tracked, np.int64)

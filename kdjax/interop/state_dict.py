@@ -146,8 +146,8 @@ def save(path: str, tensors: Mapping[str, np.ndarray], *, format: str,
     unless strings) or as a torch.save-compatible .pth ("torch"; metadata is not stored)."""
     if format == "safetensors":
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v) if np.ndim(v) else np.asarray(v)
-                                     for k, v in tensors.items()}, path, metadata=meta or None)
+        safetensors.numpy.save_file({k: np.require(v, requirements="C") for k, v in
+                                     tensors.items()}, path, metadata=meta or None)
     elif format == "torch":
         pth.write(path, tensors)
     else:
