@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import augment, checkpoint
+from kdjax import augment, checkpoint, taps
 
 
 def run_logits(workdir: str, images: np.ndarray) -> np.ndarray:
@@ -27,7 +27,7 @@ def model_logits(model, images, mean, std) -> np.ndarray:
     @jax.jit
     def forward(state, x):
         x = augment.preprocess(x, recipe, key=None, dtype=jnp.float32)
-        return nnx.merge(graphdef, state)(x, train=False)
+        return taps.call(nnx.merge(graphdef, state), x, train=False)
 
     return np.asarray(forward(state, jnp.asarray(images)))
 

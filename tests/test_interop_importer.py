@@ -6,13 +6,16 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from kdjax import checkpoint, cli, config as config_lib, export
 from kdjax.errors import CheckpointMismatchError
 from kdjax.interop import importer, layouts, pth, state_dict
-from _interop import flat_arrays, load_run_model, max_relative_error, random_model, run_logits
+from _interop import (flat_arrays, images, load_run_model, max_relative_error, model_logits,
+                      run_logits)
 
 from conftest import EXP
 
@@ -97,19 +100,31 @@ def test_an_imported_run_is_not_resumed(tiny_run):
 
 
 def test_an_imported_teacher_distils_and_evaluates(data_dir, tmp_path):
-    """A teacher from a safetensors file (kdjax layout, any model) in `kdjax distill`, and the
-    imported run in `kdjax eval`."""
-    teacher = random_model("mlp_tiny", shape=(28, 28, 1), seed=3)
+    """A user's own NNX model (not the zoo's) from a safetensors file in the kdjax layout: the
+    imported run is a teacher in `kdjax distill`, evaluates in `kdjax eval`, and serves."""
+    import _user_models
+
+    teacher = _user_models.TinyNet(784, 10, hidden=16, rngs=nnx.Rngs(3))
     path = str(tmp_path / "teacher.safetensors")
     state_dict.save(path, layouts.to_state_dict(teacher, "kdjax"), format="safetensors")
     run = str(tmp_path / "teacher")
-    assert cli.main(["import", "--from", path, "--model", "mlp_tiny", "--layout", "kdjax",
+    assert cli.main(["import", "--from", path, "--model", "_user_models:TinyNet",
+                     "--model-kwargs", '{"hidden": 16}', "--layout", "kdjax",
                      "--input-shape", "28,28,1", "--mean", "0.286", "--std", "0.353",
                      "--data", "fashion_mnist", "--out", run]) == 0
+    x = images(3, (28, 28, 1))
+    np.testing.assert_allclose(run_logits(run, x), model_logits(teacher, x, [0.286], [0.353]),
+                               rtol=1e-6, atol=1e-6)
     common = [f"--config.data.data_dir={data_dir}", "--no-progress"]
     assert cli.main(["eval", "--workdir", run, *common]) == 0
     accuracy = json.load(open(os.path.join(run, "eval.json")))["eval/accuracy"]
     assert 0.0 <= accuracy <= 1.0
+    serve = tmp_path / "teacher_hlo"
+    assert cli.main(["export", "--workdir", run, "--out", str(serve), "--format",
+                     "stablehlo"]) == 0
+    exported = jax.export.deserialize(bytearray((serve / "model.stablehlo").read_bytes()))
+    np.testing.assert_allclose(np.asarray(exported.call(x)), run_logits(run, x), rtol=1e-5,
+                               atol=1e-5)
     student = str(tmp_path / "student")
     assert cli.main(["distill", "--config", f"{EXP}/kd.py", "--workdir", student,
                      f"--config.teacher.workdir={run}", "--config.train.steps=4",

@@ -14,13 +14,11 @@ compatibility guarantees of jax.export's serialization (6 months backward, see i
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import augment
+from kdjax import augment, taps
 from kdjax.models import ModelSpec
 
 __all__ = ["PLATFORMS", "export", "snippet"]
@@ -35,21 +33,15 @@ logits = exported.call(images)  # float32 [N, {classes}]
 """
 
 
-def _takes_train(model: nnx.Module) -> bool:
-    params = inspect.signature(type(model).__call__).parameters
-    return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def export(model: nnx.Module, spec: ModelSpec, preprocess: dict, path: str) -> list[str]:
     """Serialize `model`'s inference on uint8 images, normalised with `preprocess`
     {"mean", "std"}, to `path`; returns the platforms it was lowered for."""
     graphdef, state = nnx.split(model)
     recipe = augment.Preprocess(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]))
-    kwargs = {"train": False} if _takes_train(model) else {}
 
     def serve(images: jax.Array) -> jax.Array:
         x = augment.preprocess(images, recipe, key=None, dtype=jnp.float32)
-        return nnx.merge(graphdef, state)(x, **kwargs).astype(jnp.float32)
+        return taps.call(nnx.merge(graphdef, state), x, train=False).astype(jnp.float32)
 
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *spec.input_shape), jnp.uint8)
