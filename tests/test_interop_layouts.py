@@ -92,7 +92,7 @@ def test_a_mismatch_lists_every_name_with_both_shapes():
         layouts.from_state_dict(abstract("resnet8"), sd, "crd", source="teacher.pth")
     msg = str(e.value)
     assert msg.startswith("teacher.pth does not fit the model in the 'crd' layout: 1 unmapped, "
-                          "1 missing, 2 wrongly shaped tensor(s):")
+                          "1 missing, 2 wrongly shaped or typed tensor(s):")
     assert "layer4.0.conv1.weight: (8, 8, 3, 3) in the file, not in the model" in msg
     assert "layer3.0.bn2.running_var: (64,) expected, not in the file" in msg
     assert "fc.weight: (100, 64) in the file, (10, 64) expected" in msg

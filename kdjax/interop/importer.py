@@ -73,7 +73,8 @@ def _file_metadata(loaded: state_dict.Loaded, source: str) -> dict[str, Any]:
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        raise ValueError(f"{source}: its {state_dict.METADATA_KEY!r} header entry is not JSON") from None
+        raise ValueError(f"{source}: its {state_dict.METADATA_KEY!r} header entry is not "
+                         f"JSON") from None
 
 
 def _head_classes(spec: ModelSpec, tensors: dict, layout: str) -> int | None:

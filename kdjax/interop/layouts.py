@@ -256,9 +256,7 @@ def from_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray], layout
                   for k in unexpected] + missing + misshapen)
         raise LayoutMismatchError(
             f"{source} does not fit the model in the {layout!r} layout: {len(unexpected)} "
-            f"unmapped, {len(missing)} missing, {len(misshapen)} wrongly shaped tensor(s):\n  "
-            + "\n  ".join(lines))
-    state = nnx.state(model)
-    new = nnx.from_flat_state([(path, variable.replace(values[path]))
-                               for path, variable in nnx.to_flat_state(state)])
-    return new
+            f"unmapped, {len(missing)} missing, {len(misshapen)} wrongly shaped or typed "
+            f"tensor(s):\n  " + "\n  ".join(lines))
+    return nnx.from_flat_state([(path, variable.replace(values[path]))
+                                for path, variable in nnx.to_flat_state(nnx.state(model))])
