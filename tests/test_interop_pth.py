@@ -335,3 +335,8 @@ def test_well_formed_files_of_those_parts_read(tmp_path):
     zipped = _zip(str(tmp_path / "ok.pth"), _dict_pickle(_tensor(_storage())))
     for path in (legacy, zipped):
         np.testing.assert_array_equal(pth.read(path)["w"], np.arange(4, dtype=np.float32))
+    # old torch versions pickled views of storages: (view key, offset, size) in the record
+    view = _storage(extra=b"(" + pth._p_str("v") + pth._p_int(1) + pth._p_int(2) + b"t")
+    viewed = _legacy(str(tmp_path / "view.pth"), _dict_pickle(_tensor(view, size=(2,))),
+                     keys=["0"], data=_FOUR)
+    np.testing.assert_array_equal(pth.read(viewed)["w"], np.array([1.0, 2.0], np.float32))

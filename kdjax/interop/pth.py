@@ -67,7 +67,12 @@ class UnsafePickleError(ValueError):
 # stand-ins handed out by the restricted unpickler
 # ----------------------------------------------------------------------------
 class _Refused:
-    """An instance of a refused global: stores what pickle gives it, runs nothing."""
+    """An instance of a refused global: stores what pickle gives it, runs nothing.
+
+    Pickle's opcodes call these methods on the objects they build (REDUCE/NEWOBJ construct,
+    BUILD sets state, SETITEMS/APPENDS fill containers), so the load goes on to its end and the
+    whole file can be described; none of them does anything with what it gets.
+    """
 
     global_name = "?"
 
@@ -122,6 +127,8 @@ class _Storage:
     def __init__(self, dtype: np.dtype, numel: int, where: str):
         self.dtype, self.numel, self.where = dtype, numel, where
         self.array: np.ndarray | None = None
+        self.parent: _Storage | None = None  # a legacy storage view: a slice of its parent
+        self.offset = 0
 
     def view(self, offset: int, numel: int) -> "_Storage":
         child = _Storage(self.dtype, numel, self.where)
@@ -129,7 +136,7 @@ class _Storage:
         return child
 
     def elements(self) -> np.ndarray:
-        if self.array is None and hasattr(self, "parent"):
+        if self.array is None and self.parent is not None:
             self.array = self.parent.elements()[self.offset:self.offset + self.numel]
         if self.array is None:
             raise UnsafePickleError(f"{self.where}: a tensor refers to a storage with no data")
