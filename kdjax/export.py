@@ -50,17 +50,26 @@ predictions = model(preprocess(images)).argmax(-1)  # logits [N, classes] -> cla
 """
 
 
-def export(workdir: str, out: str, *, step: str | int = "latest",
-           overrides: Sequence[str] = ()) -> str:
+def export(workdir: str, out: str, *, step: str | int = "latest", format: str = "kdjax",
+           layout: str | None = None, overrides: Sequence[str] = ()) -> str:
     """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`.
 
-    A pruned or quantized student (the run's prune/quant config, `overrides` of quant.*) is
-    written compressed (kdjax.compress.encode).
+    `format` "kdjax" is this module's; "safetensors", "torch" (a state_dict in `layout`) and
+    "stablehlo" are written by kdjax.interop.formats. A pruned or quantized student (the run's
+    prune/quant config, `overrides` of quant.*) is written compressed in kdjax's format
+    (kdjax.compress.encode); the other formats get a structurally pruned one shrunk.
     """
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
                          f"overwrites anything)")
+    if format != "kdjax":
+        from kdjax.interop import formats
+
+        formats.check(format, layout)
+    elif layout is not None:
+        raise ValueError("--layout names a state_dict layout: it goes with --format "
+                         "safetensors or torch")
     reader = checkpoint.RunReader(workdir)
     try:
         n = reader.resolve_step(step)
@@ -70,6 +79,10 @@ def export(workdir: str, out: str, *, step: str | int = "latest",
     finally:
         reader.close()
     config = encode.export_config(run["config"], overrides)
+    if format != "kdjax":
+        model, spec = encode.for_other_format(model, spec, config, format)
+        return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
+                              source=f"{os.path.abspath(workdir)} step {n}")
     encoded = encode.encode(model, spec, config, lambda k: encode.calibration_images(
         config, run["preprocess"], k))
     model, spec = encoded.model, encoded.spec
@@ -140,6 +153,9 @@ def load(path: str, *, mesh: Mesh | None = None
                                 f"`kdjax export --workdir RUN --out {path}`")
     with open(meta_path) as f:
         meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is a {meta.get('format')} export, not kdjax's own format; its "
+                         f"README.md says how to load it")
     spec = ModelSpec.from_json(meta["model"])
     if os.path.isfile(os.path.join(path, encode.FILE)):  # a compressed export
         with np.load(os.path.join(path, encode.FILE), allow_pickle=False) as arrays:

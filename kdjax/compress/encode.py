@@ -79,6 +79,19 @@ def calibration_images(config, preprocess: Mapping[str, Any], n: int) -> np.ndar
                                          dtype=jnp.float32))
 
 
+def for_other_format(model: nnx.Module, spec: ModelSpec, config, fmt: str
+                     ) -> tuple[nnx.Module, ModelSpec]:
+    """The student for an export in another format (kdjax.interop: safetensors, torch,
+    stablehlo): shrunk when pruned structurally; integer weights have no place there."""
+    if config.quant.mode != "none":
+        raise ValueError(f"quant.mode={config.quant.mode!r}: integer weights and scales are "
+                         f"stored in kdjax's own export format only, not --format {fmt}; drop "
+                         f"--format, or export the float weights with --config.quant.mode=none")
+    if config.prune.method == "structured":
+        model, spec, _ = structured.shrink(model, spec)
+    return model, spec
+
+
 def _flat(model: nnx.Module) -> dict[str, np.ndarray]:
     return {layer_name(k): np.asarray(v.get_value()) for k, v in
             nnx.to_flat_state(nnx.state(model))}
