@@ -152,3 +152,11 @@ def test_calibration_images_are_training_images_as_the_model_sees_them(data_dir)
     assert images.shape == (16, 28, 28, 1) and images.dtype == np.float32
     raw = np.rint((images * 0.25 + 0.5) * 255).astype(np.uint8)
     assert all((raw[i] == train).all(axis=(1, 2, 3)).any() for i in range(16))
+
+
+def test_integer_weights_are_kdjax_format_only(pruned, tmp_path):
+    with pytest.raises(ValueError, match="quant.mode='ptq': integer weights and scales are "
+                                         "stored in kdjax's own export format only, not --format "
+                                         "safetensors"):
+        export.export(pruned, str(tmp_path / "x"), format="safetensors",
+                      overrides=["--config.quant.mode=ptq"])
