@@ -38,8 +38,7 @@ def masked(model, plan):
     return model
 
 
-@pytest.mark.parametrize("name, kwargs, criterion", [
-    ("mlp", {"hidden": (40, 24)}, "l1"),
+@pytest.mark.parametrize("name, kwargs, criterion", [  # (MLPs: test_compress_training)
     ("cnn_tiny", {}, "bn_scale"),
     ("resnet8", {}, "l1"),
 ])

@@ -160,3 +160,24 @@ def test_integer_weights_are_kdjax_format_only(pruned, tmp_path):
                                          "safetensors"):
         export.export(pruned, str(tmp_path / "x"), format="safetensors",
                       overrides=["--config.quant.mode=ptq"])
+
+
+def test_structured_pruning_in_the_step_exports_the_shrunk_model(data_dir, tmp_path):
+    work = tmp_path / "structured"
+    _train(work, data_dir, "--config.model.name=mlp", "--config.model.kwargs={'hidden': (32, 24)}",
+           "--config.prune.method=structured", "--config.prune.criterion=l1",
+           "--config.prune.sparsity=0.5", "--config.prune.schedule=cubic",
+           "--config.prune.begin_step=4", "--config.prune.end_step=24",
+           "--config.prune.every_steps=4")
+    reader = checkpoint.RunReader(str(work))
+    masked = reader.load_model(30, reader.model_spec(30))
+    reader.close()
+    w, b = np.asarray(masked.hidden[0].kernel[...]), np.asarray(masked.hidden[0].bias[...])
+    dead = ~(w != 0).any(axis=0)
+    assert dead.sum() == 16 and (b[dead] == 0).all()  # whole neurons, bias included, exactly 0
+    out = _kdjax("export", "--workdir", str(work), "--out", str(tmp_path / "exp"))
+    assert "channels kept: hidden/0 16/32, hidden/1 12/24" in out
+    small, preprocess = export.load(str(tmp_path / "exp"))
+    assert small.hidden[0].kernel.shape == (784, 16) and small.out.kernel.shape == (12, 10)
+    x = preprocess(np.random.default_rng(0).integers(0, 255, (8, 28, 28, 1), np.uint8))
+    np.testing.assert_allclose(small(x), masked(x), rtol=1e-5, atol=1e-5)
