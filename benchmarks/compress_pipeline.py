@@ -179,6 +179,23 @@ def run_seed(p: Pipeline, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def add_report_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes stored, non-zero parameters, batch-1 latency and batch-256 throughput of each row's
+    export, measured by `kdjax report`'s measure module (one timer for the whole project);
+    returns the environment it measured in."""
+    from kdjax.report import load_artifact, measure
+
+    env = measure.environment()
+    for r in rows:
+        artifact = load_artifact(r["export"])
+        size, speed = measure.size(artifact), measure.speed(artifact)
+        r["report"] = {"size": size, "speed": speed}
+        print(f"{r['name']} seed {r['seed']}: {size['stored_bytes']:,} B stored, latency "
+              f"{speed['latency_batch1_ms']['median']:.3f} ms", flush=True)
+    env["load_average_end"] = os.getloadavg()[0]
+    return env
+
+
 def _speed(rows: list[dict[str, Any]]) -> str:
     # Training images/s of the run behind the export (none for a post-training quantization).
     ips = [r.get("train_images_per_s") for r in rows if r.get("train_images_per_s")]
@@ -198,9 +215,13 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
     names = list(dict.fromkeys(r["name"] for r in rows))
     by = {n: [r for r in rows if r["name"] == n] for n in names}
     acc = {n: np.array([r["export_accuracy"] for r in by[n]]) * 100 for n in names}
+    reported = all("report" in r for r in rows)
     lines = ["| stage | run | top-1 of the export (%) | per seed | distillation minus labels "
-             "(points; seeds ahead) | bytes on disk | non-zero params | params | train img/s |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "(points; seeds ahead) | bytes on disk | non-zero params | params | "
+             + ("latency batch 1 (ms) | batch 256 (ms) | " if reported else "")
+             + "train img/s |",
+             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if reported else "")
+             + "---:|"]
     for n in names:
         r0 = by[n][0]
         mean, std = mean_std(acc[n])
@@ -209,17 +230,37 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
             d = acc[n] - acc[n[:-3] + "_ce"]
             dm, ds = mean_std(d)
             delta = f"{dm:+.2f} ± {ds:.2f} ({int((d > 0).sum())}/{len(d)})"
+        if reported:  # kdjax report's numbers: stored bytes, non-zeros, parameters, speed
+            size = [r["report"]["size"] for r in by[n]]
+            stored = np.mean([z["stored_bytes"] for z in size])
+            nonzeros = np.mean([z["nonzero_parameters"] for z in size])
+            params = np.mean([z["parameters"] for z in size])
+            lat = np.median([r["report"]["speed"]["latency_batch1_ms"]["median"] for r in by[n]])
+            ips = np.median([r["report"]["speed"]["throughput"]["images_per_s"]["median"]
+                             for r in by[n]])
+            timing = f"{lat:.3f} | {256 / ips * 1e3:.2f} | "
+        else:
+            stored = np.mean([r["bytes_on_disk"] for r in by[n]])
+            nonzeros = np.mean([r["nonzero_params"] for r in by[n]])
+            params, timing = np.mean([r["params"] for r in by[n]]), ""
         lines.append(f"| {r0['stage']} | {n} | {mean:.2f} ± {std:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in acc[n])} | {delta} | "
-                     f"{int(np.mean([r['bytes_on_disk'] for r in by[n]])):,} | "
-                     f"{int(np.mean([r['nonzero_params'] for r in by[n]])):,} | "
-                     f"{int(np.mean([r['params'] for r in by[n]])):,} | {_speed(by[n])} |")
+                     f"{', '.join(f'{x:.2f}' for x in acc[n])} | {delta} | {int(stored):,} | "
+                     f"{int(nonzeros):,} | {int(params):,} | {timing}{_speed(by[n])} |")
     lines.append(
         f"\nseeds {args.seeds}; teacher {args.teacher_epochs} epochs, distilled student "
         f"{args.student_epochs}, every compression run {args.finetune_epochs} of fine-tuning; "
         f"{meta['device']} ({meta['device_kind']}), shared with other work: 1-minute load "
         f"average {meta['load_average_1min']:.1f} at the start, {meta['load_average_end']:.1f} "
         f"at the end; jax {meta['jax']}, {meta['date']}, {meta['wall_min']:.0f} min.")
+    env = meta.get("report_environment")
+    if env:
+        lines.append(
+            f"\nBytes, non-zero parameters, parameters and speed: `kdjax report`'s measurements "
+            f"(kdjax.report.measure: bytes of the files holding the arrays; latency the median of "
+            f"200 batch-1 calls, batch 256 the median time per call over back-to-back windows, "
+            f"preprocessing included), on {env['cpu']} ({env['cpu_count']} cores, shared), load "
+            f"{env['load_average_1min']:.1f} at the start and {env['load_average_end']:.1f} at the "
+            f"end of the measurements: the machine's numbers at that load, not the models'.")
     if meta.get("note"):
         lines.append(f"\n{meta['note']}")
     return "\n".join(lines)
@@ -236,6 +277,9 @@ def main() -> None:
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--render", action="store_true",
                    help="only rewrite the .md from the .json of a finished run")
+    p.add_argument("--report", action="store_true",
+                   help="with --render: add the size and speed columns, measured on the exports "
+                        "by kdjax report (kdjax.report.measure)")
     p.add_argument("--note", default=None, help="with --render: a note on how the run went, "
                                                 "printed under the table")
     args = p.parse_args()
@@ -245,6 +289,8 @@ def main() -> None:
         _fill_speed(saved["rows"])
         if args.note:
             saved["meta"]["note"] = args.note
+        if args.report:
+            saved["meta"]["report_environment"] = add_report_columns(saved["rows"])
         write(saved["rows"], saved["meta"], argparse.Namespace(**saved["args"]),
               saved["commands"])
         return
