@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
         # program for every step). name "" = the fixed loss.kwargs.temperature (kd_temperature);
         # constant (init_value) | linear | cosine (init_value -> end_value over `steps` steps
         # from begin_step; steps 0 = until the end of training) | step (init_value, times each
-        # of `factors` after each of `boundaries`, optax.piecewise_constant_schedule).
+        # of `factors` from each of `boundaries` on, optax.piecewise_constant_schedule).
         temperature_schedule=dict(name="", init_value=4.0, end_value=4.0, begin_step=0, steps=0,
                                   boundaries=(), factors=()),
         # CTKD (Li et al., AAAI 2023): the temperature learned adversarially through a gradient-

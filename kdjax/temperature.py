@@ -54,7 +54,7 @@ def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
       constant  I
       linear    I + (E - I) u                             (optax.linear_schedule)
       cosine    E + (I - E) (1 + cos(pi u)) / 2           (optax.cosine_decay_schedule)
-      step      I times every factors[i] whose boundaries[i] < s  (optax.piecewise_constant)
+      step      I times every factors[i] whose boundaries[i] <= s (optax.piecewise_constant)
     """
     name = cfg["name"]
     if name not in SCHEDULES:
@@ -67,7 +67,7 @@ def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
         boundaries, factors = tuple(cfg["boundaries"]), tuple(cfg["factors"])
         if len(boundaries) != len(factors) or not boundaries:
             raise ValueError(f"{key}.boundaries and {key}.factors pair up one to one (a factor "
-                             f"applies after each boundary step), got {boundaries} and {factors}")
+                             f"applies from its boundary step on), got {boundaries} and {factors}")
         if (any(not isinstance(b, int) or b < 0 for b in boundaries)
                 or list(boundaries) != sorted(set(boundaries))):
             raise ValueError(f"{key}.boundaries must be increasing step numbers >= 0, got "
