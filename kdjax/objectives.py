@@ -567,8 +567,10 @@ def build_exits(loss: Mapping[str, Any], student: nnx.Module, *, image_shape: Se
                          f"{'only ' + str(_stages(names)) if _stages(names) else 'no stage taps'}"
                          f"; name the layers in loss.student_taps (feature names or module "
                          f"paths)")
-    shapes = connectors.feature_shapes(graphdef, state, image_shape, taps=(*taps, hint_tap),
-                                       what="loss.student_taps")
+    shapes = {**connectors.feature_shapes(graphdef, state, image_shape, taps=taps,
+                                          what="loss.student_taps"),
+              **connectors.feature_shapes(graphdef, state, image_shape, taps=(hint_tap,),
+                                          what="loss.kwargs.hint_tap")}
     return exits_lib.build(shapes, taps, hint_tap=hint_tap, num_classes=shapes["logits"][-1],
                            width=kwargs.get("width", 0), rngs=rngs, dtype=dtype)
 
