@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 import fashion_mnist_methods as methods
 from fashion_mnist_common import RESULTS, ROOT, load_config, machine, mean_std, run

@@ -148,7 +148,7 @@ def test_the_export_is_the_student_without_its_exits(byot_run, tmp_path):
     reader = checkpoint.RunReader(byot_run)
     saved = reader.manager.item_metadata(8)
     reader.close()
-    flat = lambda tree: set(ocp.tree.to_flat_dict(tree, sep="/"))  # noqa: E731
+    flat = lambda tree: set(ocp.tree.to_flat_dict(tree, sep="/"))
     assert not any("exits" in k for k in flat(saved["model"].tree))
     assert any(k.startswith("extras/params/exits/") for k in flat(saved["train"].tree))
     out = str(tmp_path / "export")

@@ -81,7 +81,7 @@ def test_curriculum_and_gradient_reversal():
     np.testing.assert_allclose(lam, 0.8 * (1 - np.cos(np.pi * np.minimum(steps, 20) / 20)) / 2,
                                rtol=1e-6, atol=1e-7)
     x = jnp.array([0.3, -1.2, 2.0])
-    f = lambda v: jnp.sum(jnp.sin(v) * v)  # noqa: E731
+    f = lambda v: jnp.sum(jnp.sin(v) * v)
     for strength in (0.0, 0.25, 1.0):
         y, g = jax.value_and_grad(lambda v: f(T.gradient_reversal(v, strength)))(x)
         assert y == f(x)  # identity forward
