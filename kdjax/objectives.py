@@ -257,8 +257,8 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
         kd = term(student, _teacher_logits(name, teacher_out), labels, temp)
         ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
         total = ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kd
-        return total, {"ce": ce, "kd": kd, "accuracy": (student.argmax(-1) == hard_labels(labels)).mean(),
-                       **temp_metrics}
+        accuracy = (student.argmax(-1) == hard_labels(labels)).mean()
+        return total, {"ce": ce, "kd": kd, "accuracy": accuracy, **temp_metrics}
 
     return objective
 
@@ -274,8 +274,9 @@ def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float 
     L is FEATURE_METHODS[name].loss on each of its connector's outputs (`Distillee.features`),
     reduced to its batch mean and summed over the tap pairs (RepDistiller sums AT's, NST's and
     VID's layers). KD is Hinton's soft-target KL at kd_temperature (a number or a
-    kdjax.temperature source), combined over teachers as `combine` says. With hint_steps > 0 the first hint_steps steps optimise the feature term
-    alone (FitNets' first stage; the paper's second stage then uses kd_weight and ce_weight).
+    kdjax.temperature source), combined over teachers as `combine` says. With hint_steps > 0 the
+    first hint_steps steps optimise the feature term alone (FitNets' first stage; the paper's
+    second stage then uses kd_weight and ce_weight).
     `kwargs` are the loss's keyword hyperparameters (the connector's were used to build it).
     """
     if name not in FEATURE_METHODS:

@@ -440,9 +440,9 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
     and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
     divides by count. A Distillee is evaluated by its student alone, its peer students (mutual
-    learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/". `state_sharding` and `teacher_sharding` are
-    make_distill_step's; without `state_sharding` the model's variables stay where they were
-    placed.
+    learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/".
+    `state_sharding` and `teacher_sharding` are make_distill_step's; without `state_sharding` the
+    model's variables stay where they were placed.
     """
     mesh = mesh or sharding.make_mesh()
     rep = sharding.replicated(mesh)
