@@ -4,7 +4,8 @@ An export is a directory:
   model/            an Orbax checkpoint of {"params", "model_state"}: the student's parameters and
                     BatchNorm statistics, i.e. the checkpoint's "model" item and nothing else (no
                     optimizer, PRNG or data state; trainable connectors, when they come, stay out)
-  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its source
+  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its data
+                    (dataset name, train and eval splits), its source
   README.md         what this is, and `SNIPPET`: how to load it into the model and run it
 
 It is written into a temporary directory renamed when complete, so a path that exists is a whole
@@ -71,6 +72,9 @@ def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
         saver.close()
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
+                # what it was trained and evaluated on, for `kdjax report` and readers alike
+                "data": {k: run["config"]["data"][k]
+                         for k in ("name", "train_split", "eval_split")},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
                            "checkpoint": reader.path(n)}}
         with open(os.path.join(tmp, META_FILE), "w") as f:

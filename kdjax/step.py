@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import augment, sharding
+from kdjax import augment, calibration, sharding
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -373,15 +373,45 @@ def make_distill_step(
     return Step(fn, teacher_vars, data, sharding.serial_dispatch(mesh))
 
 
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+              teacher_logits: jax.Array | None = None, calibration_bins: int = 0) -> Metrics:
+    """The eval metrics of one padded batch as sums over its real examples (mask [B] = 1).
+
+    logits [B, C] -> "loss" (NLL), "accuracy", "top5_accuracy"; with `teacher_logits` [B, C]
+    also "teacher_agreement" (same argmax) and "teacher_kl" (KL(teacher || student) at T=1);
+    with `calibration_bins` > 0 also "brier" and "calibration", the
+    kdjax.calibration.CalibrationBins of that many bins (ECE, MCE: add the batches' bins, then
+    kdjax.calibration.ece_from_bins). Divide the scalar sums by the summed mask.
+    """
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    sums = {"loss": (ce * mask).sum(),
+            "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
+            "top5_accuracy": ((top5 == labels[:, None]).any(-1) * mask).sum()}
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.astype(jnp.float32)
+        sums["teacher_agreement"] = ((logits.argmax(-1) == teacher_logits.argmax(-1)) * mask).sum()
+        log_t, log_s = jax.nn.log_softmax(teacher_logits), jax.nn.log_softmax(logits)
+        sums["teacher_kl"] = ((jnp.exp(log_t) * (log_t - log_s)).sum(-1) * mask).sum()
+    if calibration_bins:
+        sums["brier"] = (calibration.brier_score(logits, labels) * mask).sum()
+        sums["calibration"] = calibration.calibration_bins(logits, labels, mask=mask,
+                                                           num_bins=calibration_bins)
+    return sums
+
+
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
                    mesh: Mesh | None = None, state_sharding: TrainState | None = None,
-                   teacher_sharding: Sequence[Any] | None = None) -> Callable:
+                   teacher_sharding: Sequence[Any] | None = None,
+                   calibration_bins: int = 0) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
-    partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
-    and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
+    partial batch is evaluated, never dropped). Returns per-batch sums (`eval_sums`: count, loss,
+    top-1, top-5, with a teacher agreement with the first teacher's argmax and KL from it, with
+    `calibration_bins` the Brier score and calibration bins); the caller adds them up and
     divides by count. A Distillee is evaluated by its student alone, and its peer students (mutual
     learning) each under the prefix "peer<i>/". `state_sharding` and `teacher_sharding` are
     make_distill_step's; without `state_sharding` the model's variables stay where they were
@@ -405,16 +435,11 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
         for prefix, student in students.items():
-            logits = student(images, train=False).astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-            sums[prefix + "loss"] = (ce * mask).sum()
-            sums[prefix + "accuracy"] = ((logits.argmax(-1) == labels) * mask).sum()
-            sums[prefix + "top5_accuracy"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
-            if teacher_defs and not prefix:
-                t_logits = nnx.merge(teacher_defs[0], teacher_vars[0])(images, train=False)
-                sums["teacher_agreement"] = (
-                    (logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
+            t_logits = (nnx.merge(teacher_defs[0], teacher_vars[0])(images, train=False)
+                        if teacher_defs and not prefix else None)
+            sums.update({prefix + k: v for k, v in eval_sums(
+                student(images, train=False), labels, mask, teacher_logits=t_logits,
+                calibration_bins=calibration_bins).items()})
         return sums
 
     fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(

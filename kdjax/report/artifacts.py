@@ -1,0 +1,205 @@
+"""What `kdjax report` measures: an `Artifact`, read from a path by the loader that knows its
+format.
+
+An Artifact is format-free: a pure, jittable `apply(variables, images) -> logits` (uint8 images
+in, preprocessing included), the arrays it takes, the parameters counted as the model's size, the
+files that hold those arrays on disk, and what is known about its data and its teacher. Two
+formats are built in, a trained run (a workdir with checkpoints, also a teacher imported into
+one) and a `kdjax export`; `register_loader` adds another (safetensors, StableHLO, a sparse or
+integer export) without touching the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdjax import augment, checkpoint, export
+from kdjax.models import ModelSpec
+
+Apply = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A model ready to measure.
+
+    Attributes:
+      path: where it was read from (absolute).
+      kind: its format ("run", "export", or a registered loader's name).
+      apply: ``apply(variables, images) -> logits``: uint8 ``[B, H, W, C]`` images in, float
+        ``[B, num_classes]`` logits out, preprocessing included; pure and jittable.
+      variables: the pytree of arrays `apply` takes (parameters and statistics).
+      params: the trainable parameters' arrays as stored (counted as "parameters"; integer or
+        sparse formats give their stored arrays here).
+      stored_files: files and folders holding its arrays on disk (their bytes are its size).
+      input_shape: ``(H, W, C)``; num_classes: outputs.
+      data: what is known of its data: ``name``, ``train_split``, ``eval_split``, ``data_dir``
+        (any may be missing).
+      teacher: path of the run or export that taught it, when known.
+      spec: its ModelSpec when it has one; details: anything else worth reporting (step, source).
+    """
+
+    path: str
+    kind: str
+    apply: Apply
+    variables: Any
+    params: Any
+    stored_files: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+    spec: ModelSpec | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    kind: str
+    detect: Callable[[str], bool]
+    load: Callable[..., Artifact]
+
+
+_LOADERS: list[Loader] = []
+
+
+def register_loader(kind: str, detect: Callable[[str], bool], load: Callable[..., Artifact],
+                    *, first: bool = True) -> None:
+    """Teach `load_artifact` a format: `detect(path)` says whether a path is one, and
+    `load(path, step=...)` reads it into an Artifact. Registered loaders are tried before the
+    built-in ones (`first=False`: after them); a kind registered again replaces the old one."""
+    _LOADERS[:] = [entry for entry in _LOADERS if entry.kind != kind]
+    entry = Loader(kind, detect, load)
+    _LOADERS.insert(0, entry) if first else _LOADERS.append(entry)
+
+
+def load_artifact(path: str, *, step: str | int = "latest") -> Artifact:
+    """Read a run, an export or any registered format from `path` (`step` picks a run's
+    checkpoint: "latest", "best" or a number)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist; pass a kdjax run (a workdir with "
+                                f"checkpoints) or an export (`kdjax export --out`)")
+    for loader in _LOADERS:
+        if loader.detect(path):
+            return loader.load(path, step=step)
+    kinds = ", ".join(entry.kind for entry in _LOADERS)
+    raise ValueError(f"{path!r} is none of the formats kdjax report reads ({kinds}): a run has "
+                     f"{checkpoint.CHECKPOINT_DIR}/, an export {export.META_FILE}")
+
+
+def _nnx_apply(model: nnx.Module, preprocess: Callable[[jax.Array], jax.Array]
+               ) -> tuple[Apply, Any]:
+    graphdef, variables = nnx.split(model)
+
+    def apply(variables, images):
+        return nnx.merge(graphdef, variables)(preprocess(images), train=False)
+
+    return apply, variables
+
+
+def _params(model: nnx.Module) -> Any:
+    return nnx.state(model, nnx.Param)
+
+
+def _is_run(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR))
+
+
+def _resolve(path: str | None, base: str) -> str | None:
+    """A recorded path as given (relative to where the run was launched), else next to `base`."""
+    if not path:
+        return None
+    for candidate in (path, os.path.join(base, path)):
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    return path  # kept as recorded: the report says it cannot be found
+
+
+def _data_of(config: dict[str, Any]) -> dict[str, Any]:
+    data = config.get("data", {})
+    return {k: data[k] for k in ("name", "train_split", "eval_split", "data_dir") if k in data}
+
+
+def _teacher_of(config: dict[str, Any], base: str) -> str | None:
+    teacher = config.get("teacher", {})
+    if config.get("loss", {}).get("name", "ce") == "ce":
+        return None
+    first = teacher.get("workdir") or next(iter(teacher.get("workdirs") or ()), None)
+    return _resolve(first, base)
+
+
+def _load_run(path: str, *, step: str | int = "latest") -> Artifact:
+    reader = checkpoint.RunReader(path, what="the run")
+    try:
+        n = reader.resolve_step(step)
+        run = reader.run_meta(n)
+        spec = ModelSpec.from_json(run["model"])
+        model = reader.load_model(n, spec)
+    finally:
+        reader.close()
+    recipe = augment.Preprocess(mean=tuple(run["preprocess"]["mean"]),
+                                std=tuple(run["preprocess"]["std"]))
+    apply, variables = _nnx_apply(model, lambda x: augment.preprocess(
+        x, recipe, key=None, dtype=jnp.float32))
+    config = run["config"]
+    return Artifact(path=path, kind="run", apply=apply, variables=variables, params=_params(model),
+                    stored_files=(os.path.join(reader.path(n), "model"),),
+                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
+                    data=_data_of(config), teacher=_teacher_of(config, os.path.dirname(path)),
+                    spec=spec, details={"step": n, "checkpoint": reader.path(n)})
+
+
+def _is_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, export.META_FILE))
+
+
+def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
+    del step  # an export holds one model
+    with open(os.path.join(path, export.META_FILE)) as f:
+        meta = json.load(f)
+    spec = ModelSpec.from_json(meta["model"])
+    model, preprocess = export.load(path)
+    apply, variables = _nnx_apply(model, preprocess)
+    source = meta.get("source", {})
+    data, teacher = dict(meta.get("data", {})), None
+    config_path = os.path.join(source.get("workdir", ""), "config.json")
+    if os.path.isfile(config_path):  # the run it came from, when it is still there
+        with open(config_path) as f:
+            config = json.load(f)
+        data = {**_data_of(config), **data}
+        teacher = _teacher_of(config, os.path.dirname(source["workdir"]))
+    return Artifact(path=path, kind="export", apply=apply, variables=variables,
+                    params=_params(model), stored_files=(os.path.join(path, export.MODEL_DIR),),
+                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes, data=data,
+                    teacher=teacher, spec=spec, details={"source": source})
+
+
+register_loader("export", _is_export, _load_export, first=False)
+register_loader("run", _is_run, _load_run, first=False)
+
+
+def stored_bytes(files: tuple[str, ...]) -> int:
+    """Bytes on disk of these files and of every file under these folders."""
+    total = 0
+    for top in files:
+        if os.path.isfile(top):
+            total += os.path.getsize(top)
+        for root, _, names in os.walk(top):
+            total += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+    return total
+
+
+def array_leaves(tree: Any) -> list[np.ndarray]:
+    """The arrays of a pytree of arrays or nnx Variables (their values)."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
