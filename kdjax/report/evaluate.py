@@ -94,8 +94,8 @@ def metrics(logits: np.ndarray, labels: np.ndarray, *, teacher_logits: np.ndarra
     totals: dict[str, Any] = {}
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        size = chunk if n > chunk else n  # one compiled shape: the last chunk is padded
-        pad = lambda a: np.concatenate([a, np.zeros((size - (stop - start), *a.shape[1:]),  # noqa: E731
+        # one compiled shape for every chunk of every split: the last chunk is padded
+        pad = lambda a: np.concatenate([a, np.zeros((chunk - (stop - start), *a.shape[1:]),  # noqa: E731
                                                     a.dtype)])
         mask = pad(np.ones(stop - start, np.float32))
         sums = _sums(jnp.asarray(pad(logits[start:stop])) / temperature,
