@@ -1,5 +1,6 @@
 # kdjax: the two commands a new user runs.
-#   make demo   teacher, student from scratch, distilled student on Fashion-MNIST (2 CPU cores: < 15 min)
+#   make demo   teacher, student from scratch, distilled student on Fashion-MNIST, and their report
+#               (2 CPU cores: < 15 min)
 #   make test   the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -47,7 +48,7 @@ demo: install data
 	$(BIN)/kdjax train   --config experiments/fashion_mnist/fair.py:scratch --workdir $(WORK)/student_scratch --config.data.data_dir=$(DATA) --config.seed=$(SEED)
 	$(BIN)/kdjax distill --config experiments/fashion_mnist/fair.py:kd      --workdir $(WORK)/student_kd --config.data.data_dir=$(DATA) --config.teacher.workdir=$(WORK)/teacher --config.seed=$(SEED)
 	$(BIN)/kdjax summary $(WORK)/teacher $(WORK)/student_scratch $(WORK)/student_kd
-	$(BIN)/kdjax report  $(WORK)/teacher $(WORK)/student_scratch $(WORK)/student_kd --teacher $(WORK)/teacher --split test --out $(WORK)/report
+	$(BIN)/kdjax report  $(WORK)/teacher $(WORK)/student_scratch $(WORK)/student_kd --teacher $(WORK)/teacher --split test --calibration-split 'train[54000:]' --out $(WORK)/report
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -3,8 +3,8 @@
   python benchmarks/calibration.py --runs workdirs/fair/final --seeds 0 1 2
 
 Runs `kdjax report` on the teacher, the scratch student and the distilled student of each seed
-(the final runs of benchmarks/fashion_mnist_fair.py: trained on train[:54000], so the last 6,000
-training images are held out for temperature scaling) on the test set, with the seed's teacher as
+(the final runs of benchmarks/fashion_mnist_fair.py; none trained on the last 6,000 training
+images, which are held out for temperature scaling) on the test set, with the seed's teacher as
 the reference for both students' fidelity, and aggregates the seeds: mean ± std of every metric,
 the per-seed differences distilled minus scratch, and one reliability diagram per role with the
 bins summed over the seeds. Speed is measured on the first seed only (it does not depend on it).
@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--runs", required=True, help="folder with seed<N>/{teacher,student_*}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--calibration-split", default="train[54000:]",
+                   help="held out from every model (fair.py: the validation split)")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--reports", default=None, help="where the per-seed reports go (default: "
                                                    "RUNS/report_seed<N>)")
@@ -149,6 +151,7 @@ def main() -> None:
         paths = [os.path.join(root, r) for r in ROLES]
         out = os.path.join(args.reports or args.runs, f"report_seed{seed}")
         per_seed.append(report.make_report(paths, out=out, split="test",
+                                           calibration_split=args.calibration_split,
                                            teacher=paths[0], data_dir=args.data_dir,
                                            speed=i == 0))
     agg = aggregate(per_seed)

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kdjax import calibration
+from kdjax import calibration, data as data_lib
 from kdjax.report import evaluate, measure, render
 from kdjax.report.artifacts import Artifact, load_artifact, register_loader
 
@@ -64,6 +64,33 @@ def _names(paths: Sequence[str]) -> list[str]:
     return [n if n != "." else os.path.basename(p) for n, p in zip(names, paths)]
 
 
+class _Cache:
+    """Each artifact loaded once and each (artifact, split)'s logits computed once, so a teacher
+    listed among the models is evaluated once for both of its roles."""
+
+    def __init__(self, *, step: str | int, dataset: str | None, data_dir: str | None,
+                 batch_size: int):
+        self.step, self.dataset, self.data_dir, self.batch_size = step, dataset, data_dir, batch_size
+        self._artifacts: dict[str, Artifact] = {}
+        self._logits: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def artifact(self, path: str) -> Artifact:
+        key = os.path.abspath(path)
+        if key not in self._artifacts:
+            self._artifacts[key] = load_artifact(key, step=self.step)
+        return self._artifacts[key]
+
+    def data(self, a: Artifact, split: str):
+        return evaluate.data_config(a, split=split, dataset=self.dataset, data_dir=self.data_dir)
+
+    def logits(self, a: Artifact, split: str):
+        key = (a.path, split)
+        if key not in self._logits:
+            self._logits[key] = evaluate.split_logits(a, self.data(a, split),
+                                                      batch_size=self.batch_size)
+        return self._logits[key]
+
+
 def make_report(paths: Sequence[str], *, out: str | None = None, split: str | None = None,
                 calibration_split: str | None = None, teacher: str | None = None,
                 dataset: str | None = None, data_dir: str | None = None,
@@ -89,58 +116,18 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
     if not paths:
         raise ValueError("kdjax report needs at least one run or export")
     env = measure.environment()
-    names = _names(paths)
-    by_path = {os.path.abspath(p): n for p, n in zip(paths, names)}
-    artifacts = {}  # path -> Artifact, teachers included, each loaded once
-    logits = {}  # (path, split) -> (logits, labels)
-
-    def artifact(path: str) -> Artifact:
-        key = os.path.abspath(path)
-        if key not in artifacts:
-            artifacts[key] = load_artifact(key, step=step)
-        return artifacts[key]
-
-    def split_logits(a: Artifact, which: str):
-        key = (a.path, which)
-        if key not in logits:
-            config = evaluate.data_config(a, split=which, dataset=dataset, data_dir=data_dir)
-            logits[key] = evaluate.split_logits(a, config, batch_size=batch_size)
-        return logits[key]
-
-    first = artifact(paths[0])
+    cache = _Cache(step=step, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
+    names = dict(zip((os.path.abspath(p) for p in paths), _names(paths)))
+    first = cache.artifact(paths[0])
     split = split or first.data.get("eval_split") or "test"
-    dataset_name = dataset or first.data.get("name")
     models = []
-    for name, path in zip(names, paths):
-        a = artifact(path)
+    for path, name in names.items():
         log(f"kdjax report: {name}: evaluating on {split!r}", flush=True)
-        z, y = split_logits(a, split)
-        entry: dict[str, Any] = {"name": name, "path": a.path, "kind": a.kind,
-                                 "model": a.spec.to_json() if a.spec else None,
-                                 "details": a.details, "examples": int(len(y))}
-        fidelity, teacher_z = None, None
-        teacher_path = os.path.abspath(teacher) if teacher else a.teacher
-        if teacher_path and teacher_path != a.path:
-            fidelity = {"teacher": teacher_path,
-                        "teacher_name": by_path.get(teacher_path, teacher_path)}
-            if os.path.exists(teacher_path):
-                teacher_z, _ = split_logits(artifact(teacher_path), split)
-            else:
-                fidelity["skipped"] = "the teacher's path does not exist here"
-        m = evaluate.metrics(z, y, teacher_logits=teacher_z)
-        if teacher_z is not None:
-            fidelity.update(agreement=m.pop("teacher_agreement"), kl=m.pop("teacher_kl"))
-        entry["metrics"] = m
-        entry["fidelity"] = fidelity
-        entry["temperature_scaling"] = _temperature(a, split, calibration_split, dataset,
-                                                    data_dir, split_logits, z, y)
-        entry["size"] = measure.size(a)
-        if speed:
-            log(f"kdjax report: {name}: timing", flush=True)
-            entry["speed"] = measure.speed(a, **(speed_settings or {}))
-        models.append(entry)
-    report = {"format": FORMAT, "dataset": dataset_name, "split": split, "models": models,
-              "environment": env, "load_average_after": os.getloadavg()[0],
+        models.append(_measure(cache.artifact(path), name, cache, split=split, names=names,
+                               teacher=teacher, calibration_split=calibration_split,
+                               speed=speed, speed_settings=speed_settings, log=log))
+    report = {"format": FORMAT, "dataset": dataset or first.data.get("name"), "split": split,
+              "models": models, "environment": env, "load_average_after": os.getloadavg()[0],
               "conventions": CONVENTIONS,
               "speed_note": None if speed else "Speed not measured (--no-speed)."}
     if out:
@@ -153,15 +140,40 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
     return report
 
 
-def _temperature(a: Artifact, split: str, calibration_split: str | None, dataset, data_dir,
-                 split_logits, z, y) -> dict[str, Any]:
+def _measure(a: Artifact, name: str, cache: _Cache, *, split: str, names: dict[str, str],
+             teacher: str | None, calibration_split: str | None, speed: bool,
+             speed_settings: dict[str, Any] | None, log) -> dict[str, Any]:
+    """One model's entry: evaluation, fidelity, temperature scaling, size, speed."""
+    z, y = cache.logits(a, split)
+    fidelity, teacher_z = None, None
+    teacher_path = os.path.abspath(teacher) if teacher else a.teacher
+    if teacher_path and teacher_path != a.path:
+        fidelity = {"teacher": teacher_path, "teacher_name": names.get(teacher_path, teacher_path)}
+        if os.path.exists(teacher_path):
+            teacher_z, _ = cache.logits(cache.artifact(teacher_path), split)
+        else:
+            fidelity["skipped"] = "the teacher's path does not exist here"
+    metrics = evaluate.metrics(z, y, teacher_logits=teacher_z)
+    if teacher_z is not None:
+        fidelity.update(agreement=metrics.pop("teacher_agreement"), kl=metrics.pop("teacher_kl"))
+    entry = {"name": name, "path": a.path, "kind": a.kind,
+             "model": a.spec.to_json() if a.spec else None, "details": a.details,
+             "examples": int(len(y)), "metrics": metrics, "fidelity": fidelity,
+             "temperature_scaling": _temperature(a, cache, split, calibration_split, z, y),
+             "size": measure.size(a)}
+    if speed:
+        log(f"kdjax report: {name}: timing", flush=True)
+        entry["speed"] = measure.speed(a, **(speed_settings or {}))
+    return entry
+
+
+def _temperature(a: Artifact, cache: _Cache, split: str, calibration_split: str | None,
+                 z, y) -> dict[str, Any]:
     """Fit T on the held-out split, then the evaluated split's metrics at logits / T."""
     if calibration_split:
         held_out, why = calibration_split, "--calibration-split"
     else:
-        config = evaluate.data_config(a, split=split, dataset=dataset, data_dir=data_dir)
-        from kdjax import data as data_lib
-
+        config = cache.data(a, split)
         spec = data_lib.dataset_info(config.name, data_dir=config.data_dir or None)
         held_out, why = evaluate.held_out_split(a.data.get("train_split"), spec.splits, split)
     if held_out is None:
@@ -169,7 +181,7 @@ def _temperature(a: Artifact, split: str, calibration_split: str | None, dataset
     if held_out == split:
         raise ValueError(f"--calibration-split {held_out!r} is the evaluated split: fit the "
                          f"temperature on held-out data, never on the data it is judged on")
-    zc, yc = split_logits(a, held_out)
+    zc, yc = cache.logits(a, held_out)
     t = float(calibration.fit_temperature(zc, yc))
     after = evaluate.metrics(z, y, temperature=t)
     return {"split": held_out, "why": why, "examples": int(len(yc)), "temperature": t,
