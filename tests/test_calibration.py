@@ -189,7 +189,7 @@ def test_matches_torchmetrics():
 
 def test_calibration_imports_alone():
     """`import kdjax.calibration` pulls in neither Flax, Orbax nor TFDS."""
-    code = ("import sys, kdjax.calibration; "
-            "print(sorted(m for m in ('flax', 'orbax', 'tensorflow_datasets') if m in sys.modules))")
+    code = ("import sys, kdjax.calibration; print(sorted(m for m in "
+            "('flax', 'orbax', 'tensorflow_datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

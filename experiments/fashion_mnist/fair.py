@@ -1,7 +1,8 @@
 """The demo's fair comparison: a distilled student against the same student's best scratch recipe.
 
   kdjax train   --config experiments/fashion_mnist/fair.py:teacher --workdir workdirs/demo/teacher
-  kdjax train   --config experiments/fashion_mnist/fair.py:scratch --workdir workdirs/demo/student_scratch
+  kdjax train   --config experiments/fashion_mnist/fair.py:scratch \
+      --workdir workdirs/demo/student_scratch
   kdjax distill --config experiments/fashion_mnist/fair.py:kd --workdir workdirs/demo/student_kd \
       --config.teacher.workdir=workdirs/demo/teacher
 
@@ -30,9 +31,10 @@ STUDENT_HIDDEN = (128,)  # 784-128-10: 101,770 parameters (cnn_small: 421,738)
 STUDENT_STEPS = 4210  # 10 epochs of the transfer set, about 90 of the labelled images
 TEACHER_STEPS = 920  # 20 epochs of the labelled images at batch 128
 # The sweep's grid is over the students' augmentation (benchmarks/fashion_mnist_fair.py: GRID).
-AUGMENTATION = {"none": {"crop_padding": 0, "flip": False}, "flip": {"crop_padding": 0, "flip": True},
+AUGMENTATION = {"none": {"crop_padding": 0, "flip": False},
+                "flip": {"crop_padding": 0, "flip": True},
                 "crop+flip": {"crop_padding": 2, "flip": True}}
-CHOSEN = {"scratch": "none", "kd": "none"}
+CHOSEN = {"scratch": "crop+flip", "kd": "flip"}  # validation top-1: 85.77 % and 86.83 % (seed 0)
 
 
 def get_config(role: str = "kd"):

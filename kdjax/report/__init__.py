@@ -1,4 +1,4 @@
-"""`kdjax report`: accuracy, calibration, fidelity, size and speed of runs and exports, side by side.
+"""`kdjax report`: accuracy, calibration, fidelity, size and speed of runs and exports side by side.
 
   kdjax report workdirs/demo/teacher workdirs/demo/student_scratch exports/kd --out reports/demo
 
@@ -70,7 +70,8 @@ class _Cache:
 
     def __init__(self, *, step: str | int, dataset: str | None, data_dir: str | None,
                  batch_size: int):
-        self.step, self.dataset, self.data_dir, self.batch_size = step, dataset, data_dir, batch_size
+        self.step, self.dataset, self.data_dir = step, dataset, data_dir
+        self.batch_size = batch_size
         self._artifacts: dict[str, Artifact] = {}
         self._logits: dict[tuple[str, str], tuple[Any, Any]] = {}
 

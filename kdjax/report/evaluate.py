@@ -95,8 +95,9 @@ def metrics(logits: np.ndarray, labels: np.ndarray, *, teacher_logits: np.ndarra
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # one compiled shape for every chunk of every split: the last chunk is padded
-        pad = lambda a: np.concatenate([a, np.zeros((chunk - (stop - start), *a.shape[1:]),  # noqa: E731
-                                                    a.dtype)])
+        def pad(a, rows=chunk - (stop - start)):
+            return np.concatenate([a, np.zeros((rows, *a.shape[1:]), a.dtype)])
+
         mask = pad(np.ones(stop - start, np.float32))
         sums = _sums(jnp.asarray(pad(logits[start:stop])) / temperature,
                      jnp.asarray(pad(labels[start:stop])), jnp.asarray(mask),
