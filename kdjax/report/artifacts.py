@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import augment, checkpoint, export
+from kdjax import augment, checkpoint, export, taps
 from kdjax.models import ModelSpec
 
 Apply = Callable[[Any, jax.Array], jax.Array]
@@ -42,8 +42,8 @@ class Artifact:
         sparse formats give their stored arrays here).
       stored_files: files and folders holding its arrays on disk (their bytes are its size).
       input_shape: ``(H, W, C)``; num_classes: outputs.
-      data: what is known of its data: ``name``, ``train_split``, ``eval_split``, ``data_dir``
-        (any may be missing).
+      data: what is known of its data: a run's `data` config section (``name``,
+        ``train_split``, ``eval_split``, ``data_dir``, ``image_size``, ...; any may be missing).
       teacher: path of the run or export that taught it, when known.
       spec: its ModelSpec when it has one; details: anything else worth reporting (step, source).
     """
@@ -102,7 +102,7 @@ def _nnx_apply(model: nnx.Module, preprocess: Callable[[jax.Array], jax.Array]
     graphdef, variables = nnx.split(model)
 
     def apply(variables, images):
-        return nnx.merge(graphdef, variables)(preprocess(images), train=False)
+        return taps.call(nnx.merge(graphdef, variables), preprocess(images), train=False)
 
     return apply, variables
 
@@ -126,8 +126,7 @@ def _resolve(path: str | None, base: str) -> str | None:
 
 
 def _data_of(config: dict[str, Any]) -> dict[str, Any]:
-    data = config.get("data", {})
-    return {k: data[k] for k in ("name", "train_split", "eval_split", "data_dir") if k in data}
+    return dict(config.get("data", {}))  # the run's whole data section (image_size, crops, ...)
 
 
 def _teacher_of(config: dict[str, Any], base: str) -> str | None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import calibration, data as data_lib, input as input_lib, sharding
+from kdjax import config as config_lib
 from kdjax.config import base_config
 from kdjax.report.artifacts import Artifact
 from kdjax.step import eval_sums
@@ -43,7 +44,10 @@ def data_config(artifact: Artifact, *, split: str, dataset: str | None = None,
                 data_dir: str | None = None) -> Any:
     """The `data` section to read `split` for this artifact: its own (name, data_dir), with
     `dataset`/`data_dir` when given."""
-    config = base_config().data
+    known = base_config().data
+    # through the schema, so a JSON list is the tuple a config holds
+    config = config_lib.validate({"data": {k: v for k, v in artifact.data.items()
+                                           if k in known}}).data
     name = dataset or artifact.data.get("name")
     if not name:
         raise ValueError(f"{artifact.path!r} does not record its dataset; pass --dataset NAME")
