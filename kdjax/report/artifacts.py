@@ -159,7 +159,7 @@ def _load_run(path: str, *, step: str | int = "latest") -> Artifact:
 
 
 def _is_export(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, export.META_FILE))
+    return _export_format(path) == export.FORMAT
 
 
 def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
@@ -183,7 +183,76 @@ def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
                     teacher=teacher, spec=spec, details={"source": source})
 
 
+def _export_format(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, export.META_FILE)) as f:
+            return json.load(f).get("format")
+    except (OSError, ValueError):
+        return None
+
+
+def _interop_meta(path: str) -> tuple[dict[str, Any], ModelSpec, Callable[[jax.Array], jax.Array]]:
+    with open(os.path.join(path, export.META_FILE)) as f:
+        meta = json.load(f)
+    recipe = augment.Preprocess(mean=tuple(meta["preprocess"]["mean"]),
+                                std=tuple(meta["preprocess"]["std"]))
+    return meta, ModelSpec.from_json(meta["model"]), lambda x: augment.preprocess(
+        x, recipe, key=None, dtype=jnp.float32)
+
+
+def _model_file(path: str) -> str:
+    """The one model.* file of an interop export (model.safetensors, model.pth, ...)."""
+    (name,) = [n for n in os.listdir(path) if n.startswith("model.")]
+    return os.path.join(path, name)
+
+
+def _is_state_dict_export(path: str) -> bool:
+    return _export_format(path) in ("kdjax.export.safetensors/1", "kdjax.export.torch/1")
+
+
+def _load_state_dict_export(path: str, *, step: str | int = "latest") -> Artifact:
+    """`kdjax export --format safetensors|torch`: the state_dict put back into the model."""
+    del step
+    from kdjax.interop import layouts, state_dict
+
+    meta, spec, preprocess = _interop_meta(path)
+    fmt = meta["format"].split(".")[-1].split("/")[0]
+    file = _model_file(path)
+    abstract = spec.abstract()
+    state = layouts.from_state_dict(abstract, state_dict.load(file).tensors, meta["layout"],
+                                    source=file)
+    model = nnx.merge(nnx.graphdef(abstract), state)
+    apply, variables = _nnx_apply(model, preprocess)
+    return Artifact(path=path, kind=fmt, apply=apply, variables=variables, params=_params(model),
+                    stored_files=(file,), input_shape=tuple(spec.input_shape),
+                    num_classes=spec.num_classes, data={"name": meta.get("data")}, spec=spec,
+                    details={"source": meta.get("source"), "layout": meta["layout"]})
+
+
+def _is_stablehlo_export(path: str) -> bool:
+    return _export_format(path) == "kdjax.export.stablehlo/1"
+
+
+def _load_stablehlo_export(path: str, *, step: str | int = "latest") -> Artifact:
+    """`kdjax export --format stablehlo`: the serialized inference function; its weights are
+    constants inside it, so its parameters are counted from its ModelSpec (non-zero: unknown)."""
+    del step
+    meta, spec, _ = _interop_meta(path)
+    file = _model_file(path)
+    with open(file, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    return Artifact(path=path, kind="stablehlo", apply=lambda variables, x: exported.call(x),
+                    variables={}, params=_params(spec.abstract()), stored_files=(file,),
+                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
+                    data={"name": meta.get("data")}, spec=spec,
+                    details={"source": meta.get("source"), "platforms": meta.get("platforms"),
+                             "nonzero_parameters": "unknown: the weights are compiled in"})
+
+
 register_loader("export", _is_export, _load_export, first=False)
+register_loader("safetensors/torch export", _is_state_dict_export, _load_state_dict_export,
+                first=False)
+register_loader("stablehlo export", _is_stablehlo_export, _load_stablehlo_export, first=False)
 register_loader("run", _is_run, _load_run, first=False)
 
 

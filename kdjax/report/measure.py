@@ -8,6 +8,7 @@ move with the machine's load, which `environment` records next to them.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import time
@@ -25,15 +26,19 @@ def size(artifact: Artifact) -> dict[str, Any]:
     """Parameters, non-zero parameters, bytes as stored on disk and in memory, FLOPs/example.
 
     `parameters` counts the scalars of `artifact.params` (trainable parameters, not BatchNorm
-    statistics); `nonzero_parameters` those that are not exactly 0 (what pruning removes);
-    `stored_bytes` the bytes of the files holding the model's arrays (`artifact.stored_files`):
-    compressed, sparse or integer formats count as stored; `memory_bytes` the bytes of all its
-    arrays as loaded for inference (`artifact.variables`).
+    statistics); `nonzero_parameters` those that are not exactly 0 (what pruning removes; None
+    where the format holds no readable values); `stored_bytes` the bytes of the files holding
+    the model's arrays (`artifact.stored_files`): compressed, sparse or integer formats count as
+    stored; `memory_bytes` the bytes of all its arrays as loaded for inference
+    (`artifact.variables`).
     """
     params = array_leaves(artifact.params)
+    # abstract parameters (shapes only: weights compiled into a StableHLO export) have no values
+    concrete = not any(isinstance(p, jax.ShapeDtypeStruct) for p in params)
     return {
-        "parameters": int(sum(np.size(p) for p in params)),
-        "nonzero_parameters": int(sum(int(np.count_nonzero(np.asarray(p))) for p in params)),
+        "parameters": int(sum(math.prod(np.shape(p)) for p in params)),
+        "nonzero_parameters": int(sum(int(np.count_nonzero(np.asarray(p))) for p in params))
+        if concrete else None,
         "stored_bytes": stored_bytes(artifact.stored_files),
         "stored_files": list(artifact.stored_files),
         "memory_bytes": int(sum(np.asarray(v).nbytes for v in array_leaves(artifact.variables))),

@@ -59,9 +59,10 @@ def markdown(report: dict[str, Any]) -> str:
         s, sp = m["size"], m.get("speed") or {}
         lat = sp.get("latency_batch1_ms")
         thr = (sp.get("throughput") or {}).get("images_per_s")
-        flops = s.get("flops_per_example")
+        flops, nonzero = s.get("flops_per_example"), s["nonzero_parameters"]
         lines.append(
-            f"| {m['name']} | {s['parameters']:,} | {s['nonzero_parameters']:,} | "
+            f"| {m['name']} | {s['parameters']:,} | "
+            f"{'–' if nonzero is None else f'{nonzero:,}'} | "
             f"{_bytes(s['stored_bytes'])} | {_bytes(s['memory_bytes'])} | "
             f"{'–' if flops is None else f'{flops:,.0f}'} | "
             + (f"{lat['median']:.3f} [{lat['p25']:.3f}, {lat['p75']:.3f}] | " if lat else "– | ")
