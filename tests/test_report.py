@@ -209,19 +209,26 @@ def test_register_loader_plugs_in_a_format(runs, tmp_path):
         report.artifacts._LOADERS[:] = [e for e in report.artifacts._LOADERS if e.kind != "fancy"]
 
 
-def test_safetensors_and_stablehlo_exports_report_the_same_model(runs, tmp_path):
+def test_safetensors_stablehlo_and_imported_models_report_the_same_model(runs, tmp_path):
+    from kdjax.interop import importer
+
     paths = [export.export(runs["kd"], str(tmp_path / fmt), format=fmt)
              for fmt in ("safetensors", "stablehlo")]
-    result = report.make_report([runs["export"], *paths], speed=False,
+    imported = str(tmp_path / "imported")  # a teacher brought in by `kdjax import`: a run
+    importer.import_checkpoint(os.path.join(paths[0], "model.safetensors"), model="mlp",
+                               out=imported)
+    result = report.make_report([runs["export"], *paths, imported], speed=False,
                                 calibration_split="train[256:]", data_dir=runs["data_dir"],
                                 log=lambda *a, **k: None)
-    ours, safetensors, stablehlo = result["models"]
-    assert (safetensors["kind"], stablehlo["kind"]) == ("safetensors", "stablehlo")
-    for other in (safetensors, stablehlo):
+    ours, safetensors, stablehlo, run = result["models"]
+    assert (safetensors["kind"], stablehlo["kind"], run["kind"]) == (
+        "safetensors", "stablehlo", "run")
+    for other in (safetensors, stablehlo, run):
         for key in ("accuracy", "loss", "ece", "brier"):
             assert other["metrics"][key] == pytest.approx(ours["metrics"][key], rel=1e-4,
                                                           abs=1e-6), (other["kind"], key)
         assert other["size"]["parameters"] == ours["size"]["parameters"]
+    for other in (safetensors, stablehlo):
         file = other["size"]["stored_files"][0]
         assert other["size"]["stored_bytes"] == os.path.getsize(file)
     assert safetensors["size"]["nonzero_parameters"] == ours["size"]["nonzero_parameters"]
