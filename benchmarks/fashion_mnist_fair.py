@@ -11,13 +11,14 @@ The protocol (issue 13):
 3. Sweep (seed 0): each student method, from scratch and distilled, trains with every recipe of
    the same small grid (`GRID`: the knobs both methods share), at the same budget (steps, batch,
    optimizer); each method's recipe is the one with the best validation accuracy.
-4. Final: each method's chosen recipe on --seeds, evaluated on the test set, and `kdjax report`
-   of the runs (calibration before and after temperature scaling, fitted on the validation
-   split, which no model trained on).
+4. Final: each method's chosen recipe on --seeds (seed 0's teacher is the sweep's: same seed,
+   data and steps), evaluated on the test set.
 
 Writes benchmarks/results/fashion_mnist_fair_sweep.{json,md} (step 3) and
-fashion_mnist_fair.{json,md} (step 4), and with --report the calibration report of the final runs
-(benchmarks/results/calibration_fashion_mnist.{json,md,png}, see benchmarks/calibration.py).
+fashion_mnist_fair.{json,md} (step 4). The calibration report of the final runs (`kdjax report`,
+temperature fitted on the validation split) is benchmarks/calibration.py's:
+
+  python benchmarks/calibration.py --runs workdirs/fair/final --seeds 0 1 2 --data-dir data/tfds
 """
 
 from __future__ import annotations
