@@ -65,14 +65,7 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
     elif layout is not None:
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
-    reader = checkpoint.RunReader(workdir)
-    try:
-        n = reader.resolve_step(step)
-        run = reader.run_meta(n)
-        spec = ModelSpec.from_json(run["model"])
-        model = reader.load_model(n, spec)
-    finally:
-        reader.close()
+    n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
     if format != "kdjax":
         return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
                               source=f"{os.path.abspath(workdir)} step {n}")
@@ -91,7 +84,7 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
                 "data": {k: run["config"]["data"][k]
                          for k in ("name", "train_split", "eval_split")},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
-                           "checkpoint": reader.path(n)}}
+                           "checkpoint": checkpoint_path}}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:

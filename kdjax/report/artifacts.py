@@ -138,24 +138,17 @@ def _teacher_of(config: dict[str, Any], base: str) -> str | None:
 
 
 def _load_run(path: str, *, step: str | int = "latest") -> Artifact:
-    reader = checkpoint.RunReader(path, what="the run")
-    try:
-        n = reader.resolve_step(step)
-        run = reader.run_meta(n)
-        spec = ModelSpec.from_json(run["model"])
-        model = reader.load_model(n, spec)
-    finally:
-        reader.close()
+    n, saved, run, spec, model = checkpoint.read_model(path, step, what="the run")
     recipe = augment.Preprocess(mean=tuple(run["preprocess"]["mean"]),
                                 std=tuple(run["preprocess"]["std"]))
     apply, variables = _nnx_apply(model, lambda x: augment.preprocess(
         x, recipe, key=None, dtype=jnp.float32))
     config = run["config"]
     return Artifact(path=path, kind="run", apply=apply, variables=variables, params=_params(model),
-                    stored_files=(os.path.join(reader.path(n), "model"),),
+                    stored_files=(os.path.join(saved, "model"),),
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
                     data=_data_of(config), teacher=_teacher_of(config, os.path.dirname(path)),
-                    spec=spec, details={"step": n, "checkpoint": reader.path(n)})
+                    spec=spec, details={"step": n, "checkpoint": saved})
 
 
 def _is_export(path: str) -> bool:
