@@ -284,10 +284,11 @@ def _evaluate(eval_step, params, model_state, batches) -> dict[str, float]:
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = totals.pop("count")
-    bins = totals.pop("calibration", None)
+    # calibration bins (the student's, and "peer<i>/calibration" of mutual learning) -> ECE
+    bins = {k: totals.pop(k) for k in [k for k in totals if k.endswith("calibration")]}
     out = {f"eval/{k}": float(v / count) for k, v in totals.items()}
-    if bins is not None:
-        out["eval/ece"] = float(calibration.ece_from_bins(bins))
+    for key, b in bins.items():
+        out[f"eval/{key.removesuffix('calibration')}ece"] = float(calibration.ece_from_bins(b))
     return out
 
 
