@@ -23,6 +23,10 @@ _LAZY = {
     "feature_distillation": "kdjax.objectives",
     "mutual_learning": "kdjax.objectives",
     "build_connectors": "kdjax.objectives",
+    "teacher_free": "kdjax.objectives",
+    "byot": "kdjax.objectives",
+    "build_exits": "kdjax.objectives",
+    "build_temperature": "kdjax.objectives",
     "create_model": "kdjax.models",
 }
 

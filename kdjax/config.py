@@ -82,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = dict(
         # ce (supervised) | logit: kd dkd lskd reverse_kl jsd tvd | feature: fitnet at sp rkd pkt
-        # nst cc vid crd | dml (mutual learning). See kdjax.objectives.
+        # nst cc vid crd | dml (mutual learning) | self-distillation: tfkd byot. See
+        # kdjax.objectives.
         name="ce",
         # the loss function's keyword hyperparameters, e.g. {"temperature": 4.0}; for feature
         # methods also their connector's (e.g. crd: {"num_negatives": 4096, "embed_dim": 128})
@@ -99,6 +100,21 @@ def base_config() -> ml_collections.ConfigDict:
         student_taps=(),
         teacher_taps=(),
         hint_steps=0,  # FitNets' two-stage training: the first steps optimise the hint alone
+        # The temperature over training (kdjax.temperature), for every logit loss, feature
+        # methods' KD term, tfkd and byot; computed from the step inside the compiled step (one
+        # program for every step). name "" = the fixed loss.kwargs.temperature (kd_temperature);
+        # constant (init_value) | linear | cosine (init_value -> end_value over `steps` steps
+        # from begin_step; steps 0 = until the end of training) | step (init_value, times each
+        # of `factors` from each of `boundaries` on, optax.piecewise_constant_schedule).
+        temperature_schedule=dict(name="", init_value=4.0, end_value=4.0, begin_step=0, steps=0,
+                                  boundaries=(), factors=()),
+        # CTKD (Li et al., AAAI 2023): the temperature learned adversarially through a gradient-
+        # reversal layer. mode "" = off | global (one value) | instance (per example, an MLP of
+        # `hidden` units over both logits); T = t_min + t_range * sigmoid(z), starting at the
+        # loss's temperature; the reversal's strength rises from 0 to max_strength over
+        # curriculum_steps (cosine; 0 = the whole run). Logged as train/temperature.
+        learned_temperature=dict(mode="", t_min=1.0, t_range=20.0, max_strength=1.0,
+                                 curriculum_steps=0, hidden=128),
     )
     c.eval = dict(every_steps=500, batch_size=1000)
     # Checkpoints (Orbax, asynchronous and atomic) are saved every `every_steps`, at the end, on

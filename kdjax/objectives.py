@@ -12,6 +12,13 @@ Methods (`loss.name`):
                                        loss between tapped features, through trainable
                                        connectors (kdjax.connectors), per teacher and tap pair
   dml                                  deep mutual learning between the student and its peers
+  tfkd                                 Tf-KD: a trained copy of the student as teacher ("self"),
+                                       or the hand-designed virtual teacher ("virtual")
+  byot                                 Be Your Own Teacher: exits on the student's stages learn
+                                       from its deepest classifier (kdjax.exits)
+Every logit loss (and feature methods' KD term, Tf-KD, BYOT) takes its temperature from
+`loss.temperature_schedule` or CTKD's `loss.learned_temperature` when set (kdjax.temperature),
+computed from the step inside the compiled step.
 Feature methods follow RepDistiller's recipe `ce_weight * CE + kd_weight * KD + feature_weight *
 feature loss` (its -r, -a, -b). With several teachers, logit losses distil from their ensemble
 (`losses.ensemble_teacher`) or from each teacher (weighted sum); feature methods always from each
@@ -30,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import connectors, losses
+from kdjax import connectors, exits as exits_lib, losses
+from kdjax import taps as taps_lib
+from kdjax import temperature as temperature_lib
 from kdjax.augment import MixedLabels
 from kdjax.step import FrozenModel, Objective
 
@@ -93,7 +102,11 @@ FEATURE_METHODS: dict[str, FeatureMethod] = {
     "crd": FeatureMethod(losses.crd, connectors.ContrastMemory, "embedding"),
 }
 
-METHODS = sorted(["ce", "dml", *LOGIT_LOSSES, *FEATURE_METHODS])
+METHODS = sorted(["ce", "dml", "tfkd", "byot", *LOGIT_LOSSES, *FEATURE_METHODS])
+TFKD_VARIANTS = ("virtual", "self")
+# A temperature: a fixed Python number, or a source computing it from the step (and from the
+# student's features: CTKD's module output), kdjax.temperature.Source.
+Temperature = float | temperature_lib.Source
 COMBINE = ("ensemble", "per_teacher")
 # Connector arguments that kdjax derives itself (from the models and the data), not config keys.
 _DERIVED = ("rngs", "dtype", "dataset_labels")
@@ -158,10 +171,17 @@ def _teacher_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+def _temperature_at(temperature: Temperature, out: Mapping[str, Any],
+                    step: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """(the temperature of this step, its metrics): a fixed number as is (no metric)."""
+    return temperature(out, step) if callable(temperature) else (temperature, {})
+
+
 def _logit_term(fn: Callable[..., jax.Array], kwargs: Mapping[str, Any], *,
                 teacher_weights: Sequence[float] | None, combine: str,
                 ensemble_mode: str) -> Callable:
-    """(student logits, teachers' logits, labels) -> the batch mean of `fn` against the teachers.
+    """(student logits, teachers' logits, labels, temperature) -> the batch mean of `fn` against
+    the teachers, at `temperature` (a number, or an array traced from the step).
 
     "ensemble" distils from one target; several teachers are averaged at the loss's own
     temperature, so that the target is the mean of their softened distributions rather than a
@@ -169,14 +189,12 @@ def _logit_term(fn: Callable[..., jax.Array], kwargs: Mapping[str, Any], *,
     """
     if combine not in COMBINE:
         raise ValueError(f"teacher.combine must be one of {list(COMBINE)}, got {combine!r}")
-    params = inspect.signature(fn).parameters
-    takes_labels = "labels" in params
-    temperature = kwargs.get("temperature", params["temperature"].default)
+    takes_labels = "labels" in inspect.signature(fn).parameters
 
-    def term(student, teachers, labels):
+    def term(student, teachers, labels, temperature):
         def against(target):
             args = (student, target, hard_labels(labels)) if takes_labels else (student, target)
-            return fn(*args, **kwargs).mean()
+            return fn(*args, temperature=temperature, **kwargs).mean()
 
         if len(teachers) == 1:
             return against(teachers[0])
@@ -215,7 +233,9 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
 
     Hinton's KD is name="kd" with ce_weight=1−α and kd_weight=α (losses.hinton_kd's mix). Several
     teachers are combined as `combine` says (see `_logit_term`). ramp goes linearly from 0 to 1
-    over kd_warmup_steps (DKD's recipe warms its loss up this way).
+    over kd_warmup_steps (DKD's recipe warms its loss up this way). `kwargs["temperature"]` is a
+    number (the loss's default when absent) or a kdjax.temperature source (a schedule, CTKD),
+    whose value is logged as "temperature".
     """
     if name not in LOGIT_LOSSES:
         raise ValueError(f"unknown loss.name={name!r}; valid names: "
@@ -227,21 +247,24 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
         raise ValueError(f"loss.kwargs {unknown} are not hyperparameters of loss.name={name!r}; "
                          f"valid: {valid}")
     _check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
+    temperature = kwargs.pop("temperature", inspect.signature(fn).parameters["temperature"].default)
     term = _logit_term(fn, kwargs, teacher_weights=teacher_weights, combine=combine,
                        ensemble_mode=ensemble_mode)
 
     def objective(out, teacher_out, labels, step):
         student = out["logits"].astype(jnp.float32)
-        kd = term(student, _teacher_logits(name, teacher_out), labels)
+        temp, temp_metrics = _temperature_at(temperature, out, step)
+        kd = term(student, _teacher_logits(name, teacher_out), labels, temp)
         ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
         total = ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kd
-        return total, {"ce": ce, "kd": kd, "accuracy": (student.argmax(-1) == hard_labels(labels)).mean()}
+        accuracy = (student.argmax(-1) == hard_labels(labels)).mean()
+        return total, {"ce": ce, "kd": kd, "accuracy": accuracy, **temp_metrics}
 
     return objective
 
 
 def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float = 0.0,
-                         feature_weight: float = 1.0, kd_temperature: float = 4.0,
+                         feature_weight: float = 1.0, kd_temperature: Temperature = 4.0,
                          kd_warmup_steps: int = 0, hint_steps: int = 0,
                          teacher_weights: Sequence[float] | None = None,
                          combine: str = "ensemble", label_smoothing: float = 0.0,
@@ -250,9 +273,10 @@ def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float 
 
     L is FEATURE_METHODS[name].loss on each of its connector's outputs (`Distillee.features`),
     reduced to its batch mean and summed over the tap pairs (RepDistiller sums AT's, NST's and
-    VID's layers). KD is Hinton's soft-target KL at kd_temperature, combined over teachers as
-    `combine` says. With hint_steps > 0 the first hint_steps steps optimise the feature term
-    alone (FitNets' first stage; the paper's second stage then uses kd_weight and ce_weight).
+    VID's layers). KD is Hinton's soft-target KL at kd_temperature (a number or a
+    kdjax.temperature source), combined over teachers as `combine` says. With hint_steps > 0 the
+    first hint_steps steps optimise the feature term alone (FitNets' first stage; the paper's
+    second stage then uses kd_weight and ce_weight).
     `kwargs` are the loss's keyword hyperparameters (the connector's were used to build it).
     """
     if name not in FEATURE_METHODS:
@@ -263,9 +287,8 @@ def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float 
     if hint_steps < 0:
         raise ValueError(f"loss.hint_steps must be >= 0, got hint_steps={hint_steps}")
     loss_fn = FEATURE_METHODS[name].loss
-    kd_term = _logit_term(losses.soft_target_kl, {"temperature": kd_temperature},
-                          teacher_weights=teacher_weights, combine=combine,
-                          ensemble_mode="probs")
+    kd_term = _logit_term(losses.soft_target_kl, {}, teacher_weights=teacher_weights,
+                          combine=combine, ensemble_mode="probs")
 
     def objective(out, teacher_out, labels, step):
         if "connectors" not in out:
@@ -280,8 +303,10 @@ def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float 
         metrics = {"ce": ce, "feature": feature,
                    "accuracy": (student.argmax(-1) == hard_labels(labels)).mean()}
         if kd_weight:
-            kd = kd_term(student, _teacher_logits(name, teacher_out), labels)
+            temp, temp_metrics = _temperature_at(kd_temperature, out, step)
+            kd = kd_term(student, _teacher_logits(name, teacher_out), labels, temp)
             distill, metrics["kd"] = distill + kd_weight * kd, kd
+            metrics.update(temp_metrics)
         total = ce_weight * ce + _ramp(step, kd_warmup_steps) * distill
         if hint_steps:
             total = jnp.where(step < hint_steps, feature, total)
@@ -325,19 +350,155 @@ def mutual_learning(*, ce_weight: float = 1.0, kd_weight: float = 1.0,
     return objective
 
 
-def from_config(loss: Mapping[str, Any], teacher: Mapping[str, Any] | None = None) -> Objective:
-    """Build the objective of a config's `loss` section (and its `teacher` weights/combine)."""
+def teacher_free(*, variant: str = "virtual", ce_weight: float, kd_weight: float,
+                 kd_warmup_steps: int = 0, label_smoothing: float = 0.0,
+                 temperature: Temperature = 20.0, correct_prob: float | None = None,
+                 teacher_weights: Sequence[float] | None = None,
+                 combine: str = "ensemble") -> Objective:
+    """Tf-KD (Yuan et al., CVPR 2020): distillation without a stronger teacher.
+
+    variant="self" (Tf-KD_self): Hinton's KD, ce_weight · CE + kd_weight · T²·KL(p_t ‖ p_s),
+    from a trained copy of the student (the run `teacher.workdir` names: train the student alone
+    first; `kdjax distill` refuses a teacher of another architecture). variant="virtual"
+    (Tf-KD_reg): no teacher is loaded; ce_weight · CE + kd_weight · ramp · losses.teacher_free_kd
+    against the hand-designed distribution (correct_prob on the label, the rest uniform), the
+    hard label of mixed (mixup/CutMix) labels.
+    """
+    if variant not in TFKD_VARIANTS:
+        raise ValueError(f"loss.kwargs.variant of loss.name='tfkd' must be one of "
+                         f"{list(TFKD_VARIANTS)}, got {variant!r}")
+    common = dict(ce_weight=ce_weight, kd_weight=kd_weight, kd_warmup_steps=kd_warmup_steps,
+                  label_smoothing=label_smoothing)
+    if variant == "self":
+        if correct_prob is not None:
+            raise ValueError("loss.kwargs.correct_prob is the virtual teacher's (variant="
+                             "'virtual'); the self-teacher variant distils from a trained student")
+        return logit_distillation("kd", **common, teacher_weights=teacher_weights,
+                                  combine=combine, temperature=temperature)
+    _check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
+    correct_prob = 0.99 if correct_prob is None else correct_prob
+
+    def objective(out, teacher_out, labels, step):
+        if teacher_out:
+            raise ValueError("loss.name='tfkd' with variant='virtual' has a virtual teacher: run "
+                             "it without teacher.workdir (or use variant='self')")
+        student = out["logits"].astype(jnp.float32)
+        temp, temp_metrics = _temperature_at(temperature, out, step)
+        kd = losses.teacher_free_kd(student, hard_labels(labels), correct_prob=correct_prob,
+                                    temperature=temp).mean()
+        ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
+        total = ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kd
+        return total, {"ce": ce, "kd": kd,
+                       "accuracy": (student.argmax(-1) == hard_labels(labels)).mean(),
+                       **temp_metrics}
+
+    return objective
+
+
+def byot(*, ce_weight: float, kd_weight: float, feature_weight: float,
+         temperature: Temperature = 3.0, kd_warmup_steps: int = 0,
+         label_smoothing: float = 0.0) -> Objective:
+    """Be Your Own Teacher (Zhang et al., ICCV 2019), as the authors' training loss:
+
+    ce_weight · Σ_classifiers CE + ramp · Σ_exits (kd_weight · T²·KL(q_deep ‖ q_exit)
+    + feature_weight · losses.byot_hint(f_exit, f_deep))
+
+    over the deepest classifier and the Distillee's exits (kdjax.exits); the deepest
+    classifier's soft targets and feature are detached, so it learns from the labels alone
+    (the reference's (1 − α), α, β are ce_weight, kd_weight, feature_weight; its KD term is the
+    soft-target cross-entropy, which differs from the KL by the target's entropy, a constant).
+    Logs each exit's training accuracy as "exit_<tap>/accuracy".
+    """
+    _check_weights(ce_weight=ce_weight, kd_weight=kd_weight, feature_weight=feature_weight)
+
+    def objective(out, teacher_out, labels, step):
+        if teacher_out:
+            raise ValueError("loss.name='byot' teaches the student's exits from its own deepest "
+                             "classifier: run it without teacher.workdir")
+        if not out.get("exits"):
+            raise ValueError("loss.name='byot' needs the student's exits: build the student as "
+                             "a kdjax.step.Distillee with objectives.build_exits")
+        deepest = out["logits"].astype(jnp.float32)
+        target = jax.lax.stop_gradient(deepest)
+        temp, temp_metrics = _temperature_at(temperature, out, step)
+        y = hard_labels(labels)
+        ce = cross_entropy(deepest, labels, label_smoothing=label_smoothing).mean()
+        exit_ce = kd = hint = 0.0
+        metrics = {}
+        for name, (logits, feature, hint_target) in out["exits"].items():
+            exit_ce += cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
+            kd += losses.soft_target_kl(logits, target, temperature=temp).mean()
+            hint += losses.byot_hint(feature, hint_target).mean()
+            metrics[f"{name}/accuracy"] = (logits.argmax(-1) == y).mean()
+        total = (ce_weight * (ce + exit_ce)
+                 + _ramp(step, kd_warmup_steps) * (kd_weight * kd + feature_weight * hint))
+        return total, {"ce": ce, "kd": kd, "feature": hint,
+                       "accuracy": (deepest.argmax(-1) == y).mean(), **metrics, **temp_metrics}
+
+    return objective
+
+
+BYOT_EXIT_KEYS = ("hint_tap", "width")
+
+
+def base_temperature(loss: Mapping[str, Any]) -> float:
+    """The loss's fixed temperature: loss.kwargs.temperature or the method's default (feature
+    methods: loss.kd_temperature). A learned temperature starts from it."""
+    name, kwargs = loss["name"], loss["kwargs"]
+    if name in FEATURE_METHODS:
+        return loss["kd_temperature"]
+    fn = {**LOGIT_LOSSES, "tfkd": teacher_free, "byot": byot}.get(name)
+    if fn is None:
+        raise ValueError(f"loss.name={name!r} has no temperature")
+    return kwargs.get("temperature", inspect.signature(fn).parameters["temperature"].default)
+
+
+def _temperature_source(loss: Mapping[str, Any], total_steps: int | None) -> Temperature | None:
+    """The schedule or learned temperature of `loss` (None: the fixed one), after checking that
+    its method has a temperature to replace and, for CTKD, a teacher."""
+    source = temperature_lib.from_config(loss, total_steps=total_steps)
+    if source is None:
+        return None
+    name, kwargs = loss["name"], loss["kwargs"]
+    scheduled = bool((loss.get("temperature_schedule") or {}).get("name"))
+    key = "loss.temperature_schedule" if scheduled else "loss.learned_temperature"
+    if name in ("ce", "dml"):
+        raise ValueError(f"{key} sets the temperature of a distillation loss; loss.name={name!r} "
+                         f"has none")
+    if name in FEATURE_METHODS and not loss["kd_weight"]:
+        raise ValueError(f"{key} sets the temperature of the KD term of loss.name={name!r}, "
+                         f"whose loss.kd_weight is 0")
+    if scheduled and "temperature" in kwargs:
+        raise ValueError(f"loss.kwargs.temperature={kwargs['temperature']} and "
+                         f"loss.temperature_schedule both set the temperature; drop one (the "
+                         f"schedule starts at its init_value)")
+    if not scheduled and (name == "byot" or (name == "tfkd"
+                                             and kwargs.get("variant", "virtual") == "virtual")):
+        raise ValueError(f"loss.learned_temperature (CTKD) learns the temperature against a "
+                         f"teacher; loss.name={name!r} has none here")
+    return source
+
+
+def from_config(loss: Mapping[str, Any], teacher: Mapping[str, Any] | None = None, *,
+                total_steps: int | None = None) -> Objective:
+    """Build the objective of a config's `loss` section (and its `teacher` weights/combine).
+
+    `total_steps` (train.steps) serves a temperature schedule or curriculum that runs until the
+    end of training (their `steps` 0).
+    """
     name, kwargs = loss["name"], dict(loss["kwargs"])
     _check_name(name)
-    if name not in FEATURE_METHODS and (loss["student_taps"] or loss["teacher_taps"]
-                                        or loss["hint_steps"]):
+    if name not in (*FEATURE_METHODS, "byot") and (loss["student_taps"] or loss["teacher_taps"]
+                                                   or loss["hint_steps"]):
         raise ValueError(f"loss.student_taps, loss.teacher_taps and loss.hint_steps belong to "
-                         f"feature methods {sorted(FEATURE_METHODS)}, not loss.name={name!r}")
+                         f"feature methods {sorted(FEATURE_METHODS)} (and byot's student_taps), "
+                         f"not loss.name={name!r}")
     common = dict(ce_weight=loss["ce_weight"], kd_weight=loss["kd_weight"],
                   kd_warmup_steps=loss["kd_warmup_steps"],
                   label_smoothing=loss["label_smoothing"])
     teachers = dict(teacher_weights=tuple(teacher["weights"]) or None if teacher else None,
                     combine=teacher["combine"] if teacher else "ensemble")
+    source = _temperature_source(loss, total_steps)
     if name == "ce":
         if kwargs:
             raise ValueError(f"loss.name='ce' takes no loss.kwargs, got {sorted(kwargs)}")
@@ -345,15 +506,74 @@ def from_config(loss: Mapping[str, Any], teacher: Mapping[str, Any] | None = Non
     if name == "dml":
         return mutual_learning(**common, **kwargs)
     if name in FEATURE_METHODS:
-        return feature_distillation(name, feature_weight=loss["feature_weight"],
-                                    kd_temperature=loss["kd_temperature"],
-                                    hint_steps=loss["hint_steps"], **common, **teachers, **kwargs)
+        return feature_distillation(
+            name, feature_weight=loss["feature_weight"],
+            kd_temperature=loss["kd_temperature"] if source is None else source,
+            hint_steps=loss["hint_steps"], **common, **teachers, **kwargs)
+    if source is not None:
+        kwargs["temperature"] = source
+    if name == "tfkd":
+        _check_kwargs(name, kwargs, _keyword_only(teacher_free))
+        return teacher_free(**common, **teachers, **kwargs)
+    if name == "byot":
+        if loss["teacher_taps"] or loss["hint_steps"]:
+            raise ValueError("loss.teacher_taps and loss.hint_steps belong to feature methods; "
+                             "byot names its stages in loss.student_taps")
+        _check_kwargs(name, kwargs, ["temperature", *BYOT_EXIT_KEYS])
+        return byot(**common, feature_weight=loss["feature_weight"],
+                    **{k: v for k, v in kwargs.items() if k not in BYOT_EXIT_KEYS})
     return logit_distillation(name, **common, **teachers, **kwargs)
 
 
-def needs_teacher(name: str) -> bool:
-    """Whether `kdjax distill` with this loss loads teachers (mutual learning has none)."""
-    return name not in ("ce", "dml")
+def _check_kwargs(name: str, kwargs: Mapping[str, Any], valid: Sequence[str]) -> None:
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"loss.kwargs {unknown} are not hyperparameters of loss.name={name!r}; "
+                         f"valid: {sorted(valid)}")
+
+
+def needs_teacher(name: str, kwargs: Mapping[str, Any] | None = None) -> bool:
+    """Whether `kdjax distill` with this loss (name, loss.kwargs) loads teachers: mutual learning,
+    BYOT and Tf-KD's virtual teacher have none."""
+    if name == "tfkd":
+        return (kwargs or {}).get("variant", "virtual") == "self"
+    return name not in ("ce", "dml", "byot")
+
+
+def build_temperature(loss: Mapping[str, Any], *, num_classes: int,
+                      rngs: nnx.Rngs) -> nnx.Module | None:
+    """CTKD's temperature module for `loss.learned_temperature` (None when its mode is ''),
+    starting at the loss's fixed temperature (`base_temperature`)."""
+    if not (loss.get("learned_temperature") or {}).get("mode"):
+        return None
+    return temperature_lib.build(loss["learned_temperature"], num_classes=num_classes,
+                                 temperature=base_temperature(loss), rngs=rngs)
+
+
+def build_exits(loss: Mapping[str, Any], student: nnx.Module, *, image_shape: Sequence[int],
+                rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> list[exits_lib.Exit]:
+    """BYOT's exits for loss.name="byot" ([] for other methods): one per stage in
+    `loss.student_taps` (default: every stage of a zoo model but the last, the reference's
+    choice), hinting at `loss.kwargs.hint_tap` (default "embedding"), built from the student's
+    tap shapes traced abstractly."""
+    if loss["name"] != "byot":
+        return []
+    kwargs = loss["kwargs"]
+    hint_tap = kwargs.get("hint_tap", "embedding")
+    graphdef, state = nnx.split(student)
+    names = taps_lib.native_features(student)
+    taps = tuple(loss["student_taps"]) or tuple(_stages(names)[:-1])
+    if not taps:
+        raise ValueError(f"loss.name='byot' attaches exits to the student's stages, but it has "
+                         f"{'only ' + str(_stages(names)) if _stages(names) else 'no stage taps'}"
+                         f"; name the layers in loss.student_taps (feature names or module "
+                         f"paths)")
+    shapes = {**connectors.feature_shapes(graphdef, state, image_shape, taps=taps,
+                                          what="loss.student_taps"),
+              **connectors.feature_shapes(graphdef, state, image_shape, taps=(hint_tap,),
+                                          what="loss.kwargs.hint_tap")}
+    return exits_lib.build(shapes, taps, hint_tap=hint_tap, num_classes=shapes["logits"][-1],
+                           width=kwargs.get("width", 0), rngs=rngs, dtype=dtype)
 
 
 def _stages(names: Sequence[str]) -> list[str]:

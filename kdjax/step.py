@@ -12,8 +12,9 @@ outside the function given to `jax.value_and_grad`), never in the optimizer stat
 Supervised training (a teacher, a baseline student) is the same step with no teachers.
 
 What trains is a `Distillee`: the student plus whatever trains with it, namely the connectors of
-feature methods (kdjax.connectors) and, for mutual learning, peer students. One optimizer updates
-all of it; only the student is exported (`split_student`).
+feature methods (kdjax.connectors), peer students (mutual learning), BYOT's exits (kdjax.exits)
+and CTKD's temperature module (kdjax.temperature). One optimizer updates all of it; only the
+student is exported (`split_student`).
 """
 
 from __future__ import annotations
@@ -40,24 +41,30 @@ Objective = Callable[[dict, tuple[dict, ...], jax.Array, jax.Array], tuple[jax.A
 
 
 class Distillee(nnx.Module):
-    """The trainable side of the step: the student, its connectors and its peer students.
+    """The trainable side of the step: the student and what trains with it.
 
     The student is any NNX model: a zoo model's `features()` taps, or `{"logits": student(x)}`
     plus the sub-modules named in `taps` (attribute paths, kdjax.taps). `connectors[i][j]`
     connects the student to teacher i for tap pair j (kdjax.connectors); `peers` are further
-    students trained alongside (deep mutual learning). Calling a Distillee runs the student
-    alone, so evaluation sees exactly the exported model. `features(..., teachers=...)` adds to
-    the student's taps what the objective needs from the rest: "connectors" (per teacher, per
-    pair: the loss's arguments) and "peers" (their taps).
+    students trained alongside (deep mutual learning); `exits` are BYOT's shallow classifiers
+    (kdjax.exits.Exit: they read their `taps` from the student's, which are added to `taps`);
+    `temperature` is CTKD's temperature module (kdjax.temperature). Calling a Distillee runs the
+    student alone, so evaluation sees exactly the exported model. `features(..., teachers=...)`
+    adds to the student's taps what the objective needs from the rest: "connectors" (per teacher,
+    per pair: the loss's arguments), "peers" (their taps), "exits" (by exit name: logits,
+    feature, hint target) and "temperature" (the module's output, from the first teacher's logits).
     """
 
     def __init__(self, student: nnx.Module, *,
                  connectors: Sequence[Sequence[nnx.Module]] = (),
-                 peers: Sequence[nnx.Module] = (), taps: Sequence[str] = ()):
+                 peers: Sequence[nnx.Module] = (), taps: Sequence[str] = (),
+                 exits: Sequence[nnx.Module] = (), temperature: nnx.Module | None = None):
         self.student = student
         self.connectors = nnx.List([nnx.List(list(c)) for c in connectors])
         self.peers = nnx.List(list(peers))
-        self.taps = tuple(taps)
+        self.exits = nnx.List(list(exits))
+        self.temperature = temperature
+        self.taps = tuple(dict.fromkeys([*taps, *(t for e in exits for t in e.taps)]))
 
     def __call__(self, x, *, train: bool = False) -> jax.Array:
         return taps_lib.call(self.student, x, train=train)
@@ -78,7 +85,23 @@ class Distillee(nnx.Module):
                         key=None if key is None else jax.random.fold_in(key, 1000 * i + j))
                       for j, c in enumerate(pairs))
                 for i, (pairs, t) in enumerate(zip(self.connectors, teachers)))
+        if len(self.exits):
+            out["exits"] = {e.exit_name: e(out, train=train) for e in self.exits}
+        if self.temperature is not None:
+            if not teachers:
+                raise ValueError("a learned temperature (loss.learned_temperature) distils from "
+                                 "a teacher, but the step has none")
+            out["temperature"] = self.temperature(out["logits"], teachers[0]["logits"])
         return out
+
+    def exit_logits(self, x) -> dict[str, jax.Array]:
+        """Each exit's logits in inference mode, by exit name (evaluation)."""
+        out = taps_lib.features(self.student, x, train=False, taps=self.taps,
+                                what="loss.student_taps")
+        return {e.exit_name: e(out, train=False)[0] for e in self.exits}
+
+
+DISTILLEE_PARTS = frozenset({"student", "connectors", "peers", "exits", "temperature"})
 
 
 def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
@@ -88,7 +111,7 @@ def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
     a run (teacher loading, `kdjax eval`) uses; connectors and peers go with the training state.
     A plain model's state (not a Distillee's) is all student.
     """
-    if not set(tree) <= {"student", "connectors", "peers"}:
+    if not set(tree) <= DISTILLEE_PARTS:
         return tree, nnx.State({})
     # raw_mapping: the nested dicts as nnx.split makes them (indexing would wrap them in State,
     # a different pytree, hence another compiled step).
@@ -437,10 +460,10 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     partial batch is evaluated, never dropped). Returns per-batch sums (`eval_sums`: count, loss,
     top-1, top-5, with a teacher agreement with the first teacher's argmax and KL from it, with
     `calibration_bins` the Brier score and calibration bins); the caller adds them up and
-    divides by count. A Distillee is evaluated by its student alone, and its peer students (mutual
-    learning) each under the prefix "peer<i>/". `state_sharding` and `teacher_sharding` are
-    make_distill_step's; without `state_sharding` the model's variables stay where they were
-    placed.
+    divides by count. A Distillee is evaluated by its student alone, its peer students (mutual
+    learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/".
+    `state_sharding` and `teacher_sharding` are make_distill_step's; without `state_sharding` the
+    model's variables stay where they were placed.
     """
     mesh = mesh or sharding.make_mesh()
     rep = sharding.replicated(mesh)
@@ -452,12 +475,15 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     def eval_step(params, model_state, teacher_vars, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
         model = nnx.merge(graphdef, params, model_state)
-        students = {"": model}
+        students, exits = {"": model}, {}
         if isinstance(model, Distillee):
             students = {"": model.student,
                         **{f"peer{i + 1}/": p for i, p in enumerate(model.peers)}}
+            exits = model.exit_logits(images) if len(model.exits) else {}
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
+        for name, logits in exits.items():
+            sums.update({f"{name}/{k}": v for k, v in eval_sums(logits, labels, mask).items()})
         for prefix, student in students.items():
             t_logits = None
             if teachers and not prefix:

@@ -176,8 +176,9 @@ def check_teachers(config: ml_collections.ConfigDict, teachers: Sequence[Teacher
 def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
                     teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None
                     ) -> Distillee:
-    """The student with what trains alongside it: the loss's connectors and model.peers (each a
-    registry model with its defaults, or model.kwargs when it is the student's architecture)."""
+    """The student with what trains alongside it: the loss's connectors, model.peers (each a
+    registry model with its defaults, or model.kwargs when it is the student's architecture),
+    BYOT's exits and CTKD's temperature module."""
     model = student.build(config.seed)
     peers = [dataclasses.replace(student, name=name, kwargs=dict(
         config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
@@ -188,7 +189,32 @@ def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, s
         config.loss, model, teachers, image_shape=spec.image_shape,
         rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
         dtype=compute_dtype(config.model.compute_dtype))
-    return Distillee(model, connectors=connectors, peers=peers, taps=config.loss.student_taps)
+    exits = objectives.build_exits(config.loss, model, image_shape=spec.image_shape,
+                                   rngs=nnx.Rngs(config.seed + 0xE0),
+                                   dtype=compute_dtype(config.model.compute_dtype))
+    temperature = objectives.build_temperature(config.loss, num_classes=student.num_classes,
+                                               rngs=nnx.Rngs(config.seed + 0x7E))
+    taps = () if config.loss.name == "byot" else config.loss.student_taps  # exits add theirs
+    return Distillee(model, connectors=connectors, peers=peers, taps=taps, exits=exits,
+                     temperature=temperature)
+
+
+def check_self_teacher(config: ml_collections.ConfigDict) -> None:
+    """Tf-KD's self-teacher is a trained copy of the student: refuse a teacher.workdir whose
+    model is another architecture (plain KD distils from any teacher)."""
+    if config.loss.name != "tfkd" or config.loss.kwargs.get("variant", "virtual") != "self":
+        return
+    student = json.dumps([config.model.name, dict(config.model.kwargs)], sort_keys=True)
+    for workdir in teacher_workdirs(config):
+        run = read_run_config(workdir)
+        model = (config.teacher.model if config.teacher.model.name else run.model)
+        if json.dumps([model.name, dict(model.kwargs)], sort_keys=True) != student:
+            raise ValueError(
+                f"loss.name='tfkd' with variant='self' distils from a trained copy of the "
+                f"student ({config.model.name} {dict(config.model.kwargs)}), but teacher.workdir="
+                f"{workdir!r} trained {model.name} {dict(model.kwargs)}; point teacher.workdir at "
+                f"a run of the student's architecture (kdjax train with the student's config), "
+                f"or use loss.name='kd' for another teacher")
 
 
 def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
@@ -416,9 +442,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
     if config.loss.name == "ce" and distill:
         raise ValueError("kdjax distill needs a distillation loss (loss.name='kd', 'dkd', ...), "
                          "got loss.name='ce'; use `kdjax train` for supervised training")
-    if distill and not objectives.needs_teacher(config.loss.name) and teacher_workdirs(config):
-        raise ValueError(f"loss.name={config.loss.name!r} learns from peer students, not a "
-                         f"teacher: clear teacher.workdir and teacher.workdirs")
+    if (distill and not objectives.needs_teacher(config.loss.name, config.loss.kwargs)
+            and teacher_workdirs(config)):
+        learns = {"dml": "from peer students", "byot": "from its own deepest classifier",
+                  "tfkd": "from a virtual teacher (variant='virtual'; 'self' loads one)"}
+        raise ValueError(f"loss.name={config.loss.name!r} learns "
+                         f"{learns.get(config.loss.name, 'without')}, not a teacher: clear "
+                         f"teacher.workdir and teacher.workdirs")
     if config.loss.name != "ce" and not distill:
         raise ValueError(f"loss.name={config.loss.name!r} distils from a teacher: run it with "
                          f"`kdjax distill`, or set loss.name='ce' for supervised training")
@@ -463,7 +493,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     eval_input = _eval_input(config, mesh, eval_arrays)
     preprocess = _preprocess(config, spec.image_shape[-1])
-    with_teacher = distill and objectives.needs_teacher(config.loss.name)
+    with_teacher = distill and objectives.needs_teacher(config.loss.name, config.loss.kwargs)
+    if with_teacher:
+        check_self_teacher(config)
     loaded = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
     teacher_report = check_teachers(config, loaded, eval_input, preprocess)
     teachers = tuple(t.model for t in loaded)
@@ -502,7 +534,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     step = start = int(jax.device_get(state.step))
     per_call = resolve_steps_per_call(config, mesh.devices.flat[0].platform, start)
     nan_policy = config.train.nan_policy
-    step_fn = make_distill_step(graphdef, tx, objectives.from_config(config.loss, config.teacher),
+    objective = objectives.from_config(config.loss, config.teacher, total_steps=total)
+    step_fn = make_distill_step(graphdef, tx, objective,
                                 teachers=teachers, preprocess=preprocess, mesh=mesh,
                                 data=device_data, steps_per_call=per_call, nan_policy=nan_policy,
                                 state_sharding=state_sharding, teacher_sharding=teacher_sharding)
@@ -675,7 +708,7 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, generatio
     """
     if generations < 1:
         raise ValueError(f"--generations must be >= 1, got {generations}")
-    if not objectives.needs_teacher(config.loss.name):
+    if not objectives.needs_teacher(config.loss.name, config.loss.kwargs):
         raise ValueError(f"born-again generations distil each student into the next; "
                          f"loss.name={config.loss.name!r} has no teacher")
     history, previous = [], None

@@ -805,9 +805,139 @@ def test_bad_arguments_raise_under_jit(fn, args, pattern):
 
 
 def test_traced_hyperparameter_raises_helpful_error():
-    call = jax.jit(lambda s, t, temp: L.soft_target_kl(s, t, temperature=temp))
-    with pytest.raises(ValueError, match=r"temperature must be a static Python number"):
-        call(S, T_, 2.0)
+    call = jax.jit(lambda s, t, beta: L.generalized_jsd(s, t, beta=beta))
+    with pytest.raises(ValueError, match=r"beta must be a static Python number"):
+        call(S, T_, 0.3)
+
+
+# ----------------------------------------------------------------------------------
+# Traced temperatures (schedules, CTKD): scalar or per example, one compiled program.
+# ----------------------------------------------------------------------------------
+
+TRACED = {  # name -> (loss at temperature T, its NumPy reference at a Python number T)
+    "kd": (lambda s, t, y, T: L.soft_target_kl(s, t, temperature=T), np_soft_target_kl),
+    "reverse_kl": (lambda s, t, y, T: L.reverse_kl(s, t, temperature=T), np_reverse_kl),
+    "jsd": (lambda s, t, y, T: L.generalized_jsd(s, t, beta=0.3, temperature=T),
+            lambda s, t, T: np_jsd(s, t, T, 0.3)),
+    "tvd": (lambda s, t, y, T: L.tvd(s, t, temperature=T), np_tvd),
+    "lskd": (lambda s, t, y, T: L.logit_standardized_kd(s, t, temperature=T), np_lskd),
+    "dkd": (lambda s, t, y, T: L.dkd(s, t, y, alpha=1.0, beta=2.0, temperature=T), None),
+    "tfkd": (lambda s, t, y, T: L.teacher_free_kd(s, y, correct_prob=0.9, temperature=T), None),
+}
+
+
+@pytest.fixture(scope="module")
+def traced_losses():
+    """Every loss jitted once with the temperature as a traced argument."""
+    return jax.jit(lambda s, t, y, temp: {k: fn(s, t, y, temp) for k, (fn, _) in TRACED.items()})
+
+
+def _traced_reference(name, s, t, y, temps):
+    """Row by row, at each row's Python-number temperature (the static, validated path's
+    NumPy reference where one exists above)."""
+    _, ref = TRACED[name]
+    if name == "dkd":
+        return np.array([np_dkd(s[i:i + 1], t[i:i + 1], y[i:i + 1], 1.0, 2.0, temps[i])[0]
+                         for i in range(len(y))])
+    if name == "tfkd":
+        return np.array([np_teacher_free_kd(s[i:i + 1], y[i:i + 1], 0.9, temps[i])[0]
+                         for i in range(len(y))])
+    return np.array([ref(s[i:i + 1], t[i:i + 1], temps[i])[0] for i in range(len(y))])
+
+
+@pytest.mark.parametrize("name", list(TRACED))
+def test_traced_temperature_scalar_and_per_example(traced_losses, name):
+    s, t, y = rand((5, 6), 30), rand((5, 6), 31), labels_for((5,), 32, 6)
+    for temp in (np.float32(2.5), np.float32(7.0)):
+        assert_close(traced_losses(s, t, y, temp)[name],
+                     _traced_reference(name, s, t, y, [float(temp)] * 5), rtol=2e-5)
+    per_example = np.array([0.5, 1.0, 2.0, 4.0, 9.0], np.float32)
+    assert_close(traced_losses(s, t, y, per_example)[name],
+                 _traced_reference(name, s, t, y, per_example), rtol=2e-5)
+    assert traced_losses._cache_size() == 2  # one program per temperature shape, not per value
+
+
+def test_traced_temperature_in_ensembles_and_top_k_and_shape_errors():
+    s, t1, t2 = rand((3, 5), 40), rand((3, 5), 41), rand((3, 5), 42)
+    temps = np.array([1.5, 3.0, 6.0], np.float32)
+    ens = jax.jit(lambda a, b, T: L.ensemble_teacher([a, b], temperature=T))(t1, t2, temps)
+    for i, T in enumerate(temps):  # softmax(ens / T) is the mean of the softened teachers
+        np.testing.assert_allclose(np_softmax(np.asarray(ens[i]) / T),
+                                   (np_softmax(t1[i] / T) + np_softmax(t2[i] / T)) / 2, rtol=1e-5)
+    idx = np.argsort(-t1, axis=-1)[:, :5].astype(np.int32)
+    vals = np.take_along_axis(t1, idx, -1)
+    topk = jax.jit(lambda a, v, i, T: L.topk_soft_target_kl(a, v, i, temperature=T))
+    assert_close(topk(s, vals, idx, temps), [np_soft_target_kl(s[i], t1[i], temps[i])
+                                             for i in range(3)], rtol=2e-5)
+    with pytest.raises(ValueError, match=r"temperature must be a scalar or one value per "
+                                         r"example \(shape \(3,\)\), got an array of shape "
+                                         r"\(2,\)"):
+        L.soft_target_kl(s, t1, temperature=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got temperature=-1"):
+        L.soft_target_kl(s, t1, temperature=-1)  # Python numbers are still validated
+
+
+# ----------------------------------------------------------------------------------
+# Self-distillation: Tf-KD's virtual teacher, BYOT's hint.
+# ----------------------------------------------------------------------------------
+
+
+def np_teacher_free_kd(s, y, a, temperature):
+    """Tf-KD_reg's KL term (paper eq. 9) with kdjax's T^2: the virtual distribution
+    p^d = a on the label, (1 - a) / (C - 1) elsewhere, softened as p^(1/T) / sum p^(1/T)."""
+    s = np.asarray(s, np.float64)
+    c = s.shape[-1]
+    out = np.zeros(len(y))
+    for i, yi in enumerate(y):
+        pd = np.full(c, (1 - a) / (c - 1))
+        pd[yi] = a
+        soft = pd ** (1 / temperature) / (pd ** (1 / temperature)).sum()
+        out[i] = temperature**2 * np_kl(soft, np_softmax(s[i] / temperature))
+    return out
+
+
+def np_byot_hint(f, g):
+    f, g = np.asarray(f, np.float64), np.asarray(g, np.float64)
+    out = np.zeros(len(f))
+    for i in range(len(f)):
+        for a, b in zip(f[i].ravel(), g[i].ravel()):
+            if a > 0 or b > 0:
+                out[i] += (a - b) ** 2
+    return out
+
+
+def test_teacher_free_kd_and_virtual_teacher_match_numpy():
+    s, y = rand((6, 7), 50), labels_for((6,), 51, 7)
+    fns = batched({f"{a}_{T}": functools.partial(lambda s, y, a, T: L.teacher_free_kd(
+        s, y, correct_prob=a, temperature=T), a=a, T=T)
+        for a in (0.9, 0.99) for T in (1.0, 20.0)})
+    out = fns(s, y)
+    for a in (0.9, 0.99):
+        for T in (1.0, 20.0):
+            # at T = 20 the KL is small and T^2 = 400 scales float32's rounding with it
+            assert_close(out[f"{a}_{T}"], np_teacher_free_kd(s, y, a, T), rtol=1e-4)
+    virtual = np.asarray(L.virtual_teacher_logits(y, 7, correct_prob=0.9))
+    np.testing.assert_allclose(np_softmax(virtual)[np.arange(6), y], 0.9, rtol=1e-6)
+    np.testing.assert_allclose(np_softmax(virtual).sum(-1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"correct_prob must be in \(0, 1\), got "
+                                         r"correct_prob=1\.0"):
+        L.teacher_free_kd(s, y, correct_prob=1.0)
+    with pytest.raises(ValueError, match=r"labels must be integer class ids of shape"):
+        L.teacher_free_kd(s, y[:3])
+
+
+def test_byot_hint_matches_numpy_and_detaches_its_target():
+    f, g = rand((4, 3, 3, 2), 60), rand((4, 3, 3, 2), 61)
+    assert_close(jax.jit(L.byot_hint)(f, g), np_byot_hint(f, g), rtol=1e-5)
+    fv, gv = rand((4, 9), 62), rand((4, 9), 63)
+    assert_close(L.byot_hint(fv, gv), np_byot_hint(fv, gv), rtol=1e-5)
+    grad_f, grad_g = jax.grad(lambda a, b: L.byot_hint(a, b).sum(), argnums=(0, 1))(fv, gv)
+    active = (fv > 0) | (gv > 0)
+    np.testing.assert_allclose(grad_f, np.where(active, 2 * (fv - gv), 0.0), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(grad_g, 0.0)  # the deep feature teaches, it is not taught
+    with pytest.raises(ValueError, match=r"features and target must have the same shape"):
+        L.byot_hint(fv, gv[:, :4])
 
 
 # ----------------------------------------------------------------------------------

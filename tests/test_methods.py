@@ -29,7 +29,7 @@ IMAGES = np.clip(LABELS[:, None, None, None] * 50 + np.random.default_rng(0).nor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per method: the architecture family (MLPs compile fastest; maps need CNNs) and loss.kwargs.
-CNN_METHODS = {"fitnet", "at", "sp", "nst", "vid"}
+CNN_METHODS = {"fitnet", "at", "sp", "nst", "vid", "byot"}
 KWARGS = {"crd": {"num_negatives": 8, "embed_dim": 8}, "cc": {"embed_dim": 8},
           "rkd": {"embed_dim": 8}}
 
@@ -66,12 +66,14 @@ def build(name, *, n_teachers=1, **overrides):
     """(step, state, graphdef) for `name` on the tiny set, as the trainer assembles them."""
     cfg = loss_config(name, **overrides)
     student, teacher = student_and_teacher(name)
-    teachers = () if name == "dml" else (teacher, *[student_and_teacher(name, 100 + i)[1]
-                                                    for i in range(1, n_teachers)])
+    teachers = () if not objectives.needs_teacher(name, cfg.kwargs) else (
+        teacher, *[student_and_teacher(name, 100 + i)[1] for i in range(1, n_teachers)])
     bundle = Distillee(student, peers=[model("mlp", 1, hidden=(16,))] if name == "dml" else [],
                        connectors=objectives.build_connectors(
                            cfg, student, teachers, image_shape=SHAPE, rngs=nnx.Rngs(7),
-                           dataset_labels=LABELS))
+                           dataset_labels=LABELS),
+                       exits=objectives.build_exits(cfg, student, image_shape=SHAPE,
+                                                    rngs=nnx.Rngs(8)))
     tx = optax.sgd(0.05, momentum=0.9)
     graphdef, state = init_train_state(bundle, tx, seed=0, num_examples=N)
     step = make_distill_step(graphdef, tx, objectives.from_config(cfg), teachers=teachers,
@@ -111,9 +113,10 @@ def test_every_method_trains_in_one_fused_program(name):
         assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     first, last = run.states[0].params, run.states[-1].params
     assert changed(first["student"], last["student"])
-    if "connectors" in first:  # trainable connectors learn with the student...
-        assert changed(first["connectors"], last["connectors"])
-    if name in objectives.FEATURE_METHODS:
+    for part in ("connectors", "exits"):  # what trains alongside learns with the student...
+        if part in first:
+            assert changed(first[part], last[part])
+    if name in (*objectives.FEATURE_METHODS, "byot"):
         assert run.history[-1]["feature"] > 0
     if name == "dml":  # the peer learns in the same step
         assert changed(first["peers"], last["peers"]) and "peer1/accuracy" in run.history[-1]

@@ -126,7 +126,7 @@ def test_every_fashion_mnist_config_builds_its_objective_and_model(path):
     """Configs derive from each other: a loss.kwargs or model.kwargs left over from the parent
     (e.g. kd.py's temperature in a feature method) must not survive."""
     c = config_lib.load(path)
-    objectives.from_config(c.loss, c.teacher)
+    objectives.from_config(c.loss, c.teacher, total_steps=c.train.steps)
     nnx.eval_shape(lambda: models.create_model(c.model.name, num_classes=10,
                                                input_shape=(28, 28, 1), rngs=nnx.Rngs(0),
                                                **c.model.kwargs))

@@ -150,3 +150,76 @@ def test_method_errors_name_the_problem():
         objectives.logit_distillation("kd", ce_weight=1.0, kd_weight=1.0, combine="per_teacher",
                                       teacher_weights=(1.0,))(
             {"logits": S}, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
+
+
+def np_log_softmax(z):
+    z = np.float64(z) - np.max(z, -1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_kd(s, t, temperature):
+    """T^2 KL(softmax(t / T) || softmax(s / T)) per row, float64."""
+    lt, ls = np_log_softmax(np.float64(t) / temperature), np_log_softmax(np.float64(s) / temperature)
+    return temperature**2 * np.sum(np.exp(lt) * (lt - ls), -1)
+
+
+def np_ce(z, y):
+    return -np_log_softmax(z)[np.arange(len(y)), np.asarray(y)]
+
+
+def test_tfkd_virtual_and_self_are_the_papers_mixes():
+    c = config_lib.base_config().loss
+    c.update(name="tfkd", ce_weight=0.9, kd_weight=0.1,
+             kwargs={"variant": "virtual", "correct_prob": 0.9, "temperature": 5.0})
+    total, m = objectives.from_config(c)({"logits": S}, (), Y, jnp.int32(0))
+    virtual = np.where(np.arange(5) == np.asarray(Y)[:, None], np.log(0.9), np.log(0.1 / 4))
+    expected = 0.9 * np_ce(S, Y).mean() + 0.1 * np_kd(S, virtual, 5.0).mean()
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    np.testing.assert_allclose(m["kd"], np_kd(S, virtual, 5.0).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"variant='virtual' has a virtual teacher: run it "
+                                         r"without teacher.workdir"):
+        objectives.from_config(c)({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
+    c.kwargs = {"variant": "self", "temperature": 6.0}  # Hinton's KD from a copy of the student
+    c.update(ce_weight=0.05, kd_weight=0.95)
+    total, _ = objectives.from_config(c)({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
+    np.testing.assert_allclose(total, 0.05 * np_ce(S, Y).mean() + 0.95 * np_kd(S, T1, 6.0).mean(),
+                               rtol=1e-5)
+    assert objectives.needs_teacher("tfkd", c.kwargs)
+    assert not objectives.needs_teacher("tfkd", {"variant": "virtual"})
+    assert not objectives.needs_teacher("byot")
+    for kwargs, match in [({"variant": "teacher"}, r"variant of loss.name='tfkd' must be one of "
+                                                   r"\['virtual', 'self'\], got 'teacher'"),
+                          ({"variant": "self", "correct_prob": 0.9}, r"correct_prob is the "
+                                                                     r"virtual teacher's"),
+                          ({"alpha": 0.1}, r"loss.kwargs \['alpha'\] are not hyperparameters "
+                                           r"of loss.name='tfkd'")]:
+        c.kwargs = kwargs
+        with pytest.raises(ValueError, match=match):
+            objectives.from_config(c)
+
+
+def test_byot_is_the_references_mix_over_its_exits():
+    rng = np.random.default_rng(5)
+    e1, e2 = (jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(2))
+    f1, f2, deep = (jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(3))
+    out = {"logits": S, "exits": {"exit_stage1": (e1, f1, deep), "exit_stage2": (e2, f2, deep)}}
+    c = config_lib.base_config().loss
+    c.update(name="byot", ce_weight=0.7, kd_weight=0.3, feature_weight=0.05,
+             kwargs={"temperature": 3.0}, student_taps=("stage1", "stage2"))
+    total, m = objectives.from_config(c)(out, (), Y, jnp.int32(0))
+
+    def hint(f):
+        f, g = np.float64(f), np.float64(deep)
+        return np.sum(np.where((f > 0) | (g > 0), (f - g) ** 2, 0.0), -1).mean()
+
+    kd = sum(np_kd(e, S, 3.0).mean() for e in (e1, e2))
+    expected = (0.7 * (np_ce(S, Y).mean() + np_ce(e1, Y).mean() + np_ce(e2, Y).mean())
+                + 0.3 * kd + 0.05 * (hint(f1) + hint(f2)))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    np.testing.assert_allclose(m["kd"], kd, rtol=1e-5)
+    assert m["exit_stage2/accuracy"] == pytest.approx(
+        np.mean(np.asarray(e2).argmax(-1) == np.asarray(Y)))
+    with pytest.raises(ValueError, match=r"needs the student's exits"):
+        objectives.from_config(c)({"logits": S}, (), Y, jnp.int32(0))
+    with pytest.raises(ValueError, match=r"teaches the student's exits from its own deepest"):
+        objectives.from_config(c)(out, ({"logits": T1},), Y, jnp.int32(0))

@@ -1,7 +1,8 @@
 """Knowledge-distillation losses: logit divergences, feature and relational losses.
 
 Modules: `kdjax.losses.logit` (class-distribution divergences), `kdjax.losses.feature`
-(feature, relational and mutual-learning losses); every public loss is importable from here.
+(feature, relational and mutual-learning losses), `kdjax.losses.self_distillation` (no external
+teacher: Tf-KD's virtual teacher, BYOT's hint); every public loss is importable from here.
 
 Conventions (optax style):
 
@@ -9,6 +10,11 @@ Conventions (optax style):
   hyperparameters are keyword-only static Python numbers, validated at trace time
   (bad values raise ``ValueError``). Under ``jax.jit`` bind them with
   ``functools.partial`` or ``static_argnames`` rather than passing them traced.
+  The exception is the logit losses' ``temperature``: it may also be an array, a
+  scalar or one value per example, traced (a schedule computed from the step, a
+  learned temperature: ``kdjax.temperature``), so that changing it never recompiles;
+  Python numbers are still validated, arrays cannot be. ``T**2`` scaling applies to
+  either (per example for per-example temperatures).
 * Everything is computed in float32 whatever the input dtype, and returned as float32.
 * Logit losses take ``[..., num_classes]`` arrays and return per-example values of
   shape ``[...]``; the caller reduces. Feature losses return ``[batch]``; losses
@@ -31,10 +37,12 @@ from kdjax.losses.feature import (attention_transfer, correlation_congruence, cr
 from kdjax.losses.logit import (cross_entropy, dkd, ensemble_teacher, generalized_jsd, hinton_kd,
                                 logit_standardized_kd, reverse_kl, soft_target_kl,
                                 topk_soft_target_kl, tvd)
+from kdjax.losses.self_distillation import byot_hint, teacher_free_kd, virtual_teacher_logits
 
 __all__ = [
     "adaptive_avg_pool",
     "attention_transfer",
+    "byot_hint",
     "correlation_congruence",
     "crd",
     "crd_scores",
@@ -53,7 +61,9 @@ __all__ = [
     "rkd",
     "similarity_preserving",
     "soft_target_kl",
+    "teacher_free_kd",
     "topk_soft_target_kl",
     "tvd",
     "vid",
+    "virtual_teacher_logits",
 ]

@@ -51,6 +51,27 @@ def _check(name: str, value: float, constraint: _Constraint) -> float:
     return v
 
 
+def _temperature(value, batch_shape: tuple[int, ...]) -> float | jax.Array:
+    """A loss's temperature: a Python number is validated (finite, > 0) and returned as a float;
+    anything else (a traced schedule value, a learned temperature) is a float32 array, a scalar or
+    one value per example (``batch_shape``), which cannot be checked at trace time."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return _check("temperature", value, _POSITIVE)
+    t = jnp.asarray(value, jnp.float32)
+    if t.shape not in ((), tuple(batch_shape)):
+        raise ValueError(
+            f"temperature must be a scalar or one value per example (shape {tuple(batch_shape)}"
+            f"), got an array of shape {t.shape}; pass a Python number, a scalar array or an "
+            "array of the logits' leading shape."
+        )
+    return t
+
+
+def _per_row(temp: float | jax.Array) -> float | jax.Array:
+    """``temp`` broadcastable against ``[..., C]`` logits (per-example values get a class axis)."""
+    return temp[..., None] if isinstance(temp, jax.Array) and temp.ndim else temp
+
+
 def _check_same_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
     if a.shape != b.shape:
         raise ValueError(
@@ -123,10 +144,10 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(p * jnp.where(p > 0, log_p - log_q, 0.0), axis=-1)
 
 
-def _tempered_kl(student: jax.Array, teacher: jax.Array, temp: float) -> jax.Array:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``."""
-    log_s = jax.nn.log_softmax(student / temp)
-    log_t = jax.nn.log_softmax(teacher / temp)
+def _tempered_kl(student: jax.Array, teacher: jax.Array, temp: float | jax.Array) -> jax.Array:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` (``T``: see ``_temperature``)."""
+    log_s = jax.nn.log_softmax(student / _per_row(temp))
+    log_t = jax.nn.log_softmax(teacher / _per_row(temp))
     return temp**2 * _kl(log_t, log_s)
 
 

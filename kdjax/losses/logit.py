@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.losses._common import (_ENSEMBLE_MODES, _MASKED, _NON_NEGATIVE, _OPEN_UNIT_INTERVAL,
-                                  _POSITIVE, _UNIT_INTERVAL, _check, _check_same_shape, _kl,
-                                  _labels, _log_mixture, _logit_pair, _safe_sqrt, _static_float,
-                                  _tempered_kl)
+                                  _UNIT_INTERVAL, _check, _check_same_shape, _kl,
+                                  _labels, _log_mixture, _logit_pair, _per_row, _safe_sqrt,
+                                  _static_float, _temperature, _tempered_kl)
 
 # ----------------------------------------------------------------------------------
 # Logit losses.
@@ -61,13 +61,15 @@ def soft_target_kl(
     Args:
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature, s.shape[:-1])
     return _tempered_kl(s, t, temp)
 
 
@@ -79,13 +81,15 @@ def reverse_kl(
     Args:
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature, s.shape[:-1])
     return _tempered_kl(t, s, temp)
 
 
@@ -108,16 +112,18 @@ def generalized_jsd(
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
       beta: mixture weight of the teacher, in ``(0, 1)``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
     b = _check("beta", beta, _OPEN_UNIT_INTERVAL)
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
-    log_s = jax.nn.log_softmax(s / temp)
-    log_t = jax.nn.log_softmax(t / temp)
+    temp = _temperature(temperature, s.shape[:-1])
+    log_s = jax.nn.log_softmax(s / _per_row(temp))
+    log_t = jax.nn.log_softmax(t / _per_row(temp))
     log_m = _log_mixture(jnp.stack([log_t, log_s]), jnp.array([b, 1.0 - b]))
     return temp**2 * (b * _kl(log_t, log_m) + (1.0 - b) * _kl(log_s, log_m))
 
@@ -132,15 +138,17 @@ def tvd(
     Args:
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
-    p_s = jax.nn.softmax(s / temp)
-    p_t = jax.nn.softmax(t / temp)
+    temp = _temperature(temperature, s.shape[:-1])
+    p_s = jax.nn.softmax(s / _per_row(temp))
+    p_t = jax.nn.softmax(t / _per_row(temp))
     return temp**2 * 0.5 * jnp.sum(jnp.abs(p_t - p_s), axis=-1)
 
 
@@ -161,15 +169,17 @@ def hinton_kd(
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
       labels: integer class ids ``[...]``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
       alpha: weight of the distillation term, in ``[0, 1]``.
 
     Returns:
       ``[...]`` float32.
     """
     a = _check("alpha", alpha, _UNIT_INTERVAL)
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature, s.shape[:-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(s, _labels(s, labels))
     return a * _tempered_kl(s, t, temp) + (1.0 - a) * nll
 
@@ -212,18 +222,20 @@ def dkd(
       labels: integer class ids ``[...]``.
       alpha: TCKD weight, ``>= 0``.
       beta: NCKD weight, ``>= 0``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
     a = _check("alpha", alpha, _NON_NEGATIVE)
     b = _check("beta", beta, _NON_NEGATIVE)
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature, s.shape[:-1])
     target = _labels(s, labels)[..., None] == jnp.arange(s.shape[-1])
-    binary_s, rest_s = _dkd_log_probs(s / temp, target)
-    binary_t, rest_t = _dkd_log_probs(t / temp, target)
+    binary_s, rest_s = _dkd_log_probs(s / _per_row(temp), target)
+    binary_t, rest_t = _dkd_log_probs(t / _per_row(temp), target)
     return temp**2 * (a * _kl(binary_t, binary_s) + b * _kl(rest_t, rest_s))
 
 
@@ -252,13 +264,15 @@ def logit_standardized_kd(
     Args:
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
 
     Returns:
       ``[...]`` float32.
     """
-    temp = _check("temperature", temperature, _POSITIVE)
     s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature, s.shape[:-1])
     return _tempered_kl(_standardize(s), _standardize(t), temp)
 
 
@@ -289,15 +303,17 @@ def topk_soft_target_kl(
       teacher_topk_values: teacher logits of the listed classes, ``[..., k]``.
       teacher_topk_indices: their class ids, ``[..., k]``, distinct within a row
         (duplicates would be counted twice) and in ``[0, C)``.
-      temperature: ``T > 0``.
+      temperature: ``T > 0``: a Python number (validated), or an array, scalar or one
+        value per example ``[...]``, e.g. a schedule's value traced from the step or a learned
+        temperature (kdjax.temperature; not checked under jit).
       teacher_tail_logprob: ``[...]`` log of the teacher's unlisted mass at
         temperature ``T``, or ``None``.
 
     Returns:
       ``[...]`` float32.
     """
-    temp = _check("temperature", temperature, _POSITIVE)
     s = jnp.asarray(student_logits, jnp.float32)
+    temp = _temperature(temperature, s.shape[:-1])
     values = jnp.asarray(teacher_topk_values, jnp.float32)
     indices = jnp.asarray(teacher_topk_indices)
     _check_same_shape("teacher_topk_values", values, "teacher_topk_indices", indices)
@@ -324,7 +340,7 @@ def topk_soft_target_kl(
                 "pass one log-mass per example."
             )
 
-    log_s = jax.nn.log_softmax(s / temp)
+    log_s = jax.nn.log_softmax(s / _per_row(temp))
     listed = jnp.put_along_axis(
         jnp.zeros(s.shape, bool), indices, True, axis=-1, inplace=False
     )
@@ -336,7 +352,7 @@ def topk_soft_target_kl(
     )
     log_head_mass = jnp.log(-jnp.expm1(tail))  # log(1 - e^tail), accurate near 0
     log_q = jnp.concatenate(
-        [jax.nn.log_softmax(values / temp) + log_head_mass[..., None], tail[..., None]],
+        [jax.nn.log_softmax(values / _per_row(temp)) + log_head_mass[..., None], tail[..., None]],
         axis=-1,
     )
     return temp**2 * _kl(log_q, log_r)
@@ -388,7 +404,8 @@ def ensemble_teacher(
       weights: static non-negative weights, one per teacher, not all zero;
         normalised to sum to 1.
       mode: ``"logits"`` or ``"probs"``.
-      temperature: ``T > 0``, used by ``mode="probs"``.
+      temperature: ``T > 0``, used by ``mode="probs"``: a Python number, or an array
+        (scalar or ``[...]``, one per example), as in the divergences.
 
     Returns:
       ``[..., C]`` float32 logits.
@@ -398,7 +415,6 @@ def ensemble_teacher(
             f"mode must be one of {_ENSEMBLE_MODES}, got mode={mode!r}; pick one of "
             "those."
         )
-    temp = _check("temperature", temperature, _POSITIVE)
     if len(teacher_logits_list) == 0:
         raise ValueError(
             "teacher_logits_list must contain at least one array, got an empty "
@@ -407,6 +423,7 @@ def ensemble_teacher(
     logits = [jnp.asarray(z, jnp.float32) for z in teacher_logits_list]
     for i, z in enumerate(logits[1:], start=1):
         _check_same_shape("teacher_logits_list[0]", logits[0], f"teacher_logits_list[{i}]", z)
+    temp = _temperature(temperature, logits[0].shape[:-1])
     w = _ensemble_weights(weights, len(logits))
     # Zero-weight teachers are dropped statically so their masked (-inf) entries
     # cannot produce 0 * -inf = nan.
@@ -415,4 +432,4 @@ def ensemble_teacher(
     w_kept = jnp.array([wi for wi, _ in kept], jnp.float32)
     if mode == "logits":
         return jnp.einsum("m,m...->...", w_kept, stacked)
-    return temp * _log_mixture(jax.nn.log_softmax(stacked / temp), w_kept)
+    return _per_row(temp) * _log_mixture(jax.nn.log_softmax(stacked / _per_row(temp)), w_kept)
