@@ -4,7 +4,8 @@ An export is a directory:
   model/            an Orbax checkpoint of {"params", "model_state"}: the student's parameters and
                     BatchNorm statistics, i.e. the checkpoint's "model" item and nothing else (no
                     optimizer, PRNG or data state; trainable connectors, when they come, stay out)
-  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its source
+  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its data
+                    (dataset name, train and eval splits), its source
   README.md         what this is, and `SNIPPET`: how to load it into the model and run it
 
 It is written into a temporary directory renamed when complete, so a path that exists is a whole
@@ -64,14 +65,7 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
     elif layout is not None:
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
-    reader = checkpoint.RunReader(workdir)
-    try:
-        n = reader.resolve_step(step)
-        run = reader.run_meta(n)
-        spec = ModelSpec.from_json(run["model"])
-        model = reader.load_model(n, spec)
-    finally:
-        reader.close()
+    n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
     if format != "kdjax":
         return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
                               source=f"{os.path.abspath(workdir)} step {n}")
@@ -86,8 +80,11 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
         saver.close()
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
+                # what it was trained and evaluated on, for `kdjax report` and readers alike
+                "data": {k: run["config"]["data"][k]
+                         for k in ("name", "train_split", "eval_split")},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
-                           "checkpoint": reader.path(n)}}
+                           "checkpoint": checkpoint_path}}
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
