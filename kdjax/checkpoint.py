@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -484,6 +484,30 @@ class RunReader:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class SavedModel(NamedTuple):
+    """A run's model as `read_model` reads it: the checkpoint's step and path, its "run"
+    record (config, ModelSpec, preprocessing) and the model rebuilt from that spec."""
+
+    step: int
+    path: str
+    run: dict[str, Any]
+    spec: ModelSpec
+    model: nnx.Module
+
+
+def read_model(workdir: str, step: str | int = "latest", *, what: str = "--workdir"
+               ) -> SavedModel:
+    """The model of `workdir`'s checkpoint `step` ("latest", "best" or a number)."""
+    reader = RunReader(workdir, what=what)
+    try:
+        n = reader.resolve_step(step)
+        run = reader.run_meta(n)
+        spec = ModelSpec.from_json(run["model"])
+        return SavedModel(n, reader.path(n), run, spec, reader.load_model(n, spec))
+    finally:
+        reader.close()
 
 
 def restore_model(spec: ModelSpec, saved_metadata: Any, read, *, mesh: Mesh | None, where: str,

@@ -8,6 +8,8 @@
   kdjax export  --workdir workdirs/kd --out exports/kd_int8 --config.quant.mode=ptq  (int8 weights)
   kdjax export  --workdir workdirs/kd --out exports/kd_pt --format torch   (for load_state_dict)
   kdjax import  --from resnet50.pth --model resnet50 --out workdirs/r50   (a PyTorch teacher)
+  kdjax report  workdirs/teacher workdirs/kd exports/kd --out reports/kd   (accuracy, calibration,
+                                           fidelity, size, speed: report.json, report.md, charts)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax datasets                           (what is prepared where)
@@ -120,6 +122,25 @@ def _parser() -> argparse.ArgumentParser:
                         "kdjax bench --help)")
     summ = sub.add_parser("summary", help="print the summary.json of finished runs side by side")
     summ.add_argument("workdirs", nargs="+")
+    rep = sub.add_parser("report", help="accuracy, calibration, fidelity, size and speed of runs "
+                                        "and exports: report.json, report.md and charts")
+    rep.add_argument("paths", nargs="+", metavar="RUN_OR_EXPORT")
+    rep.add_argument("--out", default="report", help="folder for report.json, report.md and the "
+                                                    "PNGs (default: ./report)")
+    rep.add_argument("--split", default=None,
+                     help="split to evaluate (default: the first model's data.eval_split)")
+    rep.add_argument("--calibration-split", default=None,
+                     help="held-out split to fit the temperature on (default: the rest of a run's "
+                          "train[:N] slice, else the dataset's validation split)")
+    rep.add_argument("--teacher", default=None,
+                     help="run or export to measure fidelity against (default: each run's "
+                          "teacher.workdir)")
+    rep.add_argument("--data-dir", default=None, help="TFDS data dir (default: the run's)")
+    rep.add_argument("--dataset", default=None,
+                     help="dataset name, for exports that do not record theirs")
+    rep.add_argument("--step", default="latest", help="a run's checkpoint: latest, best or N")
+    rep.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    rep.add_argument("--no-speed", action="store_true", help="skip the latency/throughput timing")
     return p
 
 
@@ -263,6 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "summary":
         print(summary_table(args.workdirs))
+        return 0
+    if args.command == "report":
+        if overrides:
+            _parser().error("kdjax report takes no --config overrides")
+        from kdjax import report
+
+        result = report.make_report(
+            args.paths, out=args.out, split=args.split, calibration_split=args.calibration_split,
+            teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir,
+            batch_size=args.batch_size, speed=not args.no_speed, step=args.step)
+        print(report.render.markdown(result))
+        print(f"kdjax: wrote {os.path.join(args.out, 'report.json')} and report.md")
         return 0
     if args.command == "export":
         from kdjax import export

@@ -7,7 +7,8 @@ An export is a directory:
   weights.npz       instead of model/ for an unstructured-pruned or quantized student: its arrays
                     encoded (non-zeros, integers and scales; kdjax.compress.encode), described
                     layer by layer under "compression" in kdjax_model.json
-  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its source
+  kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its data
+                    (dataset name, train and eval splits), its source
   README.md         what this is, and `SNIPPET`: how to load it into the model and run it
 
 It is written into a temporary directory renamed when complete, so a path that exists is a whole
@@ -70,14 +71,7 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
     elif layout is not None:
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
-    reader = checkpoint.RunReader(workdir)
-    try:
-        n = reader.resolve_step(step)
-        run = reader.run_meta(n)
-        spec = ModelSpec.from_json(run["model"])
-        model = reader.load_model(n, spec)
-    finally:
-        reader.close()
+    n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
     config = encode.export_config(run["config"], overrides)
     if format != "kdjax":
         model, spec = encode.for_other_format(model, spec, config, format)
@@ -101,8 +95,11 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
             np.savez(os.path.join(tmp, encode.FILE), **encoded.arrays)
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
+                # what it was trained and evaluated on, for `kdjax report` and readers alike
+                "data": {k: run["config"]["data"][k]
+                         for k in ("name", "train_split", "eval_split")},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
-                           "checkpoint": reader.path(n)}}
+                           "checkpoint": checkpoint_path}}
         if encoded.record is not None:
             meta["compression"] = encoded.record
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import augment, sharding
+from kdjax import augment, calibration, sharding
 from kdjax import taps as taps_lib
 
 Batch = dict[str, jax.Array]
@@ -421,24 +421,45 @@ def make_distill_step(
     return Step(fn, teacher_vars, data, sharding.serial_dispatch(mesh))
 
 
-def _classification_sums(prefix: str, logits: jax.Array, labels: jax.Array,
-                         mask: jax.Array) -> dict[str, jax.Array]:
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+              teacher_logits: jax.Array | None = None, calibration_bins: int = 0) -> Metrics:
+    """The eval metrics of one padded batch as sums over its real examples (mask [B] = 1).
+
+    logits [B, C] -> "loss" (NLL), "accuracy", "top5_accuracy"; with `teacher_logits` [B, C]
+    also "teacher_agreement" (same argmax) and "teacher_kl" (KL(teacher || student) at T=1);
+    with `calibration_bins` > 0 also "brier" and "calibration", the
+    kdjax.calibration.CalibrationBins of that many bins (ECE, MCE: add the batches' bins, then
+    kdjax.calibration.ece_from_bins). Divide the scalar sums by the summed mask.
+    """
+    logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    return {prefix + "loss": (ce * mask).sum(),
-            prefix + "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
-            prefix + "top5_accuracy": ((top5 == labels[:, None]).any(-1) * mask).sum()}
+    sums = {"loss": (ce * mask).sum(),
+            "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
+            "top5_accuracy": ((top5 == labels[:, None]).any(-1) * mask).sum()}
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.astype(jnp.float32)
+        sums["teacher_agreement"] = ((logits.argmax(-1) == teacher_logits.argmax(-1)) * mask).sum()
+        log_t, log_s = jax.nn.log_softmax(teacher_logits), jax.nn.log_softmax(logits)
+        sums["teacher_kl"] = ((jnp.exp(log_t) * (log_t - log_s)).sum(-1) * mask).sum()
+    if calibration_bins:
+        sums["brier"] = (calibration.brier_score(logits, labels) * mask).sum()
+        sums["calibration"] = calibration.calibration_bins(logits, labels, mask=mask,
+                                                           num_bins=calibration_bins)
+    return sums
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
                    mesh: Mesh | None = None, state_sharding: TrainState | None = None,
-                   teacher_sharding: Sequence[Any] | None = None) -> Callable:
+                   teacher_sharding: Sequence[Any] | None = None,
+                   calibration_bins: int = 0) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
-    partial batch is evaluated, never dropped). Returns per-batch sums (count, loss, top-1, top-5
-    and, with a teacher, agreement with the first teacher's argmax); the caller adds them up and
+    partial batch is evaluated, never dropped). Returns per-batch sums (`eval_sums`: count, loss,
+    top-1, top-5, with a teacher agreement with the first teacher's argmax and KL from it, with
+    `calibration_bins` the Brier score and calibration bins); the caller adds them up and
     divides by count. A Distillee is evaluated by its student alone, its peer students (mutual
     learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/".
     `state_sharding` and `teacher_sharding` are make_distill_step's; without `state_sharding` the
@@ -462,16 +483,16 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
         for name, logits in exits.items():
-            sums.update(_classification_sums(f"{name}/", logits, labels, mask))
+            sums.update({f"{name}/{k}": v for k, v in eval_sums(logits, labels, mask).items()})
         for prefix, student in students.items():
-            logits = taps_lib.call(student, images, train=False).astype(jnp.float32)
-            sums.update(_classification_sums(prefix, logits, labels, mask))
+            t_logits = None
             if teachers and not prefix:
                 teacher = teachers[0]
                 t_logits = taps_lib.call(nnx.merge(teacher.graphdef, teacher_vars[0]),
                                          _teacher_input(teacher, images, preprocess), train=False)
-                sums["teacher_agreement"] = (
-                    (logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
+            sums.update({prefix + k: v for k, v in eval_sums(
+                taps_lib.call(student, images, train=False), labels, mask,
+                teacher_logits=t_logits, calibration_bins=calibration_bins).items()})
         return sums
 
     fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(

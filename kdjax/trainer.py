@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 import kdjax
-from kdjax import augment, checkpoint, config as config_lib, data, distributed
+from kdjax import augment, calibration, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
 from kdjax import taps as taps_lib
@@ -311,7 +311,12 @@ def _evaluate(eval_step, params, model_state, batches) -> dict[str, float]:
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = totals.pop("count")
-    return {f"eval/{k}": float(v / count) for k, v in totals.items()}
+    # calibration bins (the student's, and "peer<i>/calibration" of mutual learning) -> ECE
+    bins = {k: totals.pop(k) for k in [k for k in totals if k.endswith("calibration")]}
+    out = {f"eval/{k}": float(v / count) for k, v in totals.items()}
+    for key, b in bins.items():
+        out[f"eval/{key.removesuffix('calibration')}ece"] = float(calibration.ece_from_bins(b))
+    return out
 
 
 def _check_finite(state: TrainState, pending: list, logged_at: int, per_call: int,
@@ -539,7 +544,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                                 data=device_data, steps_per_call=per_call, nan_policy=nan_policy,
                                 state_sharding=state_sharding, teacher_sharding=teacher_sharding)
     eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh,
-                               state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+                               state_sharding=state_sharding, teacher_sharding=teacher_sharding,
+                               calibration_bins=calibration.NUM_BINS)
 
     primary = distributed.is_primary()
     if primary:
@@ -686,7 +692,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = make_eval_step(
         graphdef, teachers=teachers, preprocess=_preprocess(config, spec.image_shape[-1]),
-        mesh=mesh, teacher_sharding=tuple(
+        mesh=mesh, calibration_bins=calibration.NUM_BINS, teacher_sharding=tuple(
             _shardings_for(config, mesh, config.teacher.sharding)(t.variables) for t in teachers))
     result = _evaluate(eval_step, params, model_state, _eval_input(config, mesh, arrays)())
     if distributed.is_primary():

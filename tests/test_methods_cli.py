@@ -102,6 +102,7 @@ def test_mutual_learning_reports_every_student(env):
                      *env["common"]]) == 0
     s = summary(work)
     assert 0 <= s["eval/peer1/accuracy"] <= 1 and s["teacher"] is None
+    assert 0 <= s["eval/peer1/ece"] <= 1 and 0 <= s["eval/ece"] <= 1  # every student's ECE
     with pytest.raises(ValueError, match="learns from peer students, not a teacher"):
         cli.main(["distill", "--config", f"{FMNIST}/dml.py", "--workdir", work + "2",
                   f"--config.teacher.workdir={env['teacher']}", *env["common"]])

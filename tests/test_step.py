@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from kdjax import augment, models, objectives, sharding
-from kdjax.step import (DeviceData, compute_dtype, freeze, init_train_state, make_distill_step,
-                        make_eval_step, nonfinite_terms, pad_batch)
+from kdjax.step import (DeviceData, compute_dtype, eval_sums, freeze, init_train_state,
+                        make_distill_step, make_eval_step, nonfinite_terms, pad_batch)
 
 N, B, C = 96, 16, 4
 
@@ -176,6 +176,22 @@ def test_eval_counts_every_example_once_with_padding():
     np.testing.assert_allclose(totals["loss"], -logp[np.arange(40), labels[:40]].sum(), rtol=1e-5)
     top4 = np.argsort(-logits, -1)[:, :4]  # C=4 classes: top-5 is top-4, always correct
     assert totals["top5_accuracy"] == 40 == (top4 == labels[:40, None]).any(-1).sum()
+
+
+def test_eval_sums_kl_brier_and_calibration_bins_of_the_real_examples():
+    rng = np.random.default_rng(3)
+    logits, t_logits = rng.normal(size=(2, 12, 5)) * 2
+    labels = rng.integers(0, 5, 12)
+    mask = (np.arange(12) < 9).astype(np.float32)  # the last 3 rows are padding
+    sums = jax.device_get(eval_sums(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask),
+                                    teacher_logits=jnp.asarray(t_logits), calibration_bins=15))
+    p, q = (np.exp(z) / np.exp(z).sum(-1, keepdims=True) for z in (logits[:9], t_logits[:9]))
+    np.testing.assert_allclose(sums["teacher_kl"], (q * np.log(q / p)).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums["brier"], ((p - np.eye(5)[labels[:9]]) ** 2).sum(),
+                               rtol=1e-5)
+    assert sums["calibration"].count.sum() == 9 and sums["calibration"].count.shape == (16,)
+    np.testing.assert_allclose(sums["calibration"].correct.sum(), sums["accuracy"])
+    assert "brier" not in eval_sums(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
 
 
 def test_streamed_batches_match_device_resident_sampling():

@@ -1,0 +1,121 @@
+"""Accuracy, calibration and fidelity of an Artifact on a dataset split.
+
+One jitted forward pass over the split's padded, masked batches gives the logits of its real
+examples; every metric is then `kdjax.step.eval_sums` (the training eval's own sums) over those
+logits, so the report and `kdjax train`'s eval compute the same numbers. Keeping the logits makes
+temperature scaling cheap: fitted on the held-out split's logits, then the same sums at logits / T.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax import calibration, data as data_lib, input as input_lib, sharding
+from kdjax import config as config_lib
+from kdjax.config import base_config
+from kdjax.report.artifacts import Artifact
+from kdjax.step import eval_sums
+
+
+def held_out_split(train_split: str | None, available: dict[str, int], eval_split: str
+                   ) -> tuple[str | None, str]:
+    """(split for temperature scaling, why): data the model never trained on, never `eval_split`.
+
+    A run trained on a slice "NAME[:N]" (or "NAME[:P%]") is calibrated on the rest, "NAME[N:]";
+    otherwise on a "validation" split when the dataset has one; otherwise there is none (every
+    training example was seen, so it would overstate confidence): None.
+    """
+    match = re.fullmatch(r"\s*(\w+)\[\s*:\s*(-?\d+%?)\s*\]\s*", train_split or "")
+    if match:
+        split = f"{match.group(1)}[{match.group(2)}:]"
+        return split, f"the rest of its training split {train_split!r}"
+    if "validation" in available and eval_split != "validation" and train_split != "validation":
+        return "validation", "the dataset's validation split"
+    return None, (f"it trained on all of {train_split!r} and the dataset has no validation split; "
+                  f"pass --calibration-split with data it never saw")
+
+
+def data_config(artifact: Artifact, *, split: str, dataset: str | None = None,
+                data_dir: str | None = None) -> Any:
+    """The `data` section to read `split` for this artifact: its own (name, data_dir), with
+    `dataset`/`data_dir` when given."""
+    known = base_config().data
+    # through the schema, so a JSON list is the tuple a config holds
+    config = config_lib.validate({"data": {k: v for k, v in artifact.data.items()
+                                           if k in known}}).data
+    name = dataset or artifact.data.get("name")
+    if not name:
+        raise ValueError(f"{artifact.path!r} does not record its dataset; pass --dataset NAME")
+    config.name = name
+    config.data_dir = data_dir or artifact.data.get("data_dir") or ""
+    config.eval_split = split
+    return config
+
+
+def split_logits(artifact: Artifact, config: Any, *, batch_size: int = 1000,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C] float32, labels [N]) of the split `config.eval_split`, in its order."""
+    mesh = mesh or sharding.make_mesh()
+    spec = data_lib.dataset_info(config.name, data_dir=config.data_dir or None)
+    mode, _ = input_lib.choose_mode(config, spec, split=config.eval_split)
+    if mode == "device":
+        arrays = data_lib.load_arrays(config.name, config.eval_split,
+                                      data_dir=config.data_dir or None)
+        if tuple(arrays["image"].shape[1:]) != tuple(artifact.input_shape):
+            raise ValueError(f"{config.name} {config.eval_split!r} has images of shape "
+                             f"{arrays['image'].shape[1:]} but {artifact.path!r} takes "
+                             f"{tuple(artifact.input_shape)}; pass the dataset it was trained on")
+        batches = input_lib.array_eval_batches(arrays, batch_size, mesh)
+    else:
+        batches = input_lib.eval_batches(config, batch_size=batch_size, mesh=mesh)
+    forward = jax.jit(lambda v, x: artifact.apply(v, x).astype(jnp.float32))
+    variables = sharding.replicate(artifact.variables, mesh)
+    logits, labels = [], []
+    for batch in batches:
+        out, mask = jax.device_get((forward(variables, batch["image"]), batch["mask"]))
+        real = np.asarray(mask) > 0
+        logits.append(np.asarray(out)[real])
+        labels.append(np.asarray(jax.device_get(batch["label"]))[real])
+    if not logits:
+        raise ValueError(f"{config.name} split {config.eval_split!r} is empty")
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+_sums = jax.jit(eval_sums, static_argnames="calibration_bins")
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray, *, teacher_logits: np.ndarray | None = None,
+            temperature: float = 1.0, num_bins: int = calibration.NUM_BINS,
+            chunk: int = 8192) -> dict[str, Any]:
+    """Accuracy, NLL, Brier, ECE/MCE with per-bin statistics (and fidelity with
+    `teacher_logits`) of `logits / temperature`, summed chunk by chunk with `eval_sums`."""
+    n = len(labels)
+    totals: dict[str, Any] = {}
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        # one compiled shape for every chunk of every split: the last chunk is padded
+        def pad(a, rows=chunk - (stop - start)):
+            return np.concatenate([a, np.zeros((rows, *a.shape[1:]), a.dtype)])
+
+        mask = pad(np.ones(stop - start, np.float32))
+        sums = _sums(jnp.asarray(pad(logits[start:stop])) / temperature,
+                     jnp.asarray(pad(labels[start:stop])), jnp.asarray(mask),
+                     teacher_logits=None if teacher_logits is None
+                     else jnp.asarray(pad(teacher_logits[start:stop])),
+                     calibration_bins=num_bins)
+        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    bins = calibration.CalibrationBins(*(np.asarray(x) for x in totals.pop("calibration")))
+    accuracy, confidence, _ = (np.asarray(x) for x in calibration.bin_statistics(bins))
+    out = {k: float(v / n) for k, v in totals.items()}
+    out["ece"] = float(calibration.ece_from_bins(bins))
+    out["mce"] = float(calibration.mce_from_bins(bins))
+    out["bins"] = {"edges": calibration.bin_edges(num_bins).tolist(),
+                   "count": bins.count.astype(int).tolist(), "accuracy": accuracy.tolist(),
+                   "confidence": confidence.tolist()}
+    return out
