@@ -4,9 +4,13 @@ int8 (post-training quantization vs quantization-aware distillation vs QAT with 
 the distilled student and of its 90 %-pruned version, whose int8 export is stored sparse),
 plus the combinations (b) prune while distilling, (c) prune-distill cycles and (d) the pruned
 teacher as the student (Minitron). Every row is measured on its export, the artefact a user
-ships: `kdjax.export.load` it, top-1 on the whole test split, bytes on disk, non-zero weights.
+ships: `kdjax.export.load` it, top-1 on the whole test split.
 
   nice -n 10 python benchmarks/compress_pipeline.py --data-dir data/tfds --seeds 0 1 2
+  nice -n 10 python benchmarks/compress_pipeline.py --data-dir data/tfds --render --report
+
+The second command adds the size and speed columns (bytes stored, non-zero parameters, latency at
+batch 1, time per batch of 256), measured on every export by `kdjax report`'s measure module.
 
 Each seed trains its own teacher (teacher.py, --teacher-epochs) and distilled student (kd.py,
 --student-epochs); every compression run starts from that student (init.workdir) and fine-tunes
@@ -309,9 +313,11 @@ def write(rows, meta, args, commands) -> None:
                   indent=2)
     text = table(rows, meta, args)
     with open(os.path.join(args.out, "compress_pipeline_cpu.md"), "w") as f:
+        reported = " then\n`... --render --report` (size and speed columns)" if all(
+            "report" in r for r in rows) else ""
         f.write(f"# Compression pipeline, Fashion-MNIST\n\n`nice -n 10 python "
                 f"benchmarks/compress_pipeline.py --data-dir {args.data_dir} --seeds "
-                f"{' '.join(map(str, args.seeds))}`\n\n{text}\n")
+                f"{' '.join(map(str, args.seeds))}`,{reported}\n\n{text}\n")
     print(text)
 
 
