@@ -5,6 +5,7 @@
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
+  kdjax export  --workdir workdirs/kd --out exports/kd_int8 --config.quant.mode=ptq  (int8 weights)
   kdjax export  --workdir workdirs/kd --out exports/kd_pt --format torch   (for load_state_dict)
   kdjax import  --from resnet50.pth --model resnet50 --out workdirs/r50   (a PyTorch teacher)
   kdjax report  workdirs/teacher workdirs/kd exports/kd --out reports/kd   (accuracy, calibration,
@@ -297,13 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdjax: wrote {os.path.join(args.out, 'report.json')} and report.md")
         return 0
     if args.command == "export":
-        if overrides:
-            _parser().error("kdjax export takes no --config overrides")
         from kdjax import export
 
+        # --config.quant.* quantizes a float run on export (kdjax.compress.encode).
         path = export.export(args.workdir, args.out, step=args.step, format=args.format,
-                             layout=args.layout)
+                             layout=args.layout, overrides=overrides)
         if args.format == "kdjax":
+            with open(os.path.join(path, export.META_FILE)) as f:
+                record = json.load(f).get("compression")
+            if record is not None:
+                from kdjax.compress import encode
+
+                print(encode.describe(record))
             print(f"kdjax: exported the student to {path}; load and run it with:\n"
                   f"{export.snippet(path)}")
         else:

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-FREE_FORM = ("loss.kwargs", "model.kwargs", "teacher.model.kwargs")
+FREE_FORM = ("loss.kwargs", "model.kwargs", "teacher.model.kwargs", "prune.targets")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -146,6 +146,31 @@ def base_config() -> ml_collections.ConfigDict:
     # fsdp_min_bytes: arrays smaller than this stay replicated under "fsdp" (gathering them
     # costs more than it saves; big_vision's 4 MiB).
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_bytes=4 * 2**20)
+    # The student's initial weights: the latest checkpoint of the run in init.workdir (its
+    # student, as its ModelSpec records it: model.name must be that run's), instead of a random
+    # init. Distil-then-prune, prune-the-teacher (Minitron) and QAT fine-tuning start here.
+    c.init = dict(workdir="")
+    # Pruning inside the fused step (kdjax.compress.prune; README "Compression"): masks in the
+    # optimizer state, pruned weights exactly 0. method: none | magnitude | random | nm (N:M,
+    # n of every m weights kept along the input axis) | structured (whole channels, scored by
+    # criterion bn_scale | l1, removed on export). scope: per_layer | global. sparsity: the final
+    # fraction pruned, in [0, 1). schedule: one_shot (at begin_step) | cubic (Zhu & Gupta, from
+    # initial_sparsity at begin_step to sparsity at end_step, masks recomputed every_steps) |
+    # init (structured: prune init.workdir's weights once and train the smaller model).
+    # exclude: parameter-path patterns left dense (fnmatch, e.g. "stages/0/*"); targets:
+    # {pattern: sparsity} per layer; dense_first_last: the input layer and the classifier stay
+    # dense (unstructured and N:M).
+    c.prune = dict(method="none", scope="per_layer", sparsity=0.0, initial_sparsity=0.0,
+                   schedule="one_shot", begin_step=0, end_step=0, every_steps=100, n=2, m=4,
+                   criterion="bn_scale", exclude=(), targets={}, dense_first_last=True)
+    # Quantization (kdjax.compress.quantize, built on Qwix). mode: none | qat (the student's
+    # forward fake-quantized in the fused step, straight-through gradients, the float teacher
+    # beside it) | ptq (trained in float; quantized on export). weights: int8 | int4;
+    # activations: int8 | none (weight-only). The export stores integer weights and scales;
+    # static activation scales are calibrated on calibration_examples training examples.
+    # exclude: layer-path patterns left in float.
+    c.quant = dict(mode="none", weights="int8", activations="int8", calibration_examples=512,
+                   exclude=())
     return c
 
 

@@ -4,6 +4,9 @@ An export is a directory:
   model/            an Orbax checkpoint of {"params", "model_state"}: the student's parameters and
                     BatchNorm statistics, i.e. the checkpoint's "model" item and nothing else (no
                     optimizer, PRNG or data state; trainable connectors, when they come, stay out)
+  weights.npz       instead of model/ for an unstructured-pruned or quantized student: its arrays
+                    encoded (non-zeros, integers and scales; kdjax.compress.encode), described
+                    layer by layer under "compression" in kdjax_model.json
   kdjax_model.json  the ModelSpec that rebuilds the network, its input normalisation, its data
                     (dataset name, train and eval splits), its source
   README.md         what this is, and `SNIPPET`: how to load it into the model and run it
@@ -19,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,7 @@ from jax.sharding import Mesh
 
 import kdjax
 from kdjax import augment, checkpoint
+from kdjax.compress import encode
 from kdjax.models import ModelSpec
 
 FORMAT = "kdjax.export/1"
@@ -48,11 +52,13 @@ predictions = model(preprocess(images)).argmax(-1)  # logits [N, classes] -> cla
 
 
 def export(workdir: str, out: str, *, step: str | int = "latest", format: str = "kdjax",
-           layout: str | None = None) -> str:
+           layout: str | None = None, overrides: Sequence[str] = ()) -> str:
     """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`.
 
     `format` "kdjax" is this module's; "safetensors", "torch" (a state_dict in `layout`) and
-    "stablehlo" are written by kdjax.interop.formats.
+    "stablehlo" are written by kdjax.interop.formats. A pruned or quantized student (the run's
+    prune/quant config, `overrides` of quant.*) is written compressed in kdjax's format
+    (kdjax.compress.encode); the other formats get a structurally pruned one shrunk.
     """
     out = os.path.abspath(out)
     if os.path.exists(out):
@@ -66,18 +72,27 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
     n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
+    config = encode.export_config(run["config"], overrides)
     if format != "kdjax":
+        model, spec = encode.for_other_format(model, spec, config, format)
         return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
                               source=f"{os.path.abspath(workdir)} step {n}")
+    encoded = encode.encode(model, spec, config, lambda k: encode.calibration_images(
+        config, run["preprocess"], k))
+    model, spec = encoded.model, encoded.spec
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
-        saver = ocp.StandardCheckpointer()
-        saver.save(os.path.join(tmp, MODEL_DIR), {"params": params, "model_state": model_state})
-        saver.wait_until_finished()
-        saver.close()
+        if encoded.arrays is None:
+            saver = ocp.StandardCheckpointer()
+            saver.save(os.path.join(tmp, MODEL_DIR), {"params": params,
+                                                      "model_state": model_state})
+            saver.wait_until_finished()
+            saver.close()
+        else:
+            np.savez(os.path.join(tmp, encode.FILE), **encoded.arrays)
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
                 # what it was trained and evaluated on, for `kdjax report` and readers alike
@@ -85,10 +100,12 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
                          for k in ("name", "train_split", "eval_split")},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
                            "checkpoint": checkpoint_path}}
+        if encoded.record is not None:
+            meta["compression"] = encoded.record
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_readme(out, spec, n, workdir))
+            f.write(_readme(out, spec, n, workdir, encoded=encoded.arrays is not None))
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,14 +121,19 @@ def snippet(path: str, spec: ModelSpec | None = None) -> str:
     return SNIPPET.format(path=path, shape=", ".join(str(d) for d in spec.input_shape))
 
 
-def _readme(path: str, spec: ModelSpec, step: int, workdir: str) -> str:
+def _readme(path: str, spec: ModelSpec, step: int, workdir: str, *, encoded: bool) -> str:
+    where = (f"`{encode.FILE}`, encoded as `{META_FILE}`'s \"compression\" describes" if encoded
+             else f"`{MODEL_DIR}/`, an Orbax checkpoint")
+    raw = (f"`numpy.load(\"{path}/{encode.FILE}\")` holds the encoded arrays, concatenated per "
+           f"dtype (\"compression\"/\"index\" says where each lies)" if encoded else
+           f"`orbax.checkpoint.StandardCheckpointer().restore(\"{path}/{MODEL_DIR}\")` returns "
+           f"the raw arrays as nested dicts")
     return (f"# kdjax export: {spec.name}, {spec.num_classes} classes\n\n"
             f"The student of `{os.path.abspath(workdir)}` at step {step}, for inference: its "
-            f"parameters and BatchNorm statistics (`{MODEL_DIR}/`, an Orbax checkpoint), and "
+            f"parameters and BatchNorm statistics ({where}), and "
             f"`{META_FILE}` (the architecture and input normalisation). No optimizer state.\n\n"
             f"```python\n{snippet(path, spec)}```\n\n"
-            f"Without kdjax, `orbax.checkpoint.StandardCheckpointer().restore(\"{path}/"
-            f"{MODEL_DIR}\")` returns the raw arrays as nested dicts.\n")
+            f"Without kdjax, {raw}.\n")
 
 
 def load(path: str, *, mesh: Mesh | None = None
@@ -132,15 +154,19 @@ def load(path: str, *, mesh: Mesh | None = None
         raise ValueError(f"{path!r} is a {meta.get('format')} export, not kdjax's own format; its "
                          f"README.md says how to load it")
     spec = ModelSpec.from_json(meta["model"])
-    model_dir = os.path.join(path, MODEL_DIR)
-    reader = ocp.StandardCheckpointer()
-    try:
-        model = checkpoint.restore_model(
-            spec, reader.metadata(model_dir).item_metadata.tree,
-            lambda target: reader.restore(model_dir, target), mesh=mesh, where=model_dir,
-            what=f"the model of {META_FILE}")
-    finally:
-        reader.close()
+    if os.path.isfile(os.path.join(path, encode.FILE)):  # a compressed export
+        with np.load(os.path.join(path, encode.FILE), allow_pickle=False) as arrays:
+            model = encode.decode(spec, meta["compression"], dict(arrays))
+    else:
+        model_dir = os.path.join(path, MODEL_DIR)
+        reader = ocp.StandardCheckpointer()
+        try:
+            model = checkpoint.restore_model(
+                spec, reader.metadata(model_dir).item_metadata.tree,
+                lambda target: reader.restore(model_dir, target), mesh=mesh, where=model_dir,
+                what=f"the model of {META_FILE}")
+        finally:
+            reader.close()
     recipe = augment.Preprocess(mean=tuple(meta["preprocess"]["mean"]),
                                 std=tuple(meta["preprocess"]["std"]))
 

@@ -150,11 +150,14 @@ def _run(blocks, x, train: bool):
     return x
 
 
-def _make_stage(block, in_c, planes, n, stride, *, dtype, rngs):
-    """n blocks, the first one strided; returns (nnx.List, out_channels)."""
+def _make_stage(block, in_c, planes, n, stride, *, widths=(), dtype, rngs):
+    """n blocks, the first one strided; returns (nnx.List, out_channels). `widths`, when given,
+    are the blocks' inner widths (BasicBlock's `width`)."""
     blocks = []
     for j in range(n):
-        blocks.append(block(in_c, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
+        extra = {"width": widths[j]} if widths else {}
+        blocks.append(block(in_c, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs,
+                            **extra))
         in_c = planes * block.expansion
     return nnx.List(blocks), in_c
 
@@ -185,10 +188,13 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_c, planes, stride, *, dtype, rngs):
+    def __init__(self, in_c, planes, stride, *, width=None, dtype, rngs):
+        # width: the channels between c1 and c2 (default planes); structured pruning
+        # (kdjax.compress.structured) shrinks it: they feed no residual sum.
         kw = dict(dtype=dtype, rngs=rngs)
-        self.c1 = ConvBN(in_c, planes, 3, stride=stride, **kw)
-        self.c2 = ConvBN(planes, planes, 3, act=False, **kw)
+        width = width or planes
+        self.c1 = ConvBN(in_c, width, 3, stride=stride, **kw)
+        self.c2 = ConvBN(width, planes, 3, act=False, **kw)
         need = stride != 1 or in_c != planes
         self.shortcut = ConvBN(in_c, planes, 1, stride=stride, act=False, **kw) if need else None
 
@@ -330,16 +336,23 @@ class CifarResNet(FeatureModel):
     feature_names = ("stem", "stage1", "stage2", "stage3", "embedding", "logits")
 
     def __init__(self, depth: int = 20, channels: Sequence[int] = (16, 16, 32, 64), *, num_classes: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
+                 block_widths: Sequence[int] = ()):
+        # block_widths: each block's inner width (between its two convolutions), all 3n blocks
+        # in order; () = the stage's width. Structured pruning records its result here.
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
+        if block_widths and len(block_widths) != 3 * n:
+            raise ValueError(f"block_widths has {len(block_widths)} entries but a depth-{depth} "
+                             f"CIFAR ResNet has {3 * n} blocks; give one width per block or ()")
         kw = dict(dtype=dtype, rngs=rngs)
         self.dtype = dtype
         self.stem = ConvBN(in_channels, channels[0], 3, **kw)
         stages, c = [], channels[0]
-        for planes, stride in zip(channels[1:], (1, 2, 2)):
-            stage, c = _make_stage(BasicBlock, c, planes, n, stride, **kw)
+        for i, (planes, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
+            stage, c = _make_stage(BasicBlock, c, planes, n, stride,
+                                   widths=tuple(block_widths[i * n:(i + 1) * n]), **kw)
             stages.append(stage)
         self.stages = nnx.List(stages)
         self.fc = _linear(c, num_classes, **kw)

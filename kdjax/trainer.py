@@ -50,6 +50,7 @@ from kdjax import input as input_lib
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
 from kdjax import taps as taps_lib
 from kdjax import teacher as teacher_lib
+from kdjax.compress import training as compress
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
 from kdjax.step import (DeviceData, Distillee, FrozenModel, TrainState, compute_dtype, freeze,
@@ -174,12 +175,12 @@ def check_teachers(config: ml_collections.ConfigDict, teachers: Sequence[Teacher
 
 
 def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
-                    teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None
-                    ) -> Distillee:
-    """The student with what trains alongside it: the loss's connectors, model.peers (each a
-    registry model with its defaults, or model.kwargs when it is the student's architecture),
-    BYOT's exits and CTKD's temperature module."""
-    model = student.build(config.seed)
+                    teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None,
+                    initial: nnx.Module | None = None) -> Distillee:
+    """The student (`initial`, or `student` built afresh) with what trains alongside it: the
+    loss's connectors, model.peers (each a registry model with its defaults, or model.kwargs
+    when it is the student's architecture), BYOT's exits and CTKD's temperature module."""
+    model = student.build(config.seed) if initial is None else initial
     peers = [dataclasses.replace(student, name=name, kwargs=dict(
         config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
              for i, name in enumerate(config.model.peers, start=1)]
@@ -507,9 +508,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
     if train_labels is None and objectives.needs_dataset_labels(config.loss.name):
         train_labels = data.open_split(config.data.name, config.data.train_split,
                                        data_dir=_data_dir(config)).labels()
-    model = build_distillee(config, spec, student, teachers, train_labels)
+    # init.workdir, prune.schedule="init" and quant.mode="qat" change the student it starts as.
+    student, initial = compress.initial_student(config, student)
+    model = build_distillee(config, spec, student, teachers, train_labels, initial)
     num_params = models.count_params(model.student)
-    tx = optim.make_optimizer(config.optimizer, total)
+    tx = compress.wrap_optimizer(optim.make_optimizer(config.optimizer, total), config,
+                                 model.student, spec.image_shape)
     graphdef, state = init_train_state(model, tx, seed=config.seed,
                                        num_examples=num_train if mode == "device" else 0)
     state_sharding = sharding.state_shardings(state, mesh, config.model.sharding,

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import augment, checkpoint, export, taps
+from kdjax.compress import encode
 from kdjax.models import ModelSpec
 
 Apply = Callable[[Any, jax.Array], jax.Array]
@@ -170,8 +171,11 @@ def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
             config = json.load(f)
         data = {**_data_of(config), **data}
         teacher = _teacher_of(config, os.path.dirname(source["workdir"]))
+    # model/ (Orbax), or weights.npz for a compressed export (kdjax.compress.encode)
+    stored = tuple(p for p in (os.path.join(path, export.MODEL_DIR), os.path.join(path, encode.FILE))
+                   if os.path.exists(p))
     return Artifact(path=path, kind="export", apply=apply, variables=variables,
-                    params=_params(model), stored_files=(os.path.join(path, export.MODEL_DIR),),
+                    params=_params(model), stored_files=stored,
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes, data=data,
                     teacher=teacher, spec=spec, details={"source": source})
 

@@ -1,0 +1,104 @@
+"""What a training run's `init`, `prune` and `quant` sections change: the student it starts from
+and the optimizer that carries the pruning masks. Called by kdjax.trainer before the step is
+built; with the defaults (no init.workdir, prune.method="none", quant.mode="none") both are the
+identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from kdjax import checkpoint
+from kdjax.compress import prune, quantize, structured
+from kdjax.models import ModelSpec
+
+
+def initial_student(config: ml_collections.ConfigDict, spec: ModelSpec
+                    ) -> tuple[ModelSpec, nnx.Module]:
+    """The student the run trains and its spec (recorded in its checkpoints).
+
+    init.workdir: that run's latest student, as its spec records it. prune.schedule="init": its
+    channels pruned by prune.criterion to prune.sparsity and physically removed (the spec
+    records the new widths). quant.mode="qat": its forward fake-quantized (Qwix).
+    """
+    prune.check_config(config.prune, config.train.steps)
+    if config.init.workdir:
+        spec, model = _load_initial(config, spec)
+    else:
+        if config.prune.schedule == "init" and config.prune.method == "structured":
+            raise ValueError("prune.schedule='init' prunes the initial weights, and with no "
+                             "init.workdir they are random; set init.workdir to the trained run "
+                             "to prune (e.g. the teacher's workdir), or use "
+                             "prune.schedule='one_shot'/'cubic' to prune during training")
+        model = spec.build(config.seed)
+    if config.prune.schedule == "init" and config.prune.method == "structured":
+        model, spec = prune_once(model, spec, config.prune)
+        print(f"kdjax: structured pruning of {config.init.workdir}'s student before training: "
+              f"{spec.name} with {dict(spec.kwargs)}", flush=True)
+    quantize.check_config(config.quant)
+    if config.quant.mode == "qat":
+        model = quantize.for_training(model, config.quant, spec.input_shape)
+    return spec, model
+
+
+def _load_initial(config, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
+    reader = checkpoint.RunReader(config.init.workdir, what="init.workdir")
+    try:
+        step = reader.resolve_step("latest")
+        saved = reader.model_spec(step)
+        if saved.name != spec.name:
+            raise ValueError(f"init.workdir={config.init.workdir!r} holds a {saved.name!r} student "
+                             f"but model.name={spec.name!r}; set model.name={saved.name!r} (the "
+                             f"student starts from that run's weights and architecture)")
+        if saved.num_classes != spec.num_classes:
+            raise ValueError(f"init.workdir={config.init.workdir!r} holds a model with "
+                             f"{saved.num_classes} classes but this run's has {spec.num_classes}")
+        if spec.kwargs and _json(spec.kwargs) != _json(saved.kwargs):  # tuples were saved as lists
+            raise ValueError(f"model.kwargs={dict(spec.kwargs)} differ from the architecture "
+                             f"init.workdir={config.init.workdir!r} records, {dict(saved.kwargs)}; "
+                             f"leave model.kwargs empty to take that run's")
+        spec = dataclasses.replace(spec, kwargs=dict(saved.kwargs))
+        model = reader.load_model(step, spec, what=f"the student of init.workdir "
+                                                   f"{config.init.workdir!r}")
+    finally:
+        reader.close()
+    print(f"kdjax: the student starts from {reader.path(step)}", flush=True)
+    return spec, model
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def prune_once(model: nnx.Module, spec: ModelSpec, prune_config) -> tuple[nnx.Module, ModelSpec]:
+    """Structured pruning of `model`'s weights, now, and the physically smaller model."""
+    plan = prune.make_plan({**prune_config, "schedule": "one_shot", "begin_step": 0}, model,
+                           spec.input_shape, 1)
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
+    masks = jax.jit(plan.masks)(params, 0)  # one program, not an eager op per score and rank
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for (path, _), mask in zip(plan.masked, masks):
+        flat[path].set_value(flat[path].get_value() * mask)
+    nnx.update(model, state)
+    small, small_spec, _ = structured.shrink(model, spec)
+    return small, small_spec
+
+
+def wrap_optimizer(tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                   student: nnx.Module, input_shape) -> optax.GradientTransformation:
+    """`tx` with the prune section's masks in its state (kdjax.compress.prune.wrap), or `tx`."""
+    plan = prune.make_plan(config.prune, student, input_shape, config.train.steps,
+                           seed=config.seed)
+    if plan is None:
+        return tx
+    print(f"kdjax: pruning {len(plan.targets)} layer(s) ({config.prune.method}, "
+          f"{config.prune.scope}, {config.prune.schedule} to {plan.targets[0].schedule.final:.3g}"
+          f"): {', '.join(t.name for t in plan.targets)}", flush=True)
+    return prune.wrap(tx, plan)

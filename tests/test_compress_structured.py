@@ -1,0 +1,89 @@
+"""Structured pruning removes channels physically (kdjax.compress.structured)."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import randomize_batchnorms
+from flax import nnx
+
+from kdjax import config as config_lib, models
+from kdjax.compress import prune, structured, training
+from kdjax.models import ModelSpec
+
+SHAPE = (28, 28, 1)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
+
+
+def prune_config(**kw):
+    c = dict(config_lib.base_config().prune)
+    c.update(method="structured", **kw)
+    return c
+
+
+def logits(model, x):
+    # One compiled forward instead of an eager one (dozens of per-operation compiles).
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+def masked(model, plan):
+    """The model with the plan's masks applied (as the training step leaves it)."""
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
+    masks = jax.jit(plan.masks)(params, 0)
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for (path, _), mask in zip(plan.masked, masks):
+        flat[path].set_value(flat[path].get_value() * mask)
+    nnx.update(model, state)
+    return model
+
+
+@pytest.mark.parametrize("name, kwargs, criterion", [  # (MLPs: test_compress_training)
+    ("cnn_tiny", {}, "bn_scale"),
+    ("resnet8", {}, "l1"),
+])
+def test_shrunk_model_gives_the_masked_models_logits(name, kwargs, criterion):
+    spec = ModelSpec(name, 10, SHAPE, kwargs, "float32")
+    model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
+    plan = prune.make_plan(prune_config(sparsity=0.5, criterion=criterion), model, SHAPE, 10)
+    model = masked(model, plan)
+    small, small_spec, sizes = structured.shrink(model, spec)
+    x = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
+    # Removing a channel removes additions of exact zeros: equal up to the summation order XLA
+    # picks for the narrower shapes.
+    np.testing.assert_allclose(logits(small, x), logits(model, x), rtol=1e-5, atol=1e-5)
+    assert all(after == before - round(0.5 * before) for before, after in sizes.values())
+    assert models.count_params(small) < 0.75 * models.count_params(model)
+    # The spec alone rebuilds the shrunk architecture (checkpoints and exports store it).
+    rebuilt = ModelSpec.from_json(small_spec.to_json()).abstract()
+    assert jax.tree.map(np.shape, nnx.state(rebuilt)) == jax.tree.map(np.shape, nnx.state(small))
+
+
+def test_prune_once_shrinks_a_trained_model_for_its_student():
+    spec = ModelSpec("cnn_tiny", 10, SHAPE, {}, "float32")
+    model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
+    small, small_spec = training.prune_once(model, spec, prune_config(sparsity=0.75))
+    assert small_spec.kwargs == {"channels": (2, 4), "dense": 8}
+    assert small.conv2.conv.kernel.shape == (3, 3, 2, 4)
+
+
+def test_residual_layers_are_refused_by_name():
+    model = nnx.eval_shape(lambda: models.create_model("resnet8", num_classes=10,
+                                                       rngs=nnx.Rngs(0), input_shape=SHAPE))
+    with pytest.raises(ValueError) as e:
+        prune.make_plan(prune_config(sparsity=0.5, targets={"stages/1/0/shortcut": 0.5}),
+                        model, SHAPE, 10)
+    assert ("prune.targets pattern 'stages/1/0/shortcut' names layer 'stages/1/0/shortcut', which "
+            "structured pruning cannot shrink safely: its output channels feed a residual sum"
+            in str(e.value))
+    plan = prune.make_plan(prune_config(sparsity=0.5), model, SHAPE, 10)
+    assert [t.name for t in plan.targets] == ["stages/0/0/c1", "stages/1/0/c1", "stages/2/0/c1"]
+
+
+def test_architectures_without_a_known_channel_structure_are_refused():
+    model = nnx.eval_shape(lambda: models.create_model("mobilenetv2", num_classes=10,
+                                                       rngs=nnx.Rngs(0), input_shape=(32, 32, 3)))
+    with pytest.raises(ValueError, match="prune.method='structured' cannot shrink a "
+                                         "MobileNetV2: kdjax knows the channel structure of MLP, "
+                                         "SmallCNN, CifarResNet only"):
+        prune.make_plan(prune_config(sparsity=0.5), model, (32, 32, 3), 10)
