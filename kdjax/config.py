@@ -120,16 +120,28 @@ def base_config() -> ml_collections.ConfigDict:
     # float32 on CPU) is the dtype of its activations and of its stored weights. When that changes
     # anything, the prepared teacher is compared with its float32 self on the first
     # agreement_examples eval examples before training (0 = skip) and refused below min_agreement
-    # (top-1 agreement, a fraction).
+    # (top-1 agreement, a fraction). aggregation: "" (the teacher's outputs, as loss.name uses
+    # them) | "gnmax" | "plurality": a PATE ensemble's votes instead (see c.pate below).
     c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
                      combine="ensemble", sharding="replicated", compute_dtype="auto",
-                     fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99)
+                     fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99,
+                     aggregation="")
     # The device mesh over all devices of all processes: the batch is split over data × fsdp,
     # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
     # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.
     # fsdp_min_bytes: arrays smaller than this stay replicated under "fsdp" (gathering them
     # costs more than it saves; big_vision's 4 MiB).
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_bytes=4 * 2**20)
+    # PATE (kdjax.privacy). `kdjax train` with teachers=N > 0 trains N teachers on disjoint
+    # slices of data.train_split into WORKDIR/teacher_<k>. `kdjax distill` with
+    # teacher.aggregation="gnmax" (teacher.workdir = that ensemble) labels the first `queries`
+    # (0 = all) examples of public_split by noisy vote: GNMax with noise sigma, or, with
+    # threshold > 0, Confident-GNMax (threshold T, check noise sigma1, argmax noise sigma), trains
+    # the student on the answered ones with cross-entropy, and reports (epsilon, delta) from
+    # Rényi-DP accounting (kdjax.privacy.rdp). "plurality" is the noise-free vote: NOT private,
+    # the baseline. public_split and data.eval_split must not overlap.
+    c.pate = dict(teachers=0, sigma=40.0, threshold=0.0, sigma1=0.0, delta=1e-5,
+                  public_split="test[:5000]", queries=0, vote_batch_size=500)
     return c
 
 
