@@ -168,18 +168,23 @@ def _bench(argv: Sequence[str]) -> int:
 def _private_or_data_free(args: argparse.Namespace, config) -> bool:
     """Whether the run is a PATE ensemble, a PATE student (kdjax.privacy) or data-free."""
     return ((args.command == "train" and config.pate.teachers > 0)
-            or (args.command == "distill" and bool(config.teacher.aggregation)))
+            or (args.command == "distill" and bool(config.teacher.aggregation
+                                                   or config.datafree.method)))
 
 
 def _run_private_or_data_free(args: argparse.Namespace, config) -> dict:
     if getattr(args, "generations", 1) != 1:
         raise ValueError("--generations (born-again) distils each student from the last; it does "
-                         "not combine with teacher.aggregation or pate.teachers")
+                         "not combine with teacher.aggregation, pate.teachers or datafree.method")
     progress = dict(progress=not args.no_progress, fresh=args.fresh)
     if args.command == "train":
         from kdjax.privacy import partitions
 
         return partitions.train_ensemble(config, args.workdir, **progress)
+    if config.datafree.method:
+        from kdjax.datafree import run
+
+        return run.distill(config, args.workdir, **progress)
     from kdjax.privacy import pate
 
     return pate.distill(config, args.workdir, **progress)

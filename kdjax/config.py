@@ -142,6 +142,19 @@ def base_config() -> ml_collections.ConfigDict:
     # the baseline. public_split and data.eval_split must not overlap.
     c.pate = dict(teachers=0, sigma=40.0, threshold=0.0, sigma1=0.0, delta=1e-5,
                   public_split="test[:5000]", queries=0, vote_batch_size=500)
+    # Data-free distillation (kdjax.datafree): `kdjax distill` with method set never reads
+    # data.train_split; the student's inputs are synthesised from the teacher (a BatchNorm one).
+    # "deepinversion": num_images images optimised against the teacher's BatchNorm statistics
+    # and outputs (synthesis_* keys, bn/tv/l2 weights, jitter/flip), then the fused KD step on
+    # them. "zskt": a generator (latent_dim, generator_channels, generator_lr) trained against
+    # the student, student_steps student steps per generator step, train.steps student steps in
+    # all; bn_weight and balance_weight add DeepInversion's and DAFL's priors to its loss.
+    # steps_per_call 0 = auto (all iterations in one compiled loop on accelerators, 1 on CPU).
+    c.datafree = dict(method="", num_images=2560, synthesis_batch_size=256, synthesis_steps=200,
+                      synthesis_lr=0.1, synthesis_steps_per_call=0, bn_weight=1.0,
+                      tv_weight=1e-2, l2_weight=1e-4, jitter=2, flip=True, latent_dim=100,
+                      generator_channels=(64, 32), generator_lr=1e-3, student_steps=5,
+                      balance_weight=0.0)
     return c
 
 
