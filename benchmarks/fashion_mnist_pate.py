@@ -7,7 +7,7 @@ One teacher ensemble (experiments/fashion_mnist/pate_teachers.py: 100 MLPs on di
 seed (the aggregation noise and the student's initialisation) and each setting, a student
 (experiments/fashion_mnist/pate_student.py) is taught through Confident-GNMax on the first 1000
 images of test[:5000] and evaluated on test[5000:]:
-  - Confident-GNMax, T=60 of 100 votes, σ₁=40, argmax noise σ in --sigmas;
+  - Confident-GNMax, T=80 of 100 votes, σ₁=40, argmax noise σ in --sigmas;
   - the same ensemble's noise-free plurality vote on every query (not private: ε = ∞);
   - the same 1000 images with their true labels (no teachers: what the data alone gives).
 Writes benchmarks/results/fashion_mnist_pate.{json,md}.

@@ -100,7 +100,7 @@ def _config(**overrides):
     (dict(loss__name="fitnet"), r"loss.name='fitnet'.*outputs or features.*set loss.name='ce'"),
     (dict(pate__sigma=0.0), r"pate.sigma=0.0: without noise the released vote is the exact "
                             r"plurality and nothing is private"),
-    (dict(pate__sigma1=0.0), r"pate.threshold=60.0 \(Confident-GNMax\) needs the noise of its "
+    (dict(pate__sigma1=0.0), r"pate.threshold=80.0 \(Confident-GNMax\) needs the noise of its "
                              r"check, pate.sigma1 > 0"),
     (dict(pate__threshold=0.0), r"pate.sigma1=40.0 is the noise of Confident-GNMax's threshold"),
     (dict(pate__delta=1.0), r"pate.delta=1.0 must be in \(0, 1\)"),

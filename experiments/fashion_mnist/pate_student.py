@@ -25,7 +25,7 @@ def get_config():
     c.teacher.aggregation = "gnmax"
     c.pate.public_split = "test[:5000]"
     c.pate.queries = 1000
-    c.pate.threshold = 60.0  # of 100 teacher votes
+    c.pate.threshold = 80.0  # of 100 teacher votes
     c.pate.sigma1 = 40.0
     c.pate.sigma = 20.0
     c.pate.delta = 1e-5  # below 1/60000, the private examples

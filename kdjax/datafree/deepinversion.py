@@ -23,6 +23,7 @@ kdjax training set has, which the student then trains on with the teacher in the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from kdjax import augment
+from kdjax import augment, sharding
 from kdjax.datafree import bn_stats
 from kdjax.step import FrozenModel
 
@@ -107,8 +109,12 @@ def to_uint8(x: np.ndarray, preprocess: augment.Preprocess) -> np.ndarray:
     return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
-def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Preprocess):
-    """`invert(key, targets [B], image_shape) -> (x̂ [B, H, W, C] normalised, final metrics)`."""
+def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Preprocess, *,
+                  mesh: Mesh | None = None):
+    """`invert(key, targets [B], image_shape) -> (x̂ [B, H, W, C] normalised, final metrics)`,
+    compiled once for the batch's shape, its arrays replicated on `mesh` (default: all
+    devices)."""
+    rep = sharding.replicated(mesh or sharding.make_mesh())
     tx = optax.adam(recipe.learning_rate)
     lo, hi = pixel_range(preprocess)
     per_call = recipe.steps_per_call or recipe.steps
@@ -126,7 +132,7 @@ def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Prep
         x = jnp.clip(optax.apply_updates(x, updates), lo, hi)
         return x, opt_state, metrics
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=rep, out_shardings=rep)
     def chunk(variables, carry, targets, key, start):
         return jax.lax.fori_loop(start, start + per_call,
                                  lambda i, c: one(i, c, variables, targets, key), carry)
@@ -137,7 +143,9 @@ def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Prep
         # metrics of iteration 0's shape, as fori_loop's carry needs a fixed structure
         metrics = jax.eval_shape(lambda: inversion_loss(
             nnx.merge(teacher.graphdef, teacher.variables), x, targets, loop_key, recipe)[1])
-        carry = (x, tx.init(x), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics))
+        # placed as the chunk's outputs are, so that every call hits one compiled program
+        carry = sharding.put((x, tx.init(x), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                          metrics)), rep)
         for start in range(0, recipe.steps, per_call):
             carry = chunk(teacher.variables, carry, targets, loop_key, start)
         return carry[0], carry[2]
@@ -147,13 +155,14 @@ def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Prep
 
 def synthesize(teacher: FrozenModel, *, key: jax.Array, num_images: int, batch_size: int,
                num_classes: int, image_shape: tuple[int, ...], recipe: Recipe,
-               preprocess: augment.Preprocess, log=print) -> dict[str, Any]:
+               preprocess: augment.Preprocess, mesh: Mesh | None = None,
+               log=print) -> dict[str, Any]:
     """`num_images` uint8 images and their target classes (cycling through the classes, so the
     set is balanced), batch by batch. Returns {"image", "label", "metrics": per batch}."""
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"datafree.num_images={num_images} and datafree.synthesis_batch_size="
                          f"{batch_size} must be >= 1")
-    invert = make_inverter(teacher, recipe, preprocess)
+    invert = make_inverter(teacher, recipe, preprocess, mesh=mesh)
     images, labels, history = [], [], []
     batches = math.ceil(num_images / batch_size)
     for b in range(batches):

@@ -20,15 +20,14 @@ images are per-channel standardised, as the teacher's normalised inputs are.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from kdjax import losses
+from kdjax import losses, sharding
 from kdjax.datafree import bn_stats
 from kdjax.step import FrozenModel, TrainState
 
@@ -91,13 +90,18 @@ def make_game_step(student_graphdef: nnx.GraphDef, student_tx: optax.GradientTra
                    generator_graphdef: nnx.GraphDef, generator_tx: optax.GradientTransformation,
                    teacher: FrozenModel, *, batch_size: int, latent_dim: int,
                    student_steps: int, temperature: float = 1.0, bn_weight: float = 0.0,
-                   balance_weight: float = 0.0):
+                   balance_weight: float = 0.0, mesh: Mesh | None = None):
     """`step(state, teacher_variables) -> (state, metrics)`: one round (see the module
-    docstring), jitted with the state donated. `state.student.step` counts student steps."""
+    docstring), jitted with the state donated and replicated on `mesh` (default: all devices),
+    the generated batch split over its devices. `state.student.step` counts student steps."""
+    mesh = mesh or sharding.make_mesh()
+    rep = sharding.replicated(mesh)
 
     def generate(params, stats, key, train=True):
         gen = nnx.merge(generator_graphdef, params, stats, copy=True)
-        return gen(jax.random.normal(key, (batch_size, latent_dim)), train=train), gen
+        z = jax.lax.with_sharding_constraint(jax.random.normal(key, (batch_size, latent_dim)),
+                                             sharding.batch_sharded(mesh))
+        return gen(z, train=train), gen
 
     def kl(student_logits, teacher_logits):
         return losses.soft_target_kl(student_logits, teacher_logits,
@@ -157,11 +161,16 @@ def make_game_step(student_graphdef: nnx.GraphDef, student_tx: optax.GradientTra
         return state.replace(student=student_state, generator_params=g_params,
                              generator_stats=g_stats, generator_opt=g_opt), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, in_shardings=rep, out_shardings=rep)
 
 
 def sample_images(generator_graphdef: nnx.GraphDef, state: GameState, key: jax.Array,
-                  num: int, latent_dim: int) -> Any:
+                  num: int, latent_dim: int) -> jax.Array:
     """`num` images from the generator as it is (batch statistics, as in training)."""
-    gen = nnx.merge(generator_graphdef, state.generator_params, state.generator_stats)
-    return gen(jax.random.normal(key, (num, latent_dim)), train=True)
+
+    @jax.jit
+    def sample(params, stats, key):
+        gen = nnx.merge(generator_graphdef, params, stats, copy=True)
+        return gen(jax.random.normal(key, (num, latent_dim)), train=True)
+
+    return sample(state.generator_params, state.generator_stats, key)

@@ -114,7 +114,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
                 num_images=config.datafree.num_images,
                 batch_size=config.datafree.synthesis_batch_size, num_classes=num_classes,
                 image_shape=tuple(spec.image_shape), recipe=recipe(config, platform),
-                preprocess=preprocess)
+                preprocess=preprocess, mesh=mesh)
             pool = {"image": out["image"], "label": out["label"]}
             last = out["metrics"][-1]
             synthesis = {"datafree/synthesis_time_s": time.perf_counter() - t0,
@@ -147,12 +147,12 @@ def _zskt(config, workdir, teacher, spec, mesh, preprocess, *, fresh: bool) -> d
     g_def, g_params, g_stats, g_opt = generator.init_generator(
         generator.Generator(d.latent_dim, spec.image_shape, tuple(d.generator_channels),
                             rngs=nnx.Rngs(config.seed + 0x6E)), g_tx)
-    game = generator.GameState(state, g_params, g_stats, g_opt)
+    game = sharding.replicate(generator.GameState(state, g_params, g_stats, g_opt), mesh)
     step = generator.make_game_step(
         graphdef, tx, g_def, g_tx, teacher, batch_size=config.train.batch_size,
         latent_dim=d.latent_dim, student_steps=d.student_steps,
         temperature=float(config.loss.kwargs.get("temperature", 1.0)), bn_weight=d.bn_weight,
-        balance_weight=d.balance_weight)
+        balance_weight=d.balance_weight, mesh=mesh)
     eval_arrays = data.load_arrays(config.data.name, config.data.eval_split,
                                    data_dir=config.data.data_dir or None)
     eval_step = make_eval_step(graphdef, teachers=(teacher,), preprocess=preprocess, mesh=mesh)
