@@ -77,7 +77,9 @@ def main() -> None:
             rows[name].append({"seed": seed, **s})
             print(f"seed {seed} {name}: accuracy {s['eval/accuracy']:.4f}", flush=True)
 
-    meta = {**machine(), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    where = os.path.relpath(os.getcwd(), ROOT)
+    meta = {**machine(), "command": ("" if where == "." else f"cd {where} && ") + "python "
+            + " ".join(shlex.quote(a) for a in sys.argv),
             "teacher": {"workdir": teacher, "model": t.get("model"),
                         "eval/accuracy": t.get("eval/accuracy")}}
     os.makedirs(args.out, exist_ok=True)

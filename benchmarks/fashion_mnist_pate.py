@@ -70,7 +70,9 @@ def main() -> None:
                  os.path.join(args.workdir, f"seed{seed}", "true_labels_not_private"))
         rows.setdefault("true_labels_not_private", []).append({"seed": seed, **s})
 
-    meta = {**machine(), "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    where = os.path.relpath(os.getcwd(), ROOT)
+    meta = {**machine(), "command": ("" if where == "." else f"cd {where} && ") + "python "
+            + " ".join(shlex.quote(a) for a in sys.argv),
             "teachers": {k: teachers[k] for k in ("pate/teachers", "eval/accuracy")}}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fashion_mnist_pate.json"), "w") as f:
