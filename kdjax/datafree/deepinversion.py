@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -156,7 +157,7 @@ def make_inverter(teacher: FrozenModel, recipe: Recipe, preprocess: augment.Prep
 def synthesize(teacher: FrozenModel, *, key: jax.Array, num_images: int, batch_size: int,
                num_classes: int, image_shape: tuple[int, ...], recipe: Recipe,
                preprocess: augment.Preprocess, mesh: Mesh | None = None,
-               log=print) -> dict[str, Any]:
+               log: Callable[..., None] = print) -> dict[str, Any]:
     """`num_images` uint8 images and their target classes (cycling through the classes, so the
     set is balanced), batch by batch. Returns {"image", "label", "metrics": per batch}."""
     if num_images < 1 or batch_size < 1:
@@ -172,7 +173,7 @@ def synthesize(teacher: FrozenModel, *, key: jax.Array, num_images: int, batch_s
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         history.append(metrics)
         log(f"kdjax: DeepInversion batch {b + 1} of {batches}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items()))
+            f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         images.append(to_uint8(jax.device_get(x), preprocess))
         labels.append(np.asarray(targets, np.int32))
     return {"image": np.concatenate(images), "label": np.concatenate(labels), "metrics": history}
