@@ -152,6 +152,7 @@ def test_deepinversion_student_never_reads_a_training_image(data_dir, bn_teacher
                      f"--config.teacher.workdir={bn_teacher}", "--config.datafree.num_images=40",
                      "--config.datafree.synthesis_batch_size=20",
                      "--config.datafree.synthesis_steps=6", "--config.train.steps=12",
+                     "--config.teacher.agreement_examples=0",
                      "--config.eval.every_steps=12", *TINY]) == 0
     assert set(no_training_data) == {"test"}  # the eval split alone (teacher check, eval)
     with open(os.path.join(workdir, "summary.json")) as f:

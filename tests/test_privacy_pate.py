@@ -76,14 +76,20 @@ def test_student_learns_from_confident_gnmax_and_reports_its_privacy(data_dir, e
         assert json.load(f)["teacher"]["aggregation"] == "gnmax"
 
 
-def test_plurality_is_the_non_private_baseline(data_dir, ensemble, tmp_path):
-    workdir = str(tmp_path / "plurality")
-    assert cli.main(_student_args(data_dir, ensemble, workdir,
-                                  "--config.teacher.aggregation=plurality")) == 0
-    with open(os.path.join(workdir, "summary.json")) as f:
-        s = json.load(f)
-    assert s["privacy/private"] is False and s["privacy/epsilon"] is None  # infinite
-    assert s["privacy/answered"] == 80
+def test_plurality_is_the_non_private_baseline_and_gnmax_answers_everything():
+    counts = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 4]])
+    c = _config(teacher__aggregation="plurality")
+    answers = pate.release(c, counts)
+    np.testing.assert_array_equal(answers.labels, [0, 1, 2])  # the exact vote (ties: first)
+    s = pate.privacy_summary(c, counts, answers)
+    assert s["privacy/private"] is False and s["privacy/epsilon"] == float("inf")
+    assert (s["privacy/answered"], s["privacy/queries"]) == (3, 3)
+    c = _config(pate__threshold=0.0, pate__sigma1=0.0, pate__sigma=0.5)
+    answers = pate.release(c, counts)
+    assert answers.answered.all()
+    s = pate.privacy_summary(c, counts, answers)
+    assert s["privacy/mechanism"] == "gnmax" and s["privacy/threshold"] is None
+    assert s["privacy/epsilon"] == rdp.epsilon(3 * rdp.ORDERS / 0.25, 1e-5)[0]
 
 
 def _config(**overrides):
