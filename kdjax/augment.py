@@ -70,6 +70,37 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float], dt
     return x.astype(dtype)
 
 
+# A model's input normalisation: per-channel (mean, std) in [0, 1] pixel units.
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def renormalize(images: jax.Array, recipe: Preprocess,
+                normalization: Normalization | None) -> jax.Array:
+    """Images normalised by `recipe`'s (mean, std) -> the same pixels normalised by
+    `normalization`'s (None: unchanged).
+
+    Normalisation is affine per channel, and crops, flips and mixing commute with it, so this is
+    exactly the teacher's own normalisation of the student's augmented view: each model sees the
+    same image, in the statistics it was trained with. float32 arithmetic, `images`' dtype out.
+    """
+    if normalization is None:
+        return images
+    mean, std = (tuple(float(v) for v in a) for a in normalization)
+    if (mean, std) == (tuple(recipe.mean), tuple(recipe.std)):
+        return images
+    channels = images.shape[-1]
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"a teacher's normalisation {name}={values} has {len(values)} "
+                             f"values for {channels}-channel images; give one per channel")
+    if any(v <= 0 for v in std):
+        raise ValueError(f"a teacher's normalisation std={std} must be > 0 for every channel")
+    pixels = (images.astype(jnp.float32) * jnp.asarray(recipe.std, jnp.float32)
+              + jnp.asarray(recipe.mean, jnp.float32))
+    out = (pixels - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return out.astype(images.dtype)
+
+
 def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
     """Zero-pad [B, H, W, C] by `padding` and crop each example back to H x W at a random offset."""
     return random_crop_flip(images, crop_key=key, padding=padding)

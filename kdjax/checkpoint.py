@@ -121,9 +121,15 @@ def _state(model: dict[str, Any], train: dict[str, Any], like: TrainState) -> Tr
 def mismatches(saved: Any, target: Any) -> list[str]:
     """Lines naming each array path whose presence, shape or dtype differs between a checkpoint's
     metadata tree and a restore target (empty when they match)."""
+    def stored(v):
+        # Orbax stores a typed PRNG key (e.g. the RngKey of a model's Dropout) as its key data.
+        if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+            return jax.eval_shape(jax.random.key_data, v)
+        return v
+
     def flat(tree):
-        return {k.removesuffix("/value"): v for k, v in ocp.tree.to_flat_dict(tree, sep="/").items()
-                if hasattr(v, "shape")}
+        return {k.removesuffix("/value"): stored(v)
+                for k, v in ocp.tree.to_flat_dict(tree, sep="/").items() if hasattr(v, "shape")}
 
     have, want = flat(saved), flat(target)
     lines = []

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import losses, sharding
+from kdjax import taps as taps_lib
 
 Shape = tuple[int, ...]
 
@@ -38,12 +39,14 @@ class MemoryBank(sharding.DataSharded):
     """
 
 
-def feature_shapes(graphdef: nnx.GraphDef, state: nnx.State,
-                   image_shape: Sequence[int]) -> dict[str, Shape]:
-    """The shapes of a model's `features()` taps for a batch of 2 images, traced abstractly."""
+def feature_shapes(graphdef: nnx.GraphDef, state: nnx.State, image_shape: Sequence[int], *,
+                   taps: Sequence[str] = (), what: str = "tap") -> dict[str, Shape]:
+    """The shapes of a model's features for a batch of 2 images, traced abstractly: its own
+    `features()` taps (zoo models) or its logits, plus the sub-modules named in `taps`
+    (kdjax.taps.features; `what` is their config key, for errors)."""
     images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
-    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).features(x, train=False),
-                         state, images)
+    out = jax.eval_shape(lambda s, x: taps_lib.features(nnx.merge(graphdef, s), x, train=False,
+                                                        taps=taps, what=what), state, images)
     return {name: tuple(x.shape) for name, x in out.items()}
 
 

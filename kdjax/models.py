@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import linen, nnx
 
 from kdjax.step import compute_dtype
 
@@ -47,6 +48,7 @@ __all__ = [
     "MobileNetV2",
     "ImageNetResNet",
     "create_model",
+    "resolve",
     "ModelSpec",
     "model_names",
     "count_params",
@@ -567,8 +569,8 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
-def _constructor_params(ctor: Callable[..., nnx.Module]) -> dict[str, inspect.Parameter]:
-    """The keyword parameters of a registry entry (a class, or a functools.partial of one).
+def _constructor_params(ctor: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of a constructor (a class, a functools.partial of one, a function).
 
     Read from ``__init__``: nnx's metaclass makes ``inspect.signature(cls)`` ``(*args, **kwargs)``.
     """
@@ -578,29 +580,83 @@ def _constructor_params(ctor: Callable[..., nnx.Module]) -> dict[str, inspect.Pa
     return params
 
 
+def resolve(name: str) -> Callable[..., Any]:
+    """The constructor of ``name``: a registry name, or an importable ``package.module:Object``
+    (an NNX module class, a function returning one, or a Flax Linen module class)."""
+    if name in MODELS:
+        return MODELS[name]
+    module_name, colon, attr = name.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, or "
+                         f"your own model as an importable 'package.module:ClassName'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); install "
+                         f"the package that defines it, or put its folder on PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}; "
+                             f"name the NNX module class (or a function returning one) after "
+                             f"the colon")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {name!r} is not a class or function but {type(obj).__name__}")
+    return obj
+
+
+def _is_linen(ctor: Any) -> bool:
+    return isinstance(ctor, type) and issubclass(ctor, linen.Module)
+
+
+def _linen_model(ctor: type, kwargs: dict[str, Any], *, rngs: nnx.Rngs,
+                 input_shape: Sequence[int] | None, name: str) -> nnx.Module:
+    """A Linen module class as an NNX module through Flax's bridge, initialised on one example."""
+    if input_shape is None:
+        raise ValueError(f"model {name!r} is a Flax Linen module: its variables are created by "
+                         f"running it once, so it needs the input shape (input_shape)")
+    model = nnx.bridge.ToNNX(ctor(**kwargs), rngs=rngs)
+    takes_train = "train" in inspect.signature(ctor.__call__).parameters
+    nnx.bridge.lazy_init(model, jnp.zeros((1, *input_shape), jnp.float32),
+                         **({"train": False} if takes_train else {}))
+    return model
+
+
 def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
                  input_shape: Sequence[int] | None = None, **kwargs: Any) -> nnx.Module:
-    """Instantiate registered model ``name``; extra kwargs go to the constructor.
+    """Instantiate model ``name`` (see `resolve`); extra kwargs go to its constructor.
 
     ``input_shape`` (H, W, C) of the images sets whichever input-size arguments the architecture
     has (``in_features`` of an MLP, ``in_channels`` of a CNN, ``input_size`` of the small CNNs),
-    so one config serves greyscale 28x28 and RGB 32x32 data; explicit kwargs win.
+    so one config serves greyscale 28x28 and RGB 32x32 data; explicit kwargs win. A user's model
+    gets each of ``num_classes``, ``rngs``, ``dtype`` and those input-size arguments only if its
+    constructor takes it (a Linen module: if it has that field).
     """
-    try:
-        ctor = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}") from None
-    params = _constructor_params(ctor)
+    ctor = resolve(name)
+    if _is_linen(ctor):
+        params = {f.name: f for f in dataclasses.fields(ctor)}
+    else:
+        params = _constructor_params(ctor)
+    offered = {"num_classes": num_classes, "dtype": dtype}
     if input_shape is not None:
         h, _, c = input_shape
-        derived = {"in_features": int(np.prod(input_shape)), "in_channels": c, "input_size": h}
-        kwargs = {**{k: v for k, v in derived.items() if k in params}, **kwargs}
+        offered.update(in_features=int(np.prod(input_shape)), in_channels=c, input_size=h)
+    kwargs = {**{k: v for k, v in offered.items() if k in params}, **kwargs}
     unknown = sorted(set(kwargs) - set(params))
-    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = sorted(set(params) - {"num_classes", "rngs", "dtype"})
+    if unknown and not any(getattr(p, "kind", None) is inspect.Parameter.VAR_KEYWORD
+                           for p in params.values()):
+        valid = sorted(set(params) - {"num_classes", "rngs", "dtype", "parent", "name"})
         raise ValueError(f"model {name!r} takes no argument(s) {unknown} (model.kwargs); valid: "
                          f"{valid}")
-    return ctor(num_classes=num_classes, rngs=rngs, dtype=dtype, **kwargs)
+    if _is_linen(ctor):
+        return _linen_model(ctor, kwargs, rngs=rngs, input_shape=input_shape, name=name)
+    if "rngs" in params:
+        kwargs["rngs"] = rngs
+    model = ctor(**kwargs)
+    if not isinstance(model, nnx.Module):
+        raise ValueError(f"model {name!r} built a {type(model).__name__}, not a Flax NNX module "
+                         f"(flax.nnx.Module)")
+    return model
 
 
 @dataclasses.dataclass(frozen=True)

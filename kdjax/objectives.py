@@ -402,13 +402,16 @@ def build_connectors(loss: Mapping[str, Any], student: nnx.Module,
     """The connectors of `loss.name` (a list per teacher, one per tap pair; [] for others).
 
     The tap shapes come from tracing both models abstractly on `image_shape` images (see
-    `connectors_for_shapes`); `dataset_labels` (the training labels) serve CRD's memory.
+    `connectors_for_shapes`), with the sub-modules loss.student_taps / each teacher's taps name
+    (kdjax.taps); `dataset_labels` (the training labels) serve CRD's memory.
     """
     if loss["name"] not in FEATURE_METHODS:
         return []
     return connectors_for_shapes(
-        loss, connectors.feature_shapes(*nnx.split(student), image_shape),
-        [connectors.feature_shapes(t.graphdef, t.variables, image_shape) for t in teachers],
+        loss, connectors.feature_shapes(*nnx.split(student), image_shape,
+                                        taps=loss["student_taps"], what="loss.student_taps"),
+        [connectors.feature_shapes(t.graphdef, t.variables, image_shape, taps=t.taps,
+                                   what="loss.teacher_taps") for t in teachers],
         rngs=rngs, dataset_labels=dataset_labels, dtype=dtype)
 
 

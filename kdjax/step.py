@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import augment, sharding
+from kdjax import taps as taps_lib
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -41,28 +42,32 @@ Objective = Callable[[dict, tuple[dict, ...], jax.Array, jax.Array], tuple[jax.A
 class Distillee(nnx.Module):
     """The trainable side of the step: the student, its connectors and its peer students.
 
-    `connectors[i][j]` connects the student to teacher i for tap pair j (kdjax.connectors);
-    `peers` are further students trained alongside (deep mutual learning). Calling a Distillee
-    runs the student alone, so evaluation sees exactly the exported model. `features(...,
-    teachers=...)` adds to the student's taps what the objective needs from the rest:
-    "connectors" (per teacher, per pair: the loss's arguments) and "peers" (their taps).
+    The student is any NNX model: a zoo model's `features()` taps, or `{"logits": student(x)}`
+    plus the sub-modules named in `taps` (attribute paths, kdjax.taps). `connectors[i][j]`
+    connects the student to teacher i for tap pair j (kdjax.connectors); `peers` are further
+    students trained alongside (deep mutual learning). Calling a Distillee runs the student
+    alone, so evaluation sees exactly the exported model. `features(..., teachers=...)` adds to
+    the student's taps what the objective needs from the rest: "connectors" (per teacher, per
+    pair: the loss's arguments) and "peers" (their taps).
     """
 
     def __init__(self, student: nnx.Module, *,
                  connectors: Sequence[Sequence[nnx.Module]] = (),
-                 peers: Sequence[nnx.Module] = ()):
+                 peers: Sequence[nnx.Module] = (), taps: Sequence[str] = ()):
         self.student = student
         self.connectors = nnx.List([nnx.List(list(c)) for c in connectors])
         self.peers = nnx.List(list(peers))
+        self.taps = tuple(taps)
 
     def __call__(self, x, *, train: bool = False) -> jax.Array:
-        return self.student(x, train=train)
+        return taps_lib.call(self.student, x, train=train)
 
     def features(self, x, *, train: bool = False, teachers: Sequence[dict] = (),
                  index: jax.Array | None = None, key: jax.Array | None = None) -> dict:
-        out = dict(self.student.features(x, train=train))
+        out = taps_lib.features(self.student, x, train=train, taps=self.taps,
+                                what="loss.student_taps")
         if len(self.peers):
-            out["peers"] = tuple(p.features(x, train=train) for p in self.peers)
+            out["peers"] = tuple(taps_lib.features(p, x, train=train) for p in self.peers)
         if len(self.connectors):
             if len(self.connectors) != len(teachers):
                 raise ValueError(f"the student has connectors for {len(self.connectors)} "
@@ -126,15 +131,24 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 class FrozenModel(NamedTuple):
-    """A teacher: its static structure and its (never updated) variables."""
+    """A teacher: its static structure, its (never updated) variables, the sub-modules to tap
+    (attribute paths, kdjax.taps) and its own input normalisation.
+
+    `normalization` is the (mean, std) the teacher was trained with, when it differs from the
+    student's (an imported torchvision teacher on ImageNet statistics, say): the step gives the
+    teacher the same augmented view as the student, normalised its own way. None = the student's.
+    """
 
     graphdef: nnx.GraphDef
     variables: nnx.State
+    taps: tuple[str, ...] = ()
+    normalization: augment.Normalization | None = None
 
 
-def freeze(model: nnx.Module) -> FrozenModel:
+def freeze(model: nnx.Module, *, taps: Sequence[str] = (),
+           normalization: augment.Normalization | None = None) -> FrozenModel:
     graphdef, variables = nnx.split(model)
-    return FrozenModel(graphdef, variables)
+    return FrozenModel(graphdef, variables, tuple(taps), normalization)
 
 
 def compute_dtype(name: str = "auto") -> jnp.dtype:
@@ -228,6 +242,18 @@ def _sample(state: TrainState, data: DeviceData, mesh: Mesh) -> tuple[TrainState
         batch, sharding.batch_sharded(mesh))
 
 
+def _teacher_input(teacher: FrozenModel, images: jax.Array,
+                   preprocess: augment.Preprocess) -> jax.Array:
+    return augment.renormalize(images, preprocess, teacher.normalization)
+
+
+def _teacher_features(teacher: FrozenModel, variables: nnx.State, images: jax.Array,
+                      preprocess: augment.Preprocess) -> dict:
+    return taps_lib.features(nnx.merge(teacher.graphdef, variables),
+                             _teacher_input(teacher, images, preprocess), train=False,
+                             taps=teacher.taps, what="loss.teacher_taps")
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """A compiled step. Call it as `state, metrics = step(state, batch)`.
@@ -297,7 +323,6 @@ def make_distill_step(
         raise ValueError(f"nan_policy (config train.nan_policy) must be one of {NAN_POLICIES}, "
                          f"got {nan_policy!r}")
     mesh = mesh or sharding.make_mesh()
-    teacher_defs = tuple(t.graphdef for t in teachers)
     rep = sharding.replicated(mesh)
     teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
     teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
@@ -312,9 +337,9 @@ def make_distill_step(
         views = augment.train_views(batch, preprocess, key=key, dtype=jnp.float32)
         # Teachers: inference mode, outside the differentiated function, so no gradient and no
         # optimizer state ever touch them; stop_gradient documents it for features too.
-        teacher_out = tuple(
-            jax.lax.stop_gradient(nnx.merge(g, v).features(views.teacher, train=False))
-            for g, v in zip(teacher_defs, teacher_vars))
+        teacher_out = tuple(jax.lax.stop_gradient(_teacher_features(t, v, views.teacher,
+                                                                    preprocess))
+                            for t, v in zip(teachers, teacher_vars))
 
         def loss_fn(params):
             # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
@@ -393,7 +418,6 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     model_state_sharding = None if state_sharding is None else state_sharding.model_state
     teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
     teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
-    teacher_defs = tuple(t.graphdef for t in teachers)
 
     def eval_step(params, model_state, teacher_vars, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
@@ -405,14 +429,16 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
         for prefix, student in students.items():
-            logits = student(images, train=False).astype(jnp.float32)
+            logits = taps_lib.call(student, images, train=False).astype(jnp.float32)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
             sums[prefix + "loss"] = (ce * mask).sum()
             sums[prefix + "accuracy"] = ((logits.argmax(-1) == labels) * mask).sum()
             sums[prefix + "top5_accuracy"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
-            if teacher_defs and not prefix:
-                t_logits = nnx.merge(teacher_defs[0], teacher_vars[0])(images, train=False)
+            if teachers and not prefix:
+                teacher = teachers[0]
+                t_logits = taps_lib.call(nnx.merge(teacher.graphdef, teacher_vars[0]),
+                                         _teacher_input(teacher, images, preprocess), train=False)
                 sums["teacher_agreement"] = (
                     (logits.argmax(-1) == t_logits.argmax(-1)) * mask).sum()
         return sums

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import augment, models
+from kdjax import augment, models, taps
 from kdjax.models import ModelSpec
 from kdjax.step import FrozenModel
 
@@ -88,7 +88,8 @@ def agreement(reference: FrozenModel, prepared: FrozenModel, batches: Iterable[d
     """Top-1 agreement and the largest logit difference of `prepared` against `reference`.
 
     `batches` are eval batches ("image", "mask" for padding), read until `max_examples` real
-    examples have been compared (fewer when the split is smaller).
+    examples have been compared (fewer when the split is smaller). `preprocess` is the run's;
+    the teachers see its images in their own normalisation (FrozenModel.normalization).
     """
     if max_examples < 1:
         raise ValueError(f"max_examples (config teacher.agreement_examples) must be >= 1 to "
@@ -97,8 +98,11 @@ def agreement(reference: FrozenModel, prepared: FrozenModel, batches: Iterable[d
     @jax.jit
     def compare(ref_vars, prep_vars, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
-        ref = nnx.merge(reference.graphdef, ref_vars)(images, train=False).astype(jnp.float32)
-        out = nnx.merge(prepared.graphdef, prep_vars)(images, train=False).astype(jnp.float32)
+        images = augment.renormalize(images, preprocess, reference.normalization)
+        ref = taps.call(nnx.merge(reference.graphdef, ref_vars), images,
+                        train=False).astype(jnp.float32)
+        out = taps.call(nnx.merge(prepared.graphdef, prep_vars), images,
+                        train=False).astype(jnp.float32)
         real = batch["mask"] > 0
         same = (ref.argmax(-1) == out.argmax(-1)) & real
         diff = jnp.where(real[:, None], jnp.abs(ref - out), 0.0).max()

@@ -48,6 +48,7 @@ import kdjax
 from kdjax import augment, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
 from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
+from kdjax import taps as taps_lib
 from kdjax import teacher as teacher_lib
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
@@ -181,11 +182,13 @@ def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, s
     peers = [dataclasses.replace(student, name=name, kwargs=dict(
         config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
              for i, name in enumerate(config.model.peers, start=1)]
+    for name, m in ((config.model.name, model), *zip(config.model.peers, peers)):
+        check_logits(m, student.num_classes, spec.image_shape, f"model.name={name!r}")
     connectors = objectives.build_connectors(
         config.loss, model, teachers, image_shape=spec.image_shape,
         rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
         dtype=compute_dtype(config.model.compute_dtype))
-    return Distillee(model, connectors=connectors, peers=peers)
+    return Distillee(model, connectors=connectors, peers=peers, taps=config.loss.student_taps)
 
 
 def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
@@ -205,10 +208,6 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_
     try:
         step = reader.resolve_step("latest")
         run = reader.run_meta(step)
-        if run["config"]["data"]["name"] != config.data.name:
-            raise ValueError(f"the teacher in {workdir!r} was trained on data.name="
-                             f"{run['config']['data']['name']!r} but this run uses data.name="
-                             f"{config.data.name!r}; distil on the teacher's dataset")
         teacher = ModelSpec.from_json(run["model"])
         if config.teacher.model.name:
             teacher = dataclasses.replace(teacher, name=config.teacher.model.name,
@@ -227,10 +226,32 @@ def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_
             shardings_for=_shardings_for(config, mesh, config.teacher.sharding))
     finally:
         reader.close()
+    check_logits(reference, teacher.num_classes, spec.image_shape,
+                 f"of teacher {workdir!r} ({teacher.name})")
+    trained_on = run["config"]["data"]["name"]
+    if trained_on != config.data.name:
+        # Accepted on the class count alone: the class order is the user's to keep the same.
+        print(f"kdjax: note: the teacher in {workdir!r} was trained on {trained_on!r}, this run "
+              f"distils on {config.data.name!r}; both have {num_classes} classes, which must be "
+              f"the same classes in the same order", flush=True)
     prepared, preparation = teacher_lib.prepare(reference, teacher, dtype=dtype,
                                                 fold_batchnorm=config.teacher.fold_batchnorm)
-    return Teacher(workdir, freeze(prepared),
-                   freeze(reference) if preparation.changed else None, preparation)
+    # Each teacher sees the student's augmented view in its own training normalisation (a run
+    # that recorded none is taken to share the student's).
+    recorded = run.get("preprocess")
+    normalization = (tuple(recorded["mean"]), tuple(recorded["std"])) if recorded else None
+    frozen = {"taps": tuple(config.loss.teacher_taps), "normalization": normalization}
+    return Teacher(workdir, freeze(prepared, **frozen),
+                   freeze(reference, **frozen) if preparation.changed else None, preparation)
+
+
+def check_logits(model: nnx.Module, num_classes: int, image_shape, what: str) -> None:
+    """Refuse a model whose output on a batch of images is not [batch, num_classes] logits
+    (traced abstractly: nothing is computed). `what` names the model in the message."""
+    graphdef, variables = nnx.split(model)
+    out = jax.eval_shape(lambda v, x: taps_lib.call(nnx.merge(graphdef, v), x, train=False),
+                         variables, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+    taps_lib.check_logits(getattr(out, "shape", ()), num_classes, model=what, batch=2)
 
 
 def _input(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str

@@ -167,7 +167,7 @@ def test_eval_counts_every_example_once_with_padding():
     x = augment.preprocess(jnp.asarray(images[:40]), augment.Preprocess(), key=None,
                            dtype=jnp.float32)
     logits = np.asarray(model(x))
-    t_logits = np.asarray(nnx.merge(*teacher)(x))
+    t_logits = np.asarray(nnx.merge(teacher.graphdef, teacher.variables)(x))
     assert totals["count"] == 40
     np.testing.assert_allclose(totals["accuracy"], (logits.argmax(-1) == labels[:40]).sum())
     np.testing.assert_allclose(totals["teacher_agreement"],
