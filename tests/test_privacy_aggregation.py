@@ -83,7 +83,7 @@ def test_ensemble_counts_are_each_teachers_argmax_counted():
     x = augment.preprocess(jnp.asarray(images), recipe, key=None, dtype=jnp.float32)
     expected = np.zeros((23, 3), np.int64)
     for t in teachers:
-        expected[np.arange(23), np.asarray(nnx.merge(*t)(x, train=False)).argmax(-1)] += 1
+        expected[np.arange(23), np.asarray(nnx.merge(t.graphdef, t.variables)(x, train=False)).argmax(-1)] += 1
     np.testing.assert_array_equal(counts, expected)
     assert counts.sum(1).tolist() == [5] * 23
 
@@ -91,7 +91,7 @@ def test_ensemble_counts_are_each_teachers_argmax_counted():
 def test_an_ensemble_has_one_architecture():
     other = freeze(models.create_model("mlp", hidden=(9,), num_classes=3, rngs=nnx.Rngs(0),
                                        input_shape=(4, 4, 1)))
-    with pytest.raises(ValueError, match="teacher 2 of the ensemble has another architecture"):
+    with pytest.raises(ValueError, match="teacher 2 of the ensemble has another architecture or input normalisation"):
         aggregation.stack_teachers(_teachers(2) + [other])
     with pytest.raises(ValueError, match="at least one teacher"):
         aggregation.stack_teachers([])

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import kdjax
-from kdjax import checkpoint, config as config_lib, data, distributed, metrics, models
+from kdjax import augment, checkpoint, config as config_lib, data, distributed, metrics, models
 from kdjax import objectives, optim
 from kdjax import input as input_lib, sharding
 from kdjax.datafree import deepinversion, generator
@@ -96,6 +96,21 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     unfolded.teacher.fold_batchnorm = False
     teacher = trainer.load_teacher(unfolded, spec, num_classes, mesh, config.teacher.workdir).model
     preprocess = trainer._preprocess(config, spec.image_shape[-1])
+    # Inputs are synthesised in the teacher's normalised space, and quantised back to pixels
+    # through the teacher's own normalisation when it has one.
+    if teacher.normalization is not None:
+        mean, std = teacher.normalization
+        if config.datafree.method == "zskt" and (tuple(mean), tuple(std)) != (
+                tuple(preprocess.mean), tuple(preprocess.std)):
+            raise ValueError(
+                f"datafree.method='zskt' feeds the generator's images to the teacher and the "
+                f"student alike, but the teacher in {config.teacher.workdir!r} was trained on "
+                f"normalisation mean={mean}, std={std} and the student's is data.mean="
+                f"{preprocess.mean}, data.std={preprocess.std}; set data.mean and data.std to "
+                f"the teacher's")
+        pixels = augment.Preprocess(mean=tuple(mean), std=tuple(std))
+    else:
+        pixels = preprocess
     platform = mesh.devices.flat[0].platform
     checkpoint.ensure_writable(workdir)
     if config.datafree.method == "zskt":
@@ -114,7 +129,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
                 num_images=config.datafree.num_images,
                 batch_size=config.datafree.synthesis_batch_size, num_classes=num_classes,
                 image_shape=tuple(spec.image_shape), recipe=recipe(config, platform),
-                preprocess=preprocess, mesh=mesh)
+                preprocess=pixels, mesh=mesh)
             pool = {"image": out["image"], "label": out["label"]}
             last = out["metrics"][-1]
             synthesis = {"datafree/synthesis_time_s": time.perf_counter() - t0,

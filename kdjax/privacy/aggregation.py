@@ -72,13 +72,14 @@ def stack_teachers(teachers: Sequence[FrozenModel]) -> FrozenModel:
     (the members of an ensemble): the vote is then one vmapped forward pass."""
     if not teachers:
         raise ValueError("an ensemble needs at least one teacher")
-    graphdef = teachers[0].graphdef
+    first = teachers[0]
     for i, t in enumerate(teachers[1:], start=1):
-        if t.graphdef != graphdef:
-            raise ValueError(f"teacher {i} of the ensemble has another architecture than teacher "
-                             f"0; an ensemble's teachers share one (train them with one config)")
+        if t.graphdef != first.graphdef or t.normalization != first.normalization:
+            raise ValueError(f"teacher {i} of the ensemble has another architecture or input "
+                             f"normalisation than teacher 0; an ensemble's teachers share them "
+                             f"(train them with one config)")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(t.variables for t in teachers))
-    return FrozenModel(graphdef, stacked)
+    return first._replace(variables=stacked)
 
 
 def ensemble_counts(ensemble: FrozenModel, images: np.ndarray, *,
@@ -94,7 +95,9 @@ def ensemble_counts(ensemble: FrozenModel, images: np.ndarray, *,
 
     @jax.jit
     def count(variables, batch):
-        x = augment.preprocess(batch, preprocess, key=None, dtype=jnp.float32)
+        x = augment.renormalize(augment.preprocess(batch, preprocess, key=None,
+                                                   dtype=jnp.float32),
+                                preprocess, ensemble.normalization)
         logits = jax.vmap(lambda v: nnx.merge(graphdef, v)(x, train=False))(variables)
         return vote_counts(logits.astype(jnp.float32))
 
