@@ -6,7 +6,8 @@ per-channel statistics resemble the training data to the network (DeepInversion,
 2020). They are read during one forward pass by swapping each BatchNorm instance's class, for
 that pass only, for a subclass that records its input's batch mean and variance; the model is
 never edited, and since this runs while jax traces the step, the statistics are ordinary values
-of the compiled program. (kdjax.taps records module outputs by path; this needs inputs.)
+of the compiled program. (kdjax.taps swaps classes the same way to record module outputs by
+path; this needs every BatchNorm's input, which is no module's output in general.)
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def recording(model: nnx.Module) -> Iterator[list[BatchNormInput]]:
                                           self.var[...].astype(jnp.float32)))
             return cls.__call__(self, x, *args, **kwargs)
 
-        return type(cls.__name__, (cls,), {"__call__": __call__})
+        # type(cls) is Flax's module metaclass; the subclass only overrides __call__.
+        return type(cls)(cls.__name__, (cls,), {"__call__": __call__,
+                                                "__module__": cls.__module__,
+                                                "__qualname__": cls.__qualname__})
 
     swapped = {cls: subclass(cls) for cls in set(originals)}
     try:
