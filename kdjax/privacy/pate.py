@@ -124,13 +124,15 @@ def privacy_summary(config: ml_collections.ConfigDict, counts: np.ndarray,
     if agg == NOT_PRIVATE:
         return {**out, "privacy/epsilon": math.inf, "privacy/private": False}
     confident = p.threshold > 0
-    cost = rdp.pate_cost(counts, answers.answered, sigma=p.sigma, delta=p.delta,
+    cost = rdp.pate_cost(counts, sigma=p.sigma, delta=p.delta,
                          threshold=p.threshold if confident else None,
                          sigma1=p.sigma1 if confident else None)
     return {**out, "privacy/private": True, "privacy/epsilon": cost.epsilon,
             "privacy/order": cost.order,
-            "privacy/analysis": "data-independent RDP (Papernot et al. 2018, Prop. 8)",
-            # From the private votes: an analysis figure, not itself differentially private.
+            "privacy/analysis": "data-independent RDP (Papernot et al. 2018, Prop. 8), every "
+                                "query charged the check and GNMax",
+            # From the private votes (the paper's expected cost): an analysis figure, not
+            # itself differentially private.
             "privacy/epsilon_data_dependent_unsanitized": cost.epsilon_data_dependent,
             "privacy/mechanism": "confident_gnmax" if confident else "gnmax",
             "privacy/sigma": p.sigma, "privacy/threshold": p.threshold if confident else None,

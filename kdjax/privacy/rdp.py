@@ -10,15 +10,22 @@ Two analyses of the same release, both computed here:
 
 - **data-independent** (Prop. 8 of the paper): GNMax with noise σ is (λ, λ/σ²)-RDP at every
   order λ > 1, whatever the votes; the threshold check of Confident-GNMax, a Gaussian mechanism
-  of sensitivity 1 with noise σ₁, is (λ, λ/(2σ₁²))-RDP. These bounds hold for every dataset, so
-  the ε they give is a differential-privacy guarantee that may be published as is. This is what
-  kdjax reports as the run's ε.
+  of sensitivity 1 with noise σ₁, is (λ, λ/(2σ₁²))-RDP. Composed over Q queries, each charged
+  both (a query with a strong consensus is answered with probability ~1, so no smaller
+  per-query bound holds for every dataset): Q·(λ/(2σ₁²) + λ/σ²), or Q·λ/σ² for plain GNMax.
+  This holds for every dataset and every outcome of the checks, so the ε it gives is a
+  differential-privacy guarantee that may be published as is. kdjax reports it as the run's ε.
+  (Charging GNMax to the answered queries alone is valid only as a Rényi filter whose budget
+  is fixed before querying, Feldman & Zrnic 2021, which kdjax does not run.)
 - **data-dependent** (Theorem 6 with Prop. 7 and 10 of the paper): when the teachers agree, the
   noisy argmax equals the plurality with probability 1 - q̃, and the RDP at *this* dataset is
-  much smaller. The bound is a function of the private votes, so the ε it gives is not itself
-  private: the paper publishes it only after sanitising it with smooth sensitivity (its
-  Section 4 and Appendix C). kdjax computes it for analysis and comparison, labelled as such,
-  and does not implement the smooth-sensitivity release.
+  much smaller. Composed as the paper's analysis does (TF Privacy's
+  research/pate_2018/ICLR2018/smooth_sensitivity_table.py): per query, the check's
+  data-dependent cost plus Pr[answered]·GNMax's (the expected cost over the check's noise).
+  The bound is a function of the private votes, so the ε it gives is not itself private: the
+  paper publishes it only after sanitising it with smooth sensitivity (its Section 4 and
+  Appendix C). kdjax computes it for analysis and comparison with the paper, labelled as
+  such, and does not implement the smooth-sensitivity release.
 
 (ε, δ) from an RDP curve: ε = min_λ RDP(λ) + log(1/δ)/(λ - 1) (Mironov 2017, Prop. 3), the
 conversion the paper and TF Privacy's PATE analysis use, over a fixed grid of orders.
@@ -181,46 +188,39 @@ class PrivacyCost(NamedTuple):
 
     epsilon: float  # data-independent: a DP guarantee, publishable as is
     order: float  # the Rényi order that gives it
-    epsilon_data_dependent: float  # computed from the private votes: NOT itself private
+    epsilon_data_dependent: float  # from the private votes: NOT itself private
     order_data_dependent: float
     delta: float
     queries: int  # every query the student asked
-    answered: int  # the ones that passed the threshold (all of them for plain GNMax)
 
 
-def pate_cost(counts, answered, *, sigma: float, delta: float, threshold: float | None = None,
+def pate_cost(counts, *, sigma: float, delta: float, threshold: float | None = None,
               sigma1: float | None = None, orders=ORDERS) -> PrivacyCost:
-    """The privacy cost of answering queries with (Confident-)GNMax.
+    """The privacy cost of asking the queries `counts` of (Confident-)GNMax.
 
     Args:
-      counts: int [Q, C], the teachers' votes on every query asked, answered or not.
-      answered: bool [Q], which queries released a label (all True without a threshold).
+      counts: int [Q, C], the teachers' votes on every query asked, answered or not (the
+        data-dependent analysis reads them; the data-independent one only counts them).
       sigma: GNMax's noise σ (σ₂ of Confident-GNMax).
       delta: the δ of the reported (ε, δ).
       threshold, sigma1: Confident-GNMax's T and σ₁; None for plain GNMax.
       orders: the Rényi orders to optimise over.
 
-    Composition (RDP adds up, also adaptively): every query pays its threshold check; each
-    answered query also pays GNMax. This charges the answers actually given, as the paper's
-    analysis of its experiments does.
+    RDP adds up over queries, also adaptively: see the module docstring for what each analysis
+    charges per query.
     """
     counts = np.atleast_2d(np.asarray(counts))
-    answered = np.asarray(answered, bool)
-    if answered.shape != (len(counts),):
-        raise ValueError(f"answered must be bool [{len(counts)}] (one per query), got shape "
-                         f"{answered.shape}")
     if (threshold is None) != (sigma1 is None):
         raise ValueError(f"Confident-GNMax needs both threshold and sigma1 (got threshold="
                          f"{threshold}, sigma1={sigma1})")
-    if threshold is None and not answered.all():
-        raise ValueError("plain GNMax answers every query; answered must be all True")
     orders = _orders(orders)
-    n_q, n_a = len(counts), int(answered.sum())
-    indep = n_a * gnmax_rdp_data_independent(sigma, orders)
-    dep = gnmax_rdp(counts[answered], sigma, orders).sum(0)
+    n_q = len(counts)
+    indep = n_q * gnmax_rdp_data_independent(sigma, orders)
+    dep = gnmax_rdp(counts, sigma, orders)  # [Q, L]
     if threshold is not None:
         indep = indep + n_q * threshold_rdp_data_independent(sigma1, orders)
-        dep = dep + threshold_rdp(counts, threshold, sigma1, orders).sum(0)
+        p_answered = np.exp(log_pr_answered(counts, threshold, sigma1))[:, None]
+        dep = threshold_rdp(counts, threshold, sigma1, orders) + p_answered * dep
     eps, order = epsilon(indep, delta, orders)
-    eps_dep, order_dep = epsilon(dep, delta, orders)
-    return PrivacyCost(eps, order, eps_dep, order_dep, delta, n_q, n_a)
+    eps_dep, order_dep = epsilon(dep.sum(0), delta, orders)
+    return PrivacyCost(eps, order, eps_dep, order_dep, delta, n_q)
