@@ -25,19 +25,30 @@ MANIFEST = "pate.json"
 _SLICE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(\[(?P<start>\d*):(?P<stop>\d*)\])?$")
 
 
+def parse_split(split: str) -> tuple[str, int | None, int | None] | None:
+    """(name, start, stop) of "name" or "name[a:b]" (absolute indices, None where left out);
+    None for any other TFDS split string."""
+    m = _SLICE.match(split)
+    if m is None:
+        return None
+    return (m["name"], int(m["start"]) if m["start"] else None,
+            int(m["stop"]) if m["stop"] else None)
+
+
 def split_range(split: str, num_examples: int, *, key: str = "data.train_split"
                 ) -> tuple[str, int, int]:
     """(split name, start, stop) of `split` = "name" or "name[a:b]" (absolute indices)."""
-    m = _SLICE.match(split)
-    if m is None:
+    parsed = parse_split(split)
+    if parsed is None:
         raise ValueError(f"{key}={split!r}: PATE partitions a split given as NAME or NAME[a:b] "
                          f"(absolute example indices), e.g. 'train' or 'train[:50000]'")
-    start = int(m["start"]) if m["start"] else 0
-    stop = int(m["stop"]) if m["stop"] else num_examples
+    name, start, stop = parsed
+    start = start or 0
+    stop = num_examples if stop is None else stop
     if not 0 <= start < stop <= num_examples:
         raise ValueError(f"{key}={split!r} selects examples {start}..{stop} of the "
-                         f"{num_examples} in {m['name']!r}")
-    return m["name"], start, stop
+                         f"{num_examples} in {name!r}")
+    return name, start, stop
 
 
 def partition(start: int, stop: int, num_teachers: int) -> list[tuple[int, int]]:

@@ -78,16 +78,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_disjoint(public: str, evaluation: str) -> None:
     """The student is evaluated on examples it never queried."""
-    a = partitions._SLICE.match(public)
-    b = partitions._SLICE.match(evaluation)
+    a, b = partitions.parse_split(public), partitions.parse_split(evaluation)
     if a is None or b is None:
         raise ValueError(f"pate.public_split={public!r} and data.eval_split={evaluation!r} must "
                          f"be NAME or NAME[a:b], so that kdjax can check they do not overlap")
-    if a["name"] != b["name"]:
+    if a[0] != b[0]:
         return
-    lo = lambda m: int(m["start"] or 0)  # noqa: E731
-    hi = lambda m: int(m["stop"]) if m["stop"] else math.inf  # noqa: E731
-    if max(lo(a), lo(b)) < min(hi(a), hi(b)):
+    lo = max(a[1] or 0, b[1] or 0)
+    hi = min(math.inf if a[2] is None else a[2], math.inf if b[2] is None else b[2])
+    if lo < hi:
         raise ValueError(
             f"pate.public_split={public!r} overlaps data.eval_split={evaluation!r}: the student "
             f"would be evaluated on examples it trained on; split them, e.g. "
