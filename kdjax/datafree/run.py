@@ -114,7 +114,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     platform = mesh.devices.flat[0].platform
     checkpoint.ensure_writable(workdir)
     if config.datafree.method == "zskt":
-        summary = _zskt(config, workdir, teacher, spec, mesh, preprocess, fresh=fresh)
+        summary = _zskt(config, workdir, teacher, spec, mesh, preprocess)
     else:
         pool_path = os.path.join(workdir, POOL)
         t0 = time.perf_counter()
@@ -149,8 +149,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     return summary
 
 
-def _zskt(config, workdir, teacher, spec, mesh, preprocess, *, fresh: bool) -> dict[str, Any]:
-    """The generator/student game, its evaluation and the student's checkpoint."""
+def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
+    """The generator/student game, its evaluation and the student's checkpoint (a workdir with
+    checkpoints is refused: the game does not resume, `--fresh` or not)."""
     from kdjax import trainer
 
     d, total = config.datafree, config.train.steps
