@@ -329,6 +329,11 @@ class Checkpointer:
             path = self.path(step)
             try:
                 saved = self.manager.item_metadata(step)
+                if saved.get("train") is None and saved.get("model") is not None:
+                    raise CheckpointMismatchError(
+                        f"the checkpoint {path} holds a model without training state (written "
+                        f"by `kdjax import`): it is a teacher (teacher.workdir) or a model to "
+                        f"eval/export, not a run to resume; train in another --workdir")
                 lines = [f"{item}/{line}" for item in target
                          for line in mismatches(saved[item].tree, target[item])]
                 if lines:
@@ -366,6 +371,24 @@ class Checkpointer:
         shutil.move(self.path(step), dest)
         self.manager.reload()
         return dest
+
+
+def save_model_only(workdir: str, params: Any, model_state: Any, run: dict[str, Any], *,
+                    step: int = 0) -> str:
+    """Write a checkpoint with the "model" and "run" items only (no "train" item): a model that
+    was not trained here (`kdjax import`), readable by every RunReader user; not resumable."""
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "model": ocp.StandardCheckpointHandler(), "run": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": params, "model_state": model_state}),
+            run=ocp.args.JsonSave(run)))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return os.path.join(directory, str(step))
 
 
 def _first_line(error: Exception) -> str:

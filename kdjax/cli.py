@@ -5,6 +5,8 @@
   kdjax distill --config experiments/fashion_mnist/kd.py --workdir workdirs/ban --generations 3
   kdjax eval    --workdir workdirs/kd            (reads the run's config.json)
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
+  kdjax export  --workdir workdirs/kd --out exports/kd_pt --format torch   (for load_state_dict)
+  kdjax import  --from resnet50.pth --model resnet50 --out workdirs/r50   (a PyTorch teacher)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax datasets                           (what is prepared where)
@@ -62,6 +64,39 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="directory to create (must not exist)")
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
+    exp.add_argument("--format", default="kdjax",
+                     choices=("kdjax", "safetensors", "torch", "stablehlo"),
+                     help="kdjax (default: Orbax, for kdjax.export.load); safetensors / torch: "
+                          "the state_dict for PyTorch's load_state_dict (the .pth is written "
+                          "without torch); stablehlo: the serialized inference function "
+                          "(jax.export), uint8 images in, logits out")
+    exp.add_argument("--layout", default=None, choices=("torchvision", "crd", "kdjax"),
+                     help="state_dict naming for safetensors/torch (default: the one the model "
+                          "was imported in, else its architecture's reference, else kdjax)")
+    imp = sub.add_parser("import", help="map a PyTorch .pth / .safetensors state_dict onto a zoo "
+                                        "model and write it as a run (a teacher.workdir)")
+    imp.add_argument("--from", dest="source", required=True, metavar="FILE",
+                     help=".pth/.pt (read without running pickled code) or .safetensors")
+    imp.add_argument("--model", required=True, help="zoo model name, e.g. resnet50, resnet32x4")
+    imp.add_argument("--out", required=True, help="run directory to create (must not exist)")
+    imp.add_argument("--num-classes", type=int, default=None,
+                     help="classifier outputs (default: read off the file's classifier)")
+    imp.add_argument("--input-shape", default=None, metavar="H,W,C",
+                     help="default: the layout's (torchvision 224,224,3; crd 32,32,3)")
+    imp.add_argument("--layout", default=None, choices=("torchvision", "crd", "kdjax"),
+                     help="the file's naming (default: the architecture's reference)")
+    imp.add_argument("--mean", default=None, metavar="M,M,M",
+                     help="input normalisation the weights were trained with (default: the "
+                          "layout's: torchvision ImageNet's, crd RepDistiller's CIFAR-100)")
+    imp.add_argument("--std", default=None, metavar="S,S,S")
+    imp.add_argument("--data", default=None, metavar="NAME",
+                     help="data.name recorded for the run (default: imagenet2012 / cifar100)")
+    imp.add_argument("--model-kwargs", default=None, metavar="JSON",
+                     help="zoo constructor arguments (model.kwargs), e.g. '{\"channels\": "
+                          "[32, 64, 128, 256]}'")
+    imp.add_argument("--key", default=None,
+                     help="the entry of a checkpoint dict that holds the state_dict (default: "
+                          "state_dict / model_state_dict / model / net, when it is one)")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name: mnist, fashion_mnist, cifar10, cifar100, "
                                    "imagenette[/config], imagenet2012, or any name (or "
@@ -139,6 +174,36 @@ def datasets_table(data_dir: str | None) -> str:
     lines = [f"data dir: {root}", "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _numbers(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, e.g. 0.485,0.456,0.406; got "
+                         f"{text!r}") from None
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    values = _numbers(text, flag)
+    if values is not None and not all(v == int(v) for v in values):
+        raise ValueError(f"{flag} must be comma-separated integers, e.g. 224,224,3; got {text!r}")
+    return None if values is None else tuple(int(v) for v in values)
+
+
+def _json_dict(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"depth\": 8}}'; got {text!r} "
+                         f"({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
 
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
@@ -228,9 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().error("kdjax export takes no --config overrides")
         from kdjax import export
 
-        path = export.export(args.workdir, args.out, step=args.step)
-        print(f"kdjax: exported the student to {path}; load and run it with:\n"
-              f"{export.snippet(path)}")
+        path = export.export(args.workdir, args.out, step=args.step, format=args.format,
+                             layout=args.layout)
+        if args.format == "kdjax":
+            print(f"kdjax: exported the student to {path}; load and run it with:\n"
+                  f"{export.snippet(path)}")
+        else:
+            print(f"kdjax: exported the student to {path} ({args.format}); how to load it: "
+                  f"{os.path.join(path, 'README.md')}")
+        return 0
+    if args.command == "import":
+        if overrides:
+            _parser().error("kdjax import takes no --config overrides")
+        from kdjax.interop import importer
+
+        report = importer.import_checkpoint(
+            args.source, model=args.model, out=args.out, num_classes=args.num_classes,
+            input_shape=_ints(args.input_shape, "--input-shape"), layout=args.layout,
+            mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"),
+            model_kwargs=_json_dict(args.model_kwargs, "--model-kwargs"), key=args.key,
+            dataset=args.data)
+        for note in report.notes:
+            print(f"kdjax: note: {note}")
+        print(f"kdjax: {report.describe()}; use it as --config.teacher.workdir={report.out}")
         return 0
 
     from kdjax import distributed

@@ -46,12 +46,24 @@ predictions = model(preprocess(images)).argmax(-1)  # logits [N, classes] -> cla
 """
 
 
-def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
-    """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`."""
+def export(workdir: str, out: str, *, step: str | int = "latest", format: str = "kdjax",
+           layout: str | None = None) -> str:
+    """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`.
+
+    `format` "kdjax" is this module's; "safetensors", "torch" (a state_dict in `layout`) and
+    "stablehlo" are written by kdjax.interop.formats.
+    """
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
                          f"overwrites anything)")
+    if format != "kdjax":
+        from kdjax.interop import formats
+
+        formats.check(format, layout)
+    elif layout is not None:
+        raise ValueError("--layout names a state_dict layout: it goes with --format "
+                         "safetensors or torch")
     reader = checkpoint.RunReader(workdir)
     try:
         n = reader.resolve_step(step)
@@ -60,6 +72,9 @@ def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
         model = reader.load_model(n, spec)
     finally:
         reader.close()
+    if format != "kdjax":
+        return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
+                              source=f"{os.path.abspath(workdir)} step {n}")
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
@@ -116,6 +131,9 @@ def load(path: str, *, mesh: Mesh | None = None
                                 f"`kdjax export --workdir RUN --out {path}`")
     with open(meta_path) as f:
         meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is a {meta.get('format')} export, not kdjax's own format; its "
+                         f"README.md says how to load it")
     spec = ModelSpec.from_json(meta["model"])
     model_dir = os.path.join(path, MODEL_DIR)
     reader = ocp.StandardCheckpointer()

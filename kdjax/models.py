@@ -439,7 +439,7 @@ class VGG(FeatureModel):
     """RepDistiller CIFAR VGG with BN (conv bias=True, 5 conv groups, GAP, one fc).
 
     stem = group 0 output, stage1..stage4 = groups 1..4 (post-ReLU, pre-pool).
-    Max-pool after groups 0-2; after group 3 only for >= 64 px inputs (as reference).
+    Max-pool after groups 0-2; after group 3 only for 64 px inputs (RepDistiller: `h == 64`).
     """
 
     feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
@@ -465,7 +465,7 @@ class VGG(FeatureModel):
         for i, (name, group) in enumerate(zip(self.feature_names[:5], self.groups)):
             x = _run(group, x, train)
             feats[name] = x
-            if i < 3 or (i == 3 and h >= 64):
+            if i < 3 or (i == 3 and h == 64):
                 x = _max_pool(x, 2, 2)
         feats["embedding"] = _gap(x)
         feats["logits"] = self.fc(feats["embedding"])

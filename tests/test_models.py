@@ -201,6 +201,8 @@ def test_vgg_pools_after_group3_only_for_64px():
     assert _abstract_features(m, (1, 32, 32, 3))["stage4"].shape == (1, 4, 4, 512)
     assert _abstract_features(m, (1, 64, 64, 3))["stage4"].shape == (1, 4, 4, 512)
     assert _abstract_features(m, (1, 64, 64, 3))["stage3"].shape == (1, 8, 8, 512)
+    # RepDistiller pools there only at exactly 64 px (`if h == 64`), not for larger inputs
+    assert _abstract_features(m, (1, 128, 128, 3))["stage4"].shape == (1, 16, 16, 512)
 
 
 def test_constructor_kwargs():

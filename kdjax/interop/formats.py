@@ -1,0 +1,126 @@
+"""`kdjax export --format safetensors|torch|stablehlo`: a run's student for other frameworks.
+
+An export is a directory (written into a temporary one renamed when complete, like kdjax's own
+format):
+  model.safetensors | model.pth | model.stablehlo   the student
+  kdjax_model.json                                   ModelSpec, layout, normalisation, source
+  README.md                                          how to load and run it
+safetensors and torch hold the student's state_dict in a layout (`kdjax.interop.layouts`): the one
+it was imported in, else its architecture's reference (torchvision for resnet18/34/50, crd for
+the CIFAR zoo), else "kdjax"; so `model.load_state_dict(...)` into the torchvision / RepDistiller
+class gives the same logits as the student. The .pth is written without torch (the zip format
+`torch.load(path, weights_only=True)` reads). stablehlo is the inference function itself
+(`kdjax.interop.stablehlo`), runnable with jax alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from flax import nnx
+
+import kdjax
+from kdjax.interop import layouts, stablehlo, state_dict
+from kdjax.models import ModelSpec
+
+__all__ = ["FORMATS", "export"]
+
+FORMATS = ("safetensors", "torch", "stablehlo")
+_FILES = {"safetensors": "model.safetensors", "torch": "model.pth", "stablehlo": "model.stablehlo"}
+META_FILE = "kdjax_model.json"
+
+
+def _run_layout(run: dict[str, Any], model: nnx.Module) -> str:
+    imported = run.get("imported") or {}
+    layout = imported.get("layout")
+    if layout and layout in layouts.layouts_for(model):
+        return layout
+    return layouts.default_layout(model)
+
+
+def _constructor(spec: ModelSpec, layout: str) -> str:
+    """The PyTorch lines that build the reference model the state_dict loads into."""
+    if layout == "torchvision":
+        return (f"import torchvision\nmodel = torchvision.models.{spec.name}"
+                f"(num_classes={spec.num_classes})\n")
+    if layout == "crd":
+        key = "MobileNetV2" if spec.name == "mobilenetv2" else spec.name
+        kwargs = (f"  # built here with model.kwargs={spec.kwargs}: construct the matching "
+                  f"RepDistiller class instead" if spec.kwargs else "")
+        return ("# RepDistiller's models/ package (github.com/HobbitLong/RepDistiller) on "
+                "sys.path\nfrom models import model_dict\n"
+                f"model = model_dict[{key!r}](num_classes={spec.num_classes}){kwargs}\n")
+    return ("model = ...  # your PyTorch module whose state_dict names are these NNX paths\n"
+            "# (kdjax layout: convolution kernels HWIO, linear kernels [in, out])\n")
+
+
+def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference: str | None,
+            preprocess: dict, source: str) -> str:
+    head = f"# kdjax export ({fmt}): {spec.name}, {spec.num_classes} classes\n\nFrom {source}.\n\n"
+    if fmt == "stablehlo":
+        return (head + f"`{_FILES[fmt]}` is the whole inference function as serialized StableHLO "
+                f"(jax.export, lowered for {', '.join(stablehlo.PLATFORMS)}): uint8 images "
+                f"[N, {', '.join(map(str, spec.input_shape))}] in (any N; normalised inside with "
+                f"mean {preprocess['mean']}, std {preprocess['std']}), float32 logits out. It "
+                f"needs jax alone:\n\n```python\n{stablehlo.snippet(path, spec)}```\n")
+    imports, load = (("import torch\nfrom safetensors.torch import load_file\n",
+                      f"model.load_state_dict(load_file(\"{path}\"))\n") if fmt == "safetensors"
+                     else ("import torch\n", f"model.load_state_dict(torch.load(\"{path}\", "
+                                               f"weights_only=True))\n"))
+    h, w, c = spec.input_shape
+    return (head + f"`{_FILES[fmt]}` is the student's state_dict in the {layout!r} layout"
+            + (f" of {reference}" if reference else "") + ".\n\n```python\n" + imports
+            + _constructor(spec, layout) + load + "model.eval()\n"
+            f"# inputs: float32 [N, {c}, {h}, {w}] in [0, 1], normalised per channel with\n"
+            f"# mean={preprocess['mean']}, std={preprocess['std']}\n```\n")
+
+
+def check(fmt: str, layout: str | None) -> None:
+    """Refuse a format or format/layout pair before any checkpoint is read."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be kdjax or one of {FORMATS}, got {fmt!r}")
+    if fmt == "stablehlo" and layout is not None:
+        raise ValueError("--layout names a state_dict layout; --format stablehlo has none")
+    if layout is not None and layout not in layouts.LAYOUTS:
+        raise ValueError(f"--layout must be one of {layouts.LAYOUTS}, got {layout!r}")
+
+
+def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
+           layout: str | None, step: int, source: str) -> str:
+    """Write `model` (the student of `run`'s checkpoint `step`) to the new directory `out`."""
+    check(fmt, layout)
+    if fmt != "stablehlo":
+        layout = layout or _run_layout(run, model)
+        layouts.entries(model, layout)  # refuses a layout this architecture has no naming for
+    preprocess = run["preprocess"]
+    reference = layouts.reference_class(model, layout, spec.name) if layout else None
+    path = os.path.join(out, _FILES[fmt])
+    meta = {"format": f"kdjax.export.{fmt}/1", "kdjax_version": kdjax.__version__,
+            "model": spec.to_json(), "layout": layout, "reference": reference,
+            "preprocess": preprocess, "data": run["config"]["data"]["name"],
+            "source": source}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        os.chmod(tmp, 0o755)
+        target = os.path.join(tmp, _FILES[fmt])
+        if fmt == "stablehlo":
+            meta["platforms"] = stablehlo.export(model, spec, preprocess, target)
+        else:
+            tensors = layouts.to_state_dict(model, layout, num_batches_tracked=step)
+            state_dict.save(target, tensors, format=fmt, metadata={
+                state_dict.METADATA_KEY: {k: meta[k] for k in ("model", "layout", "preprocess",
+                                                             "data")}})
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_readme(fmt, path, spec, layout, reference, preprocess, source))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

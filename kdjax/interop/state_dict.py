@@ -1,0 +1,154 @@
+"""State-dict files: a flat {name: array} read from a `.pth`/`.pt` or `.safetensors` file, and
+written back as either.
+
+The format is told by the file's first bytes, not its name. A `.pth` is read by
+`kdjax.interop.pth` (no pickled code runs); a `.safetensors` file by the `safetensors` package's
+numpy API (no torch needed). What training scripts wrap around a state_dict is unwrapped, and
+said: a checkpoint dict such as RepDistiller's {"epoch", "model", "optimizer", ...} gives the
+tensors under its "model" key (or the one `key` names), and the "module." prefix that
+nn.DataParallel / DistributedDataParallel put on every name is stripped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from kdjax.interop import pth
+
+__all__ = ["Loaded", "load", "save", "sha256", "FORMATS"]
+
+FORMATS = ("safetensors", "torch")
+# Where training scripts put the state_dict inside a checkpoint dict, in the order tried.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+DATA_PARALLEL_PREFIX = "module."
+# The safetensors header entry in which `kdjax export --format safetensors` records the model
+# spec, layout, normalisation and dataset, so that importing the file back needs no options.
+METADATA_KEY = "kdjax"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A file's tensors, what it was (`format`: "pth" | "safetensors"), what was done to it."""
+
+    tensors: dict[str, np.ndarray]
+    format: str
+    notes: list[str]
+    metadata: dict[str, str]
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n < (1 << 30) and head[8:9] == b"{"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"tensor {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
+
+
+def _unwrap(obj: Any, path: str, key: str | None, notes: list[str]) -> dict[str, np.ndarray]:
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else []
+            raise ValueError(f"--key {key!r}: {path} has no entry {key!r} (its top-level keys: "
+                             f"{keys})")
+        obj = obj[key]
+        if not _is_tensor_dict(obj):
+            raise ValueError(f"--key {key!r}: the entry {key!r} of {path} is a {_describe(obj)}, "
+                             f"not a dict of tensors")
+        notes.append(f"read the state_dict under the key {key!r}")
+        return dict(obj)
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for k in WRAPPER_KEYS:
+            if _is_tensor_dict(obj.get(k)):
+                others = sorted(str(o) for o in obj if o != k)
+                notes.append(f"read the state_dict under the key {k!r} of this training "
+                             f"checkpoint (ignored: {', '.join(others) or 'nothing else'})")
+                return dict(obj[k])
+        entries = ", ".join(f"{k!r} ({_describe(v)})" for k, v in list(obj.items())[:12])
+        raise ValueError(f"{path} holds a dict that is not a state_dict (a dict of tensors) and "
+                         f"none of its keys {WRAPPER_KEYS} holds one: {entries}. Name the entry "
+                         f"that holds the state_dict with --key KEY")
+    raise ValueError(f"{path} holds a {_describe(obj)}, not a state_dict (a dict of tensors); "
+                     f"save one with torch.save(model.state_dict(), 'model.pth')")
+
+
+def load(path: str, *, key: str | None = None) -> Loaded:
+    """The state_dict in `path` (.pth/.pt or .safetensors) as {name: numpy array}.
+
+    Args:
+      path: the file.
+      key: for a checkpoint dict, the entry holding the state_dict (default: the first of
+        WRAPPER_KEYS that holds a dict of tensors, or the file itself when it is one).
+    Raises:
+      FileNotFoundError; pth.UnsafePickleError for a .pth holding anything but tensors and plain
+      containers (a pickled whole model is named as such); ValueError for anything else that is
+      not a state_dict.
+    """
+    notes: list[str] = []
+    metadata: dict[str, str] = {}
+    try:
+        is_st = _is_safetensors(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--from {path!r}: no such file") from None
+    if is_st:
+        try:
+            with safetensors.safe_open(path, framework="numpy") as f:
+                metadata = dict(f.metadata() or {})
+            obj = safetensors.numpy.load_file(path)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
+        fmt = "safetensors"
+    elif pth.is_pth(path):
+        obj, fmt = pth.read(path), "pth"
+    else:
+        raise ValueError(f"{path} is neither a .safetensors file nor a PyTorch .pth/.pt file")
+    tensors = _unwrap(obj, path, key, notes)
+    if all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
+        tensors = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
+        notes.append(f"stripped the {DATA_PARALLEL_PREFIX!r} prefix that nn.DataParallel / "
+                     f"DistributedDataParallel put on every name (the file was saved from the "
+                     f"wrapper; model.module.state_dict() saves without it)")
+    return Loaded(tensors=tensors, format=fmt, notes=notes, metadata=metadata)
+
+
+def save(path: str, tensors: Mapping[str, np.ndarray], *, format: str,
+         metadata: Mapping[str, Any] | None = None) -> None:
+    """Write `tensors` as a .safetensors file (`metadata` goes into its header, values as JSON
+    unless strings) or as a torch.save-compatible .pth ("torch"; metadata is not stored)."""
+    if format == "safetensors":
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        safetensors.numpy.save_file({k: np.require(v, requirements="C") for k, v in
+                                     tensors.items()}, path, metadata=meta or None)
+    elif format == "torch":
+        pth.write(path, tensors)
+    else:
+        raise ValueError(f"state-dict format must be one of {FORMATS}, got {format!r}")
