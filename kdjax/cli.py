@@ -252,6 +252,31 @@ def _bench(argv: Sequence[str]) -> int:
     return suite.main(argv, prog="kdjax bench")
 
 
+def _private_or_data_free(args: argparse.Namespace, config) -> bool:
+    """Whether the run is a PATE ensemble, a PATE student (kdjax.privacy) or data-free."""
+    return ((args.command == "train" and config.pate.teachers > 0)
+            or (args.command == "distill" and bool(config.teacher.aggregation
+                                                   or config.datafree.method)))
+
+
+def _run_private_or_data_free(args: argparse.Namespace, config) -> dict:
+    if getattr(args, "generations", 1) != 1:
+        raise ValueError("--generations (born-again) distils each student from the last; it does "
+                         "not combine with teacher.aggregation, pate.teachers or datafree.method")
+    progress = dict(progress=not args.no_progress, fresh=args.fresh)
+    if args.command == "train":
+        from kdjax.privacy import partitions
+
+        return partitions.train_ensemble(config, args.workdir, **progress)
+    if config.datafree.method:
+        from kdjax.datafree import run
+
+        return run.distill(config, args.workdir, **progress)
+    from kdjax.privacy import pate
+
+    return pate.distill(config, args.workdir, **progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -346,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)
+    elif _private_or_data_free(args, config):
+        result = _run_private_or_data_free(args, config)
     elif args.command == "distill" and args.generations != 1:
         result = trainer.train_generations(config, args.workdir, args.generations,
                                            progress=not args.no_progress, fresh=args.fresh)

@@ -136,10 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
     # float32 on CPU) is the dtype of its activations and of its stored weights. When that changes
     # anything, the prepared teacher is compared with its float32 self on the first
     # agreement_examples eval examples before training (0 = skip) and refused below min_agreement
-    # (top-1 agreement, a fraction).
+    # (top-1 agreement, a fraction). aggregation: "" (the teacher's outputs, as loss.name uses
+    # them) | "gnmax" | "plurality": a PATE ensemble's votes instead (see c.pate below).
     c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
                      combine="ensemble", sharding="replicated", compute_dtype="auto",
-                     fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99)
+                     fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99,
+                     aggregation="")
     # The device mesh over all devices of all processes: the batch is split over data × fsdp,
     # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
     # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.
@@ -171,6 +173,29 @@ def base_config() -> ml_collections.ConfigDict:
     # exclude: layer-path patterns left in float.
     c.quant = dict(mode="none", weights="int8", activations="int8", calibration_examples=512,
                    exclude=())
+    # PATE (kdjax.privacy). `kdjax train` with teachers=N > 0 trains N teachers on disjoint
+    # slices of data.train_split into WORKDIR/teacher_<k>. `kdjax distill` with
+    # teacher.aggregation="gnmax" (teacher.workdir = that ensemble) labels the first `queries`
+    # (0 = all) examples of public_split by noisy vote: GNMax with noise sigma, or, with
+    # threshold > 0, Confident-GNMax (threshold T, check noise sigma1, argmax noise sigma), trains
+    # the student on the answered ones with cross-entropy, and reports (epsilon, delta) from
+    # Rényi-DP accounting (kdjax.privacy.rdp). "plurality" is the noise-free vote: NOT private,
+    # the baseline. public_split and data.eval_split must not overlap.
+    c.pate = dict(teachers=0, sigma=40.0, threshold=0.0, sigma1=0.0, delta=1e-5,
+                  public_split="test[:5000]", queries=0, vote_batch_size=500)
+    # Data-free distillation (kdjax.datafree): `kdjax distill` with method set never reads
+    # data.train_split; the student's inputs are synthesised from the teacher (a BatchNorm one).
+    # "deepinversion": num_images images optimised against the teacher's BatchNorm statistics
+    # and outputs (synthesis_* keys, bn/tv/l2 weights, jitter/flip), then the fused KD step on
+    # them. "zskt": a generator (latent_dim, generator_channels, generator_lr) trained against
+    # the student, student_steps student steps per generator step, train.steps student steps in
+    # all; bn_weight and balance_weight add DeepInversion's and DAFL's priors to its loss.
+    # steps_per_call 0 = auto (all iterations in one compiled loop on accelerators, 1 on CPU).
+    c.datafree = dict(method="", num_images=2560, synthesis_batch_size=256, synthesis_steps=200,
+                      synthesis_lr=0.1, synthesis_steps_per_call=0, bn_weight=1.0,
+                      tv_weight=1e-2, l2_weight=1e-4, jitter=2, flip=True, latent_dim=100,
+                      generator_channels=(64, 32), generator_lr=1e-3, student_steps=5,
+                      balance_weight=0.0)
     return c
 
 

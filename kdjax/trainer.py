@@ -434,11 +434,14 @@ def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
-          progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+          progress: bool = True, fresh: bool = False,
+          train_arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train (supervised, or distil from `teacher.workdir`) and return the run's summary.
 
     Resumes from the workdir's newest readable checkpoint; with `fresh`, a workdir that has
-    checkpoints is refused instead (kdjax never deletes a run's checkpoints).
+    checkpoints is refused instead (kdjax never deletes a run's checkpoints). `train_arrays`
+    ({"image": uint8 [N, H, W, C], "label": int32 [N]}, device-resident) replaces
+    data.train_split, which is then never opened: PATE's answered queries, data-free inputs.
     """
     if config.loss.name == "ce" and distill:
         raise ValueError("kdjax distill needs a distillation loss (loss.name='kd', 'dkd', ...), "
@@ -466,22 +469,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
                 f"--fresh: {workdir!r} already has checkpoints (steps {ckpt.steps()} in "
                 f"{ckpt.directory}) and kdjax never deletes a run's checkpoints; pick a new "
                 f"--workdir, or delete {ckpt.directory} yourself to start over there")
-        return _train(config, workdir, ckpt, distill=distill, progress=progress)
+        return _train(config, workdir, ckpt, distill=distill, progress=progress,
+                      given=train_arrays)
+
+
+def _given_input(config: ml_collections.ConfigDict, spec: data.DatasetSpec,
+                 arrays: dict[str, np.ndarray]) -> tuple[str, data.DatasetSpec]:
+    """`_input` for training arrays given in memory: device-resident, the dataset's image shape."""
+    if tuple(arrays["image"].shape[1:]) != tuple(spec.image_shape):
+        raise ValueError(f"the given training images have shape {arrays['image'].shape[1:]}, "
+                         f"{config.data.name}'s are {spec.image_shape}")
+    print(f"kdjax: device-resident input ({len(arrays['label'])} given examples; "
+          f"data.train_split={config.data.train_split!r} not read)")
+    return "device", spec
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, *,
-           distill: bool, progress: bool) -> dict[str, Any]:
+           distill: bool, progress: bool, given: dict[str, np.ndarray] | None = None
+           ) -> dict[str, Any]:
     from tqdm import tqdm
 
     total = config.train.steps
     mesh = _mesh(config, distill)
     spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    mode, spec = _input(config, spec, config.data.train_split)
+    mode, spec = (_input(config, spec, config.data.train_split) if given is None
+                  else _given_input(config, spec, given))
     batch_size = config.train.batch_size
     student = model_spec(config, spec)
     train_arrays = eval_arrays = None
     if mode == "device":
-        train_arrays = _load(config, config.data.train_split)
+        train_arrays = _load(config, config.data.train_split) if given is None else given
         eval_arrays = _load(config, config.data.eval_split)
         _check_labels(config, spec, student.num_classes, {config.data.train_split: train_arrays,
                                                           config.data.eval_split: eval_arrays})
