@@ -1,7 +1,9 @@
-"""Knowledge-distillation losses: logit divergences, feature and relational losses.
+"""Knowledge-distillation losses: logit divergences, feature and relational losses, token losses.
 
 Modules: `kdjax.losses.logit` (class-distribution divergences), `kdjax.losses.feature`
-(feature, relational and mutual-learning losses); every public loss is importable from here.
+(feature, relational and mutual-learning losses), `kdjax.losses.token` (language models: per-token
+divergences with a mask, and their vocabulary-chunked form); every public loss is importable from
+here.
 
 Conventions (optax style):
 
@@ -13,6 +15,7 @@ Conventions (optax style):
 * Logit losses take ``[..., num_classes]`` arrays and return per-example values of
   shape ``[...]``; the caller reduces. Feature losses return ``[batch]``; losses
   defined on the structure of a whole batch (SP, RKD, PKT, CC) return a scalar.
+  Token losses take ``[B, T, V]`` logits and a ``[B, T]`` mask and return ``[B, T]``.
 * ``p = softmax(logits / T)``. Divergences between student and teacher logits
   evaluate both sides at the same temperature ``T`` and multiply by ``T**2``, which
   keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
@@ -31,10 +34,15 @@ from kdjax.losses.feature import (attention_transfer, correlation_congruence, cr
 from kdjax.losses.logit import (cross_entropy, dkd, ensemble_teacher, generalized_jsd, hinton_kd,
                                 logit_standardized_kd, reverse_kl, soft_target_kl,
                                 topk_soft_target_kl, tvd)
+from kdjax.losses.token import (TOKEN_DIVERGENCES, chunked_token_losses, token_cross_entropy,
+                                token_divergence, token_forward_kl, token_generalized_jsd,
+                                token_reverse_kl, token_skew_kl, token_skew_reverse_kl, token_tvd)
 
 __all__ = [
+    "TOKEN_DIVERGENCES",
     "adaptive_avg_pool",
     "attention_transfer",
+    "chunked_token_losses",
     "correlation_congruence",
     "crd",
     "crd_scores",
@@ -53,6 +61,14 @@ __all__ = [
     "rkd",
     "similarity_preserving",
     "soft_target_kl",
+    "token_cross_entropy",
+    "token_divergence",
+    "token_forward_kl",
+    "token_generalized_jsd",
+    "token_reverse_kl",
+    "token_skew_kl",
+    "token_skew_reverse_kl",
+    "token_tvd",
     "topk_soft_target_kl",
     "tvd",
     "vid",
