@@ -7,6 +7,7 @@
   kdjax export  --workdir workdirs/kd --out exports/kd   (the student alone, for inference)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
+  kdjax prepare text --from DIR_OR_FILES... --name pystdlib --pattern '*.py'   (LM corpora)
   kdjax datasets                           (what is prepared where)
   kdjax bench [--rows resnet56:resnet20@64]  (the step-throughput suite vs PyTorch, from a checkout)
 
@@ -64,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name: mnist, fashion_mnist, cifar10, cifar100, "
-                                   "imagenette[/config], imagenet2012, or any name (or "
-                                   "imagefolder:NAME) for an ImageNet-style folder tree")
-    prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
+                                   "imagenette[/config], imagenet2012, any name (or "
+                                   "imagefolder:NAME) for an ImageNet-style folder tree, or "
+                                   "'text' for a text corpus (language models)")
+    prep.add_argument("--from", dest="source", required=True, nargs="+",
+                      help="folder with the source files (text: files and/or folders)")
     prep.add_argument("--data-dir", default=None,
                       help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     prep.add_argument("--skip-checksums", action="store_true",
@@ -76,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=None,
                       help="threads reading and checking images of folder trees (default: one "
                            "per CPU core)")
+    text = prep.add_argument_group("text", "kdjax prepare text: tokenized, packed rows for "
+                                           "language models (kdjax.prepare.text)")
+    text.add_argument("--name", dest="text_name", default="text",
+                      help="the text dataset's name (data.name)")
+    text.add_argument("--tokenizer", default="byte",
+                      help="'byte' (built in), 'bpe' (trained on the corpus; needs the "
+                           "tokenizers package) or the path of a tokenizer.json")
+    text.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    text.add_argument("--seq-len", type=int, default=256, help="positions per packed row")
+    text.add_argument("--held-out", type=float, default=0.05,
+                      help="fraction of documents in the validation split")
+    text.add_argument("--pattern", default="*", help="file-name glob in folders, e.g. '*.py'")
+    text.add_argument("--seed", type=int, default=0, help="the order documents are packed in")
     ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
     ds.add_argument("--data-dir", default=None,
                     help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -165,6 +181,22 @@ def _bench(argv: Sequence[str]) -> int:
     return suite.main(argv, prog="kdjax bench")
 
 
+def _prepare_text(args: argparse.Namespace) -> int:
+    from kdjax.lm import data as text_data
+    from kdjax.prepare.text import prepare_text
+
+    path = prepare_text(args.source, name=args.text_name, data_dir=args.data_dir,
+                        tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        seq_len=args.seq_len, held_out=args.held_out, pattern=args.pattern,
+                        seed=args.seed, max_examples_per_split=args.max_examples)
+    ds = text_data.open_text(args.text_name, args.data_dir)
+    sizes = ", ".join(f"{k} {v['sequences']:,} rows / {v['documents']:,} documents / "
+                      f"{v['target_tokens']:,} target tokens" for k, v in ds.splits.items())
+    print(f"kdjax: prepared text dataset {args.text_name} in {path} ({sizes}; seq_len {ds.seq_len}; "
+          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -177,9 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prepare":
         if overrides:
             _parser().error("kdjax prepare takes no --config overrides")
+        if args.name == "text":
+            return _prepare_text(args)
+        if len(args.source) != 1:
+            _parser().error(f"kdjax prepare {args.name} takes one --from, got {args.source}")
         from kdjax import data
 
-        path = data.prepare(args.name, args.source, data_dir=args.data_dir,
+        path = data.prepare(args.name, args.source[0], data_dir=args.data_dir,
                             verify_checksums=not args.skip_checksums,
                             max_examples_per_split=args.max_examples, num_workers=args.workers)
         from pathlib import Path

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdjax.lm.models import registry as lm_registry
 from kdjax.step import compute_dtype
 
 __all__ = [
@@ -543,6 +544,9 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet34": _p(ImageNetResNet, block="basic", layers=(3, 4, 6, 3)),
     "resnet50": _p(ImageNetResNet, block="bottleneck", layers=(3, 4, 6, 3)),
 }
+# The language models of kdjax.lm.models (num_classes is their vocabulary size), so that one
+# ModelSpec serves checkpoints, teachers, eval and export of both kinds.
+MODELS.update(lm_registry())
 
 
 def fold_batchnorm(model: nnx.Module) -> int:
@@ -591,7 +595,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}") from None
     params = _constructor_params(ctor)
-    if input_shape is not None:
+    if input_shape is not None and len(input_shape) == 3:  # images; an LM's is (length,)
         h, _, c = input_shape
         derived = {"in_features": int(np.prod(input_shape)), "in_channels": c, "input_size": h}
         kwargs = {**{k: v for k, v in derived.items() if k in params}, **kwargs}

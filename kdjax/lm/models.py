@@ -21,16 +21,14 @@ A sequence is decoded with a KV cache through ``decode`` (kdjax.lm.sampling).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models import ModelSpec
-from kdjax.step import compute_dtype
 
 _init = nnx.initializers.normal(0.02)  # Llama's initializer_range
 # Finite stand-in for -inf: exp(_MASKED - max) is exactly 0 next to any real score, and a row with
@@ -173,7 +171,7 @@ class Transformer(nnx.Module):
     """A Llama-style decoder-only language model.
 
     Args:
-      vocab_size: tokens in the vocabulary (the tokenizer's; `LMSpec.num_classes`).
+      vocab_size: tokens in the vocabulary (the tokenizer's; a ModelSpec's num_classes).
       d_model: width of the residual stream.
       num_layers: transformer blocks.
       num_heads: query heads; ``d_model`` must be divisible by it unless ``head_dim`` is given.
@@ -323,16 +321,15 @@ def create_lm(name: str, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32,
                        **{**LM_MODELS[name], **kwargs})
 
 
-@dataclasses.dataclass(frozen=True)
-class LMSpec(ModelSpec):
-    """A language model's ModelSpec: `num_classes` is the vocabulary size (an LM classifies each
-    position over the vocabulary) and `input_shape` is ``(sequence_length,)``. Checkpoints,
-    teachers and exports store and rebuild it exactly as an image model's spec."""
+def registry() -> dict[str, Callable[..., Transformer]]:
+    """kdjax.models.MODELS's entries for the language models: ``num_classes`` is the vocabulary
+    size (an LM classifies each position over its vocabulary), so a ModelSpec of an LM (name,
+    num_classes = vocabulary, input_shape = (sequence length,), kwargs) is saved, loaded and
+    rebuilt exactly as an image model's."""
 
-    @property
-    def vocab_size(self) -> int:
-        return self.num_classes
+    def entry(name: str) -> Callable[..., Transformer]:
+        def build(*, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32, **kwargs: Any):
+            return create_lm(name, vocab_size=num_classes, rngs=rngs, dtype=dtype, **kwargs)
+        return build
 
-    def build(self, seed: int = 0) -> Transformer:
-        return create_lm(self.name, vocab_size=self.num_classes, rngs=nnx.Rngs(seed),
-                         dtype=compute_dtype(self.compute_dtype), **self.kwargs)
+    return {name: entry(name) for name in LM_MODELS}
