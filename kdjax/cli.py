@@ -238,10 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overrides:
             _parser().error("kdjax export takes no --config overrides")
         from kdjax import export
+        from kdjax.lm import trainer as lm_trainer
 
-        path = export.export(args.workdir, args.out, step=args.step)
-        print(f"kdjax: exported the student to {path}; load and run it with:\n"
-              f"{export.snippet(path)}")
+        if lm_trainer.is_lm_run(args.workdir):  # the language model and its tokenizer
+            path = lm_trainer.export(args.workdir, args.out, step=args.step)
+            snippet = lm_trainer.SNIPPET.format(path=path)
+        else:
+            path = export.export(args.workdir, args.out, step=args.step)
+            snippet = export.snippet(path)
+        print(f"kdjax: exported the student to {path}; load and run it with:\n{snippet}")
         return 0
 
     from kdjax import distributed
@@ -254,7 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdjax: process {jax.process_index()} of {jax.process_count()} ({how}), "
               f"{jax.device_count()} devices", flush=True)
     config = _load_config(args, overrides)
-    from kdjax import trainer
+    from kdjax.lm.models import is_lm
+
+    # A language model trains in kdjax.lm.trainer's loop, with the same commands and machinery.
+    if is_lm(config.model.name):
+        from kdjax.lm import trainer
+        if args.command == "distill" and args.generations != 1:
+            _parser().error("--generations (born-again networks) is for image models, not "
+                            f"language models (model.name={config.model.name!r})")
+    else:
+        from kdjax import trainer
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)

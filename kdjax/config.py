@@ -130,6 +130,15 @@ def base_config() -> ml_collections.ConfigDict:
     # fsdp_min_bytes: arrays smaller than this stay replicated under "fsdp" (gathering them
     # costs more than it saves; big_vision's 4 MiB).
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_bytes=4 * 2**20)
+    # Language models (kdjax.lm; a run is an LM run when model.name is one of kdjax.lm.models'):
+    # data.name is a text dataset of `kdjax prepare text`, loss.name "ce" or a token divergence
+    # (forward_kl reverse_kl jsd skew_kl skew_reverse_kl tvd) with loss.kwargs temperature /
+    # beta / alpha. chunk_size: positions per chunk of the vocabulary-chunked loss (0 = whole
+    # [B, T, V] logits). eval_rows: held-out rows evaluated (0 = all). prompts: texts continued
+    # by generate_tokens tokens after the final eval (in summary.json), sampled with
+    # sample_temperature (0 = greedy), top_k, top_p.
+    c.lm = dict(chunk_size=128, eval_rows=0, prompts=(), generate_tokens=48,
+                sample_temperature=0.0, top_k=0, top_p=1.0)
     return c
 
 

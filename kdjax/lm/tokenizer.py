@@ -26,6 +26,8 @@ _PAD_NAMES = ("<pad>", "[PAD]", "<|padding|>", "<|pad|>")
 _BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]", "<|endoftext|>")
 _EOS_NAMES = ("<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>", "[SEP]")
 TOKENIZER_FILE = "tokenizer.json"
+#: An export's record of its tokenizer (what `save` returns), next to the tokenizer's files.
+DESCRIPTION_FILE = "kdjax_tokenizer.json"
 
 
 class Tokenizer(Protocol):
@@ -149,3 +151,13 @@ def load(directory: str, description: dict) -> Tokenizer:
         return HFTokenizer.from_file(os.path.join(directory, description["file"]))
     raise ValueError(f"{directory}: unknown tokenizer kind {kind!r} in its metadata "
                      f"({json.dumps(description)}); prepare the data again with this kdjax")
+
+
+def from_directory(directory: str) -> Tokenizer:
+    """The tokenizer of an LM export (its DESCRIPTION_FILE and the files it names)."""
+    path = os.path.join(directory, DESCRIPTION_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory!r} has no {DESCRIPTION_FILE}: not the export of a "
+                                f"language-model run (make one with `kdjax export`)")
+    with open(path) as f:
+        return load(directory, json.load(f))
