@@ -113,20 +113,33 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
+#: `kdjax summary`'s columns for language-model runs (their summary has eval/perplexity).
+LM_COLUMNS = (("run", None), ("model", "model"), ("params", "num_params"), ("seed", "seed"),
+              ("loss", "loss"), ("perplexity", "eval/perplexity"),
+              ("next_token_acc", "eval/accuracy"), ("agree_w_teacher", "eval/teacher_agreement"),
+              ("steps", "steps"), ("tok/s", "tokens_per_s"), ("device", "device_kind"))
+
+
 def summary_table(workdirs: Sequence[str]) -> str:
     """One row per run: the numbers a distillation comparison is judged by."""
     cols = (("run", None), ("model", "model"), ("params", "num_params"),
             ("seed", "seed"), ("accuracy", "eval/accuracy"), ("top5", "eval/top5_accuracy"),
             ("agree_w_teacher", "eval/teacher_agreement"), ("steps", "steps"),
             ("img/s", "images_per_s"), ("device", "device_kind"))
-    rows = []
+    summaries = []
     for w in workdirs:
         path = os.path.join(w, "summary.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {w!r} has no finished run")
         with open(path) as f:
-            s = json.load(f)
-        row = [w if key is None else _fmt(key, s.get(key)) for _, key in cols]
+            summaries.append(json.load(f))
+    if any("eval/perplexity" in s for s in summaries):
+        cols = LM_COLUMNS
+    rows = []
+    for w, s in zip(workdirs, summaries):
+        row = [w if key is None else (f"{s[key]:.3f}" if key == "eval/perplexity" and
+                                      s.get(key) is not None else _fmt(key, s.get(key)))
+               for _, key in cols]
         rows.append(row)
     widths = [max(len(t), *(len(r[i]) for r in rows)) for i, (t, _) in enumerate(cols)]
     lines = ["  ".join(t.ljust(w) for (t, _), w in zip(cols, widths))]

@@ -178,7 +178,8 @@ def test_the_step_counts_only_same_document_targets():
     graphdef, state = init_train_state(student, tx, seed=0, num_examples=4)
     data = TokenData(tokens=jax.numpy.asarray(tokens), segments=jax.numpy.asarray(segments),
                      batch_size=4)
-    logits = student(inputs["tokens"], segment_ids=inputs["segment_ids"])
+    logits = jax.jit(lambda t, s: student(t, segment_ids=s))(inputs["tokens"],
+                                                            inputs["segment_ids"])
     ce = np.asarray(losses.token_cross_entropy(logits, inputs["targets"]))
     step = make_lm_step(graphdef, tx, TokenObjective(), teacher=None, data=data,
                         mesh=sharding.make_mesh())

@@ -10,6 +10,6 @@ import teacher  # the shared data, optimizer and prompts (kdjax.config.load puts
 def get_config():
     c = teacher.get_config()
     c.model.name = "lm_mini"
-    c.train.steps = 1500
-    c.eval.every_steps = 1500
+    c.train.steps = 800
+    c.eval.every_steps = 800
     return c

@@ -17,7 +17,7 @@ def get_config():
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.model.name = "lm_small"
-    c.train.steps = 1500
+    c.train.steps = 800
     c.train.batch_size = 32
     c.train.log_every_steps = 100
     c.optimizer.name = "adamw"
@@ -26,9 +26,9 @@ def get_config():
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 100
     c.loss.name = "ce"
-    c.eval.every_steps = 1500
+    c.eval.every_steps = 800
     c.eval.batch_size = 64
-    c.checkpoint.every_steps = 500
+    c.checkpoint.every_steps = 400
     c.checkpoint.best_metric = "eval/loss"
     c.checkpoint.best_mode = "min"
     c.lm.prompts = PROMPTS

@@ -109,13 +109,24 @@ def _sample_rows(state: TrainState, data: TokenData, mesh: Mesh
         lambda: state.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, pos * data.batch_size, data.batch_size)
     batch = {"tokens": data.tokens[idx], "segments": data.segments[idx]}
-    return state.replace(perm=perm), jax.lax.with_sharding_constraint(
-        batch, sharding.batch_sharded(mesh))
+    if mesh.size > 1:  # each device computes on its rows of the batch (nothing to do on one)
+        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharded(mesh))
+    return state.replace(perm=perm), batch
 
 
 def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Array:
     out = teacher.features(inputs["tokens"], segment_ids=inputs["segment_ids"], logits=False)
     return jax.lax.stop_gradient(out["hidden"])
+
+
+def _place_teachers(teachers, teacher_sharding, mesh: Mesh) -> tuple[tuple, tuple]:
+    """(shardings, variables) of the teachers on the mesh. On one device they stay as they are:
+    on XLA:CPU the program compiled for NamedSharding-placed teacher variables ran 2.7x slower
+    (0.76 vs 0.28 CPU-s per lm_mini step with an lm_mini teacher), for nothing to partition."""
+    if mesh.size == 1:
+        return (None,) * len(teachers), tuple(t.variables for t in teachers)
+    shardings = tuple(teacher_sharding or (sharding.replicated(mesh),) * len(teachers))
+    return shardings, tuple(sharding.put(t.variables, s) for t, s in zip(teachers, shardings))
 
 
 def make_lm_step(
@@ -138,10 +149,8 @@ def make_lm_step(
     supervised training. Metrics: the SUM_METRICS of the batch, "tokens" (target tokens
     counted), "loss" (the token-mean objective) and "grad_norm".
     """
-    rep = sharding.replicated(mesh)
     teachers = () if teacher is None else (teacher,)
-    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
-    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
+    teacher_sharding, teacher_vars = _place_teachers(teachers, teacher_sharding, mesh)
     teacher_defs = tuple(t.graphdef for t in teachers)
 
     def one_step(state: TrainState, teacher_vars, data: TokenData, batch):
@@ -190,8 +199,7 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
     """
     rep = sharding.replicated(mesh)
     teachers = () if teacher is None else (teacher,)
-    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
-    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
+    teacher_sharding, teacher_vars = _place_teachers(teachers, teacher_sharding, mesh)
     teacher_defs = tuple(t.graphdef for t in teachers)
     ce_only = dataclasses.replace(objective, divergence=None)
 
