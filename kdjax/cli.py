@@ -151,8 +151,22 @@ def datasets_table(data_dir: str | None) -> str:
     """What `kdjax datasets` prints: one row per prepared dataset under the data dir."""
     from kdjax import data
 
+    from kdjax.lm import data as text_data
+
     root = data._resolve_data_dir(data_dir)
     entries = data.list_datasets(root)
+    texts = text_data.list_text(root)
+    if texts:  # language-model corpora (kdjax prepare text)
+        rows = [(t.meta["name"], " ".join(f"{k}={v['sequences']:,}" for k, v in t.splits.items()),
+                 str(t.seq_len), f"{t.meta['tokenizer']['kind']}/{t.vocab_size}", t.path)
+                for t in texts]
+        cols = ("text dataset", "rows", "seq_len", "tokenizer", "path")
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        text_table = "\n".join(["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+                               + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                                  for r in rows])
+        if not entries:
+            return f"data dir: {root}\n{text_table}"
     if not entries:
         return (f"no prepared datasets in {root}\n(prepare one offline with `kdjax prepare NAME "
                 f"--from DIR --data-dir {root}`)")
@@ -167,6 +181,8 @@ def datasets_table(data_dir: str | None) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines = [f"data dir: {root}", "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if texts:
+        lines.append(text_table)
     return "\n".join(lines)
 
 

@@ -100,6 +100,9 @@ def test_prepare_text_round_trips_the_documents_and_holds_out_whole_ones(tmp_pat
     assert sorted(seen["train"] + seen["validation"]) == sorted(docs.values())  # exact, all
     assert seen["validation"] and not set(seen["train"]) & set(seen["validation"])
     assert json.loads((out / "tiny" / text_data.META_FILE).read_text())["pattern"] == "*.py"
+    assert cli.main(["datasets", "--data-dir", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert "tiny" in listed and "byte/259" in listed and "32" in listed
     # the held-out documents depend on their paths only, not on the seed or the listing
     again = prepare_text([tmp_path / "src"], name="again", data_dir=out, seq_len=32,
                          held_out=0.25, pattern="*.py", seed=7)

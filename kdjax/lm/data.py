@@ -96,3 +96,18 @@ def open_text(name: str, data_dir: str | None = None) -> TextDataset:
         raise ValueError(f"{meta_path} is format {meta.get('format')!r}, this kdjax reads "
                          f"{FORMAT!r}; prepare the data again")
     return TextDataset(path, meta)
+
+
+def list_text(data_dir: str | None = None) -> list[TextDataset]:
+    """Every text dataset prepared under `data_dir` (for `kdjax datasets`)."""
+    root = resolve_data_dir(data_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        if os.path.isfile(os.path.join(root, name, META_FILE)):
+            try:
+                found.append(open_text(name, root))
+            except (ValueError, OSError, json.JSONDecodeError):
+                continue  # another format's or a damaged directory: not listed
+    return found
