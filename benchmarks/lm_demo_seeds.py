@@ -8,7 +8,9 @@ with `kdjax prepare text` (byte-level tokens, 128 positions a row) as the text d
 (experiments/lm/teacher.py) and then both students (student_scratch.py, distill.py), whose
 budget is identical (model, steps, batch, optimizer, data order): only the loss differs. Writes
 benchmarks/results/lm_demo_seeds.{json,md}: per-seed held-out perplexity, next-token accuracy and
-agreement with the teacher, mean ± std, train times, the device and the load average.
+agreement with the teacher, mean ± std, train times, the device and the load average. Runs
+that finished (their summary.json exists) are read, not trained again, so seeds can be trained
+by parallel invocations (--no-report) and reported by a last one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "lm_seeds"))
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--no-report", action="store_true",
+                   help="train only (e.g. one seed per parallel invocation); a later invocation "
+                        "with all the seeds reads the finished runs and writes the results")
     args = p.parse_args(argv)
     ds = corpus(args.data_dir)
     host_before = common.host_info()
@@ -67,13 +72,24 @@ def main(argv=None) -> int:
             if distill:
                 overrides.append(f"--config.teacher.workdir={args.workdir}/seed{seed}/teacher")
             config = config_lib.load(os.path.join(EXP, path), overrides)
-            load = os.getloadavg()[0]
-            s = trainer.train(config, f"{args.workdir}/seed{seed}/{name}", distill=distill,
-                              progress=False)
-            results[name].append({"seed": seed, "load_average_1min_before": load, **s})
+            workdir = f"{args.workdir}/seed{seed}/{name}"
+            done = os.path.join(workdir, "summary.json")
+            if os.path.isfile(done):  # finished by an earlier (or a parallel) invocation
+                with open(done) as f:
+                    s = json.load(f)
+                load = s.get("load_average_1min_before")
+            else:
+                load = os.getloadavg()[0]
+                s = trainer.train(config, workdir, distill=distill, progress=False)
+                s["load_average_1min_before"] = load
+                with open(done, "w") as f:
+                    json.dump(s, f, indent=2)
+            results[name].append({"seed": seed, **s})
             print(f"seed {seed} {name}: perplexity {s['eval/perplexity']:.3f}, next-token "
                   f"accuracy {s['eval/accuracy']:.4f} ({s['wall_time_s']:.0f} s, load "
                   f"{load:.1f})", flush=True)
+    if args.no_report:
+        return 0
     meta = {"host_before": host_before, "host_after": common.host_info(),
             "versions": _versions(), "seeds": args.seeds, "total_s": time.perf_counter() - t0,
             "dataset": {"path": ds.path, "seq_len": ds.seq_len, "vocab_size": ds.vocab_size,
