@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "lm_seeds"))
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--note", default="", help="a sentence for the results (how they were run)")
     p.add_argument("--no-report", action="store_true",
                    help="train only (e.g. one seed per parallel invocation); a later invocation "
                         "with all the seeds reads the finished runs and writes the results")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             results[name].append({"seed": seed, **s})
             print(f"seed {seed} {name}: perplexity {s['eval/perplexity']:.3f}, next-token "
                   f"accuracy {s['eval/accuracy']:.4f} ({s['wall_time_s']:.0f} s, load "
-                  f"{load:.1f})", flush=True)
+                  f"{'-' if load is None else f'{load:.1f}'})", flush=True)
     if args.no_report:
         return 0
     meta = {"host_before": host_before, "host_after": common.host_info(),
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
                                    for k, v in ds.splits.items()},
                         "sources": ds.meta["sources"][:1] + ["..."]},
             "command": f"python -m benchmarks.lm_demo_seeds --data-dir DIR --seeds "
-                       f"{' '.join(map(str, args.seeds))}"}
+                       f"{' '.join(map(str, args.seeds))}", "note": args.note}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lm_demo_seeds.json"), "w") as f:
         json.dump({"meta": meta, "runs": results}, f, indent=2)
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
                  f"Perplexity is per byte-level token on the held-out split "
                  f"({ds.splits['validation']['target_tokens']:,} target tokens, "
                  f"{ds.splits['validation']['documents']} modules).")
+    if args.note:
+        lines.append(f"\n{args.note}")
     with open(os.path.join(args.out, "lm_demo_seeds.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -222,8 +222,9 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
                                                  inputs["targets"], mask)["ce"].sum()
         return sums
 
-    fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(
-        params_sharding, None, teacher_sharding, sharding.batch_sharded(mesh)))
+    fn = (jax.jit(eval_step) if mesh.size == 1 else  # (see kdjax.step.compile_step)
+          jax.jit(eval_step, out_shardings=rep, in_shardings=(
+              params_sharding, None, teacher_sharding, sharding.batch_sharded(mesh))))
 
     def run(params, model_state, batch):
         return fn(params, model_state, teacher_vars, batch)
