@@ -1,7 +1,8 @@
 # kdjax: the two commands a new user runs.
-#   make demo   teacher, student from scratch, distilled student on Fashion-MNIST, and their report
-#               (2 CPU cores: < 15 min)
-#   make test   the test suite
+#   make demo     teacher, student from scratch, distilled student on Fashion-MNIST, and their
+#                 report (2 CPU cores: < 15 min)
+#   make demo-lm  the same for language models, on the Python standard library's sources
+#   make test     the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,10 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 WORK   ?= workdirs/demo
 SEED   ?= 0
 
-.PHONY: demo test install data clean
+TEXT   ?= $(CURDIR)/data/text
+LMWORK ?= workdirs/demo_lm
+
+.PHONY: demo demo-lm test install data text-data clean
 
 $(BIN)/kdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +53,20 @@ demo: install data
 	$(BIN)/kdjax distill --config experiments/fashion_mnist/fair.py:kd      --workdir $(WORK)/student_kd --config.data.data_dir=$(DATA) --config.teacher.workdir=$(WORK)/teacher --config.seed=$(SEED)
 	$(BIN)/kdjax summary $(WORK)/teacher $(WORK)/student_scratch $(WORK)/student_kd
 	$(BIN)/kdjax report  $(WORK)/teacher $(WORK)/student_scratch $(WORK)/student_kd --teacher $(WORK)/teacher --split test --calibration-split 'train[54000:]' --out $(WORK)/report
+
+# The LM demo's corpus: the top-level modules of the Python standard library that comes with the
+# venv's interpreter (nothing to download or install), byte-level tokenized, 128 positions a row.
+$(TEXT)/pystdlib/kdjax_text.json: | install
+	$(BIN)/kdjax prepare text --name pystdlib --data-dir $(TEXT) --seq-len 128 \
+	  --from $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")/*.py
+
+text-data: $(TEXT)/pystdlib/kdjax_text.json
+
+demo-lm: install text-data
+	$(BIN)/kdjax train   --config experiments/lm/teacher.py         --workdir $(LMWORK)/teacher --config.data.data_dir=$(TEXT) --config.seed=$(SEED) --no-progress
+	$(BIN)/kdjax train   --config experiments/lm/student_scratch.py --workdir $(LMWORK)/student_scratch --config.data.data_dir=$(TEXT) --config.seed=$(SEED) --no-progress
+	$(BIN)/kdjax distill --config experiments/lm/distill.py         --workdir $(LMWORK)/student_kd --config.data.data_dir=$(TEXT) --config.teacher.workdir=$(LMWORK)/teacher --config.seed=$(SEED) --no-progress
+	$(BIN)/kdjax summary $(LMWORK)/teacher $(LMWORK)/student_scratch $(LMWORK)/student_kd
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -81,7 +81,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " | "
                      + ("–" if not diff else ", ".join(f"{d:+.3g}" for d in diff)) + " |")
     lines += ["", "Reading (from the numbers above):", ""] + [f"- {n}" for n in result["notes"]]
-    lines += ["", f"![reliability](calibration_fashion_mnist.png)", "",
+    lines += ["", "![reliability](calibration_fashion_mnist.png)", "",
               f"Device: {meta['environment']['platform']} ({meta['environment']['cpu']}, "
               f"{meta['environment']['cpu_count']} cores), jax {meta['environment']['jax']}; "
               f"speed of each model in the first seed's report (`report_seed*.md` are not kept: "

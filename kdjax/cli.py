@@ -12,6 +12,7 @@
                                            fidelity, size, speed: report.json, report.md, charts)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
+  kdjax prepare text --from DIR_OR_FILES... --name pystdlib --pattern '*.py'   (LM corpora)
   kdjax datasets                           (what is prepared where)
   kdjax bench [--rows resnet56:resnet20@64]  (the step-throughput suite vs PyTorch, from a checkout)
 
@@ -102,9 +103,11 @@ def _parser() -> argparse.ArgumentParser:
                           "state_dict / model_state_dict / model / net, when it is one)")
     prep = sub.add_parser("prepare", help="prepare a dataset offline from files you copied in")
     prep.add_argument("name", help="dataset name: mnist, fashion_mnist, cifar10, cifar100, "
-                                   "imagenette[/config], imagenet2012, or any name (or "
-                                   "imagefolder:NAME) for an ImageNet-style folder tree")
-    prep.add_argument("--from", dest="source", required=True, help="folder with the source files")
+                                   "imagenette[/config], imagenet2012, any name (or "
+                                   "imagefolder:NAME) for an ImageNet-style folder tree, or "
+                                   "'text' for a text corpus (language models)")
+    prep.add_argument("--from", dest="source", required=True, nargs="+",
+                      help="folder with the source files (text: files and/or folders)")
     prep.add_argument("--data-dir", default=None,
                       help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     prep.add_argument("--skip-checksums", action="store_true",
@@ -114,6 +117,19 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=None,
                       help="threads reading and checking images of folder trees (default: one "
                            "per CPU core)")
+    text = prep.add_argument_group("text", "kdjax prepare text: tokenized, packed rows for "
+                                           "language models (kdjax.prepare.text)")
+    text.add_argument("--name", dest="text_name", default="text",
+                      help="the text dataset's name (data.name)")
+    text.add_argument("--tokenizer", default="byte",
+                      help="'byte' (built in), 'bpe' (trained on the corpus; needs the "
+                           "tokenizers package) or the path of a tokenizer.json")
+    text.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    text.add_argument("--seq-len", type=int, default=256, help="positions per packed row")
+    text.add_argument("--held-out", type=float, default=0.05,
+                      help="fraction of documents in the validation split")
+    text.add_argument("--pattern", default="*", help="file-name glob in folders, e.g. '*.py'")
+    text.add_argument("--seed", type=int, default=0, help="the order documents are packed in")
     ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
     ds.add_argument("--data-dir", default=None,
                     help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -154,20 +170,33 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
+#: `kdjax summary`'s columns for language-model runs (their summary has eval/perplexity).
+LM_COLUMNS = (("run", None), ("model", "model"), ("params", "num_params"), ("seed", "seed"),
+              ("loss", "loss"), ("perplexity", "eval/perplexity"),
+              ("next_token_acc", "eval/accuracy"), ("agree_w_teacher", "eval/teacher_agreement"),
+              ("steps", "steps"), ("tok/s", "tokens_per_s"), ("device", "device_kind"))
+
+
 def summary_table(workdirs: Sequence[str]) -> str:
     """One row per run: the numbers a distillation comparison is judged by."""
     cols = (("run", None), ("model", "model"), ("params", "num_params"),
             ("seed", "seed"), ("accuracy", "eval/accuracy"), ("top5", "eval/top5_accuracy"),
             ("agree_w_teacher", "eval/teacher_agreement"), ("steps", "steps"),
             ("img/s", "images_per_s"), ("device", "device_kind"))
-    rows = []
+    summaries = []
     for w in workdirs:
         path = os.path.join(w, "summary.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {w!r} has no finished run")
         with open(path) as f:
-            s = json.load(f)
-        row = [w if key is None else _fmt(key, s.get(key)) for _, key in cols]
+            summaries.append(json.load(f))
+    if any("eval/perplexity" in s for s in summaries):
+        cols = LM_COLUMNS
+    rows = []
+    for w, s in zip(workdirs, summaries):
+        row = [w if key is None else (f"{s[key]:.3f}" if key == "eval/perplexity" and
+                                      s.get(key) is not None else _fmt(key, s.get(key)))
+               for _, key in cols]
         rows.append(row)
     widths = [max(len(t), *(len(r[i]) for r in rows)) for i, (t, _) in enumerate(cols)]
     lines = ["  ".join(t.ljust(w) for (t, _), w in zip(cols, widths))]
@@ -179,8 +208,22 @@ def datasets_table(data_dir: str | None) -> str:
     """What `kdjax datasets` prints: one row per prepared dataset under the data dir."""
     from kdjax import data
 
+    from kdjax.lm import data as text_data
+
     root = data._resolve_data_dir(data_dir)
     entries = data.list_datasets(root)
+    texts = text_data.list_text(root)
+    if texts:  # language-model corpora (kdjax prepare text)
+        rows = [(t.meta["name"], " ".join(f"{k}={v['sequences']:,}" for k, v in t.splits.items()),
+                 str(t.seq_len), f"{t.meta['tokenizer']['kind']}/{t.vocab_size}", t.path)
+                for t in texts]
+        cols = ("text dataset", "rows", "seq_len", "tokenizer", "path")
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        text_table = "\n".join(["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+                               + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                                  for r in rows])
+        if not entries:
+            return f"data dir: {root}\n{text_table}"
     if not entries:
         return (f"no prepared datasets in {root}\n(prepare one offline with `kdjax prepare NAME "
                 f"--from DIR --data-dir {root}`)")
@@ -195,6 +238,8 @@ def datasets_table(data_dir: str | None) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines = [f"data dir: {root}", "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if texts:
+        lines.append(text_table)
     return "\n".join(lines)
 
 
@@ -277,6 +322,22 @@ def _run_private_or_data_free(args: argparse.Namespace, config) -> dict:
     return pate.distill(config, args.workdir, **progress)
 
 
+def _prepare_text(args: argparse.Namespace) -> int:
+    from kdjax.lm import data as text_data
+    from kdjax.prepare.text import prepare_text
+
+    path = prepare_text(args.source, name=args.text_name, data_dir=args.data_dir,
+                        tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        seq_len=args.seq_len, held_out=args.held_out, pattern=args.pattern,
+                        seed=args.seed, max_examples_per_split=args.max_examples)
+    ds = text_data.open_text(args.text_name, args.data_dir)
+    sizes = ", ".join(f"{k} {v['sequences']:,} rows / {v['documents']:,} documents / "
+                      f"{v['target_tokens']:,} target tokens" for k, v in ds.splits.items())
+    print(f"kdjax: prepared text dataset {args.text_name} in {path} ({sizes}; seq_len {ds.seq_len}; "
+          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -289,9 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prepare":
         if overrides:
             _parser().error("kdjax prepare takes no --config overrides")
+        if args.name == "text":
+            return _prepare_text(args)
+        if len(args.source) != 1:
+            _parser().error(f"kdjax prepare {args.name} takes one --from, got {args.source}")
         from kdjax import data
 
-        path = data.prepare(args.name, args.source, data_dir=args.data_dir,
+        path = data.prepare(args.name, args.source[0], data_dir=args.data_dir,
                             verify_checksums=not args.skip_checksums,
                             max_examples_per_split=args.max_examples, num_workers=args.workers)
         from pathlib import Path
@@ -324,7 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "export":
         from kdjax import export
+        from kdjax.lm import trainer as lm_trainer
 
+        if lm_trainer.is_lm_run(args.workdir):  # the language model and its tokenizer
+            if args.format != "kdjax" or overrides:
+                _parser().error(f"kdjax export of a language model writes --format kdjax with no "
+                                f"--config overrides (got --format {args.format}"
+                                f"{' and ' + ' '.join(overrides) if overrides else ''})")
+            path = lm_trainer.export(args.workdir, args.out, step=args.step)
+            print(f"kdjax: exported the student to {path}; load and run it with:\n"
+                  f"{lm_trainer.SNIPPET.format(path=path)}")
+            return 0
         # --config.quant.* quantizes a float run on export (kdjax.compress.encode).
         path = export.export(args.workdir, args.out, step=args.step, format=args.format,
                              layout=args.layout, overrides=overrides)
@@ -367,7 +442,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdjax: process {jax.process_index()} of {jax.process_count()} ({how}), "
               f"{jax.device_count()} devices", flush=True)
     config = _load_config(args, overrides)
-    from kdjax import trainer
+    from kdjax.lm.models import is_lm
+
+    # A language model trains in kdjax.lm.trainer's loop, with the same commands and machinery.
+    if is_lm(config.model.name):
+        from kdjax.lm import trainer
+        if args.command == "distill" and args.generations != 1:
+            _parser().error("--generations (born-again networks) is for image models, not "
+                            f"language models (model.name={config.model.name!r})")
+        if _private_or_data_free(args, config):
+            _parser().error("PATE (pate.teachers, teacher.aggregation) and data-free distillation "
+                            "(datafree.method) are for image models, not language models "
+                            f"(model.name={config.model.name!r})")
+    else:
+        from kdjax import trainer
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)

@@ -196,6 +196,15 @@ def base_config() -> ml_collections.ConfigDict:
                       tv_weight=1e-2, l2_weight=1e-4, jitter=2, flip=True, latent_dim=100,
                       generator_channels=(64, 32), generator_lr=1e-3, student_steps=5,
                       balance_weight=0.0)
+    # Language models (kdjax.lm; a run is an LM run when model.name is one of kdjax.lm.models'):
+    # data.name is a text dataset of `kdjax prepare text`, loss.name "ce" or a token divergence
+    # (forward_kl reverse_kl jsd skew_kl skew_reverse_kl tvd) with loss.kwargs temperature /
+    # beta / alpha. chunk_size: positions per chunk of the vocabulary-chunked loss (0 = whole
+    # [B, T, V] logits). eval_rows: held-out rows evaluated (0 = all). prompts: texts continued
+    # by generate_tokens tokens after the final eval (in summary.json), sampled with
+    # sample_temperature (0 = greedy), top_k, top_p.
+    c.lm = dict(chunk_size=128, eval_rows=0, prompts=(), generate_tokens=48,
+                sample_temperature=0.0, top_k=0, top_p=1.0)
     return c
 
 

@@ -32,6 +32,14 @@ from typing import Any
 import numpy as np
 
 from kdjax import images as image_codec
+from kdjax import prepare as prepare_lib
+# Preparation sits below the catalogue: these are defined there (kdjax.prepare imports nothing
+# from this module) and stay importable from here.
+from kdjax.prepare import (SUPPORTED_DATASETS, DataPreparationError, make_synthetic_idx_dir,
+                           prepare)
+from kdjax.prepare.common import SIDECAR, default_data_dir
+from kdjax.prepare.common import import_tfds as _import_tfds
+from kdjax.prepare.common import resolve_data_dir as _resolve_data_dir
 
 __all__ = [
     "DataPreparationError",
@@ -59,13 +67,6 @@ class DatasetNotFoundError(FileNotFoundError):
     """No usable prepared copy of a dataset; the message says how to make one."""
 
 
-class DataPreparationError(ValueError):
-    """A source file is missing, wrong, truncated or corrupt.
-
-    The message names the file, what was expected and what was found.
-    """
-
-
 # Per-channel (mean, std) of the training images in [0, 1] units: the usual constants, applied on
 # device by kdjax.augment. Datasets not listed are normalised with 0.5 / 0.5.
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -78,39 +79,9 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenette": _IMAGENET_STATS,
 }
 
-#: kdjax's record of how it prepared a dataset, next to TFDS's dataset_info.json.
-SIDECAR = "kdjax.json"
-
-
 # --------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------
-
-
-def default_data_dir() -> str:
-    """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (TFDS's default)."""
-    env = os.environ.get("TFDS_DATA_DIR")
-    if env:
-        return os.path.expanduser(env)
-    return os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-
-
-def _resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
-    if data_dir is None or os.fspath(data_dir) == "":
-        return default_data_dir()
-    return os.path.expanduser(os.fspath(data_dir))
-
-
-def _import_tfds():
-    try:
-        import tensorflow_datasets as tfds  # noqa: PLC0415  (lazy on purpose)
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "kdjax.data needs the packages tensorflow-datasets and array-record "
-            "to prepare and read datasets (TensorFlow itself is not needed): "
-            "pip install tensorflow-datasets array-record"
-        ) from e
-    return tfds
 
 
 def _base_name(name: str) -> str:
@@ -118,45 +89,18 @@ def _base_name(name: str) -> str:
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415  (prepare imports this module)
-
     source, _ = prepare_lib.prepare_hint(name)
     return f"kdjax prepare {name.partition(':')[0]} --from {source} --data-dir {data_dir}"
 
 
 def _not_found_message(name: str, data_dir: str, problem: str) -> str:
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
     _, hint = prepare_lib.prepare_hint(name)
     text = f"{problem}\nPrepare it once (offline) with:\n  {_prepare_command(name, data_dir)}\n{hint}"
-    if _base_name(name) not in prepare_lib.SUPPORTED_DATASETS:
+    if _base_name(name) not in SUPPORTED_DATASETS:
         text += (f"\n(Or point --config.data.data_dir / --data-dir at a directory where TFDS "
                  f"prepared {name!r} in array_record format; `kdjax datasets --data-dir DIR` "
                  f"lists what a directory holds.)")
     return text
-
-
-# Preparation lives in kdjax.prepare; these names stay importable from here.
-def prepare(name: str, source: str | os.PathLike, **kwargs: Any) -> str:
-    """See :func:`kdjax.prepare.prepare`."""
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
-    return prepare_lib.prepare(name, source, **kwargs)
-
-
-def make_synthetic_idx_dir(*args: Any, **kwargs: Any) -> str:
-    """See :func:`kdjax.prepare.make_synthetic_idx_dir`."""
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
-    return prepare_lib.make_synthetic_idx_dir(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    if name == "SUPPORTED_DATASETS":
-        from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
-        return prepare_lib.SUPPORTED_DATASETS
-    raise AttributeError(f"module 'kdjax.data' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------
@@ -222,8 +166,6 @@ def _versions(folder: Path) -> list[Path]:
 
 
 def _known_version(name: str) -> str | None:
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
     return prepare_lib.known_version(name)
 
 
@@ -260,9 +202,7 @@ def _find_dataset_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
             f"Dataset {name!r} in {chosen} is stored as {file_format}, which "
             f"tfds.data_source cannot read with random access (it needs array_record)."
         )
-        from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
-        if _base_name(full) in prepare_lib.SUPPORTED_DATASETS:
+        if _base_name(full) in SUPPORTED_DATASETS:
             raise DatasetNotFoundError(_not_found_message(
                 full, root, problem + " Re-prepare it (this replaces that copy)."))
         raise DatasetNotFoundError(
@@ -304,8 +244,6 @@ def _spec_from_dir(name: str, path: Path) -> DatasetSpec:
     splits = {s: int(info.splits[s].num_examples) for s in info.splits}
     sidecar = _read_sidecar(path)
     by_kdjax = sidecar.get("prepared_by") == "kdjax"
-    from kdjax import prepare as prepare_lib  # noqa: PLC0415
-
     official = prepare_lib.official_sizes(name)
     if by_kdjax and sidecar.get("max_examples_per_split") is not None:
         complete = False

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from kdjax.lm.models import registry as lm_registry
 from kdjax.step import compute_dtype
 
 __all__ = [
@@ -558,6 +559,9 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet34": _p(ImageNetResNet, block="basic", layers=(3, 4, 6, 3)),
     "resnet50": _p(ImageNetResNet, block="bottleneck", layers=(3, 4, 6, 3)),
 }
+# The language models of kdjax.lm.models (num_classes is their vocabulary size), so that one
+# ModelSpec serves checkpoints, teachers, eval and export of both kinds.
+MODELS.update(lm_registry())
 
 
 def fold_batchnorm(model: nnx.Module) -> int:
@@ -651,7 +655,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float
     else:
         params = _constructor_params(ctor)
     offered = {"num_classes": num_classes, "dtype": dtype}
-    if input_shape is not None:
+    if input_shape is not None and len(input_shape) == 3:  # images; an LM's is (length,)
         h, _, c = input_shape
         offered.update(in_features=int(np.prod(input_shape)), in_channels=c, input_size=h)
     kwargs = {**{k: v for k, v in offered.items() if k in params}, **kwargs}

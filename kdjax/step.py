@@ -374,32 +374,55 @@ def make_distill_step(
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        names = _term_names(metrics)
-        if len(names) > 31:
-            raise ValueError(f"at most 30 metrics fit the int32 mask TrainState.bad_terms, the "
-                             f"objective returns {len(metrics)}: {sorted(metrics)}")
-        bad = [~jnp.isfinite(metrics[n]) for n in names[:-1]]
-        bad.append(~_all_finite((params, model_state)))
-        mask = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
-        ok = mask == 0
-        first = ~ok & (state.bad_step == 0)
-        health = dict(bad_step=jnp.where(first, state.step + 1, state.bad_step),
-                      bad_terms=jnp.where(first, mask, state.bad_terms))
-        if nan_policy == "skip":
-            params, model_state, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
-                (state.params, state.model_state, state.opt_state))
-            health["skipped_steps"] = state.skipped_steps + (~ok).astype(jnp.int32)
-            metrics["skipped_steps"] = health["skipped_steps"]
-        state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, **health)
+        return apply_update(state, grads, loss, metrics, model_state, tx=tx,
+                            nan_policy=nan_policy, mesh=mesh, state_sharding=state_sharding)
+
+    return compile_step(one_step, teacher_vars, data, mesh=mesh, steps_per_call=steps_per_call,
+                        state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+
+
+def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array, metrics: Metrics,
+                 model_state: nnx.State, *, tx: optax.GradientTransformation, nan_policy: str,
+                 mesh: Mesh, state_sharding: TrainState | None) -> tuple[TrainState, Metrics]:
+    """The end of every train step (image or language model): the optimizer update, the NaN/Inf
+    health record and nan_policy, the next step's state on its shardings; metrics gain "loss"
+    and "grad_norm"."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    names = _term_names(metrics)
+    if len(names) > 31:
+        raise ValueError(f"at most 30 metrics fit the int32 mask TrainState.bad_terms, the "
+                         f"objective returns {len(metrics)}: {sorted(metrics)}")
+    bad = [~jnp.isfinite(metrics[n]) for n in names[:-1]]
+    bad.append(~_all_finite((params, model_state)))
+    mask = sum(b.astype(jnp.int32) << i for i, b in enumerate(bad))
+    ok = mask == 0
+    first = ~ok & (state.bad_step == 0)
+    health = dict(bad_step=jnp.where(first, state.step + 1, state.bad_step),
+                  bad_terms=jnp.where(first, mask, state.bad_terms))
+    if nan_policy == "skip":
+        params, model_state, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), (params, model_state, opt_state),
+            (state.params, state.model_state, state.opt_state))
+        health["skipped_steps"] = state.skipped_steps + (~ok).astype(jnp.int32)
+        metrics["skipped_steps"] = health["skipped_steps"]
+    state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                          opt_state=opt_state, **health)
+    # On one device there is nothing to constrain, and sharding annotations are not free on
+    # XLA:CPU (see compile_step).
+    if mesh.size > 1:
         state = jax.lax.with_sharding_constraint(state, sharding.state_shardings(state, mesh)
                                                  if state_sharding is None else state_sharding)
-        return state, metrics
+    return state, metrics
 
+
+def compile_step(one_step: Callable, teacher_vars: tuple, data: Any, *, mesh: Mesh,
+                 steps_per_call: int, state_sharding: TrainState | None,
+                 teacher_sharding: Sequence[Any]) -> Step:
+    """jit `one_step(state, teacher_vars, data, batch) -> (state, metrics)`, `steps_per_call`
+    steps per dispatch (a scan whose metrics are the steps' means, counters their last value),
+    the state donated."""
     # XLA:CPU gives convolutions inside a while loop neither its YNNPACK kernels nor its layout
     # rewrites, so a rolled scan of a conv step ran 2-3x slower per step than one step per call
     # (benchmarks/results/perf_notes.md). Unrolled, there is no loop; compile time grows with
@@ -414,10 +437,17 @@ def make_distill_step(
             length=steps_per_call, unroll=unroll)
         return state, {k: v[-1] if k in COUNTERS else v.mean() for k, v in metrics.items()}
 
-    batch_sharding = sharding.batch_sharded(mesh, stacked=steps_per_call > 1)
-    fn = jax.jit(multi_step, donate_argnums=0,
-                 in_shardings=(state_sharding, teacher_sharding, rep, batch_sharding),
-                 out_shardings=(state_sharding, rep))
+    if mesh.size == 1:
+        # One device: every array is already where it must be. Sharding annotations would only
+        # make XLA partition a program that has one part, and on XLA:CPU they cost: an LM step
+        # (lm_mini, 32 x 128 tokens) took 0.68 CPU-s with them and 0.21 without.
+        fn = jax.jit(multi_step, donate_argnums=0)
+    else:
+        rep = sharding.replicated(mesh)
+        batch_sharding = sharding.batch_sharded(mesh, stacked=steps_per_call > 1)
+        fn = jax.jit(multi_step, donate_argnums=0,
+                     in_shardings=(state_sharding, tuple(teacher_sharding), rep, batch_sharding),
+                     out_shardings=(state_sharding, rep))
     return Step(fn, teacher_vars, data, sharding.serial_dispatch(mesh))
 
 

@@ -85,6 +85,37 @@ def split_info(tree) -> dict[str, dict]:
         for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def lm_run(mesh, rule: str, teacher_rule: str) -> dict:
+    """10 steps of the fused LM distillation step (chunked forward KL) on `mesh`: its losses and
+    how the teacher's arrays are split."""
+    from kdjax.lm import packing
+    from kdjax.lm.step import TokenData, TokenObjective, make_lm_step
+    from kdjax.step import Distillee
+
+    rng = np.random.default_rng(0)
+    tokens, segments = packing.pack([list(rng.integers(3, 64, rng.integers(5, 40)))
+                                     for _ in range(60)], 16)
+    student = Distillee(models.ModelSpec("lm_tiny", 64, (16,)).build(0))
+    teacher = freeze(models.ModelSpec("lm_tiny", 64, (16,), kwargs={"d_model": 64}).build(1))
+    tx = optax.adam(1e-2)
+    graphdef, state = init_train_state(student, tx, seed=0, num_examples=len(tokens))
+    state_sharding = sharding.state_shardings(state, mesh, rule, min_bytes=0)
+    teacher_sharding = sharding.tree_shardings(teacher.variables, mesh, teacher_rule, min_bytes=0)
+    data = TokenData(tokens=sharding.replicate(tokens, mesh),
+                     segments=sharding.replicate(segments, mesh), batch_size=8)
+    step = make_lm_step(graphdef, tx, TokenObjective("forward_kl", {"temperature": 2.0}, 0.5, 0.5,
+                                                     chunk_size=8),
+                        teacher=teacher, data=data, mesh=mesh, state_sharding=state_sharding,
+                        teacher_sharding=(teacher_sharding,))
+    state = sharding.put(state, state_sharding)
+    losses = []
+    for _ in range(10):
+        state, metrics = step(state)
+        losses.append(metrics["loss"])
+    return {"losses": [float(x) for x in jax.device_get(losses)],
+            "teacher_split": split_info(step.teachers)}
+
+
 def main(out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     meshes = {
@@ -135,6 +166,9 @@ def main(out: str) -> None:
                              "equal": bool(np.array_equal(np.asarray(batch["image"]),
                                                           images[:B]))}
     result["serial_dispatch"] = sharding.serial_dispatch(meshes["dp"][0])
+    result["lm"] = {name: lm_run(meshes[name][0], rule, teacher_rule)
+                    for name, rule, teacher_rule in (("single", "replicated", "replicated"),
+                                                     ("fsdp", "fsdp", "fsdp"))}
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f)
 

@@ -316,7 +316,7 @@ def test_checksum_mismatch_names_file_expected_and_actual(tmp_path):
     make_source(src, gz=True)
     path = src / "train-images-idx3-ubyte.gz"
     msg = _prepare_fails(src, tmp_path / "data", "sha256 mismatch", verify_checksums=True)
-    ref = kp._IDX_DATASETS["fashion_mnist"].splits["train"].images
+    ref = kp.idx.DATASETS["fashion_mnist"].splits["train"].images
     assert str(path) in msg
     assert ref.gz_sha256 in msg and ref.content_sha256 in msg  # expected
     assert hashlib.sha256(path.read_bytes()).hexdigest() in msg  # actual
@@ -328,7 +328,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
     """Stored-file sha256 (like TFDS's .gz checksums) or content sha256 both pass."""
     src = tmp_path / "src"
     make_source(src, gz=True)
-    d = kp._IDX_DATASETS["fashion_mnist"]
+    d = kp.idx.DATASETS["fashion_mnist"]
     splits = {}
     for i, (split, sdef) in enumerate(d.splits.items()):
         refs = []
@@ -341,7 +341,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
                 ref = dataclasses.replace(ref, content_sha256=hashlib.sha256(content).hexdigest())
             refs.append(ref)
         splits[split] = dataclasses.replace(sdef, images=refs[0], labels=refs[1])
-    monkeypatch.setitem(kp._IDX_DATASETS, "fashion_mnist", dataclasses.replace(d, splits=splits))
+    monkeypatch.setitem(kp.idx.DATASETS, "fashion_mnist", dataclasses.replace(d, splits=splits))
     kd.prepare("fashion_mnist", src, data_dir=tmp_path / "d", verify_checksums=True)
     spec = kd.dataset_info("fashion_mnist", data_dir=tmp_path / "d")
     assert spec.checksums_verified is True
@@ -350,7 +350,7 @@ def test_checksums_accepted_when_they_match(tmp_path, monkeypatch):
 
 def test_known_checksums_match_those_shipped_with_tfds():
     tfds = pytest.importorskip("tensorflow_datasets")
-    for name, d in kp._IDX_DATASETS.items():
+    for name, d in kp.idx.DATASETS.items():
         path = Path(tfds.__file__).parent / "url_checksums" / f"{name}.txt"
         if not path.exists():
             pytest.skip(f"{path} not shipped")

@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 from kdjax import cli, export
-from kdjax.interop import importer, pth, state_dict
+from kdjax.interop import importer, pth
 from _interop import flat_arrays, load_run_model
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "interop")

@@ -114,3 +114,13 @@ def test_several_cpu_devices_in_one_process_dispatch_serially(run8):
     """XLA:CPU can deadlock overlapping multi-device steps (kdjax.sharding.serial_dispatch)."""
     assert run8["result"]["serial_dispatch"] is True
     assert sharding.serial_dispatch(sharding.make_mesh()) is False  # one device: asynchronous
+
+
+def test_lm_distillation_step_is_the_same_with_fsdp_student_and_teacher_over_8_devices(run8):
+    """The fused LM step (teacher forward, chunked token loss) with the student and the teacher
+    FSDP-sharded over 8 devices computes what it computes on one."""
+    lm = run8["result"]["lm"]
+    np.testing.assert_allclose(lm["fsdp"]["losses"], lm["single"]["losses"], rtol=1e-4)
+    split = [i for i in lm["fsdp"]["teacher_split"].values() if i["num_shards"] == 8 and
+             list(i["shard_shapes"][0]) != i["shape"]]
+    assert len(split) >= 10  # the teacher's kernels and embedding are split, not replicated

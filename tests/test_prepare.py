@@ -4,6 +4,7 @@ TFDS interoperability; `list_datasets`."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -173,7 +174,7 @@ def test_cifar_features_and_version_match_tfds_builder(tmp_path, name):
 
 def test_cifar_checksums_match_those_shipped_with_tfds():
     root = Path(tfds.__file__).parent / "url_checksums"
-    for d in (kp._CIFAR10, kp._CIFAR100):
+    for d in (kp.cifar._CIFAR10, kp.cifar._CIFAR100):
         lines = (root / f"{d.name}.txt").read_text().split("\n")
         shipped = {ln.split("\t")[3]: (int(ln.split("\t")[1]), ln.split("\t")[2])
                    for ln in lines if ln.strip()}
@@ -197,11 +198,11 @@ def test_cifar_checksum_accepted_when_it_matches(tmp_path, monkeypatch):
     files = cifar_files("cifar10", "binary", cifar_arrays("cifar10"))
     src = write_tarball(tmp_path / "cifar-10-binary.tar.gz", "cifar-10-batches-bin", files)
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
-    d = kp._CIFAR10
-    fake = kp._CifarArchive(d.archives[1].filename, "binary", d.archives[1].top,
+    d = kp.cifar._CIFAR10
+    fake = kp.cifar._CifarArchive(d.archives[1].filename, "binary", d.archives[1].top,
                             src.stat().st_size, sha, None)
-    monkeypatch.setitem(kp._CIFAR_DATASETS, "cifar10",
-                        kp.dataclasses.replace(d, archives=(d.archives[0], fake)))
+    monkeypatch.setitem(kp.cifar.DATASETS, "cifar10",
+                        dataclasses.replace(d, archives=(d.archives[0], fake)))
     path = kd.prepare("cifar10", src, data_dir=tmp_path / "d")
     assert kd.dataset_info("cifar10", data_dir=tmp_path / "d").checksums_verified is True
     assert json.loads((Path(path) / "kdjax.json").read_text())["verified_as"] == fake.filename

@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import orbax.checkpoint as ocp
 from flax import nnx
 
 import kdjax

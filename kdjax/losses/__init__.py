@@ -1,8 +1,10 @@
-"""Knowledge-distillation losses: logit divergences, feature and relational losses.
+"""Knowledge-distillation losses: logit divergences, feature and relational losses, token losses.
 
 Modules: `kdjax.losses.logit` (class-distribution divergences), `kdjax.losses.feature`
 (feature, relational and mutual-learning losses), `kdjax.losses.self_distillation` (no external
-teacher: Tf-KD's virtual teacher, BYOT's hint); every public loss is importable from here.
+teacher: Tf-KD's virtual teacher, BYOT's hint), `kdjax.losses.token` (language models:
+per-token divergences with a mask, and their vocabulary-chunked form); every public loss is
+importable from here.
 
 Conventions (optax style):
 
@@ -19,6 +21,7 @@ Conventions (optax style):
 * Logit losses take ``[..., num_classes]`` arrays and return per-example values of
   shape ``[...]``; the caller reduces. Feature losses return ``[batch]``; losses
   defined on the structure of a whole batch (SP, RKD, PKT, CC) return a scalar.
+  Token losses take ``[B, T, V]`` logits and a ``[B, T]`` mask and return ``[B, T]``.
 * ``p = softmax(logits / T)``. Divergences between student and teacher logits
   evaluate both sides at the same temperature ``T`` and multiply by ``T**2``, which
   keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
@@ -38,11 +41,16 @@ from kdjax.losses.logit import (cross_entropy, dkd, ensemble_teacher, generalize
                                 logit_standardized_kd, reverse_kl, soft_target_kl,
                                 topk_soft_target_kl, tvd)
 from kdjax.losses.self_distillation import byot_hint, teacher_free_kd, virtual_teacher_logits
+from kdjax.losses.token import (TOKEN_DIVERGENCES, chunked_token_losses, token_cross_entropy,
+                                token_divergence, token_forward_kl, token_generalized_jsd,
+                                token_reverse_kl, token_skew_kl, token_skew_reverse_kl, token_tvd)
 
 __all__ = [
+    "TOKEN_DIVERGENCES",
     "adaptive_avg_pool",
     "attention_transfer",
     "byot_hint",
+    "chunked_token_losses",
     "correlation_congruence",
     "crd",
     "crd_scores",
@@ -62,6 +70,14 @@ __all__ = [
     "similarity_preserving",
     "soft_target_kl",
     "teacher_free_kd",
+    "token_cross_entropy",
+    "token_divergence",
+    "token_forward_kl",
+    "token_generalized_jsd",
+    "token_reverse_kl",
+    "token_skew_kl",
+    "token_skew_reverse_kl",
+    "token_tvd",
     "topk_soft_target_kl",
     "tvd",
     "vid",

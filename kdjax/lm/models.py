@@ -1,0 +1,335 @@
+"""Decoder-only transformers in the Llama style, as students and teachers of LM distillation.
+
+RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's
+Hugging Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value
+heads shared by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input
+and output embeddings. Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
+accelerators, `kdjax.step.compute_dtype`); norms, softmaxes and logits are computed in float32.
+
+Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
+attends to the positions at or before it in its own document only, and rotary positions restart
+at 0 at each document's first token, so a packed row computes exactly what each of its documents
+would compute alone (tests/test_lm_models.py checks it).
+
+Taps (``features``): ``"embedding"`` (the token embeddings), ``"layer_{i}"`` (each block's
+output, the residual stream ``[B, T, d_model]``), ``"attention_{i}"`` (each block's attention
+probabilities ``[B, num_heads, T, T]``), ``"hidden"`` (the final normed hidden state, what the
+output projection reads) and ``"logits"``. Under jit the taps a caller does not read cost nothing.
+
+A sequence is decoded with a KV cache through ``decode`` (kdjax.lm.sampling).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+_init = nnx.initializers.normal(0.02)  # Llama's initializer_range
+# Finite stand-in for -inf: exp(_MASKED - max) is exactly 0 next to any real score, and a row with
+# no allowed key (a padding query) stays finite instead of 0/0.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, computed in float32 and returned in the input's dtype."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+    """Rotary position embedding of ``x [B, T, heads, head_dim]`` at ``positions [B, T]``.
+
+    Pairs dimension i with i + head_dim/2 (Llama's Hugging Face layout), angle
+    ``position * theta^(-2i / head_dim)``; in float32, returned in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, half]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position within its document: 0 at every change of segment id."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def document_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, 1, T, T]``: query i may attend key j iff j <= i, same segment, not padding."""
+    seg = segment_ids
+    t = seg.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    return (causal & same)[:, None]
+
+
+def _linear(i: int, o: int, *, dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=_init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs)
+        self.k = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
+        self.v = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
+        self.o = _linear(num_heads * head_dim, d_model, dtype=dtype, rngs=rngs)
+
+    def _qkv(self, x, positions):
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return (rope(q, positions, theta=self.rope_theta),
+                rope(k, positions, theta=self.rope_theta), v)
+
+    def _attend(self, q, k, v, allowed) -> tuple[jax.Array, jax.Array]:
+        # q [B, T, H, D]; k, v [B, S, K, D]; allowed [B, 1, T, S]. Each group of H/K query heads
+        # reads one key/value head: reshape, not repeat, so K/V are never copied H/K times.
+        b, t, h, d = q.shape
+        kv = k.shape[2]
+        q = q.reshape(b, t, kv, h // kv, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+        scores = jnp.where(allowed[:, :, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+        return self.o(out.reshape(b, t, h * d)), probs.reshape(b, h, t, -1)
+
+    def __call__(self, x, positions, allowed) -> tuple[jax.Array, jax.Array]:
+        q, k, v = self._qkv(x, positions)
+        return self._attend(q, k, v, allowed)
+
+    def decode(self, x, positions, cache: dict, index, key_valid):
+        """Attend from x's tokens, at cache slots index.., to every valid cached slot before."""
+        q, k, v = self._qkv(x, positions)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                      index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                      index, axis=1)
+        t, s = x.shape[1], k_cache.shape[1]
+        causal = (index + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+        allowed = (causal[None] & key_valid[:, None, :])[:, None]
+        out, _ = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed)
+        return out, {"k": k_cache, "v": v_cache}
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
+        self.gate = _linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.up = _linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.down = _linear(d_ff, d_model, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, d_model, num_heads, num_kv_heads, head_dim, d_ff, *, rope_theta, norm_eps,
+                 dtype, rngs):
+        self.attention_norm = RMSNorm(d_model, eps=norm_eps)
+        self.attention = Attention(d_model, num_heads, num_kv_heads, head_dim,
+                                   rope_theta=rope_theta, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
+        self.mlp = SwiGLU(d_model, d_ff, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, allowed):
+        a, probs = self.attention(self.attention_norm(x), positions, allowed)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), probs
+
+    def decode(self, x, positions, cache, index, key_valid):
+        a, cache = self.attention.decode(self.attention_norm(x), positions, cache, index,
+                                         key_valid)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """A Llama-style decoder-only language model.
+
+    Args:
+      vocab_size: tokens in the vocabulary (the tokenizer's; a ModelSpec's num_classes).
+      d_model: width of the residual stream.
+      num_layers: transformer blocks.
+      num_heads: query heads; ``d_model`` must be divisible by it unless ``head_dim`` is given.
+      num_kv_heads: key/value heads (grouped-query attention), dividing ``num_heads``; default
+        ``num_heads`` (multi-head attention).
+      d_ff: SwiGLU hidden width; default ``8/3 * d_model`` rounded up to a multiple of 32.
+      head_dim: default ``d_model // num_heads``.
+      tie_embeddings: the output projection is the input embedding's transpose.
+      rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      dtype: activation dtype; parameters are float32.
+    """
+
+    def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
+                 num_kv_heads: int | None = None, d_ff: int | None = None,
+                 head_dim: int | None = None, tie_embeddings: bool = False,
+                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads="
+                             f"{num_kv_heads} (each key/value head serves a whole group of "
+                             f"query heads)")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
+                                 f"pass head_dim or choose a divisor")
+            head_dim = d_model // num_heads
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even (rotary positions rotate pairs)")
+        d_ff = d_ff or -(-(8 * d_model // 3) // 32) * 32
+        self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
+        self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
+        self.head_dim, self.dtype = head_dim, dtype
+        self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
+                               embedding_init=_init, rngs=rngs)
+        self.layers = nnx.List([Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
+                                      rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
+                                      rngs=rngs) for _ in range(num_layers)])
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = None if tie_embeddings else _linear(d_model, vocab_size, dtype=dtype,
+                                                           rngs=rngs)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return ("embedding", *(f"layer_{i}" for i in range(self.num_layers)),
+                *(f"attention_{i}" for i in range(self.num_layers)), "hidden", "logits")
+
+    def head(self) -> jax.Array:
+        """The output projection ``[d_model, vocab_size]`` (float32): logits = hidden @ head."""
+        if self.tie_embeddings:
+            return self.embed.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 ``[..., vocab]`` from final hidden states, the matmul in the compute dtype."""
+        return jnp.einsum("...h,hv->...v", hidden, self.head().astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _inputs(self, tokens, segment_ids, positions):
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length] token ids, got shape {tokens.shape}")
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        return tokens, segment_ids, positions
+
+    def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, train: bool = False,
+                 logits: bool = True) -> dict[str, jax.Array]:
+        """The named taps (module docstring) for ``tokens [B, T]``; ``logits=False`` leaves the
+        ``[B, T, V]`` logits out (a chunked loss projects "hidden" itself)."""
+        del train  # no dropout, no batch statistics: train and eval compute the same
+        tokens, segment_ids, positions = self._inputs(tokens, segment_ids, positions)
+        allowed = document_mask(segment_ids)
+        x = self.embed(tokens)
+        out = {"embedding": x}
+        for i, block in enumerate(self.layers):
+            x, probs = block(x, positions, allowed)
+            out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
+        out["hidden"] = self.norm(x)
+        if logits:
+            out["logits"] = self.logits(out["hidden"])
+        return out
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """float32 next-token logits ``[B, T, vocab]``."""
+        return self.features(tokens, segment_ids=segment_ids, positions=positions,
+                             train=train)["logits"]
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
+        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        dtype = dtype or self.dtype
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                for _ in range(self.num_layers)]
+
+    def decode(self, tokens: jax.Array, *, positions: jax.Array, cache: list[dict], index,
+               key_valid: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Run ``tokens [B, t]`` at cache slots ``index .. index + t``: logits and the cache.
+
+        ``key_valid [B, S]`` marks the cache slots that hold real tokens (not left padding);
+        ``positions [B, t]`` are the tokens' rotary positions.
+        """
+        x = self.embed(tokens)
+        new = []
+        for block, c in zip(self.layers, cache):
+            x, c = block.decode(x, positions, c, index, key_valid)
+            new.append(c)
+        return self.logits(self.norm(x)), new
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+#: Sizes by name; the vocabulary comes from the data's tokenizer. The llama3_* entries are the
+#: shapes of Llama 3.2 1B and 3B (for memory planning and benchmarks, not pretrained weights).
+LM_MODELS: dict[str, dict[str, Any]] = {
+    "lm_tiny": dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64),
+    "lm_mini": dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192),
+    "lm_small": dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384),
+    "lm_base": dict(d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, d_ff=768),
+    "llama3_1b": dict(d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, d_ff=8192,
+                      tie_embeddings=True, rope_theta=500_000.0),
+    "llama3_3b": dict(d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, d_ff=8192,
+                      tie_embeddings=True, rope_theta=500_000.0),
+}
+
+
+def is_lm(name: str) -> bool:
+    """Whether model.name names a language model (so the run is an LM run)."""
+    return name in LM_MODELS
+
+
+def create_lm(name: str, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32,
+              **kwargs: Any) -> Transformer:
+    """The registered size ``name`` with ``vocab_size`` tokens; kwargs override its sizes."""
+    if name not in LM_MODELS:
+        raise ValueError(f"unknown language model {name!r}; valid: {sorted(LM_MODELS)}")
+    valid = set(inspect.signature(Transformer.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument(s) {unknown} (model.kwargs); valid: "
+                         f"{sorted(valid - {'vocab_size', 'rngs', 'dtype'})}")
+    return Transformer(vocab_size=vocab_size, rngs=rngs, dtype=dtype,
+                       **{**LM_MODELS[name], **kwargs})
+
+
+def registry() -> dict[str, Callable[..., Transformer]]:
+    """kdjax.models.MODELS's entries for the language models: ``num_classes`` is the vocabulary
+    size (an LM classifies each position over its vocabulary), so a ModelSpec of an LM (name,
+    num_classes = vocabulary, input_shape = (sequence length,), kwargs) is saved, loaded and
+    rebuilt exactly as an image model's."""
+
+    def entry(name: str) -> Callable[..., Transformer]:
+        def build(*, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32, **kwargs: Any):
+            return create_lm(name, vocab_size=num_classes, rngs=rngs, dtype=dtype, **kwargs)
+        return build
+
+    return {name: entry(name) for name in LM_MODELS}
