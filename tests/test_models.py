@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize_batchnorms
+from kdjax.lm.models import LM_MODELS
 from kdjax.models import MODELS, count_params, create_model, model_names
 
 # name -> (num_classes, exact parameter count incl. BN scale/bias, input HWC)
@@ -152,7 +153,8 @@ def _images(shape, seed=0):
 # registry / abstract checks (no compute)
 # ---------------------------------------------------------------------------
 def test_registry_covers_expected():
-    assert set(model_names()) == set(EXPECTED)
+    # the language models register here too; their sizes are tested in test_lm_models
+    assert set(model_names()) == set(EXPECTED) | set(LM_MODELS)
     assert model_names() == sorted(MODELS)
 
 

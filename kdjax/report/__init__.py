@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kdjax import calibration, data as data_lib
-from kdjax.report import evaluate, measure, render
+from kdjax.report import evaluate, lm, measure, render
 from kdjax.report.artifacts import Artifact, load_artifact, register_loader
 
 __all__ = ["Artifact", "load_artifact", "register_loader", "make_report", "measure", "evaluate",
@@ -116,6 +116,16 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
     """
     if not paths:
         raise ValueError("kdjax report needs at least one run or export")
+    lm_paths = [p for p in paths if lm.is_lm_path(os.path.abspath(p))]
+    if lm_paths:
+        if len(lm_paths) != len(paths):
+            images = [p for p in paths if p not in lm_paths]
+            raise ValueError(f"kdjax report compares models of one kind: {lm_paths} are language "
+                             f"models, {images} are not; report them separately")
+        return _write(_lm_report(paths, split=split, calibration_split=calibration_split,
+                                 teacher=teacher, dataset=dataset, data_dir=data_dir,
+                                 speed=speed, speed_settings=speed_settings, step=step,
+                                 log=log), out)
     env = measure.environment()
     cache = _Cache(step=step, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
     names = dict(zip((os.path.abspath(p) for p in paths), _names(paths)))
@@ -131,6 +141,10 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
               "models": models, "environment": env, "load_average_after": os.getloadavg()[0],
               "conventions": CONVENTIONS,
               "speed_note": None if speed else "Speed not measured (--no-speed)."}
+    return _write(report, out)
+
+
+def _write(report: dict[str, Any], out: str | None) -> dict[str, Any]:
     if out:
         os.makedirs(out, exist_ok=True)
         report["charts"] = render.charts(report, out)
@@ -187,3 +201,81 @@ def _temperature(a: Artifact, cache: _Cache, split: str, calibration_split: str 
     after = evaluate.metrics(z, y, temperature=t)
     return {"split": held_out, "why": why, "examples": int(len(yc)), "temperature": t,
             "after": {k: after[k] for k in ("loss", "brier", "ece", "mce", "bins")}}
+
+
+LM_CONVENTIONS = {
+    **CONVENTIONS,
+    "tokens": "a language model is judged per target token: every position of the split's packed "
+              "rows whose target is the next token of the same document (padding and "
+              "cross-document targets are not counted); perplexity = exp(mean NLL per token); "
+              "ECE, MCE and Brier of the top next token over the vocabulary",
+    "T": CONVENTIONS["T"].replace("on the held-out split named in 'fitted on'",
+                                  "on the --calibration-split's tokens (a text dataset has no "
+                                  "third split: skipped without it)"),
+    "size": CONVENTIONS["size"].replace("batch-1 forward", "forward pass of one row, divided by "
+                                        "its seq_len tokens (FLOPs/token)"),
+    "speed": "latency: median [quartiles] of separate forward passes of one row (batch 1, "
+             "seq_len tokens), each waited for; throughput: tokens/s over windows of "
+             "back-to-back forward passes of 32 rows; warmed up, input on the device; no "
+             "generation (kdjax.lm.sampling). A measurement of this machine at this load",
+}
+
+
+def _lm_report(paths: Sequence[str], *, split: str | None, calibration_split: str | None,
+               teacher: str | None, dataset: str | None, data_dir: str | None, speed: bool,
+               speed_settings: dict[str, Any] | None, step: str | int, log) -> dict[str, Any]:
+    """`make_report` of language models (kdjax.report.lm): the same report, per token."""
+    env = measure.environment()
+    names = dict(zip((os.path.abspath(p) for p in paths), _names(paths)))
+    loaded: dict[str, dict[str, Any]] = {}
+
+    def get(path: str) -> dict[str, Any]:
+        if path not in loaded:
+            loaded[path] = lm.load(path, step=step)
+        return loaded[path]
+
+    first = get(next(iter(names)))
+    ds = lm.dataset(first, name=dataset, data_dir=data_dir)
+    split = split or first["data"].get("eval_split") or "validation"
+    models = []
+    for path, name in names.items():
+        entry = get(path)
+        log(f"kdjax report: {name}: evaluating on {split!r}", flush=True)
+        teacher_path = os.path.abspath(teacher) if teacher else entry["teacher"]
+        fidelity, teacher_model = None, None
+        if teacher_path and teacher_path != path:
+            fidelity = {"teacher": teacher_path,
+                        "teacher_name": names.get(teacher_path, teacher_path)}
+            if os.path.exists(teacher_path):
+                teacher_model = get(teacher_path)["model"]
+            else:
+                fidelity["skipped"] = "the teacher's path does not exist here"
+        metrics = lm.evaluate(entry["model"], ds, split, teacher=teacher_model)
+        if teacher_model is not None:
+            fidelity.update(agreement=metrics.pop("teacher_agreement"),
+                            kl=metrics.pop("teacher_kl"))
+        if calibration_split == split:
+            raise ValueError(f"--calibration-split {split!r} is the evaluated split: fit the "
+                             f"temperature on other data, never on the data it is judged on")
+        if calibration_split:
+            t = lm.fit_temperature(entry["model"], ds, calibration_split)
+            after = lm.evaluate(entry["model"], ds, split, temperature=t)
+            scaling = {"split": calibration_split, "why": "--calibration-split",
+                       "temperature": t,
+                       "after": {k: after[k] for k in ("loss", "brier", "ece", "mce", "bins")}}
+        else:
+            scaling = {"skipped": "a text dataset has no third split; pass --calibration-split"}
+        record = {"name": name, "path": path, "kind": entry["kind"],
+                  "model": entry["spec"].to_json(), "details": entry["details"],
+                  "examples": metrics["tokens"], "metrics": metrics, "fidelity": fidelity,
+                  "temperature_scaling": scaling,
+                  "size": lm.size(entry["model"], entry["stored_files"], ds.seq_len)}
+        if speed:
+            log(f"kdjax report: {name}: timing", flush=True)
+            record["speed"] = lm.speed(entry["model"], ds.seq_len, ds.vocab_size,
+                                       **(speed_settings or {}))
+        models.append(record)
+    return {"format": FORMAT, "unit": "tokens", "dataset": os.path.basename(ds.path),
+            "split": split, "models": models, "environment": env,
+            "load_average_after": os.getloadavg()[0], "conventions": LM_CONVENTIONS,
+            "speed_note": None if speed else "Speed not measured (--no-speed)."}

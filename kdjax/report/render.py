@@ -28,16 +28,20 @@ def markdown(report: dict[str, Any]) -> str:
     """Three tables (accuracy and calibration, fidelity, size and speed) and the conventions."""
     models = report["models"]
     env = report["environment"]
+    tokens = report.get("unit") == "tokens"  # a language-model report: every number per token
     lines = [f"# kdjax report: {report['dataset']} {report['split']!r}", ""]
-    lines += ["## Accuracy and calibration", "",
-              "| model | top-1 (%) | top-5 (%) | NLL | Brier | ECE (%) | MCE (%) | T | "
-              "ECE after T (%) | NLL after T | fitted on |",
+    lines += ["## Accuracy and calibration" + (" (per target token)" if tokens else ""), "",
+              ("| model | perplexity | next-token top-1 (%) | top-5 (%) | NLL | " if tokens else
+               "| model | top-1 (%) | top-5 (%) | NLL | ")
+              + "Brier | ECE (%) | MCE (%) | T | ECE after T (%) | NLL after T | fitted on |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" if tokens else
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in models:
         a, ts = m["metrics"], m["temperature_scaling"]
         fitted = ts.get("split") if "temperature" in ts else f"skipped: {ts.get('skipped')}"
         lines.append(
-            f"| {m['name']} | {_pct(a['accuracy'])} | {_pct(a['top5_accuracy'])} | "
+            f"| {m['name']} | " + (f"{_num(a['perplexity'], '{:.3f}')} | " if tokens else "")
+            + f"{_pct(a['accuracy'])} | {_pct(a['top5_accuracy'])} | "
             f"{_num(a['loss'])} | {_num(a['brier'])} | {_pct(a['ece'])} | {_pct(a['mce'])} | "
             f"{_num(ts.get('temperature'), '{:.3f}')} | {_pct(ts.get('after', {}).get('ece'))} | "
             f"{_num(ts.get('after', {}).get('loss'))} | {fitted} |")
@@ -51,15 +55,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {m['name']} | {f['teacher_name']} | {_pct(f.get('agreement'))} | "
                          f"{_num(f.get('kl'))} |" if "agreement" in f else
                          f"| {m['name']} | {f['teacher_name']} | – | – ({f.get('skipped')}) |")
+    unit = "token" if tokens else "example"
     lines += ["", "## Size and speed", "",
-              "| model | parameters | non-zero | stored | in memory | FLOPs/example | "
-              "latency, batch 1 (ms) | throughput (images/s) |",
+              f"| model | parameters | non-zero | stored | in memory | FLOPs/{unit} | "
+              + ("latency, one row of batch 1 (ms) | throughput (tokens/s) |" if tokens else
+                 "latency, batch 1 (ms) | throughput (images/s) |"),
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in models:
         s, sp = m["size"], m.get("speed") or {}
         lat = sp.get("latency_batch1_ms")
-        thr = (sp.get("throughput") or {}).get("images_per_s")
-        flops, nonzero = s.get("flops_per_example"), s["nonzero_parameters"]
+        thr = (sp.get("throughput") or {}).get("tokens_per_s" if tokens else "images_per_s")
+        flops, nonzero = s.get(f"flops_per_{unit}"), s["nonzero_parameters"]
         lines.append(
             f"| {m['name']} | {s['parameters']:,} | "
             f"{'–' if nonzero is None else f'{nonzero:,}'} | "
