@@ -67,6 +67,7 @@ demo-lm: install text-data
 	$(BIN)/kdjax train   --config experiments/lm/student_scratch.py --workdir $(LMWORK)/student_scratch --config.data.data_dir=$(TEXT) --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax distill --config experiments/lm/distill.py         --workdir $(LMWORK)/student_kd --config.data.data_dir=$(TEXT) --config.teacher.workdir=$(LMWORK)/teacher --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax summary $(LMWORK)/teacher $(LMWORK)/student_scratch $(LMWORK)/student_kd
+	$(BIN)/kdjax report  $(LMWORK)/teacher $(LMWORK)/student_scratch $(LMWORK)/student_kd --out $(LMWORK)/report
 
 clean:
 	rm -rf $(VENV) workdirs

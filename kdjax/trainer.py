@@ -32,8 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -47,14 +45,13 @@ from flax import nnx
 import kdjax
 from kdjax import augment, calibration, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
-from kdjax import metrics as metrics_lib, models, objectives, optim, preemption, sharding
+from kdjax import loop, metrics as metrics_lib, models, objectives, optim, sharding
 from kdjax import taps as taps_lib
 from kdjax import teacher as teacher_lib
 from kdjax.compress import training as compress
-from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
-from kdjax.step import (DeviceData, Distillee, FrozenModel, TrainState, compute_dtype, freeze,
-                        init_train_state, make_distill_step, make_eval_step, nonfinite_terms)
+from kdjax.step import (DeviceData, Distillee, FrozenModel, compute_dtype, freeze,
+                        init_train_state, make_distill_step, make_eval_step)
 
 EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
 
@@ -319,34 +316,6 @@ def _evaluate(eval_step, params, model_state, batches) -> dict[str, float]:
     return out
 
 
-def _check_finite(state: TrainState, pending: list, logged_at: int, per_call: int,
-                  ckpt: checkpoint.Checkpointer, nan_policy: str) -> None:
-    """Raise NonFiniteError if a step since the last check went non-finite (nan_policy="stop").
-
-    Reads two scalars the step keeps on the device: called where the loop syncs anyway.
-    """
-    bad_step, bad_terms = (int(x) for x in jax.device_get((state.bad_step, state.bad_terms)))
-    if not bad_step or nan_policy != "stop":
-        return
-    host = jax.device_get(list(pending))
-    # pending[i] holds the metrics of steps logged_at + i*per_call + 1 .. (i+1)*per_call.
-    at = (bad_step - logged_at - 1) // per_call
-    entry = host[at] if 0 <= at < len(host) else {}
-    names = nonfinite_terms(bad_terms, entry.keys()) if entry else [f"bitmask {bad_terms:#b}"]
-    values = ", ".join(f"{n}={float(entry[n])}" for n in names if n in entry)
-    ckpt.wait()  # a save still in flight is of a state checked finite: let it complete
-    good = ckpt.latest_step()
-    kept = (f"the last good checkpoint, {ckpt.path(good)}, is kept and rerunning the command "
-            f"resumes from it" if good is not None else "no checkpoint was saved before it")
-    raise NonFiniteError(
-        f"step {bad_step} went non-finite in: {', '.join(names)}"
-        + (f" ({values}{', mean over the steps of that call' if per_call > 1 else ''})"
-           if values else "")
-        + f". Stopped without saving a non-finite state (train.nan_policy='stop'); {kept}. "
-        f"Lower optimizer.learning_rate or add optimizer.warmup_steps, or set "
-        f"train.nan_policy='skip' to skip such steps")
-
-
 def _resume_note(path: str, step: int, total: int, steps_per_epoch: int,
                  saved_config: dict, config: ml_collections.ConfigDict) -> str:
     epoch, batch = divmod(step, steps_per_epoch)
@@ -487,7 +456,6 @@ def _given_input(config: ml_collections.ConfigDict, spec: data.DatasetSpec,
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, *,
            distill: bool, progress: bool, given: dict[str, np.ndarray] | None = None
            ) -> dict[str, Any]:
-    from tqdm import tqdm
 
     total = config.train.steps
     mesh = _mesh(config, distill)
@@ -569,109 +537,40 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(config))
 
-    def run_record() -> dict[str, Any]:
-        return {"kdjax_version": kdjax.__version__, "config": json.loads(config_lib.to_json(config)),
+    def run_record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
+        return {"kdjax_version": kdjax.__version__,
+                "config": json.loads(config_lib.to_json(config)),
                 "model": student.to_json(),
                 "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
                 "pending_train_metrics": metrics_lib.pending_to_json(pending),
                 "last_train": last_train}
 
-    logged_at = start - len(pending) * per_call
-    writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
-    eval_metrics: dict[str, float] = {}
-    skipped_reported = int(jax.device_get(state.skipped_steps))
-    bar = tqdm(total=total, initial=step, disable=not (progress and primary), unit="step",
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
-    t_train = 0.0  # device-bound training time, excluding the first call's compile and evals
-    t_mark, images_timed = None, 0
-
-    def crossed(every: int, before: int, after: int) -> bool:
-        return every > 0 and after // every > before // every
-
     # Streamed batches are a function of the step: resuming at `step` resumes the input exactly.
     stream = (input_lib.train_stream(config.data, seed=config.seed, batch_size=batch_size,
                                      mesh=mesh, steps_per_call=per_call, start_step=step)
               if mode == "stream" and step < total else None)
+    hooks = loop.Hooks(
+        step=lambda state: step_fn(state, next(stream) if stream is not None else None),
+        evaluate=lambda state: _evaluate(eval_step, state.params, state.model_state,
+                                         eval_input()),
+        record=run_record, means=metrics_lib.mean_of, items_per_step=batch_size,
+        rate="images", postfix=("loss", "accuracy"),
+        on_log=loop.skipped_steps_warning(int(jax.device_get(state.skipped_steps))))
+    t_start = time.perf_counter()
     try:
-        with preemption.StopSignals() as signals:
-            while step < total and signals.received is None:
-                state, m = step_fn(state, next(stream) if stream is not None else None)
-                pending.append(m)
-                before, step = step, step + per_call
-                if t_mark is None:  # compile + first call: excluded from throughput
-                    jax.block_until_ready(state)
-                    t_mark = time.perf_counter()
-                else:
-                    images_timed += per_call * batch_size
-                log = crossed(config.train.log_every_steps, before, step) or step == total
-                evaluate = crossed(config.eval.every_steps, before, step) or step == total
-                # With keep_best every evaluated model is a candidate for the best N.
-                save = step < total and (crossed(config.checkpoint.every_steps, before, step)
-                                         or (config.checkpoint.keep_best > 0 and evaluate))
-                if log or evaluate or save:
-                    _check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
-                if log:
-                    last_train = metrics_lib.mean_of(pending)  # the one host sync per log period
-                    pending, logged_at = [], step
-                    now = time.perf_counter()
-                    t_train, t_mark = t_train + (now - t_mark), now
-                    ips = images_timed / t_train if t_train > 0 else 0.0
-                    writer.write(step, {**last_train, "train/images_per_s": ips})
-                    # (a window whose steps were all skipped has no loss to show)
-                    bar.set_postfix({k: f"{last_train[f'train/{k}']:.4f}"
-                                     for k in ("loss", "accuracy") if f"train/{k}" in last_train}
-                                    | {"img_s": f"{ips:,.0f}"})
-                    skipped = int(last_train.get("train/skipped_steps", 0))
-                    if skipped > skipped_reported:
-                        skipped_reported = skipped
-                        print(f"kdjax: warning: {skipped} step(s) skipped so far for non-finite "
-                              f"values (train.nan_policy='skip'), the first at step "
-                              f"{int(state.bad_step)}", file=sys.stderr, flush=True)
-                if evaluate:
-                    eval_metrics = _evaluate(eval_step, state.params, state.model_state,
-                                             eval_input())
-                    writer.write(step, eval_metrics)
-                    t_mark = time.perf_counter()
-                if save:
-                    ckpt.save(state, run_record(), metrics=eval_metrics if evaluate else None)
-                bar.update(per_call)
-            if step < total:  # stopped by a signal: save this step, then stop
-                _check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
-                ckpt.save(state, run_record())
-                ckpt.wait()
-                name = signal.Signals(signals.received).name
-                raise Interrupted(signals.received, (
-                    f"{name} received: saved a checkpoint at step {step} of {total} in "
-                    f"{ckpt.path(step)} and stopped; run the same command again to resume"))
-            if not eval_metrics:  # resumed at the end: still report the model's quality
-                eval_metrics = _evaluate(eval_step, state.params, state.model_state,
-                                         eval_input())
-            ckpt.save(state, run_record(), metrics=eval_metrics)
-            ckpt.wait()
+        done = loop.run(config, state, hooks, ckpt=ckpt, workdir=workdir, per_call=per_call,
+                        pending=pending, last_train=last_train, progress=progress)
     finally:
         if stream is not None:
             stream.close()
-        bar.close()
-        writer.close()
+    state, eval_metrics, last_train = done.state, done.eval_metrics, done.last_train
 
     summary = {
         **eval_metrics,
         "train/loss": last_train.get("train/loss"),
         "train/accuracy": last_train.get("train/accuracy"),
-        "steps": step,
-        "steps_this_run": step - start,
-        "skipped_steps": int(jax.device_get(state.skipped_steps)),
-        "wall_time_s": time.perf_counter() - t_start,
-        "images_per_s": images_timed / t_train if t_train > 0 else None,
-        "steps_per_call": per_call,
-        "device_kind": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
-        "num_processes": jax.process_count(),
-        "mesh": dict(mesh.shape),
-        # What sharding buys: bytes one device holds (the largest over devices).
-        "param_bytes_per_device": sharding.bytes_per_device(state.params),
-        "opt_state_bytes_per_device": sharding.bytes_per_device(state.opt_state),
+        **loop.run_facts(done, start=start, per_call=per_call, mesh=mesh, t_start=t_start),
+        "images_per_s": done.items_per_s,
         "teacher_bytes_per_device": sharding.bytes_per_device(
             [t.variables for t in teachers]) if teachers else None,
         "model": config.model.name,

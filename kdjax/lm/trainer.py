@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from typing import Any
 
@@ -34,9 +33,8 @@ from flax import nnx
 
 import kdjax
 from kdjax import checkpoint, config as config_lib, distributed, export as export_lib
-from kdjax import metrics as metrics_lib, models, optim, preemption, sharding
+from kdjax import loop, metrics as metrics_lib, models, optim, sharding
 from kdjax import teacher as teacher_lib, trainer as image_trainer
-from kdjax.errors import Interrupted
 from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
 from kdjax.lm.models import is_lm
 from kdjax.lm.step import (SUM_METRICS, TokenData, TokenObjective, make_lm_eval_step,
@@ -223,8 +221,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, *,
            distill: bool, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
     total, batch_size = config.train.steps, config.train.batch_size
     mesh = image_trainer._mesh(config, distill)
     ds = text_data.open_text(config.data.name, config.data.data_dir or None)
@@ -263,7 +259,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         last_train = run["last_train"]
         print(image_trainer._resume_note(ckpt.path(int(state.step)), int(state.step), total,
                                          data.steps_per_epoch, run["config"], config), flush=True)
-    step = start = int(jax.device_get(state.step))
+    start = int(jax.device_get(state.step))
     per_call = image_trainer.resolve_steps_per_call(config, mesh.devices.flat[0].platform, start)
     nan_policy = config.train.nan_policy
     step_fn = make_lm_step(graphdef, tx, objective, teacher=teacher, data=data, mesh=mesh,
@@ -281,79 +277,26 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(config))
 
-    def run_record() -> dict[str, Any]:
+    def run_record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
         # "preprocess" is the images' field of the record; an LM's input is token ids.
-        return {"kdjax_version": kdjax.__version__, "config": json.loads(config_lib.to_json(config)),
+        return {"kdjax_version": kdjax.__version__,
+                "config": json.loads(config_lib.to_json(config)),
                 "model": student.to_json(), "preprocess": {"mean": [], "std": []},
                 "tokenizer": ds.meta["tokenizer"], "dataset": ds.path,
                 "pending_train_metrics": metrics_lib.pending_to_json(pending),
                 "last_train": last_train}
 
-    logged_at = start - len(pending) * per_call
-    writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
-    eval_metrics: dict[str, float] = {}
-    bar = tqdm(total=total, initial=step, disable=not (progress and primary), unit="step",
-               dynamic_ncols=True)
+    hooks = loop.Hooks(
+        step=step_fn,
+        evaluate=lambda state: _evaluate(eval_step, state.params, state.model_state,
+                                         eval_input()),
+        record=run_record, means=token_means,
+        items_per_step=float(batch_size * ds.seq_len),  # positions (targets are fewer)
+        rate="tokens", postfix=("loss", "ce"))
     t_start = time.perf_counter()
-    t_train, t_mark, tokens_timed = 0.0, None, 0.0
-    tokens_per_step = float(batch_size * ds.seq_len)  # positions (targets are fewer)
-
-    def crossed(every: int, before: int, after: int) -> bool:
-        return every > 0 and after // every > before // every
-
-    try:
-        with preemption.StopSignals() as signals:
-            while step < total and signals.received is None:
-                state, m = step_fn(state)
-                pending.append(m)
-                before, step = step, step + per_call
-                if t_mark is None:  # compile + first call: excluded from throughput
-                    jax.block_until_ready(state)
-                    t_mark = time.perf_counter()
-                else:
-                    tokens_timed += per_call * tokens_per_step
-                log = crossed(config.train.log_every_steps, before, step) or step == total
-                evaluate = crossed(config.eval.every_steps, before, step) or step == total
-                save = step < total and (crossed(config.checkpoint.every_steps, before, step)
-                                         or (config.checkpoint.keep_best > 0 and evaluate))
-                if log or evaluate or save:
-                    image_trainer._check_finite(state, pending, logged_at, per_call, ckpt,
-                                                nan_policy)
-                if log:
-                    last_train = token_means(pending)
-                    pending, logged_at = [], step
-                    now = time.perf_counter()
-                    t_train, t_mark = t_train + (now - t_mark), now
-                    tps = tokens_timed / t_train if t_train > 0 else 0.0
-                    writer.write(step, {**last_train, "train/tokens_per_s": tps})
-                    bar.set_postfix({k: f"{last_train[f'train/{k}']:.4f}"
-                                     for k in ("loss", "ce") if f"train/{k}" in last_train}
-                                    | {"tok_s": f"{tps:,.0f}"})
-                if evaluate:
-                    eval_metrics = _evaluate(eval_step, state.params, state.model_state,
-                                             eval_input())
-                    writer.write(step, eval_metrics)
-                    t_mark = time.perf_counter()
-                if save:
-                    ckpt.save(state, run_record(), metrics=eval_metrics if evaluate else None)
-                bar.update(per_call)
-            if step < total:  # stopped by a signal: save this step, then stop
-                image_trainer._check_finite(state, pending, logged_at, per_call, ckpt,
-                                            nan_policy)
-                ckpt.save(state, run_record())
-                ckpt.wait()
-                name = signal.Signals(signals.received).name
-                raise Interrupted(signals.received, (
-                    f"{name} received: saved a checkpoint at step {step} of {total} in "
-                    f"{ckpt.path(step)} and stopped; run the same command again to resume"))
-            if not eval_metrics:  # resumed at the end: still report the model's quality
-                eval_metrics = _evaluate(eval_step, state.params, state.model_state,
-                                         eval_input())
-            ckpt.save(state, run_record(), metrics=eval_metrics)
-            ckpt.wait()
-    finally:
-        bar.close()
-        writer.close()
+    done = loop.run(config, state, hooks, ckpt=ckpt, workdir=workdir, per_call=per_call,
+                    pending=pending, last_train=last_train, progress=progress)
+    state, eval_metrics, last_train = done.state, done.eval_metrics, done.last_train
 
     final = nnx.merge(graphdef, state.params, state.model_state).student
     summary = {
@@ -361,16 +304,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         "train/loss": last_train.get("train/loss"),
         "train/ce": last_train.get("train/ce"),
         "train/kd": last_train.get("train/kd"),
-        "steps": step,
-        "steps_this_run": step - start,
-        "skipped_steps": int(jax.device_get(state.skipped_steps)),
-        "wall_time_s": time.perf_counter() - t_start,
-        "tokens_per_s": tokens_timed / t_train if t_train > 0 else None,
-        "steps_per_call": per_call,
-        "device_kind": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
-        "mesh": dict(mesh.shape),
-        "param_bytes_per_device": sharding.bytes_per_device(state.params),
+        **loop.run_facts(done, start=start, per_call=per_call, mesh=mesh, t_start=t_start),
+        "tokens_per_s": done.items_per_s,
         "teacher_bytes_per_device": (sharding.bytes_per_device(teacher.variables)
                                      if teacher is not None else None),
         "model": config.model.name,

@@ -11,6 +11,10 @@ parameters, bytes stored, FLOPs per example; latency at batch 1 and throughput a
 this device. Writes report.json and report.md side by side, and with matplotlib (the `report`
 extra) accuracy-vs-size, accuracy-vs-latency and one reliability diagram per model.
 
+Language-model runs and exports get the same report per target token (kdjax.report.lm):
+perplexity, next-token top-1/top-5, NLL, Brier, ECE/MCE, agreement with and KL from the teacher,
+FLOPs per token, forward latency of one row and throughput in tokens/s.
+
 `measure.size`, `measure.speed` and `measure.flops_per_example` take an Artifact
 (`load_artifact(path)`), for code that wants the numbers without the report.
 """
@@ -212,8 +216,9 @@ LM_CONVENTIONS = {
     "T": CONVENTIONS["T"].replace("on the held-out split named in 'fitted on'",
                                   "on the --calibration-split's tokens (a text dataset has no "
                                   "third split: skipped without it)"),
-    "size": CONVENTIONS["size"].replace("batch-1 forward", "forward pass of one row, divided by "
-                                        "its seq_len tokens (FLOPs/token)"),
+    "size": CONVENTIONS["size"].replace("batch-1 forward (preprocessing included)",
+                                        "forward pass of one row, divided by its seq_len tokens "
+                                        "(FLOPs/token)"),
     "speed": "latency: median [quartiles] of separate forward passes of one row (batch 1, "
              "seq_len tokens), each waited for; throughput: tokens/s over windows of "
              "back-to-back forward passes of 32 rows; warmed up, input on the device; no "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ from kdjax.lm import data as text_data, packing
 from kdjax.lm.models import is_lm
 from kdjax.models import ModelSpec, count_params
 from kdjax.report.artifacts import array_leaves, stored_bytes
-from kdjax.report.measure import _spread
+from kdjax.report.measure import _spread, time_calls
 from kdjax.step import eval_sums
 
 
@@ -198,7 +197,7 @@ def speed(model: nnx.Module, seq_len: int, vocab_size: int, *, latency_calls: in
           throughput_batch: int = 32, throughput_windows: int = 5, warmup_s: float = 0.5,
           window_s: float = 0.2) -> dict[str, Any]:
     """Latency of one row's forward pass (batch 1, seq_len tokens) and throughput in tokens/s
-    of `throughput_batch` rows, warmed up, median and spread (as kdjax.report.measure.speed)."""
+    of `throughput_batch` rows, warmed up, median and spread (kdjax.report.measure.time_calls)."""
     fn = _logits_fn(model)
     rng = np.random.default_rng(0)
 
@@ -206,35 +205,11 @@ def speed(model: nnx.Module, seq_len: int, vocab_size: int, *, latency_calls: in
         t = jnp.asarray(rng.integers(0, vocab_size, (n, seq_len)), jnp.int32)
         return t, jnp.ones_like(t)
 
-    def warm(x):
-        jax.block_until_ready(fn(*x))
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < warmup_s:
-            jax.block_until_ready(fn(*x))
-
-    one = rows(1)
-    warm(one)
-    latencies = []
-    for _ in range(latency_calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*one))
-        latencies.append(time.perf_counter() - t0)
-    batch = rows(throughput_batch)
-    warm(batch)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*batch))
-    calls = max(1, int(window_s / max(time.perf_counter() - t0, 1e-6)))
-    per_call = []
-    for _ in range(throughput_windows):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*batch)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return {"latency_batch1_ms": {k: v * 1e3 if k != "samples" else v
-                                  for k, v in _spread(latencies).items()},
+    timed = time_calls(lambda x: fn(*x), rows(1), rows(throughput_batch),
+                       latency_calls=latency_calls, throughput_windows=throughput_windows,
+                       warmup_s=warmup_s, window_s=window_s)
+    return {"latency_batch1_ms": timed["latency_ms"],
             "throughput": {"batch_size": throughput_batch, "seq_len": seq_len,
-                           "calls_per_window": calls,
+                           "calls_per_window": timed["calls"],
                            "tokens_per_s": _spread([throughput_batch * seq_len / s
-                                                    for s in per_call])}}
+                                                    for s in timed["per_call_s"]])}}

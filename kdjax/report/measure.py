@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -83,38 +83,48 @@ def speed(artifact: Artifact, *, latency_calls: int = 200, throughput_batch: int
     """
     fn = jax.jit(artifact.apply)
     variables = artifact.variables
+    timed = time_calls(lambda x: fn(variables, x), _example(artifact, 1),
+                       _example(artifact, throughput_batch), latency_calls=latency_calls,
+                       throughput_windows=throughput_windows, warmup_s=warmup_s,
+                       window_s=window_s)
+    return {"latency_batch1_ms": timed["latency_ms"],
+            "throughput": {"batch_size": throughput_batch, "calls_per_window": timed["calls"],
+                           "images_per_s": _spread([throughput_batch / s
+                                                    for s in timed["per_call_s"]])}}
 
+
+def time_calls(fn: Callable[[Any], Any], one: Any, batch: Any, *, latency_calls: int,
+               throughput_windows: int, warmup_s: float, window_s: float) -> dict[str, Any]:
+    """The timings behind `speed`: `fn(one)` called and waited for `latency_calls` times
+    (latency, ms: median and spread), then windows of back-to-back `fn(batch)` calls (seconds
+    per call in each window); both after `warmup_s` of untimed calls."""
     def warm(x):
-        jax.block_until_ready(fn(variables, x))  # compile
+        jax.block_until_ready(fn(x))  # compile
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < warmup_s:
-            jax.block_until_ready(fn(variables, x))
+            jax.block_until_ready(fn(x))
 
-    one = _example(artifact, 1)
     warm(one)
     latencies = []
     for _ in range(latency_calls):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(variables, one))
+        jax.block_until_ready(fn(one))
         latencies.append(time.perf_counter() - t0)
-    batch = _example(artifact, throughput_batch)
     warm(batch)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, batch))
+    jax.block_until_ready(fn(batch))
     calls = max(1, int(window_s / max(time.perf_counter() - t0, 1e-6)))
     per_call = []
     for _ in range(throughput_windows):
         t0 = time.perf_counter()
         out = None
         for _ in range(calls):
-            out = fn(variables, batch)
+            out = fn(batch)
         jax.block_until_ready(out)
         per_call.append((time.perf_counter() - t0) / calls)
-    rate = _spread([throughput_batch / s for s in per_call])
-    return {"latency_batch1_ms": {k: v * 1e3 if k != "samples" else v
-                                  for k, v in _spread(latencies).items()},
-            "throughput": {"batch_size": throughput_batch, "calls_per_window": calls,
-                           "images_per_s": rate}}
+    return {"latency_ms": {k: v * 1e3 if k != "samples" else v
+                           for k, v in _spread(latencies).items()},
+            "calls": calls, "per_call_s": per_call}
 
 
 def _version(package: str) -> str | None:
