@@ -69,8 +69,8 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
                 f"needs jax alone:\n\n```python\n{stablehlo.snippet(path, spec)}```\n")
     imports, load = (("import torch\nfrom safetensors.torch import load_file\n",
                       f"model.load_state_dict(load_file(\"{path}\"))\n") if fmt == "safetensors"
-                     else ("import torch\n", f"model.load_state_dict(torch.load(\"{path}\", "
-                                               f"weights_only=True))\n"))
+                     else ("import torch\n",
+                           f"model.load_state_dict(torch.load(\"{path}\", weights_only=True))\n"))
     h, w, c = spec.input_shape
     return (head + f"`{_FILES[fmt]}` is the student's state_dict in the {layout!r} layout"
             + (f" of {reference}" if reference else "") + ".\n\n```python\n" + imports

@@ -1,15 +1,15 @@
 """PyTorch `.pth`/`.pt` files, read without running pickled code and written without torch.
 
-A `torch.save` file is a pickle, and unpickling calls whatever callables the file names: loading
-an untrusted one with plain `pickle` (or `torch.load(weights_only=False)`) can run any code. This
-reader is a `pickle.Unpickler` whose `find_class` hands out only stand-ins written here: the
+A `torch.save` file is a pickle, and unpickling calls whatever callables the file names: loading an
+untrusted one with plain `pickle` (or `torch.load` without `weights_only=True`) can run any code.
+This reader is a `pickle.Unpickler` whose `find_class` hands out only stand-ins written here: the
 functions PyTorch's pickles use to rebuild tensors (`torch._utils._rebuild_tensor_v2` and its
-Parameter wrappers) become functions that slice numpy arrays out of the storages, `OrderedDict`
-and the primitive containers stay themselves, and every other global becomes an inert
-placeholder class that records its name and accepts any arguments without doing anything. The
-load therefore runs to its end without executing anything from the file, and then refuses it,
-naming each such global: a whole pickled `nn.Module` (placeholders with `_modules` state) is
-told apart from other objects, so the message can say `torch.save(model.state_dict(), ...)`.
+Parameter wrappers) become functions that slice numpy arrays out of the storages, `OrderedDict` and
+the primitive containers stay themselves, and every other global becomes an inert placeholder class
+that records its name and accepts any arguments without doing anything. The load therefore runs to
+its end without executing anything from the file, and then refuses it, naming each such global: a
+whole pickled `nn.Module` (placeholders with `_modules` state) is told apart from other objects, so
+the message can say `torch.save(model.state_dict(), ...)`.
 
 Both of PyTorch's formats are read:
   zip (the default since PyTorch 1.6): ARCHIVE/data.pkl, one record ARCHIVE/data/KEY per storage,
@@ -53,10 +53,14 @@ _LEGACY_PROTOCOL = 1001
 
 
 def _convert_hint(path: str) -> str:
-    return (f"if you trust the file, convert it once where torch is installed, e.g. `python -c "
-            f"\"import torch; from safetensors.torch import save_file; "
-            f"save_file(torch.load('{path}', weights_only=False), 'model.safetensors')\"` (for a "
-            f"whole model: save_file(model.state_dict(), ...)), and import the .safetensors file")
+    # torch's own safe loader (weights_only=True) also runs nothing from the file; a file it
+    # refuses needs the file's code to load, which no hint here should tell anyone to run.
+    return (f"convert it once where torch is installed, with torch's safe loader, which runs no "
+            f"code from the file either: `python -c \"import torch; from safetensors.torch "
+            f"import save_file; save_file(torch.load('{path}', weights_only=True), "
+            f"'model.safetensors')\"`, and import the .safetensors file (if torch refuses it too, "
+            f"re-save the weights with torch.save(model.state_dict(), ...) where the model's code "
+            f"is installed)")
 
 
 class UnsafePickleError(ValueError):
