@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kdjax.host import cpu_name  # noqa: F401  (benchmarks call common.cpu_name)
+
 
 def seconds_per_step(run: Callable[[int], Any], sync: Callable[[Any], None], *, warmup: int,
                      windows: int, steps: int) -> tuple[float, list[float]]:
@@ -35,17 +37,6 @@ def seconds_per_step(run: Callable[[int], Any], sync: Callable[[Any], None], *, 
         sync(run(steps))
         per_step.append((time.perf_counter() - t0) / steps)
     return statistics.median(per_step), per_step
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def host_info() -> dict[str, Any]:

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -235,6 +235,31 @@ def chart(entries: list[dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def run_seeds(run_seed: Callable[..., dict[str, dict[str, Any]]], rows: Sequence[Any],
+              args: argparse.Namespace, *, command: str
+              ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Every seed's runs of `rows` through `run_seed` ({row name: [summary per seed]}), and the
+    table's provenance: machine, budget, load before and after, wall time, the `command` line."""
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in args.seeds:
+        for name, summary in run_seed(seed, rows, data_dir=args.data_dir, workdir=args.workdir,
+                                      epochs=args.epochs,
+                                      teacher_epochs=args.teacher_epochs).items():
+            results.setdefault(name, []).append({"seed": seed, **summary})
+    meta = {**machine(), "seeds": args.seeds, "epochs": args.epochs,
+            "num_test": data.dataset_info("fashion_mnist", data_dir=args.data_dir
+                                          ).num_examples("test"),
+            "teacher_epochs": args.teacher_epochs,
+            "student_steps": results[rows[0].name][0]["steps"],
+            "load_before": load_before, "load_after": os.getloadavg()[0],
+            "total_wall_time_s": time.perf_counter() - start,
+            "command": (f"{command} --data-dir DATA_DIR --seeds "
+                        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs:g} "
+                        f"--teacher-epochs {args.teacher_epochs:g}")}
+    return results, meta
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True)
@@ -255,23 +280,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     wanted = set(args.methods) | {r.baseline for r in ROWS if r.name in args.methods}
     rows = [r for r in ROWS if r.name in wanted]
 
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    results: dict[str, list[dict[str, Any]]] = {}
-    for seed in args.seeds:
-        for name, summary in run_seed(seed, rows, data_dir=args.data_dir, workdir=args.workdir,
-                                      epochs=args.epochs,
-                                      teacher_epochs=args.teacher_epochs).items():
-            results.setdefault(name, []).append({"seed": seed, **summary})
-    meta = {**machine(), "seeds": args.seeds, "epochs": args.epochs,
-            "num_test": data.dataset_info("fashion_mnist", data_dir=args.data_dir
-                                          ).num_examples("test"),
-            "teacher_epochs": args.teacher_epochs,
-            "student_steps": results[rows[0].name][0]["steps"],
-            "load_before": load_before, "load_after": os.getloadavg()[0],
-            "total_wall_time_s": time.perf_counter() - start,
-            "command": ("python benchmarks/fashion_mnist_methods.py --data-dir DATA_DIR --seeds "
-                        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs:g} "
-                        f"--teacher-epochs {args.teacher_epochs:g}")}
+    results, meta = run_seeds(run_seed, rows, args,
+                              command="python benchmarks/fashion_mnist_methods.py")
     entries = table(results, rows)
     stem = os.path.join(args.out, f"fashion_mnist_methods_{jax.devices()[0].platform}")
     os.makedirs(args.out, exist_ok=True)

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 import fashion_mnist_methods as methods
-from fashion_mnist_common import RESULTS, ROOT, load_config, machine, mean_std, run
+from fashion_mnist_common import RESULTS, ROOT, load_config, mean_std, run
 from kdjax import data, trainer
 
 
@@ -154,23 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t for r in ROWS if r.name in wanted for t in r.teachers}
     rows = [r for r in ROWS if r.name in wanted]
 
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    results: dict[str, list[dict[str, Any]]] = {}
-    for seed in args.seeds:
-        for name, summary in run_seed(seed, rows, data_dir=args.data_dir, workdir=args.workdir,
-                                      epochs=args.epochs,
-                                      teacher_epochs=args.teacher_epochs).items():
-            results.setdefault(name, []).append({"seed": seed, **summary})
-    meta = {**machine(), "seeds": args.seeds, "epochs": args.epochs,
-            "num_test": data.dataset_info("fashion_mnist", data_dir=args.data_dir
-                                          ).num_examples("test"),
-            "teacher_epochs": args.teacher_epochs,
-            "student_steps": results[rows[0].name][0]["steps"],
-            "load_before": load_before, "load_after": os.getloadavg()[0],
-            "total_wall_time_s": time.perf_counter() - start,
-            "command": ("nice -n 10 python benchmarks/fashion_mnist_self_kd.py --data-dir DATA_DIR "
-                        f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs:g} "
-                        f"--teacher-epochs {args.teacher_epochs:g}")}
+    results, meta = methods.run_seeds(
+        run_seed, rows, args, command="nice -n 10 python benchmarks/fashion_mnist_self_kd.py")
     entries = methods.table(results, rows)
     for e in entries:
         runs, notes = results[e["name"]], []

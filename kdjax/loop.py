@@ -16,6 +16,7 @@ SIGTERM/SIGINT save the current step, then raise `errors.Interrupted`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import sys
 import time
@@ -25,8 +26,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from kdjax import checkpoint, distributed, metrics as metrics_lib, preemption, sharding
+import kdjax
+from kdjax import checkpoint, config as config_lib, distributed, metrics as metrics_lib
+from kdjax import preemption, sharding
 from kdjax.errors import Interrupted, NonFiniteError
+from kdjax.models import ModelSpec
 from kdjax.step import TrainState, nonfinite_terms
 
 
@@ -178,6 +182,22 @@ def run(config: ml_collections.ConfigDict, state: TrainState, hooks: Hooks, *,
         writer.close()
     return Outcome(state, step, eval_metrics, last_train,
                    items_timed / t_train if t_train > 0 else None)
+
+
+def recorder(config: ml_collections.ConfigDict, student: ModelSpec, preprocess: dict[str, list],
+             **extra: Any) -> Callable[[list, dict[str, float]], dict[str, Any]]:
+    """`Hooks.record` for a run: what a checkpoint carries besides the state (kdjax's version,
+    the config, the student's ModelSpec, the input normalisation, the train metrics not yet
+    logged, the last logged ones) and `extra` fields (a language model's tokenizer, dataset)."""
+    config_json = json.loads(config_lib.to_json(config))
+
+    def record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
+        return {"kdjax_version": kdjax.__version__, "config": config_json,
+                "model": student.to_json(), "preprocess": preprocess, **extra,
+                "pending_train_metrics": metrics_lib.pending_to_json(pending),
+                "last_train": last_train}
+
+    return record
 
 
 def run_facts(done: Outcome, *, start: int, per_call: int, mesh: jax.sharding.Mesh,

@@ -42,7 +42,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import kdjax
 from kdjax import augment, calibration, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
 from kdjax import loop, metrics as metrics_lib, models, objectives, optim, sharding
@@ -537,14 +536,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(config))
 
-    def run_record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
-        return {"kdjax_version": kdjax.__version__,
-                "config": json.loads(config_lib.to_json(config)),
-                "model": student.to_json(),
-                "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
-                "pending_train_metrics": metrics_lib.pending_to_json(pending),
-                "last_train": last_train}
-
     # Streamed batches are a function of the step: resuming at `step` resumes the input exactly.
     stream = (input_lib.train_stream(config.data, seed=config.seed, batch_size=batch_size,
                                      mesh=mesh, steps_per_call=per_call, start_step=step)
@@ -553,7 +544,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         step=lambda state: step_fn(state, next(stream) if stream is not None else None),
         evaluate=lambda state: _evaluate(eval_step, state.params, state.model_state,
                                          eval_input()),
-        record=run_record, means=metrics_lib.mean_of, items_per_step=batch_size,
+        record=loop.recorder(config, student, {"mean": list(preprocess.mean),
+                                                "std": list(preprocess.std)}),
+        means=metrics_lib.mean_of, items_per_step=batch_size,
         rate="images", postfix=("loss", "accuracy"),
         on_log=loop.skipped_steps_warning(int(jax.device_get(state.skipped_steps))))
     t_start = time.perf_counter()

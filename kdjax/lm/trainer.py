@@ -31,7 +31,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import kdjax
 from kdjax import checkpoint, config as config_lib, distributed, export as export_lib
 from kdjax import loop, metrics as metrics_lib, models, optim, sharding
 from kdjax import teacher as teacher_lib, trainer as image_trainer
@@ -277,20 +276,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(config))
 
-    def run_record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
-        # "preprocess" is the images' field of the record; an LM's input is token ids.
-        return {"kdjax_version": kdjax.__version__,
-                "config": json.loads(config_lib.to_json(config)),
-                "model": student.to_json(), "preprocess": {"mean": [], "std": []},
-                "tokenizer": ds.meta["tokenizer"], "dataset": ds.path,
-                "pending_train_metrics": metrics_lib.pending_to_json(pending),
-                "last_train": last_train}
-
     hooks = loop.Hooks(
         step=step_fn,
         evaluate=lambda state: _evaluate(eval_step, state.params, state.model_state,
                                          eval_input()),
-        record=run_record, means=token_means,
+        # "preprocess" is the images' field of the record; an LM's input is token ids.
+        record=loop.recorder(config, student, {"mean": [], "std": []},
+                             tokenizer=ds.meta["tokenizer"], dataset=ds.path),
+        means=token_means,
         items_per_step=float(batch_size * ds.seq_len),  # positions (targets are fewer)
         rate="tokens", postfix=("loss", "ce"))
     t_start = time.perf_counter()

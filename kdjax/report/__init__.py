@@ -21,6 +21,7 @@ FLOPs per token, forward latency of one row and throughput in tokens/s.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -242,29 +243,30 @@ def _lm_report(paths: Sequence[str], *, split: str | None, calibration_split: st
     first = get(next(iter(names)))
     ds = lm.dataset(first, name=dataset, data_dir=data_dir)
     split = split or first["data"].get("eval_split") or "validation"
+    rows = functools.cache(ds.load)  # each split read once, whichever models use it
     models = []
     for path, name in names.items():
         entry = get(path)
         log(f"kdjax report: {name}: evaluating on {split!r}", flush=True)
         teacher_path = os.path.abspath(teacher) if teacher else entry["teacher"]
-        fidelity, teacher_model = None, None
+        fidelity, teacher_forward = None, None
         if teacher_path and teacher_path != path:
             fidelity = {"teacher": teacher_path,
                         "teacher_name": names.get(teacher_path, teacher_path)}
             if os.path.exists(teacher_path):
-                teacher_model = get(teacher_path)["model"]
+                teacher_forward = get(teacher_path)["forward"]
             else:
                 fidelity["skipped"] = "the teacher's path does not exist here"
-        metrics = lm.evaluate(entry["model"], ds, split, teacher=teacher_model)
-        if teacher_model is not None:
+        metrics = lm.evaluate(entry["forward"], *rows(split), teacher=teacher_forward)
+        if teacher_forward is not None:
             fidelity.update(agreement=metrics.pop("teacher_agreement"),
                             kl=metrics.pop("teacher_kl"))
         if calibration_split == split:
             raise ValueError(f"--calibration-split {split!r} is the evaluated split: fit the "
                              f"temperature on other data, never on the data it is judged on")
         if calibration_split:
-            t = lm.fit_temperature(entry["model"], ds, calibration_split)
-            after = lm.evaluate(entry["model"], ds, split, temperature=t)
+            t = lm.fit_temperature(entry["forward"], *rows(calibration_split))
+            after = lm.evaluate(entry["forward"], *rows(split), temperature=t)
             scaling = {"split": calibration_split, "why": "--calibration-split",
                        "temperature": t,
                        "after": {k: after[k] for k in ("loss", "brier", "ece", "mce", "bins")}}
@@ -274,10 +276,11 @@ def _lm_report(paths: Sequence[str], *, split: str | None, calibration_split: st
                   "model": entry["spec"].to_json(), "details": entry["details"],
                   "examples": metrics["tokens"], "metrics": metrics, "fidelity": fidelity,
                   "temperature_scaling": scaling,
-                  "size": lm.size(entry["model"], entry["stored_files"], ds.seq_len)}
+                  "size": lm.size(entry["model"], entry["stored_files"], ds.seq_len,
+                                  entry["forward"])}
         if speed:
             log(f"kdjax report: {name}: timing", flush=True)
-            record["speed"] = lm.speed(entry["model"], ds.seq_len, ds.vocab_size,
+            record["speed"] = lm.speed(entry["forward"], ds.seq_len, ds.vocab_size,
                                        **(speed_settings or {}))
         models.append(record)
     return {"format": FORMAT, "unit": "tokens", "dataset": os.path.basename(ds.path),

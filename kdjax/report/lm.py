@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,15 +58,32 @@ def is_lm_path(path: str) -> bool:
     return bool(meta) and is_lm((meta.get("model") or {}).get("name", ""))
 
 
+Forward = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def forward(model: nnx.Module) -> Forward:
+    """`forward(tokens, segment_ids) -> float32 logits [B, T, V]`, jitted once for the model:
+    every evaluation, fit and timing of it reuses the compiled program."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state, tokens, segment_ids):
+        return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids).astype(jnp.float32)
+
+    return lambda tokens, segments: logits(state, tokens, segments)
+
+
 def load(path: str, *, step: str | int = "latest") -> dict[str, Any]:
-    """An LM run or export: {"model", "spec", "kind", "data" (name, data_dir, eval_split),
-    "teacher" (the run that taught it, or None), "stored_files", "details"}."""
+    """An LM run or export: {"model", "forward" (its compiled `forward`), "spec", "kind", "data"
+    (name, data_dir, eval_split), "teacher" (the run that taught it, or None), "stored_files",
+    "details"}."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
         n, saved, run, spec, model = checkpoint.read_model(path, step, what="the run")
         config = run["config"]
-        return {"model": model, "spec": spec, "kind": "lm run", "data": dict(config["data"]),
-                "teacher": _teacher(config), "stored_files": (os.path.join(saved, "model"),),
+        return {"model": model, "forward": forward(model), "spec": spec, "kind": "lm run",
+                "data": dict(config["data"]), "teacher": _teacher(config),
+                "stored_files": (os.path.join(saved, "model"),),
                 "details": {"step": n, "checkpoint": saved}}
     meta = _export_meta(path) or {}
     model, _ = export.load(path)
@@ -74,8 +92,8 @@ def load(path: str, *, step: str | int = "latest") -> dict[str, Any]:
     if config:  # the run it came from, when it is still there: its data_dir and teacher
         data = {**config["data"], **data}
         teacher = _teacher(config)
-    return {"model": model, "spec": ModelSpec.from_json(meta["model"]), "kind": "lm export",
-            "data": data, "teacher": teacher,
+    return {"model": model, "forward": forward(model), "spec": ModelSpec.from_json(meta["model"]),
+            "kind": "lm export", "data": data, "teacher": teacher,
             "stored_files": (os.path.join(path, export.MODEL_DIR),),
             "details": {"source": meta.get("source")}}
 
@@ -96,16 +114,6 @@ def dataset(entry: dict[str, Any], *, name: str | None, data_dir: str | None
     return text_data.open_text(name, data_dir or entry["data"].get("data_dir") or None)
 
 
-def _logits_fn(model: nnx.Module):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def logits(state, tokens, segment_ids):
-        return nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids).astype(jnp.float32)
-
-    return lambda tokens, segments: logits(state, tokens, segments)
-
-
 def _token_sums(logits, targets, mask, teacher_logits):
     """eval_sums over the positions: [B, T, V] logits as [B*T, V] examples weighted by mask."""
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
@@ -117,18 +125,14 @@ def _token_sums(logits, targets, mask, teacher_logits):
 _sums = jax.jit(_token_sums)
 
 
-def evaluate(model: nnx.Module, ds: text_data.TextDataset, split: str, *,
-             teacher: nnx.Module | None = None, batch_size: int = 32, temperature: float = 1.0,
-             rows: int = 0) -> dict[str, Any]:
-    """Per-token metrics of `model` on `split`'s rows (the first `rows`; 0 = all), with
-    `teacher`'s agreement and KL(teacher || student), of logits / `temperature`."""
-    tokens, segments = ds.load(split)
-    if rows:
-        tokens, segments = tokens[:rows], segments[:rows]
+def evaluate(student: Forward, tokens: np.ndarray, segments: np.ndarray, *,
+             teacher: Forward | None = None, batch_size: int = 32,
+             temperature: float = 1.0) -> dict[str, Any]:
+    """Per-token metrics of the model `student` computes on packed rows (tokens and segment ids
+    ``[N, seq_len + 1]``, a split's `TextDataset.load`), with the `teacher`'s agreement and
+    KL(teacher || student), of logits / `temperature`."""
     if not len(tokens):
-        raise ValueError(f"split {split!r} of the text dataset {ds.path} has no rows")
-    student = _logits_fn(model)
-    teacher_fn = _logits_fn(teacher) if teacher is not None else None
+        raise ValueError("the split to evaluate has no rows")
     totals: dict[str, Any] = {}
     for start in range(0, len(tokens), batch_size):
         t, s = tokens[start:start + batch_size], segments[start:start + batch_size]
@@ -137,14 +141,14 @@ def evaluate(model: nnx.Module, ds: text_data.TextDataset, split: str, *,
         s = np.concatenate([s, np.zeros((pad, s.shape[1]), s.dtype)])
         inputs = packing.model_inputs(t, s)
         z = student(inputs["tokens"], inputs["segment_ids"]) / temperature
-        tz = None if teacher_fn is None else teacher_fn(inputs["tokens"], inputs["segment_ids"])
+        tz = None if teacher is None else teacher(inputs["tokens"], inputs["segment_ids"])
         sums = _sums(z, jnp.asarray(inputs["targets"]), jnp.asarray(inputs["loss_mask"]), tz)
         sums["count"] = float(inputs["loss_mask"].sum())
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals.pop("count"))
     if not count:
-        raise ValueError(f"split {split!r} of {ds.path} has no target tokens")
+        raise ValueError("the split to evaluate has no target tokens")
     bins = calibration.CalibrationBins(*(np.asarray(x) for x in totals.pop("calibration")))
     accuracy, confidence, _ = (np.asarray(x) for x in calibration.bin_statistics(bins))
     out = {k: float(v) / count for k, v in totals.items()}
@@ -158,13 +162,9 @@ def evaluate(model: nnx.Module, ds: text_data.TextDataset, split: str, *,
     return out
 
 
-def fit_temperature(model: nnx.Module, ds: text_data.TextDataset, split: str, *,
-                    batch_size: int = 32, rows: int = 0) -> float:
-    """Temperature scaling's T on `split`'s target tokens (kdjax.calibration.fit_temperature)."""
-    tokens, segments = ds.load(split)
-    if rows:
-        tokens, segments = tokens[:rows], segments[:rows]
-    student = _logits_fn(model)
+def fit_temperature(student: Forward, tokens: np.ndarray, segments: np.ndarray, *,
+                    batch_size: int = 32) -> float:
+    """Temperature scaling's T on the rows' target tokens (kdjax.calibration.fit_temperature)."""
     logits, targets = [], []
     for start in range(0, len(tokens), batch_size):
         inputs = packing.model_inputs(tokens[start:start + batch_size],
@@ -175,10 +175,11 @@ def fit_temperature(model: nnx.Module, ds: text_data.TextDataset, split: str, *,
     return float(calibration.fit_temperature(np.concatenate(logits), np.concatenate(targets)))
 
 
-def size(model: nnx.Module, stored_files: tuple[str, ...], seq_len: int) -> dict[str, Any]:
-    """The image report's size fields, FLOPs per token of one row's compiled forward pass."""
+def size(model: nnx.Module, stored_files: tuple[str, ...], seq_len: int,
+         fn: Forward) -> dict[str, Any]:
+    """The image report's size fields, FLOPs per token of one row's compiled forward pass
+    (`fn`, the model's `forward`)."""
     params = array_leaves(nnx.state(model, nnx.Param))
-    fn = _logits_fn(model)
     row = jnp.zeros((1, seq_len), jnp.int32)
     cost = jax.jit(lambda t: fn(t, jnp.ones_like(t))).lower(row).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -193,12 +194,12 @@ def size(model: nnx.Module, stored_files: tuple[str, ...], seq_len: int) -> dict
             else None}
 
 
-def speed(model: nnx.Module, seq_len: int, vocab_size: int, *, latency_calls: int = 50,
+def speed(fn: Forward, seq_len: int, vocab_size: int, *, latency_calls: int = 50,
           throughput_batch: int = 32, throughput_windows: int = 5, warmup_s: float = 0.5,
           window_s: float = 0.2) -> dict[str, Any]:
     """Latency of one row's forward pass (batch 1, seq_len tokens) and throughput in tokens/s
-    of `throughput_batch` rows, warmed up, median and spread (kdjax.report.measure.time_calls)."""
-    fn = _logits_fn(model)
+    of `throughput_batch` rows of the model's `forward` `fn`, warmed up, median and spread
+    (kdjax.report.measure.time_calls)."""
     rng = np.random.default_rng(0)
 
     def rows(n):

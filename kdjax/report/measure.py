@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.host import cpu_name
 from kdjax.report.artifacts import Artifact, array_leaves, stored_bytes
 
 
@@ -134,22 +135,11 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
     """The device and software of this process, and the machine's load now (1-minute average)."""
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind,
-            "device_count": jax.device_count(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "device_count": jax.device_count(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             **{name: _version(name) for name in ("jax", "jaxlib", "flax", "kdjax")},
             "load_average_1min": os.getloadavg()[0]}
