@@ -9,6 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "make_step": "kdjax.step",
+    "StepParts": "kdjax.step",
     "make_distill_step": "kdjax.step",
     "make_eval_step": "kdjax.step",
     "init_train_state": "kdjax.step",

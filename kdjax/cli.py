@@ -274,11 +274,11 @@ def _json_dict(text: str | None, flag: str) -> dict | None:
 
 
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
-    from kdjax import config as config_lib, trainer
+    from kdjax import config as config_lib, plan
 
     if args.config:
         return config_lib.load(args.config, overrides)
-    config = trainer.read_run_config(args.workdir)
+    config = config_lib.from_json(plan.read_run(args.workdir).to_json())
     for item in overrides:
         config_lib.apply_override(config, item)
     return config
@@ -389,16 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "export":
         from kdjax import export
-        from kdjax.lm import trainer as lm_trainer
+        from kdjax.task import run_kind
 
-        if lm_trainer.is_lm_run(args.workdir):  # the language model and its tokenizer
+        if run_kind(args.workdir) == "lm":  # the language model and its tokenizer
+            from kdjax.lm import task as lm_task
+
             if args.format != "kdjax" or overrides:
                 _parser().error(f"kdjax export of a language model writes --format kdjax with no "
                                 f"--config overrides (got --format {args.format}"
                                 f"{' and ' + ' '.join(overrides) if overrides else ''})")
-            path = lm_trainer.export(args.workdir, args.out, step=args.step)
+            path = lm_task.export(args.workdir, args.out, step=args.step)
             print(f"kdjax: exported the student to {path}; load and run it with:\n"
-                  f"{lm_trainer.SNIPPET.format(path=path)}")
+                  f"{lm_task.SNIPPET.format(path=path)}")
             return 0
         # --config.quant.* quantizes a float run on export (kdjax.compress.encode).
         path = export.export(args.workdir, args.out, step=args.step, format=args.format,
@@ -442,11 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kdjax: process {jax.process_index()} of {jax.process_count()} ({how}), "
               f"{jax.device_count()} devices", flush=True)
     config = _load_config(args, overrides)
-    from kdjax.lm.models import is_lm
+    from kdjax import trainer
+    from kdjax.task import task_kind
 
-    # A language model trains in kdjax.lm.trainer's loop, with the same commands and machinery.
-    if is_lm(config.model.name):
-        from kdjax.lm import trainer
+    if task_kind(config.model.name) == "lm":
         if args.command == "distill" and args.generations != 1:
             _parser().error("--generations (born-again networks) is for image models, not "
                             f"language models (model.name={config.model.name!r})")
@@ -454,8 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().error("PATE (pate.teachers, teacher.aggregation) and data-free distillation "
                             "(datafree.method) are for image models, not language models "
                             f"(model.name={config.model.name!r})")
-    else:
-        from kdjax import trainer
 
     if args.command == "eval":
         result = trainer.evaluate(config, args.workdir)

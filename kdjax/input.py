@@ -2,7 +2,7 @@
 
 Two modes, one contract: for a seed, step `s` trains on the examples
 ``perm_e[p * B:(p + 1) * B]`` where ``e, p = divmod(s, steps_per_epoch)``,
-``perm_e = jax.random.permutation(kdjax.step._epoch_key(rng, e), N)``, ``rng`` is the run's key
+``perm_e = jax.random.permutation(kdjax.step.epoch_key(rng, e), N)``, ``rng`` is the run's key
 from the seed, B the global batch size and ``steps_per_epoch = N // B`` (the last partial batch
 of an epoch is dropped). So batches are deterministic given (seed, epoch, step), identical in both
 modes, and a run resumes anywhere from its step alone; :class:`InputState` (epoch, position) is
@@ -165,9 +165,9 @@ def run_key(seed: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _permutation_jit(rng, epoch, num_examples: int):
-    from kdjax.step import _epoch_key  # noqa: PLC0415  (the step's own epoch key)
+    from kdjax.step import epoch_key  # noqa: PLC0415  (the step's own epoch key)
 
-    return jax.random.permutation(_epoch_key(rng, epoch), num_examples)
+    return jax.random.permutation(epoch_key(rng, epoch), num_examples)
 
 
 def epoch_permutation(rng: np.ndarray, epoch: int, num_examples: int) -> np.ndarray:

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 
 import kdjax
-from kdjax import checkpoint, config as config_lib, distributed, metrics as metrics_lib
+from kdjax import checkpoint, distributed, metrics as metrics_lib
 from kdjax import preemption, sharding
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
@@ -106,10 +105,10 @@ class Outcome:
     items_per_s: float | None
 
 
-def run(config: ml_collections.ConfigDict, state: TrainState, hooks: Hooks, *,
+def run(plan: Any, state: TrainState, hooks: Hooks, *,
         ckpt: checkpoint.Checkpointer, workdir: str, per_call: int, pending: list,
         last_train: dict[str, float], progress: bool) -> Outcome:
-    """Train from `state` to config.train.steps in calls of `per_call` steps.
+    """Train from `state` to plan.train.steps in calls of `per_call` steps.
 
     `pending` and `last_train` are a resumed run's (its checkpoint's record) or empty. Saves the
     final state with its eval metrics; stopped by a signal, saves the current one and raises
@@ -117,7 +116,7 @@ def run(config: ml_collections.ConfigDict, state: TrainState, hooks: Hooks, *,
     """
     from tqdm import tqdm
 
-    total, nan_policy = config.train.steps, config.train.nan_policy
+    total, nan_policy = plan.train.steps, plan.train.nan_policy
     step = start = int(jax.device_get(state.step))
     logged_at = start - len(pending) * per_call
     primary = distributed.is_primary()
@@ -137,11 +136,11 @@ def run(config: ml_collections.ConfigDict, state: TrainState, hooks: Hooks, *,
                     t_mark = time.perf_counter()
                 else:
                     items_timed += per_call * hooks.items_per_step
-                log = crossed(config.train.log_every_steps, before, step) or step == total
-                evaluate = crossed(config.eval.every_steps, before, step) or step == total
+                log = crossed(plan.train.log_every_steps, before, step) or step == total
+                evaluate = crossed(plan.eval.every_steps, before, step) or step == total
                 # With keep_best every evaluated model is a candidate for the best N.
-                save = step < total and (crossed(config.checkpoint.every_steps, before, step)
-                                         or (config.checkpoint.keep_best > 0 and evaluate))
+                save = step < total and (crossed(plan.checkpoint.every_steps, before, step)
+                                         or (plan.checkpoint.keep_best > 0 and evaluate))
                 if log or evaluate or save:
                     check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
                 if log:
@@ -184,16 +183,17 @@ def run(config: ml_collections.ConfigDict, state: TrainState, hooks: Hooks, *,
                    items_timed / t_train if t_train > 0 else None)
 
 
-def recorder(config: ml_collections.ConfigDict, student: ModelSpec, preprocess: dict[str, list],
-             **extra: Any) -> Callable[[list, dict[str, float]], dict[str, Any]]:
+def recorder(plan: Any, student: ModelSpec, **extra: Any
+             ) -> Callable[[list, dict[str, float]], dict[str, Any]]:
     """`Hooks.record` for a run: what a checkpoint carries besides the state (kdjax's version,
-    the config, the student's ModelSpec, the input normalisation, the train metrics not yet
-    logged, the last logged ones) and `extra` fields (a language model's tokenizer, dataset)."""
-    config_json = json.loads(config_lib.to_json(config))
+    the config, the student's ModelSpec, the train metrics not yet logged, the last logged
+    ones) and the task's `extra` fields (the input normalisation, a language model's tokenizer
+    and dataset)."""
+    config_json = json.loads(plan.to_json())
 
     def record(pending: list, last_train: dict[str, float]) -> dict[str, Any]:
         return {"kdjax_version": kdjax.__version__, "config": config_json,
-                "model": student.to_json(), "preprocess": preprocess, **extra,
+                "model": student.to_json(), **extra,
                 "pending_train_metrics": metrics_lib.pending_to_json(pending),
                 "last_train": last_train}
 

@@ -20,7 +20,7 @@ student is exported (`split_student`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -197,7 +197,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, see
         model = Distillee(model)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     rng = jax.random.key_data(jax.random.key(seed))
-    perm = (jax.random.permutation(_epoch_key(rng, 0), num_examples).astype(jnp.int32)
+    perm = (jax.random.permutation(epoch_key(rng, 0), num_examples).astype(jnp.int32)
             if num_examples else jnp.zeros((1,), jnp.int32))
     # Distinct buffers: the step donates the state, and one buffer cannot be donated twice.
     counters = {k: jnp.zeros((), jnp.int32) for k in ("step", "skipped_steps", "bad_step",
@@ -227,54 +227,173 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def _epoch_key(rng: jax.Array, epoch) -> jax.Array:
-    # A data stream separate from the augmentation stream (which folds in the step).
+def epoch_key(rng: jax.Array, epoch) -> jax.Array:
+    """The key of epoch `epoch`'s example order: a data stream apart from the augmentation
+    stream (which folds in the step). Streamed input (kdjax.input) draws the same orders."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), 0x5EED), epoch)
 
 
 class DeviceData(flax.struct.PyTreeNode):
-    """A training set resident on the devices (uint8 images, int32 labels), sampled in the step."""
+    """A training set resident on the devices, sampled inside the step: named arrays that share
+    their leading (row) axis, e.g. {"image": uint8 [N, H, W, C], "label": int32 [N]} or a
+    language model's {"tokens", "segments": int32 [N, seq_len + 1]}."""
 
-    images: jax.Array
-    labels: jax.Array
+    arrays: dict[str, jax.Array]
     batch_size: int = flax.struct.field(pytree_node=False)
 
     @property
+    def num_rows(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    @property
     def steps_per_epoch(self) -> int:
-        return self.images.shape[0] // self.batch_size  # the last partial batch is dropped
+        return self.num_rows // self.batch_size  # the last partial batch is dropped
 
 
-def _sample(state: TrainState, data: DeviceData, mesh: Mesh) -> tuple[TrainState, Batch]:
-    """Gather this step's batch on device; reshuffle at each epoch boundary.
+def sample(state: TrainState, data: DeviceData, mesh: Mesh) -> tuple[TrainState, Batch]:
+    """Gather this step's rows of every array of `data` on device; reshuffle at each epoch.
 
     The permutation is stored in the state and recomputed only when an epoch starts (lax.cond
-    runs one branch), because a 60k-element permutation per step costs ~40 ms on CPU.
+    runs one branch), because a 60k-element permutation per step costs ~40 ms on CPU. The batch
+    gains "index" (the rows' positions in the set), for per-example state such as CRD's memory.
     """
     spe = data.steps_per_epoch
     pos = state.step % spe
     perm = jax.lax.cond(
         pos == 0,
-        lambda: jax.random.permutation(_epoch_key(state.rng, state.step // spe),
-                                       data.images.shape[0]).astype(jnp.int32),
+        lambda: jax.random.permutation(epoch_key(state.rng, state.step // spe),
+                                       data.num_rows).astype(jnp.int32),
         lambda: state.perm)
     idx = jax.lax.dynamic_slice_in_dim(perm, pos * data.batch_size, data.batch_size)
-    # "index" (position in the training set) serves per-example state such as CRD's memory.
-    batch = {"image": data.images[idx], "label": data.labels[idx], "index": idx}
-    # The data is replicated; the constraint makes each device compute on its slice of the batch.
-    return state.replace(perm=perm), jax.lax.with_sharding_constraint(
-        batch, sharding.batch_sharded(mesh))
+    batch = {**{k: v[idx] for k, v in data.arrays.items()}, "index": idx}
+    if mesh.size > 1:  # the data is replicated: each device computes on its rows of the batch
+        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharded(mesh))
+    return state.replace(perm=perm), batch
 
 
-def _teacher_input(teacher: FrozenModel, images: jax.Array,
-                   preprocess: augment.Preprocess) -> jax.Array:
-    return augment.renormalize(images, preprocess, teacher.normalization)
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What a task puts into the fused step (`make_step`); the rest of the step is shared.
+
+    Attributes:
+      inputs: `(batch, key) -> inputs`, the models' inputs for this step's batch (augmented
+        views, packed positions); `key` is the step's key.
+      teach: `(teachers, inputs) -> outputs` of the frozen teachers (NNX modules, inference mode).
+      loss: `(model, inputs, teachers, teacher_outputs, step, key) -> (loss, metrics)` of the
+        trainable model (a Distillee); the only part that is differentiated.
+    """
+
+    inputs: Callable[[Batch, jax.Array], Any]
+    teach: Callable[[tuple[nnx.Module, ...], Any], Any]
+    loss: Callable[..., tuple[jax.Array, Metrics]]
 
 
-def _teacher_features(teacher: FrozenModel, variables: nnx.State, images: jax.Array,
+def place_teachers(teachers: Sequence[FrozenModel], teacher_sharding: Sequence[Any] | None,
+                   mesh: Mesh) -> tuple[tuple, tuple]:
+    """(shardings, variables) of the teachers on the mesh, placed once for every call.
+
+    On one device they stay as they are: on XLA:CPU a step compiled for NamedSharding-placed
+    teacher variables ran 2.7x slower (0.76 vs 0.28 CPU-s per lm_mini step with an lm_mini
+    teacher) for nothing to partition (benchmarks/results/perf_notes.md).
+    """
+    if mesh.size == 1:
+        return (None,) * len(teachers), tuple(t.variables for t in teachers)
+    shardings = tuple(teacher_sharding or (sharding.replicated(mesh),) * len(teachers))
+    return shardings, tuple(sharding.put(t.variables, s) for t, s in zip(teachers, shardings))
+
+
+def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, parts: StepParts, *,
+              teachers: Sequence[FrozenModel] = (), mesh: Mesh | None = None,
+              data: DeviceData | None = None, steps_per_call: int = 1, nan_policy: str = "stop",
+              state_sharding: TrainState | None = None,
+              teacher_sharding: Sequence[Any] | None = None) -> Step:
+    """Build the fused train step of any task: the teachers' forward, the trainable model's
+    forward and backward and the optimizer update in one compiled program.
+
+    Args:
+      graphdef: the Distillee's static structure (from `init_train_state`).
+      tx: the optax optimizer; its state lives in TrainState.opt_state.
+      parts: the task's inputs, teacher outputs and loss (`StepParts`).
+      teachers: frozen teachers, evaluated in inference mode inside the step.
+      mesh: device mesh (default: all devices); the batch is split over its data and fsdp axes.
+      data: a device-resident training set to sample from inside the step (replicated: every
+        device gathers its own rows of the global batch, no communication); None: batches are
+        passed to each call (streamed).
+      steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
+        for small models; on the CPU the scan is unrolled, and 1 is as fast).
+      nan_policy: "stop" records the first non-finite step in the state (`bad_step`,
+        `bad_terms`) for the caller to stop at its next look; "skip" also leaves the parameters,
+        statistics and optimizer state of such a step unchanged (its batch is consumed) and
+        counts it in `skipped_steps`, returned as a metric. Both check on the device: no sync.
+      state_sharding: a TrainState of NamedShardings, the state's placement in and out of the
+        step (`kdjax.sharding.state_shardings`); default: as placed.
+      teacher_sharding: per teacher, its variables' shardings (`kdjax.sharding.tree_shardings`);
+        default: replicated (`place_teachers`).
+    """
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy (config train.nan_policy) must be one of {NAN_POLICIES}, "
+                         f"got {nan_policy!r}")
+    mesh = mesh or sharding.make_mesh()
+    teacher_sharding, teacher_vars = place_teachers(teachers, teacher_sharding, mesh)
+    teacher_defs = tuple(t.graphdef for t in teachers)
+
+    def one_step(state: TrainState, teacher_vars, data, batch):
+        if data is not None:
+            state, batch = sample(state, data, mesh)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        inputs = parts.inputs(batch, key)
+        # Teachers: inference mode, outside the differentiated function, so no gradient and no
+        # optimizer state ever touch them; stop_gradient documents it.
+        frozen = tuple(nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars))
+        teacher_out = jax.lax.stop_gradient(parts.teach(frozen, inputs))
+
+        def loss_fn(params):
+            # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
+            model = nnx.merge(graphdef, params, state.model_state, copy=True)
+            loss, metrics = parts.loss(model, inputs, frozen, teacher_out, state.step, key)
+            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        return apply_update(state, grads, loss, metrics, model_state, tx=tx,
+                            nan_policy=nan_policy, mesh=mesh, state_sharding=state_sharding)
+
+    return compile_step(one_step, teacher_vars, data, mesh=mesh, steps_per_call=steps_per_call,
+                        state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+
+
+def image_parts(objective: Objective, teachers: Sequence[FrozenModel],
+                preprocess: augment.Preprocess) -> StepParts:
+    """The image-classification task's `StepParts`: on-device augmentation of the batch
+    ({"image", "label", optional "index"}), each teacher's taps on the same view in its own
+    normalisation, and `objective` on the Distillee's features."""
+
+    def inputs(batch: Batch, key: jax.Array):
+        # float32 images: each model's first layer casts them to its own compute dtype. Labels are
+        # int [B], or augment.MixedLabels with mixup/CutMix.
+        return augment.train_views(batch, preprocess, key=key, dtype=jnp.float32), batch.get("index")
+
+    def teach(models, inputs):
+        views, _ = inputs
+        return tuple(_teacher_features(m, t, views.teacher, preprocess)
+                     for m, t in zip(models, teachers))
+
+    def loss(model, inputs, frozen, teacher_out, step, key):
+        views, index = inputs
+        # The connectors' key is apart from the augmentation stream.
+        out = model.features(views.student, train=True, teachers=teacher_out, index=index,
+                             key=jax.random.fold_in(key, 0xC0))
+        return objective(out, teacher_out, views.labels, step)
+
+    return StepParts(inputs=inputs, teach=teach, loss=loss)
+
+
+def _teacher_features(model: nnx.Module, teacher: FrozenModel, images: jax.Array,
                       preprocess: augment.Preprocess) -> dict:
-    return taps_lib.features(nnx.merge(teacher.graphdef, variables),
-                             _teacher_input(teacher, images, preprocess), train=False,
-                             taps=teacher.taps, what="loss.teacher_taps")
+    return taps_lib.features(model, augment.renormalize(images, preprocess, teacher.normalization),
+                             train=False, taps=teacher.taps, what="loss.teacher_taps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,9 +401,9 @@ class Step:
     """A compiled step. Call it as `state, metrics = step(state, batch)`.
 
     With device-resident data pass `batch=None` (the step samples its own); with streamed data
-    pass {"image": uint8 [B, H, W, C], "label": int32 [B]} and, for methods with per-example
-    state (CRD), "index": int32 [B] (a leading [steps_per_call] axis when steps_per_call > 1).
-    `lower(state, batch)` gives the lowered program for inspection.
+    pass the task's batch (images: {"image": uint8 [B, H, W, C], "label": int32 [B]} and, for
+    methods with per-example state (CRD), "index": int32 [B]; a leading [steps_per_call] axis
+    when steps_per_call > 1). `lower(state, batch)` gives the lowered program for inspection.
     """
 
     fn: Callable
@@ -314,71 +433,19 @@ def make_distill_step(
     state_sharding: TrainState | None = None,
     teacher_sharding: Sequence[Any] | None = None,
 ) -> Step:
-    """Build the fused train step for a student `graphdef` (or a supervised model: no teachers).
+    """The fused step of an image student (`make_step` with `image_parts`).
 
-    Args:
-      graphdef: the Distillee's static structure (from `init_train_state`).
-      tx: the optax optimizer; its state lives in TrainState.opt_state.
-      objective: maps (student features, teachers' features, labels, step) to (loss, metrics);
-        see `kdjax.objectives`. Features are the models' `features()` dicts, so feature methods
-        read named taps; unused taps are dead code to XLA and cost nothing. The student's dict
-        also holds its connectors' outputs and its peers' features (`Distillee.features`).
-      teachers: frozen teachers, evaluated in inference mode inside the step.
-      preprocess: the on-device normalisation/augmentation recipe.
-      mesh: device mesh (default: all devices); the batch is split over its data and fsdp axes.
-      data: a device-resident training set to sample from inside the step (replicated: every
-        device gathers its own rows of the global batch, no communication).
-      steps_per_call: run this many steps per dispatch with `lax.scan` (worth it on accelerators
-        for small models; on the CPU the scan is unrolled, and 1 is as fast).
-      nan_policy: "stop" records the first non-finite step in the state (`bad_step`,
-        `bad_terms`) for the caller to stop at its next look; "skip" also leaves the parameters,
-        statistics and optimizer state of such a step unchanged (its batch is consumed) and
-        counts it in `skipped_steps`, returned as a metric. Both check on the device: no sync.
-      state_sharding: a TrainState of NamedShardings, the state's placement in and out of the
-        step (`kdjax.sharding.state_shardings`); default: as placed, constrained to replicated
-        but for per-example memory.
-      teacher_sharding: per teacher, its variables' shardings (`kdjax.sharding.tree_shardings`);
-        default: replicated. The teachers' variables are placed on them once, here.
+    `objective` maps (student features, teachers' features, labels, step) to (loss, metrics);
+    see `kdjax.objectives`. Features are the models' `features()` dicts, so feature methods read
+    named taps; unused taps are dead code to XLA and cost nothing. The student's dict also holds
+    what its Distillee's parts add (connectors' outputs, peers' features, ...). `preprocess` is
+    the on-device normalisation/augmentation recipe; `data` holds {"image", "label"} arrays.
+    The other arguments are `make_step`'s.
     """
-    if steps_per_call < 1:
-        raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy (config train.nan_policy) must be one of {NAN_POLICIES}, "
-                         f"got {nan_policy!r}")
-    mesh = mesh or sharding.make_mesh()
-    rep = sharding.replicated(mesh)
-    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
-    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
-
-    def one_step(state: TrainState, teacher_vars, data, batch):
-        if data is not None:
-            state, batch = _sample(state, data, mesh)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        connector_key = jax.random.fold_in(key, 0xC0)  # apart from the augmentation stream
-        # float32 images: each model's first layer casts them to its own compute dtype. Labels are
-        # int [B], or augment.MixedLabels with mixup/CutMix.
-        views = augment.train_views(batch, preprocess, key=key, dtype=jnp.float32)
-        # Teachers: inference mode, outside the differentiated function, so no gradient and no
-        # optimizer state ever touch them; stop_gradient documents it for features too.
-        teacher_out = tuple(jax.lax.stop_gradient(_teacher_features(t, v, views.teacher,
-                                                                    preprocess))
-                            for t, v in zip(teachers, teacher_vars))
-
-        def loss_fn(params):
-            # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
-            model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            out = model.features(views.student, train=True, teachers=teacher_out,
-                                 index=batch.get("index"), key=connector_key)
-            loss, metrics = objective(out, teacher_out, views.labels, state.step)
-            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        return apply_update(state, grads, loss, metrics, model_state, tx=tx,
-                            nan_policy=nan_policy, mesh=mesh, state_sharding=state_sharding)
-
-    return compile_step(one_step, teacher_vars, data, mesh=mesh, steps_per_call=steps_per_call,
-                        state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+    return make_step(graphdef, tx, image_parts(objective, teachers, preprocess),
+                     teachers=teachers, mesh=mesh, data=data, steps_per_call=steps_per_call,
+                     nan_policy=nan_policy, state_sharding=state_sharding,
+                     teacher_sharding=teacher_sharding)
 
 
 def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array, metrics: Metrics,
@@ -479,12 +546,55 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
     return sums
 
 
+def compile_eval(eval_fn: Callable, teachers: Sequence[FrozenModel] = (), *,
+                 mesh: Mesh | None = None, state_sharding: TrainState | None = None,
+                 teacher_sharding: Sequence[Any] | None = None) -> Callable:
+    """jit any task's `eval_fn(params, model_state, teachers, batch) -> sums` (`teachers` the
+    frozen teachers as NNX modules) into `eval_step(params, model_state, batch) -> sums`, the
+    teachers placed once (`place_teachers`). Without `state_sharding` the model's variables stay
+    where they were placed."""
+    mesh = mesh or sharding.make_mesh()
+    teacher_sharding, teacher_vars = place_teachers(teachers, teacher_sharding, mesh)
+    teacher_defs = tuple(t.graphdef for t in teachers)
+
+    def fn(params, model_state, teacher_vars, batch):
+        frozen = tuple(nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars))
+        return eval_fn(params, model_state, frozen, batch)
+
+    if mesh.size == 1:  # (see compile_step)
+        jitted = jax.jit(fn)
+    else:
+        jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh), in_shardings=(
+            None if state_sharding is None else state_sharding.params,
+            None if state_sharding is None else state_sharding.model_state,
+            teacher_sharding, sharding.batch_sharded(mesh)))
+    serial = sharding.serial_dispatch(mesh)
+
+    def run(params, model_state, batch):
+        sums = jitted(params, model_state, teacher_vars, batch)
+        return jax.block_until_ready(sums) if serial else sums
+
+    return run
+
+
+def sum_batches(eval_step: Callable, params: nnx.State, model_state: nnx.State,
+                batches: Iterable[Batch]) -> dict[str, Any]:
+    """The eval sums of every batch added up on the device, fetched once (fixed order; the last
+    partial batch is padded and masked, never dropped)."""
+    totals: dict[str, Any] = {}
+    for batch in batches:
+        sums = eval_step(params, model_state, batch)
+        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+    return jax.device_get(totals)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = (),
                    preprocess: augment.Preprocess = augment.Preprocess(),
                    mesh: Mesh | None = None, state_sharding: TrainState | None = None,
                    teacher_sharding: Sequence[Any] | None = None,
                    calibration_bins: int = 0) -> Callable:
-    """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch.
+    """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch of
+    images.
 
     `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding, so the last
     partial batch is evaluated, never dropped). Returns per-batch sums (`eval_sums`: count, loss,
@@ -492,17 +602,10 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     `calibration_bins` the Brier score and calibration bins); the caller adds them up and
     divides by count. A Distillee is evaluated by its student alone, its peer students (mutual
     learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/".
-    `state_sharding` and `teacher_sharding` are make_distill_step's; without `state_sharding` the
-    model's variables stay where they were placed.
+    `state_sharding` and `teacher_sharding` are make_distill_step's.
     """
-    mesh = mesh or sharding.make_mesh()
-    rep = sharding.replicated(mesh)
-    params_sharding = None if state_sharding is None else state_sharding.params
-    model_state_sharding = None if state_sharding is None else state_sharding.model_state
-    teacher_sharding = tuple(teacher_sharding or (rep,) * len(teachers))
-    teacher_vars = tuple(sharding.put(t.variables, s) for t, s in zip(teachers, teacher_sharding))
 
-    def eval_step(params, model_state, teacher_vars, batch):
+    def eval_fn(params, model_state, frozen, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
         model = nnx.merge(graphdef, params, model_state)
         students, exits = {"": model}, {}
@@ -516,24 +619,16 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
             sums.update({f"{name}/{k}": v for k, v in eval_sums(logits, labels, mask).items()})
         for prefix, student in students.items():
             t_logits = None
-            if teachers and not prefix:
-                teacher = teachers[0]
-                t_logits = taps_lib.call(nnx.merge(teacher.graphdef, teacher_vars[0]),
-                                         _teacher_input(teacher, images, preprocess), train=False)
+            if frozen and not prefix:
+                t_logits = taps_lib.call(frozen[0], augment.renormalize(
+                    images, preprocess, teachers[0].normalization), train=False)
             sums.update({prefix + k: v for k, v in eval_sums(
                 taps_lib.call(student, images, train=False), labels, mask,
                 teacher_logits=t_logits, calibration_bins=calibration_bins).items()})
         return sums
 
-    fn = jax.jit(eval_step, out_shardings=rep, in_shardings=(
-        params_sharding, model_state_sharding, teacher_sharding, sharding.batch_sharded(mesh)))
-    serial = sharding.serial_dispatch(mesh)
-
-    def run(params, model_state, batch):
-        sums = fn(params, model_state, teacher_vars, batch)
-        return jax.block_until_ready(sums) if serial else sums
-
-    return run
+    return compile_eval(eval_fn, teachers, mesh=mesh, state_sharding=state_sharding,
+                        teacher_sharding=teacher_sharding)
 
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -12,14 +12,14 @@ float32 self on real examples, which `kdjax distill` reports before training and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import augment, models, taps
+from kdjax import augment, checkpoint, models, taps
 from kdjax.models import ModelSpec
 from kdjax.step import FrozenModel
 
@@ -53,6 +53,33 @@ class Agreement:
         return (f"top-1 agreement with its float32 self {100 * self.top1:.2f}% on "
                 f"{self.examples} eval examples (max |logit difference| "
                 f"{self.max_abs_logit_diff:.4g})")
+
+
+def read(workdir: str, *, check: Callable[[ModelSpec, dict[str, Any]], None],
+         shardings_for: Callable[[Any], Any] | None = None, name: str = "",
+         kwargs: Mapping[str, Any] | None = None) -> tuple[nnx.Module, ModelSpec, dict[str, Any]]:
+    """The latest checkpoint of the run in `workdir` as a teacher: the model as trained (float32),
+    its spec and the checkpoint's run record.
+
+    `name` and `kwargs` (teacher.model) state the architecture the experiment expects instead of
+    the recorded one; a checkpoint that does not match it is refused. `check(spec, run)` refuses
+    a teacher the task cannot use (classes, vocabulary, tokenizer) before its weights are read.
+    """
+    reader = checkpoint.RunReader(workdir, what="teacher.workdir")
+    try:
+        step = reader.resolve_step("latest")
+        run = reader.run_meta(step)
+        spec = ModelSpec.from_json(run["model"])
+        if name:
+            spec = dataclasses.replace(spec, name=name, kwargs=dict(kwargs or {}))
+        check(spec, run)
+        what = (f"the teacher model teacher.model.name={name!r}" if name else
+                "the teacher model recorded with it")
+        reference = reader.load_model(step, dataclasses.replace(spec, compute_dtype="float32"),
+                                      what=what, shardings_for=shardings_for)
+    finally:
+        reader.close()
+    return reference, spec, run
 
 
 def prepare(reference: nnx.Module, spec: ModelSpec, *, dtype: jnp.dtype,

@@ -1,4 +1,10 @@
-"""The training loop behind `kdjax train`, `kdjax distill` and `kdjax eval`.
+"""The one run skeleton behind `kdjax train`, `kdjax distill` and `kdjax eval`, for every task.
+
+A run's task (kdjax.task: image classification, language modelling) owns its data, model spec,
+teachers, step parts, metrics and summary extras; this module owns everything shared, as a
+sequence of phases: check the plan (before any I/O), open the checkpointer (`--fresh`), build the
+mesh, open the data, load and check the teachers, build the state, restore it, build the step,
+write the run files, run the loop (kdjax.loop), write the summary.
 
 The loop only dispatches: the data is on the device, the step samples and augments its own batch,
 and metrics stay on the device until a log step fetches them all in one transfer. So the host
@@ -13,8 +19,9 @@ What a run does when something goes wrong (kdjax.errors lists the exit codes):
   terms, found at the next log, eval or checkpoint boundary (no per-step host sync); nothing
   non-finite is ever saved. nan_policy="skip" drops such steps inside the compiled step instead.
 - refused before training: an unwritable workdir, too little disk for the checkpoints kept,
-  labels outside the model's classes, a teacher whose classes differ from the student's or whose
-  checkpoint does not match its configured architecture, a checkpoint of another model.
+  labels outside the model's classes, a teacher whose classes (vocabulary) differ from the
+  student's or whose checkpoint does not match its configured architecture, a checkpoint of
+  another model.
 - a failing save: `errors.CheckpointError`; the previous checkpoint stays intact.
 
 Scale-out (docs/scaling.md): the mesh of `config.mesh` spans every device of every process; the
@@ -22,305 +29,52 @@ state is placed by the `model.sharding` rule, the teacher by `teacher.sharding`.
 processes and device-resident input, each one loads the whole (small) dataset into device memory,
 replicated, and the step gathers on each device only that device's rows of the global batch (the
 gather is local, no example crosses hosts); streamed input reads a disjoint slice of each global
-batch per process (kdjax.input). Every process computes the same global metrics, process 0 writes the
-run's files, and all of them write the checkpoint collectively.
+batch per process (kdjax.input). Every process computes the same global metrics, process 0 writes
+the run's files, and all of them write the checkpoint collectively.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from kdjax import augment, calibration, checkpoint, config as config_lib, data, distributed
-from kdjax import input as input_lib
-from kdjax import loop, metrics as metrics_lib, models, objectives, optim, sharding
-from kdjax import taps as taps_lib
-from kdjax import teacher as teacher_lib
-from kdjax.compress import training as compress
-from kdjax.models import ModelSpec
-from kdjax.step import (DeviceData, Distillee, FrozenModel, compute_dtype, freeze,
-                        init_train_state, make_distill_step, make_eval_step)
-
-EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
+from kdjax import checkpoint, distributed, loop, metrics as metrics_lib, models, objectives, optim
+from kdjax import sharding
+from kdjax import plan as plan_lib
+from kdjax.step import init_train_state, sum_batches
+from kdjax.task import RunData, Task, Teacher, configured_teachers, for_plan
 
 
-def _preprocess(config: ml_collections.ConfigDict, channels: int) -> augment.Preprocess:
-    mean, std = config.data.mean, config.data.std
-    if not mean or not std:
-        mean, std = data.NORMALIZATION.get(config.data.name.partition("/")[0].partition(":")[0],
-                                           ((0.5,) * channels, (0.5,) * channels))
-    return augment.Preprocess(mean=tuple(mean), std=tuple(std),
-                              crop_padding=config.data.crop_padding, flip=config.data.flip,
-                              mixup_alpha=config.data.mixup_alpha,
-                              cutmix_alpha=config.data.cutmix_alpha,
-                              teacher_view=config.data.teacher_view)
-
-
-def _data_dir(config: ml_collections.ConfigDict) -> str | None:
-    return config.data.data_dir or None
-
-
-def _mesh(config: ml_collections.ConfigDict, with_teacher: bool) -> jax.sharding.Mesh:
+def make_mesh(plan: plan_lib.RunPlan, with_teacher: bool) -> jax.sharding.Mesh:
     """The run's mesh over every device of every process, after checking the sharding rules."""
-    sharding.check_rule(config.model.sharding, config.mesh, "model.sharding")
+    sharding.check_rule(plan.model.sharding, plan.mesh, "model.sharding")
     if with_teacher:
-        sharding.check_rule(config.teacher.sharding, config.mesh, "teacher.sharding")
-    return sharding.mesh_from_config(config.mesh)
+        sharding.check_rule(plan.teacher.sharding, plan.mesh, "teacher.sharding")
+    return sharding.mesh_from_config(plan.mesh)
 
 
-def model_spec(config: ml_collections.ConfigDict, spec: data.DatasetSpec) -> ModelSpec:
-    """The config's model on the dataset `spec` (whose classes it has unless model.num_classes)."""
-    return ModelSpec(name=config.model.name,
-                     num_classes=config.model.num_classes or spec.num_classes,
-                     input_shape=tuple(spec.image_shape), kwargs=dict(config.model.kwargs),
-                     compute_dtype=config.model.compute_dtype)
-
-
-def _check_labels(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                  splits: dict[str, dict[str, np.ndarray]]) -> None:
-    for split, arrays in splits.items():
-        lo, hi = int(arrays["label"].min()), int(arrays["label"].max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"the labels of {config.data.name} split {split!r} range over {lo}..{hi} but the "
-                f"model has {num_classes} classes (model.num_classes={config.model.num_classes}); "
-                f"set model.num_classes to at least {hi + 1}, or to 0 for the dataset's "
-                f"{spec.num_classes}")
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a kdjax workdir (train a "
-                                f"model there first with `kdjax train`)")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
-
-
-def _shardings_for(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   rule: str) -> Callable[[Any], Any]:
+def shardings_for(plan: plan_lib.RunPlan, mesh: jax.sharding.Mesh,
+                  rule: str) -> Callable[[Any], Any]:
+    """`tree -> shardings` of a variable tree under `rule` on `mesh` (model or teacher)."""
     return lambda tree: sharding.tree_shardings(tree, mesh, rule,
-                                                min_bytes=config.mesh.fsdp_min_bytes)
+                                                min_bytes=plan.mesh.fsdp_min_bytes)
 
 
-def teacher_workdirs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """teacher.workdir, or the several teachers of teacher.workdirs (not both)."""
-    one, several = config.teacher.workdir, tuple(config.teacher.workdirs)
-    if one and several:
-        raise ValueError(f"set teacher.workdir (one teacher) or teacher.workdirs (several), not "
-                         f"both; got {one!r} and {several}")
-    return several or ((one,) if one else ())
-
-
-class Teacher(NamedTuple):
-    """A loaded teacher: `model` as the step runs it (kdjax.teacher.prepare), `reference` as it
-    was trained, in float32, kept for the agreement check (None when preparing changed nothing)."""
-
-    workdir: str
-    model: FrozenModel
-    reference: FrozenModel | None
-    preparation: teacher_lib.Preparation
-
-
-def load_teachers(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                  mesh) -> tuple[Teacher, ...]:
-    workdirs = teacher_workdirs(config)
-    if not workdirs:
-        raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that trained "
-                         "the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
-    return tuple(load_teacher(config, spec, num_classes, mesh, w) for w in workdirs)
-
-
-def check_teachers(config: ml_collections.ConfigDict, teachers: Sequence[Teacher],
-                   eval_batches: Callable[[], Any], preprocess: augment.Preprocess
-                   ) -> list[dict[str, Any]]:
-    """Compare each prepared teacher with its float32 self on the first
-    `teacher.agreement_examples` eval examples; report it, and refuse one below
-    `teacher.min_agreement`. Returns the per-teacher record for summary.json."""
-    records = []
-    for t in teachers:
-        record = {"workdir": t.workdir, **dataclasses.asdict(t.preparation)}
-        line = f"kdjax: teacher {t.workdir}: {t.preparation.describe()}"
-        if t.reference is not None and config.teacher.agreement_examples > 0:
-            agree = teacher_lib.agreement(t.reference, t.model, eval_batches(), preprocess,
-                                          max_examples=config.teacher.agreement_examples)
-            record.update(dataclasses.asdict(agree))
-            line += f"; {agree.describe()}"
-            if agree.top1 < config.teacher.min_agreement:
-                raise ValueError(
-                    f"the teacher in {t.workdir!r}, prepared for inference "
-                    f"({t.preparation.describe()}), agrees with its float32 self on only "
-                    f"{100 * agree.top1:.2f}% of {agree.examples} eval examples, below "
-                    f"teacher.min_agreement={config.teacher.min_agreement}; run it as trained "
-                    f"with --config.teacher.compute_dtype=float32 "
-                    f"--config.teacher.fold_batchnorm=False, or lower teacher.min_agreement")
-        print(line, flush=True)
-        records.append(record)
-    return records
-
-
-def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
-                    teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None,
-                    initial: nnx.Module | None = None) -> Distillee:
-    """The student (`initial`, or `student` built afresh) with what trains alongside it: the
-    loss's connectors, model.peers (each a registry model with its defaults, or model.kwargs
-    when it is the student's architecture), BYOT's exits and CTKD's temperature module."""
-    model = student.build(config.seed) if initial is None else initial
-    peers = [dataclasses.replace(student, name=name, kwargs=dict(
-        config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
-             for i, name in enumerate(config.model.peers, start=1)]
-    for name, m in ((config.model.name, model), *zip(config.model.peers, peers)):
-        check_logits(m, student.num_classes, spec.image_shape, f"model.name={name!r}")
-    connectors = objectives.build_connectors(
-        config.loss, model, teachers, image_shape=spec.image_shape,
-        rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
-        dtype=compute_dtype(config.model.compute_dtype))
-    exits = objectives.build_exits(config.loss, model, image_shape=spec.image_shape,
-                                   rngs=nnx.Rngs(config.seed + 0xE0),
-                                   dtype=compute_dtype(config.model.compute_dtype))
-    temperature = objectives.build_temperature(config.loss, num_classes=student.num_classes,
-                                               rngs=nnx.Rngs(config.seed + 0x7E))
-    taps = () if config.loss.name == "byot" else config.loss.student_taps  # exits add theirs
-    return Distillee(model, connectors=connectors, peers=peers, taps=taps, exits=exits,
-                     temperature=temperature)
-
-
-def check_self_teacher(config: ml_collections.ConfigDict) -> None:
-    """Tf-KD's self-teacher is a trained copy of the student: refuse a teacher.workdir whose
-    model is another architecture (plain KD distils from any teacher)."""
-    if config.loss.name != "tfkd" or config.loss.kwargs.get("variant", "virtual") != "self":
-        return
-    student = json.dumps([config.model.name, dict(config.model.kwargs)], sort_keys=True)
-    for workdir in teacher_workdirs(config):
-        run = read_run_config(workdir)
-        model = (config.teacher.model if config.teacher.model.name else run.model)
-        if json.dumps([model.name, dict(model.kwargs)], sort_keys=True) != student:
-            raise ValueError(
-                f"loss.name='tfkd' with variant='self' distils from a trained copy of the "
-                f"student ({config.model.name} {dict(config.model.kwargs)}), but teacher.workdir="
-                f"{workdir!r} trained {model.name} {dict(model.kwargs)}; point teacher.workdir at "
-                f"a run of the student's architecture (kdjax train with the student's config), "
-                f"or use loss.name='kd' for another teacher")
-
-
-def load_teacher(config: ml_collections.ConfigDict, spec: data.DatasetSpec, num_classes: int,
-                 mesh, workdir: str) -> Teacher:
-    """The latest checkpoint of `teacher.workdir`, rebuilt from the ModelSpec saved with it (or
-    teacher.model.name/kwargs when set), checked against the student's `num_classes`, and
-    prepared for inference as teacher.compute_dtype / teacher.fold_batchnorm say."""
-    try:
-        dtype = compute_dtype(config.teacher.compute_dtype)
-    except ValueError:
-        raise ValueError(f"teacher.compute_dtype must be 'auto', 'float32' or 'bfloat16', got "
-                         f"{config.teacher.compute_dtype!r}") from None
-    if not 0.0 <= config.teacher.min_agreement <= 1.0:
-        raise ValueError(f"teacher.min_agreement is a fraction of examples, in [0, 1]; got "
-                         f"{config.teacher.min_agreement}")
-    reader = checkpoint.RunReader(workdir, what="teacher.workdir")
-    try:
-        step = reader.resolve_step("latest")
-        run = reader.run_meta(step)
-        teacher = ModelSpec.from_json(run["model"])
-        if config.teacher.model.name:
-            teacher = dataclasses.replace(teacher, name=config.teacher.model.name,
-                                          kwargs=dict(config.teacher.model.kwargs))
-        if teacher.num_classes != num_classes:
-            raise ValueError(
-                f"the teacher in {workdir!r} has {teacher.num_classes} classes but the student has "
-                f"{num_classes} (model.num_classes={config.model.num_classes}, 0 = the "
-                f"{spec.num_classes} of {config.data.name}); distillation compares their outputs "
-                f"class by class: give the student the teacher's {teacher.num_classes} classes")
-        what = ("the teacher model teacher.model.name="
-                f"{config.teacher.model.name!r}" if config.teacher.model.name else
-                "the teacher model recorded with it")
-        reference = reader.load_model(
-            step, dataclasses.replace(teacher, compute_dtype="float32"), what=what,
-            shardings_for=_shardings_for(config, mesh, config.teacher.sharding))
-    finally:
-        reader.close()
-    check_logits(reference, teacher.num_classes, spec.image_shape,
-                 f"of teacher {workdir!r} ({teacher.name})")
-    trained_on = run["config"]["data"]["name"]
-    if trained_on != config.data.name:
-        # Accepted on the class count alone: the class order is the user's to keep the same.
-        print(f"kdjax: note: the teacher in {workdir!r} was trained on {trained_on!r}, this run "
-              f"distils on {config.data.name!r}; both have {num_classes} classes, which must be "
-              f"the same classes in the same order", flush=True)
-    prepared, preparation = teacher_lib.prepare(reference, teacher, dtype=dtype,
-                                                fold_batchnorm=config.teacher.fold_batchnorm)
-    # Each teacher sees the student's augmented view in its own training normalisation (a run
-    # that recorded none is taken to share the student's).
-    recorded = run.get("preprocess")
-    normalization = (tuple(recorded["mean"]), tuple(recorded["std"])) if recorded else None
-    frozen = {"taps": tuple(config.loss.teacher_taps), "normalization": normalization}
-    return Teacher(workdir, freeze(prepared, **frozen),
-                   freeze(reference, **frozen) if preparation.changed else None, preparation)
-
-
-def check_logits(model: nnx.Module, num_classes: int, image_shape, what: str) -> None:
-    """Refuse a model whose output on a batch of images is not [batch, num_classes] logits
-    (traced abstractly: nothing is computed). `what` names the model in the message."""
-    graphdef, variables = nnx.split(model)
-    out = jax.eval_shape(lambda v, x: taps_lib.call(nnx.merge(graphdef, v), x, train=False),
-                         variables, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
-    taps_lib.check_logits(getattr(out, "shape", ()), num_classes, model=what, batch=2)
-
-
-def _input(config: ml_collections.ConfigDict, spec: data.DatasetSpec, split: str
-           ) -> tuple[str, data.DatasetSpec]:
-    """The input mode for `split` and the spec with the image shape the model sees."""
-    mode, why = input_lib.choose_mode(config.data, spec, split=split)
-    print(f"kdjax: {'device-resident' if mode == 'device' else 'streamed'} input ({why})")
-    return mode, dataclasses.replace(
-        spec, image_shape=input_lib.model_input_shape(config.data, spec))
-
-
-def _eval_input(config: ml_collections.ConfigDict, mesh, arrays: dict[str, np.ndarray] | None):
-    """A function returning a fresh pass over the eval split: padded, masked device batches,
-    from `arrays` when the split is in memory, else streamed."""
-    if arrays is not None:
-        return lambda: input_lib.array_eval_batches(arrays, config.eval.batch_size, mesh)
-    return lambda: input_lib.eval_batches(config.data, batch_size=config.eval.batch_size,
-                                          mesh=mesh)
-
-
-def _load(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
-    return data.load_arrays(config.data.name, split, data_dir=_data_dir(config))
-
-
-def _evaluate(eval_step, params, model_state, batches) -> dict[str, float]:
-    """Fixed order, no augmentation; the last partial batch is padded and masked, never dropped."""
-    totals: dict[str, Any] = {}
-    for batch in batches:
-        sums = eval_step(params, model_state, batch)
-        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = totals.pop("count")
-    # calibration bins (the student's, and "peer<i>/calibration" of mutual learning) -> ECE
-    bins = {k: totals.pop(k) for k in [k for k in totals if k.endswith("calibration")]}
-    out = {f"eval/{k}": float(v / count) for k, v in totals.items()}
-    for key, b in bins.items():
-        out[f"eval/{key.removesuffix('calibration')}ece"] = float(calibration.ece_from_bins(b))
-    return out
-
-
-def _resume_note(path: str, step: int, total: int, steps_per_epoch: int,
-                 saved_config: dict, config: ml_collections.ConfigDict) -> str:
+def resume_note(path: str, step: int, total: int, steps_per_epoch: int,
+                saved_config: dict, plan: plan_lib.RunPlan) -> str:
+    """The line a resumed run prints: where, at which step and epoch, and what changed since."""
     epoch, batch = divmod(step, steps_per_epoch)
     note = (f"kdjax: resumed from {path} at step {step} of {total} (data order: epoch {epoch}, "
             f"batch {batch} of {steps_per_epoch}; same PRNG stream)")
-    changed = config_lib.diff(saved_config, config)
+    changed = plan_lib.diff(saved_config, plan)
     if changed:
         note += "\nkdjax: config changed since that checkpoint: " + "; ".join(changed)
     return note
@@ -332,7 +86,7 @@ def _resume_note(path: str, step: int, total: int, steps_per_epoch: int,
 AUTO_STEPS_PER_CALL = 20
 
 
-def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
+def resolve_steps_per_call(plan: plan_lib.RunPlan, platform: str,
                            resume_step: int = 0) -> int:
     """The train steps each dispatch runs: train.steps_per_call, or for 0 (auto) 1 on the CPU and
     on accelerators the largest k <= AUTO_STEPS_PER_CALL dividing train.steps and `resume_step`.
@@ -344,11 +98,11 @@ def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
     divide train.steps or a `resume_step` short of it (the run would step past train.steps).
 
     Args:
-      config: the run's config.
+      plan: the run's plan.
       platform: the mesh's device platform ("cpu", "gpu", "tpu").
       resume_step: the step of the checkpoint the run resumes from (0 for a new run).
     """
-    total, asked = config.train.steps, config.train.steps_per_call
+    total, asked = plan.train.steps, plan.train.steps_per_call
     if asked < 0:
         raise ValueError(f"train.steps_per_call={asked} must be >= 1 (train steps per dispatch) "
                          f"or 0 for auto ({AUTO_STEPS_PER_CALL} on accelerators when train.steps "
@@ -387,9 +141,9 @@ def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
         notes.append(f"steps per dispatch {per_call}, not {target}, because {' and '.join(why)} "
                      f"{'is' if len(why) == 1 else 'are'} not a multiple of {target}; "
                      + "; ".join(fix))
-    cadences = (("train.log_every_steps", config.train.log_every_steps),
-                ("eval.every_steps", config.eval.every_steps),
-                ("checkpoint.every_steps", config.checkpoint.every_steps))
+    cadences = (("train.log_every_steps", plan.train.log_every_steps),
+                ("eval.every_steps", plan.eval.every_steps),
+                ("checkpoint.every_steps", plan.checkpoint.every_steps))
     inexact = [f"{name}={every}" for name, every in cadences if every > 0 and every % per_call]
     if inexact:
         notes.append(f"{', '.join(inexact)} {'is' if len(inexact) == 1 else 'are'} not a "
@@ -401,34 +155,40 @@ def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str,
     return per_call
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
-          progress: bool = True, fresh: bool = False,
-          train_arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Train (supervised, or distil from `teacher.workdir`) and return the run's summary.
-
-    Resumes from the workdir's newest readable checkpoint; with `fresh`, a workdir that has
-    checkpoints is refused instead (kdjax never deletes a run's checkpoints). `train_arrays`
-    ({"image": uint8 [N, H, W, C], "label": int32 [N]}, device-resident) replaces
-    data.train_split, which is then never opened: PATE's answered queries, data-free inputs.
-    """
-    if config.loss.name == "ce" and distill:
-        raise ValueError("kdjax distill needs a distillation loss (loss.name='kd', 'dkd', ...), "
-                         "got loss.name='ce'; use `kdjax train` for supervised training")
-    if (distill and not objectives.needs_teacher(config.loss.name, config.loss.kwargs)
-            and teacher_workdirs(config)):
-        learns = {"dml": "from peer students", "byot": "from its own deepest classifier",
-                  "tfkd": "from a virtual teacher (variant='virtual'; 'self' loads one)"}
-        raise ValueError(f"loss.name={config.loss.name!r} learns "
-                         f"{learns.get(config.loss.name, 'without')}, not a teacher: clear "
-                         f"teacher.workdir and teacher.workdirs")
-    if config.loss.name != "ce" and not distill:
-        raise ValueError(f"loss.name={config.loss.name!r} distils from a teacher: run it with "
-                         f"`kdjax distill`, or set loss.name='ce' for supervised training")
-    ck = config.checkpoint
-    valid_metrics = EVAL_METRICS if distill else EVAL_METRICS[:-1]
-    if ck.keep_best and ck.best_metric not in valid_metrics:
+def _check_run(task: Task, plan: plan_lib.RunPlan, *, distill: bool) -> None:
+    task.check(distill=distill)
+    ck = plan.checkpoint
+    valid = task.eval_metric_names(distill=distill)
+    if ck.keep_best and ck.best_metric not in valid:
         raise ValueError(f"checkpoint.best_metric={ck.best_metric!r} is not an eval metric of "
-                         f"this run; valid: {list(valid_metrics)}")
+                         f"this run; valid: {list(valid)}")
+
+
+def _write(workdir: str, name: str, text: str) -> None:
+    if distributed.is_primary():
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
+
+
+def _write_json(workdir: str, name: str, record: dict[str, Any]) -> None:
+    _write(workdir, name, json.dumps(metrics_lib.json_safe(record), indent=2))
+
+
+def train(config: Any, workdir: str, *, distill: bool, progress: bool = True,
+          fresh: bool = False, train_arrays: dict[str, np.ndarray] | None = None
+          ) -> dict[str, Any]:
+    """Train (supervised, or distil from the configured teachers) and return the run's summary.
+
+    `config` is a RunPlan or a config (validated here). Resumes from the workdir's newest
+    readable checkpoint; with `fresh`, a workdir that has checkpoints is refused instead (kdjax
+    never deletes a run's checkpoints). `train_arrays` ({"image": uint8 [N, H, W, C], "label":
+    int32 [N]}, device-resident) replaces data.train_split, which is then never opened: PATE's
+    answered queries, data-free inputs.
+    """
+    plan = plan_lib.as_plan(config)
+    task = for_plan(plan)
+    _check_run(task, plan, distill=distill)
+    ck = plan.checkpoint
     checkpoint.ensure_writable(workdir)
     with checkpoint.Checkpointer(workdir, max_to_keep=ck.max_to_keep, keep_best=ck.keep_best,
                                  best_metric=ck.best_metric, best_mode=ck.best_mode) as ckpt:
@@ -437,77 +197,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
                 f"--fresh: {workdir!r} already has checkpoints (steps {ckpt.steps()} in "
                 f"{ckpt.directory}) and kdjax never deletes a run's checkpoints; pick a new "
                 f"--workdir, or delete {ckpt.directory} yourself to start over there")
-        return _train(config, workdir, ckpt, distill=distill, progress=progress,
+        return _train(task, plan, workdir, ckpt, distill=distill, progress=progress,
                       given=train_arrays)
 
 
-def _given_input(config: ml_collections.ConfigDict, spec: data.DatasetSpec,
-                 arrays: dict[str, np.ndarray]) -> tuple[str, data.DatasetSpec]:
-    """`_input` for training arrays given in memory: device-resident, the dataset's image shape."""
-    if tuple(arrays["image"].shape[1:]) != tuple(spec.image_shape):
-        raise ValueError(f"the given training images have shape {arrays['image'].shape[1:]}, "
-                         f"{config.data.name}'s are {spec.image_shape}")
-    print(f"kdjax: device-resident input ({len(arrays['label'])} given examples; "
-          f"data.train_split={config.data.train_split!r} not read)")
-    return "device", spec
+def _load_teachers(task: Task, plan: plan_lib.RunPlan, data: RunData, mesh, *,
+                   distill: bool) -> tuple[tuple[Teacher, ...], list[dict]]:
+    loaded = tuple(task.load_teacher(w, data.student, mesh)
+                   for w in task.teacher_workdirs(distill=distill))
+    return loaded, task.check_teachers(loaded, data)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer, *,
-           distill: bool, progress: bool, given: dict[str, np.ndarray] | None = None
+def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Checkpointer, *,
+           distill: bool, progress: bool, given: dict[str, np.ndarray] | None
            ) -> dict[str, Any]:
-
-    total = config.train.steps
-    mesh = _mesh(config, distill)
-    spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    mode, spec = (_input(config, spec, config.data.train_split) if given is None
-                  else _given_input(config, spec, given))
-    batch_size = config.train.batch_size
-    student = model_spec(config, spec)
-    train_arrays = eval_arrays = None
-    if mode == "device":
-        train_arrays = _load(config, config.data.train_split) if given is None else given
-        eval_arrays = _load(config, config.data.eval_split)
-        _check_labels(config, spec, student.num_classes, {config.data.train_split: train_arrays,
-                                                          config.data.eval_split: eval_arrays})
-    num_train = (len(train_arrays["label"]) if train_arrays is not None
-                 else spec.num_examples(config.data.train_split))
-    if batch_size > num_train:
-        raise ValueError(f"train.batch_size={batch_size} exceeds the {num_train} training "
-                         f"examples of {config.data.name}")
-    sharding.check_batch_size(batch_size, mesh)
-    sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    eval_input = _eval_input(config, mesh, eval_arrays)
-    preprocess = _preprocess(config, spec.image_shape[-1])
-    with_teacher = distill and objectives.needs_teacher(config.loss.name, config.loss.kwargs)
-    if with_teacher:
-        check_self_teacher(config)
-    loaded = load_teachers(config, spec, student.num_classes, mesh) if with_teacher else ()
-    teacher_report = check_teachers(config, loaded, eval_input, preprocess)
+    total = plan.train.steps
+    workdirs = task.teacher_workdirs(distill=distill)
+    mesh = make_mesh(plan, bool(workdirs))
+    data = task.open_data(mesh, given=given)
+    sharding.check_batch_size(plan.train.batch_size, mesh)
+    sharding.check_batch_size(plan.eval.batch_size, mesh, "eval.batch_size")
+    loaded, teacher_records = _load_teachers(task, plan, data, mesh, distill=distill)
     teachers = tuple(t.model for t in loaded)
     del loaded  # the float32 references: only the agreement check needed them
-    teacher_sharding = tuple(_shardings_for(config, mesh, config.teacher.sharding)(t.variables)
+    teacher_sharding = tuple(shardings_for(plan, mesh, plan.teacher.sharding)(t.variables)
                              for t in teachers)
 
-    train_labels = None if train_arrays is None else train_arrays["label"]
-    if train_labels is None and objectives.needs_dataset_labels(config.loss.name):
-        train_labels = data.open_split(config.data.name, config.data.train_split,
-                                       data_dir=_data_dir(config)).labels()
-    # init.workdir, prune.schedule="init" and quant.mode="qat" change the student it starts as.
-    student, initial = compress.initial_student(config, student)
-    model = build_distillee(config, spec, student, teachers, train_labels, initial)
+    model, student = task.build(data, teachers)
     num_params = models.count_params(model.student)
-    tx = compress.wrap_optimizer(optim.make_optimizer(config.optimizer, total), config,
-                                 model.student, spec.image_shape)
-    graphdef, state = init_train_state(model, tx, seed=config.seed,
-                                       num_examples=num_train if mode == "device" else 0)
-    state_sharding = sharding.state_shardings(state, mesh, config.model.sharding,
-                                              min_bytes=config.mesh.fsdp_min_bytes)
+    tx = task.optimizer(optim.make_optimizer(plan.optimizer, total), model, student)
+    graphdef, state = init_train_state(model, tx, seed=plan.seed, num_examples=(
+        data.num_train if data.device is not None else 0))
+    state_sharding = sharding.state_shardings(state, mesh, plan.model.sharding,
+                                              min_bytes=plan.mesh.fsdp_min_bytes)
     state = sharding.put(state, state_sharding)
-    checkpoint.ensure_space(workdir, state, copies=config.checkpoint.max_to_keep
-                            + config.checkpoint.keep_best + 1)
-    device_data = None if train_arrays is None else DeviceData(
-        images=sharding.replicate(train_arrays["image"], mesh),
-        labels=sharding.replicate(train_arrays["label"], mesh), batch_size=batch_size)
+    checkpoint.ensure_space(workdir, state, copies=ck_copies(plan))
     pending: list = []  # on-device metrics of the steps since the last log line
     last_train: dict[str, float] = {}
     # Onto this run's shardings, whatever device count wrote the checkpoint. Restored before the
@@ -517,100 +241,88 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         state, run = restored
         pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
         last_train = run["last_train"]
-        print(_resume_note(ckpt.path(int(state.step)), int(state.step), total,
-                           num_train // batch_size, run["config"], config), flush=True)
-    step = start = int(jax.device_get(state.step))
-    per_call = resolve_steps_per_call(config, mesh.devices.flat[0].platform, start)
-    nan_policy = config.train.nan_policy
-    objective = objectives.from_config(config.loss, config.teacher, total_steps=total)
-    step_fn = make_distill_step(graphdef, tx, objective,
-                                teachers=teachers, preprocess=preprocess, mesh=mesh,
-                                data=device_data, steps_per_call=per_call, nan_policy=nan_policy,
-                                state_sharding=state_sharding, teacher_sharding=teacher_sharding)
-    eval_step = make_eval_step(graphdef, teachers=teachers, preprocess=preprocess, mesh=mesh,
-                               state_sharding=state_sharding, teacher_sharding=teacher_sharding,
-                               calibration_bins=calibration.NUM_BINS)
+        print(resume_note(ckpt.path(int(state.step)), int(state.step), total,
+                          data.steps_per_epoch, run["config"], plan), flush=True)
+    start = int(jax.device_get(state.step))
+    per_call = resolve_steps_per_call(plan, mesh.devices.flat[0].platform, start)
+    compile_args = dict(mesh=mesh, state_sharding=state_sharding,
+                        teacher_sharding=teacher_sharding)
+    step_fn = task.make_step(graphdef, tx, teachers, data, steps_per_call=per_call,
+                             nan_policy=plan.train.nan_policy, **compile_args)
+    eval_step = task.make_eval_step(graphdef, teachers, **compile_args)
+    _write(workdir, "config.json", plan.to_json())
 
-    primary = distributed.is_primary()
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
-
-    # Streamed batches are a function of the step: resuming at `step` resumes the input exactly.
-    stream = (input_lib.train_stream(config.data, seed=config.seed, batch_size=batch_size,
-                                     mesh=mesh, steps_per_call=per_call, start_step=step)
-              if mode == "stream" and step < total else None)
+    # Streamed batches are a function of the step: resuming at `start` resumes the input exactly.
+    stream = (data.stream(start, per_call) if data.stream is not None and start < total
+              else None)
     hooks = loop.Hooks(
         step=lambda state: step_fn(state, next(stream) if stream is not None else None),
-        evaluate=lambda state: _evaluate(eval_step, state.params, state.model_state,
-                                         eval_input()),
-        record=loop.recorder(config, student, {"mean": list(preprocess.mean),
-                                                "std": list(preprocess.std)}),
-        means=metrics_lib.mean_of, items_per_step=batch_size,
-        rate="images", postfix=("loss", "accuracy"),
+        evaluate=lambda state: task.eval_metrics(sum_batches(
+            eval_step, state.params, state.model_state, data.eval_batches())),
+        record=loop.recorder(plan, student, **task.record()),
+        means=task.train_means, items_per_step=data.items_per_step, rate=task.rate,
+        postfix=task.postfix,
         on_log=loop.skipped_steps_warning(int(jax.device_get(state.skipped_steps))))
     t_start = time.perf_counter()
     try:
-        done = loop.run(config, state, hooks, ckpt=ckpt, workdir=workdir, per_call=per_call,
+        done = loop.run(plan, state, hooks, ckpt=ckpt, workdir=workdir, per_call=per_call,
                         pending=pending, last_train=last_train, progress=progress)
     finally:
-        if stream is not None:
+        if stream is not None and hasattr(stream, "close"):
             stream.close()
-    state, eval_metrics, last_train = done.state, done.eval_metrics, done.last_train
 
+    final = nnx.merge(graphdef, done.state.params, done.state.model_state).student
     summary = {
-        **eval_metrics,
-        "train/loss": last_train.get("train/loss"),
-        "train/accuracy": last_train.get("train/accuracy"),
+        **done.eval_metrics,
+        "train/loss": done.last_train.get("train/loss"),
+        **task.summary(done.last_train, final, student),
         **loop.run_facts(done, start=start, per_call=per_call, mesh=mesh, t_start=t_start),
-        "images_per_s": done.items_per_s,
+        f"{task.rate}_per_s": done.items_per_s,
         "teacher_bytes_per_device": sharding.bytes_per_device(
             [t.variables for t in teachers]) if teachers else None,
-        "model": config.model.name,
+        "model": plan.model.name,
         "num_params": num_params,
-        "teacher": (", ".join(teacher_workdirs(config)) or None) if with_teacher else None,
-        "teacher_preparation": teacher_report or None,
-        "seed": config.seed,
+        "teacher": ", ".join(workdirs) or None,
+        "teacher_preparation": teacher_records or None,
+        "seed": plan.seed,
     }
-    if distributed.is_primary():
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(metrics_lib.json_safe(summary), f, indent=2)
+    _write_json(workdir, "summary.json", summary)
     return summary
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def ck_copies(plan: plan_lib.RunPlan) -> int:
+    """Checkpoints that may be on disk at once: the kept ones, the best ones and one in flight."""
+    return plan.checkpoint.max_to_keep + plan.checkpoint.keep_best + 1
+
+
+def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Evaluate the latest checkpoint of `workdir` on `data.eval_split` (and agreement with the
-    teacher when `teacher.workdir` is set); writes eval.json in the workdir."""
-    mesh = _mesh(config, bool(config.teacher.workdir))
-    spec = data.dataset_info(config.data.name, data_dir=_data_dir(config))
-    mode, spec = _input(config, spec, config.data.eval_split)
-    arrays = _load(config, config.data.eval_split) if mode == "device" else None
+    first teacher when teacher.workdir(s) is set); writes eval.json in the workdir."""
+    plan = plan_lib.as_plan(config)
+    task = for_plan(plan)
+    workdirs = configured_teachers(plan.teacher)
+    mesh = make_mesh(plan, bool(workdirs))
+    eval_batches = task.open_eval(mesh)
     reader = checkpoint.RunReader(workdir)
     try:
         step = reader.resolve_step("latest")
         student = reader.model_spec(step)
-        if arrays is not None:
-            _check_labels(config, spec, student.num_classes, {config.data.eval_split: arrays})
-        model = reader.load_model(step, student, shardings_for=_shardings_for(
-            config, mesh, config.model.sharding))
+        task.check_student(student)
+        model = reader.load_model(step, student, shardings_for=shardings_for(
+            plan, mesh, plan.model.sharding))
     finally:
         reader.close()
-    workdirs = teacher_workdirs(config)
-    teachers = (load_teacher(config, spec, student.num_classes, mesh, workdirs[0]).model,
-                ) if workdirs else ()
+    teachers = (task.load_teacher(workdirs[0], student, mesh).model,) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    eval_step = make_eval_step(
-        graphdef, teachers=teachers, preprocess=_preprocess(config, spec.image_shape[-1]),
-        mesh=mesh, calibration_bins=calibration.NUM_BINS, teacher_sharding=tuple(
-            _shardings_for(config, mesh, config.teacher.sharding)(t.variables) for t in teachers))
-    result = _evaluate(eval_step, params, model_state, _eval_input(config, mesh, arrays)())
-    if distributed.is_primary():
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    eval_step = task.make_eval_step(graphdef, teachers, mesh=mesh, teacher_sharding=tuple(
+        shardings_for(plan, mesh, plan.teacher.sharding)(t.variables) for t in teachers))
+    result = {**task.eval_metrics(sum_batches(eval_step, params, model_state, eval_batches())),
+              **task.eval_extras(model, step)}
+    _write_json(workdir, "eval.json", result)
     return result
 
 
-def train_generations(config: ml_collections.ConfigDict, workdir: str, generations: int, *,
+def train_generations(config: Any, workdir: str, generations: int, *,
                       progress: bool = True, fresh: bool = False) -> dict[str, Any]:
     """Born-again networks (Furlanello et al., 2018): `generations` distillations in a row.
 
@@ -619,24 +331,19 @@ def train_generations(config: ml_collections.ConfigDict, workdir: str, generatio
     config.json and checkpoints, usable as a teacher). `workdir/summary.json` is the last
     generation's summary plus every generation's accuracy under "generations".
     """
+    plan = plan_lib.as_plan(config)
     if generations < 1:
         raise ValueError(f"--generations must be >= 1, got {generations}")
-    if not objectives.needs_teacher(config.loss.name, config.loss.kwargs):
+    if not objectives.needs_teacher(plan.loss.name, plan.loss.kwargs):
         raise ValueError(f"born-again generations distil each student into the next; "
-                         f"loss.name={config.loss.name!r} has no teacher")
-    history, previous = [], None
+                         f"loss.name={plan.loss.name!r} has no teacher")
+    history, gen_plan = [], plan
     for k in range(1, generations + 1):
-        gen_config = ml_collections.ConfigDict(config.to_dict())
-        if previous is not None:
-            gen_config.teacher.update(workdir=previous, workdirs=(), weights=())
         gen_workdir = os.path.join(workdir, f"gen_{k}")
-        summary = train(config_lib.validate(gen_config), gen_workdir, distill=True,
-                        progress=progress, fresh=fresh)
+        summary = train(gen_plan, gen_workdir, distill=True, progress=progress, fresh=fresh)
         history.append({"generation": k, "workdir": gen_workdir,
                         "eval/accuracy": summary.get("eval/accuracy")})
-        previous = gen_workdir
+        gen_plan = plan_lib.with_teacher(plan, gen_workdir)
     summary = {**summary, "generations": history}
-    if distributed.is_primary():
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(metrics_lib.json_safe(summary), f, indent=2)
+    _write_json(workdir, "summary.json", summary)
     return summary

@@ -60,7 +60,7 @@ def setup(mesh, *, rule="replicated", teacher_rule="replicated"):
     teacher_sharding = (sharding.tree_shardings(teacher.variables, mesh, teacher_rule,
                                                 min_bytes=0),)
     images, labels = toy_data()
-    data = DeviceData(sharding.replicate(images, mesh), sharding.replicate(labels, mesh),
+    data = DeviceData({"image": sharding.replicate(images, mesh), "label": sharding.replicate(labels, mesh)},
                       batch_size=B)
     step = make_distill_step(
         graphdef, TX, objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5,
@@ -89,7 +89,8 @@ def lm_run(mesh, rule: str, teacher_rule: str) -> dict:
     """10 steps of the fused LM distillation step (chunked forward KL) on `mesh`: its losses and
     how the teacher's arrays are split."""
     from kdjax.lm import packing
-    from kdjax.lm.step import TokenData, TokenObjective, make_lm_step
+    from kdjax.lm.step import TokenObjective, make_lm_step
+    from kdjax.step import DeviceData
     from kdjax.step import Distillee
 
     rng = np.random.default_rng(0)
@@ -101,8 +102,8 @@ def lm_run(mesh, rule: str, teacher_rule: str) -> dict:
     graphdef, state = init_train_state(student, tx, seed=0, num_examples=len(tokens))
     state_sharding = sharding.state_shardings(state, mesh, rule, min_bytes=0)
     teacher_sharding = sharding.tree_shardings(teacher.variables, mesh, teacher_rule, min_bytes=0)
-    data = TokenData(tokens=sharding.replicate(tokens, mesh),
-                     segments=sharding.replicate(segments, mesh), batch_size=8)
+    data = DeviceData({"tokens": sharding.replicate(tokens, mesh),
+                       "segments": sharding.replicate(segments, mesh)}, batch_size=8)
     step = make_lm_step(graphdef, tx, TokenObjective("forward_kl", {"temperature": 2.0}, 0.5, 0.5,
                                                      chunk_size=8),
                         teacher=teacher, data=data, mesh=mesh, state_sharding=state_sharding,

@@ -40,17 +40,17 @@ def jpegs(tmp_path_factory):
 
 
 def device_batches(data_dir, seed, steps):
-    """The batches the device-resident step gathers itself (kdjax.step._sample)."""
+    """The batches the device-resident step gathers itself (kdjax.step.sample)."""
     arrays = kd.load_arrays("cifar10", "train", data_dir=data_dir)
     mesh = sharding.make_mesh()
-    data = step_lib.DeviceData(images=jnp.asarray(arrays["image"]),
-                               labels=jnp.asarray(arrays["label"]), batch_size=B)
+    data = step_lib.DeviceData({"image": jnp.asarray(arrays["image"]),
+                                "label": jnp.asarray(arrays["label"])}, batch_size=B)
     zero = jnp.zeros((), jnp.int32)
     state = step_lib.TrainState(step=zero, params={}, model_state={}, opt_state=(),
                                 rng=jax.random.key_data(jax.random.key(seed)),
                                 perm=jnp.zeros((N_TRAIN,), jnp.int32), skipped_steps=zero,
                                 bad_step=zero, bad_terms=zero)
-    sample = jax.jit(lambda s: step_lib._sample(s, data, mesh))
+    sample = jax.jit(lambda s: step_lib.sample(s, data, mesh))
     out = []
     for i in range(steps):
         state, batch = sample(state.replace(step=jnp.int32(i)))
@@ -153,7 +153,7 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(processes):
 
 def test_sampler_uses_the_device_paths_permutation():
     rng = jax.random.key_data(jax.random.key(11))
-    expected = jax.random.permutation(step_lib._epoch_key(rng, 4), 37)
+    expected = jax.random.permutation(step_lib.epoch_key(rng, 4), 37)
     np.testing.assert_array_equal(ki.epoch_permutation(np.asarray(rng), 4, 37), expected)
 
 

@@ -1,4 +1,4 @@
-"""Language-model runs end to end through `kdjax` (kdjax.lm.trainer, kdjax.lm.step): a tiny
+"""Language-model runs end to end through `kdjax` (kdjax.trainer with kdjax.lm.task, kdjax.lm.step): a tiny
 teacher, its distilled student, exact resume after SIGKILL, the vocabulary check, eval, export,
 and the step's token accounting."""
 
@@ -19,7 +19,8 @@ from flax import nnx
 from conftest import ROOT
 from kdjax import checkpoint, cli, export, losses, models, sharding
 from kdjax.lm import packing, tokenizer as tokenizer_lib
-from kdjax.lm.step import TokenData, TokenObjective, make_lm_step
+from kdjax.lm.step import TokenObjective, make_lm_step
+from kdjax.step import DeviceData
 from kdjax.step import init_train_state
 
 EXP = os.path.join(ROOT, "experiments", "lm")
@@ -94,7 +95,8 @@ def test_distill_summary_eval_and_export(kd, tmp_path):
     assert 0 <= s["eval/teacher_agreement"] <= 1 and s["eval/teacher_perplexity"] > 1
     assert [g["prompt"] for g in s["generations"]] == ["def __init__(self", "import os\nimport ",
                                                         "    for i in range(", "class "]
-    assert s["teacher_preparation"]["model"] == "lm_tiny"
+    [record] = s["teacher_preparation"]  # one record per teacher, as for images
+    assert record["model"] == "lm_tiny"
     with open(work / "metrics.jsonl") as f:
         logged = [json.loads(line) for line in f]
     assert {"train/ce", "train/kd", "train/accuracy", "train/agreement"} <= set(logged[0])
@@ -180,8 +182,8 @@ def test_the_step_counts_only_same_document_targets():
     student = models.ModelSpec("lm_tiny", 40, (8,)).build(0)
     tx = optax.sgd(0.0)
     graphdef, state = init_train_state(student, tx, seed=0, num_examples=4)
-    data = TokenData(tokens=jax.numpy.asarray(tokens), segments=jax.numpy.asarray(segments),
-                     batch_size=4)
+    data = DeviceData({"tokens": jax.numpy.asarray(tokens),
+                       "segments": jax.numpy.asarray(segments)}, batch_size=4)
     logits = jax.jit(lambda t, s: student(t, segment_ids=s))(inputs["tokens"],
                                                             inputs["segment_ids"])
     ce = np.asarray(losses.token_cross_entropy(logits, inputs["targets"]))
@@ -201,8 +203,8 @@ def test_nan_skip_policy_drops_non_finite_updates():
     tx = optax.sgd(1e30)
     graphdef, state = init_train_state(student, tx, seed=0, num_examples=len(tokens))
     step = make_lm_step(graphdef, tx, TokenObjective(), teacher=None, mesh=sharding.make_mesh(),
-                        data=TokenData(tokens=jax.numpy.asarray(tokens),
-                                       segments=jax.numpy.asarray(segments), batch_size=2),
+                        data=DeviceData({"tokens": jax.numpy.asarray(tokens),
+                                         "segments": jax.numpy.asarray(segments)}, batch_size=2),
                         nan_policy="skip")
     for _ in range(3):
         state, metrics = step(state)

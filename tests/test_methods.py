@@ -77,7 +77,7 @@ def build(name, *, n_teachers=1, **overrides):
     tx = optax.sgd(0.05, momentum=0.9)
     graphdef, state = init_train_state(bundle, tx, seed=0, num_examples=N)
     step = make_distill_step(graphdef, tx, objectives.from_config(cfg), teachers=teachers,
-                             data=DeviceData(jnp.asarray(IMAGES), jnp.asarray(LABELS), B))
+                             data=DeviceData({"image": jnp.asarray(IMAGES), "label": jnp.asarray(LABELS)}, B))
     mesh = sharding.make_mesh()
     return step, sharding.put(state, sharding.state_shardings(state, mesh)), graphdef
 
@@ -283,7 +283,7 @@ bundle = Distillee(student, connectors=objectives.build_connectors(
 tx = optax.sgd(0.1)
 g, state = init_train_state(bundle, tx, seed=0, num_examples=16)
 mesh = sharding.make_mesh()
-data = DeviceData(*sharding.replicate((np.zeros((16, 4, 4, 1), np.uint8), labels), mesh), 4)
+data = DeviceData(sharding.replicate({'image': np.zeros((16, 4, 4, 1), np.uint8), 'label': labels}, mesh), 4)
 step = make_distill_step(g, tx, objectives.from_config(loss), teachers=(teacher,), data=data,
                          mesh=mesh)
 state = sharding.put(state, sharding.state_shardings(state, mesh))

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from kdjax import checkpoint, cli, config as config_lib, connectors, data, models, objectives
-from kdjax import trainer
+from kdjax import classification
 from kdjax.step import init_train_state
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -201,7 +201,7 @@ def test_a_cifar_recipe_runs_on_mock_data(env):
     with open(os.path.join(teacher, "config.json"), "w") as f:
         f.write(config_lib.to_json(config))
     spec = data.dataset_info("fashion_mnist", data_dir=env["data_dir"])
-    model = trainer.model_spec(config, spec)
+    model = classification.model_spec(config.model, spec)
     _, state = init_train_state(model.build(config.seed), optax.identity(), seed=0,
                                 num_examples=spec.splits["train"])
     ckpt = checkpoint.Checkpointer(teacher, max_to_keep=1)

@@ -37,7 +37,7 @@ def _setup(*, teacher=True, steps_per_call=1, seed=0, dtype=jnp.float32, lr=0.05
                                                rngs=nnx.Rngs(100))),)
     objective = (objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5, temperature=2.0)
                  if teacher else objectives.supervised())
-    data = DeviceData(jnp.asarray(images), jnp.asarray(labels), batch_size=B)
+    data = DeviceData({"image": jnp.asarray(images), "label": jnp.asarray(labels)}, batch_size=B)
     step = make_distill_step(graphdef, tx, objective, teachers=teachers, data=data,
                              preprocess=augment.Preprocess(crop_padding=1, flip=True),
                              steps_per_call=steps_per_call, nan_policy=nan_policy)

@@ -221,8 +221,8 @@ def test_one_compiled_step_serves_every_step_of_a_schedule(name):
     graphdef, state = init_train_state(Distillee(student, connectors=connectors), tx, seed=0,
                                        num_examples=n)
     step = make_distill_step(graphdef, tx, objectives.from_config(loss, total_steps=5),
-                             teachers=(teacher,), data=DeviceData(jnp.asarray(images),
-                                                                  jnp.asarray(labels), b))
+                             teachers=(teacher,), data=DeviceData({"image": jnp.asarray(images),
+                                                                   "label": jnp.asarray(labels)}, b))
     state = sharding.put(state, sharding.state_shardings(state, sharding.make_mesh()))
     for s in range(6):
         state, metrics = step(state)

@@ -153,7 +153,7 @@ def test_resuming_off_an_explicit_call_boundary_is_refused_before_training(
 def test_tfkd_self_teacher_must_be_the_students_architecture(tmp_path):
     """Tf-KD's self-teacher is a trained copy of the student: its run's model is checked before
     anything is loaded (plain KD takes any teacher)."""
-    from kdjax import trainer
+    from kdjax import classification, plan
 
     run = config_lib.load(f"{EXP}/student_scratch.py")
     for name, kwargs in (("mlp", {"hidden": (128,)}), ("mlp", {"hidden": (64,)})):
@@ -163,12 +163,13 @@ def test_tfkd_self_teacher_must_be_the_students_architecture(tmp_path):
         (workdir / "config.json").write_text(config_lib.to_json(run))
     config = config_lib.load(f"{EXP}/tfkd_self.py",
                              [f"--config.teacher.workdir={tmp_path / 'mlp128'}"])
-    trainer.check_self_teacher(config)  # the student's own architecture: accepted
+    # the student's own architecture: accepted
+    classification.check_self_teacher(plan.as_plan(config))
     config.teacher.workdir = str(tmp_path / "mlp64")
     with pytest.raises(ValueError, match=r"distils from a trained copy of the student \(mlp "
                                          r"\{'hidden': \(128,\)\}\), but teacher.workdir=.*mlp64"
                                          r"' trained mlp \{'hidden': \[64\]\}; point "
                                          r"teacher.workdir at a run of the student's"):
-        trainer.check_self_teacher(config)
+        classification.check_self_teacher(plan.as_plan(config))
     config.loss.kwargs = {"variant": "virtual"}  # no teacher to check
-    trainer.check_self_teacher(config)
+    classification.check_self_teacher(plan.as_plan(config))

@@ -30,10 +30,11 @@ from flax import nnx
 
 import kdjax
 from kdjax import augment, checkpoint, config as config_lib, data, distributed, metrics, models
-from kdjax import objectives, optim
+from kdjax import classification, objectives, optim
+from kdjax import plan as plan_lib
 from kdjax import input as input_lib, sharding
 from kdjax.datafree import deepinversion, generator
-from kdjax.step import init_train_state, make_eval_step
+from kdjax.step import init_train_state, make_eval_step, sum_batches
 
 METHODS = ("deepinversion", "zskt")
 POOL = "synthetic.npz"
@@ -90,12 +91,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
 
     check_config(config)
     spec = data.dataset_info(config.data.name, data_dir=config.data.data_dir or None)
-    num_classes = config.model.num_classes or spec.num_classes
     mesh = sharding.mesh_from_config(config.mesh)
     unfolded = ml_collections.ConfigDict(config.to_dict())
     unfolded.teacher.fold_batchnorm = False
-    teacher = trainer.load_teacher(unfolded, spec, num_classes, mesh, config.teacher.workdir).model
-    preprocess = trainer._preprocess(config, spec.image_shape[-1])
+    teacher = classification.ImageTask(plan_lib.as_plan(unfolded)).load_teacher(
+        config.teacher.workdir, classification.model_spec(config.model, spec), mesh).model
+    preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
     # Inputs are synthesised in the teacher's normalised space, and quantised back to pixels
     # through the teacher's own normalisation when it has one.
     if teacher.normalization is not None:
@@ -152,10 +153,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
 def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
     """The generator/student game, its evaluation and the student's checkpoint (a workdir with
     checkpoints is refused: the game does not resume, `--fresh` or not)."""
-    from kdjax import trainer
-
     d, total = config.datafree, config.train.steps
-    student_spec = trainer.model_spec(config, spec)
+    student_spec = classification.model_spec(config.model, spec)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(student_spec.build(config.seed), tx, seed=config.seed)
     rounds = total // d.student_steps
@@ -174,9 +173,9 @@ def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
     eval_step = make_eval_step(graphdef, teachers=(teacher,), preprocess=preprocess, mesh=mesh)
 
     def evaluate(st):
-        return trainer._evaluate(eval_step, st.params, st.model_state,
-                                 input_lib.array_eval_batches(eval_arrays,
-                                                              config.eval.batch_size, mesh))
+        return classification.eval_metrics(sum_batches(
+            eval_step, st.params, st.model_state,
+            input_lib.array_eval_batches(eval_arrays, config.eval.batch_size, mesh)))
 
     ck = config.checkpoint
     with checkpoint.Checkpointer(workdir, max_to_keep=ck.max_to_keep) as ckpt:

@@ -26,24 +26,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import losses, sharding
+from kdjax import losses
 from kdjax.lm import packing
-from kdjax.step import (FrozenModel, Step, TrainState, _epoch_key, apply_update, compile_step)
+from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, compile_eval,
+                        make_step)
 
 #: The per-step sums an LM step reports; "tokens" is their count.
 SUM_METRICS = ("ce_sum", "kd_sum", "correct_sum", "agreement_sum")
-
-
-class TokenData(flax.struct.PyTreeNode):
-    """Packed training rows on the devices: tokens and segment ids ``[N, seq_len + 1]``."""
-
-    tokens: jax.Array
-    segments: jax.Array
-    batch_size: int = flax.struct.field(pytree_node=False)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.tokens.shape[0] // self.batch_size  # the last partial batch is dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,36 +86,44 @@ class TokenObjective:
         return out
 
 
-def _sample_rows(state: TrainState, data: TokenData, mesh: Mesh
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """This step's rows, from the epoch's permutation (redrawn at each epoch's first step)."""
-    spe = data.steps_per_epoch
-    pos = state.step % spe
-    perm = jax.lax.cond(
-        pos == 0,
-        lambda: jax.random.permutation(_epoch_key(state.rng, state.step // spe),
-                                       data.tokens.shape[0]).astype(jnp.int32),
-        lambda: state.perm)
-    idx = jax.lax.dynamic_slice_in_dim(perm, pos * data.batch_size, data.batch_size)
-    batch = {"tokens": data.tokens[idx], "segments": data.segments[idx]}
-    if mesh.size > 1:  # each device computes on its rows of the batch (nothing to do on one)
-        batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharded(mesh))
-    return state.replace(perm=perm), batch
-
-
 def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Array:
-    out = teacher.features(inputs["tokens"], segment_ids=inputs["segment_ids"], logits=False)
-    return jax.lax.stop_gradient(out["hidden"])
+    return teacher.features(inputs["tokens"], segment_ids=inputs["segment_ids"],
+                            logits=False)["hidden"]
 
 
-def _place_teachers(teachers, teacher_sharding, mesh: Mesh) -> tuple[tuple, tuple]:
-    """(shardings, variables) of the teachers on the mesh. On one device they stay as they are:
-    on XLA:CPU the program compiled for NamedSharding-placed teacher variables ran 2.7x slower
-    (0.76 vs 0.28 CPU-s per lm_mini step with an lm_mini teacher), for nothing to partition."""
-    if mesh.size == 1:
-        return (None,) * len(teachers), tuple(t.variables for t in teachers)
-    shardings = tuple(teacher_sharding or (sharding.replicated(mesh),) * len(teachers))
-    return shardings, tuple(sharding.put(t.variables, s) for t, s in zip(teachers, shardings))
+def _token_sums(objective: TokenObjective, student: nnx.Module, inputs: dict[str, jax.Array],
+                teacher: nnx.Module | None, teacher_hidden: jax.Array | None, mask: jax.Array, *,
+                train: bool) -> dict[str, jax.Array]:
+    hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"], train=train,
+                              logits=False)["hidden"]
+    terms = objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask)
+    return {k: v.sum() for k, v in terms.items()}
+
+
+def lm_parts(objective: TokenObjective) -> StepParts:
+    """The language-model task's `StepParts`: packed rows ({"tokens", "segments"}) to model
+    inputs, the teacher's last hidden states (its head is applied chunk by chunk inside the
+    loss), and the token-mean objective over the batch's target tokens."""
+
+    def inputs(batch, key):
+        del key  # no augmentation
+        return packing.model_inputs(batch["tokens"], batch["segments"])
+
+    def teach(models, inputs):
+        return tuple(_teacher_hidden(m, inputs) for m in models)
+
+    def loss(model, inputs, frozen, teacher_hidden, step, key):
+        mask = inputs["loss_mask"]
+        sums = _token_sums(objective, model.student, inputs, frozen[0] if frozen else None,
+                           teacher_hidden[0] if frozen else None, mask, train=True)
+        metrics = {f"{k}_sum": v for k, v in sums.items()}
+        metrics["tokens"] = count = mask.sum().astype(jnp.float32)
+        total = objective.ce_weight * metrics["ce_sum"]
+        if "kd_sum" in metrics:
+            total = total + objective.kd_weight * metrics["kd_sum"]
+        return total / jnp.maximum(count, 1.0), metrics
+
+    return StepParts(inputs=inputs, teach=teach, loss=loss)
 
 
 def make_lm_step(
@@ -135,59 +132,29 @@ def make_lm_step(
     objective: TokenObjective,
     *,
     teacher: FrozenModel | None,
-    data: TokenData,
+    data: DeviceData,
     mesh: Mesh,
     steps_per_call: int = 1,
     nan_policy: str = "stop",
     state_sharding: TrainState | None = None,
     teacher_sharding: Any = None,
 ) -> Step:
-    """The LM train step; call it as ``state, metrics = step(state)`` (it samples its rows).
+    """The LM train step (`make_step` with `lm_parts`); call it as ``state, metrics =
+    step(state)`` (it samples its rows from `data`, {"tokens", "segments"}).
 
-    Args mirror kdjax.step.make_distill_step: `graphdef` is the Distillee's (its student an
-    LM of kdjax.lm.models), `teacher` a frozen LM with the same vocabulary, or None for
-    supervised training. Metrics: the SUM_METRICS of the batch, "tokens" (target tokens
-    counted), "loss" (the token-mean objective) and "grad_norm".
+    `graphdef` is the Distillee's (its student an LM of kdjax.lm.models), `teacher` a frozen LM
+    with the same vocabulary, or None for supervised training. Metrics: the SUM_METRICS of the
+    batch, "tokens" (target tokens counted), "loss" (the token-mean objective) and "grad_norm".
     """
-    teachers = () if teacher is None else (teacher,)
-    teacher_sharding, teacher_vars = _place_teachers(teachers, teacher_sharding, mesh)
-    teacher_defs = tuple(t.graphdef for t in teachers)
-
-    def one_step(state: TrainState, teacher_vars, data: TokenData, batch):
-        del batch  # the rows are on the device: the step samples its own
-        state, rows = _sample_rows(state, data, mesh)
-        inputs = packing.model_inputs(rows["tokens"], rows["segments"])
-        mask = inputs["loss_mask"]
-        frozen = [nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars)]
-        t_hidden = _teacher_hidden(frozen[0], inputs) if frozen else None
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            student = model.student
-            hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"],
-                                      train=True, logits=False)["hidden"]
-            terms = objective.terms(student, hidden, frozen[0] if frozen else None, t_hidden,
-                                    inputs["targets"], mask)
-            count = mask.sum().astype(jnp.float32)
-            metrics = {f"{k}_sum": v.sum() for k, v in terms.items()}
-            metrics["tokens"] = count
-            total = objective.ce_weight * metrics["ce_sum"]
-            if "kd_sum" in metrics:
-                total = total + objective.kd_weight * metrics["kd_sum"]
-            loss = total / jnp.maximum(count, 1.0)
-            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        return apply_update(state, grads, loss, metrics, model_state, tx=tx,
-                            nan_policy=nan_policy, mesh=mesh, state_sharding=state_sharding)
-
-    return compile_step(one_step, teacher_vars, data, mesh=mesh, steps_per_call=steps_per_call,
-                        state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+    return make_step(graphdef, tx, lm_parts(objective),
+                     teachers=() if teacher is None else (teacher,), mesh=mesh, data=data,
+                     steps_per_call=steps_per_call, nan_policy=nan_policy,
+                     state_sharding=state_sharding, teacher_sharding=teacher_sharding)
 
 
 def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
-                      teacher: FrozenModel | None, mesh: Mesh, params_sharding: Any = None,
+                      teacher: FrozenModel | None, mesh: Mesh,
+                      state_sharding: TrainState | None = None,
                       teacher_sharding: Any = None) -> Callable:
     """``eval_step(params, model_state, batch) -> sums`` over held-out rows.
 
@@ -197,36 +164,23 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
     with a teacher, "teacher_agreement" (top-1 equal to the teacher's) and "teacher_loss" (the
     teacher's own CE). A Distillee is evaluated by its student alone.
     """
-    rep = sharding.replicated(mesh)
-    teachers = () if teacher is None else (teacher,)
-    teacher_sharding, teacher_vars = _place_teachers(teachers, teacher_sharding, mesh)
-    teacher_defs = tuple(t.graphdef for t in teachers)
     ce_only = dataclasses.replace(objective, divergence=None)
 
-    def eval_step(params, model_state, teacher_vars, batch):
+    def eval_fn(params, model_state, frozen, batch):
         inputs = packing.model_inputs(batch["tokens"], batch["segments"])
         mask = inputs["loss_mask"] & (batch["mask"][:, None] > 0)
         model = nnx.merge(graphdef, params, model_state)
         student = getattr(model, "student", model)
-        hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"],
-                                  logits=False)["hidden"]
-        frozen = [nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars)]
-        t_hidden = _teacher_hidden(frozen[0], inputs) if frozen else None
-        terms = ce_only.terms(student, hidden, frozen[0] if frozen else None, t_hidden,
-                              inputs["targets"], mask)
-        sums = {"count": mask.sum().astype(jnp.float32), "loss": terms["ce"].sum(),
-                "accuracy": terms["correct"].sum()}
+        teacher_model = frozen[0] if frozen else None
+        t_hidden = _teacher_hidden(teacher_model, inputs) if frozen else None
+        sums = _token_sums(ce_only, student, inputs, teacher_model, t_hidden, mask, train=False)
+        out = {"count": mask.sum().astype(jnp.float32), "loss": sums["ce"],
+               "accuracy": sums["correct"]}
         if frozen:
-            sums["teacher_agreement"] = terms["agreement"].sum()
-            sums["teacher_loss"] = ce_only.terms(frozen[0], t_hidden, None, None,
-                                                 inputs["targets"], mask)["ce"].sum()
-        return sums
+            out["teacher_agreement"] = sums["agreement"]
+            out["teacher_loss"] = ce_only.terms(teacher_model, t_hidden, None, None,
+                                                inputs["targets"], mask)["ce"].sum()
+        return out
 
-    fn = (jax.jit(eval_step) if mesh.size == 1 else  # (see kdjax.step.compile_step)
-          jax.jit(eval_step, out_shardings=rep, in_shardings=(
-              params_sharding, None, teacher_sharding, sharding.batch_sharded(mesh))))
-
-    def run(params, model_state, batch):
-        return fn(params, model_state, teacher_vars, batch)
-
-    return run
+    return compile_eval(eval_fn, () if teacher is None else (teacher,), mesh=mesh,
+                        state_sharding=state_sharding, teacher_sharding=teacher_sharding)

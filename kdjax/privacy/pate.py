@@ -141,7 +141,8 @@ def privacy_summary(config: ml_collections.ConfigDict, counts: np.ndarray,
 def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
             fresh: bool = False) -> dict[str, Any]:
     """Run the phases of the module docstring; returns the summary (also in summary.json)."""
-    from kdjax import sharding, trainer
+    from kdjax import classification, sharding, trainer
+    from kdjax import plan as plan_lib
 
     check_config(config)
     manifest = partitions.read_manifest(config.teacher.workdir)
@@ -150,10 +151,11 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
                          f"on {manifest['dataset']!r}, this run uses data.name="
                          f"{config.data.name!r}")
     spec = data.dataset_info(config.data.name, data_dir=config.data.data_dir or None)
-    num_classes = config.model.num_classes or spec.num_classes
     mesh = sharding.mesh_from_config(config.mesh)
-    members = [trainer.load_teacher(config, spec, num_classes, mesh, os.path.join(
-        config.teacher.workdir, t["workdir"])).model for t in manifest["teachers"]]
+    task, student = classification.ImageTask(plan_lib.as_plan(config)), classification.model_spec(
+        config.model, spec)
+    members = [task.load_teacher(os.path.join(config.teacher.workdir, t["workdir"]), student,
+                                 mesh).model for t in manifest["teachers"]]
     ensemble = aggregation.stack_teachers(members)
     del members
 
@@ -165,7 +167,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
                          f"pate.public_split={config.pate.public_split!r}")
     images = public["image"][:queries]
     counts = aggregation.ensemble_counts(ensemble, images,
-                                         preprocess=trainer._preprocess(config, images.shape[-1]),
+                                         preprocess=classification.preprocess_of(
+                                             config.data, images.shape[-1]),
                                          batch_size=config.pate.vote_batch_size)
     answers = release(config, counts)
     privacy = privacy_summary(config, counts, answers)

@@ -1,0 +1,282 @@
+"""The language-modelling task (kdjax.task): packed token rows of a `kdjax prepare text` dataset,
+a Llama-style student of kdjax.lm.models, teachers that are LM runs of the same vocabulary and
+tokenizer, the token objective (kdjax.lm.step), token-weighted metrics and perplexity.
+
+Train metrics are token-weighted: train/ce is the mean over every target token since the last
+log, and eval/perplexity is exp(summed CE / target tokens) over the held-out split. The final
+summary and `kdjax eval` add generations from the config's prompts; `export` writes the
+tokenizer beside the model, so that the export tokenizes as the run did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kdjax import export as export_lib, metrics as metrics_lib, models, sharding
+from kdjax import plan as plan_lib
+from kdjax import teacher as teacher_lib
+from kdjax.checkpoint import RunReader
+from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
+from kdjax.lm.models import is_lm
+from kdjax.lm.step import SUM_METRICS, TokenObjective, make_lm_eval_step, make_lm_step
+from kdjax.losses import TOKEN_DIVERGENCES
+from kdjax.models import ModelSpec
+from kdjax.step import DeviceData, Distillee, FrozenModel, Step, compute_dtype, freeze
+from kdjax.task import RunData, Task, Teacher, register
+
+EVAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/teacher_agreement")
+
+
+def objective_from_plan(plan: plan_lib.RunPlan) -> TokenObjective:
+    """The token objective of loss.name ("ce" or a token divergence) and lm.chunk_size."""
+    name = plan.loss.name
+    if name != "ce" and name not in TOKEN_DIVERGENCES:
+        raise ValueError(f"loss.name={name!r} is not a language-model loss; valid: 'ce' "
+                         f"(supervised) or a token divergence {sorted(TOKEN_DIVERGENCES)}")
+    return TokenObjective(divergence=None if name == "ce" else name,
+                          kwargs=dict(plan.loss.kwargs), ce_weight=plan.loss.ce_weight,
+                          kd_weight=plan.loss.kd_weight, chunk_size=plan.lm.chunk_size)
+
+
+def _rows(ds: text_data.TextDataset, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    tokens, segments = ds.load(split)
+    if limit:
+        tokens, segments = tokens[:limit], segments[:limit]
+    if not len(tokens):
+        raise ValueError(f"split {split!r} of the text dataset {ds.path} has no rows")
+    return tokens, segments
+
+
+def _eval_batches(tokens: np.ndarray, segments: np.ndarray, batch_size: int, mesh):
+    """Fixed order; the last partial batch padded with empty rows and masked."""
+    for start in range(0, len(tokens), batch_size):
+        t, s = tokens[start:start + batch_size], segments[start:start + batch_size]
+        pad = batch_size - len(t)
+        yield sharding.shard_batch({
+            "tokens": np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)]),
+            "segments": np.concatenate([s, np.zeros((pad, s.shape[1]), s.dtype)]),
+            "mask": (np.arange(batch_size) < len(t)).astype(np.float32)}, mesh, "eval.batch_size")
+
+
+def token_means(pending: list) -> dict[str, float]:
+    """train/ metrics of the steps since the last log: sums divided by the tokens they count
+    (each token weighs the same, however its batch was padded); loss and grad_norm averaged
+    per step."""
+    means = metrics_lib.mean_of(pending)  # means of sums and of counts: their ratio is exact
+    tokens = means.pop("train/tokens", 0.0)
+    out = {k: v for k, v in means.items() if not k.removeprefix("train/") in SUM_METRICS}
+    for name in SUM_METRICS:
+        if f"train/{name}" in means and tokens:
+            out[f"train/{name.removesuffix('_sum')}"] = means[f"train/{name}"] / tokens
+    if "train/correct" in out:
+        out["train/accuracy"] = out.pop("train/correct")
+    out["train/tokens_per_step"] = tokens
+    return out
+
+
+def generations(model: nnx.Module, tokenizer, lm: plan_lib.LM, seed: int
+                ) -> list[dict[str, str]]:
+    """lm.prompts continued by the model (lm.generate_tokens tokens each)."""
+    prompts = list(lm.prompts)
+    if not prompts or lm.generate_tokens < 1:
+        return []
+    new = sampling.generate(
+        model, [[tokenizer.bos, *tokenizer.encode(p)] for p in prompts],
+        max_new_tokens=lm.generate_tokens, temperature=lm.sample_temperature,
+        top_k=lm.top_k, top_p=lm.top_p, seed=seed)
+    out = []
+    for prompt, ids in zip(prompts, new.tolist()):
+        ids = ids[:ids.index(tokenizer.eos)] if tokenizer.eos in ids else ids
+        out.append({"prompt": prompt, "completion": tokenizer.decode(ids)})
+    return out
+
+
+@register
+class LanguageModelTask(Task):
+    kind = "lm"
+    rate = "tokens"
+    postfix = ("loss", "ce")
+
+    def __init__(self, plan: plan_lib.RunPlan):
+        super().__init__(plan)
+        self.ds: text_data.TextDataset | None = None
+
+    def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
+        return EVAL_METRICS if distill else EVAL_METRICS[:-1]
+
+    def check(self, *, distill: bool) -> None:
+        plan = self.plan
+        if plan.loss.name == "ce" and distill:
+            raise ValueError("kdjax distill needs a token divergence (loss.name='forward_kl', "
+                             "'reverse_kl', 'jsd', ...), got loss.name='ce'; use `kdjax train` "
+                             "for supervised training")
+        if plan.loss.name != "ce" and not distill:
+            raise ValueError(f"loss.name={plan.loss.name!r} distils from a teacher: run it with "
+                             f"`kdjax distill`, or set loss.name='ce' for supervised training")
+        if distill and not plan.teacher.workdir:
+            raise ValueError("kdjax distill needs teacher.workdir, the workdir of the LM run that "
+                             "trained the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
+        if plan.teacher.workdirs:
+            raise ValueError("language-model distillation takes one teacher (teacher.workdir); "
+                             f"got teacher.workdirs={tuple(plan.teacher.workdirs)}")
+        objective_from_plan(plan)  # its own errors, before any work
+
+    def _dataset(self) -> text_data.TextDataset:
+        if self.ds is None:
+            self.ds = text_data.open_text(self.plan.data.name, self.plan.data.data_dir or None)
+        return self.ds
+
+    def _student(self) -> ModelSpec:
+        """The configured LM on the dataset: its vocabulary (unless model.num_classes is
+        larger) and sequence length."""
+        ds, model = self._dataset(), self.plan.model
+        vocab = model.num_classes or ds.vocab_size
+        if vocab < ds.vocab_size:
+            raise ValueError(f"model.num_classes={vocab} is smaller than the vocabulary of "
+                             f"{self.plan.data.name!r} ({ds.vocab_size} tokens); set it to 0 for "
+                             f"the tokenizer's size")
+        return ModelSpec(name=model.name, num_classes=vocab, input_shape=(ds.seq_len,),
+                         kwargs=dict(model.kwargs), compute_dtype=model.compute_dtype)
+
+    def open_eval(self, mesh) -> Callable[[], Iterable[dict[str, jax.Array]]]:
+        tokens, segments = _rows(self._dataset(), self.plan.data.eval_split, self.plan.lm.eval_rows)
+        return lambda: _eval_batches(tokens, segments, self.plan.eval.batch_size, mesh)
+
+    def open_data(self, mesh, *, given: dict[str, np.ndarray] | None = None) -> RunData:
+        if given is not None:
+            raise ValueError("a language-model run reads its rows from data.train_split; "
+                             "training arrays cannot be given in memory")
+        ds, batch_size = self._dataset(), self.plan.train.batch_size
+        tokens, segments = _rows(ds, self.plan.data.train_split)
+        eval_batches = self.open_eval(mesh)
+        if batch_size > len(tokens):
+            raise ValueError(f"train.batch_size={batch_size} exceeds the {len(tokens)} "
+                             f"training rows of {self.plan.data.name!r}")
+        device = DeviceData({"tokens": sharding.replicate(tokens, mesh),
+                             "segments": sharding.replicate(segments, mesh)},
+                            batch_size=batch_size)
+        return RunData(student=self._student(), num_train=len(tokens), batch_size=batch_size,
+                       # positions (targets are fewer)
+                       items_per_step=float(batch_size * ds.seq_len), device=device, stream=None,
+                       eval_batches=eval_batches)
+
+    def load_teacher(self, workdir: str, student: ModelSpec, mesh) -> Teacher:
+        """The latest checkpoint of the LM run `workdir`, checked against the student's
+        vocabulary and tokenizer before its weights are read, and prepared for inference in
+        teacher.compute_dtype (bfloat16 on accelerators)."""
+        plan, ours = self.plan, self._dataset().meta["tokenizer"]
+
+        def check(spec: ModelSpec, run: dict) -> None:
+            if not is_lm(spec.name):
+                raise ValueError(f"the teacher in {workdir!r} is {spec.name!r}, not a language "
+                                 f"model of kdjax.lm.models; an LM student distils from an LM "
+                                 f"run")
+            if spec.num_classes != student.num_classes:
+                raise ValueError(
+                    f"the teacher in {workdir!r} has a vocabulary of {spec.num_classes} tokens "
+                    f"but the student's has {student.num_classes} (data.name="
+                    f"{plan.data.name!r}, model.num_classes={plan.model.num_classes}); token "
+                    f"distributions are compared token by token: distil on data tokenized with "
+                    f"the teacher's tokenizer")
+            theirs = run.get("tokenizer", {})
+            if theirs and theirs.get("kind") != ours.get("kind"):
+                raise ValueError(
+                    f"the teacher in {workdir!r} was trained with a {theirs.get('kind')!r} "
+                    f"tokenizer, this run's data {plan.data.name!r} has a {ours.get('kind')!r} "
+                    f"one: the same token ids would mean different text; prepare the data with "
+                    f"the teacher's tokenizer")
+
+        from kdjax.trainer import shardings_for  # noqa: PLC0415  (the skeleton imports tasks)
+
+        reference, spec, _ = teacher_lib.read(
+            workdir, check=check, name=plan.teacher.model.name, kwargs=plan.teacher.model.kwargs,
+            shardings_for=shardings_for(plan, mesh, plan.teacher.sharding))
+        prepared, preparation = teacher_lib.prepare(
+            reference, spec, dtype=compute_dtype(plan.teacher.compute_dtype), fold_batchnorm=False)
+        record = {"workdir": workdir, "model": spec.name,
+                  "num_params": models.count_params(reference), **dataclasses.asdict(preparation)}
+        print(f"kdjax: teacher {workdir}: {spec.name}, {record['num_params']:,} parameters, "
+              f"{preparation.dtype} weights and compute", flush=True)
+        return Teacher(workdir, freeze(prepared), None, preparation, record)
+
+    def build(self, data: RunData, teachers: tuple[FrozenModel, ...]
+              ) -> tuple[Distillee, ModelSpec]:
+        return Distillee(data.student.build(self.plan.seed)), data.student
+
+    def make_step(self, graphdef, tx, teachers, data: RunData, **compile_args: Any) -> Step:
+        return make_lm_step(graphdef, tx, objective_from_plan(self.plan),
+                            teacher=teachers[0] if teachers else None, data=data.device,
+                            **compile_args)
+
+    def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
+        return make_lm_eval_step(graphdef, objective_from_plan(self.plan),
+                                 teacher=teachers[0] if teachers else None, **compile_args)
+
+    def eval_metrics(self, totals: dict[str, Any]) -> dict[str, float]:
+        count = max(float(totals.pop("count")), 1.0)
+        out = {f"eval/{k}": float(v) / count for k, v in totals.items()}
+        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
+        if "eval/teacher_loss" in out:
+            out["eval/teacher_perplexity"] = math.exp(min(out["eval/teacher_loss"], 700.0))
+        out["eval/tokens"] = count
+        return out
+
+    def train_means(self, pending: list) -> dict[str, float]:
+        return token_means(pending)
+
+    def record(self) -> dict[str, Any]:
+        ds = self._dataset()
+        # "preprocess" is the images' field of the record; an LM's input is token ids.
+        return {"preprocess": {"mean": [], "std": []}, "tokenizer": ds.meta["tokenizer"],
+                "dataset": ds.path}
+
+    def summary(self, last_train: dict[str, float], model: nnx.Module, student: ModelSpec
+                ) -> dict[str, Any]:
+        ds, plan = self._dataset(), self.plan
+        return {"train/ce": last_train.get("train/ce"), "train/kd": last_train.get("train/kd"),
+                "vocab_size": student.num_classes,
+                "seq_len": ds.seq_len, "loss": plan.loss.name, "chunk_size": plan.lm.chunk_size,
+                "generations": generations(model, ds.tokenizer(), plan.lm, plan.seed)}
+
+    def eval_extras(self, model: nnx.Module, step: int) -> dict[str, Any]:
+        return {"step": step, "generations": generations(model, self._dataset().tokenizer(),
+                                                         self.plan.lm, self.plan.seed)}
+
+
+def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
+    """`kdjax export` of an LM run: kdjax.export's model directory, plus the tokenizer
+    (kdjax_tokenizer.json and its files), so that the export tokenizes as the run did."""
+    reader = RunReader(workdir)
+    try:
+        run = reader.run_meta(reader.resolve_step(step))
+    finally:
+        reader.close()
+    path = export_lib.export(workdir, out, step=step)
+    description = run["tokenizer"]
+    if "file" in description:
+        shutil.copy(os.path.join(run["dataset"], description["file"]),
+                    os.path.join(path, description["file"]))
+    with open(os.path.join(path, tokenizer_lib.DESCRIPTION_FILE), "w") as f:
+        json.dump(description, f, indent=2)
+    return path
+
+
+#: How to use an LM export (printed by `kdjax export`).
+SNIPPET = """\
+from kdjax import export
+from kdjax.lm import sampling, tokenizer
+model, _ = export.load("{path}")  # the student LM (a Flax NNX module): model(tokens) -> logits
+tok = tokenizer.from_directory("{path}")
+new = sampling.generate(model, [[tok.bos, *tok.encode("def ")]], max_new_tokens=32)
+print(tok.decode(new[0]))
+"""
