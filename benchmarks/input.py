@@ -113,8 +113,8 @@ def bench_cifar(root: str, args) -> dict:
 
     # Device-resident: the step samples its own batch.
     graphdef, state = fresh(len(arrays["label"]))
-    dd = DeviceData(images=sharding.replicate(arrays["image"], mesh),
-                    labels=sharding.replicate(arrays["label"], mesh), batch_size=b)
+    dd = DeviceData(sharding.replicate({"image": arrays["image"], "label": arrays["label"]},
+                                       mesh), batch_size=b)
     dstep = make_distill_step(graphdef, tx, objective, preprocess=recipe, mesh=mesh, data=dd)
     states["resident"] = sharding.replicate(state, mesh)
 
@@ -297,10 +297,10 @@ def markdown(result: dict) -> str:
         f"- Device-resident training runs at {ratio:.0%} of the step's own rate, with no host "
         f"work per step. " + (
             "Within this machine's noise the two are equal: sampling and gathering the batch "
-            "inside the step (`kdjax.step._sample`) costs nothing measurable next to the step."
+            "inside the step (`kdjax.step.sample`) costs nothing measurable next to the step."
             if ratio >= 0.9 else
             "The difference is the in-graph gather and the epoch-boundary `lax.cond` of "
-            "`kdjax.step._sample`, compiled into the step (on XLA:CPU, with a step this small)."),
+            "`kdjax.step.sample`, compiled into the step (on XLA:CPU, with a step this small)."),
         f"- The streamed input alone delivers {c['stream_input_images_per_s']:,.0f} CIFAR images/s "
         f"on {c['stream_workers']} threads ({c['stream_input_batches_per_s'] / c['step_only_steps_per_s']:.2f}x "
         f"the tiny step's rate). On this CPU-only machine the decode threads and XLA's compute "

@@ -58,7 +58,7 @@ def worker(n: int, layout: str, per_device_batch: int, steps: int, repeats: int)
     state_sharding = sharding.state_shardings(state, mesh, rule, min_bytes=0)
     teacher_sharding = (sharding.tree_shardings(teacher.variables, mesh, rule, min_bytes=0),)
     batch = per_device_batch * n
-    data = DeviceData(sharding.replicate(images, mesh), sharding.replicate(labels, mesh),
+    data = DeviceData(sharding.replicate({"image": images, "label": labels}, mesh),
                       batch_size=batch)
     step = make_distill_step(
         graphdef, tx, objectives.logit_distillation("kd", ce_weight=0.1, kd_weight=0.9,

@@ -80,9 +80,9 @@ def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
     mesh = sharding.make_mesh()
     n = batch * 8  # a small device-resident set: the in-step sampling is what real runs pay
     rng = np.random.default_rng(0)
-    data = DeviceData(
-        sharding.replicate(rng.integers(0, 256, (n, *pair.input_shape), dtype=np.uint8), mesh),
-        sharding.replicate(rng.integers(0, pair.num_classes, n).astype(np.int32), mesh), batch)
+    data = DeviceData(sharding.replicate({
+        "image": rng.integers(0, 256, (n, *pair.input_shape), dtype=np.uint8),
+        "label": rng.integers(0, pair.num_classes, n).astype(np.int32)}, mesh), batch)
     as_built = _model(pair.teacher, pair, 0, dtype)
     base, kwargs = pairs_lib.registry_entry(pair.teacher)
     teacher, _ = teacher_lib.prepare(as_built, ModelSpec(base, pair.num_classes, pair.input_shape,

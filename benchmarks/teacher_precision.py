@@ -20,26 +20,27 @@ import jax
 
 from benchmarks import common
 from benchmarks.suite import _versions
-from kdjax import data, sharding, teacher as teacher_lib, trainer
+from kdjax import classification, data, plan as plan_lib, sharding, teacher as teacher_lib
 
 VARIANTS = (("float32", True), ("bfloat16", False), ("bfloat16", True))
 
 
 def measure(teacher_workdir: str, data_dir: str | None = None) -> dict:
-    config = trainer.read_run_config(teacher_workdir)
+    config = plan_lib.read_run(teacher_workdir)
     if data_dir:
-        config.data.data_dir = data_dir
-    config.teacher.workdir = teacher_workdir
+        config = plan_lib.replace(config, data={"data_dir": data_dir})
     spec = data.dataset_info(config.data.name, data_dir=data_dir or None)
     mesh = sharding.make_mesh()
     arrays = data.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir or None)
-    preprocess = trainer._preprocess(config, spec.image_shape[-1])
     rows = []
     for dtype, fold in VARIANTS:
-        config.teacher.compute_dtype, config.teacher.fold_batchnorm = dtype, fold
-        t = trainer.load_teacher(config, spec, spec.num_classes, mesh, teacher_workdir)
+        task = classification.ImageTask(plan_lib.replace(config, teacher={
+            "workdir": teacher_workdir, "compute_dtype": dtype, "fold_batchnorm": fold}))
+        preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
+        task.preprocess = preprocess
+        t = task.load_teacher(teacher_workdir, classification.model_spec(config.model, spec), mesh)
         agree = teacher_lib.agreement(
-            t.reference, t.model, trainer._eval_input(config, mesh, arrays)(), preprocess,
+            t.reference, t.model, task.eval_input(mesh, arrays)(), preprocess,
             max_examples=len(arrays["label"]))
         rows.append({"compute_dtype": dtype, "fold_batchnorm": fold,
                      **dataclasses.asdict(t.preparation), **dataclasses.asdict(agree)})

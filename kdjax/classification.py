@@ -181,7 +181,7 @@ class ImageTask(Task):
                     f"{self.plan.model.num_classes}); set model.num_classes to at least "
                     f"{hi + 1}, or to 0 for the dataset's {self.spec.num_classes}")
 
-    def _eval_input(self, mesh, arrays: dict[str, np.ndarray] | None
+    def eval_input(self, mesh, arrays: dict[str, np.ndarray] | None
                     ) -> Callable[[], Iterable[dict[str, jax.Array]]]:
         batch_size = self.plan.eval.batch_size
         if arrays is not None:
@@ -225,12 +225,12 @@ class ImageTask(Task):
                 steps_per_call=per_call, start_step=start))
         return RunData(student=student, num_train=num_train, batch_size=batch_size,
                        items_per_step=batch_size, device=device, stream=stream,
-                       eval_batches=self._eval_input(mesh, eval_arrays))
+                       eval_batches=self.eval_input(mesh, eval_arrays))
 
     def open_eval(self, mesh) -> Callable[[], Iterable[dict[str, jax.Array]]]:
         split = self.plan.data.eval_split
         self.eval_arrays = self._load(split) if self._input(split) == "device" else None
-        return self._eval_input(mesh, self.eval_arrays)
+        return self.eval_input(mesh, self.eval_arrays)
 
     def check_student(self, student: ModelSpec) -> None:
         if self.eval_arrays is not None:

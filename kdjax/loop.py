@@ -1,14 +1,14 @@
-"""The step loop both trainers run: image models (kdjax.trainer) and language models
-(kdjax.lm.trainer).
+"""The step loop of every run: kdjax.trainer's skeleton (image and language-model tasks) and the
+data-free ZSKT game (kdjax.datafree.run).
 
 One call of the compiled step advances `per_call` steps; the loop only dispatches and, on the
 schedules of the config (train.log_every_steps, eval.every_steps, checkpoint.every_steps and
 keep_best), logs, evaluates and saves. Metrics stay on the device until a log fetches them in one
-transfer. What the two trainers differ in is passed in as `Hooks`: the step call (the image
-trainer binds its streamed batches to it), the evaluation, the train metrics' reduction and the
-run record saved with each checkpoint.
+transfer. What a caller differs in is passed in as `Hooks`: the step call (streamed batches bound
+to it), the evaluation, the train metrics' reduction and the run record saved with each
+checkpoint.
 
-Failure handling is the same for both: NaN/Inf found at the next log, eval or save boundary
+Failure handling is the same for all: NaN/Inf found at the next log, eval or save boundary
 (`check_finite`: train.nan_policy="stop" raises before anything non-finite is saved);
 SIGTERM/SIGINT save the current step, then raise `errors.Interrupted`.
 """
@@ -80,6 +80,9 @@ class Hooks:
       rate: the throughput's name, "images" or "tokens" (logged as train/<rate>_per_s).
       postfix: train metrics shown on the progress bar.
       on_log: called with each log's train metrics and the state (e.g. a warning).
+      checkpointed: the TrainState inside the loop's state, which is checked for NaN/Inf and
+        checkpointed (the state itself for a distillation run; the student's inside a game
+        that also trains a generator, as data-free ZSKT does).
     """
 
     step: Callable[[TrainState], tuple[TrainState, Any]]
@@ -90,6 +93,7 @@ class Hooks:
     rate: str
     postfix: tuple[str, ...] = ("loss",)
     on_log: Callable[[dict[str, float], TrainState], None] | None = None
+    checkpointed: Callable[[Any], TrainState] = lambda state: state
 
 
 @dataclasses.dataclass
@@ -98,14 +102,14 @@ class Outcome:
     training throughput (items per second of device-bound time: the first call's compile and
     the evals excluded; None when no call was timed)."""
 
-    state: TrainState
+    state: Any  # the loop's state (Hooks.checkpointed gives its TrainState)
     step: int
     eval_metrics: dict[str, float]
     last_train: dict[str, float]
     items_per_s: float | None
 
 
-def run(plan: Any, state: TrainState, hooks: Hooks, *,
+def run(plan: Any, state: Any, hooks: Hooks, *,
         ckpt: checkpoint.Checkpointer, workdir: str, per_call: int, pending: list,
         last_train: dict[str, float], progress: bool) -> Outcome:
     """Train from `state` to plan.train.steps in calls of `per_call` steps.
@@ -117,7 +121,7 @@ def run(plan: Any, state: TrainState, hooks: Hooks, *,
     from tqdm import tqdm
 
     total, nan_policy = plan.train.steps, plan.train.nan_policy
-    step = start = int(jax.device_get(state.step))
+    step = start = int(jax.device_get(hooks.checkpointed(state).step))
     logged_at = start - len(pending) * per_call
     primary = distributed.is_primary()
     writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
@@ -142,7 +146,7 @@ def run(plan: Any, state: TrainState, hooks: Hooks, *,
                 save = step < total and (crossed(plan.checkpoint.every_steps, before, step)
                                          or (plan.checkpoint.keep_best > 0 and evaluate))
                 if log or evaluate or save:
-                    check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
+                    check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt, nan_policy)
                 if log:
                     last_train = hooks.means(pending)  # the one host sync per log period
                     pending, logged_at = [], step
@@ -161,12 +165,12 @@ def run(plan: Any, state: TrainState, hooks: Hooks, *,
                     writer.write(step, eval_metrics)
                     t_mark = time.perf_counter()
                 if save:
-                    ckpt.save(state, hooks.record(pending, last_train),
+                    ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train),
                               metrics=eval_metrics if evaluate else None)
                 bar.update(per_call)
             if step < total:  # stopped by a signal: save this step, then stop
-                check_finite(state, pending, logged_at, per_call, ckpt, nan_policy)
-                ckpt.save(state, hooks.record(pending, last_train))
+                check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt, nan_policy)
+                ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train))
                 ckpt.wait()
                 name = signal.Signals(signals.received).name
                 raise Interrupted(signals.received, (
@@ -174,7 +178,7 @@ def run(plan: Any, state: TrainState, hooks: Hooks, *,
                     f"{ckpt.path(step)} and stopped; run the same command again to resume"))
             if not eval_metrics:  # resumed at the end: still report the model's quality
                 eval_metrics = hooks.evaluate(state)
-            ckpt.save(state, hooks.record(pending, last_train), metrics=eval_metrics)
+            ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train), metrics=eval_metrics)
             ckpt.wait()
     finally:
         bar.close()

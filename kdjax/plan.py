@@ -46,3 +46,10 @@ def with_teacher(plan: RunPlan, workdir: str) -> RunPlan:
     c = ml_collections.ConfigDict(plan._c.to_dict())
     c.teacher.update(workdir=workdir, workdirs=(), weights=())
     return RunPlan(config_lib.validate(c))
+
+
+def replace(plan: RunPlan, **sections: dict) -> RunPlan:
+    c = ml_collections.ConfigDict(plan._c.to_dict())
+    for name, changes in sections.items():
+        c[name].update(changes)
+    return RunPlan(config_lib.validate(c))

@@ -28,7 +28,7 @@ from flax import nnx
 
 from kdjax import teacher as teacher_lib
 from kdjax.models import ModelSpec
-from kdjax.step import DeviceData, Distillee, FrozenModel, Step, TrainState
+from kdjax.step import DeviceData, Distillee, FrozenModel, Step
 
 
 class Teacher(NamedTuple):

@@ -28,9 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import kdjax
-from kdjax import augment, checkpoint, config as config_lib, data, distributed, metrics, models
-from kdjax import classification, objectives, optim
+from kdjax import augment, checkpoint, data, distributed, metrics, models
+from kdjax import classification, loop, objectives, optim
 from kdjax import plan as plan_lib
 from kdjax import input as input_lib, sharding
 from kdjax.datafree import deepinversion, generator
@@ -94,8 +93,10 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     mesh = sharding.mesh_from_config(config.mesh)
     unfolded = ml_collections.ConfigDict(config.to_dict())
     unfolded.teacher.fold_batchnorm = False
+    student = classification.model_spec(config.model, spec)
+    num_classes = student.num_classes
     teacher = classification.ImageTask(plan_lib.as_plan(unfolded)).load_teacher(
-        config.teacher.workdir, classification.model_spec(config.model, spec), mesh).model
+        config.teacher.workdir, student, mesh).model
     preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
     # Inputs are synthesised in the teacher's normalised space, and quantised back to pixels
     # through the teacher's own normalisation when it has one.
@@ -115,7 +116,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     platform = mesh.devices.flat[0].platform
     checkpoint.ensure_writable(workdir)
     if config.datafree.method == "zskt":
-        summary = _zskt(config, workdir, teacher, spec, mesh, preprocess)
+        summary = _zskt(config, workdir, teacher, spec, mesh, preprocess, progress)
     else:
         pool_path = os.path.join(workdir, POOL)
         t0 = time.perf_counter()
@@ -150,10 +151,10 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
     return summary
 
 
-def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
+def _zskt(config, workdir, teacher, spec, mesh, preprocess, progress: bool) -> dict[str, Any]:
     """The generator/student game, its evaluation and the student's checkpoint (a workdir with
     checkpoints is refused: the game does not resume, `--fresh` or not)."""
-    d, total = config.datafree, config.train.steps
+    d, total, plan = config.datafree, config.train.steps, plan_lib.as_plan(config)
     student_spec = classification.model_spec(config.model, spec)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(student_spec.build(config.seed), tx, seed=config.seed)
@@ -185,37 +186,20 @@ def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
                              f"checkpointed); pick a new --workdir")
         if distributed.is_primary():
             with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config_lib.to_json(config))
-        writer = metrics.MetricWriter(workdir, active=distributed.is_primary())
-        pending, last, evals = [], {}, {}
+                f.write(plan.to_json())
+        # One call of the game is one generator step and datafree.student_steps student steps;
+        # the student's TrainState inside the game is what is checked and checkpointed.
+        hooks = loop.Hooks(
+            step=lambda g: step(g, teacher.variables), evaluate=lambda g: evaluate(g.student),
+            record=loop.recorder(plan, student_spec, preprocess={
+                "mean": list(preprocess.mean), "std": list(preprocess.std)}),
+            means=metrics.mean_of, items_per_step=config.train.batch_size, rate="images",
+            postfix=("kd",), checkpointed=lambda g: g.student)
         t0 = time.perf_counter()
-        try:
-            for r in range(rounds):
-                game, m = step(game, teacher.variables)
-                pending.append(m)
-                done = (r + 1) * d.student_steps
-                if _crossed(config.train.log_every_steps, done - d.student_steps, done) \
-                        or r + 1 == rounds:
-                    last = metrics.mean_of(pending)
-                    pending = []
-                    writer.write(done, last)
-                    print(f"kdjax: ZSKT step {done} of {total}: " + ", ".join(
-                        f"{k.removeprefix('train/')}={v:.4g}" for k, v in last.items()),
-                        flush=True)
-                if _crossed(config.eval.every_steps, done - d.student_steps, done) \
-                        or r + 1 == rounds:
-                    evals = evaluate(game.student)
-                    writer.write(done, evals)
-            wall = time.perf_counter() - t0
-            run = {"kdjax_version": kdjax.__version__,
-                   "config": json.loads(config_lib.to_json(config)),
-                   "model": student_spec.to_json(),
-                   "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
-                   "pending_train_metrics": metrics.pending_to_json([]), "last_train": last}
-            ckpt.save(game.student, run, metrics=evals)
-            ckpt.wait()
-        finally:
-            writer.close()
+        done = loop.run(plan, game, hooks, ckpt=ckpt, workdir=workdir, per_call=d.student_steps,
+                        pending=[], last_train={}, progress=progress)
+        wall = time.perf_counter() - t0
+    game, evals, last = done.state, done.eval_metrics, done.last_train
     images = generator.sample_images(g_def, game, jax.random.key(config.seed), 64, d.latent_dim)
     if distributed.is_primary():
         np.savez(os.path.join(workdir, "generated.npz"),
@@ -225,8 +209,3 @@ def _zskt(config, workdir, teacher, spec, mesh, preprocess) -> dict[str, Any]:
             "num_params": models.count_params(game.student.params),
             "teacher": config.teacher.workdir, "seed": config.seed,
             "datafree/generator_steps": rounds}
-
-
-def _crossed(every: int, before: int, after: int) -> bool:
-    # a cadence of `every` steps fires in a round that crosses one of its multiples
-    return every > 0 and after // every > before // every
