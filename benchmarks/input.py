@@ -35,7 +35,7 @@ from flax import nnx
 from PIL import Image
 
 from benchmarks import common
-from kdjax import augment, data, images, input as input_lib, models, objectives, sharding
+from kdjax import augment, data, images, input as input_lib, models, objectives, plan, sharding
 from kdjax import prepare as prepare_lib
 from kdjax.step import DeviceData, init_train_state, make_distill_step
 
@@ -124,7 +124,7 @@ def bench_cifar(root: str, args) -> dict:
 
     # Streamed input alone, and feeding the step.
     reader = data.open_split("cifar100", "train", data_dir=data_dir)
-    decode = input_lib.decode_spec({}, reader.spec, seed=0)
+    decode = input_lib.decode_spec(plan.as_plan({}).data, reader.spec, seed=0)
     workers = os.cpu_count() or 1
     alone = input_lib.TrainStream(reader, decode, seed=0, batch_size=b, mesh=mesh,
                                   num_workers=workers)
@@ -188,8 +188,8 @@ def bench_jpeg(root: str, args) -> dict:
         lambda i, blob: images.decode_random_resized_crop(blob, size, np.random.default_rng(i)))
     out["eval_center_crop_images_per_s_per_core"] = per_core(
         lambda i, blob: images.decode_center_crop(blob, size))
-    decode = input_lib.decode_spec({"image_size": 224, "random_resized_crop": True}, reader.spec,
-                                   seed=0)
+    crop = plan.as_plan({"data": {"image_size": 224, "random_resized_crop": True}}).data
+    decode = input_lib.decode_spec(crop, reader.spec, seed=0)
     mesh = sharding.make_mesh()
     b = 16
     streams = {w: input_lib.TrainStream(reader, decode, seed=0, batch_size=b, mesh=mesh,

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from benchmarks import common, pairs as pairs_lib
-from kdjax import augment, models, objectives, optim, sharding, teacher as teacher_lib
+from kdjax import augment, models, objectives, optim, plan, sharding, teacher as teacher_lib
 from kdjax.models import ModelSpec
 from kdjax.step import (DeviceData, FrozenModel, Step, TrainState, compute_dtype, freeze,
                         init_train_state, make_distill_step)
@@ -88,8 +88,9 @@ def setup(pair: pairs_lib.Pair, batch: int) -> Setup:
     teacher, _ = teacher_lib.prepare(as_built, ModelSpec(base, pair.num_classes, pair.input_shape,
                                                          kwargs), dtype=dtype)
     student = _model(pair.student, pair, 1, dtype)
-    tx = optim.make_optimizer({**pairs_lib.SGD, "name": "sgd", "schedule": "constant",
-                               "warmup_steps": 0}, total_steps=1)
+    tx = optim.make_optimizer(plan.as_plan({"optimizer": {
+        **pairs_lib.SGD, "name": "sgd", "schedule": "constant", "warmup_steps": 0}}).optimizer,
+        total_steps=1)
     c = pair.input_shape[-1]
     recipe = augment.Preprocess(mean=(pairs_lib.MEAN,) * c, std=(pairs_lib.STD,) * c, flip=True)
     graphdef, state0 = init_train_state(student, tx, seed=0, num_examples=n)

@@ -28,13 +28,13 @@ VARIANTS = (("float32", True), ("bfloat16", False), ("bfloat16", True))
 def measure(teacher_workdir: str, data_dir: str | None = None) -> dict:
     config = plan_lib.read_run(teacher_workdir)
     if data_dir:
-        config = plan_lib.replace(config, data={"data_dir": data_dir})
+        config = config.replace(data={"data_dir": data_dir})
     spec = data.dataset_info(config.data.name, data_dir=data_dir or None)
     mesh = sharding.make_mesh()
     arrays = data.load_arrays(config.data.name, config.data.eval_split, data_dir=data_dir or None)
     rows = []
     for dtype, fold in VARIANTS:
-        task = classification.ImageTask(plan_lib.replace(config, teacher={
+        task = classification.ImageTask(config.replace(teacher={
             "workdir": teacher_workdir, "compute_dtype": dtype, "fold_batchnorm": fold}))
         preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
         task.preprocess = preprocess

@@ -72,13 +72,14 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
         raise ValueError("--layout names a state_dict layout: it goes with --format "
                          "safetensors or torch")
     n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
-    config = encode.export_config(run["config"], overrides)
+    plan = encode.export_config(run["config"], overrides)
     if format != "kdjax":
-        model, spec = encode.for_other_format(model, spec, config, format)
+        model, spec = encode.for_other_format(model, spec, format, prune=plan.prune,
+                                              quant=plan.quant)
         return formats.export(model, spec, run, out, fmt=format, layout=layout, step=n,
                               source=f"{os.path.abspath(workdir)} step {n}")
-    encoded = encode.encode(model, spec, config, lambda k: encode.calibration_images(
-        config, run["preprocess"], k))
+    encoded = encode.encode(model, spec, lambda k: encode.calibration_images(
+        plan.data, run["preprocess"], k, seed=plan.seed), prune=plan.prune, quant=plan.quant)
     model, spec = encoded.model, encoded.spec
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -96,8 +97,8 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
         meta = {"format": FORMAT, "kdjax_version": kdjax.__version__, "model": spec.to_json(),
                 "preprocess": run["preprocess"],
                 # what it was trained and evaluated on, for `kdjax report` and readers alike
-                "data": {k: run["config"]["data"][k]
-                         for k in ("name", "train_split", "eval_split")},
+                "data": {"name": plan.data.name, "train_split": plan.data.train_split,
+                         "eval_split": plan.data.eval_split},
                 "source": {"workdir": os.path.abspath(workdir), "step": n,
                            "checkpoint": checkpoint_path}}
         if encoded.record is not None:

@@ -50,6 +50,7 @@ import numpy as np
 
 from kdjax import data as data_lib
 from kdjax import images as image_codec
+from kdjax import plan as plan_lib
 from kdjax import sharding
 
 #: Capacity assumed for a device that reports no memory statistics (XLA:CPU).
@@ -75,10 +76,9 @@ def device_capacity(devices: Sequence[jax.Device] | None = None) -> int:
     return min(caps) if caps else DEFAULT_CPU_CAPACITY
 
 
-def model_input_shape(data_config: Mapping[str, Any], spec: data_lib.DatasetSpec
-                      ) -> tuple[int, int, int]:
+def model_input_shape(data: plan_lib.Data, spec: data_lib.DatasetSpec) -> tuple[int, int, int]:
     """(H, W, C) the model sees: the dataset's own shape, or data.image_size when set."""
-    size = int(data_config.get("image_size", 0) or 0)
+    size = data.image_size
     channels = int(spec.image_shape[-1] or 3)
     if size:
         return (size, size, channels)
@@ -89,20 +89,21 @@ def model_input_shape(data_config: Mapping[str, Any], spec: data_lib.DatasetSpec
     return tuple(int(s) for s in spec.image_shape)  # type: ignore[return-value]
 
 
-def choose_mode(data_config: Mapping[str, Any], spec: data_lib.DatasetSpec, *,
+def choose_mode(data: plan_lib.Data, spec: data_lib.DatasetSpec, *,
                 split: str | None = None, devices: Sequence[jax.Device] | None = None
                 ) -> tuple[str, str]:
-    """("device" | "stream", why) for data.mode = "auto" | "device" | "stream"."""
-    mode = data_config.get("mode", "auto")
+    """("device" | "stream", why) for data.mode = "auto" | "device" | "stream", reading `split`
+    (default data.train_split)."""
+    mode = data.mode
     if mode not in ("auto", "device", "stream"):
         raise ValueError(f"data.mode must be 'auto', 'device' or 'stream', got {mode!r}")
-    split = split or data_config.get("train_split", "train")
+    split = split or data.train_split
     host_only = []
     if not spec.fixed_shape:
         host_only.append(f"its images have varying sizes {spec.image_shape}")
-    if data_config.get("random_resized_crop"):
+    if data.random_resized_crop:
         host_only.append("data.random_resized_crop runs on the host while decoding")
-    size = int(data_config.get("image_size", 0) or 0)
+    size = data.image_size
     if size and spec.fixed_shape and tuple(spec.image_shape[:2]) != (size, size):
         host_only.append(f"data.image_size={size} resizes its {spec.image_shape[0]}x"
                          f"{spec.image_shape[1]} images on the host")
@@ -115,7 +116,7 @@ def choose_mode(data_config: Mapping[str, Any], spec: data_lib.DatasetSpec, *,
         return "stream", "; ".join(host_only)
     n = spec.num_examples(_split_name(split))
     nbytes = n * int(np.prod(spec.image_shape)) + 4 * n
-    fraction = float(data_config.get("device_memory_fraction", 0.25))
+    fraction = data.device_memory_fraction
     capacity = device_capacity(devices)
     fits = nbytes <= fraction * capacity
     why = (f"{spec.name} {split}: {nbytes / 2**20:,.0f} MiB of uint8 "
@@ -520,43 +521,40 @@ def array_eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
 
 
 # --------------------------------------------------------------------------
-# From a config's `data` section
+# From the run's `data` section
 # --------------------------------------------------------------------------
 
 
-def decode_spec(data_config: Mapping[str, Any], spec: data_lib.DatasetSpec, *, seed: int
-                ) -> DecodeSpec:
+def decode_spec(data: plan_lib.Data, spec: data_lib.DatasetSpec, *, seed: int) -> DecodeSpec:
     return DecodeSpec(
-        shape=model_input_shape(data_config, spec),
+        shape=model_input_shape(data, spec),
         source_shape=tuple(spec.image_shape),
-        random_resized_crop=bool(data_config.get("random_resized_crop", False)),
-        crop_scale=tuple(data_config.get("crop_scale", (0.08, 1.0))),
-        eval_crop_fraction=float(data_config.get("eval_crop_fraction", 0.875)),
+        random_resized_crop=data.random_resized_crop,
+        crop_scale=tuple(data.crop_scale),
+        eval_crop_fraction=data.eval_crop_fraction,
         seed=seed,
     )
 
 
-def train_stream(data_config: Mapping[str, Any], *, seed: int, batch_size: int,
+def train_stream(data: plan_lib.Data, *, seed: int, batch_size: int,
                  mesh: jax.sharding.Mesh, steps_per_call: int = 1, start_step: int = 0
                  ) -> TrainStream:
-    """The streamed training input of a config's `data` section, positioned at `start_step`."""
-    name, split = data_config["name"], data_config.get("train_split", "train")
-    reader = data_lib.open_split(name, split, data_dir=data_config.get("data_dir") or None)
+    """The streamed training input of the `data` section, positioned at `start_step`."""
+    name = data.name
+    reader = data_lib.open_split(name, data.train_split, data_dir=data.data_dir or None)
     steps_per_epoch = len(reader) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"train.batch_size={batch_size} exceeds the {len(reader)} training "
                          f"examples of {name}")
-    return TrainStream(reader, decode_spec(data_config, reader.spec, seed=seed), seed=seed,
+    return TrainStream(reader, decode_spec(data, reader.spec, seed=seed), seed=seed,
                        batch_size=batch_size, mesh=mesh, steps_per_call=steps_per_call,
                        state=InputState.from_step(start_step, steps_per_epoch),
-                       num_workers=int(data_config.get("num_workers", 0) or 0) or None)
+                       num_workers=data.num_workers or None)
 
 
-def eval_batches(data_config: Mapping[str, Any], *, batch_size: int, mesh: jax.sharding.Mesh
+def eval_batches(data: plan_lib.Data, *, batch_size: int, mesh: jax.sharding.Mesh
                  ) -> Iterator[dict[str, jax.Array]]:
-    """The streamed evaluation input of a config's `data` section (fixed order, padded)."""
-    name, split = data_config["name"], data_config.get("eval_split", "test")
-    reader = data_lib.open_split(name, split, data_dir=data_config.get("data_dir") or None)
-    return eval_stream(reader, decode_spec(data_config, reader.spec, seed=0),
-                       batch_size=batch_size, mesh=mesh,
-                       num_workers=int(data_config.get("num_workers", 0) or 0) or None)
+    """The streamed evaluation input of the `data` section's eval_split (fixed order, padded)."""
+    reader = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir or None)
+    return eval_stream(reader, decode_spec(data, reader.spec, seed=0),
+                       batch_size=batch_size, mesh=mesh, num_workers=data.num_workers or None)

@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax import plan as plan_lib
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -81,17 +83,17 @@ def _fmt(sizes: dict[str, int]) -> str:
     return " × ".join(f"{k}={v}" for k, v in sizes.items())
 
 
-def mesh_from_config(mesh_config: Any, *, devices: list[jax.Device] | None = None) -> Mesh:
-    """The mesh of a config's `mesh` section (kdjax.config)."""
-    return make_mesh(mesh_config["data"], mesh_config["fsdp"], devices=devices)
+def mesh_from_config(mesh: plan_lib.Mesh, *, devices: list[jax.Device] | None = None) -> Mesh:
+    """The mesh of the run's `mesh` section."""
+    return make_mesh(mesh.data, mesh.fsdp, devices=devices)
 
 
-def check_rule(rule: str, mesh_config: Any, key: str) -> None:
+def check_rule(rule: str, mesh: plan_lib.Mesh, key: str) -> None:
     """Refuse unknown rules, and "fsdp" with a configured fsdp axis of 1 (it would silently
     replicate). mesh.fsdp=-1 is accepted everywhere: on one device it is the trivial mesh."""
     if rule not in RULES:
         raise ValueError(f"{key}={rule!r} is not a sharding rule; valid: {list(RULES)}")
-    if rule == "fsdp" and mesh_config["fsdp"] == 1:
+    if rule == "fsdp" and mesh.fsdp == 1:
         raise ValueError(f"{key}='fsdp' splits parameters over the mesh's fsdp axis, but "
                          f"mesh.fsdp=1; set --config.mesh.fsdp=-1 --config.mesh.data=1 (FSDP over "
                          f"all devices), or mesh.fsdp to the devices per host")

@@ -343,7 +343,7 @@ def train_generations(config: Any, workdir: str, generations: int, *,
         summary = train(gen_plan, gen_workdir, distill=True, progress=progress, fresh=fresh)
         history.append({"generation": k, "workdir": gen_workdir,
                         "eval/accuracy": summary.get("eval/accuracy")})
-        gen_plan = plan_lib.with_teacher(plan, gen_workdir)
+        gen_plan = plan.replace(teacher={"workdir": gen_workdir, "workdirs": (), "weights": ()})
     summary = {**summary, "generations": history}
     _write_json(workdir, "summary.json", summary)
     return summary

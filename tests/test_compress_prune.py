@@ -1,5 +1,7 @@
 """Pruning masks in the optimizer state (kdjax.compress.prune, kdjax.compress.schedule)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from kdjax import config as config_lib, models, optim
+from kdjax import models, optim, plan as plan_lib
 from kdjax.compress import prune
 from kdjax.compress.schedule import Schedule
 from kdjax.step import init_train_state
@@ -16,10 +18,9 @@ SHAPE = (28, 28, 1)
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
-def prune_config(**kw):
-    c = dict(config_lib.base_config().prune)
-    c.update(kw)
-    return c
+def prune_config(**kw) -> plan_lib.Prune:
+    # unchecked: make_plan's own errors are tested
+    return dataclasses.replace(plan_lib.as_plan({}).prune, **kw)
 
 
 def mlp(hidden=(48, 40), seed=0):
@@ -70,8 +71,8 @@ def test_pruned_weights_stay_exactly_zero_through_momentum_and_weight_decay(opt)
     plan = prune.make_plan(prune_config(method="magnitude", sparsity=0.7, schedule="cubic",
                                         begin_step=0, end_step=20, every_steps=4),
                            model, SHAPE, 200)
-    base = optim.make_optimizer({**dict(config_lib.base_config().optimizer), "name": opt,
-                                 "weight_decay": 5e-2, "learning_rate": 0.05}, 200)
+    base = optim.make_optimizer(plan_lib.as_plan({"optimizer": {
+        "name": opt, "weight_decay": 5e-2, "learning_rate": 0.05}}).optimizer, 200)
     tx = prune.wrap(base, plan)
     _, state = init_train_state(model, tx, seed=0)
     step, params, opt_state = _step(tx), state.params, state.opt_state

@@ -1,5 +1,6 @@
 """Quantization with Qwix and integer exports (kdjax.compress.quantize, kdjax.compress.encode)."""
 
+import dataclasses
 import os
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from conftest import randomize_batchnorms
 from flax import nnx
 
-from kdjax import config as config_lib
+from kdjax import plan
 from kdjax.compress import encode, quantize, structured
 from kdjax.models import ModelSpec
 
@@ -17,10 +18,11 @@ SHAPE = (28, 28, 1)
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
-def quant_config(**kw):
-    c = dict(config_lib.base_config().quant)
-    c.update(kw)
-    return c
+BASE = plan.as_plan({})  # the defaults
+
+
+def quant_config(**kw) -> plan.Quant:
+    return dataclasses.replace(BASE.quant, **kw)  # unchecked: check_config's errors are tested
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,7 @@ def logits(model, x):
 
 
 def _export(model, spec, quant, images, path):
-    config = config_lib.base_config()
-    config.quant.update(quant)
-    enc = encode.encode(model, spec, config, lambda n: images[:n])
+    enc = encode.encode(model, spec, lambda n: images[:n], prune=BASE.prune, quant=quant)
     np.savez(path, **enc.arrays)
     with np.load(path, allow_pickle=False) as z:
         return enc, encode.decode(spec, enc.record, dict(z))
@@ -95,11 +95,10 @@ def test_pruned_int8_weights_are_stored_sparse(cnn, tmp_path):
     pruned = nnx.clone(model)
     w = np.asarray(pruned.fc.kernel[...])
     pruned.fc.kernel[...] = np.where(np.abs(w) > np.quantile(np.abs(w), 0.9), w, 0.0)
-    config = config_lib.base_config()
-    config.quant.update(mode="ptq", activations="none")
-    dense = encode.encode(pruned, spec, config, None)
-    config.prune.method = "magnitude"
-    sparse = encode.encode(pruned, spec, config, None)
+    quant = quant_config(mode="ptq", activations="none")
+    dense = encode.encode(pruned, spec, None, prune=BASE.prune, quant=quant)
+    sparse = encode.encode(pruned, spec, None, quant=quant,
+                           prune=dataclasses.replace(BASE.prune, method="magnitude"))
     layer = sparse.record["layers"]["fc/kernel"]
     assert layer["encoding"] == "int8+bitmap" and layer["nonzeros"] == round(0.1 * w.size)
     assert layer["bytes"] < dense.record["layers"]["fc/kernel"]["bytes"] / 3

@@ -1,12 +1,14 @@
 """Structured pruning removes channels physically (kdjax.compress.structured)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from conftest import randomize_batchnorms
 from flax import nnx
 
-from kdjax import config as config_lib, models
+from kdjax import models, plan as plan_lib
 from kdjax.compress import prune, structured, training
 from kdjax.models import ModelSpec
 
@@ -14,10 +16,8 @@ SHAPE = (28, 28, 1)
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
-def prune_config(**kw):
-    c = dict(config_lib.base_config().prune)
-    c.update(method="structured", **kw)
-    return c
+def prune_config(**kw) -> plan_lib.Prune:
+    return dataclasses.replace(plan_lib.as_plan({}).prune, method="structured", **kw)
 
 
 def logits(model, x):

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import EXP
-from kdjax import checkpoint, cli, config as config_lib, data, export
+from kdjax import checkpoint, cli, data, export, plan
 from kdjax.compress import encode
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -145,9 +145,8 @@ def test_export_overrides_are_quant_and_the_calibration_data_only(pruned, tmp_pa
 
 
 def test_calibration_images_are_training_images_as_the_model_sees_them(data_dir):
-    config = config_lib.base_config()
-    config.data.data_dir = data_dir
-    images = encode.calibration_images(config, {"mean": [0.5], "std": [0.25]}, 16)
+    run = plan.as_plan({"data": {"data_dir": data_dir}})
+    images = encode.calibration_images(run.data, {"mean": [0.5], "std": [0.25]}, 16, seed=run.seed)
     train = data.load_arrays("fashion_mnist", "train", data_dir=data_dir)["image"]
     assert images.shape == (16, 28, 28, 1) and images.dtype == np.float32
     raw = np.rint((images * 0.25 + 0.5) * 255).astype(np.uint8)

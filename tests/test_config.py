@@ -1,12 +1,13 @@
 """Config schema, overrides and their error messages; optimizer and schedule construction."""
 
+import dataclasses
 import glob
 import os
 
 import numpy as np
 import pytest
 
-from kdjax import config as config_lib, optim
+from kdjax import config as config_lib, optim, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,18 +85,17 @@ def test_every_experiment_config_validates(path):
 
 
 def test_schedules():
-    opt = dict(config_lib.base_config().optimizer)
-    opt.update(learning_rate=0.1, warmup_steps=10, schedule="step", decay_boundaries=(50, 80),
-               decay_factor=0.1)
+    opt = plan.as_plan({"optimizer": dict(learning_rate=0.1, warmup_steps=10, schedule="step",
+                                          decay_boundaries=(50, 80), decay_factor=0.1)}).optimizer
     lr = optim.schedule(opt, 100)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(49), lr(50), lr(80)],
                                [0.0, 0.05, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
-    opt.update(schedule="cosine", warmup_steps=0)
+    opt = dataclasses.replace(opt, schedule="cosine", warmup_steps=0)
     lr = optim.schedule(opt, 100)
     np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.1, 0.05, 0.0], atol=1e-7)
     with pytest.raises(ValueError, match="unknown optimizer.schedule='linear'"):
-        optim.schedule({**opt, "schedule": "linear"}, 100)
+        optim.schedule(dataclasses.replace(opt, schedule="linear"), 100)
     with pytest.raises(ValueError, match="unknown optimizer.name='lamb'"):
-        optim.make_optimizer({**opt, "name": "lamb"}, 100)
+        optim.make_optimizer(dataclasses.replace(opt, name="lamb"), 100)
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
-        optim.make_optimizer({**opt, "learning_rate": 0.0}, 100)
+        optim.make_optimizer(dataclasses.replace(opt, learning_rate=0.0), 100)

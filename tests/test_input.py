@@ -17,7 +17,7 @@ import pytest
 import kdjax.data as kd
 import kdjax.input as ki
 import kdjax.prepare as kp
-from kdjax import sharding, step as step_lib
+from kdjax import plan, sharding, step as step_lib
 
 REPO_ROOT = Path(kd.__file__).resolve().parent.parent
 N_TRAIN, N_TEST, B = 40, 13, 16  # 2 steps per epoch, 8 examples dropped per epoch
@@ -37,6 +37,11 @@ def jpegs(tmp_path_factory):
     src = kp.make_synthetic_image_folder(root / "src", n_train=12, n_val=5, size=(40, 56))
     kd.prepare("toy", src, data_dir=root / "d")
     return root / "d"
+
+
+def data_section(**keys) -> plan.Data:
+    """The run's `data` section with `keys` changed (through the schema, as a config's)."""
+    return plan.as_plan({"data": keys}).data
 
 
 def device_batches(data_dir, seed, steps):
@@ -59,9 +64,9 @@ def device_batches(data_dir, seed, steps):
 
 
 def stream(data_dir, seed, *, state=None, steps_per_call=1, workers=2, name="cifar10",
-           config=None):
+           data=None):
     reader = kd.open_split(name, "train", data_dir=data_dir)
-    decode = ki.decode_spec(config or {}, reader.spec, seed=seed)
+    decode = ki.decode_spec(data or data_section(), reader.spec, seed=seed)
     return ki.TrainStream(reader, decode, seed=seed, batch_size=B if name == "cifar10" else 4,
                           steps_per_call=steps_per_call, state=state, num_workers=workers)
 
@@ -168,7 +173,7 @@ def test_eval_covers_every_example_exactly_once(cifar, processes):
     assert (indices < 0).sum() == 4 * batch - n  # the last batch is padded, not dropped
     # Through the real pipeline: masks, labels and images in fixed order.
     arrays = kd.load_arrays("cifar10", "test", data_dir=cifar)
-    config = {"name": "cifar10", "data_dir": str(cifar), "eval_split": "test", "num_workers": 2}
+    config = data_section(name="cifar10", data_dir=str(cifar), eval_split="test", num_workers=2)
     batches = [jax.device_get(b) for b in ki.eval_batches(config, batch_size=batch,
                                                           mesh=sharding.make_mesh())]
     assert [b["image"].shape[0] for b in batches] == [batch] * 4
@@ -184,35 +189,35 @@ def test_eval_covers_every_example_exactly_once(cifar, processes):
 
 def test_choose_mode(cifar, jpegs):
     spec = kd.dataset_info("cifar10", data_dir=cifar)
-    assert ki.choose_mode({}, spec)[0] == "device"
-    mode, why = ki.choose_mode({"device_memory_fraction": 1e-9}, spec)
+    assert ki.choose_mode(data_section(), spec)[0] == "device"
+    mode, why = ki.choose_mode(data_section(device_memory_fraction=1e-9), spec)
     assert mode == "stream" and "MiB" in why
-    assert ki.choose_mode({"mode": "stream"}, spec)[0] == "stream"
-    assert ki.choose_mode({"random_resized_crop": True}, spec)[0] == "stream"
-    assert ki.choose_mode({"image_size": 24}, spec)[0] == "stream"
-    assert ki.model_input_shape({}, spec) == (32, 32, 3)
+    assert ki.choose_mode(data_section(mode="stream"), spec)[0] == "stream"
+    assert ki.choose_mode(data_section(random_resized_crop=True), spec)[0] == "stream"
+    assert ki.choose_mode(data_section(image_size=24), spec)[0] == "stream"
+    assert ki.model_input_shape(data_section(), spec) == (32, 32, 3)
     toy = kd.dataset_info("toy", data_dir=jpegs)
-    assert ki.choose_mode({}, toy)[0] == "stream"
+    assert ki.choose_mode(data_section(), toy)[0] == "stream"
     with pytest.raises(ValueError, match="varying sizes"):
-        ki.choose_mode({"mode": "device"}, toy)
+        ki.choose_mode(data_section(mode="device"), toy)
     with pytest.raises(ValueError, match="data.image_size"):
-        ki.model_input_shape({}, toy)
+        ki.model_input_shape(data_section(), toy)
     with pytest.raises(ValueError, match="'auto', 'device' or 'stream'"):
-        ki.choose_mode({"mode": "disk"}, spec)
+        ki.choose_mode(data_section(mode="disk"), spec)
     assert ki.device_capacity([jax.devices()[0]]) > 0
 
 
 def test_jpeg_streaming_with_random_resized_crop(jpegs):
-    config = {"image_size": 24, "random_resized_crop": True}
-    a = take(stream(jpegs, 0, name="toy", config=config, workers=1), 4)
-    b = take(stream(jpegs, 0, name="toy", config=config, workers=3), 4)
+    data = data_section(image_size=24, random_resized_crop=True)
+    a = take(stream(jpegs, 0, name="toy", data=data, workers=1), 4)
+    b = take(stream(jpegs, 0, name="toy", data=data, workers=3), 4)
     for x, y in zip(a, b):
         assert_same(x, y)  # independent of the number of decode threads
         assert x["image"].shape == (4, 24, 24, 3) and x["image"].dtype == np.uint8
-    c = take(stream(jpegs, 1, name="toy", config=config), 1)
+    c = take(stream(jpegs, 1, name="toy", data=data), 1)
     assert not np.array_equal(a[0]["image"], c[0]["image"])
     ev = [jax.device_get(x) for x in ki.eval_batches(
-        {"name": "toy", "data_dir": str(jpegs), "eval_split": "validation", "image_size": 24},
+        data_section(name="toy", data_dir=str(jpegs), eval_split="validation", image_size=24),
         batch_size=4, mesh=sharding.make_mesh())]
     assert [x["image"].shape for x in ev] == [(4, 24, 24, 3)] * 2
     assert np.concatenate([x["mask"] for x in ev]).sum() == 5
@@ -230,7 +235,8 @@ def test_stream_errors_reach_the_consumer(cifar):
         def read(self, indices):
             raise OSError("disk on fire")
 
-    s = ki.TrainStream(Broken(), ki.decode_spec({}, reader.spec, seed=0), seed=0, batch_size=B)
+    s = ki.TrainStream(Broken(), ki.decode_spec(data_section(), reader.spec, seed=0), seed=0,
+                       batch_size=B)
     with pytest.raises(OSError, match="disk on fire"):
         next(s)
 
@@ -239,10 +245,10 @@ def test_no_tensorflow_while_streaming(cifar, jpegs):
     code = f"""
 import sys
 import jax
-import kdjax.data as kd, kdjax.input as ki
+import kdjax.data as kd, kdjax.input as ki, kdjax.plan as kplan
 r = kd.open_split("toy", "train", data_dir={str(jpegs)!r})
-s = ki.TrainStream(r, ki.decode_spec({{"image_size": 16, "random_resized_crop": True}}, r.spec,
-                   seed=0), seed=0, batch_size=4)
+data = kplan.as_plan({{"data": {{"image_size": 16, "random_resized_crop": True}}}}).data
+s = ki.TrainStream(r, ki.decode_spec(data, r.spec, seed=0), seed=0, batch_size=4)
 assert next(s)["image"].shape == (4, 16, 16, 3)
 s.close()
 assert kd.load_arrays("cifar10", "test", data_dir={str(cifar)!r})["image"].shape == (13, 32, 32, 3)

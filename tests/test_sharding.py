@@ -1,6 +1,7 @@
 """Mesh construction, sharding rules and multi-host start-up, in this (one-device) process; the
 multi-device behaviour is in test_multidevice.py and test_multiprocess.py."""
 
+import dataclasses
 import os
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from kdjax import cli, distributed, sharding
+from kdjax import cli, distributed, plan, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_2x4 = AbstractMesh((2, 4), sharding.MESH_AXES)  # the rules only read the axis sizes
@@ -82,11 +83,12 @@ def test_per_example_memory_is_split_over_the_batch_axes_whatever_the_rule(rule)
 
 
 def test_rule_and_batch_size_errors():
+    default = plan.as_plan({}).mesh  # data=-1, fsdp=1
     with pytest.raises(ValueError, match=r"teacher.sharding='fsdp'.*mesh.fsdp=1.*mesh.fsdp=-1"):
-        sharding.check_rule("fsdp", {"data": -1, "fsdp": 1}, "teacher.sharding")
+        sharding.check_rule("fsdp", default, "teacher.sharding")
     with pytest.raises(ValueError, match=r"model.sharding='zero' is not a sharding rule"):
-        sharding.check_rule("zero", {"data": -1, "fsdp": 1}, "model.sharding")
-    sharding.check_rule("fsdp", {"data": 1, "fsdp": -1}, "model.sharding")
+        sharding.check_rule("zero", default, "model.sharding")
+    sharding.check_rule("fsdp", dataclasses.replace(default, data=1, fsdp=-1), "model.sharding")
     with pytest.raises(ValueError, match=r"train.batch_size=100 is not divisible by the 8 "
                                          r"devices.*data=2 × fsdp=4.*train.batch_size=96"):
         sharding.check_batch_size(100, MESH_2x4)

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import augment, config as config_lib, data
+from kdjax import augment, data, plan as plan_lib
 from kdjax.compress import quantize, structured
 from kdjax.compress.structured import layer_name
 from kdjax.models import ModelSpec
@@ -53,41 +53,40 @@ class Encoded:
     record: dict[str, Any] | None
 
 
-def export_config(saved: Mapping[str, Any], overrides=()):
-    """The config a run was trained with (its checkpoint's), with `kdjax export`'s overrides:
-    quant.* (quantize a float run on export) and data.data_dir (where its calibration images
-    are); anything else is the run's own and refused."""
-    config = config_lib.validate(saved)
+def export_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> plan_lib.RunPlan:
+    """The plan a run was trained with (its checkpoint's config), with `kdjax export`'s
+    overrides: quant.* (quantize a float run on export) and data.data_dir (where its calibration
+    images are); anything else is the run's own and refused."""
     for item in overrides:
         key = item.removeprefix("--").partition("=")[0].removeprefix("config.")
         if not (key.startswith("quant.") or key == "data.data_dir"):
             raise ValueError(f"kdjax export takes --config.quant.* (quantize on export) and "
                              f"--config.data.data_dir (the calibration images' data dir) only, "
                              f"got {item!r}: the rest is the run's config")
-        config_lib.apply_override(config, item)
-    return config
+    return plan_lib.as_plan(saved, overrides)
 
 
-def calibration_images(config, preprocess: Mapping[str, Any], n: int) -> np.ndarray:
+def calibration_images(data_plan: plan_lib.Data, preprocess: Mapping[str, Any], n: int, *,
+                       seed: int) -> np.ndarray:
     """n training images drawn with the run's seed, preprocessed as the model sees them."""
-    arrays = data.load_arrays(config.data.name, config.data.train_split,
-                              data_dir=config.data.data_dir or None)
+    arrays = data.load_arrays(data_plan.name, data_plan.train_split,
+                              data_dir=data_plan.data_dir or None)
     count = len(arrays["label"])
-    idx = np.sort(np.random.default_rng(config.seed).choice(count, min(n, count), replace=False))
+    idx = np.sort(np.random.default_rng(seed).choice(count, min(n, count), replace=False))
     recipe = augment.Preprocess(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]))
     return np.asarray(augment.preprocess(jnp.asarray(arrays["image"][idx]), recipe, key=None,
                                          dtype=jnp.float32))
 
 
-def for_other_format(model: nnx.Module, spec: ModelSpec, config, fmt: str
-                     ) -> tuple[nnx.Module, ModelSpec]:
+def for_other_format(model: nnx.Module, spec: ModelSpec, fmt: str, *, prune: plan_lib.Prune,
+                     quant: plan_lib.Quant) -> tuple[nnx.Module, ModelSpec]:
     """The student for an export in another format (kdjax.interop: safetensors, torch,
     stablehlo): shrunk when pruned structurally; integer weights have no place there."""
-    if config.quant.mode != "none":
-        raise ValueError(f"quant.mode={config.quant.mode!r}: integer weights and scales are "
+    if quant.mode != "none":
+        raise ValueError(f"quant.mode={quant.mode!r}: integer weights and scales are "
                          f"stored in kdjax's own export format only, not --format {fmt}; drop "
                          f"--format, or export the float weights with --config.quant.mode=none")
-    if config.prune.method == "structured":
+    if prune.method == "structured":
         model, spec, _ = structured.shrink(model, spec)
     return model, spec
 
@@ -101,28 +100,29 @@ def _is_param(model: nnx.Module) -> set[str]:
     return {layer_name(k) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def encode(model: nnx.Module, spec: ModelSpec, config: Mapping[str, Any],
-           calibration: Callable[[int], np.ndarray]) -> Encoded:
-    """The export of `model` (a run's student, rebuilt from `spec`) as `config` describes it.
+def encode(model: nnx.Module, spec: ModelSpec, calibration: Callable[[int], np.ndarray] | None,
+           *, prune: plan_lib.Prune, quant: plan_lib.Quant) -> Encoded:
+    """The export of `model` (a run's student, rebuilt from `spec`) as the run's `prune` and
+    `quant` sections describe it.
 
     `calibration(n)` returns n preprocessed training images (float [n, H, W, C]); it is called
     only for W8A8 quantization.
     """
-    prune, quant = config["prune"], config["quant"]
     quantize.check_config(quant)
     record: dict[str, Any] = {}
-    if prune["method"] == "structured":
+    if prune.method == "structured":
         model, spec, sizes = structured.shrink(model, spec)
         record["channels"] = {name: {"before": a, "after": b} for name, (a, b) in sizes.items()}
-    if quant["mode"] != "none":
+    if quant.mode != "none":
         arrays = _encode_int(model, quant, calibration)
-        record.update(encoding="int", weights=quant["weights"], activations=quant["activations"],
-                      quant={k: quant[k] for k in ("weights", "activations", "exclude",
-                                                   "calibration_examples")})
-        if prune["method"] in UNSTRUCTURED:  # pruned weights quantize to exactly 0
+        record.update(encoding="int", weights=quant.weights, activations=quant.activations,
+                      quant={"weights": quant.weights, "activations": quant.activations,
+                             "exclude": quant.exclude,
+                             "calibration_examples": quant.calibration_examples})
+        if prune.method in UNSTRUCTURED:  # pruned weights quantize to exactly 0
             arrays = _encode_sparse(arrays, {n for n, a in arrays.items()
                                              if a.dtype == np.int8 and a.ndim >= 2})
-    elif prune["method"] in UNSTRUCTURED:
+    elif prune.method in UNSTRUCTURED:
         arrays = _flat(model)
         arrays = _encode_sparse(arrays, {n for n in _is_param(model) if arrays[n].ndim >= 2})
         record["encoding"] = "sparse"
@@ -249,7 +249,7 @@ def _unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     return (nibbles[:int(np.prod(shape))].astype(np.int16) - 8).astype(np.int8).reshape(shape)
 
 
-def _weight_only_layers(model: nnx.Module, quant) -> set[str]:
+def _weight_only_layers(model: nnx.Module, quant: plan_lib.Quant) -> set[str]:
     """The kernels quantized weight-only: those of layers outside quant.exclude."""
     rules = quantize.rules(quant, static=False)[:-1]  # the exclusions
     out = set()
@@ -261,17 +261,17 @@ def _weight_only_layers(model: nnx.Module, quant) -> set[str]:
     return out
 
 
-def _encode_int(model: nnx.Module, quant, calibration) -> dict[str, np.ndarray]:
-    if quant["activations"] != "none":
-        ptq = quantize.calibrated(model, quant, calibration(quant["calibration_examples"]))
+def _encode_int(model: nnx.Module, quant: plan_lib.Quant, calibration) -> dict[str, np.ndarray]:
+    if quant.activations != "none":
+        ptq = quantize.calibrated(model, quant, calibration(quant.calibration_examples))
         return _flat(ptq)
     out, layers = {}, _weight_only_layers(model, quant)
     for name, a in _flat(model).items():
         if name not in layers:
             out[name] = a
             continue
-        q, scale = quantize.quantize_weight(a, quant["weights"])
-        out[f"{name}:{quant['weights']}"] = q if quant["weights"] == "int8" else _pack_int4(q)
+        q, scale = quantize.quantize_weight(a, quant.weights)
+        out[f"{name}:{quant.weights}"] = q if quant.weights == "int8" else _pack_int4(q)
         out[f"{name}:scale"] = scale
     return out
 
@@ -283,7 +283,10 @@ def decode(spec: ModelSpec, record: Mapping[str, Any], blobs: Mapping[str, np.nd
     arrays = unpack(blobs, record["index"])
     if record["encoding"] == "int" and record["activations"] != "none":
         # Qwix builds its PTQ structure by running the model (it cannot be traced abstractly).
-        model = quantize.structure_like(spec.build(), record["quant"], spec.input_shape)
+        # The record keeps the quant keys that shaped the model; through the schema they are
+        # the section `structure_like` takes.
+        quant = plan_lib.as_plan({"quant": {**record["quant"], "mode": "ptq"}}).quant
+        model = quantize.structure_like(spec.build(), quant, spec.input_shape)
     else:
         model = spec.abstract()  # nnx.eval_shape: no weights initialised only to be replaced
     state = nnx.state(model)

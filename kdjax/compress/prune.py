@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kdjax import plan as plan_lib
 from kdjax.compress import structured
 from kdjax.compress.schedule import SCHEDULES, Schedule
 from kdjax.compress.structured import CRITERIA, ChannelGroup, Path, layer_name
@@ -282,29 +283,29 @@ def check_sparsity(value: Any, key: str) -> float:
     return float(value)
 
 
-def check_config(prune: Mapping[str, Any], total_steps: int) -> Schedule:
+def check_config(prune: plan_lib.Prune, total_steps: int) -> Schedule:
     """Validate the prune section's scalar keys; return the run's schedule."""
     def bad(key, value, fix):
         raise ValueError(f"prune.{key}={value!r}: {fix}")
 
-    if prune["method"] not in METHODS:
-        bad("method", prune["method"], f"valid methods: {list(METHODS)}")
-    if prune["scope"] not in SCOPES:
-        bad("scope", prune["scope"], f"valid scopes: {list(SCOPES)}")
-    if prune["schedule"] not in CONFIG_SCHEDULES:
-        bad("schedule", prune["schedule"], f"valid schedules: {list(CONFIG_SCHEDULES)}")
-    if prune["criterion"] not in CRITERIA:
-        bad("criterion", prune["criterion"], f"valid criteria: {list(CRITERIA)}")
-    final = check_sparsity(prune["sparsity"], "prune.sparsity")
-    initial = check_sparsity(prune["initial_sparsity"], "prune.initial_sparsity")
-    for key in ("begin_step", "end_step"):
-        if prune[key] < 0:
-            bad(key, prune[key], "steps are >= 0")
-    if prune["every_steps"] < 1:
-        bad("every_steps", prune["every_steps"], "masks are recomputed every N >= 1 steps")
-    method, begin, end = prune["method"], prune["begin_step"], prune["end_step"]
+    if prune.method not in METHODS:
+        bad("method", prune.method, f"valid methods: {list(METHODS)}")
+    if prune.scope not in SCOPES:
+        bad("scope", prune.scope, f"valid scopes: {list(SCOPES)}")
+    if prune.schedule not in CONFIG_SCHEDULES:
+        bad("schedule", prune.schedule, f"valid schedules: {list(CONFIG_SCHEDULES)}")
+    if prune.criterion not in CRITERIA:
+        bad("criterion", prune.criterion, f"valid criteria: {list(CRITERIA)}")
+    final = check_sparsity(prune.sparsity, "prune.sparsity")
+    initial = check_sparsity(prune.initial_sparsity, "prune.initial_sparsity")
+    for key, value in (("begin_step", prune.begin_step), ("end_step", prune.end_step)):
+        if value < 0:
+            bad(key, value, "steps are >= 0")
+    if prune.every_steps < 1:
+        bad("every_steps", prune.every_steps, "masks are recomputed every N >= 1 steps")
+    method, begin, end = prune.method, prune.begin_step, prune.end_step
     if method == "nm":
-        n, m = prune["n"], prune["m"]
+        n, m = prune.n, prune.m
         if not 1 <= n < m:
             raise ValueError(f"prune.n={n}, prune.m={m}: N:M sparsity keeps n of every m weights, "
                              f"so it needs 1 <= n < m (e.g. n=2, m=4)")
@@ -312,21 +313,21 @@ def check_config(prune: Mapping[str, Any], total_steps: int) -> Schedule:
             bad("sparsity", final, f"N:M with n={n}, m={m} is {1 - n / m:.4g} sparse by "
                                    f"definition; leave prune.sparsity at 0")
         final = 1 - n / m
-    if method != "none" and prune["schedule"] != "init" and begin >= total_steps:
+    if method != "none" and prune.schedule != "init" and begin >= total_steps:
         bad("begin_step", begin, f"pruning must begin before train.steps={total_steps}")
-    if prune["schedule"] == "cubic":
+    if prune.schedule == "cubic":
         if method == "nm":
             bad("schedule", "cubic", "N:M sparsity is n/m at once: use prune.schedule='one_shot'")
         if not begin < end <= total_steps:
             bad("end_step", end, f"the cubic schedule ramps from prune.begin_step={begin} to "
                                  f"prune.end_step, which must be in ({begin}, "
                                  f"train.steps={total_steps}]")
-    if prune["schedule"] == "init" and method not in ("none", "structured"):
+    if prune.schedule == "init" and method not in ("none", "structured"):
         bad("schedule", "init", "pruning the initial weights before training is structured "
                                 "pruning (prune.method='structured'); unstructured methods "
                                 "prune at prune.begin_step=0 with prune.schedule='one_shot'")
-    return Schedule(kind=prune["schedule"], final=final, initial=initial, begin=begin, end=end,
-                    every=prune["every_steps"])
+    return Schedule(kind=prune.schedule, final=final, initial=initial, begin=begin, end=end,
+                    every=prune.every_steps)
 
 
 def _unused(patterns: Sequence[str], names: Sequence[str], key: str) -> None:
@@ -337,15 +338,15 @@ def _unused(patterns: Sequence[str], names: Sequence[str], key: str) -> None:
                              f"fnmatch globs over these paths, e.g. 'stages/0/*')")
 
 
-def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence[int],
+def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[int],
               total_steps: int, *, seed: int = 0) -> Plan | None:
-    """The pruning plan of config section `prune` for the student `model`, or None when nothing
+    """The pruning plan of the run's `prune` section for the student `model`, or None when nothing
     is pruned during training. Every bad value raises ValueError naming the key and the fix."""
     schedule = check_config(prune, total_steps)
-    method = prune["method"]
-    if method == "none" or prune["schedule"] == "init":
+    method = prune.method
+    if method == "none" or prune.schedule == "init":
         return None
-    targets_cfg = dict(prune["targets"])
+    targets_cfg = dict(prune.targets)
     for pattern, value in targets_cfg.items():
         check_sparsity(value, f"prune.targets[{pattern!r}]")
 
@@ -356,7 +357,7 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
     if method == "structured":
         st = structured.structure(model)
         names = [g.name for g in st.groups] + list(st.refused)
-        _unused(prune["exclude"], names, "prune.exclude")
+        _unused(prune.exclude, names, "prune.exclude")
         _unused(targets_cfg, names, "prune.targets")
         for pattern in targets_cfg:
             for name, why in st.refused.items():
@@ -365,11 +366,11 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
                         f"prune.targets pattern {pattern!r} names layer {name!r}, which "
                         f"structured pruning cannot shrink safely: {why}. Prune the layers "
                         f"{', '.join(g.name for g in st.groups[:4])}... instead")
-        if prune["criterion"] == "bn_scale" and prune["scope"] == "global":
+        if prune.criterion == "bn_scale" and prune.scope == "global":
             # Per layer, a layer without BatchNorm is scored by L1; one global ranking cannot
             # compare |gamma| with L1 norms.
             for g in st.groups:
-                if g.bn_scale is None and not _excluded(g.name, prune["exclude"]):
+                if g.bn_scale is None and not _excluded(g.name, prune.exclude):
                     raise ValueError(
                         f"prune.criterion='bn_scale' with prune.scope='global': layer {g.name!r} "
                         f"of the {type(model).__name__} has no BatchNorm after it, and its L1 "
@@ -378,21 +379,21 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
                         f"prune.exclude")
         targets = tuple(Target(g.name, dataclasses.replace(schedule, final=target_sparsity(g.name)),
                                group=g) for g in st.groups if not _excluded(g.name,
-                                                                        prune["exclude"]))
+                                                                        prune.exclude))
     else:
         kernels = _kernels(model, input_shape)
         names = [layer_name(k) for k in kernels]
-        _unused(prune["exclude"], names, "prune.exclude")
+        _unused(prune.exclude, names, "prune.exclude")
         _unused(targets_cfg, names, "prune.targets")
-        dense = set(names[:1] + names[-1:]) if prune["dense_first_last"] else set()
+        dense = set(names[:1] + names[-1:]) if prune.dense_first_last else set()
         chosen = [k for k, name in zip(kernels, names)
-                  if name not in dense and not _excluded(name, prune["exclude"])]
+                  if name not in dense and not _excluded(name, prune.exclude)]
         shapes = {tuple(k): v.shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         if method == "nm":
             for k in chosen:
-                if shapes[k][-2] % prune["m"]:
+                if shapes[k][-2] % prune.m:
                     raise ValueError(
-                        f"prune.m={prune['m']}: the input dimension of {layer_name(k)} (shape "
+                        f"prune.m={prune.m}: the input dimension of {layer_name(k)} (shape "
                         f"{tuple(shapes[k])}, axis -2) is {shapes[k][-2]}, not a multiple of "
                         f"m; add {layer_name(k[:-1])!r} to prune.exclude or choose an m that "
                         f"divides it")
@@ -400,10 +401,10 @@ def make_plan(prune: Mapping[str, Any], model: nnx.Module, input_shape: Sequence
             schedule, final=target_sparsity(layer_name(k))), kernel=k) for k in chosen)
     if not targets:
         raise ValueError(f"prune.method={method!r}: every prunable layer of the student is "
-                         f"excluded (prune.exclude={tuple(prune['exclude'])}, "
-                         f"prune.dense_first_last={prune['dense_first_last']}); nothing to prune")
-    return Plan(method=method, scope=prune["scope"], targets=targets, schedule=schedule,
-                n=prune["n"], m=prune["m"], criterion=prune["criterion"], seed=seed)
+                         f"excluded (prune.exclude={tuple(prune.exclude)}, "
+                         f"prune.dense_first_last={prune.dense_first_last}); nothing to prune")
+    return Plan(method=method, scope=prune.scope, targets=targets, schedule=schedule,
+                n=prune.n, m=prune.m, criterion=prune.criterion, seed=seed)
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:

@@ -27,8 +27,7 @@ fnmatch as prune's, e.g. "out" or "stages/0/*").
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,29 +35,32 @@ import numpy as np
 import qwix
 from flax import nnx
 
+from kdjax import plan as plan_lib
+
 MODES = ("none", "qat", "ptq")
 WEIGHTS = ("int8", "int4")
 ACTIVATIONS = ("int8", "none")
 CALL = "features"  # the method Qwix intercepts: __call__ and the fused step both go through it
 
 
-def check_config(quant: Mapping[str, Any]) -> None:
-    def bad(key, fix):
-        raise ValueError(f"quant.{key}={quant[key]!r}: {fix}")
+def check_config(quant: plan_lib.Quant) -> None:
+    def bad(key, value, fix):
+        raise ValueError(f"quant.{key}={value!r}: {fix}")
 
-    if quant["mode"] not in MODES:
-        bad("mode", f"valid modes: {list(MODES)}")
-    if quant["weights"] not in WEIGHTS:
-        bad("weights", f"valid weight types: {list(WEIGHTS)}")
-    if quant["activations"] not in ACTIVATIONS:
-        bad("activations", f"valid activation types: {list(ACTIVATIONS)} ('none' = weight-only)")
-    if quant["weights"] == "int4" and quant["activations"] != "none":
-        bad("activations", "int4 weights are weight-only here: Qwix 0.1.8 convolutions need the "
-                           "weights and activations in the same type; set "
-                           "quant.activations='none'")
-    if quant["calibration_examples"] < 1:
-        bad("calibration_examples", "static activation scales are calibrated on >= 1 training "
-                                    "examples (default 512)")
+    if quant.mode not in MODES:
+        bad("mode", quant.mode, f"valid modes: {list(MODES)}")
+    if quant.weights not in WEIGHTS:
+        bad("weights", quant.weights, f"valid weight types: {list(WEIGHTS)}")
+    if quant.activations not in ACTIVATIONS:
+        bad("activations", quant.activations,
+            f"valid activation types: {list(ACTIVATIONS)} ('none' = weight-only)")
+    if quant.weights == "int4" and quant.activations != "none":
+        bad("activations", quant.activations,
+            "int4 weights are weight-only here: Qwix 0.1.8 convolutions need the weights and "
+            "activations in the same type; set quant.activations='none'")
+    if quant.calibration_examples < 1:
+        bad("calibration_examples", quant.calibration_examples,
+            "static activation scales are calibrated on >= 1 training examples (default 512)")
 
 
 def _regex(pattern: str) -> str:
@@ -67,31 +69,32 @@ def _regex(pattern: str) -> str:
     return fnmatch.translate(pattern).removesuffix(r"\Z") + "(?:/.*)?"
 
 
-def rules(quant: Mapping[str, Any], *, static: bool) -> list[qwix.QuantizationRule]:
+def rules(quant: plan_lib.Quant, *, static: bool) -> list[qwix.QuantizationRule]:
     """Exclusions first (Qwix applies the first rule that matches), then every other layer."""
-    acts = None if quant["activations"] == "none" else quant["activations"]
-    return [*(qwix.QuantizationRule(module_path=_regex(p)) for p in quant["exclude"]),
-            qwix.QuantizationRule(module_path=".*", weight_qtype=quant["weights"],
+    acts = None if quant.activations == "none" else quant.activations
+    return [*(qwix.QuantizationRule(module_path=_regex(p)) for p in quant.exclude),
+            qwix.QuantizationRule(module_path=".*", weight_qtype=quant.weights,
                                   act_qtype=acts, act_static_scale=(static if acts else None))]
 
 
-def _intercept(model: nnx.Module, provider, input_shape: Sequence[int], quant) -> nnx.Module:
+def _intercept(model: nnx.Module, provider, input_shape: Sequence[int],
+               quant: plan_lib.Quant) -> nnx.Module:
     x = jnp.zeros((1, *input_shape), jnp.float32)
     if not hasattr(model, CALL):
-        raise ValueError(f"quant.mode={quant['mode']!r}: Qwix cannot intercept a "
+        raise ValueError(f"quant.mode={quant.mode!r}: Qwix cannot intercept a "
                          f"{type(model).__name__}: kdjax quantizes the model's `{CALL}(x, *, "
                          f"train)` method, which it does not have; give it one (kdjax.models."
                          f"FeatureModel) or set quant.mode='none'")
     out = qwix.quantize_model(model, provider, x, methods=(CALL,), train=False)
     unused = {r.module_path for r in provider.get_unused_rules()}
     if ".*" in unused:
-        raise ValueError(f"quant.mode={quant['mode']!r}: Qwix intercepted no layer of the "
+        raise ValueError(f"quant.mode={quant.mode!r}: Qwix intercepted no layer of the "
                          f"{type(model).__name__}: it computes no matrix product or convolution "
                          f"(jax.lax.dot_general, conv_general_dilated, jnp.einsum: what nnx.Linear "
                          f"and nnx.Conv call) in a Flax NNX module outside "
-                         f"quant.exclude={tuple(quant['exclude'])}, so there is nothing to "
+                         f"quant.exclude={tuple(quant.exclude)}, so there is nothing to "
                          f"quantize; set quant.mode='none'")
-    for pattern in quant["exclude"]:
+    for pattern in quant.exclude:
         if _regex(pattern) in unused:
             raise ValueError(f"quant.exclude pattern {pattern!r} names no layer of the "
                              f"{type(model).__name__}; its layers: "
@@ -104,7 +107,7 @@ def _layer_paths(model: nnx.Module) -> list[str]:
             if isinstance(n, (nnx.Linear, nnx.Conv))]
 
 
-def for_training(model: nnx.Module, quant: Mapping[str, Any], input_shape: Sequence[int]
+def for_training(model: nnx.Module, quant: plan_lib.Quant, input_shape: Sequence[int]
                  ) -> nnx.Module:
     """The student with a fake-quantized forward (QAT): int8 (or int4) weights and dynamic int8
     activations in the forward pass, float straight-through gradients."""
@@ -114,7 +117,7 @@ def for_training(model: nnx.Module, quant: Mapping[str, Any], input_shape: Seque
 CALIBRATION_BATCH = 128
 
 
-def calibrated(model: nnx.Module, quant: Mapping[str, Any], images: np.ndarray,
+def calibrated(model: nnx.Module, quant: plan_lib.Quant, images: np.ndarray,
                *, batch_size: int = CALIBRATION_BATCH) -> nnx.Module:
     """Qwix's PTQ model of `model`: int8 weights, activation scales from `images` (float,
     preprocessed, [N, H, W, C]): the mean over batches of each layer input's max |x|."""
@@ -127,7 +130,7 @@ def calibrated(model: nnx.Module, quant: Mapping[str, Any], images: np.ndarray,
     return _intercept(qt, qwix.PtqProvider(static), images.shape[1:], quant)
 
 
-def structure_like(model: nnx.Module, quant: Mapping[str, Any], input_shape: Sequence[int]
+def structure_like(model: nnx.Module, quant: plan_lib.Quant, input_shape: Sequence[int]
                    ) -> nnx.Module:
     """A PTQ model of `model`'s architecture for an export's arrays to be loaded into (its
     values are placeholders: calibrated on zero images, a batch of calibration's shape, whose

@@ -10,62 +10,64 @@ import dataclasses
 import json
 
 import jax
-import ml_collections
 import optax
 from flax import nnx
 
-from kdjax import checkpoint
+from kdjax import checkpoint, plan as plan_lib
 from kdjax.compress import prune, quantize, structured
 from kdjax.models import ModelSpec
 
 
-def initial_student(config: ml_collections.ConfigDict, spec: ModelSpec
-                    ) -> tuple[ModelSpec, nnx.Module]:
+def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
     """The student the run trains and its spec (recorded in its checkpoints).
 
-    init.workdir: that run's latest student, as its spec records it. prune.schedule="init": its
-    channels pruned by prune.criterion to prune.sparsity and physically removed (the spec
-    records the new widths). quant.mode="qat": its forward fake-quantized (Qwix).
+    It takes the whole plan because it orchestrates three sections and the seed: init.workdir:
+    that run's latest student, as its spec records it. prune.schedule="init": its channels
+    pruned by prune.criterion to prune.sparsity and physically removed (the spec records the new
+    widths). quant.mode="qat": its forward fake-quantized (Qwix). Otherwise `spec` built with
+    the run's seed. (A config is turned into a plan first: `kdjax.plan.as_plan`.)
     """
-    prune.check_config(config.prune, config.train.steps)
-    if config.init.workdir:
-        spec, model = _load_initial(config, spec)
+    run = plan_lib.as_plan(run)
+    prune.check_config(run.prune, run.train.steps)
+    init_once = run.prune.schedule == "init" and run.prune.method == "structured"
+    if run.init.workdir:
+        spec, model = _load_initial(run.init, spec)
     else:
-        if config.prune.schedule == "init" and config.prune.method == "structured":
+        if init_once:
             raise ValueError("prune.schedule='init' prunes the initial weights, and with no "
                              "init.workdir they are random; set init.workdir to the trained run "
                              "to prune (e.g. the teacher's workdir), or use "
                              "prune.schedule='one_shot'/'cubic' to prune during training")
-        model = spec.build(config.seed)
-    if config.prune.schedule == "init" and config.prune.method == "structured":
-        model, spec = prune_once(model, spec, config.prune)
-        print(f"kdjax: structured pruning of {config.init.workdir}'s student before training: "
+        model = spec.build(run.seed)
+    if init_once:
+        model, spec = prune_once(model, spec, run.prune)
+        print(f"kdjax: structured pruning of {run.init.workdir}'s student before training: "
               f"{spec.name} with {dict(spec.kwargs)}", flush=True)
-    quantize.check_config(config.quant)
-    if config.quant.mode == "qat":
-        model = quantize.for_training(model, config.quant, spec.input_shape)
+    quantize.check_config(run.quant)
+    if run.quant.mode == "qat":
+        model = quantize.for_training(model, run.quant, spec.input_shape)
     return spec, model
 
 
-def _load_initial(config, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
-    reader = checkpoint.RunReader(config.init.workdir, what="init.workdir")
+def _load_initial(init: plan_lib.Init, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
+    reader = checkpoint.RunReader(init.workdir, what="init.workdir")
     try:
         step = reader.resolve_step("latest")
         saved = reader.model_spec(step)
         if saved.name != spec.name:
-            raise ValueError(f"init.workdir={config.init.workdir!r} holds a {saved.name!r} student "
+            raise ValueError(f"init.workdir={init.workdir!r} holds a {saved.name!r} student "
                              f"but model.name={spec.name!r}; set model.name={saved.name!r} (the "
                              f"student starts from that run's weights and architecture)")
         if saved.num_classes != spec.num_classes:
-            raise ValueError(f"init.workdir={config.init.workdir!r} holds a model with "
+            raise ValueError(f"init.workdir={init.workdir!r} holds a model with "
                              f"{saved.num_classes} classes but this run's has {spec.num_classes}")
         if spec.kwargs and _json(spec.kwargs) != _json(saved.kwargs):  # tuples were saved as lists
             raise ValueError(f"model.kwargs={dict(spec.kwargs)} differ from the architecture "
-                             f"init.workdir={config.init.workdir!r} records, {dict(saved.kwargs)}; "
+                             f"init.workdir={init.workdir!r} records, {dict(saved.kwargs)}; "
                              f"leave model.kwargs empty to take that run's")
         spec = dataclasses.replace(spec, kwargs=dict(saved.kwargs))
         model = reader.load_model(step, spec, what=f"the student of init.workdir "
-                                                   f"{config.init.workdir!r}")
+                                                   f"{init.workdir!r}")
     finally:
         reader.close()
     print(f"kdjax: the student starts from {reader.path(step)}", flush=True)
@@ -76,10 +78,11 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
-def prune_once(model: nnx.Module, spec: ModelSpec, prune_config) -> tuple[nnx.Module, ModelSpec]:
+def prune_once(model: nnx.Module, spec: ModelSpec, prune_section: plan_lib.Prune
+               ) -> tuple[nnx.Module, ModelSpec]:
     """Structured pruning of `model`'s weights, now, and the physically smaller model."""
-    plan = prune.make_plan({**prune_config, "schedule": "one_shot", "begin_step": 0}, model,
-                           spec.input_shape, 1)
+    now = dataclasses.replace(prune_section, schedule="one_shot", begin_step=0)
+    plan = prune.make_plan(now, model, spec.input_shape, 1)
     params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
     masks = jax.jit(plan.masks)(params, 0)  # one program, not an eager op per score and rank
     state = nnx.state(model)
@@ -91,14 +94,17 @@ def prune_once(model: nnx.Module, spec: ModelSpec, prune_config) -> tuple[nnx.Mo
     return small, small_spec
 
 
-def wrap_optimizer(tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+def wrap_optimizer(tx: optax.GradientTransformation, run: plan_lib.RunPlan,
                    student: nnx.Module, input_shape) -> optax.GradientTransformation:
-    """`tx` with the prune section's masks in its state (kdjax.compress.prune.wrap), or `tx`."""
-    plan = prune.make_plan(config.prune, student, input_shape, config.train.steps,
-                           seed=config.seed)
+    """`tx` with the prune section's masks in its state (kdjax.compress.prune.wrap), or `tx`.
+
+    It reads prune, train.steps and the seed of the plan (a config is turned into one first:
+    `kdjax.plan.as_plan`)."""
+    run = plan_lib.as_plan(run)
+    plan = prune.make_plan(run.prune, student, input_shape, run.train.steps, seed=run.seed)
     if plan is None:
         return tx
-    print(f"kdjax: pruning {len(plan.targets)} layer(s) ({config.prune.method}, "
-          f"{config.prune.scope}, {config.prune.schedule} to {plan.targets[0].schedule.final:.3g}"
+    print(f"kdjax: pruning {len(plan.targets)} layer(s) ({run.prune.method}, "
+          f"{run.prune.scope}, {run.prune.schedule} to {plan.targets[0].schedule.final:.3g}"
           f"): {', '.join(t.name for t in plan.targets)}", flush=True)
     return prune.wrap(tx, plan)

@@ -27,7 +27,7 @@ from typing import Any
 from flax import nnx
 
 import kdjax
-from kdjax import checkpoint, config as config_lib, data
+from kdjax import checkpoint, data, plan
 from kdjax.interop import layouts, state_dict
 from kdjax.models import ModelSpec, count_params
 
@@ -186,26 +186,22 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
     return report
 
 
-def _run_config(report: ImportReport):
-    c = config_lib.base_config()
-    c.model.name = report.spec.name
-    c.model.kwargs = dict(report.spec.kwargs)
-    c.model.num_classes = report.spec.num_classes
-    c.data.name = report.data
-    c.data.mean = tuple(report.preprocess["mean"])
-    c.data.std = tuple(report.preprocess["std"])
+def _run_plan(report: ImportReport) -> plan.RunPlan:
+    data_keys = {"name": report.data, "mean": tuple(report.preprocess["mean"]),
+                 "std": tuple(report.preprocess["std"])}
     if report.layout == "torchvision":  # ImageNet's images vary in size: the model's is recorded
-        c.data.image_size = report.spec.input_shape[0]
-    c.train.steps = 0
-    return config_lib.validate(c)
+        data_keys["image_size"] = report.spec.input_shape[0]
+    return plan.as_plan({"model": {"name": report.spec.name, "kwargs": dict(report.spec.kwargs),
+                                   "num_classes": report.spec.num_classes},
+                         "data": data_keys, "train": {"steps": 0}})
 
 
 def _write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
                reference: str | None) -> None:
-    config = _run_config(report)
+    run_plan = _run_plan(report)
     imported = {"from": report.source, "sha256": report.sha256, "format": report.format,
                 "layout": report.layout, "reference": reference, "notes": list(report.notes)}
-    run = {"kdjax_version": kdjax.__version__, "config": json.loads(config_lib.to_json(config)),
+    run = {"kdjax_version": kdjax.__version__, "config": json.loads(run_plan.to_json()),
            "model": report.spec.to_json(), "preprocess": report.preprocess, "imported": imported}
     summary = {"imported": True, **imported, "model": report.spec.name,
                "num_params": report.num_params, "num_classes": report.spec.num_classes,
@@ -218,7 +214,7 @@ def _write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the run private to this user
         checkpoint.save_model_only(tmp, params, model_state, run)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+            f.write(run_plan.to_json())
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         os.rename(tmp, report.out)

@@ -84,7 +84,7 @@ def token_means(pending: list) -> dict[str, float]:
     return out
 
 
-def generations(model: nnx.Module, tokenizer, lm: plan_lib.LM, seed: int
+def generations(model: nnx.Module, tokenizer, lm: plan_lib.Lm, seed: int
                 ) -> list[dict[str, str]]:
     """lm.prompts continued by the model (lm.generate_tokens tokens each)."""
     prompts = list(lm.prompts)

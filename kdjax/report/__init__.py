@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kdjax import calibration, data as data_lib
+from kdjax import calibration, data as data_lib, plan
 from kdjax.report import evaluate, lm, measure, render
 from kdjax.report.artifacts import Artifact, load_artifact, register_loader
 
@@ -86,7 +86,7 @@ class _Cache:
             self._artifacts[key] = load_artifact(key, step=self.step)
         return self._artifacts[key]
 
-    def data(self, a: Artifact, split: str):
+    def data(self, a: Artifact, split: str) -> plan.Data:
         return evaluate.data_config(a, split=split, dataset=self.dataset, data_dir=self.data_dir)
 
     def logits(self, a: Artifact, split: str):
@@ -193,8 +193,8 @@ def _temperature(a: Artifact, cache: _Cache, split: str, calibration_split: str 
     if calibration_split:
         held_out, why = calibration_split, "--calibration-split"
     else:
-        config = cache.data(a, split)
-        spec = data_lib.dataset_info(config.name, data_dir=config.data_dir or None)
+        data = cache.data(a, split)
+        spec = data_lib.dataset_info(data.name, data_dir=data.data_dir or None)
         held_out, why = evaluate.held_out_split(a.data.get("train_split"), spec.splits, split)
     if held_out is None:
         return {"skipped": why}

@@ -8,6 +8,7 @@ temperature scaling cheap: fitted on the held-out split's logits, then the same 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -15,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import calibration, data as data_lib, input as input_lib, sharding
-from kdjax import config as config_lib
-from kdjax.config import base_config
+from kdjax import calibration, data as data_lib, input as input_lib, plan, sharding
 from kdjax.report.artifacts import Artifact
 from kdjax.step import eval_sums
 
@@ -41,38 +40,35 @@ def held_out_split(train_split: str | None, available: dict[str, int], eval_spli
 
 
 def data_config(artifact: Artifact, *, split: str, dataset: str | None = None,
-                data_dir: str | None = None) -> Any:
-    """The `data` section to read `split` for this artifact: its own (name, data_dir), with
-    `dataset`/`data_dir` when given."""
-    known = base_config().data
+                data_dir: str | None = None) -> plan.Data:
+    """The `data` section to read `split` (as its eval_split) for this artifact: its own (name,
+    data_dir, image size and crops), with `dataset`/`data_dir` when given."""
+    known = {f.name for f in dataclasses.fields(plan.Data)}
     # through the schema, so a JSON list is the tuple a config holds
-    config = config_lib.validate({"data": {k: v for k, v in artifact.data.items()
-                                           if k in known}}).data
+    recorded = plan.as_plan({"data": {k: v for k, v in artifact.data.items()
+                                      if k in known}}).data
     name = dataset or artifact.data.get("name")
     if not name:
         raise ValueError(f"{artifact.path!r} does not record its dataset; pass --dataset NAME")
-    config.name = name
-    config.data_dir = data_dir or artifact.data.get("data_dir") or ""
-    config.eval_split = split
-    return config
+    return dataclasses.replace(recorded, name=name, eval_split=split,
+                               data_dir=data_dir or artifact.data.get("data_dir") or "")
 
 
-def split_logits(artifact: Artifact, config: Any, *, batch_size: int = 1000,
+def split_logits(artifact: Artifact, data: plan.Data, *, batch_size: int = 1000,
                  mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [N, C] float32, labels [N]) of the split `config.eval_split`, in its order."""
+    """(logits [N, C] float32, labels [N]) of the split `data.eval_split`, in its order."""
     mesh = mesh or sharding.make_mesh()
-    spec = data_lib.dataset_info(config.name, data_dir=config.data_dir or None)
-    mode, _ = input_lib.choose_mode(config, spec, split=config.eval_split)
+    spec = data_lib.dataset_info(data.name, data_dir=data.data_dir or None)
+    mode, _ = input_lib.choose_mode(data, spec, split=data.eval_split)
     if mode == "device":
-        arrays = data_lib.load_arrays(config.name, config.eval_split,
-                                      data_dir=config.data_dir or None)
+        arrays = data_lib.load_arrays(data.name, data.eval_split, data_dir=data.data_dir or None)
         if tuple(arrays["image"].shape[1:]) != tuple(artifact.input_shape):
-            raise ValueError(f"{config.name} {config.eval_split!r} has images of shape "
+            raise ValueError(f"{data.name} {data.eval_split!r} has images of shape "
                              f"{arrays['image'].shape[1:]} but {artifact.path!r} takes "
                              f"{tuple(artifact.input_shape)}; pass the dataset it was trained on")
         batches = input_lib.array_eval_batches(arrays, batch_size, mesh)
     else:
-        batches = input_lib.eval_batches(config, batch_size=batch_size, mesh=mesh)
+        batches = input_lib.eval_batches(data, batch_size=batch_size, mesh=mesh)
     forward = jax.jit(lambda v, x: artifact.apply(v, x).astype(jnp.float32))
     variables = sharding.replicate(artifact.variables, mesh)
     logits, labels = [], []
@@ -82,7 +78,7 @@ def split_logits(artifact: Artifact, config: Any, *, batch_size: int = 1000,
         logits.append(np.asarray(out)[real])
         labels.append(np.asarray(jax.device_get(batch["label"]))[real])
     if not logits:
-        raise ValueError(f"{config.name} split {config.eval_split!r} is empty")
+        raise ValueError(f"{data.name} split {data.eval_split!r} is empty")
     return np.concatenate(logits), np.concatenate(labels)
 
 
