@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -39,7 +38,7 @@ METHODS = ("deepinversion", "zskt")
 POOL = "synthetic.npz"
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: plan_lib.RunPlan) -> None:
     """Refuse what a data-free run cannot do (ValueError naming the keys)."""
     d = config.datafree
     if d.method not in METHODS:
@@ -74,7 +73,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                              f"{d.balance_weight} must be >= 0")
 
 
-def recipe(config: ml_collections.ConfigDict, platform: str) -> deepinversion.Recipe:
+def recipe(config: plan_lib.RunPlan, platform: str) -> deepinversion.Recipe:
     d = config.datafree
     per_call = d.synthesis_steps_per_call or (1 if platform == "cpu" else 0)
     return deepinversion.Recipe(steps=d.synthesis_steps, learning_rate=d.synthesis_lr,
@@ -83,19 +82,19 @@ def recipe(config: ml_collections.ConfigDict, platform: str) -> deepinversion.Re
                                 steps_per_call=per_call)
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+def distill(config: plan_lib.RunPlan, workdir: str, *, progress: bool = True,
             fresh: bool = False) -> dict[str, Any]:
     """Run the phases of the module docstring; returns the summary (also in summary.json)."""
     from kdjax import trainer
 
+    config = plan_lib.as_plan(config)
     check_config(config)
     spec = data.dataset_info(config.data.name, data_dir=config.data.data_dir or None)
     mesh = sharding.mesh_from_config(config.mesh)
-    unfolded = ml_collections.ConfigDict(config.to_dict())
-    unfolded.teacher.fold_batchnorm = False
+    unfolded = config.replace(teacher={"fold_batchnorm": False})
     student = classification.model_spec(config.model, spec)
     num_classes = student.num_classes
-    teacher = classification.ImageTask(plan_lib.as_plan(unfolded)).load_teacher(
+    teacher = classification.ImageTask(unfolded).load_teacher(
         config.teacher.workdir, student, mesh).model
     preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
     # Inputs are synthesised in the teacher's normalised space, and quantised back to pixels
@@ -154,7 +153,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
 def _zskt(config, workdir, teacher, spec, mesh, preprocess, progress: bool) -> dict[str, Any]:
     """The generator/student game, its evaluation and the student's checkpoint (a workdir with
     checkpoints is refused: the game does not resume, `--fresh` or not)."""
-    d, total, plan = config.datafree, config.train.steps, plan_lib.as_plan(config)
+    d, total, plan = config.datafree, config.train.steps, config
     student_spec = classification.model_spec(config.model, spec)
     tx = optim.make_optimizer(config.optimizer, total)
     graphdef, state = init_train_state(student_spec.build(config.seed), tx, seed=config.seed)

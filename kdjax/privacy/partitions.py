@@ -16,10 +16,10 @@ import os
 import re
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from kdjax import config as config_lib, data, distributed, metrics
+from kdjax import data, distributed, metrics
+from kdjax import plan as plan_lib
 
 MANIFEST = "pate.json"
 _SLICE = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(\[(?P<start>\d*):(?P<stop>\d*)\])?$")
@@ -82,7 +82,7 @@ def read_manifest(workdir: str, *, key: str = "teacher.workdir") -> dict[str, An
     return manifest
 
 
-def train_ensemble(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+def train_ensemble(config: plan_lib.RunPlan, workdir: str, *, progress: bool = True,
                    fresh: bool = False) -> dict[str, Any]:
     """Train `config.pate.teachers` teachers on disjoint slices of data.train_split.
 
@@ -93,6 +93,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str, *, progress:
     """
     from kdjax import trainer
 
+    config = plan_lib.as_plan(config)
     n = config.pate.teachers
     if config.loss.name != "ce":
         raise ValueError(f"pate.teachers={n} trains a teacher ensemble with supervised "
@@ -106,10 +107,9 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str, *, progress:
     os.makedirs(workdir, exist_ok=True)
     summaries = []
     for k, (a, b) in enumerate(ranges):
-        sub = ml_collections.ConfigDict(config.to_dict())
-        sub.pate.teachers = 0  # each member is an ordinary run
-        sub.data.train_split = f"{name}[{a}:{b}]"
-        sub.seed = config.seed + k
+        # each member is an ordinary run
+        sub = config.replace(pate={"teachers": 0}, data={"train_split": f"{name}[{a}:{b}]"},
+                             seed=config.seed + k)
         if b - a < sub.train.batch_size:
             raise ValueError(f"teacher {k} trains on {b - a} examples, fewer than train.batch_size="
                              f"{sub.train.batch_size}: lower train.batch_size or pate.teachers")
@@ -121,7 +121,7 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str, *, progress:
         else:
             print(f"kdjax: PATE teacher {k + 1} of {n} on {sub.data.train_split} -> {path}",
                   flush=True)
-            summary = trainer.train(config_lib.validate(sub), path, distill=False,
+            summary = trainer.train(sub, path, distill=False,
                                     progress=progress, fresh=fresh)
         summaries.append(summary)
         manifest["teachers"].append({"workdir": f"teacher_{k}", "split": sub.data.train_split,
@@ -138,5 +138,5 @@ def train_ensemble(config: ml_collections.ConfigDict, workdir: str, *, progress:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(metrics.json_safe(result), f, indent=2)
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+            f.write(config.to_json())
     return result

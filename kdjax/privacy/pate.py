@@ -30,17 +30,17 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from kdjax import data, distributed, metrics, objectives
+from kdjax import plan as plan_lib
 from kdjax.privacy import aggregation, partitions, rdp
 
 AGGREGATIONS = ("gnmax", "plurality")
 NOT_PRIVATE = "plurality"
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: plan_lib.RunPlan) -> None:
     """Refuse a PATE distillation whose release would not be what it claims (ValueError naming
     the keys)."""
     p, agg = config.pate, config.teacher.aggregation
@@ -98,7 +98,7 @@ def _key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 0x9A7E)
 
 
-def release(config: ml_collections.ConfigDict, counts: np.ndarray) -> aggregation.Answers:
+def release(config: plan_lib.RunPlan, counts: np.ndarray) -> aggregation.Answers:
     """The labels `teacher.aggregation` releases for the vote histograms `counts` [Q, C]."""
     p, agg = config.pate, config.teacher.aggregation
     if agg == NOT_PRIVATE:
@@ -113,7 +113,7 @@ def release(config: ml_collections.ConfigDict, counts: np.ndarray) -> aggregatio
     return aggregation.Answers(*(np.asarray(x) for x in answers))
 
 
-def privacy_summary(config: ml_collections.ConfigDict, counts: np.ndarray,
+def privacy_summary(config: plan_lib.RunPlan, counts: np.ndarray,
                     answers: aggregation.Answers) -> dict[str, Any]:
     """summary.json's privacy fields (`rdp.pate_cost`; ε = inf for the plurality baseline)."""
     p, agg = config.pate, config.teacher.aggregation
@@ -138,12 +138,12 @@ def privacy_summary(config: ml_collections.ConfigDict, counts: np.ndarray,
             "privacy/sigma1": p.sigma1 if confident else None}
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+def distill(config: plan_lib.RunPlan, workdir: str, *, progress: bool = True,
             fresh: bool = False) -> dict[str, Any]:
     """Run the phases of the module docstring; returns the summary (also in summary.json)."""
     from kdjax import classification, sharding, trainer
-    from kdjax import plan as plan_lib
 
+    config = plan_lib.as_plan(config)
     check_config(config)
     manifest = partitions.read_manifest(config.teacher.workdir)
     if manifest["dataset"] != config.data.name:
@@ -152,8 +152,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, progress: bool =
                          f"{config.data.name!r}")
     spec = data.dataset_info(config.data.name, data_dir=config.data.data_dir or None)
     mesh = sharding.mesh_from_config(config.mesh)
-    task, student = classification.ImageTask(plan_lib.as_plan(config)), classification.model_spec(
-        config.model, spec)
+    task, student = classification.ImageTask(config), classification.model_spec(config.model, spec)
     members = [task.load_teacher(os.path.join(config.teacher.workdir, t["workdir"]), student,
                                  mesh).model for t in manifest["teachers"]]
     ensemble = aggregation.stack_teachers(members)
