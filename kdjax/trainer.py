@@ -44,13 +44,14 @@ from flax import nnx
 
 from kdjax import augment, calibration, checkpoint, config as config_lib, data, distributed
 from kdjax import input as input_lib
-from kdjax import loop, metrics as metrics_lib, models, objectives, optim, sharding
+from kdjax import loop, methods, metrics as metrics_lib, models, objectives, optim, sharding
 from kdjax import taps as taps_lib
 from kdjax import teacher as teacher_lib
 from kdjax.compress import training as compress
 from kdjax.models import ModelSpec
-from kdjax.step import (DeviceData, Distillee, FrozenModel, compute_dtype, freeze,
-                        init_train_state, make_distill_step, make_eval_step)
+from kdjax.distillee import Distillee
+from kdjax.step import (DeviceData, FrozenModel, compute_dtype, freeze, init_train_state,
+                        make_distill_step, make_eval_step)
 
 EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
 
@@ -173,33 +174,26 @@ def check_teachers(config: ml_collections.ConfigDict, teachers: Sequence[Teacher
 def build_distillee(config: ml_collections.ConfigDict, spec: data.DatasetSpec, student: ModelSpec,
                     teachers: tuple[FrozenModel, ...], train_labels: np.ndarray | None,
                     initial: nnx.Module | None = None) -> Distillee:
-    """The student (`initial`, or `student` built afresh) with what trains alongside it: the
-    loss's connectors, model.peers (each a registry model with its defaults, or model.kwargs
-    when it is the student's architecture), BYOT's exits and CTKD's temperature module."""
-    model = student.build(config.seed) if initial is None else initial
+    """The student (`initial`, or `student` built afresh) with the parts its method trains
+    alongside it (kdjax.methods.build_distillee); model.peers are each a registry model with its
+    defaults, or model.kwargs when it is the student's architecture."""
     peers = [dataclasses.replace(student, name=name, kwargs=dict(
-        config.model.kwargs) if name == config.model.name else {}).build(config.seed + i)
-             for i, name in enumerate(config.model.peers, start=1)]
-    for name, m in ((config.model.name, model), *zip(config.model.peers, peers)):
+        config.model.kwargs) if name == config.model.name else {})
+             for name in config.model.peers]
+    model = methods.build_distillee(
+        config.loss, student.build(config.seed) if initial is None else initial, student,
+        teachers, image_shape=spec.image_shape, seed=config.seed, dataset_labels=train_labels,
+        dtype=compute_dtype(config.model.compute_dtype), peers=peers)
+    for name, m in ((config.model.name, model.student), *zip(config.model.peers, model.peers)):
         check_logits(m, student.num_classes, spec.image_shape, f"model.name={name!r}")
-    connectors = objectives.build_connectors(
-        config.loss, model, teachers, image_shape=spec.image_shape,
-        rngs=nnx.Rngs(config.seed + 0xC0), dataset_labels=train_labels,
-        dtype=compute_dtype(config.model.compute_dtype))
-    exits = objectives.build_exits(config.loss, model, image_shape=spec.image_shape,
-                                   rngs=nnx.Rngs(config.seed + 0xE0),
-                                   dtype=compute_dtype(config.model.compute_dtype))
-    temperature = objectives.build_temperature(config.loss, num_classes=student.num_classes,
-                                               rngs=nnx.Rngs(config.seed + 0x7E))
-    taps = () if config.loss.name == "byot" else config.loss.student_taps  # exits add theirs
-    return Distillee(model, connectors=connectors, peers=peers, taps=taps, exits=exits,
-                     temperature=temperature)
+    return model
 
 
 def check_self_teacher(config: ml_collections.ConfigDict) -> None:
-    """Tf-KD's self-teacher is a trained copy of the student: refuse a teacher.workdir whose
-    model is another architecture (plain KD distils from any teacher)."""
-    if config.loss.name != "tfkd" or config.loss.kwargs.get("variant", "virtual") != "self":
+    """A method whose teacher is a trained copy of the student (Tf-KD's self-teacher,
+    `Method.teacher_is_student`): refuse a teacher.workdir whose model is another architecture
+    (plain KD distils from any teacher)."""
+    if not methods.get(config.loss.name).teacher_is_student(config.loss.kwargs):
         return
     student = json.dumps([config.model.name, dict(config.model.kwargs)], sort_keys=True)
     for workdir in teacher_workdirs(config):
@@ -207,7 +201,8 @@ def check_self_teacher(config: ml_collections.ConfigDict) -> None:
         model = (config.teacher.model if config.teacher.model.name else run.model)
         if json.dumps([model.name, dict(model.kwargs)], sort_keys=True) != student:
             raise ValueError(
-                f"loss.name='tfkd' with variant='self' distils from a trained copy of the "
+                f"loss.name={config.loss.name!r} with loss.kwargs={dict(config.loss.kwargs)} "
+                f"distils from a trained copy of the "
                 f"student ({config.model.name} {dict(config.model.kwargs)}), but teacher.workdir="
                 f"{workdir!r} trained {model.name} {dict(model.kwargs)}; point teacher.workdir at "
                 f"a run of the student's architecture (kdjax train with the student's config), "
@@ -416,11 +411,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, distill: bool,
                          "got loss.name='ce'; use `kdjax train` for supervised training")
     if (distill and not objectives.needs_teacher(config.loss.name, config.loss.kwargs)
             and teacher_workdirs(config)):
-        learns = {"dml": "from peer students", "byot": "from its own deepest classifier",
-                  "tfkd": "from a virtual teacher (variant='virtual'; 'self' loads one)"}
         raise ValueError(f"loss.name={config.loss.name!r} learns "
-                         f"{learns.get(config.loss.name, 'without')}, not a teacher: clear "
-                         f"teacher.workdir and teacher.workdirs")
+                         f"{methods.get(config.loss.name).learns_from or 'without'}, not a "
+                         f"teacher: clear teacher.workdir and teacher.workdirs")
     if config.loss.name != "ce" and not distill:
         raise ValueError(f"loss.name={config.loss.name!r} distils from a teacher: run it with "
                          f"`kdjax distill`, or set loss.name='ce' for supervised training")

@@ -16,7 +16,7 @@ once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -26,8 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import losses, sharding
+from kdjax import sharding
 from kdjax.lm import packing
+from kdjax.lm.objective import TokenObjective
 from kdjax.step import (FrozenModel, Step, TrainState, _epoch_key, apply_update, compile_step)
 
 #: The per-step sums an LM step reports; "tokens" is their count.
@@ -44,57 +45,6 @@ class TokenData(flax.struct.PyTreeNode):
     @property
     def steps_per_epoch(self) -> int:
         return self.tokens.shape[0] // self.batch_size  # the last partial batch is dropped
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenObjective:
-    """What the step minimises: ``ce_weight * CE + kd_weight * divergence`` per target token.
-
-    `divergence` is a key of kdjax.losses.TOKEN_DIVERGENCES (None: CE alone, supervised
-    training) with its keyword hyperparameters in `kwargs`. `chunk_size` > 0 computes both models'
-    logits that many positions at a time (kdjax.losses.chunked_token_losses), never whole;
-    0 materialises them.
-    """
-
-    divergence: str | None = None
-    kwargs: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    chunk_size: int = 0
-
-    def __post_init__(self):
-        if self.divergence is not None:
-            fn = losses.token_divergence(self.divergence)
-            try:  # bad hyperparameters fail here, before anything compiles
-                jax.eval_shape(lambda: fn(jnp.zeros((1, 2)), jnp.zeros((1, 2)), **self.kwargs))
-            except TypeError as e:
-                raise ValueError(f"loss.kwargs={dict(self.kwargs)} do not fit the token "
-                                 f"divergence {self.divergence!r}: {e}") from None
-        if self.chunk_size < 0:
-            raise ValueError(f"lm.chunk_size must be >= 0 (0 = whole logits), got "
-                             f"{self.chunk_size}")
-
-    def terms(self, student: nnx.Module, hidden: jax.Array, teacher: nnx.Module | None,
-              teacher_hidden: jax.Array | None, targets: jax.Array, mask: jax.Array
-              ) -> dict[str, jax.Array]:
-        """Per-token ``[B, T]`` "ce", "correct" and, with a teacher, "kd" and "agreement"."""
-        divergence = self.divergence if teacher is not None else None
-        if self.chunk_size:
-            return losses.chunked_token_losses(
-                hidden, student.head(), teacher_hidden,
-                None if teacher is None else teacher.head(), targets, mask=mask,
-                divergence=divergence or "forward_kl", chunk_size=self.chunk_size,
-                **(self.kwargs if divergence else {}))
-        logits = student.logits(hidden)
-        out = {"ce": losses.token_cross_entropy(logits, targets, mask=mask),
-               "correct": jnp.where(mask, logits.argmax(-1) == targets, 0.0)}
-        if teacher is not None:
-            t_logits = teacher.logits(teacher_hidden)
-            out["agreement"] = jnp.where(mask, logits.argmax(-1) == t_logits.argmax(-1), 0.0)
-            if divergence:
-                out["kd"] = losses.token_divergence(divergence)(logits, t_logits, mask=mask,
-                                                                **self.kwargs)
-        return out
 
 
 def _sample_rows(state: TrainState, data: TokenData, mesh: Mesh
@@ -166,15 +116,9 @@ def make_lm_step(
             student = model.student
             hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"],
                                       train=True, logits=False)["hidden"]
-            terms = objective.terms(student, hidden, frozen[0] if frozen else None, t_hidden,
-                                    inputs["targets"], mask)
-            count = mask.sum().astype(jnp.float32)
-            metrics = {f"{k}_sum": v.sum() for k, v in terms.items()}
-            metrics["tokens"] = count
-            total = objective.ce_weight * metrics["ce_sum"]
-            if "kd_sum" in metrics:
-                total = total + objective.kd_weight * metrics["kd_sum"]
-            loss = total / jnp.maximum(count, 1.0)
+            loss, metrics = objective.loss(objective.terms(
+                student, hidden, frozen[0] if frozen else None, t_hidden, inputs["targets"],
+                mask), mask, state.step)
             return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

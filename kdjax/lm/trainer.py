@@ -32,27 +32,22 @@ import numpy as np
 from flax import nnx
 
 from kdjax import checkpoint, config as config_lib, distributed, export as export_lib
-from kdjax import loop, metrics as metrics_lib, models, optim, sharding
+from kdjax import loop, methods, metrics as metrics_lib, models, optim, sharding
 from kdjax import teacher as teacher_lib, trainer as image_trainer
 from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
 from kdjax.lm.models import is_lm
-from kdjax.lm.step import (SUM_METRICS, TokenData, TokenObjective, make_lm_eval_step,
-                           make_lm_step)
-from kdjax.losses import TOKEN_DIVERGENCES
+from kdjax.lm.objective import TokenObjective
+from kdjax.lm.step import SUM_METRICS, TokenData, make_lm_eval_step, make_lm_step
 from kdjax.models import ModelSpec
-from kdjax.step import Distillee, FrozenModel, compute_dtype, freeze, init_train_state
+from kdjax.distillee import Distillee
+from kdjax.step import FrozenModel, compute_dtype, freeze, init_train_state
 
 EVAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/teacher_agreement")
 
 
 def objective_from_config(config: ml_collections.ConfigDict) -> TokenObjective:
-    name = config.loss.name
-    if name != "ce" and name not in TOKEN_DIVERGENCES:
-        raise ValueError(f"loss.name={name!r} is not a language-model loss; valid: 'ce' "
-                         f"(supervised) or a token divergence {sorted(TOKEN_DIVERGENCES)}")
-    return TokenObjective(divergence=None if name == "ce" else name,
-                          kwargs=dict(config.loss.kwargs), ce_weight=config.loss.ce_weight,
-                          kd_weight=config.loss.kd_weight, chunk_size=config.lm.chunk_size)
+    return methods.get(config.loss.name, task="lm").objective(
+        config.loss, chunk_size=config.lm.chunk_size)
 
 
 def student_spec(config: ml_collections.ConfigDict, ds: text_data.TextDataset) -> ModelSpec:
