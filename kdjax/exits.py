@@ -8,8 +8,8 @@ After training, an exit is a cheaper model: evaluation reports each exit's accur
 An exit reads two of the student's taps: its stage (a zoo feature name such as "stage1", or a
 module path, kdjax.taps) and the hint target (default "embedding": the vector the deepest
 classifier reads). Like connectors, exits are built from the taps' shapes (traced abstractly),
-live in the student's Distillee (`Exits`, a kdjax.distillee part), train in the same step under the same optimizer, are
-checkpointed with it (the checkpoint's train/extras) and are not part of the exported student.
+live in the student's Distillee (`Exits`, a kdjax.distillee part), train in the same step under
+the same optimizer, are checkpointed with it (the checkpoint's train/extras) and are not part of the exported student.
 """
 
 from __future__ import annotations
