@@ -19,7 +19,7 @@ _LAZY = {
     "TrainState": "kdjax.step",
     "FrozenModel": "kdjax.step",
     "DeviceData": "kdjax.step",
-    "Distillee": "kdjax.step",
+    "Distillee": "kdjax.distillee",
     "supervised": "kdjax.objectives",
     "logit_distillation": "kdjax.objectives",
     "feature_distillation": "kdjax.objectives",

@@ -41,9 +41,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import sharding
+from kdjax.distillee import join_student, split_student
 from kdjax.errors import CheckpointError, CheckpointMismatchError
 from kdjax.models import ModelSpec
-from kdjax.step import TrainState, join_student, split_student
+from kdjax.step import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"  # where resume moves checkpoints it cannot read

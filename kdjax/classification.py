@@ -21,14 +21,15 @@ import optax
 from flax import nnx
 
 from kdjax import augment, calibration, data as data_lib, input as input_lib, metrics
-from kdjax import objectives, sharding
+from kdjax import methods, objectives, sharding
 from kdjax import plan as plan_lib
 from kdjax import taps as taps_lib
 from kdjax import teacher as teacher_lib
 from kdjax.compress import training as compress
 from kdjax.models import ModelSpec
-from kdjax.step import (DeviceData, Distillee, FrozenModel, Step, compute_dtype, freeze,
-                        make_distill_step, make_eval_step)
+from kdjax.distillee import Distillee
+from kdjax.step import (DeviceData, FrozenModel, Step, compute_dtype, freeze, make_distill_step,
+                        make_eval_step)
 from kdjax.task import RunData, Task, Teacher, configured_teachers, register
 
 EVAL_METRICS = ("eval/accuracy", "eval/loss", "eval/top5_accuracy", "eval/teacher_agreement")
@@ -67,7 +68,7 @@ def check_self_teacher(plan: plan_lib.RunPlan) -> None:
     """Tf-KD's self-teacher is a trained copy of the student: refuse a teacher.workdir whose
     model is another architecture (plain KD distils from any teacher)."""
     loss, model = plan.loss, plan.model
-    if loss.name != "tfkd" or loss.kwargs.get("variant", "virtual") != "self":
+    if not methods.get(loss.name).teacher_is_student(loss.kwargs):
         return
     student = json.dumps([model.name, dict(model.kwargs)], sort_keys=True)
     for workdir in configured_teachers(plan.teacher):
@@ -75,9 +76,9 @@ def check_self_teacher(plan: plan_lib.RunPlan) -> None:
                    else plan_lib.read_run(workdir).model)
         if json.dumps([trained.name, dict(trained.kwargs)], sort_keys=True) != student:
             raise ValueError(
-                f"loss.name='tfkd' with variant='self' distils from a trained copy of the "
-                f"student ({model.name} {dict(model.kwargs)}), but teacher.workdir="
-                f"{workdir!r} trained {trained.name} {dict(trained.kwargs)}; point "
+                f"loss.name={loss.name!r} with loss.kwargs={dict(loss.kwargs)} distils from a "
+                f"trained copy of the student ({model.name} {dict(model.kwargs)}), but "
+                f"teacher.workdir={workdir!r} trained {trained.name} {dict(trained.kwargs)}; point "
                 f"teacher.workdir at a run of the student's architecture (kdjax train with the "
                 f"student's config), or use loss.name='kd' for another teacher")
 
@@ -124,11 +125,9 @@ class ImageTask(Task):
             raise ValueError(f"set teacher.workdir (one teacher) or teacher.workdirs (several), "
                              f"not both; got {one!r} and {several}")
         if distill and not objectives.needs_teacher(loss.name, loss.kwargs) and (one or several):
-            learns = {"dml": "from peer students", "byot": "from its own deepest classifier",
-                      "tfkd": "from a virtual teacher (variant='virtual'; 'self' loads one)"}
             raise ValueError(f"loss.name={loss.name!r} learns "
-                             f"{learns.get(loss.name, 'without')}, not a teacher: clear "
-                             f"teacher.workdir and teacher.workdirs")
+                             f"{methods.get(loss.name).learns_from or 'without'}, not a "
+                             f"teacher: clear teacher.workdir and teacher.workdirs")
         if distill and objectives.needs_teacher(loss.name, loss.kwargs) and not (one or several):
             raise ValueError("kdjax distill needs teacher.workdir, the workdir of the run that "
                              "trained the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
@@ -317,23 +316,17 @@ class ImageTask(Task):
                                          data_dir=plan.data.data_dir or None).labels()
         # init.workdir, prune.schedule="init" and quant.mode="qat" change the student it starts as.
         student, initial = compress.initial_student(plan, data.student)
-        model = student.build(plan.seed) if initial is None else initial
+        # model.peers: each a registry model with its defaults, or model.kwargs when it is the
+        # student's architecture.
         peers = [dataclasses.replace(student, name=name, kwargs=dict(
-            plan.model.kwargs) if name == plan.model.name else {}).build(plan.seed + i)
-                 for i, name in enumerate(plan.model.peers, start=1)]
-        for name, m in ((plan.model.name, model), *zip(plan.model.peers, peers)):
+            plan.model.kwargs) if name == plan.model.name else {}) for name in plan.model.peers]
+        model = methods.build_distillee(
+            plan.loss, student.build(plan.seed) if initial is None else initial, student,
+            teachers, image_shape=image_shape, seed=plan.seed, dataset_labels=labels,
+            dtype=compute_dtype(plan.model.compute_dtype), peers=peers)
+        for name, m in ((plan.model.name, model.student), *zip(plan.model.peers, model.peers)):
             check_logits(m, student.num_classes, image_shape, f"model.name={name!r}")
-        dtype = compute_dtype(plan.model.compute_dtype)
-        connectors = objectives.build_connectors(
-            plan.loss, model, teachers, image_shape=image_shape,
-            rngs=nnx.Rngs(plan.seed + 0xC0), dataset_labels=labels, dtype=dtype)
-        exits = objectives.build_exits(plan.loss, model, image_shape=image_shape,
-                                       rngs=nnx.Rngs(plan.seed + 0xE0), dtype=dtype)
-        temperature = objectives.build_temperature(plan.loss, num_classes=student.num_classes,
-                                                   rngs=nnx.Rngs(plan.seed + 0x7E))
-        taps = () if plan.loss.name == "byot" else plan.loss.student_taps  # exits add theirs
-        return Distillee(model, connectors=connectors, peers=peers, taps=taps, exits=exits,
-                         temperature=temperature), student
+        return model, student
 
     def optimizer(self, tx: optax.GradientTransformation, model: Distillee,
                   student: ModelSpec) -> optax.GradientTransformation:

@@ -7,7 +7,8 @@ methods that compare raw features (AT, SP, NST, RKD, PKT), FitNets' regressor, l
 heads (CC), VID's regressor and variance, CRD's embedding heads and memory banks.
 
 Connectors are built from the *shapes* of the tapped features (`feature_shapes` traces the models
-abstractly; nothing is computed), live in the student bundle (`kdjax.step.Distillee`), so they
+abstractly; nothing is computed), live in the student bundle (`Connectors`, a part of a
+`kdjax.distillee.Distillee`), so they
 train with the student in the same step under the same optimizer and are checkpointed with it,
 and are not part of the exported student.
 """
@@ -24,6 +25,7 @@ from flax import nnx
 
 from kdjax import losses, sharding
 from kdjax import taps as taps_lib
+from kdjax.distillee import PartList
 
 Shape = tuple[int, ...]
 
@@ -76,6 +78,32 @@ class Connector(nnx.Module):
                  index: jax.Array | None = None, key: jax.Array | None = None) -> tuple:
         del train, index, key
         return self.taps(student, teacher)
+
+
+class Connectors(PartList):
+    """A feature method's connectors as a Distillee part: `self[i][j]` connects the student to
+    teacher i for tap pair j. Its entry "connectors" holds, per teacher and pair, the loss's
+    arguments."""
+
+    def __init__(self, per_teacher: Sequence[Sequence[Connector]] = ()):
+        super().__init__(nnx.List(list(pairs)) for pairs in per_teacher)
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.student_tap for pairs in self for c in pairs))
+
+    def features(self, x, out, teachers, *, train, index=None, key=None) -> dict:
+        del x
+        if not len(self):
+            return {}
+        if len(self) != len(teachers):
+            raise ValueError(f"the student has connectors for {len(self)} teacher(s) but the "
+                             f"step has {len(teachers)}; build both from the same teachers")
+        return {"connectors": tuple(
+            tuple(c(out, t, train=train, index=index,
+                    key=None if key is None else jax.random.fold_in(key, 1000 * i + j))
+                  for j, c in enumerate(pairs))
+            for i, (pairs, t) in enumerate(zip(self, teachers)))}
 
 
 def _spatial_refusal(method: str, s: Shape, t: Shape, fix: str) -> ValueError:

@@ -8,8 +8,8 @@ After training, an exit is a cheaper model: evaluation reports each exit's accur
 An exit reads two of the student's taps: its stage (a zoo feature name such as "stage1", or a
 module path, kdjax.taps) and the hint target (default "embedding": the vector the deepest
 classifier reads). Like connectors, exits are built from the taps' shapes (traced abstractly),
-live in the student's Distillee (kdjax.step), train in the same step under the same optimizer, are
-checkpointed with it (the checkpoint's train/extras) and are not part of the exported student.
+live in the student's Distillee (`Exits`, a kdjax.distillee part), train in the same step under
+the same optimizer, are checkpointed with it (the checkpoint's train/extras) and are not part of the exported student.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from kdjax.distillee import PartList
 
 Shape = tuple[int, ...]
 
@@ -82,8 +84,27 @@ class Exit(nnx.Module):
         return self.head(f).astype(jnp.float32), f, _pool(features[self.hint_tap])
 
 
+class Exits(PartList):
+    """BYOT's exits as a Distillee part: its entry "exits" maps each exit's name to its
+    (logits, feature, hint target)."""
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t for e in self for t in e.taps))
+
+    def features(self, x, out, teachers, *, train, index=None, key=None) -> dict:
+        del x, teachers, index, key
+        if not len(self):
+            return {}
+        return {"exits": {e.exit_name: e(out, train=train) for e in self}}
+
+    def logits(self, out: dict) -> dict[str, jax.Array]:
+        """Each exit's logits in inference mode from the student's features `out`."""
+        return {e.exit_name: e(out, train=False)[0] for e in self}
+
+
 def build(shapes: dict[str, Shape], taps: Sequence[str], *, hint_tap: str, num_classes: int,
-          width: int = 0, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> list[Exit]:
+          width: int = 0, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> Exits:
     """One exit per tap in `taps`, from the student's tap shapes ({tap: shape}, which must hold
     `taps` and `hint_tap`). An exit on a map reduces it to the smallest map among the student's
     taps (its deepest stage) before pooling, as the reference brings each to the last stage's."""
@@ -106,4 +127,4 @@ def build(shapes: dict[str, Shape], taps: Sequence[str], *, hint_tap: str, num_c
         reduce = max(1, shape[1] // smallest) if len(shape) == 4 else 1
         out.append(Exit(tap, hint_tap, shape, shapes[hint_tap], num_classes, reduce=reduce,
                         width=width, rngs=rngs, dtype=dtype))
-    return out
+    return Exits(out)

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import connectors, exits as exits_lib, losses
+from kdjax import connectors, exits as exits_lib, losses, methods
 from kdjax import taps as taps_lib
 from kdjax import temperature as temperature_lib
 from kdjax.augment import MixedLabels
+from kdjax.methods import Method, Term, ramp
 from kdjax.step import FrozenModel, Objective
 
 # Logit-matching distillation losses by config name.
@@ -102,7 +103,6 @@ FEATURE_METHODS: dict[str, FeatureMethod] = {
     "crd": FeatureMethod(losses.crd, connectors.ContrastMemory, "embedding"),
 }
 
-METHODS = sorted(["ce", "dml", "tfkd", "byot", *LOGIT_LOSSES, *FEATURE_METHODS])
 TFKD_VARIANTS = ("virtual", "self")
 # A temperature: a fixed Python number, or a source computing it from the step (and from the
 # student's features: CTKD's module output), kdjax.temperature.Source.
@@ -112,13 +112,6 @@ COMBINE = ("ensemble", "per_teacher")
 _DERIVED = ("rngs", "dtype", "dataset_labels")
 
 
-def needs_dataset_labels(name: str) -> bool:
-    """Whether loss.name's connectors need every training label up front (CRD's memory draws
-    negatives of other classes)."""
-    method = FEATURE_METHODS.get(name)
-    return method is not None and "dataset_labels" in _parameters(method.connector)
-
-
 def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
     # A connector class: read __init__ (nnx's metaclass hides it from inspect.signature(cls)).
     return inspect.signature(fn.__init__ if isinstance(fn, type) else fn).parameters
@@ -126,11 +119,6 @@ def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
 
 def _keyword_only(fn: Callable) -> list[str]:
     return [p.name for p in _parameters(fn).values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-
-def _check_name(name: str) -> None:
-    if name not in METHODS:
-        raise ValueError(f"unknown loss.name={name!r}; valid names: {METHODS}")
 
 
 def _split_kwargs(name: str, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -153,13 +141,6 @@ def _check_weights(**weights: float) -> None:
     for arg, value in weights.items():
         if value < 0:
             raise ValueError(f"loss.{arg} must be >= 0, got {arg}={value}")
-
-
-def _ramp(step: jax.Array, warmup_steps: int) -> jax.Array:
-    """Linear from 0 to 1 over warmup_steps (DKD's recipe warms its loss up this way)."""
-    if not warmup_steps:
-        return jnp.float32(1.0)
-    return jnp.minimum(1.0, (step + 1) / warmup_steps)
 
 
 def _teacher_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -207,22 +188,47 @@ def _logit_term(fn: Callable[..., jax.Array], kwargs: Mapping[str, Any], *,
     return term
 
 
-def supervised(*, label_smoothing: float = 0.0) -> Objective:
-    """Plain cross-entropy on the labels: teachers and baseline students."""
+def _accuracy(mix: Callable) -> Objective:
+    """The objective of a combined mix, which also logs the student's training accuracy."""
 
     def objective(out, teacher_out, labels, step):
-        del teacher_out, step
-        logits = out["logits"].astype(jnp.float32)
-        ce = cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
-        return ce, {"ce": ce, "accuracy": (logits.argmax(-1) == hard_labels(labels)).mean()}
+        total, metrics = mix(out, teacher_out, labels, step)
+        logits = out["logits"]
+        return total, {**metrics, "accuracy": (logits.argmax(-1) == hard_labels(labels)).mean()}
 
     return objective
+
+
+def _ce_term(label_smoothing: float) -> Callable:
+    def ce(out, teacher_out, labels, step):
+        del teacher_out, step
+        return cross_entropy(out["logits"].astype(jnp.float32), labels,
+                             label_smoothing=label_smoothing).mean()
+
+    return ce
+
+
+def supervised(*, label_smoothing: float = 0.0) -> Objective:
+    """Plain cross-entropy on the labels: teachers and baseline students."""
+    return _accuracy(methods.combine(Term("ce", 1.0, _ce_term(label_smoothing))))
 
 
 def _teacher_logits(name: str, teacher_out: Sequence[dict]) -> list[jax.Array]:
     if not teacher_out:
         raise ValueError(f"loss.name={name!r} distils from a teacher, but none was given")
     return [t["logits"].astype(jnp.float32) for t in teacher_out]
+
+
+def _kd_term(name: str, term: Callable, temperature: Temperature) -> Callable:
+    """The term of `_logit_term` against the step's teachers at the step's temperature (whose
+    metrics it returns)."""
+
+    def kd(out, teacher_out, labels, step):
+        temp, temp_metrics = _temperature_at(temperature, out, step)
+        return (term(out["logits"].astype(jnp.float32), _teacher_logits(name, teacher_out),
+                     labels, temp), temp_metrics)
+
+    return kd
 
 
 def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
@@ -233,34 +239,30 @@ def logit_distillation(name: str, *, ce_weight: float, kd_weight: float,
 
     Hinton's KD is name="kd" with ce_weight=1−α and kd_weight=α (losses.hinton_kd's mix). Several
     teachers are combined as `combine` says (see `_logit_term`). ramp goes linearly from 0 to 1
-    over kd_warmup_steps (DKD's recipe warms its loss up this way). `kwargs["temperature"]` is a
-    number (the loss's default when absent) or a kdjax.temperature source (a schedule, CTKD),
-    whose value is logged as "temperature".
+    over kd_warmup_steps (methods.ramp). `kwargs["temperature"]` is a number (the loss's default
+    when absent) or a kdjax.temperature source (a schedule, CTKD), whose value is logged as
+    "temperature".
     """
     if name not in LOGIT_LOSSES:
         raise ValueError(f"unknown loss.name={name!r}; valid names: "
                          f"{sorted(['ce', *LOGIT_LOSSES])}")
     fn = LOGIT_LOSSES[name]
-    valid = _keyword_only(fn)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"loss.kwargs {unknown} are not hyperparameters of loss.name={name!r}; "
-                         f"valid: {valid}")
+    _check_kwargs(name, kwargs, _keyword_only(fn))
     _check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
     temperature = kwargs.pop("temperature", inspect.signature(fn).parameters["temperature"].default)
     term = _logit_term(fn, kwargs, teacher_weights=teacher_weights, combine=combine,
                        ensemble_mode=ensemble_mode)
+    return _accuracy(methods.combine(
+        Term("ce", ce_weight, _ce_term(label_smoothing)),
+        Term("kd", ramp(kd_weight, kd_warmup_steps), _kd_term(name, term, temperature))))
 
-    def objective(out, teacher_out, labels, step):
-        student = out["logits"].astype(jnp.float32)
-        temp, temp_metrics = _temperature_at(temperature, out, step)
-        kd = term(student, _teacher_logits(name, teacher_out), labels, temp)
-        ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
-        total = ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kd
-        accuracy = (student.argmax(-1) == hard_labels(labels)).mean()
-        return total, {"ce": ce, "kd": kd, "accuracy": accuracy, **temp_metrics}
 
-    return objective
+def _from_step(weight: methods.Weight, start: int, before: float) -> methods.Weight:
+    """`before` until step `start`, then `weight` (a number or a schedule)."""
+    if not start:
+        return weight
+    return lambda step: jnp.where(step < start, before,
+                                  weight(step) if callable(weight) else weight)
 
 
 def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float = 0.0,
@@ -290,29 +292,23 @@ def feature_distillation(name: str, *, ce_weight: float = 1.0, kd_weight: float 
     kd_term = _logit_term(losses.soft_target_kl, {}, teacher_weights=teacher_weights,
                           combine=combine, ensemble_mode="probs")
 
-    def objective(out, teacher_out, labels, step):
+    def feature(out, teacher_out, labels, step):
+        del teacher_out, labels, step
         if "connectors" not in out:
             raise ValueError(f"loss.name={name!r} needs the student's connectors: build the "
-                             f"student as a kdjax.step.Distillee with objectives.build_connectors")
-        student = out["logits"].astype(jnp.float32)
+                             f"student as a kdjax.distillee.Distillee with "
+                             f"objectives.build_connectors")
         weights = _teacher_weights(teacher_weights, len(out["connectors"]))
-        feature = sum(w * sum(jnp.mean(loss_fn(*args, **loss_kwargs)) for args in pairs)
-                      for w, pairs in zip(weights, out["connectors"]))
-        ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
-        distill = feature_weight * feature
-        metrics = {"ce": ce, "feature": feature,
-                   "accuracy": (student.argmax(-1) == hard_labels(labels)).mean()}
-        if kd_weight:
-            temp, temp_metrics = _temperature_at(kd_temperature, out, step)
-            kd = kd_term(student, _teacher_logits(name, teacher_out), labels, temp)
-            distill, metrics["kd"] = distill + kd_weight * kd, kd
-            metrics.update(temp_metrics)
-        total = ce_weight * ce + _ramp(step, kd_warmup_steps) * distill
-        if hint_steps:
-            total = jnp.where(step < hint_steps, feature, total)
-        return total, metrics
+        return sum(w * sum(jnp.mean(loss_fn(*args, **loss_kwargs)) for args in pairs)
+                   for w, pairs in zip(weights, out["connectors"]))
 
-    return objective
+    terms = [Term("ce", _from_step(ce_weight, hint_steps, 0.0), _ce_term(label_smoothing)),
+             Term("feature", _from_step(ramp(feature_weight, kd_warmup_steps), hint_steps, 1.0),
+                  feature)]
+    if kd_weight:
+        terms.append(Term("kd", _from_step(ramp(kd_weight, kd_warmup_steps), hint_steps, 0.0),
+                          _kd_term(name, kd_term, kd_temperature)))
+    return _accuracy(methods.combine(*terms))
 
 
 def mutual_learning(*, ce_weight: float = 1.0, kd_weight: float = 1.0,
@@ -322,32 +318,43 @@ def mutual_learning(*, ce_weight: float = 1.0, kd_weight: float = 1.0,
 
     Student 0 is the Distillee's student, the others its peers; peers' predictions are detached
     (losses.mutual_learning), so each student is trained on its own term only. `kwargs` go to
-    losses.mutual_learning (temperature). Logs each student's accuracy ("peer<i>/accuracy").
+    losses.mutual_learning (temperature). Logs student 0's "ce" and "kd", each student's
+    accuracy ("peer<i>/accuracy").
     """
-    valid = _keyword_only(losses.mutual_learning)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"loss.kwargs {unknown} are not hyperparameters of loss.name='dml'; "
-                         f"valid: {valid}")
+    _check_kwargs("dml", kwargs, _keyword_only(losses.mutual_learning))
     _check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
 
-    def objective(out, teacher_out, labels, step):
+    def students(out, teacher_out, labels):
         if teacher_out:
             raise ValueError("loss.name='dml' trains students from each other, not from a "
                              "teacher; run it without teachers")
         if not out.get("peers"):
             raise ValueError("loss.name='dml' needs peer students: set model.peers, e.g. "
                              "model.peers=('mlp',)")
-        logits = [f["logits"].astype(jnp.float32) for f in (out, *out["peers"])]
-        kl = losses.mutual_learning(logits, **kwargs).mean(axis=-1)
-        ce = jnp.stack([cross_entropy(z, labels, label_smoothing=label_smoothing).mean()
-                        for z in logits])
-        total = jnp.sum(ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kl)
-        acc = [(z.argmax(-1) == hard_labels(labels)).mean() for z in logits]
-        return total, {"ce": ce[0], "kd": kl[0], "accuracy": acc[0],
-                       **{f"peer{i}/accuracy": a for i, a in enumerate(acc[1:], start=1)}}
+        return [f["logits"].astype(jnp.float32) for f in (out, *out["peers"])]
 
-    return objective
+    def ce(out, teacher_out, labels, step):
+        del step
+        return jnp.stack([cross_entropy(z, labels, label_smoothing=label_smoothing).mean()
+                          for z in students(out, teacher_out, labels)])
+
+    def peer_ce(out, teacher_out, labels, step):
+        acc = [(z.argmax(-1) == hard_labels(labels)).mean()
+               for z in students(out, teacher_out, labels)[1:]]
+        return (jnp.sum(ce(out, teacher_out, labels, step)[1:]),
+                {f"peer{i}/accuracy": a for i, a in enumerate(acc, start=1)})
+
+    def kl(out, teacher_out, labels, step):
+        del step
+        return losses.mutual_learning(students(out, teacher_out, labels), **kwargs).mean(axis=-1)
+
+    kd = ramp(kd_weight, kd_warmup_steps)
+    # The student's terms are logged; its peers' add to the loss under the same weights.
+    return _accuracy(methods.combine(
+        Term("ce", ce_weight, lambda *args: ce(*args)[0]),
+        Term("peer_ce", ce_weight, peer_ce, log=False),
+        Term("kd", kd, lambda *args: kl(*args)[0]),
+        Term("peer_kd", kd, lambda *args: jnp.sum(kl(*args)[1:]), log=False)))
 
 
 def teacher_free(*, variant: str = "virtual", ce_weight: float, kd_weight: float,
@@ -378,21 +385,18 @@ def teacher_free(*, variant: str = "virtual", ce_weight: float, kd_weight: float
     _check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
     correct_prob = 0.99 if correct_prob is None else correct_prob
 
-    def objective(out, teacher_out, labels, step):
+    def kd(out, teacher_out, labels, step):
         if teacher_out:
             raise ValueError("loss.name='tfkd' with variant='virtual' has a virtual teacher: run "
                              "it without teacher.workdir (or use variant='self')")
-        student = out["logits"].astype(jnp.float32)
         temp, temp_metrics = _temperature_at(temperature, out, step)
-        kd = losses.teacher_free_kd(student, hard_labels(labels), correct_prob=correct_prob,
-                                    temperature=temp).mean()
-        ce = cross_entropy(student, labels, label_smoothing=label_smoothing).mean()
-        total = ce_weight * ce + kd_weight * _ramp(step, kd_warmup_steps) * kd
-        return total, {"ce": ce, "kd": kd,
-                       "accuracy": (student.argmax(-1) == hard_labels(labels)).mean(),
-                       **temp_metrics}
+        return losses.teacher_free_kd(out["logits"].astype(jnp.float32), hard_labels(labels),
+                                      correct_prob=correct_prob,
+                                      temperature=temp).mean(), temp_metrics
 
-    return objective
+    return _accuracy(methods.combine(
+        Term("ce", ce_weight, _ce_term(label_smoothing)),
+        Term("kd", ramp(kd_weight, kd_warmup_steps), kd)))
 
 
 def byot(*, ce_weight: float, kd_weight: float, feature_weight: float,
@@ -407,122 +411,99 @@ def byot(*, ce_weight: float, kd_weight: float, feature_weight: float,
     classifier's soft targets and feature are detached, so it learns from the labels alone
     (the reference's (1 − α), α, β are ce_weight, kd_weight, feature_weight; its KD term is the
     soft-target cross-entropy, which differs from the KL by the target's entropy, a constant).
-    Logs each exit's training accuracy as "exit_<tap>/accuracy".
+    Logs the deepest classifier's "ce", the exits' "kd" and "feature", and each exit's training
+    accuracy as "exit_<tap>/accuracy".
     """
     _check_weights(ce_weight=ce_weight, kd_weight=kd_weight, feature_weight=feature_weight)
 
-    def objective(out, teacher_out, labels, step):
+    def exits(out, teacher_out):
         if teacher_out:
             raise ValueError("loss.name='byot' teaches the student's exits from its own deepest "
                              "classifier: run it without teacher.workdir")
         if not out.get("exits"):
             raise ValueError("loss.name='byot' needs the student's exits: build the student as "
-                             "a kdjax.step.Distillee with objectives.build_exits")
-        deepest = out["logits"].astype(jnp.float32)
-        target = jax.lax.stop_gradient(deepest)
-        temp, temp_metrics = _temperature_at(temperature, out, step)
-        y = hard_labels(labels)
-        ce = cross_entropy(deepest, labels, label_smoothing=label_smoothing).mean()
-        exit_ce = kd = hint = 0.0
-        metrics = {}
-        for name, (logits, feature, hint_target) in out["exits"].items():
-            exit_ce += cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
-            kd += losses.soft_target_kl(logits, target, temperature=temp).mean()
-            hint += losses.byot_hint(feature, hint_target).mean()
-            metrics[f"{name}/accuracy"] = (logits.argmax(-1) == y).mean()
-        total = (ce_weight * (ce + exit_ce)
-                 + _ramp(step, kd_warmup_steps) * (kd_weight * kd + feature_weight * hint))
-        return total, {"ce": ce, "kd": kd, "feature": hint,
-                       "accuracy": (deepest.argmax(-1) == y).mean(), **metrics, **temp_metrics}
+                             "a kdjax.distillee.Distillee with objectives.build_exits")
+        return out["exits"]
 
-    return objective
+    def exit_ce(out, teacher_out, labels, step):
+        del step
+        y = hard_labels(labels)
+        found = exits(out, teacher_out)
+        return (sum(cross_entropy(logits, labels, label_smoothing=label_smoothing).mean()
+                    for logits, _, _ in found.values()),
+                {f"{name}/accuracy": (logits.argmax(-1) == y).mean()
+                 for name, (logits, _, _) in found.items()})
+
+    def kd(out, teacher_out, labels, step):
+        del labels
+        target = jax.lax.stop_gradient(out["logits"].astype(jnp.float32))
+        temp, temp_metrics = _temperature_at(temperature, out, step)
+        return (sum(losses.soft_target_kl(logits, target, temperature=temp).mean()
+                    for logits, _, _ in exits(out, teacher_out).values()), temp_metrics)
+
+    def hint(out, teacher_out, labels, step):
+        del labels, step
+        return sum(losses.byot_hint(feature, hint_target).mean()
+                   for _, feature, hint_target in exits(out, teacher_out).values())
+
+    ce = _ce_term(label_smoothing)
+    return _accuracy(methods.combine(
+        Term("exit_ce", ce_weight, exit_ce, log=False),
+        Term("ce", ce_weight, ce),
+        Term("kd", ramp(kd_weight, kd_warmup_steps), kd),
+        Term("feature", ramp(feature_weight, kd_warmup_steps), hint)))
 
 
 BYOT_EXIT_KEYS = ("hint_tap", "width")
 
 
-def base_temperature(loss: Mapping[str, Any]) -> float:
+def base_temperature(loss: Any) -> float:
     """The loss's fixed temperature: loss.kwargs.temperature or the method's default (feature
     methods: loss.kd_temperature). A learned temperature starts from it."""
-    name, kwargs = loss["name"], loss["kwargs"]
+    name, kwargs = loss.name, loss.kwargs
     if name in FEATURE_METHODS:
-        return loss["kd_temperature"]
+        return loss.kd_temperature
     fn = {**LOGIT_LOSSES, "tfkd": teacher_free, "byot": byot}.get(name)
     if fn is None:
         raise ValueError(f"loss.name={name!r} has no temperature")
     return kwargs.get("temperature", inspect.signature(fn).parameters["temperature"].default)
 
 
-def _temperature_source(loss: Mapping[str, Any], total_steps: int | None) -> Temperature | None:
-    """The schedule or learned temperature of `loss` (None: the fixed one), after checking that
-    its method has a temperature to replace and, for CTKD, a teacher."""
-    source = temperature_lib.from_config(loss, total_steps=total_steps)
-    if source is None:
-        return None
-    name, kwargs = loss["name"], loss["kwargs"]
-    scheduled = bool((loss.get("temperature_schedule") or {}).get("name"))
-    key = "loss.temperature_schedule" if scheduled else "loss.learned_temperature"
-    if name in ("ce", "dml"):
+def _check_temperature(loss: Any, method: Method) -> None:
+    """Refuse a schedule or learned temperature that `method` has no temperature for (or, for
+    CTKD, no teacher to learn it against)."""
+    which = temperature_lib.kind(loss)
+    if not which:
+        return
+    name, kwargs = loss.name, loss.kwargs
+    key = "loss.temperature_schedule" if which == "schedule" else "loss.learned_temperature"
+    if method.family in ("supervised", "mutual"):
         raise ValueError(f"{key} sets the temperature of a distillation loss; loss.name={name!r} "
                          f"has none")
-    if name in FEATURE_METHODS and not loss["kd_weight"]:
+    if method.family == "feature" and not loss.kd_weight:
         raise ValueError(f"{key} sets the temperature of the KD term of loss.name={name!r}, "
                          f"whose loss.kd_weight is 0")
-    if scheduled and "temperature" in kwargs:
+    if which == "schedule" and "temperature" in kwargs:
         raise ValueError(f"loss.kwargs.temperature={kwargs['temperature']} and "
                          f"loss.temperature_schedule both set the temperature; drop one (the "
                          f"schedule starts at its init_value)")
-    if not scheduled and (name == "byot" or (name == "tfkd"
-                                             and kwargs.get("variant", "virtual") == "virtual")):
+    if which == "learned" and not method.needs_teacher(kwargs):
         raise ValueError(f"loss.learned_temperature (CTKD) learns the temperature against a "
                          f"teacher; loss.name={name!r} has none here")
-    return source
 
 
-def from_config(loss: Mapping[str, Any], teacher: Mapping[str, Any] | None = None, *,
+def from_config(loss: Any, teacher: Any | None = None, *,
                 total_steps: int | None = None) -> Objective:
-    """Build the objective of a config's `loss` section (and its `teacher` weights/combine).
+    """Build the objective of a config's `loss` section (and its `teacher` weights/combine):
+    loss.name's method (kdjax.methods) checks the section and builds it.
 
     `total_steps` (train.steps) serves a temperature schedule or curriculum that runs until the
     end of training (their `steps` 0).
     """
-    name, kwargs = loss["name"], dict(loss["kwargs"])
-    _check_name(name)
-    if name not in (*FEATURE_METHODS, "byot") and (loss["student_taps"] or loss["teacher_taps"]
-                                                   or loss["hint_steps"]):
-        raise ValueError(f"loss.student_taps, loss.teacher_taps and loss.hint_steps belong to "
-                         f"feature methods {sorted(FEATURE_METHODS)} (and byot's student_taps), "
-                         f"not loss.name={name!r}")
-    common = dict(ce_weight=loss["ce_weight"], kd_weight=loss["kd_weight"],
-                  kd_warmup_steps=loss["kd_warmup_steps"],
-                  label_smoothing=loss["label_smoothing"])
-    teachers = dict(teacher_weights=tuple(teacher["weights"]) or None if teacher else None,
-                    combine=teacher["combine"] if teacher else "ensemble")
-    source = _temperature_source(loss, total_steps)
-    if name == "ce":
-        if kwargs:
-            raise ValueError(f"loss.name='ce' takes no loss.kwargs, got {sorted(kwargs)}")
-        return supervised(label_smoothing=loss["label_smoothing"])
-    if name == "dml":
-        return mutual_learning(**common, **kwargs)
-    if name in FEATURE_METHODS:
-        return feature_distillation(
-            name, feature_weight=loss["feature_weight"],
-            kd_temperature=loss["kd_temperature"] if source is None else source,
-            hint_steps=loss["hint_steps"], **common, **teachers, **kwargs)
-    if source is not None:
-        kwargs["temperature"] = source
-    if name == "tfkd":
-        _check_kwargs(name, kwargs, _keyword_only(teacher_free))
-        return teacher_free(**common, **teachers, **kwargs)
-    if name == "byot":
-        if loss["teacher_taps"] or loss["hint_steps"]:
-            raise ValueError("loss.teacher_taps and loss.hint_steps belong to feature methods; "
-                             "byot names its stages in loss.student_taps")
-        _check_kwargs(name, kwargs, ["temperature", *BYOT_EXIT_KEYS])
-        return byot(**common, feature_weight=loss["feature_weight"],
-                    **{k: v for k, v in kwargs.items() if k not in BYOT_EXIT_KEYS})
-    return logit_distillation(name, **common, **teachers, **kwargs)
+    method = methods.get(loss.name)
+    method.check(loss)
+    _check_temperature(loss, method)
+    return method.objective(loss, teacher, total_steps=total_steps)
 
 
 def _check_kwargs(name: str, kwargs: Mapping[str, Any], valid: Sequence[str]) -> None:
@@ -533,36 +514,40 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any], valid: Sequence[str]) ->
 
 
 def needs_teacher(name: str, kwargs: Mapping[str, Any] | None = None) -> bool:
-    """Whether `kdjax distill` with this loss (name, loss.kwargs) loads teachers: mutual learning,
-    BYOT and Tf-KD's virtual teacher have none."""
-    if name == "tfkd":
-        return (kwargs or {}).get("variant", "virtual") == "self"
-    return name not in ("ce", "dml", "byot")
+    """Whether `kdjax distill` with this loss (name, loss.kwargs) loads teachers (the method's
+    `Method.needs_teacher`): mutual learning, BYOT and Tf-KD's virtual teacher have none."""
+    return methods.get(name).needs_teacher(kwargs or {})
 
 
-def build_temperature(loss: Mapping[str, Any], *, num_classes: int,
-                      rngs: nnx.Rngs) -> nnx.Module | None:
+def needs_dataset_labels(name: str) -> bool:
+    """Whether loss.name's parts need every training label up front (CRD's memory draws
+    negatives of other classes)."""
+    return methods.get(name).needs_dataset_labels
+
+
+def build_temperature(loss: Any, *, num_classes: int,
+                      rngs: nnx.Rngs) -> temperature_lib.TemperatureModule | None:
     """CTKD's temperature module for `loss.learned_temperature` (None when its mode is ''),
     starting at the loss's fixed temperature (`base_temperature`)."""
-    if not (loss.get("learned_temperature") or {}).get("mode"):
+    if not loss.learned_temperature.mode:
         return None
-    return temperature_lib.build(loss["learned_temperature"], num_classes=num_classes,
+    return temperature_lib.build(loss.learned_temperature, num_classes=num_classes,
                                  temperature=base_temperature(loss), rngs=rngs)
 
 
-def build_exits(loss: Mapping[str, Any], student: nnx.Module, *, image_shape: Sequence[int],
-                rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> list[exits_lib.Exit]:
-    """BYOT's exits for loss.name="byot" ([] for other methods): one per stage in
+def build_exits(loss: Any, student: nnx.Module, *, image_shape: Sequence[int],
+                rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> exits_lib.Exits:
+    """BYOT's exits for loss.name="byot" (none for other methods): one per stage in
     `loss.student_taps` (default: every stage of a zoo model but the last, the reference's
     choice), hinting at `loss.kwargs.hint_tap` (default "embedding"), built from the student's
     tap shapes traced abstractly."""
-    if loss["name"] != "byot":
-        return []
-    kwargs = loss["kwargs"]
+    if loss.name != "byot":
+        return exits_lib.Exits()
+    kwargs = loss.kwargs
     hint_tap = kwargs.get("hint_tap", "embedding")
     graphdef, state = nnx.split(student)
     names = taps_lib.native_features(student)
-    taps = tuple(loss["student_taps"]) or tuple(_stages(names)[:-1])
+    taps = tuple(loss.student_taps) or tuple(_stages(names)[:-1])
     if not taps:
         raise ValueError(f"loss.name='byot' attaches exits to the student's stages, but it has "
                          f"{'only ' + str(_stages(names)) if _stages(names) else 'no stage taps'}"
@@ -615,38 +600,36 @@ def tap_pairs(name: str, student_taps: Sequence[str], teacher_taps: Sequence[str
     return pairs
 
 
-def build_connectors(loss: Mapping[str, Any], student: nnx.Module,
+def build_connectors(loss: Any, student: nnx.Module,
                      teachers: Sequence[FrozenModel], *, image_shape: Sequence[int],
                      rngs: nnx.Rngs, dataset_labels: np.ndarray | None = None,
-                     dtype: jnp.dtype = jnp.float32) -> list[list[connectors.Connector]]:
-    """The connectors of `loss.name` (a list per teacher, one per tap pair; [] for others).
+                     dtype: jnp.dtype = jnp.float32) -> connectors.Connectors:
+    """The connectors of `loss.name` (a list per teacher, one per tap pair; none for others).
 
     The tap shapes come from tracing both models abstractly on `image_shape` images (see
     `connectors_for_shapes`), with the sub-modules loss.student_taps / each teacher's taps name
     (kdjax.taps); `dataset_labels` (the training labels) serve CRD's memory.
     """
-    if loss["name"] not in FEATURE_METHODS:
-        return []
-    return connectors_for_shapes(
+    if loss.name not in FEATURE_METHODS:
+        return connectors.Connectors()
+    return connectors.Connectors(connectors_for_shapes(
         loss, connectors.feature_shapes(*nnx.split(student), image_shape,
-                                        taps=loss["student_taps"], what="loss.student_taps"),
+                                        taps=loss.student_taps, what="loss.student_taps"),
         [connectors.feature_shapes(t.graphdef, t.variables, image_shape, taps=t.taps,
                                    what="loss.teacher_taps") for t in teachers],
-        rngs=rngs, dataset_labels=dataset_labels, dtype=dtype)
+        rngs=rngs, dataset_labels=dataset_labels, dtype=dtype))
 
 
-def connectors_for_shapes(loss: Mapping[str, Any], student_shapes: Mapping[str, tuple],
+def connectors_for_shapes(loss: Any, student_shapes: Mapping[str, tuple],
                           teacher_shapes: Sequence[Mapping[str, tuple]], *, rngs: nnx.Rngs,
                           dataset_labels: np.ndarray | None = None,
                           dtype: jnp.dtype = jnp.float32) -> list[list[connectors.Connector]]:
     """`build_connectors` from the models' tap shapes ({tap: shape}, student and per teacher)."""
-    name = loss["name"]
-    if name not in FEATURE_METHODS:
-        return []
+    name = loss.name
     if not teacher_shapes:
         raise ValueError(f"loss.name={name!r} distils from a teacher, but none was given")
     method = FEATURE_METHODS[name]
-    _, connector_kwargs = _split_kwargs(name, dict(loss["kwargs"]))
+    _, connector_kwargs = _split_kwargs(name, dict(loss.kwargs))
     accepted = _parameters(method.connector)
     derived = {k: v for k, v in (("dtype", dtype), ("dataset_labels", dataset_labels))
                if k in accepted}
@@ -655,9 +638,127 @@ def connectors_for_shapes(loss: Mapping[str, Any], student_shapes: Mapping[str, 
                          f"labels (dataset_labels)")
     out = []
     for shapes in teacher_shapes:
-        pairs = tap_pairs(name, loss["student_taps"], loss["teacher_taps"], list(student_shapes),
+        pairs = tap_pairs(name, loss.student_taps, loss.teacher_taps, list(student_shapes),
                           list(shapes))
         out.append([method.connector(s, t, student_shapes[s], shapes[t], rngs=rngs, **derived,
                                      **connector_kwargs)
                     for s, t in pairs])
     return out
+
+
+# -- the image methods (kdjax.methods) ----------------------------------------------------------
+
+def _common(loss: Any) -> dict[str, Any]:
+    return dict(ce_weight=loss.ce_weight, kd_weight=loss.kd_weight,
+                kd_warmup_steps=loss.kd_warmup_steps, label_smoothing=loss.label_smoothing)
+
+
+def _teachers(teacher: Any | None) -> dict[str, Any]:
+    """teacher.weights and teacher.combine as the objectives' keywords."""
+    if teacher is None:
+        return dict(teacher_weights=None, combine="ensemble")
+    return dict(teacher_weights=tuple(teacher.weights) or None, combine=teacher.combine)
+
+
+def _kwargs(loss: Any, total_steps: int | None) -> dict[str, Any]:
+    """loss.kwargs, with loss.temperature's schedule or learned source when set."""
+    source = temperature_lib.from_config(loss, total_steps=total_steps)
+    return {**loss.kwargs, **({} if source is None else {"temperature": source})}
+
+
+def _no_taps(loss: Any) -> None:
+    if loss.student_taps or loss.teacher_taps or loss.hint_steps:
+        raise ValueError(f"loss.student_taps, loss.teacher_taps and loss.hint_steps belong to "
+                         f"feature methods {sorted(FEATURE_METHODS)} (and byot's student_taps), "
+                         f"not loss.name={loss.name!r}")
+
+
+def _check_ce(loss: Any) -> None:
+    _no_taps(loss)
+    if loss.kwargs:
+        raise ValueError(f"loss.name='ce' takes no loss.kwargs, got {sorted(loss.kwargs)}; "
+                         f"clear them")
+
+
+def _check_tfkd(loss: Any) -> None:
+    _no_taps(loss)
+    _check_kwargs("tfkd", loss.kwargs, _keyword_only(teacher_free))
+
+
+def _check_byot(loss: Any) -> None:
+    if loss.teacher_taps or loss.hint_steps:
+        raise ValueError("loss.teacher_taps and loss.hint_steps belong to feature methods; "
+                         "byot names its stages in loss.student_taps")
+    _check_kwargs("byot", loss.kwargs, ["temperature", *BYOT_EXIT_KEYS])
+
+
+def _temperature_part(loss: Any, build: methods.Build) -> dict[str, Any]:
+    module = build_temperature(loss, num_classes=build.student_spec.num_classes,
+                               rngs=nnx.Rngs(build.seed + 0x7E))
+    return {} if module is None else {"temperature": module}
+
+
+def _connectors_part(loss: Any, build: methods.Build) -> dict[str, Any]:
+    return {"connectors": build_connectors(
+        loss, build.student, build.teachers, image_shape=build.image_shape,
+        rngs=nnx.Rngs(build.seed + 0xC0), dataset_labels=build.dataset_labels,
+        dtype=build.dtype), **_temperature_part(loss, build)}
+
+
+def _exits_part(loss: Any, build: methods.Build) -> dict[str, Any]:
+    return {"exits": build_exits(loss, build.student, image_shape=build.image_shape,
+                                 rngs=nnx.Rngs(build.seed + 0xE0), dtype=build.dtype),
+            **_temperature_part(loss, build)}
+
+
+def _never(kwargs: Mapping[str, Any]) -> bool:
+    del kwargs
+    return False
+
+
+def _self_variant(kwargs: Mapping[str, Any]) -> bool:
+    return kwargs.get("variant", "virtual") == "self"
+
+
+def _register() -> None:
+    methods.register(Method(
+        "ce", "supervised", check=_check_ce, needs_teacher=_never,
+        objective=lambda loss, teacher=None, *, total_steps=None: supervised(
+            label_smoothing=loss.label_smoothing)))
+    for name in LOGIT_LOSSES:
+        methods.register(Method(
+            name, "logit", check=_no_taps, trainables=_temperature_part,
+            objective=lambda loss, teacher=None, *, total_steps=None, name=name:
+                logit_distillation(name, **_common(loss), **_teachers(teacher),
+                                   **_kwargs(loss, total_steps))))
+    for name, feature in FEATURE_METHODS.items():
+        methods.register(Method(
+            name, "feature", trainables=_connectors_part,
+            needs_dataset_labels="dataset_labels" in _parameters(feature.connector),
+            objective=lambda loss, teacher=None, *, total_steps=None, name=name:
+                feature_distillation(
+                    name, feature_weight=loss.feature_weight, hint_steps=loss.hint_steps,
+                    kd_temperature=(temperature_lib.from_config(loss, total_steps=total_steps)
+                                    or loss.kd_temperature),
+                    **_common(loss), **_teachers(teacher), **loss.kwargs)))
+    methods.register(Method(
+        "dml", "mutual", check=_no_taps, needs_teacher=_never, learns_from="from peer students",
+        trainables=lambda loss, build: methods.build_peers(build),
+        objective=lambda loss, teacher=None, *, total_steps=None: mutual_learning(
+            **_common(loss), **loss.kwargs)))
+    methods.register(Method(
+        "tfkd", "self", check=_check_tfkd, needs_teacher=_self_variant,
+        teacher_is_student=_self_variant, trainables=_temperature_part,
+        learns_from="from a virtual teacher (variant='virtual'; 'self' loads one)",
+        objective=lambda loss, teacher=None, *, total_steps=None: teacher_free(
+            **_common(loss), **_teachers(teacher), **_kwargs(loss, total_steps))))
+    methods.register(Method(
+        "byot", "self", check=_check_byot, needs_teacher=_never, trainables=_exits_part,
+        learns_from="from its own deepest classifier",
+        objective=lambda loss, teacher=None, *, total_steps=None: byot(
+            **_common(loss), feature_weight=loss.feature_weight,
+            **{k: v for k, v in _kwargs(loss, total_steps).items()
+               if k not in BYOT_EXIT_KEYS})))
+
+
+_register()

@@ -11,10 +11,8 @@ variables are a separate, non-donated input: they are never differentiated (the 
 outside the function given to `jax.value_and_grad`), never in the optimizer state, never updated.
 Supervised training (a teacher, a baseline student) is the same step with no teachers.
 
-What trains is a `Distillee`: the student plus whatever trains with it, namely the connectors of
-feature methods (kdjax.connectors), peer students (mutual learning), BYOT's exits (kdjax.exits)
-and CTKD's temperature module (kdjax.temperature). One optimizer updates all of it; only the
-student is exported (`split_student`).
+What trains is a `Distillee` (kdjax.distillee): the student plus the parts its method trains
+with it. One optimizer updates all of it; only the student is exported.
 """
 
 from __future__ import annotations
@@ -33,97 +31,12 @@ from jax.sharding import Mesh
 
 from kdjax import augment, calibration, sharding
 from kdjax import taps as taps_lib
+from kdjax.distillee import Distillee
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # (student features, per-teacher features, labels, step) -> (scalar loss, metrics)
 Objective = Callable[[dict, tuple[dict, ...], jax.Array, jax.Array], tuple[jax.Array, Metrics]]
-
-
-class Distillee(nnx.Module):
-    """The trainable side of the step: the student and what trains with it.
-
-    The student is any NNX model: a zoo model's `features()` taps, or `{"logits": student(x)}`
-    plus the sub-modules named in `taps` (attribute paths, kdjax.taps). `connectors[i][j]`
-    connects the student to teacher i for tap pair j (kdjax.connectors); `peers` are further
-    students trained alongside (deep mutual learning); `exits` are BYOT's shallow classifiers
-    (kdjax.exits.Exit: they read their `taps` from the student's, which are added to `taps`);
-    `temperature` is CTKD's temperature module (kdjax.temperature). Calling a Distillee runs the
-    student alone, so evaluation sees exactly the exported model. `features(..., teachers=...)`
-    adds to the student's taps what the objective needs from the rest: "connectors" (per teacher,
-    per pair: the loss's arguments), "peers" (their taps), "exits" (by exit name: logits,
-    feature, hint target) and "temperature" (the module's output, from the first teacher's logits).
-    """
-
-    def __init__(self, student: nnx.Module, *,
-                 connectors: Sequence[Sequence[nnx.Module]] = (),
-                 peers: Sequence[nnx.Module] = (), taps: Sequence[str] = (),
-                 exits: Sequence[nnx.Module] = (), temperature: nnx.Module | None = None):
-        self.student = student
-        self.connectors = nnx.List([nnx.List(list(c)) for c in connectors])
-        self.peers = nnx.List(list(peers))
-        self.exits = nnx.List(list(exits))
-        self.temperature = temperature
-        self.taps = tuple(dict.fromkeys([*taps, *(t for e in exits for t in e.taps)]))
-
-    def __call__(self, x, *, train: bool = False) -> jax.Array:
-        return taps_lib.call(self.student, x, train=train)
-
-    def features(self, x, *, train: bool = False, teachers: Sequence[dict] = (),
-                 index: jax.Array | None = None, key: jax.Array | None = None) -> dict:
-        out = taps_lib.features(self.student, x, train=train, taps=self.taps,
-                                what="loss.student_taps")
-        if len(self.peers):
-            out["peers"] = tuple(taps_lib.features(p, x, train=train) for p in self.peers)
-        if len(self.connectors):
-            if len(self.connectors) != len(teachers):
-                raise ValueError(f"the student has connectors for {len(self.connectors)} "
-                                 f"teacher(s) but the step has {len(teachers)}; build both from "
-                                 f"the same teachers")
-            out["connectors"] = tuple(
-                tuple(c(out, t, train=train, index=index,
-                        key=None if key is None else jax.random.fold_in(key, 1000 * i + j))
-                      for j, c in enumerate(pairs))
-                for i, (pairs, t) in enumerate(zip(self.connectors, teachers)))
-        if len(self.exits):
-            out["exits"] = {e.exit_name: e(out, train=train) for e in self.exits}
-        if self.temperature is not None:
-            if not teachers:
-                raise ValueError("a learned temperature (loss.learned_temperature) distils from "
-                                 "a teacher, but the step has none")
-            out["temperature"] = self.temperature(out["logits"], teachers[0]["logits"])
-        return out
-
-    def exit_logits(self, x) -> dict[str, jax.Array]:
-        """Each exit's logits in inference mode, by exit name (evaluation)."""
-        out = taps_lib.features(self.student, x, train=False, taps=self.taps,
-                                what="loss.student_taps")
-        return {e.exit_name: e(out, train=False)[0] for e in self.exits}
-
-
-DISTILLEE_PARTS = frozenset({"student", "connectors", "peers", "exits", "temperature"})
-
-
-def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """(the student's part, the rest) of a Distillee's params or model_state.
-
-    The student's part is the exported model: checkpoints store it as the item every reader of
-    a run (teacher loading, `kdjax eval`) uses; connectors and peers go with the training state.
-    A plain model's state (not a Distillee's) is all student.
-    """
-    if not set(tree) <= DISTILLEE_PARTS:
-        return tree, nnx.State({})
-    # raw_mapping: the nested dicts as nnx.split makes them (indexing would wrap them in State,
-    # a different pytree, hence another compiled step).
-    raw = tree.raw_mapping
-    return (nnx.State(raw.get("student", {})),
-            nnx.State({k: v for k, v in raw.items() if k != "student"}))
-
-
-def join_student(student: nnx.State, rest: nnx.State) -> nnx.State:
-    """Inverse of `split_student` for a Distillee's state (nnx.split leaves out empty parts)."""
-    return nnx.State({**({"student": student.raw_mapping} if len(student) else {}),
-                      **rest.raw_mapping})
 
 
 class TrainState(flax.struct.PyTreeNode):

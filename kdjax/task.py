@@ -28,7 +28,8 @@ from flax import nnx
 
 from kdjax import teacher as teacher_lib
 from kdjax.models import ModelSpec
-from kdjax.step import DeviceData, Distillee, FrozenModel, Step
+from kdjax.distillee import Distillee
+from kdjax.step import DeviceData, FrozenModel, Step
 
 
 class Teacher(NamedTuple):

@@ -16,7 +16,8 @@ CTKD (Li et al., "Curriculum Temperature for Knowledge Distillation", AAAI 2023;
 `-lambda * gradient` backward) makes the optimizer that minimises the loss for the student
 *maximise* it for the temperature. lambda follows the paper's cosine curriculum from 0 to
 `max_strength`, so distillation starts easy and the temperature gets harder to learn from.
-The module trains with the student (kdjax.step.Distillee), in the same step and optimizer, is
+The module is a part of the student's Distillee (kdjax.distillee): it trains with the student, in
+the same step and optimizer, is
 checkpointed with it and is not part of the exported student.
 """
 
@@ -136,7 +137,21 @@ def logit_of(temperature: float, *, t_min: float, t_range: float) -> float:
     return math.log(u / (1.0 - u))
 
 
-class GlobalTemperature(nnx.Module):
+class TemperatureModule(nnx.Module):
+    """CTKD's module as a Distillee part: its entry "temperature" is its output `z` from the
+    student's and the first teacher's logits."""
+
+    student_taps: tuple[str, ...] = ()
+
+    def features(self, x, out, teachers, *, train, index=None, key=None) -> dict:
+        del x, train, index, key
+        if not teachers:
+            raise ValueError("a learned temperature (loss.learned_temperature) distils from a "
+                             "teacher, but the step has none")
+        return {"temperature": self(out["logits"], teachers[0]["logits"])}
+
+
+class GlobalTemperature(TemperatureModule):
     """CTKD's global temperature: one learned `z` for every example."""
 
     def __init__(self, *, init: float):
@@ -147,7 +162,7 @@ class GlobalTemperature(nnx.Module):
         return self.z[...]
 
 
-class InstanceTemperature(nnx.Module):
+class InstanceTemperature(TemperatureModule):
     """CTKD's instance-wise temperature: `z` per example from an MLP over the concatenated
     student and teacher logits. Its inputs are detached, so the module learns only through its
     own (reversed) gradient and sends none into the student. The output layer starts at zero
@@ -167,7 +182,7 @@ class InstanceTemperature(nnx.Module):
 
 
 def build(cfg: Mapping[str, Any], *, num_classes: int, temperature: float,
-          rngs: nnx.Rngs) -> nnx.Module | None:
+          rngs: nnx.Rngs) -> TemperatureModule | None:
     """The temperature module of a `loss.learned_temperature` section (None when `mode` is ''),
     starting at `temperature`."""
     mode = cfg["mode"]
@@ -223,20 +238,26 @@ def scheduled(cfg: Mapping[str, Any], *, total_steps: int | None) -> Source:
     return source
 
 
-def from_config(loss: Mapping[str, Any], *, total_steps: int | None) -> Source | None:
+def kind(loss: Any) -> str:
+    """Which temperature a config's `loss` section sets: "schedule", "learned" (CTKD) or ""
+    (the loss's fixed one)."""
+    sched, mode = loss.temperature_schedule.name, loss.learned_temperature.mode
+    if sched and mode:
+        raise ValueError(f"loss.temperature_schedule.name={sched!r} and "
+                         f"loss.learned_temperature.mode={mode!r} both set the "
+                         f"temperature; choose one")
+    if mode and mode not in MODES:
+        raise ValueError(f"loss.learned_temperature.mode must be one of {list(MODES)} (or "
+                         f"'' for none), got {mode!r}")
+    return "schedule" if sched else "learned" if mode else ""
+
+
+def from_config(loss: Any, *, total_steps: int | None) -> Source | None:
     """The temperature source of a config's `loss` section: a schedule, CTKD's learned
     temperature, or None when neither is set (the loss's fixed temperature)."""
-    sched = loss.get("temperature_schedule") or {"name": ""}
-    learn = loss.get("learned_temperature") or {"mode": ""}
-    if sched["name"] and learn["mode"]:
-        raise ValueError(f"loss.temperature_schedule.name={sched['name']!r} and "
-                         f"loss.learned_temperature.mode={learn['mode']!r} both set the "
-                         f"temperature; choose one")
-    if sched["name"]:
-        return scheduled(sched, total_steps=total_steps)
-    if learn["mode"]:
-        if learn["mode"] not in MODES:
-            raise ValueError(f"loss.learned_temperature.mode must be one of {list(MODES)} (or "
-                             f"'' for none), got {learn['mode']!r}")
-        return learned(learn, total_steps=total_steps)
+    which = kind(loss)
+    if which == "schedule":
+        return scheduled(loss.temperature_schedule, total_steps=total_steps)
+    if which == "learned":
+        return learned(loss.learned_temperature, total_steps=total_steps)
     return None

@@ -17,9 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from kdjax import checkpoint, config as config_lib, connectors, models, objectives, sharding
-from kdjax.step import (DeviceData, Distillee, freeze, init_train_state, make_distill_step,
-                        make_eval_step, pad_batch, split_student)
+from kdjax import (checkpoint, config as config_lib, connectors, methods, models, objectives,
+                   sharding)
+from kdjax.distillee import Distillee, Peers, split_student
+from kdjax.step import (DeviceData, freeze, init_train_state, make_distill_step, make_eval_step,
+                        pad_batch)
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 N, B, C, SHAPE = 32, 8, 4, (8, 8, 1)
@@ -68,7 +70,8 @@ def build(name, *, n_teachers=1, **overrides):
     student, teacher = student_and_teacher(name)
     teachers = () if not objectives.needs_teacher(name, cfg.kwargs) else (
         teacher, *[student_and_teacher(name, 100 + i)[1] for i in range(1, n_teachers)])
-    bundle = Distillee(student, peers=[model("mlp", 1, hidden=(16,))] if name == "dml" else [],
+    bundle = Distillee(student,
+                       peers=Peers([model("mlp", 1, hidden=(16,))] if name == "dml" else []),
                        connectors=objectives.build_connectors(
                            cfg, student, teachers, image_shape=SHAPE, rngs=nnx.Rngs(7),
                            dataset_labels=LABELS),
@@ -105,7 +108,7 @@ def changed(a, b):
     return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("name", [m for m in objectives.METHODS if m != "ce"])
+@pytest.mark.parametrize("name", [m for m in methods.names() if m != "ce"])
 def test_every_method_trains_in_one_fused_program(name):
     run = trained(name)
     assert run.step.fn._cache_size() == 1  # one compiled program served every step

@@ -3,7 +3,7 @@ forward and backward, the token loss and the optimizer update in ONE jit-compile
 kdjax.step's image step (whose update, NaN policy and dispatch it shares: `apply_update`,
 `compile_step`).
 
-The training rows live on the devices (`TokenData`); the step draws its own batch from the
+The training rows live on the devices (`kdjax.step.DeviceData` of "tokens" and "segments"); the step draws its own batch from the
 run's seed and step, as device-resident image data does, so the data order is part of the
 TrainState and a resumed run continues it exactly. A row's positions count in the loss only
 where the target is the next token of the same document (kdjax.lm.packing): padding and
@@ -16,7 +16,7 @@ once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,8 +25,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import losses
 from kdjax.lm import packing
+from kdjax.lm.objective import TokenObjective
 from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, compile_eval,
                         make_step)
 
@@ -34,69 +34,18 @@ from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, co
 SUM_METRICS = ("ce_sum", "kd_sum", "correct_sum", "agreement_sum")
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenObjective:
-    """What the step minimises: ``ce_weight * CE + kd_weight * divergence`` per target token.
-
-    `divergence` is a key of kdjax.losses.TOKEN_DIVERGENCES (None: CE alone, supervised
-    training) with its keyword hyperparameters in `kwargs`. `chunk_size` > 0 computes both models'
-    logits that many positions at a time (kdjax.losses.chunked_token_losses), never whole;
-    0 materialises them.
-    """
-
-    divergence: str | None = None
-    kwargs: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    chunk_size: int = 0
-
-    def __post_init__(self):
-        if self.divergence is not None:
-            fn = losses.token_divergence(self.divergence)
-            try:  # bad hyperparameters fail here, before anything compiles
-                jax.eval_shape(lambda: fn(jnp.zeros((1, 2)), jnp.zeros((1, 2)), **self.kwargs))
-            except TypeError as e:
-                raise ValueError(f"loss.kwargs={dict(self.kwargs)} do not fit the token "
-                                 f"divergence {self.divergence!r}: {e}") from None
-        if self.chunk_size < 0:
-            raise ValueError(f"lm.chunk_size must be >= 0 (0 = whole logits), got "
-                             f"{self.chunk_size}")
-
-    def terms(self, student: nnx.Module, hidden: jax.Array, teacher: nnx.Module | None,
-              teacher_hidden: jax.Array | None, targets: jax.Array, mask: jax.Array
-              ) -> dict[str, jax.Array]:
-        """Per-token ``[B, T]`` "ce", "correct" and, with a teacher, "kd" and "agreement"."""
-        divergence = self.divergence if teacher is not None else None
-        if self.chunk_size:
-            return losses.chunked_token_losses(
-                hidden, student.head(), teacher_hidden,
-                None if teacher is None else teacher.head(), targets, mask=mask,
-                divergence=divergence or "forward_kl", chunk_size=self.chunk_size,
-                **(self.kwargs if divergence else {}))
-        logits = student.logits(hidden)
-        out = {"ce": losses.token_cross_entropy(logits, targets, mask=mask),
-               "correct": jnp.where(mask, logits.argmax(-1) == targets, 0.0)}
-        if teacher is not None:
-            t_logits = teacher.logits(teacher_hidden)
-            out["agreement"] = jnp.where(mask, logits.argmax(-1) == t_logits.argmax(-1), 0.0)
-            if divergence:
-                out["kd"] = losses.token_divergence(divergence)(logits, t_logits, mask=mask,
-                                                                **self.kwargs)
-        return out
-
-
 def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Array:
     return teacher.features(inputs["tokens"], segment_ids=inputs["segment_ids"],
                             logits=False)["hidden"]
 
 
-def _token_sums(objective: TokenObjective, student: nnx.Module, inputs: dict[str, jax.Array],
-                teacher: nnx.Module | None, teacher_hidden: jax.Array | None, mask: jax.Array, *,
-                train: bool) -> dict[str, jax.Array]:
+def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[str, jax.Array],
+                 teacher: nnx.Module | None, teacher_hidden: jax.Array | None, mask: jax.Array,
+                 *, train: bool) -> dict[str, jax.Array]:
+    """The objective's per-token ``[B, T]`` terms of the student on `inputs`."""
     hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"], train=train,
                               logits=False)["hidden"]
-    terms = objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask)
-    return {k: v.sum() for k, v in terms.items()}
+    return objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask)
 
 
 def lm_parts(objective: TokenObjective) -> StepParts:
@@ -113,14 +62,9 @@ def lm_parts(objective: TokenObjective) -> StepParts:
 
     def loss(model, inputs, frozen, teacher_hidden, step, key):
         mask = inputs["loss_mask"]
-        sums = _token_sums(objective, model.student, inputs, frozen[0] if frozen else None,
-                           teacher_hidden[0] if frozen else None, mask, train=True)
-        metrics = {f"{k}_sum": v for k, v in sums.items()}
-        metrics["tokens"] = count = mask.sum().astype(jnp.float32)
-        total = objective.ce_weight * metrics["ce_sum"]
-        if "kd_sum" in metrics:
-            total = total + objective.kd_weight * metrics["kd_sum"]
-        return total / jnp.maximum(count, 1.0), metrics
+        terms = _token_terms(objective, model.student, inputs, frozen[0] if frozen else None,
+                             teacher_hidden[0] if frozen else None, mask, train=True)
+        return objective.loss(terms, mask, step)
 
     return StepParts(inputs=inputs, teach=teach, loss=loss)
 
@@ -172,11 +116,11 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
         student = getattr(model, "student", model)
         teacher_model = frozen[0] if frozen else None
         t_hidden = _teacher_hidden(teacher_model, inputs) if frozen else None
-        sums = _token_sums(ce_only, student, inputs, teacher_model, t_hidden, mask, train=False)
-        out = {"count": mask.sum().astype(jnp.float32), "loss": sums["ce"],
-               "accuracy": sums["correct"]}
+        terms = _token_terms(ce_only, student, inputs, teacher_model, t_hidden, mask, train=False)
+        out = {"count": mask.sum().astype(jnp.float32), "loss": terms["ce"].sum(),
+               "accuracy": terms["correct"].sum()}
         if frozen:
-            out["teacher_agreement"] = sums["agreement"]
+            out["teacher_agreement"] = terms["agreement"].sum()
             out["teacher_loss"] = ce_only.terms(teacher_model, t_hidden, None, None,
                                                 inputs["targets"], mask)["ce"].sum()
         return out

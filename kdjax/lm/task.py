@@ -22,16 +22,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kdjax import export as export_lib, metrics as metrics_lib, models, sharding
+from kdjax import export as export_lib, methods, metrics as metrics_lib, models, sharding
 from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
 from kdjax.lm.models import is_lm
-from kdjax.lm.step import SUM_METRICS, TokenObjective, make_lm_eval_step, make_lm_step
-from kdjax.losses import TOKEN_DIVERGENCES
+from kdjax.lm.objective import TokenObjective
+from kdjax.lm.step import SUM_METRICS, make_lm_eval_step, make_lm_step
 from kdjax.models import ModelSpec
-from kdjax.step import DeviceData, Distillee, FrozenModel, Step, compute_dtype, freeze
+from kdjax.distillee import Distillee
+from kdjax.step import DeviceData, FrozenModel, Step, compute_dtype, freeze
 from kdjax.task import RunData, Task, Teacher, register
 
 EVAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/teacher_agreement")
@@ -39,13 +40,8 @@ EVAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/teacher_a
 
 def objective_from_plan(plan: plan_lib.RunPlan) -> TokenObjective:
     """The token objective of loss.name ("ce" or a token divergence) and lm.chunk_size."""
-    name = plan.loss.name
-    if name != "ce" and name not in TOKEN_DIVERGENCES:
-        raise ValueError(f"loss.name={name!r} is not a language-model loss; valid: 'ce' "
-                         f"(supervised) or a token divergence {sorted(TOKEN_DIVERGENCES)}")
-    return TokenObjective(divergence=None if name == "ce" else name,
-                          kwargs=dict(plan.loss.kwargs), ce_weight=plan.loss.ce_weight,
-                          kd_weight=plan.loss.kd_weight, chunk_size=plan.lm.chunk_size)
+    return methods.get(plan.loss.name, task="lm").objective(plan.loss,
+                                                            chunk_size=plan.lm.chunk_size)
 
 
 def _rows(ds: text_data.TextDataset, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
