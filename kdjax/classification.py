@@ -251,11 +251,7 @@ class ImageTask(Task):
                     f"compares their outputs class by class: give the student the teacher's "
                     f"{teacher.num_classes} classes")
 
-        from kdjax.trainer import shardings_for  # noqa: PLC0415  (the skeleton imports tasks)
-
-        reference, spec, run = teacher_lib.read(
-            workdir, check=check, name=plan.teacher.model.name, kwargs=plan.teacher.model.kwargs,
-            shardings_for=shardings_for(plan, mesh, plan.teacher.sharding))
+        reference, spec, run = self.read_teacher(workdir, mesh, check)
         check_logits(reference, spec.num_classes, self._dataset().image_shape,
                      f"of teacher {workdir!r} ({spec.name})")
         trained_on = run["config"]["data"]["name"]

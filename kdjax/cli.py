@@ -207,10 +207,10 @@ def summary_table(workdirs: Sequence[str]) -> str:
 def datasets_table(data_dir: str | None) -> str:
     """What `kdjax datasets` prints: one row per prepared dataset under the data dir."""
     from kdjax import data
-
     from kdjax.lm import data as text_data
+    from kdjax.prepare.common import resolve_data_dir
 
-    root = data._resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     entries = data.list_datasets(root)
     texts = text_data.list_text(root)
     if texts:  # language-model corpora (kdjax prepare text)
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             max_examples_per_split=args.max_examples, num_workers=args.workers)
         from pathlib import Path
 
-        spec = data._spec_from_dir(args.name.removeprefix("imagefolder:"), Path(path))
+        spec = data.spec_from_dir(args.name.removeprefix("imagefolder:"), Path(path))
         sizes = ", ".join(f"{k} {v:,}" for k, v in spec.splits.items())
         print(f"kdjax: prepared {spec.name} {spec.version} in {path} ({sizes}; "
               f"{spec.num_classes} classes)")

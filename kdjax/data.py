@@ -237,7 +237,8 @@ def _image_label_features(info, path: Path):
     return image, label
 
 
-def _spec_from_dir(name: str, path: Path) -> DatasetSpec:
+def spec_from_dir(name: str, path: Path) -> DatasetSpec:
+    """The DatasetSpec of the prepared TFDS dataset `name` in directory `path`."""
     tfds = _import_tfds()
     info = tfds.builder_from_directory(os.fspath(path)).info
     image_feature, label_feature = _image_label_features(info, path)
@@ -277,7 +278,7 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     ``imagenette/320px-v2:1.0.0``.
     """
     path = _find_dataset_dir(name, data_dir)
-    return _spec_from_dir(name.partition(":")[0], path)
+    return spec_from_dir(name.partition(":")[0], path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +324,7 @@ def list_datasets(data_dir: str | os.PathLike | None = None) -> list[PreparedDat
         if file_format != "array_record":
             problem = f"{file_format}: not readable with random access (needs array_record)"
         try:
-            spec = _spec_from_dir(name, path)
+            spec = spec_from_dir(name, path)
             shape, classes, splits = spec.image_shape, spec.num_classes, spec.splits
         except (DataPreparationError, ValueError, OSError) as e:
             problem = problem or str(e).split("\n")[0]
@@ -348,7 +349,7 @@ class SplitReader:
         path = _find_dataset_dir(name, data_dir)
         tfds = _import_tfds()
         builder = tfds.builder_from_directory(os.fspath(path))
-        self.spec = _spec_from_dir(name.partition(":")[0], path)
+        self.spec = spec_from_dir(name.partition(":")[0], path)
         self.split = split
         try:
             self._source = builder.as_data_source(

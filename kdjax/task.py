@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kdjax import sharding
 from kdjax import teacher as teacher_lib
 from kdjax.models import ModelSpec
 from kdjax.distillee import Distillee
@@ -111,6 +112,21 @@ class Task(abc.ABC):
 
     def check_student(self, student: ModelSpec) -> None:
         """Refuse a trained student `kdjax eval` cannot evaluate on this data."""
+
+    def shardings_for(self, mesh: jax.sharding.Mesh, rule: str) -> Callable[[Any], Any]:
+        """`tree -> shardings` of a variable tree under `rule` (model.sharding or
+        teacher.sharding) on `mesh`."""
+        return lambda tree: sharding.tree_shardings(tree, mesh, rule,
+                                                    min_bytes=self.plan.mesh.fsdp_min_bytes)
+
+    def read_teacher(self, workdir: str, mesh: jax.sharding.Mesh,
+                     check: Callable[[ModelSpec, dict[str, Any]], None]
+                     ) -> tuple[nnx.Module, ModelSpec, dict[str, Any]]:
+        """`kdjax.teacher.read` of `workdir` with teacher.model and teacher.sharding: the model
+        as trained, its spec and run record, `check` refusing it before its weights are read."""
+        t = self.plan.teacher
+        return teacher_lib.read(workdir, check=check, name=t.model.name, kwargs=t.model.kwargs,
+                                shardings_for=self.shardings_for(mesh, t.sharding))
 
     @abc.abstractmethod
     def load_teacher(self, workdir: str, student: ModelSpec, mesh: jax.sharding.Mesh) -> Teacher:

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,13 +58,6 @@ def make_mesh(plan: plan_lib.RunPlan, with_teacher: bool) -> jax.sharding.Mesh:
     if with_teacher:
         sharding.check_rule(plan.teacher.sharding, plan.mesh, "teacher.sharding")
     return sharding.mesh_from_config(plan.mesh)
-
-
-def shardings_for(plan: plan_lib.RunPlan, mesh: jax.sharding.Mesh,
-                  rule: str) -> Callable[[Any], Any]:
-    """`tree -> shardings` of a variable tree under `rule` on `mesh` (model or teacher)."""
-    return lambda tree: sharding.tree_shardings(tree, mesh, rule,
-                                                min_bytes=plan.mesh.fsdp_min_bytes)
 
 
 def resume_note(path: str, step: int, total: int, steps_per_epoch: int,
@@ -220,7 +212,7 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
     loaded, teacher_records = _load_teachers(task, plan, data, mesh, distill=distill)
     teachers = tuple(t.model for t in loaded)
     del loaded  # the float32 references: only the agreement check needed them
-    teacher_sharding = tuple(shardings_for(plan, mesh, plan.teacher.sharding)(t.variables)
+    teacher_sharding = tuple(task.shardings_for(mesh, plan.teacher.sharding)(t.variables)
                              for t in teachers)
 
     model, student = task.build(data, teachers)
@@ -308,14 +300,14 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
         step = reader.resolve_step("latest")
         student = reader.model_spec(step)
         task.check_student(student)
-        model = reader.load_model(step, student, shardings_for=shardings_for(
-            plan, mesh, plan.model.sharding))
+        model = reader.load_model(step, student,
+                                  shardings_for=task.shardings_for(mesh, plan.model.sharding))
     finally:
         reader.close()
     teachers = (task.load_teacher(workdirs[0], student, mesh).model,) if workdirs else ()
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     eval_step = task.make_eval_step(graphdef, teachers, mesh=mesh, teacher_sharding=tuple(
-        shardings_for(plan, mesh, plan.teacher.sharding)(t.variables) for t in teachers))
+        task.shardings_for(mesh, plan.teacher.sharding)(t.variables) for t in teachers))
     result = {**task.eval_metrics(sum_batches(eval_step, params, model_state, eval_batches())),
               **task.eval_extras(model, step)}
     _write_json(workdir, "eval.json", result)

@@ -192,11 +192,7 @@ class LanguageModelTask(Task):
                     f"one: the same token ids would mean different text; prepare the data with "
                     f"the teacher's tokenizer")
 
-        from kdjax.trainer import shardings_for  # noqa: PLC0415  (the skeleton imports tasks)
-
-        reference, spec, _ = teacher_lib.read(
-            workdir, check=check, name=plan.teacher.model.name, kwargs=plan.teacher.model.kwargs,
-            shardings_for=shardings_for(plan, mesh, plan.teacher.sharding))
+        reference, spec, _ = self.read_teacher(workdir, mesh, check)
         prepared, preparation = teacher_lib.prepare(
             reference, spec, dtype=compute_dtype(plan.teacher.compute_dtype), fold_batchnorm=False)
         record = {"workdir": workdir, "model": spec.name,

@@ -30,7 +30,7 @@ from kdjax.lm import data as text_data, packing
 from kdjax.lm.models import is_lm
 from kdjax.models import ModelSpec, count_params
 from kdjax.report.artifacts import array_leaves, stored_bytes
-from kdjax.report.measure import _spread, time_calls
+from kdjax.report.measure import spread, time_calls
 from kdjax.step import eval_sums
 
 
@@ -212,5 +212,5 @@ def speed(fn: Forward, seq_len: int, vocab_size: int, *, latency_calls: int = 50
     return {"latency_batch1_ms": timed["latency_ms"],
             "throughput": {"batch_size": throughput_batch, "seq_len": seq_len,
                            "calls_per_window": timed["calls"],
-                           "tokens_per_s": _spread([throughput_batch * seq_len / s
+                           "tokens_per_s": spread([throughput_batch * seq_len / s
                                                     for s in timed["per_call_s"]])}}

@@ -63,7 +63,8 @@ def flops_per_example(artifact: Artifact) -> float | None:
     return float(flops) if flops is not None and flops >= 0 else None
 
 
-def _spread(seconds: Sequence[float]) -> dict[str, float]:
+def spread(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and range of timings."""
     s = np.asarray(seconds, np.float64)
     return {"median": float(np.median(s)), "p25": float(np.percentile(s, 25)),
             "p75": float(np.percentile(s, 75)), "min": float(s.min()), "max": float(s.max()),
@@ -90,7 +91,7 @@ def speed(artifact: Artifact, *, latency_calls: int = 200, throughput_batch: int
                        window_s=window_s)
     return {"latency_batch1_ms": timed["latency_ms"],
             "throughput": {"batch_size": throughput_batch, "calls_per_window": timed["calls"],
-                           "images_per_s": _spread([throughput_batch / s
+                           "images_per_s": spread([throughput_batch / s
                                                     for s in timed["per_call_s"]])}}
 
 
@@ -124,7 +125,7 @@ def time_calls(fn: Callable[[Any], Any], one: Any, batch: Any, *, latency_calls:
         jax.block_until_ready(out)
         per_call.append((time.perf_counter() - t0) / calls)
     return {"latency_ms": {k: v * 1e3 if k != "samples" else v
-                           for k, v in _spread(latencies).items()},
+                           for k, v in spread(latencies).items()},
             "calls": calls, "per_call_s": per_call}
 
 
