@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kdjax import plan as plan_lib
+
 SCHEDULES = ("constant", "linear", "cosine", "step")
 MODES = ("global", "instance")
 
@@ -45,7 +47,7 @@ def _positive(key: str, value: float) -> float:
     return float(value)
 
 
-def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
+def schedule(cfg: plan_lib.TemperatureSchedule, *, total_steps: int | None,
              key: str = "loss.temperature_schedule") -> optax.Schedule:
     """The optax schedule of a `loss.temperature_schedule` section (its `name` must be set).
 
@@ -57,15 +59,15 @@ def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
       cosine    E + (I - E) (1 + cos(pi u)) / 2           (optax.cosine_decay_schedule)
       step      I times every factors[i] whose boundaries[i] <= s (optax.piecewise_constant)
     """
-    name = cfg["name"]
+    name = cfg.name
     if name not in SCHEDULES:
         raise ValueError(f"{key}.name must be one of {list(SCHEDULES)} (or '' for the fixed "
                          f"temperature), got {name!r}")
-    init = _positive(f"{key}.init_value", cfg["init_value"])
+    init = _positive(f"{key}.init_value", cfg.init_value)
     if name == "constant":
         return optax.constant_schedule(init)
     if name == "step":
-        boundaries, factors = tuple(cfg["boundaries"]), tuple(cfg["factors"])
+        boundaries, factors = tuple(cfg.boundaries), tuple(cfg.factors)
         if len(boundaries) != len(factors) or not boundaries:
             raise ValueError(f"{key}.boundaries and {key}.factors pair up one to one (a factor "
                              f"applies from its boundary step on), got {boundaries} and {factors}")
@@ -76,11 +78,11 @@ def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
         for i, f in enumerate(factors):
             _positive(f"{key}.factors[{i}]", f)
         return optax.piecewise_constant_schedule(init, dict(zip(boundaries, map(float, factors))))
-    end = _positive(f"{key}.end_value", cfg["end_value"])
-    begin = cfg["begin_step"]
+    end = _positive(f"{key}.end_value", cfg.end_value)
+    begin = cfg.begin_step
     if begin < 0:
         raise ValueError(f"{key}.begin_step must be >= 0, got {begin}")
-    steps = cfg["steps"]
+    steps = cfg.steps
     if not steps:
         if total_steps is None:
             raise ValueError(f"{key}.steps=0 runs the schedule until the end of training, which "
@@ -88,7 +90,7 @@ def schedule(cfg: Mapping[str, Any], *, total_steps: int | None,
                              f"total_steps=train.steps)); or set {key}.steps")
         steps = total_steps - begin
     if steps <= 0:
-        raise ValueError(f"{key} must span at least one step: steps={cfg['steps']} from "
+        raise ValueError(f"{key} must span at least one step: steps={cfg.steps} from "
                          f"begin_step={begin} (of {total_steps} steps); set {key}.steps > 0 or "
                          f"an earlier begin_step")
     if name == "linear":
@@ -181,38 +183,38 @@ class InstanceTemperature(TemperatureModule):
         return self.out(nnx.relu(self.hidden(x)))[..., 0]
 
 
-def build(cfg: Mapping[str, Any], *, num_classes: int, temperature: float,
+def build(cfg: plan_lib.LearnedTemperature, *, num_classes: int, temperature: float,
           rngs: nnx.Rngs) -> TemperatureModule | None:
     """The temperature module of a `loss.learned_temperature` section (None when `mode` is ''),
     starting at `temperature`."""
-    mode = cfg["mode"]
+    mode = cfg.mode
     if not mode:
         return None
     if mode not in MODES:
         raise ValueError(f"loss.learned_temperature.mode must be one of {list(MODES)} (or '' "
                          f"for none), got {mode!r}")
-    init = logit_of(temperature, t_min=cfg["t_min"], t_range=cfg["t_range"])
+    init = logit_of(temperature, t_min=cfg.t_min, t_range=cfg.t_range)
     if mode == "global":
         return GlobalTemperature(init=init)
-    return InstanceTemperature(num_classes, init=init, hidden=cfg["hidden"], rngs=rngs)
+    return InstanceTemperature(num_classes, init=init, hidden=cfg.hidden, rngs=rngs)
 
 
-def learned(cfg: Mapping[str, Any], *, total_steps: int | None) -> Source:
+def learned(cfg: plan_lib.LearnedTemperature, *, total_steps: int | None) -> Source:
     """The source of CTKD's temperature: the Distillee's module output `z` (its features'
     "temperature") through the gradient-reversal layer at the curriculum's strength."""
     key = "loss.learned_temperature"
-    t_min = _positive(f"{key}.t_min", cfg["t_min"])
-    t_range = _positive(f"{key}.t_range", cfg["t_range"])
-    max_strength = cfg["max_strength"]
+    t_min = _positive(f"{key}.t_min", cfg.t_min)
+    t_range = _positive(f"{key}.t_range", cfg.t_range)
+    max_strength = cfg.max_strength
     if not (math.isfinite(max_strength) and max_strength >= 0):
         raise ValueError(f"{key}.max_strength must be >= 0, got {max_strength}")
-    steps = cfg["curriculum_steps"] or total_steps
+    steps = cfg.curriculum_steps or total_steps
     if steps is None:
         raise ValueError(f"{key}.curriculum_steps=0 spreads the curriculum over the whole run, "
                          f"which needs its total steps (objectives.from_config(..., "
                          f"total_steps=train.steps)); or set {key}.curriculum_steps")
     if steps <= 0:
-        raise ValueError(f"{key}.curriculum_steps must be >= 0, got {cfg['curriculum_steps']}")
+        raise ValueError(f"{key}.curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
 
     def source(out, step):
         if "temperature" not in out:
@@ -226,7 +228,7 @@ def learned(cfg: Mapping[str, Any], *, total_steps: int | None) -> Source:
     return source
 
 
-def scheduled(cfg: Mapping[str, Any], *, total_steps: int | None) -> Source:
+def scheduled(cfg: plan_lib.TemperatureSchedule, *, total_steps: int | None) -> Source:
     """The source of a scheduled temperature (also logged, as "temperature")."""
     fn = schedule(cfg, total_steps=total_steps)
 

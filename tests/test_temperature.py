@@ -19,6 +19,7 @@ from flax import nnx
 
 from conftest import EXP
 from kdjax import checkpoint, cli, config as config_lib, models, objectives, sharding
+from kdjax import plan
 from kdjax import temperature as T
 from kdjax.step import DeviceData, Distillee, freeze, init_train_state, make_distill_step
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 def sched(name, total_steps=100, **kw):
-    cfg = {**config_lib.base_config().loss.temperature_schedule, "name": name, **kw}
-    return T.schedule(cfg, total_steps=total_steps)
+    cfg = plan.as_plan({"loss": {"temperature_schedule": {"name": name, **kw}}})
+    return T.schedule(cfg.loss.temperature_schedule, total_steps=total_steps)
 
 
 STEPS = [0, 1, 10, 25, 37, 60, 99, 100, 150]

@@ -168,7 +168,7 @@ def test_tfkd_self_teacher_must_be_the_students_architecture(tmp_path):
     config.teacher.workdir = str(tmp_path / "mlp64")
     with pytest.raises(ValueError, match=r"distils from a trained copy of the student \(mlp "
                                          r"\{'hidden': \(128,\)\}\), but teacher.workdir=.*mlp64"
-                                         r"' trained mlp \{'hidden': \[64\]\}; point "
+                                         r"' trained mlp \{'hidden': \(64,\)\}; point "
                                          r"teacher.workdir at a run of the student's"):
         classification.check_self_teacher(plan.as_plan(config))
     config.loss.kwargs = {"variant": "virtual"}  # no teacher to check

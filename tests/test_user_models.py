@@ -16,7 +16,7 @@ from flax import nnx
 
 import _user_models as user
 from conftest import EXP
-from kdjax import augment, cli, data, export, losses, models, objectives
+from kdjax import augment, cli, data, export, losses, models, objectives, plan
 from kdjax.step import Distillee, freeze, init_train_state, make_distill_step
 
 C, D = 4, 12
@@ -48,12 +48,12 @@ def _user_copy(zoo):
 
 def _run(student, teacher, objective, steps=3, student_taps=(), teacher_taps=()):
     tx = optax.sgd(0.1, momentum=0.9)
-    distillee = Distillee(student, taps=student_taps,
-                          connectors=objectives.build_connectors(
-                              {"name": "rkd", "kwargs": {}, "student_taps": student_taps,
-                               "teacher_taps": teacher_taps},
-                              student, [freeze(teacher, taps=teacher_taps)], image_shape=(3, 4, 1),
-                              rngs=nnx.Rngs(0)) if student_taps else ())
+    loss = plan.as_plan({"loss": {"name": "rkd", "student_taps": student_taps,
+                                  "teacher_taps": teacher_taps}}).loss
+    parts = {"connectors": objectives.build_connectors(
+        loss, student, [freeze(teacher, taps=teacher_taps)], image_shape=(3, 4, 1),
+        rngs=nnx.Rngs(0))} if student_taps else {}
+    distillee = Distillee(student, taps=student_taps, **parts)
     graphdef, state = init_train_state(distillee, tx, seed=0)
     step = make_distill_step(graphdef, tx, objective,
                              teachers=[freeze(teacher, taps=teacher_taps)])
