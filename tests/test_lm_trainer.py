@@ -30,20 +30,6 @@ TINY = ["--config.data.name=tiny", "--config.train.batch_size=4", "--config.eval
         "--config.optimizer.warmup_steps=0", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    src = root / "src"
-    src.mkdir()
-    for i in range(24):
-        (src / f"f{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n"
-                                              for j in range(i % 5 + 2)))
-    out = str(root / "data")
-    assert cli.main(["prepare", "text", "--from", str(src), "--name", "tiny", "--seq-len", "16",
-                     "--held-out", "0.2", "--data-dir", out]) == 0
-    return out
-
-
 def _args(command, experiment, workdir, text_dir, *extra, steps=8):
     return [command, "--config", f"{EXP}/{experiment}", "--workdir", str(workdir),
             f"--config.data.data_dir={text_dir}", f"--config.train.steps={steps}",
