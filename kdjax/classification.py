@@ -326,7 +326,8 @@ class ImageTask(Task):
 
     def optimizer(self, tx: optax.GradientTransformation, model: Distillee,
                   student: ModelSpec) -> optax.GradientTransformation:
-        return compress.wrap_optimizer(tx, self.plan, model.student, self.spec.image_shape)
+        return compress.wrap_optimizer(tx, self.plan.prune, model.student, self.spec.image_shape,
+                                       total_steps=self.plan.train.steps, seed=self.plan.seed)
 
     def make_step(self, graphdef, tx, teachers, data: RunData, **compile_args: Any) -> Step:
         objective = objectives.from_config(self.plan.loss, self.plan.teacher,

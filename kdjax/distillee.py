@@ -27,13 +27,17 @@ class Part(Protocol):
     features dict (which the objective reads), from the input `x`, the student's features so far
     `out` and the teachers' features; `index` (each example's position in the training set) and
     `key` (a PRNG key of this step) serve parts with per-example state (CRD). `student_taps` are
-    the student taps it reads beyond the student's own features."""
+    the student taps it reads beyond the student's own features. `eval_logits` are the
+    classifiers it adds that evaluation scores beside the student (a peer, an exit), by metric
+    prefix, from the input and the student's features in inference mode."""
 
     student_taps: tuple[str, ...]
 
     def features(self, x: jax.Array, out: dict, teachers: Sequence[dict], *, train: bool,
                  index: jax.Array | None = None, key: jax.Array | None = None
                  ) -> dict[str, Any]: ...
+
+    def eval_logits(self, x: jax.Array, out: dict) -> dict[str, jax.Array]: ...
 
 
 class PartList(nnx.List):
@@ -46,6 +50,10 @@ class PartList(nnx.List):
         del x, out, teachers, train, index, key
         return {}
 
+    def eval_logits(self, x: jax.Array, out: dict) -> dict[str, jax.Array]:
+        del x, out
+        return {}
+
 
 class Peers(PartList):
     """Further students trained alongside (deep mutual learning): their features as "peers"."""
@@ -54,6 +62,9 @@ class Peers(PartList):
         if not len(self):
             return {}
         return {"peers": tuple(taps_lib.features(p, x, train=train) for p in self)}
+
+    def eval_logits(self, x: jax.Array, out: dict) -> dict[str, jax.Array]:
+        return {f"peer{i}/": taps_lib.call(p, x, train=False) for i, p in enumerate(self, 1)}
 
 
 # The slots, in the order their parts run (a part sees the entries of the ones before it).
@@ -93,11 +104,15 @@ class Distillee(nnx.Module):
                                                     key=key))
         return out
 
-    def exit_logits(self, x) -> dict[str, jax.Array]:
-        """Each exit's logits in inference mode, by exit name (evaluation)."""
+    def eval_logits(self, x) -> dict[str, jax.Array]:
+        """The logits evaluation scores, by metric prefix: the student's ("") and those its
+        parts add (mutual learning's "peer<i>/", BYOT's "exit_<tap>/"), in inference mode."""
         out = taps_lib.features(self.student, x, train=False, taps=self.taps,
                                 what="loss.student_taps")
-        return self.exits.logits(out)
+        heads = {"": out["logits"]}
+        for name in PARTS:
+            heads.update(getattr(self, name).eval_logits(x, out))
+        return heads
 
 
 def split_student(tree: nnx.State) -> tuple[nnx.State, nnx.State]:

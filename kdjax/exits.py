@@ -98,9 +98,11 @@ class Exits(PartList):
             return {}
         return {"exits": {e.exit_name: e(out, train=train) for e in self}}
 
-    def logits(self, out: dict) -> dict[str, jax.Array]:
-        """Each exit's logits in inference mode from the student's features `out`."""
-        return {e.exit_name: e(out, train=False)[0] for e in self}
+    def eval_logits(self, x: jax.Array, out: dict) -> dict[str, jax.Array]:
+        """Each exit's logits in inference mode from the student's features `out`, under the
+        metric prefix "<exit name>/"."""
+        del x
+        return {f"{e.exit_name}/": e(out, train=False)[0] for e in self}
 
 
 def build(shapes: dict[str, Shape], taps: Sequence[str], *, hint_tap: str, num_classes: int,

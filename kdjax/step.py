@@ -513,31 +513,26 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     partial batch is evaluated, never dropped). Returns per-batch sums (`eval_sums`: count, loss,
     top-1, top-5, with a teacher agreement with the first teacher's argmax and KL from it, with
     `calibration_bins` the Brier score and calibration bins); the caller adds them up and
-    divides by count. A Distillee is evaluated by its student alone, its peer students (mutual
-    learning) each under the prefix "peer<i>/" and its BYOT exits each under "exit_<tap>/".
+    divides by count. A Distillee is evaluated by its student and, each under its prefix, the
+    classifiers its parts add (`Distillee.eval_logits`: peers "peer<i>/", exits "exit_<tap>/").
     `state_sharding` and `teacher_sharding` are make_distill_step's.
     """
 
     def eval_fn(params, model_state, frozen, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
         model = nnx.merge(graphdef, params, model_state)
-        students, exits = {"": model}, {}
-        if isinstance(model, Distillee):
-            students = {"": model.student,
-                        **{f"peer{i + 1}/": p for i, p in enumerate(model.peers)}}
-            exits = model.exit_logits(images) if len(model.exits) else {}
+        heads = (model.eval_logits(images) if isinstance(model, Distillee)
+                 else {"": taps_lib.call(model, images, train=False)})
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
-        for name, logits in exits.items():
-            sums.update({f"{name}/{k}": v for k, v in eval_sums(logits, labels, mask).items()})
-        for prefix, student in students.items():
+        for prefix, logits in heads.items():
             t_logits = None
-            if frozen and not prefix:
+            if frozen and not prefix:  # the student's agreement with the first teacher
                 t_logits = taps_lib.call(frozen[0], augment.renormalize(
                     images, preprocess, teachers[0].normalization), train=False)
             sums.update({prefix + k: v for k, v in eval_sums(
-                taps_lib.call(student, images, train=False), labels, mask,
-                teacher_logits=t_logits, calibration_bins=calibration_bins).items()})
+                logits, labels, mask, teacher_logits=t_logits,
+                calibration_bins=calibration_bins).items()})
         return sums
 
     return compile_eval(eval_fn, teachers, mesh=mesh, state_sharding=state_sharding,

@@ -131,15 +131,15 @@ def test_eval_step_reports_each_exits_accuracy():
         {"image": images, "label": labels}, 16)))
     x = (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.5  # Preprocess()'s defaults
     # jitted: on XLA:CPU each eager op compiles a kernel of its own
-    logits, own = jax.jit(lambda p, r, x: (nnx.merge(graphdef, p, r).exit_logits(x),
-                                           nnx.merge(graphdef, p, r)(x)))(params, rest, x)
-    assert set(logits) == {"exit_hidden1", "exit_hidden2"} and sums["count"] == 12
-    for name, z in logits.items():
+    heads, own = jax.jit(lambda p, r, x: (nnx.merge(graphdef, p, r).eval_logits(x),
+                                          nnx.merge(graphdef, p, r)(x)))(params, rest, x)
+    assert set(heads) == {"", "exit_hidden1/", "exit_hidden2/"} and sums["count"] == 12
+    for name, z in heads.items():
         correct = np.asarray(z).argmax(-1) == labels
-        assert sums[f"{name}/accuracy"] == correct.sum()
+        assert sums[f"{name}accuracy"] == correct.sum()
         z = np.float64(z) - np.float64(z).max(-1, keepdims=True)
         ce = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(12), labels]
-        assert sums[f"{name}/loss"] == pytest.approx(ce.sum(), rel=1e-5)
+        assert sums[f"{name}loss"] == pytest.approx(ce.sum(), rel=1e-5)
     own = np.asarray(own).argmax(-1) == labels
     assert sums["accuracy"] == own.sum()  # the student's own, as without exits
 

@@ -94,17 +94,15 @@ def prune_once(model: nnx.Module, spec: ModelSpec, prune_section: plan_lib.Prune
     return small, small_spec
 
 
-def wrap_optimizer(tx: optax.GradientTransformation, run: plan_lib.RunPlan,
-                   student: nnx.Module, input_shape) -> optax.GradientTransformation:
-    """`tx` with the prune section's masks in its state (kdjax.compress.prune.wrap), or `tx`.
-
-    It reads prune, train.steps and the seed of the plan (a config is turned into one first:
-    `kdjax.plan.as_plan`)."""
-    run = plan_lib.as_plan(run)
-    plan = prune.make_plan(run.prune, student, input_shape, run.train.steps, seed=run.seed)
+def wrap_optimizer(tx: optax.GradientTransformation, pruning: plan_lib.Prune,
+                   student: nnx.Module, input_shape, *, total_steps: int, seed: int
+                   ) -> optax.GradientTransformation:
+    """`tx` with the prune section's masks in its state (kdjax.compress.prune.wrap), or `tx`
+    when it prunes nothing; schedules end by `total_steps` (train.steps)."""
+    plan = prune.make_plan(pruning, student, input_shape, total_steps, seed=seed)
     if plan is None:
         return tx
-    print(f"kdjax: pruning {len(plan.targets)} layer(s) ({run.prune.method}, "
-          f"{run.prune.scope}, {run.prune.schedule} to {plan.targets[0].schedule.final:.3g}"
+    print(f"kdjax: pruning {len(plan.targets)} layer(s) ({pruning.method}, "
+          f"{pruning.scope}, {pruning.schedule} to {plan.targets[0].schedule.final:.3g}"
           f"): {', '.join(t.name for t in plan.targets)}", flush=True)
     return prune.wrap(tx, plan)

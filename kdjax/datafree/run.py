@@ -73,8 +73,9 @@ def check_config(config: plan_lib.RunPlan) -> None:
                              f"{d.balance_weight} must be >= 0")
 
 
-def recipe(config: plan_lib.RunPlan, platform: str) -> deepinversion.Recipe:
-    d = config.datafree
+def recipe(d: plan_lib.Datafree, platform: str) -> deepinversion.Recipe:
+    """DeepInversion's synthesis recipe of the datafree section (steps per call 0 = auto: one
+    compiled loop on accelerators, 1 on the CPU)."""
     per_call = d.synthesis_steps_per_call or (1 if platform == "cpu" else 0)
     return deepinversion.Recipe(steps=d.synthesis_steps, learning_rate=d.synthesis_lr,
                                 bn_weight=d.bn_weight, tv_weight=d.tv_weight,
@@ -129,7 +130,7 @@ def distill(config: plan_lib.RunPlan, workdir: str, *, progress: bool = True,
                 teacher, key=jax.random.fold_in(jax.random.key(config.seed), 0xD1),
                 num_images=config.datafree.num_images,
                 batch_size=config.datafree.synthesis_batch_size, num_classes=num_classes,
-                image_shape=tuple(spec.image_shape), recipe=recipe(config, platform),
+                image_shape=tuple(spec.image_shape), recipe=recipe(config.datafree, platform),
                 preprocess=pixels, mesh=mesh)
             pool = {"image": out["image"], "label": out["label"]}
             last = out["metrics"][-1]
