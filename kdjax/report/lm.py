@@ -27,7 +27,7 @@ from flax import nnx
 
 from kdjax import calibration, checkpoint, export
 from kdjax.lm import data as text_data, packing
-from kdjax.lm.models import is_lm
+from kdjax import task
 from kdjax.models import ModelSpec, count_params
 from kdjax.report.artifacts import array_leaves, stored_bytes
 from kdjax.report.measure import spread, time_calls
@@ -53,9 +53,9 @@ def _run_config(path: str) -> dict[str, Any] | None:
 def is_lm_path(path: str) -> bool:
     """Whether `path` is a language-model run (its config.json) or export (its ModelSpec)."""
     if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
-        return is_lm(((_run_config(path) or {}).get("model") or {}).get("name", ""))
+        return task.run_kind(path) == "lm"
     meta = _export_meta(path)
-    return bool(meta) and is_lm((meta.get("model") or {}).get("name", ""))
+    return bool(meta) and task.task_kind((meta.get("model") or {}).get("name", "")) == "lm"
 
 
 Forward = Callable[[jax.Array, jax.Array], jax.Array]
