@@ -154,7 +154,7 @@ def bench_pair(pair: pairs_lib.Pair, batch: int, *, steps_per_call: Sequence[int
     alone = make_distill_step(graphdef, tx, objectives.supervised(), preprocess=recipe,
                               mesh=mesh, data=data)
     t_student, _ = time_step(alone)
-    x = data.images[:batch]
+    x = data.arrays["image"][:batch]
 
     def time_forward(frozen: FrozenModel) -> float:
         fwd = jax.jit(lambda v, x: nnx.merge(frozen.graphdef, v)(

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import connectors, exits as exits_lib, losses, methods
+from kdjax import plan as plan_lib
 from kdjax import taps as taps_lib
 from kdjax import temperature as temperature_lib
 from kdjax.augment import MixedLabels
@@ -500,6 +501,8 @@ def from_config(loss: Any, teacher: Any | None = None, *,
     `total_steps` (train.steps) serves a temperature schedule or curriculum that runs until the
     end of training (their `steps` 0).
     """
+    loss = plan_lib.section("loss", loss)
+    teacher = None if teacher is None else plan_lib.section("teacher", teacher)
     method = methods.get(loss.name)
     method.check(loss)
     _check_temperature(loss, method)
@@ -529,6 +532,7 @@ def build_temperature(loss: Any, *, num_classes: int,
                       rngs: nnx.Rngs) -> temperature_lib.TemperatureModule | None:
     """CTKD's temperature module for `loss.learned_temperature` (None when its mode is ''),
     starting at the loss's fixed temperature (`base_temperature`)."""
+    loss = plan_lib.section("loss", loss)
     if not loss.learned_temperature.mode:
         return None
     return temperature_lib.build(loss.learned_temperature, num_classes=num_classes,
@@ -541,6 +545,7 @@ def build_exits(loss: Any, student: nnx.Module, *, image_shape: Sequence[int],
     `loss.student_taps` (default: every stage of a zoo model but the last, the reference's
     choice), hinting at `loss.kwargs.hint_tap` (default "embedding"), built from the student's
     tap shapes traced abstractly."""
+    loss = plan_lib.section("loss", loss)
     if loss.name != "byot":
         return exits_lib.Exits()
     kwargs = loss.kwargs
@@ -610,6 +615,7 @@ def build_connectors(loss: Any, student: nnx.Module,
     `connectors_for_shapes`), with the sub-modules loss.student_taps / each teacher's taps name
     (kdjax.taps); `dataset_labels` (the training labels) serve CRD's memory.
     """
+    loss = plan_lib.section("loss", loss)
     if loss.name not in FEATURE_METHODS:
         return connectors.Connectors()
     return connectors.Connectors(connectors_for_shapes(

@@ -396,3 +396,13 @@ def diff(saved: Mapping[str, Any], plan: RunPlan) -> list[str]:
     """The keys whose values differ between a saved run's config (a checkpoint's record) and
     `plan`, as "key: old -> new" lines (what a resumed run says changed)."""
     return config_lib.diff(saved, plan.to_dict())
+
+
+def section(name: str, value: Any) -> Any:
+    """The typed section `name` ("loss", "teacher", ...) of `value`: a section as it is (typed,
+    or a ConfigDict's), or a plain mapping of some of its keys (the rest the schema's
+    defaults), validated as a config's is. Library functions that take a section accept a
+    user's dict through this: `kdjax.build_connectors({"name": "rkd", ...}, ...)`."""
+    if isinstance(value, Mapping) and not isinstance(value, ml_collections.ConfigDict):
+        return getattr(as_plan({name: dict(value)}), name)
+    return value
