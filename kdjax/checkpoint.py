@@ -417,7 +417,8 @@ class RunReader:
         if self.manager is None or self.manager.latest_step() is None:
             raise FileNotFoundError(
                 f"no checkpoint in {self.directory}: {what}={workdir!r} is not a kdjax workdir "
-                f"with a saved run (train a model there first with `kdjax train`)")
+                f"with a saved run (train a model there first with `kdjax train`, or import a "
+                f"PyTorch checkpoint there with `kdjax import`)")
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

@@ -608,9 +608,10 @@ def resolve(name: str) -> Callable[..., Any]:
                          f"your own model as an importable 'package.module:ClassName'")
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); install "
-                         f"the package that defines it, or put its folder on PYTHONPATH") from None
+    except Exception as e:  # noqa: BLE001  (any error in the user's module is theirs to fix)
+        raise ValueError(f"model {name!r}: cannot import module {module_name!r} "
+                         f"({type(e).__name__}: {e}); install the package that defines it, put "
+                         f"its folder on PYTHONPATH, or fix the error in it") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}; "

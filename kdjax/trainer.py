@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -148,7 +149,15 @@ def resolve_steps_per_call(plan: plan_lib.RunPlan, platform: str,
 
 
 def _check_run(task: Task, plan: plan_lib.RunPlan, *, distill: bool) -> None:
+    """Everything that can be refused before a directory is made or a teacher is loaded: the
+    task's config checks, the model's constructor (its module imports), the teachers' and
+    init.workdir's runs (each has a checkpoint), the checkpoint policy."""
     task.check(distill=distill)
+    models.resolve(plan.model.name)
+    for workdir in task.teacher_workdirs(distill=distill):
+        checkpoint.RunReader(workdir, what="teacher.workdir").close()
+    if plan.init.workdir:
+        checkpoint.RunReader(plan.init.workdir, what="init.workdir").close()
     ck = plan.checkpoint
     valid = task.eval_metric_names(distill=distill)
     if ck.keep_best and ck.best_metric not in valid:
@@ -181,16 +190,33 @@ def train(config: Any, workdir: str, *, distill: bool, progress: bool = True,
     task = for_plan(plan)
     _check_run(task, plan, distill=distill)
     ck = plan.checkpoint
-    checkpoint.ensure_writable(workdir)
-    with checkpoint.Checkpointer(workdir, max_to_keep=ck.max_to_keep, keep_best=ck.keep_best,
-                                 best_metric=ck.best_metric, best_mode=ck.best_mode) as ckpt:
-        if fresh and ckpt.steps():
-            raise ValueError(
-                f"--fresh: {workdir!r} already has checkpoints (steps {ckpt.steps()} in "
-                f"{ckpt.directory}) and kdjax never deletes a run's checkpoints; pick a new "
-                f"--workdir, or delete {ckpt.directory} yourself to start over there")
-        return _train(task, plan, workdir, ckpt, distill=distill, progress=progress,
-                      given=train_arrays)
+    new = not os.path.exists(workdir)
+    try:
+        checkpoint.ensure_writable(workdir)
+        with checkpoint.Checkpointer(workdir, max_to_keep=ck.max_to_keep,
+                                     keep_best=ck.keep_best, best_metric=ck.best_metric,
+                                     best_mode=ck.best_mode) as ckpt:
+            if fresh and ckpt.steps():
+                raise ValueError(
+                    f"--fresh: {workdir!r} already has checkpoints (steps {ckpt.steps()} in "
+                    f"{ckpt.directory}) and kdjax never deletes a run's checkpoints; pick a new "
+                    f"--workdir, or delete {ckpt.directory} yourself to start over there")
+            return _train(task, plan, workdir, ckpt, distill=distill, progress=progress,
+                          given=train_arrays)
+    except BaseException:
+        if new:
+            _remove_if_nothing_saved(workdir)
+        raise
+
+
+def _remove_if_nothing_saved(workdir: str) -> None:
+    """Remove the workdir a failed run made when the run saved nothing a user could want: no
+    checkpoint and no logged metrics (a run that failed before its first step)."""
+    saved = [d for d in os.listdir(checkpoint.checkpoint_dir(workdir)) if d.isdigit()] if (
+        os.path.isdir(checkpoint.checkpoint_dir(workdir))) else []
+    logged = os.path.join(workdir, metrics_lib.METRICS_FILE)
+    if not saved and not (os.path.exists(logged) and os.path.getsize(logged)):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _load_teachers(task: Task, plan: plan_lib.RunPlan, data: RunData, mesh, *,

@@ -173,3 +173,46 @@ def test_tfkd_self_teacher_must_be_the_students_architecture(tmp_path):
         classification.check_self_teacher(plan.as_plan(config))
     config.loss.kwargs = {"variant": "virtual"}  # no teacher to check
     classification.check_self_teacher(plan.as_plan(config))
+
+
+# -- failed runs leave nothing behind ------------------------------------------------------------
+
+def _distill(workdir, data_dir, teacher, *extra):
+    return cli.main(["distill", "--config", f"{EXP}/kd.py", "--workdir", str(workdir),
+                     f"--config.data.data_dir={data_dir}", f"--config.teacher.workdir={teacher}",
+                     *TINY, *extra])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), r"no checkpoint in .*: teacher.workdir=.* is not a kdjax workdir with a saved run "
+         r"\(train a model there first with `kdjax train`, or import a PyTorch checkpoint there "
+         r"with `kdjax import`\)"),
+    (("--config.loss.name=kdd",), r"unknown loss 'kdd'|loss.name='kdd'"),
+    (("--config.model.name=_no_such_module:Net",), r"cannot import module '_no_such_module'"),
+])
+def test_a_run_refused_before_it_starts_makes_no_directory(data_dir, tmp_path, extra, message,
+                                                           monkeypatch):
+    # Nothing may be read before the refusal: not the data, not a teacher.
+    from kdjax import classification, teacher as teacher_lib
+
+    def never(*args, **kwargs):
+        raise AssertionError("read before the config was checked")
+
+    monkeypatch.setattr(classification.ImageTask, "open_data", never)
+    monkeypatch.setattr(teacher_lib, "read", never)
+    workdir = tmp_path / "kd"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        _distill(workdir, data_dir, tmp_path / "no_teacher", *extra)
+    assert not workdir.exists()
+
+
+def test_a_run_that_fails_before_its_first_step_removes_the_workdir_it_made(data_dir, tmp_path):
+    workdir = tmp_path / "t"
+    with pytest.raises(ValueError, match=r"train.batch_size=100000 exceeds the 320 training"):
+        _train(workdir, data_dir, "--config.train.batch_size=100000")
+    assert not workdir.exists()
+    # A workdir the user made stays, whatever happened in it.
+    workdir.mkdir()
+    with pytest.raises(ValueError, match=r"train.batch_size=100000 exceeds"):
+        _train(workdir, data_dir, "--config.train.batch_size=100000")
+    assert workdir.is_dir()
