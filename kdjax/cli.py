@@ -480,7 +480,8 @@ def entry() -> None:
     except Interrupted as e:
         print(f"kdjax: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (RunError, ValueError, TypeError, FileNotFoundError) as e:
+    # OSError: a path that is a directory, unreadable, ... (the message names the path).
+    except (RunError, ValueError, TypeError, OSError) as e:
         if os.environ.get("KDJAX_TRACEBACK"):
             raise
         print(f"kdjax: error: {e}\n(set KDJAX_TRACEBACK=1 for the traceback)", file=sys.stderr)

@@ -277,6 +277,10 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r}: no such file (pass an experiment file, e.g. "
                                 f"experiments/fashion_mnist/teacher.py)")
+    if not path.endswith(".py"):
+        raise ValueError(f"--config {path!r} is not a Python experiment file (.py with a "
+                         f"get_config() function, e.g. experiments/fashion_mnist/teacher.py); "
+                         f"a run's saved config.json is read with --workdir, by kdjax eval")
     spec = importlib.util.spec_from_file_location("kdjax_experiment_config", path)
     module = importlib.util.module_from_spec(spec)
     # Experiments may import their siblings (kd.py builds on student_scratch.py). Siblings are
@@ -287,7 +291,11 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collectio
     shadowed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
     sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001  (an error in the user's experiment file)
+            raise ValueError(f"--config {path!r} failed to run ({type(e).__name__}: {e}); fix "
+                             f"the experiment file") from e
         if not hasattr(module, "get_config"):
             raise ValueError(f"--config {path!r} defines no get_config() function")
         config = validate(module.get_config() if arg is None else module.get_config(arg))

@@ -119,3 +119,44 @@ def test_loss_and_command_must_agree(data_dir, tmp_path):
     with pytest.raises(ValueError, match="needs a distillation loss"):
         cli.main(["distill", "--config", f"{EXP}/student_scratch.py", "--workdir",
                   str(tmp_path / "b"), f"--config.data.data_dir={data_dir}"])
+
+
+# -- wrong paths end in a kdjax error naming the input, never a traceback ------------------------
+
+def _wrong_inputs(root):
+    """Per command that reads a path: a directory, an empty file, a file of another format and a
+    missing path where it expects something else."""
+    (root / "adir").mkdir()
+    (root / "empty.pth").write_bytes(b"")
+    (root / "notes.txt").write_text("hello\n")
+    (root / "fake.safetensors").write_text("not a safetensors file\n")
+    d, e, t, f, m = (str(root / n) for n in ("adir", "empty.pth", "notes.txt",
+                                             "fake.safetensors", "missing"))
+    out = str(root / "out")
+    cases = []
+    for bad in (d, e, t, m):
+        cases += [["train", "--config", bad, "--workdir", out],
+                  ["eval", "--workdir", bad],
+                  ["export", "--workdir", bad, "--out", out],
+                  ["report", bad],
+                  ["summary", bad]]
+    for bad in (d, e, t, f, m):
+        cases.append(["import", "--from", bad, "--model", "resnet18", "--out", out])
+    for bad in (d, e, m):
+        cases.append(["prepare", "fashion_mnist", "--from", bad, "--data-dir", out])
+    for bad in (d, m):
+        cases.append(["prepare", "text", "--from", bad, "--name", "t", "--data-dir", out])
+    return cases
+
+
+def test_every_wrong_path_is_a_kdjax_error_naming_it(tmp_path, monkeypatch, capsys):
+    for args in _wrong_inputs(tmp_path):
+        monkeypatch.setattr("sys.argv", ["kdjax", *args])
+        with pytest.raises(SystemExit) as exit_:
+            cli.entry()
+        err = capsys.readouterr().err
+        bad = next(a for a in args if a.startswith(str(tmp_path)) and not a.endswith("out"))
+        assert exit_.value.code == 2, (args, err)
+        assert err.startswith("kdjax: error: ") and "Traceback" not in err, (args, err)
+        assert os.path.basename(bad) in err, (args, err)
+        assert not (tmp_path / "out").exists(), args  # nothing written for a refused input

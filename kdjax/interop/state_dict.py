@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,6 +116,15 @@ def load(path: str, *, key: str | None = None) -> Loaded:
     """
     notes: list[str] = []
     metadata: dict[str, str] = {}
+    if os.path.isdir(path):
+        # A Hugging Face or timm folder holds its weights in one or more files inside.
+        inside = sorted(f for f in os.listdir(path)
+                        if f.endswith((".safetensors", ".pth", ".pt", ".bin")))
+        raise ValueError(f"--from {path!r} is a directory; kdjax import reads one state_dict "
+                         f"file (.pth/.pt or .safetensors)"
+                         + (f": pass one of the files in it, e.g. --from "
+                            f"{os.path.join(path, inside[0])}" if inside else
+                            ", and that directory holds none"))
     try:
         is_st = _is_safetensors(path)
     except FileNotFoundError:
