@@ -8,6 +8,8 @@ import pytest
 
 from kdjax import augment
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 6, 5, 2)).astype(np.uint8)
 
 

@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import _float32 as f32
 from conftest import EXP, ROOT
 from kdjax import checkpoint, cli, config as config_lib, data, models, optim, sharding
 from kdjax.errors import CheckpointError, CheckpointMismatchError
@@ -417,8 +418,10 @@ def test_export_is_the_student_alone_and_the_documented_snippet_runs(kd, data_di
     x = ns["preprocess"](arrays["image"])
     logits = np.asarray(ns["model"](x))
     np.testing.assert_array_equal(logits, np.asarray(reference(x)))
-    assert (logits.argmax(-1) == arrays["label"]).mean() == pytest.approx(
-        _summary(kd)["eval/accuracy"])
+    # (eager here, jit in the run's eval: equal but for rows whose top two logits tie within
+    # float32 reassociation (_float32.py) along the MLP's 784 inputs, 32 hidden, 10 classes)
+    assert (abs((logits.argmax(-1) == arrays["label"]).mean() - _summary(kd)["eval/accuracy"])
+            <= f32.near_ties(logits, 784 + 32 + 10) + f32.EPS)
 
     with pytest.raises(ValueError, match="already exists; pick a new path"):
         cli.main(["export", "--workdir", kd, "--out", out])

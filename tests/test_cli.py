@@ -12,6 +12,8 @@ from kdjax import cli
 
 from conftest import EXP, ROOT
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 TINY = ["--config.train.steps=24", "--config.train.batch_size=32", "--config.eval.every_steps=12",
         "--config.train.log_every_steps=6", "--config.checkpoint.every_steps=12",
         "--config.eval.batch_size=100"]

@@ -13,6 +13,8 @@ import pytest
 from kdjax import cli
 from kdjax import prepare as prepare_lib
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments", "fashion_mnist")  # recipes; the data is overridden
 TINY = ["--config.data.name=cifar100", "--config.model.name=mlp_tiny",

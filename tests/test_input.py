@@ -19,6 +19,8 @@ import kdjax.input as ki
 import kdjax.prepare as kp
 from kdjax import plan, sharding, step as step_lib
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 REPO_ROOT = Path(kd.__file__).resolve().parent.parent
 N_TRAIN, N_TEST, B = 40, 13, 16  # 2 steps per epoch, 8 examples dropped per epoch
 

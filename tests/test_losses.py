@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _float32 as f32
 from kdjax import losses as L
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
 
 
 def rand(shape, seed, scale=1.5):
@@ -382,8 +385,9 @@ def test_two_class_kl_known_number(identity_values):
 
 def test_hinton_kd_alpha_extremes(identity_values):
     v = identity_values
-    np.testing.assert_allclose(v["hinton alpha=1"], v["soft_target_kl T=3"], rtol=1e-6)
-    np.testing.assert_allclose(v["hinton alpha=0"], v["cross_entropy"], rtol=1e-6)
+    # two formulas: float32 reassociation (_float32.py) over the 6 classes
+    f32.assert_close(v["hinton alpha=1"], v["soft_target_kl T=3"], n=6)
+    f32.assert_close(v["hinton alpha=0"], v["cross_entropy"], n=6)
 
 
 def test_generalized_jsd_swap_symmetry(identity_values):
@@ -402,7 +406,7 @@ def test_logit_standardized_kd_scale_shift_invariance(identity_values):
 
 def test_topk_with_all_classes_equals_soft_target_kl(identity_values):
     v = identity_values
-    np.testing.assert_allclose(v["topk all classes"], v["soft_target_kl T=3"], rtol=1e-6, atol=1e-6)
+    f32.assert_close(v["topk all classes"], v["soft_target_kl T=3"], n=6)  # over 6 classes
 
 
 GRAD_CASES = {
@@ -426,13 +430,12 @@ def student_grads():
 @pytest.mark.parametrize("temperature", [1, 3])
 def test_soft_target_kl_gradient_identity(student_grads, temperature):
     expected = temperature * (np_softmax(S / temperature) - np_softmax(T_ / temperature))
-    np.testing.assert_allclose(student_grads[f"kl T={temperature}"], expected, rtol=1e-5, atol=1e-6)
+    # float64 NumPy vs float32 XLA: float32 reassociation (_float32.py) over the 6 classes
+    f32.assert_close(student_grads[f"kl T={temperature}"], expected, n=6)
 
 
 def test_topk_with_all_classes_has_soft_target_kl_gradient(student_grads):
-    np.testing.assert_allclose(
-        student_grads["topk all classes"], student_grads["kl T=3"], rtol=1e-5, atol=1e-6
-    )
+    f32.assert_close(student_grads["topk all classes"], student_grads["kl T=3"], n=6)
 
 
 def test_logit_standardized_kd_constant_rows_have_finite_grad(student_grads):

@@ -47,12 +47,23 @@ def env(tmp_path_factory):
     return {"root": root, "data_dir": data_dir, "common": common, "teacher": teacher}
 
 
-def test_crd_through_the_cli_and_eval_of_its_export(env):
-    work = str(env["root"] / "crd")
-    assert cli.main(["distill", "--config", f"{FMNIST}/crd.py", "--workdir", work,
-                     f"--config.teacher.workdir={env['teacher']}",
-                     "--config.loss.kwargs={'num_negatives': 32, 'embed_dim': 16}",
-                     *env["common"]]) == 0
+@pytest.fixture(scope="module")
+def crd_runs(env):
+    """CRD through `kdjax distill`, once with device-resident data and once streamed, both read
+    by the tests below (one training each)."""
+    runs = {}
+    for mode in ("device", "stream"):
+        work = str(env["root"] / f"crd_{mode}")
+        assert cli.main(["distill", "--config", f"{FMNIST}/crd.py", "--workdir", work,
+                         f"--config.teacher.workdir={env['teacher']}",
+                         "--config.loss.kwargs={'num_negatives': 32, 'embed_dim': 16}",
+                         f"--config.data.mode={mode}", *env["common"]]) == 0
+        runs[mode] = work
+    return runs
+
+
+def test_crd_through_the_cli_and_eval_of_its_export(crd_runs):
+    work = crd_runs["device"]
     s = summary(work)
     assert s["steps"] == 8 and np.isfinite(s["train/loss"]) and 0 <= s["eval/accuracy"] <= 1
     records = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
@@ -63,17 +74,11 @@ def test_crd_through_the_cli_and_eval_of_its_export(env):
         assert json.load(f)["eval/accuracy"] == pytest.approx(s["eval/accuracy"])
 
 
-def test_crd_streamed_trains_as_on_device(env):
+def test_crd_streamed_trains_as_on_device(crd_runs):
     """Streamed batches carry the rows' dataset indices, so CRD's memory reads and writes the
     same rows as with device-resident data: the same seed gives the same run in both modes."""
-    runs = {}
-    for mode in ("device", "stream"):
-        work = str(env["root"] / f"crd_{mode}")
-        assert cli.main(["distill", "--config", f"{FMNIST}/crd.py", "--workdir", work,
-                         f"--config.teacher.workdir={env['teacher']}",
-                         "--config.loss.kwargs={'num_negatives': 32, 'embed_dim': 16}",
-                         f"--config.data.mode={mode}", *env["common"]]) == 0
-        runs[mode] = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+    runs = {mode: [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+            for mode, work in crd_runs.items()}
     device, stream = ([(r["step"], r["train/feature"]) for r in runs[m] if "train/feature" in r]
                       for m in ("device", "stream"))
     assert [s for s, _ in device] == [4, 8] and [s for s, _ in stream] == [4, 8]

@@ -16,6 +16,8 @@ from conftest import randomize_batchnorms
 from kdjax.lm.models import LM_MODELS
 from kdjax.models import MODELS, count_params, create_model, model_names
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 # name -> (num_classes, exact parameter count incl. BN scale/bias, input HWC)
 # Reference counts: RepDistiller / CRD paper (resnet20 278,324; resnet56 861,620;
 # resnet110 1.74M; resnet8x4 1,233,540; resnet32x4 7,433,860; wrn_40_2 2,255,156;

@@ -7,18 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _float32 as f32
 from kdjax import config as config_lib, losses, objectives
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
 
 RNG = np.random.default_rng(0)
 S, T1, T2 = (jnp.asarray(RNG.normal(size=(6, 5)), jnp.float32) for _ in range(3))
 Y = jnp.asarray(RNG.integers(0, 5, 6), jnp.int32)
+# An objective and the loss functions it combines, called here, are two programs: equal up to
+# float32 reassociation (_float32.py) along the 5 classes and 6 examples they sum.
+N = 5 + 6
 
 
 def test_kd_is_hintons_mix():
     obj = objectives.logit_distillation("kd", ce_weight=0.1, kd_weight=0.9, temperature=4.0)
     total, m = obj({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
     expected = losses.hinton_kd(S, T1, Y, temperature=4.0, alpha=0.9).mean()
-    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    f32.assert_close(total, expected, n=N)
     np.testing.assert_allclose(m["accuracy"], np.mean(np.argmax(S, -1) == Y))
 
 
@@ -45,11 +51,11 @@ def test_several_teachers_are_averaged_at_the_loss_temperature():
 def test_supervised_and_from_config():
     c = config_lib.base_config()
     total, _ = objectives.from_config(c.loss)({"logits": S}, (), Y, jnp.int32(0))
-    np.testing.assert_allclose(total, losses.cross_entropy(S, Y).mean(), rtol=1e-6)
+    f32.assert_close(total, losses.cross_entropy(S, Y).mean(), n=N)
     c.loss.name, c.loss.kwargs = "jsd", {"beta": 0.3}
     c.loss.ce_weight = 0.0
     total, _ = objectives.from_config(c.loss)({"logits": S}, ({"logits": T1},), Y, jnp.int32(0))
-    np.testing.assert_allclose(total, losses.generalized_jsd(S, T1, beta=0.3).mean(), rtol=1e-6)
+    f32.assert_close(total, losses.generalized_jsd(S, T1, beta=0.3).mean(), n=N)
 
 
 def test_errors_name_the_problem():
@@ -95,7 +101,7 @@ def test_feature_objective_is_repdistillers_mix_summed_over_pairs_and_weighted_o
                                                           temperature=2.0),
                                temperature=2.0).mean()
     ce = losses.cross_entropy(S, Y).mean()
-    np.testing.assert_allclose(m["feature"], feature, rtol=1e-6)
+    f32.assert_close(m["feature"], feature, n=N)
     np.testing.assert_allclose(total, 0.5 * ce + 0.25 * kd + 10.0 * feature, rtol=1e-5)
 
 
@@ -106,8 +112,8 @@ def test_hint_steps_train_the_hint_alone_first():
     hint = float(losses.fitnet(F1, F2).mean())
     early, _ = obj(out, ({"logits": T1},), Y, jnp.int32(4))
     late, _ = obj(out, ({"logits": T1},), Y, jnp.int32(5))
-    np.testing.assert_allclose(early, hint, rtol=1e-6)
-    np.testing.assert_allclose(late, losses.cross_entropy(S, Y).mean() + 2.0 * hint, rtol=1e-6)
+    f32.assert_close(early, hint, n=N)
+    f32.assert_close(late, losses.cross_entropy(S, Y).mean() + 2.0 * hint, n=N)
 
 
 def test_per_teacher_logit_losses_are_weighted():
@@ -115,7 +121,7 @@ def test_per_teacher_logit_losses_are_weighted():
                                         teacher_weights=(1.0, 3.0), combine="per_teacher")
     total, _ = obj({"logits": S}, ({"logits": T1}, {"logits": T2}), Y, jnp.int32(0))
     kl = lambda t: losses.soft_target_kl(S, t, temperature=2.0).mean()  # noqa: E731
-    np.testing.assert_allclose(total, 0.25 * kl(T1) + 0.75 * kl(T2), rtol=1e-6)
+    f32.assert_close(total, 0.25 * kl(T1) + 0.75 * kl(T2), n=N)
 
 
 def test_mutual_learning_sums_every_students_loss():
@@ -123,7 +129,7 @@ def test_mutual_learning_sums_every_students_loss():
     total, m = obj({"logits": S, "peers": ({"logits": T1},)}, (), Y, jnp.int32(0))
     kl = losses.mutual_learning([S, T1])
     ce = [losses.cross_entropy(z, Y).mean() for z in (S, T1)]
-    np.testing.assert_allclose(total, sum(ce) + 0.5 * kl.mean(axis=-1).sum(), rtol=1e-6)
+    f32.assert_close(total, sum(ce) + 0.5 * kl.mean(axis=-1).sum(), n=N)
     assert set(m) == {"ce", "kd", "accuracy", "peer1/accuracy"}
 
 

@@ -3,6 +3,10 @@
 import os
 import re
 
+import pytest
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -16,6 +16,7 @@ from kdjax.report import evaluate, measure
 from kdjax.report.artifacts import stored_bytes
 
 from conftest import EXP
+import _float32 as f32
 
 TINY = ["--config.train.steps=16", "--config.train.batch_size=32", "--config.eval.every_steps=16",
         "--config.train.log_every_steps=8", "--config.checkpoint.every_steps=16",
@@ -102,10 +103,13 @@ def test_report_numbers_match_the_run_and_an_independent_computation(made, runs)
     kd = _entry(result, "kd")
     with open(os.path.join(runs["kd"], "summary.json")) as f:
         summary = json.load(f)
-    # the trainer's own eval (also eval_sums, on the same split) and the report agree
+    # the trainer's own eval (also eval_sums, on the same split, in batches of another size) and
+    # the report agree up to float32 reassociation (_float32.py) along the MLP's 784 inputs, 32
+    # hidden, 10 classes and 150 examples
     for ours, theirs in (("accuracy", "eval/accuracy"), ("loss", "eval/loss"), ("ece", "eval/ece"),
                          ("brier", "eval/brier")):
-        assert kd["metrics"][ours] == pytest.approx(summary[theirs], rel=1e-5, abs=1e-6), ours
+        assert kd["metrics"][ours] == pytest.approx(summary[theirs], rel=0, abs=1e-6 + float(
+            f32.atol(784 + 32 + 10 + 150, abs(summary[theirs])))), ours
     assert kd["fidelity"]["agreement"] == pytest.approx(summary["eval/teacher_agreement"])
     # the export is the same model: the same numbers
     assert _entry(result, "kd_export")["metrics"]["ece"] == pytest.approx(kd["metrics"]["ece"])
@@ -117,7 +121,10 @@ def test_report_numbers_match_the_run_and_an_independent_computation(made, runs)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     y = test["label"]
-    np.testing.assert_allclose(kd["metrics"]["accuracy"], np.mean(p.argmax(-1) == y), atol=1e-6)
+    # (eager here, jit in the report: equal but for rows whose top two logits tie within float32
+    # reassociation (_float32.py) along the MLP's 784 inputs, 32 hidden, 10 classes)
+    assert (abs(kd["metrics"]["accuracy"] - np.mean(p.argmax(-1) == y))
+            <= f32.near_ties(z, 784 + 32 + 10) + 1e-6)
     np.testing.assert_allclose(kd["metrics"]["loss"], -np.log(p[np.arange(len(y)), y]).mean(),
                                rtol=1e-4)
     np.testing.assert_allclose(kd["metrics"]["brier"], ((p - np.eye(10)[y]) ** 2).sum(-1).mean(),

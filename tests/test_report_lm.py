@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import _float32 as f32
 from conftest import ROOT
 from kdjax import cli, report
 from kdjax.lm import data as text_data, packing
@@ -76,26 +77,33 @@ def test_lm_report_equals_the_runs_eval_and_numpy(runs, tmp_path):
     with open(os.path.join(runs["kd"], "summary.json")) as f:
         summary = json.load(f)
     m = kd["metrics"]
-    # the same tokens and numbers as the run's own held-out eval (kdjax.lm.step's eval step)
-    assert m["tokens"] == summary["eval/tokens"]
-    np.testing.assert_allclose(m["perplexity"], summary["eval/perplexity"], rtol=1e-5)
-    np.testing.assert_allclose(m["accuracy"], summary["eval/accuracy"], rtol=1e-6)
-    np.testing.assert_allclose(kd["fidelity"]["agreement"], summary["eval/teacher_agreement"],
-                               rtol=1e-6)
-    np.testing.assert_allclose(teacher["metrics"]["perplexity"],
-                               summary["eval/teacher_perplexity"], rtol=1e-5)
-    # and to float64 numpy over the models' logits
     ds = text_data.open_text("tiny", runs["data"])
     tokens, segments = ds.load("validation")
     z, y = _logits(report_lm.load(runs["kd"])["model"], tokens, segments)
     tz, _ = _logits(report_lm.load(runs["teacher"])["model"], tokens, segments)
+    # The report, the run's eval step and numpy here are three programs: equal up to float32
+    # reassociation (_float32.py) along 2 layers of 16 positions, d_model <= 32 and d_ff <= 64,
+    # the V logits and the eval's tokens; accuracies but for rows whose top logits tie within it.
+    n = 2 * (16 + 32 + 64) + z.shape[1] + len(y)
+    # the same tokens and numbers as the run's own held-out eval (kdjax.lm.step's eval step)
+    assert m["tokens"] == summary["eval/tokens"]
+    np.testing.assert_allclose(m["perplexity"], summary["eval/perplexity"],
+                               rtol=f32.atol(n, summary["eval/loss"]))  # d log ppl = d loss
+    assert abs(m["accuracy"] - summary["eval/accuracy"]) <= f32.near_ties(z, n) + f32.EPS
+    assert (abs(kd["fidelity"]["agreement"] - summary["eval/teacher_agreement"])
+            <= f32.near_ties(z, n) + f32.near_ties(tz, n) + f32.EPS)
+    np.testing.assert_allclose(teacher["metrics"]["perplexity"],
+                               summary["eval/teacher_perplexity"],
+                               rtol=f32.atol(n, np.log(summary["eval/teacher_perplexity"])))
+    # and to float64 numpy over the models' logits
     log_p, log_t = _log_softmax(z), _log_softmax(tz)
     p = np.exp(log_p)
-    np.testing.assert_allclose(m["loss"], -log_p[np.arange(len(y)), y].mean(), rtol=1e-5)
+    f32.assert_close(m["loss"], -log_p[np.arange(len(y)), y].mean(), n=n)
     top5 = np.argsort(-z, axis=-1)[:, :5]
-    np.testing.assert_allclose(m["top5_accuracy"], (top5 == y[:, None]).any(-1).mean(), rtol=1e-6)
+    assert (abs(m["top5_accuracy"] - (top5 == y[:, None]).any(-1).mean())
+            <= f32.near_ties(z, n, rank=5) + f32.EPS)
     brier = ((p - np.eye(z.shape[1])[y]) ** 2).sum(-1).mean()
-    np.testing.assert_allclose(m["brier"], brier, rtol=1e-5)
+    f32.assert_close(m["brier"], brier, n=n)
     np.testing.assert_allclose(m["ece"], _ece(z, y), atol=1e-6)
     kl = (np.exp(log_t) * (log_t - log_p)).sum(-1).mean()
     np.testing.assert_allclose(kd["fidelity"]["kl"], kl, rtol=1e-4)

@@ -12,6 +12,8 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from kdjax import cli, distributed, plan, sharding
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_2x4 = AbstractMesh((2, 4), sharding.MESH_AXES)  # the rules only read the axis sizes
 

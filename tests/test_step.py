@@ -9,9 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
+import _float32 as f32
 from kdjax import augment, models, objectives, sharding
 from kdjax.step import (DeviceData, compute_dtype, eval_sums, freeze, init_train_state,
                         make_distill_step, make_eval_step, nonfinite_terms, pad_batch)
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
 
 N, B, C = 96, 16, 4
 
@@ -203,11 +206,17 @@ def test_streamed_batches_match_device_resident_sampling():
     streamed = make_distill_step(graphdef, optax.sgd(0.05, momentum=0.9), objectives.supervised(),
                                  preprocess=augment.Preprocess(crop_padding=1, flip=True))
     idx = np.array(state.perm[:B])
+    before = jax.tree.map(np.array, state2.params)  # the same init as state's
     state, m1 = step(state)
     state2, m2 = streamed(state2, {"image": images[idx], "label": labels[idx]})
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), state.params,
-                 state2.params)
+    # Two programs (gather on device vs a host batch): equal up to float32 reassociation
+    # (_float32.py) along 64 inputs, 16 hidden units, C classes and B examples, in the loss and
+    # in the update; the new parameters also round once (eps relative) when it is added.
+    n = 64 + 16 + C + B
+    f32.assert_close(m1["loss"], m2["loss"], n=n)
+    jax.tree.map(lambda x, y, p: np.testing.assert_allclose(
+        x, y, rtol=f32.EPS, atol=f32.atol(n, np.abs(np.asarray(y) - p).max())),
+        state.params, state2.params, before)
 
 
 def _finite(tree):

@@ -14,6 +14,8 @@ from kdjax import augment, cli, models, teacher as teacher_lib
 from kdjax.models import ModelSpec
 from kdjax.step import freeze, pad_batch
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")  # what is computed, not its speed
+
 SPEC = ModelSpec("cnn_tiny", 10, (28, 28, 1), compute_dtype="float32")
 
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
+import _float32 as f32
 import _user_models as user
 from conftest import EXP
 from kdjax import augment, cli, data, export, losses, models, objectives, plan
@@ -131,9 +132,13 @@ def test_importable_models_train_distil_evaluate_and_export(user_runs, data_dir)
     model, preprocess = export.load(out)
     assert isinstance(model, user.TinyNet) and model.head.in_features == 8
     images = data.load_arrays("fashion_mnist", "test", data_dir=data_dir)
-    accuracy = np.mean(np.asarray(model(preprocess(images["image"]))).argmax(-1)
-                       == images["label"])
-    assert accuracy == pytest.approx(summary["eval/accuracy"])
+    logits = np.asarray(model(preprocess(images["image"])))
+    # eager here, jit in the run's eval: an accuracy equal but for rows whose top two logits
+    # tie within float32 reassociation (_float32.py) along 784 inputs, 8 + 8 hidden, 10 classes
+    # (+ eps: the summary holds it in float32)
+    accuracy = np.mean(logits.argmax(-1) == images["label"])
+    assert (abs(accuracy - summary["eval/accuracy"])
+            <= f32.near_ties(logits, 784 + 16 + 10) + f32.EPS)
 
 
 def test_a_linen_student_trains_and_exports(data_dir, tmp_path):
@@ -148,7 +153,8 @@ def test_a_linen_student_trains_and_exports(data_dir, tmp_path):
     assert isinstance(model, nnx.bridge.ToNNX)
     images = data.load_arrays("fashion_mnist", "test", data_dir=data_dir)
     logits = np.asarray(model(preprocess(images["image"])))
-    assert np.mean(logits.argmax(-1) == images["label"]) == pytest.approx(summary["eval/accuracy"])
+    assert (abs(np.mean(logits.argmax(-1) == images["label"]) - summary["eval/accuracy"])
+            <= f32.near_ties(logits, 784 + 24 + 10) + f32.EPS)  # as above (_float32.py)
 
 
 def test_a_teacher_sees_the_students_view_in_its_own_normalisation(quick_compiles):
