@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--std", default=None, metavar="S,S,S")
     imp.add_argument("--data", default=None, metavar="NAME",
                      help="data.name recorded for the run (default: imagenet2012 / cifar100)")
+    imp.add_argument("--data-dir", default=None, metavar="DIR",
+                     help="where --data is prepared (recorded: kdjax eval and report read it "
+                          "there; default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     imp.add_argument("--model-kwargs", default=None, metavar="JSON",
                      help="zoo constructor arguments (model.kwargs), e.g. '{\"channels\": "
                           "[32, 64, 128, 256]}'")
@@ -428,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             input_shape=_ints(args.input_shape, "--input-shape"), layout=args.layout,
             mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"),
             model_kwargs=_json_dict(args.model_kwargs, "--model-kwargs"), key=args.key,
-            dataset=args.data)
+            dataset=args.data, data_dir=args.data_dir)
         for note in report.notes:
             print(f"kdjax: note: {note}")
         print(f"kdjax: {report.describe()}; use it as --config.teacher.workdir={report.out}")

@@ -95,11 +95,15 @@ def _prepare_command(name: str, data_dir: str) -> str:
 
 def _not_found_message(name: str, data_dir: str, problem: str) -> str:
     _, hint = prepare_lib.prepare_hint(name)
-    text = f"{problem}\nPrepare it once (offline) with:\n  {_prepare_command(name, data_dir)}\n{hint}"
+    # Most often the data was prepared, elsewhere: say how to point at it before how to redo it.
+    text = (f"{problem}\nIf you prepared it in another directory, point at it: --data-dir DIR "
+            f"(kdjax report, import, prepare, datasets) or --config.data.data_dir=DIR (train, "
+            f"distill, eval); `kdjax datasets --data-dir DIR` lists what a directory holds.\n"
+            f"Otherwise prepare it once (offline) with:\n  {_prepare_command(name, data_dir)}"
+            f"\n{hint}")
     if _base_name(name) not in SUPPORTED_DATASETS:
-        text += (f"\n(Or point --config.data.data_dir / --data-dir at a directory where TFDS "
-                 f"prepared {name!r} in array_record format; `kdjax datasets --data-dir DIR` "
-                 f"lists what a directory holds.)")
+        text += (f"\n(A directory where TFDS prepared {name!r} in array_record format serves "
+                 f"too.)")
     return text
 
 

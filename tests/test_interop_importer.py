@@ -112,12 +112,14 @@ def test_an_imported_teacher_distils_and_evaluates(data_dir, tmp_path):
     assert cli.main(["import", "--from", path, "--model", "_user_models:TinyNet",
                      "--model-kwargs", '{"hidden": 16}', "--layout", "kdjax",
                      "--input-shape", "28,28,1", "--mean", "0.286", "--std", "0.353",
-                     "--data", "fashion_mnist", "--out", run]) == 0
+                     "--data", "fashion_mnist", "--data-dir", data_dir, "--out", run]) == 0
+    # where its data is prepared is recorded: eval and report find it without --data-dir
+    assert json.load(open(os.path.join(run, "config.json")))["data"]["data_dir"] == data_dir
     x = images(3, (28, 28, 1))
     np.testing.assert_allclose(run_logits(run, x), model_logits(teacher, x, [0.286], [0.353]),
                                rtol=1e-6, atol=1e-6)
     common = [f"--config.data.data_dir={data_dir}", "--no-progress"]
-    assert cli.main(["eval", "--workdir", run, *common]) == 0
+    assert cli.main(["eval", "--workdir", run, "--no-progress"]) == 0
     accuracy = json.load(open(os.path.join(run, "eval.json")))["eval/accuracy"]
     assert 0.0 <= accuracy <= 1.0
     serve = tmp_path / "teacher_hlo"

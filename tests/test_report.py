@@ -196,6 +196,9 @@ def test_held_out_split():
     none, why = evaluate.held_out_split("train", splits, "test")
     assert none is None and "--calibration-split" in why
     assert evaluate.held_out_split("train", {**splits, "validation": 5}, "test")[0] == "validation"
+    none, why = evaluate.held_out_split(None, splits, "test")  # an export, an imported model
+    assert none is None and why == ("it records no training split (an export or an imported "
+                                    "model): pass --calibration-split with data it never saw")
 
 
 def test_register_loader_plugs_in_a_format(runs, tmp_path):

@@ -57,6 +57,7 @@ class ImportReport:
     preprocess: dict[str, list[float]]
     data: str
     notes: tuple[str, ...]
+    data_dir: str = ""
 
     def describe(self) -> str:
         return (f"imported {self.source} ({self.format}, {self.layout} layout) as {self.spec.name} "
@@ -105,7 +106,7 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
                       input_shape: Sequence[int] | None = None, layout: str | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       model_kwargs: dict[str, Any] | None = None, key: str | None = None,
-                      dataset: str | None = None) -> ImportReport:
+                      dataset: str | None = None, data_dir: str | None = None) -> ImportReport:
     """Map the state_dict in `source` onto the zoo model `model` and write it as a run in `out`.
 
     Args:
@@ -122,6 +123,9 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
       key: the entry of a checkpoint dict that holds the state_dict.
       dataset: the data.name recorded for the run (default: the layout's, imagenet2012 /
         cifar100); `kdjax eval --workdir out` evaluates on it.
+      data_dir: where that dataset is prepared (data.data_dir recorded for the run, so that
+        `kdjax eval` and `kdjax report` find it; default: $TFDS_DATA_DIR or
+        ~/tensorflow_datasets).
     Raises:
       LayoutMismatchError listing every unmapped, missing or wrongly shaped tensor;
       UnsafePickleError for a .pth that is not a plain state_dict; ValueError for bad arguments.
@@ -181,14 +185,14 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
         out=out, spec=spec, layout=layout, source=source, sha256=state_dict.sha256(source),
         format=loaded.format, num_params=count_params(params),
         preprocess={"mean": list(mean_), "std": list(std_)}, data=dataset,
-        notes=tuple(loaded.notes))
+        notes=tuple(loaded.notes), data_dir=os.path.abspath(data_dir) if data_dir else "")
     _write_run(report, params, model_state, layouts.reference_class(abstract, layout, model))
     return report
 
 
 def _run_plan(report: ImportReport) -> plan.RunPlan:
     data_keys = {"name": report.data, "mean": tuple(report.preprocess["mean"]),
-                 "std": tuple(report.preprocess["std"])}
+                 "std": tuple(report.preprocess["std"]), "data_dir": report.data_dir}
     if report.layout == "torchvision":  # ImageNet's images vary in size: the model's is recorded
         data_keys["image_size"] = report.spec.input_shape[0]
     return plan.as_plan({"model": {"name": report.spec.name, "kwargs": dict(report.spec.kwargs),

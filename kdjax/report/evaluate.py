@@ -35,6 +35,9 @@ def held_out_split(train_split: str | None, available: dict[str, int], eval_spli
         return split, f"the rest of its training split {train_split!r}"
     if "validation" in available and eval_split != "validation" and train_split != "validation":
         return "validation", "the dataset's validation split"
+    if train_split is None:
+        return None, ("it records no training split (an export or an imported model): pass "
+                      "--calibration-split with data it never saw")
     return None, (f"it trained on all of {train_split!r} and the dataset has no validation split; "
                   f"pass --calibration-split with data it never saw")
 
