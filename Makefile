@@ -24,6 +24,12 @@ $(BIN)/kdjax: pyproject.toml
 
 install: $(BIN)/kdjax
 
+# The report's charts (reliability diagrams, accuracy against size) need matplotlib: the demos
+# install the `report` extra so that a new user sees them.
+$(VENV)/.report: $(BIN)/kdjax
+	$(BIN)/pip install -q -e '.[report]'
+	touch $@
+
 test: install
 	$(BIN)/python -m pytest -q tests
 
@@ -47,7 +53,7 @@ data: $(DATA)/fashion_mnist
 # The fair comparison (experiments/fashion_mnist/fair.py): a CNN teacher, then the same small MLP
 # from scratch and distilled, each with the recipe the validation sweep chose for it
 # (benchmarks/fashion_mnist_fair.py), then the report (accuracy, calibration, size, speed).
-demo: install data
+demo: $(VENV)/.report data
 	$(BIN)/kdjax train   --config experiments/fashion_mnist/fair.py:teacher --workdir $(WORK)/teacher --config.data.data_dir=$(DATA) --config.seed=$(SEED)
 	$(BIN)/kdjax train   --config experiments/fashion_mnist/fair.py:scratch --workdir $(WORK)/student_scratch --config.data.data_dir=$(DATA) --config.seed=$(SEED)
 	$(BIN)/kdjax distill --config experiments/fashion_mnist/fair.py:kd      --workdir $(WORK)/student_kd --config.data.data_dir=$(DATA) --config.teacher.workdir=$(WORK)/teacher --config.seed=$(SEED)
@@ -62,7 +68,7 @@ $(TEXT)/pystdlib/kdjax_text.json: | install
 
 text-data: $(TEXT)/pystdlib/kdjax_text.json
 
-demo-lm: install text-data
+demo-lm: $(VENV)/.report text-data
 	$(BIN)/kdjax train   --config experiments/lm/teacher.py         --workdir $(LMWORK)/teacher --config.data.data_dir=$(TEXT) --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax train   --config experiments/lm/student_scratch.py --workdir $(LMWORK)/student_scratch --config.data.data_dir=$(TEXT) --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax distill --config experiments/lm/distill.py         --workdir $(LMWORK)/student_kd --config.data.data_dir=$(TEXT) --config.teacher.workdir=$(LMWORK)/teacher --config.seed=$(SEED) --no-progress
