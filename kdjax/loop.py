@@ -27,7 +27,7 @@ import jax
 
 import kdjax
 from kdjax import checkpoint, distributed, metrics as metrics_lib
-from kdjax import preemption, sharding
+from kdjax import preemption, progress as progress_lib, sharding
 from kdjax.errors import Interrupted, NonFiniteError
 from kdjax.models import ModelSpec
 from kdjax.step import TrainState, nonfinite_terms
@@ -116,21 +116,23 @@ def run(plan: Any, state: Any, hooks: Hooks, *,
 
     `pending` and `last_train` are a resumed run's (its checkpoint's record) or empty. Saves the
     final state with its eval metrics; stopped by a signal, saves the current one and raises
-    `errors.Interrupted`.
+    `errors.Interrupted`. `progress` False: no bar, even on a terminal (kdjax.progress: a line
+    per log period and per phase instead).
     """
-    from tqdm import tqdm
-
     total, nan_policy = plan.train.steps, plan.train.nan_policy
     step = start = int(jax.device_get(hooks.checkpointed(state).step))
     logged_at = start - len(pending) * per_call
     primary = distributed.is_primary()
     writer = metrics_lib.MetricWriter(workdir, start_step=start, active=primary)
     eval_metrics: dict[str, float] = {}
-    bar = tqdm(total=total, initial=step, disable=not (progress and primary), unit="step",
-               dynamic_ncols=True)
-    t_train, t_mark, items_timed = 0.0, None, 0.0
+    show = progress_lib.Progress(total=total, start=step, rate=hooks.rate, shown=hooks.postfix,
+                                 bar=None if progress else False, active=primary)
+    t_train, t_mark, items_timed, steps_timed = 0.0, None, 0.0, 0
     try:
         with preemption.StopSignals() as signals:
+            if step < total:
+                show.start_phase(f"compiling the train step and running its first call "
+                                 f"(steps {step + 1}-{step + per_call} of {total})")
             while step < total and signals.received is None:
                 state, m = hooks.step(state)
                 pending.append(m)
@@ -138,15 +140,18 @@ def run(plan: Any, state: Any, hooks: Hooks, *,
                 if t_mark is None:  # compile + first call: excluded from throughput
                     jax.block_until_ready(state)
                     t_mark = time.perf_counter()
+                    show.end_phase("compiled; first call done")
                 else:
                     items_timed += per_call * hooks.items_per_step
+                    steps_timed += per_call
                 log = crossed(plan.train.log_every_steps, before, step) or step == total
                 evaluate = crossed(plan.eval.every_steps, before, step) or step == total
                 # With keep_best every evaluated model is a candidate for the best N.
                 save = step < total and (crossed(plan.checkpoint.every_steps, before, step)
                                          or (plan.checkpoint.keep_best > 0 and evaluate))
                 if log or evaluate or save:
-                    check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt, nan_policy)
+                    check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt,
+                                 nan_policy)
                 if log:
                     last_train = hooks.means(pending)  # the one host sync per log period
                     pending, logged_at = [], step
@@ -154,22 +159,23 @@ def run(plan: Any, state: Any, hooks: Hooks, *,
                     t_train, t_mark = t_train + (now - t_mark), now
                     rate = items_timed / t_train if t_train > 0 else 0.0
                     writer.write(step, {**last_train, f"train/{hooks.rate}_per_s": rate})
-                    # (a window whose steps were all skipped has no loss to show)
-                    bar.set_postfix({k: f"{last_train[f'train/{k}']:.4f}"
-                                     for k in hooks.postfix if f"train/{k}" in last_train}
-                                    | {f"{hooks.rate[:3]}_s": f"{rate:,.0f}"})
+                    show.log(step, last_train, rate,
+                             steps_timed / t_train if t_train > 0 and steps_timed else None)
                     if hooks.on_log is not None:
                         hooks.on_log(last_train, state)
                 if evaluate:
-                    eval_metrics = hooks.evaluate(state)
+                    eval_metrics = _evaluate(hooks, state, step, show)
                     writer.write(step, eval_metrics)
                     t_mark = time.perf_counter()
                 if save:
                     ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train),
                               metrics=eval_metrics if evaluate else None)
-                bar.update(per_call)
+                    show.say(f"kdjax: saving step {step} to {ckpt.path(step)} (in the "
+                             f"background)")
+                show.advance(per_call)
             if step < total:  # stopped by a signal: save this step, then stop
-                check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt, nan_policy)
+                check_finite(hooks.checkpointed(state), pending, logged_at, per_call, ckpt,
+                             nan_policy)
                 ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train))
                 ckpt.wait()
                 name = signal.Signals(signals.received).name
@@ -177,14 +183,25 @@ def run(plan: Any, state: Any, hooks: Hooks, *,
                     f"{name} received: saved a checkpoint at step {step} of {total} in "
                     f"{ckpt.path(step)} and stopped; run the same command again to resume"))
             if not eval_metrics:  # resumed at the end: still report the model's quality
-                eval_metrics = hooks.evaluate(state)
-            ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train), metrics=eval_metrics)
+                eval_metrics = _evaluate(hooks, state, step, show)
+            show.start_phase(f"saving the final checkpoint, step {step}")
+            ckpt.save(hooks.checkpointed(state), hooks.record(pending, last_train),
+                      metrics=eval_metrics)
             ckpt.wait()
+            show.end_phase(f"saved {ckpt.path(step)}")
     finally:
-        bar.close()
+        show.close()
         writer.close()
     return Outcome(state, step, eval_metrics, last_train,
                    items_timed / t_train if t_train > 0 else None)
+
+
+def _evaluate(hooks: Hooks, state: Any, step: int, show: progress_lib.Progress
+              ) -> dict[str, float]:
+    show.start_phase(f"evaluating at step {step}")
+    metrics = hooks.evaluate(state)
+    show.evaluated(step, metrics)
+    return metrics
 
 
 def recorder(plan: Any, student: ModelSpec, **extra: Any

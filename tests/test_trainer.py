@@ -3,6 +3,7 @@ to end on a tiny MLP run that is resumed with explicit values."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -216,3 +217,29 @@ def test_a_run_that_fails_before_its_first_step_removes_the_workdir_it_made(data
     with pytest.raises(ValueError, match=r"train.batch_size=100000 exceeds"):
         _train(workdir, data_dir, "--config.train.batch_size=100000")
     assert workdir.is_dir()
+
+
+# -- progress where it runs ----------------------------------------------------------------------
+
+def test_a_run_in_a_log_shows_a_line_per_log_period_and_per_phase(data_dir, tmp_path, capsys):
+    """stdout is not a terminal here, as in a log file: no bar, lines with the step, the
+    metrics, the throughput and the ETA, and a line before and after each slow phase."""
+    assert _train(tmp_path / "t", data_dir, "--config.train.steps=12") == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("kdjax: ")]
+    assert "\r" not in out.out + out.err  # no bar updates in a log
+    assert lines[[i for i, x in enumerate(lines) if "compiling the train step" in x][0] + 1] \
+        .startswith("kdjax: compiled; first call done (")
+    logs = [x for x in lines if x.startswith("kdjax: step ")]
+    assert [x.split()[2] for x in logs] == ["6/12", "12/12"]
+    assert all(" loss " in x and " accuracy " in x and " images/s | " in x for x in logs)
+    assert re.search(r"\| ETA \d+s$", logs[0]) and logs[1].endswith("| ETA 0s")
+    assert any(x.startswith("kdjax: evaluating at step 12 ...") for x in lines)
+    assert any(x.startswith("kdjax: eval at step 12: accuracy ") for x in lines)
+    assert any(x.startswith("kdjax: saved ") for x in lines)
+
+
+def test_durations_read_as_people_say_them():
+    from kdjax.progress import duration
+
+    assert [duration(s) for s in (0.4, 42, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]
