@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--config", required=name != "eval",
                        help="experiment file with get_config() (eval: default WORKDIR/config.json)")
         c.add_argument("--workdir", required=True, help="where the run's outputs go")
-        c.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal: a line per log period and per phase instead")
+        c.add_argument("--no-progress", action="store_true",
+                       help="no progress bar, even on a terminal: a line per log period and "
+                            "per phase instead")
         if name != "eval":
             c.add_argument("--fresh", action="store_true",
                            help="start from step 0; refused if WORKDIR already has checkpoints "
