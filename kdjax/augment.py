@@ -101,6 +101,31 @@ def renormalize(images: jax.Array, recipe: Preprocess,
     return out.astype(images.dtype)
 
 
+def teacher_view(images: jax.Array, recipe: Preprocess, normalization: Normalization | None,
+                 input_shape: Sequence[int] | None = None) -> jax.Array:
+    """Images normalised by `recipe` -> what a model of input `input_shape` (H, W, C) trained
+    with `normalization` takes: `renormalize`d, and, when its shape differs from the images',
+    grayscale replicated to its channels and the pixels resized (bilinear) to its height and
+    width. So a 3-channel teacher trained at another resolution distils into a grayscale
+    student of the data's own size; the resize is of the same augmented view, in float32.
+    """
+    if input_shape is None or tuple(input_shape) == tuple(images.shape[1:]):
+        return renormalize(images, recipe, normalization)
+    (h, w, c), channels = (int(v) for v in input_shape), images.shape[-1]
+    if c != channels and channels != 1:
+        raise ValueError(f"a model taking {h}x{w}x{c} images cannot see {channels}-channel "
+                         f"images: kdjax replicates 1-channel images to any number of channels, "
+                         f"and converts nothing else")
+    pixels = (images.astype(jnp.float32) * jnp.asarray(recipe.std, jnp.float32)
+              + jnp.asarray(recipe.mean, jnp.float32))
+    pixels = jnp.broadcast_to(pixels, (*pixels.shape[:-1], c))
+    if (h, w) != tuple(images.shape[1:3]):
+        pixels = jax.image.resize(pixels, (pixels.shape[0], h, w, c), method="bilinear")
+    mean, std = normalization or (recipe.mean, recipe.std)
+    out = (pixels - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return out.astype(images.dtype)
+
+
 def random_crop(key: jax.Array, images: jax.Array, padding: int) -> jax.Array:
     """Zero-pad [B, H, W, C] by `padding` and crop each example back to H x W at a random offset."""
     return random_crop_flip(images, crop_key=key, padding=padding)

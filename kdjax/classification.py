@@ -106,6 +106,7 @@ class ImageTask(Task):
         self.preprocess: augment.Preprocess | None = None
         self.train_labels: np.ndarray | None = None
         self.eval_arrays: dict[str, np.ndarray] | None = None  # `kdjax eval`'s, when in memory
+        self.eval_input_shape: tuple[int, ...] | None = None  # `kdjax eval`'s model's, if other
 
     # -- checks ----------------------------------------------------------------------------
     def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
@@ -232,6 +233,10 @@ class ImageTask(Task):
         return self.eval_input(mesh, self.eval_arrays)
 
     def check_student(self, student: ModelSpec) -> None:
+        if tuple(student.input_shape) != tuple(self.spec.image_shape):
+            # a model imported for other images (a colour teacher of grayscale data): scored
+            # on the data as a teacher sees it
+            self.eval_input_shape = tuple(student.input_shape)
         if self.eval_arrays is not None:
             self._check_labels(student.num_classes, {self.plan.data.eval_split: self.eval_arrays})
 
@@ -252,7 +257,8 @@ class ImageTask(Task):
                     f"{teacher.num_classes} classes")
 
         reference, spec, run = self.read_teacher(workdir, mesh, check)
-        check_logits(reference, spec.num_classes, self._dataset().image_shape,
+        input_shape = self._teacher_input_shape(workdir, spec)
+        check_logits(reference, spec.num_classes, spec.input_shape,
                      f"of teacher {workdir!r} ({spec.name})")
         trained_on = run["config"]["data"]["name"]
         if trained_on != plan.data.name:
@@ -268,10 +274,32 @@ class ImageTask(Task):
         recorded = run.get("preprocess")
         normalization = ((tuple(recorded["mean"]), tuple(recorded["std"]))
                          if recorded and recorded.get("mean") else None)
-        frozen = {"taps": tuple(plan.loss.teacher_taps), "normalization": normalization}
+        frozen = {"taps": tuple(plan.loss.teacher_taps), "normalization": normalization,
+                  "input_shape": input_shape}
         return Teacher(workdir, freeze(prepared, **frozen),
                        freeze(reference, **frozen) if preparation.changed else None,
                        preparation, {"workdir": workdir, **dataclasses.asdict(preparation)})
+
+    def _teacher_input_shape(self, workdir: str, spec: ModelSpec) -> tuple[int, ...] | None:
+        """The teacher's own input shape when the data's differs (None when it is the same):
+        grayscale images are replicated to a colour teacher's channels and any size is resized
+        to its resolution (`augment.teacher_view`); said once, refused when it cannot work."""
+        own, data = tuple(spec.input_shape), tuple(self._dataset().image_shape)
+        if own == data:
+            return None
+        if own[-1] != data[-1] and data[-1] != 1:
+            raise ValueError(
+                f"the teacher in {workdir!r} takes {'x'.join(map(str, own))} images, "
+                f"{self.plan.data.name}'s are {'x'.join(map(str, data))}: kdjax replicates "
+                f"1-channel images to a teacher's channels, but cannot turn {data[-1]} channels "
+                f"into {own[-1]}; distil from a teacher of {data[-1]}-channel images")
+        how = [f"replicated to {own[-1]} channels"] if own[-1] != data[-1] else []
+        if own[:2] != data[:2]:
+            how.append(f"resized (bilinear) to {own[0]}x{own[1]}")
+        print(f"kdjax: note: the teacher in {workdir!r} takes {'x'.join(map(str, own))} images "
+              f"and this run's are {'x'.join(map(str, data))}: it sees each image "
+              f"{' and '.join(how)}, in its own normalisation, inside the step", flush=True)
+        return own
 
     def check_teachers(self, teachers: tuple[Teacher, ...], data: RunData) -> list[dict]:
         """Compare each prepared teacher with its float32 self on the first
@@ -337,7 +365,8 @@ class ImageTask(Task):
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
         return make_eval_step(graphdef, teachers=teachers, preprocess=self.preprocess,
-                              calibration_bins=calibration.NUM_BINS, **compile_args)
+                              calibration_bins=calibration.NUM_BINS,
+                              input_shape=self.eval_input_shape, **compile_args)
 
     # -- metrics ---------------------------------------------------------------------------
     def eval_metrics(self, totals: dict[str, Any]) -> dict[str, float]:

@@ -73,18 +73,23 @@ class FrozenModel(NamedTuple):
     `normalization` is the (mean, std) the teacher was trained with, when it differs from the
     student's (an imported torchvision teacher on ImageNet statistics, say): the step gives the
     teacher the same augmented view as the student, normalised its own way. None = the student's.
+    `input_shape` is the (H, W, C) it takes when the student's images differ (a 3-channel
+    teacher of grayscale data, another resolution): `augment.teacher_view` adapts the view.
     """
 
     graphdef: nnx.GraphDef
     variables: nnx.State
     taps: tuple[str, ...] = ()
     normalization: augment.Normalization | None = None
+    input_shape: tuple[int, ...] | None = None
 
 
 def freeze(model: nnx.Module, *, taps: Sequence[str] = (),
-           normalization: augment.Normalization | None = None) -> FrozenModel:
+           normalization: augment.Normalization | None = None,
+           input_shape: Sequence[int] | None = None) -> FrozenModel:
     graphdef, variables = nnx.split(model)
-    return FrozenModel(graphdef, variables, tuple(taps), normalization)
+    return FrozenModel(graphdef, variables, tuple(taps), normalization,
+                       None if input_shape is None else tuple(input_shape))
 
 
 def compute_dtype(name: str = "auto") -> jnp.dtype:
@@ -305,8 +310,10 @@ def image_parts(objective: Objective, teachers: Sequence[FrozenModel],
 
 def _teacher_features(model: nnx.Module, teacher: FrozenModel, images: jax.Array,
                       preprocess: augment.Preprocess) -> dict:
-    return taps_lib.features(model, augment.renormalize(images, preprocess, teacher.normalization),
-                             train=False, taps=teacher.taps, what="loss.teacher_taps")
+    return taps_lib.features(
+        model, augment.teacher_view(images, preprocess, teacher.normalization,
+                                    teacher.input_shape),
+        train=False, taps=teacher.taps, what="loss.teacher_taps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,7 +512,8 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
                    preprocess: augment.Preprocess = augment.Preprocess(),
                    mesh: Mesh | None = None, state_sharding: TrainState | None = None,
                    teacher_sharding: Sequence[Any] | None = None,
-                   calibration_bins: int = 0) -> Callable:
+                   calibration_bins: int = 0,
+                   input_shape: Sequence[int] | None = None) -> Callable:
     """Build `eval_step(params, model_state, batch) -> sums` for a fixed-order, padded batch of
     images.
 
@@ -515,21 +523,25 @@ def make_eval_step(graphdef: nnx.GraphDef, *, teachers: Sequence[FrozenModel] = 
     `calibration_bins` the Brier score and calibration bins); the caller adds them up and
     divides by count. A Distillee is evaluated by its student and, each under its prefix, the
     classifiers its parts add (`Distillee.eval_logits`: peers "peer<i>/", exits "exit_<tap>/").
-    `state_sharding` and `teacher_sharding` are make_distill_step's.
+    `state_sharding` and `teacher_sharding` are make_distill_step's. `input_shape`: the
+    evaluated model's (H, W, C) when the images differ (`augment.teacher_view` adapts them).
     """
 
     def eval_fn(params, model_state, frozen, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
         model = nnx.merge(graphdef, params, model_state)
-        heads = (model.eval_logits(images) if isinstance(model, Distillee)
-                 else {"": taps_lib.call(model, images, train=False)})
+        own = (images if input_shape is None else
+               augment.teacher_view(images, preprocess, None, input_shape))
+        heads = (model.eval_logits(own) if isinstance(model, Distillee)
+                 else {"": taps_lib.call(model, own, train=False)})
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         sums = {"count": mask.sum()}
         for prefix, logits in heads.items():
             t_logits = None
             if frozen and not prefix:  # the student's agreement with the first teacher
-                t_logits = taps_lib.call(frozen[0], augment.renormalize(
-                    images, preprocess, teachers[0].normalization), train=False)
+                t_logits = taps_lib.call(frozen[0], augment.teacher_view(
+                    images, preprocess, teachers[0].normalization, teachers[0].input_shape),
+                    train=False)
             sums.update({prefix + k: v for k, v in eval_sums(
                 logits, labels, mask, teacher_logits=t_logits,
                 calibration_bins=calibration_bins).items()})

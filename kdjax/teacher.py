@@ -125,7 +125,8 @@ def agreement(reference: FrozenModel, prepared: FrozenModel, batches: Iterable[d
     @jax.jit
     def compare(ref_vars, prep_vars, batch):
         images = augment.preprocess(batch["image"], preprocess, key=None, dtype=jnp.float32)
-        images = augment.renormalize(images, preprocess, reference.normalization)
+        images = augment.teacher_view(images, preprocess, reference.normalization,
+                                      reference.input_shape)
         ref = taps.call(nnx.merge(reference.graphdef, ref_vars), images,
                         train=False).astype(jnp.float32)
         out = taps.call(nnx.merge(prepared.graphdef, prep_vars), images,

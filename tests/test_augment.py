@@ -74,3 +74,28 @@ def test_bad_recipes_are_refused():
         augment.Preprocess(std=(0.0,))
     with pytest.raises(ValueError, match="crop_padding=-1"):
         augment.Preprocess(crop_padding=-1)
+
+
+def test_teacher_view_replicates_grayscale_and_resizes_in_its_normalisation():
+    recipe = augment.Preprocess(mean=(0.3,), std=(0.2,))
+    rgb = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x = np.random.default_rng(0).normal(size=(2, 4, 6, 1)).astype(np.float32)
+    same = augment.teacher_view(jnp.asarray(x), recipe, ((0.5,), (0.5,)), (4, 6, 1))
+    np.testing.assert_array_equal(same, augment.renormalize(jnp.asarray(x), recipe,
+                                                            ((0.5,), (0.5,))))
+    # channels: the same pixels in each, each in the teacher's own statistics
+    got = np.asarray(augment.teacher_view(jnp.asarray(x), recipe, rgb, (4, 6, 3)))
+    pixels = np.float64(x) * 0.2 + 0.3
+    want = (np.repeat(pixels, 3, -1) - np.array(rgb[0])) / np.array(rgb[1])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # size: bilinear with half-pixel centres keeps a ramp a ramp away from the clamped edges
+    ramp = np.broadcast_to(np.arange(8, dtype=np.float32)[None, :, None, None], (1, 8, 8, 1))
+    identity = augment.Preprocess(mean=(0.0,), std=(1.0,))
+    up = np.asarray(augment.teacher_view(jnp.asarray(ramp), identity, None, (16, 16, 1)))
+    rows = (np.arange(16) + 0.5) / 2 - 0.5
+    inside = (rows >= 0) & (rows <= 7)
+    np.testing.assert_allclose(up[0, inside, 3, 0], rows[inside], atol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot see 2-channel images"):
+        augment.teacher_view(jnp.zeros((1, 4, 4, 2)), augment.Preprocess(mean=(0.5, 0.5),
+                                                                         std=(0.5, 0.5)),
+                             None, (4, 4, 3))

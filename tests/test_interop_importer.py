@@ -2,6 +2,7 @@
 and written as runs that teacher.workdir, `kdjax eval`, `kdjax export` and `kdjax summary` take.
 Runs without torch: the logits are compared with the ones PyTorch computed for the fixture."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdjax import checkpoint, cli, config as config_lib, export
+from kdjax import checkpoint, cli, config as config_lib, export, models
 from kdjax.errors import CheckpointMismatchError
 from kdjax.interop import importer, layouts, pth, state_dict
 from _interop import (flat_arrays, images, load_run_model, max_relative_error, model_logits,
@@ -243,3 +244,40 @@ def test_the_command_line_says_what_it_stripped(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kdjax: note: stripped the 'module.' prefix" in printed
     assert f"use it as --config.teacher.workdir={out}" in printed
+
+
+def test_a_colour_teacher_distils_into_a_grayscale_student(data_dir, tmp_path, capsys):
+    """A 32x32x3 CIFAR teacher on 28x28x1 Fashion-MNIST: it sees each image replicated to 3
+    channels and resized to 32x32 inside the step, says so, evaluates on that data and teaches a
+    grayscale student."""
+    run = str(tmp_path / "rgb_teacher")
+    assert cli.main(["import", "--from", fixture("tiny_resnet.pth"), "--model", "resnet8",
+                     "--model-kwargs", json.dumps(TINY), "--data", "fashion_mnist",
+                     "--data-dir", data_dir, "--out", run]) == 0
+    assert cli.main(["eval", "--workdir", run, "--no-progress"]) == 0
+    assert 0.0 <= json.load(open(os.path.join(run, "eval.json")))["eval/accuracy"] <= 1.0
+    student = str(tmp_path / "gray_student")
+    assert cli.main(["distill", "--config", f"{EXP}/kd.py", "--workdir", student,
+                     f"--config.teacher.workdir={run}", f"--config.data.data_dir={data_dir}",
+                     "--config.train.steps=2", "--config.train.batch_size=32",
+                     "--config.eval.batch_size=150", "--config.teacher.agreement_examples=0",
+                     "--config.model.name=mlp_tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert ("takes 32x32x3 images and this run's are 28x28x1: it sees each image replicated "
+            "to 3 channels and resized (bilinear) to 32x32") in out
+    summary = json.load(open(os.path.join(student, "summary.json")))
+    assert summary["steps"] == 2 and 0.0 <= summary["eval/teacher_agreement"] <= 1.0
+
+
+def test_a_teacher_of_other_channels_than_one_is_refused_by_name(data_dir, tmp_path):
+    from kdjax import classification, plan
+
+    task = classification.ImageTask(plan.as_plan({"data": {"name": "fashion_mnist",
+                                                           "data_dir": data_dir}}))
+    spec = models.ModelSpec("resnet8", 10, (32, 32, 3))
+    assert task._teacher_input_shape("t", spec) == (32, 32, 3)
+    task.spec = dataclasses.replace(task.spec, image_shape=(28, 28, 2))
+    with pytest.raises(ValueError, match=r"the teacher in 't' takes 32x32x3 images, "
+                                         r"fashion_mnist's are 28x28x2: kdjax replicates "
+                                         r"1-channel images"):
+        task._teacher_input_shape("t", spec)

@@ -190,10 +190,20 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
     return report
 
 
+def _fixed_size(dataset: str, data_dir: str) -> bool:
+    """Whether `dataset` is prepared with images of one size (False when it is not found)."""
+    try:
+        return data.dataset_info(dataset, data_dir=data_dir or None).fixed_shape
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def _run_plan(report: ImportReport) -> plan.RunPlan:
     data_keys = {"name": report.data, "mean": tuple(report.preprocess["mean"]),
                  "std": tuple(report.preprocess["std"]), "data_dir": report.data_dir}
-    if report.layout == "torchvision":  # ImageNet's images vary in size: the model's is recorded
+    if report.layout == "torchvision" and not _fixed_size(report.data, report.data_dir):
+        # ImageNet's images vary in size: the model's is recorded. A fixed-size dataset keeps
+        # its own, and the model sees its images adapted (kdjax.augment.teacher_view).
         data_keys["image_size"] = report.spec.input_shape[0]
     return plan.as_plan({"model": {"name": report.spec.name, "kwargs": dict(report.spec.kwargs),
                                    "num_classes": report.spec.num_classes},
