@@ -97,6 +97,11 @@ def distill(config: plan_lib.RunPlan, workdir: str, *, progress: bool = True,
     num_classes = student.num_classes
     teacher = classification.ImageTask(unfolded).load_teacher(
         config.teacher.workdir, student, mesh).model
+    if teacher.input_shape is not None:
+        raise ValueError(f"datafree.method={config.datafree.method!r} synthesises images of the "
+                         f"data's shape {tuple(spec.image_shape)} for the teacher in "
+                         f"{config.teacher.workdir!r}, which takes {teacher.input_shape}; "
+                         f"data-free distillation needs a teacher of the data's image shape")
     preprocess = classification.preprocess_of(config.data, spec.image_shape[-1])
     # Inputs are synthesised in the teacher's normalised space, and quantised back to pixels
     # through the teacher's own normalisation when it has one.
