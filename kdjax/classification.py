@@ -99,6 +99,7 @@ class ImageTask(Task):
     kind = "image"
     rate = "images"
     postfix = ("loss", "accuracy")
+    best_metrics = EVAL_METRICS
 
     def __init__(self, plan: plan_lib.RunPlan):
         super().__init__(plan)
@@ -109,9 +110,6 @@ class ImageTask(Task):
         self.eval_input_shape: tuple[int, ...] | None = None  # `kdjax eval`'s model's, if other
 
     # -- checks ----------------------------------------------------------------------------
-    def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
-        return EVAL_METRICS if distill else EVAL_METRICS[:-1]
-
     def check(self, *, distill: bool) -> None:
         loss = self.plan.loss
         if loss.name == "ce" and distill:

@@ -85,13 +85,15 @@ class Task(abc.ABC):
     rate: ClassVar[str]
     #: Train metrics shown on the progress bar.
     postfix: ClassVar[tuple[str, ...]] = ("loss",)
+    #: The eval metrics checkpoint.best_metric may name; the last one needs a teacher.
+    best_metrics: ClassVar[tuple[str, ...]]
 
     def __init__(self, plan: Any):
         self.plan = plan
 
-    @abc.abstractmethod
     def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
-        """The eval metrics checkpoint.best_metric may name."""
+        """The eval metrics checkpoint.best_metric may name in this run."""
+        return self.best_metrics if distill else self.best_metrics[:-1]
 
     @abc.abstractmethod
     def check(self, *, distill: bool) -> None:

@@ -102,13 +102,11 @@ class LanguageModelTask(Task):
     kind = "lm"
     rate = "tokens"
     postfix = ("loss", "ce")
+    best_metrics = EVAL_METRICS
 
     def __init__(self, plan: plan_lib.RunPlan):
         super().__init__(plan)
         self.ds: text_data.TextDataset | None = None
-
-    def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
-        return EVAL_METRICS if distill else EVAL_METRICS[:-1]
 
     def check(self, *, distill: bool) -> None:
         plan = self.plan
