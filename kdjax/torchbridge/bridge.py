@@ -38,7 +38,7 @@ __all__ = ["TorchOpError", "Buffer", "TorchModel", "from_module", "load_factory"
 Arrays = dict[str, jax.Array]
 
 
-class TorchOpError(RuntimeError):
+class TorchOpError(ValueError):
     """A PyTorch op that torchax cannot lower, with the module path where the forward met it."""
 
 
