@@ -353,7 +353,23 @@ class TorchModel(nnx.Module):
         return _logits(out), tapped
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if not isinstance(x.shape[0], int):
+            return self._symbolic_batch(x, train=train)
         return self._run(x, train=train, taps=())[0]
+
+    def _symbolic_batch(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Inference on a batch of symbolic size (jax.export, kdjax's stablehlo export).
+
+        torchax gives a symbolic dimension the size 1 on the torch side, so a decomposition that
+        reads sizes computes silently wrong values (GroupNorm normalised over the wrong groups:
+        0.19 relative error). In inference each example is independent, so the forward runs on
+        one example of concrete shape and jax.vmap batches it, symbolically and exactly.
+        """
+        if train or not all(isinstance(d, int) for d in x.shape[1:]):
+            raise ValueError(f"a PyTorch model runs on a symbolic batch only in inference and "
+                             f"with concrete image sizes, got input shape {x.shape} "
+                             f"(train={train})")
+        return jax.vmap(lambda one: self._run(one[None], train=False, taps=())[0][0])(x)
 
     def features(self, x: jax.Array, *, train: bool = False) -> dict[str, Any]:
         logits, tapped = self._run(x, train=train, taps=self.paths)
@@ -364,5 +380,6 @@ class TorchModel(nnx.Module):
         non-persistent buffers not)."""
         flat = {**_flat(self.params), **_flat(self.buffers)}
         flat.update({alias: flat[name] for alias, name in _aliases(self.module).items()})
-        keys = self.module.state_dict().keys()
-        return {k: np.asarray(flat[k]) for k in keys}
+        # In PyTorch's dtypes: JAX without x64 holds int64 counters as int32.
+        return {k: np.asarray(flat[k]).astype(jnp.dtype(str(t.dtype).removeprefix("torch.")))
+                for k, t in self.module.state_dict().items()}
