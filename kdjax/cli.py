@@ -80,10 +80,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="state_dict naming for safetensors/torch (default: the one the model "
                           "was imported in, else its architecture's reference, else kdjax)")
     imp = sub.add_parser("import", help="map a PyTorch .pth / .safetensors state_dict onto a zoo "
-                                        "model and write it as a run (a teacher.workdir)")
-    imp.add_argument("--from", dest="source", required=True, metavar="FILE",
-                     help=".pth/.pt (read without running pickled code) or .safetensors")
-    imp.add_argument("--model", required=True, help="zoo model name, e.g. resnet50, resnet32x4")
+                                        "model, or take any PyTorch module (--torch), and write "
+                                        "it as a run (a teacher.workdir)")
+    imp.add_argument("--from", dest="source", default=None, metavar="FILE",
+                     help=".pth/.pt (read without running pickled code) or .safetensors "
+                          "(required with --model; with --torch default: the factory's weights)")
+    imp.add_argument("--model", default=None, help="zoo model name, e.g. resnet50, resnet32x4")
+    imp.add_argument("--torch", default=None, metavar="FACTORY",
+                     help="any PyTorch module: 'package.module:callable' returning an nn.Module, "
+                          "e.g. timm:create_model, torchvision.models:resnet50, my_models:Net "
+                          "(run through torchax; needs pip install 'kdjax[torch]')")
+    imp.add_argument("--torch-kwargs", default=None, metavar="JSON",
+                     help="the factory's keyword arguments, e.g. '{\"model_name\": "
+                          "\"convnext_atto\", \"num_classes\": 10}'")
     imp.add_argument("--out", required=True, help="run directory to create (must not exist)")
     imp.add_argument("--num-classes", type=int, default=None,
                      help="classifier outputs (default: read off the file's classifier)")
@@ -278,6 +287,29 @@ def _json_dict(text: str | None, flag: str) -> dict | None:
     return value
 
 
+TORCH_EXTRA = "pip install 'kdjax[torch]'"
+
+
+def _import_torch(args: argparse.Namespace) -> int:
+    """`kdjax import --torch FACTORY`: kdjax.torchbridge.importer."""
+    try:
+        from kdjax.torchbridge import importer as torch_importer
+    except ImportError as e:
+        raise ValueError(f"--torch {args.torch!r} runs PyTorch modules through torchax, which is "
+                         f"not installed ({e}): {TORCH_EXTRA}") from None
+    report = torch_importer.import_torch(
+        args.torch, out=args.out, num_classes=args.num_classes,
+        input_shape=_ints(args.input_shape, "--input-shape"),
+        factory_kwargs=_json_dict(args.torch_kwargs, "--torch-kwargs"), source=args.source,
+        mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"), dataset=args.data,
+        key=args.key, data_dir=args.data_dir)
+    for note in report.notes:
+        print(f"kdjax: note: {note}")
+    print(f"kdjax: {torch_importer.describe(report)}; use it as "
+          f"--config.teacher.workdir={report.out}")
+    return 0
+
+
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
     from kdjax import config as config_lib, plan
 
@@ -426,6 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "import":
         if overrides:
             _parser().error("kdjax import takes no --config overrides")
+        if (args.model is None) == (args.torch is None):
+            _parser().error("kdjax import takes one of --model NAME (a zoo model) or --torch "
+                            "FACTORY (any PyTorch module)")
+        if args.torch is not None:
+            return _import_torch(args)
+        if args.source is None:
+            _parser().error("kdjax import --model needs --from FILE (the state_dict to map)")
+        if args.torch_kwargs is not None:
+            _parser().error("--torch-kwargs goes with --torch FACTORY, not --model")
         from kdjax.interop import importer
 
         report = importer.import_checkpoint(

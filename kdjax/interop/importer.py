@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flax import nnx
@@ -31,7 +31,7 @@ from kdjax import checkpoint, data, plan
 from kdjax.interop import layouts, state_dict
 from kdjax.models import ModelSpec, count_params
 
-__all__ = ["LAYOUT_CONVENTIONS", "ImportReport", "import_checkpoint"]
+__all__ = ["LAYOUT_CONVENTIONS", "ImportReport", "channel_values", "import_checkpoint", "write_run"]
 
 # What a checkpoint of each layout's reference code was trained on, as its training scripts do it:
 # torchvision's ImageNet recipe (224 px, ImageNet mean/std), RepDistiller's CIFAR-100 loaders.
@@ -91,7 +91,7 @@ def _head_classes(spec: ModelSpec, tensors: dict, layout: str) -> int | None:
     return None
 
 
-def _floats(values: Sequence[float] | None, what: str, channels: int) -> tuple[float, ...] | None:
+def channel_values(values: Sequence[float] | None, what: str, channels: int) -> tuple[float, ...] | None:
     if values is None:
         return None
     out = tuple(float(v) for v in values)
@@ -163,8 +163,8 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
                             "data": "cifar100"}[name])
 
     shape = tuple(int(d) for d in pick(input_shape, "input_shape", "--input-shape"))
-    mean_ = _floats(pick(mean, "mean", "--mean"), "--mean", shape[-1])
-    std_ = _floats(pick(std, "std", "--std"), "--std", shape[-1])
+    mean_ = channel_values(pick(mean, "mean", "--mean"), "--mean", shape[-1])
+    std_ = channel_values(pick(std, "std", "--std"), "--std", shape[-1])
     if min(std_) <= 0:
         raise ValueError(f"--std must be positive per channel, got {std_}")
     dataset = pick(dataset, "data", "--data")
@@ -186,7 +186,7 @@ def import_checkpoint(source: str, *, model: str, out: str, num_classes: int | N
         format=loaded.format, num_params=count_params(params),
         preprocess={"mean": list(mean_), "std": list(std_)}, data=dataset,
         notes=tuple(loaded.notes), data_dir=os.path.abspath(data_dir) if data_dir else "")
-    _write_run(report, params, model_state, layouts.reference_class(abstract, layout, model))
+    write_run(report, params, model_state, layouts.reference_class(abstract, layout, model))
     return report
 
 
@@ -210,11 +210,16 @@ def _run_plan(report: ImportReport) -> plan.RunPlan:
                          "data": data_keys, "train": {"steps": 0}})
 
 
-def _write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
-               reference: str | None) -> None:
+def write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
+              reference: str | None, *, torch: dict[str, Any] | None = None,
+              extra_files: Callable[[str], None] | None = None) -> None:
+    """Write the run of an import into `report.out`, whole or not at all. `torch` records the
+    factory and kwargs of a `--torch` import; `extra_files(dir)` adds files to the run."""
     run_plan = _run_plan(report)
     imported = {"from": report.source, "sha256": report.sha256, "format": report.format,
                 "layout": report.layout, "reference": reference, "notes": list(report.notes)}
+    if torch is not None:
+        imported["torch"] = torch
     run = {"kdjax_version": kdjax.__version__, "config": json.loads(run_plan.to_json()),
            "model": report.spec.to_json(), "preprocess": report.preprocess, "imported": imported}
     summary = {"imported": True, **imported, "model": report.spec.name,
@@ -231,6 +236,8 @@ def _write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
             f.write(run_plan.to_json())
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        if extra_files is not None:
+            extra_files(tmp)
         os.rename(tmp, report.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,289 @@
+"""Any PyTorch module in kdjax through torchax (kdjax.torchbridge), checked against PyTorch's own
+forward: a user's module and timm models give PyTorch's logits, BatchNorm's train-mode
+statistics follow PyTorch's momentum rule, gradients match autograd's, `kdjax import --torch`
+writes a run that teaches inside the one compiled step and exports as StableHLO with PyTorch's
+logits, and every bad input is refused before a directory appears. Skipped without the `torch`
+extra (pip install 'kdjax[torch]')."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+pytest.importorskip("torchax")
+import torch  # noqa: E402
+
+import _torch_nets  # noqa: E402
+from kdjax import checkpoint, cli, losses, models, sharding  # noqa: E402
+from kdjax.interop.layouts import LayoutMismatchError  # noqa: E402
+from kdjax.step import Distillee, freeze, init_train_state, make_distill_step  # noqa: E402
+from kdjax.torchbridge import TorchModel, TorchOpError, from_module  # noqa: E402
+from kdjax.torchbridge import importer as torch_importer  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+NET = "_torch_nets:Net"
+MEAN, STD = 0.25, 0.5
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def randomize_bn(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics, so that eval mode really reads them."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def with_random_bn(model: TorchModel) -> TorchModel:
+    """`model` and its torch module with the same random BatchNorm statistics."""
+    randomize_bn(model.module)
+    for name, b in model.module.named_buffers():
+        node = model.buffers
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf][...] = jnp.asarray(b.numpy())
+    return model
+
+
+def images(n=4, h=8, c=1, seed=0):
+    return np.random.default_rng(seed).random((n, h, h, c), dtype=np.float32)
+
+
+def test_a_user_module_gives_pytorchs_logits_and_batchnorm_statistics():
+    model = with_random_bn(TorchModel(NET, {"num_classes": 5}))
+    ref = _torch_nets.Net(num_classes=5)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    x = images()
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    assert rel_err(logits, ref.eval()(nchw(x)).detach().numpy()) <= 1e-5
+
+    def train_call(s, x):  # two training steps' worth of statistics updates
+        m = nnx.merge(graphdef, s)
+        m(x, train=True)
+        return m(x[::-1], train=True), nnx.state(m)
+
+    out, new_state = jax.jit(train_call)(state, x)
+    ref.train()
+    ref(nchw(x))
+    want = ref(nchw(x[::-1])).detach().numpy()
+    assert rel_err(out, want) <= 1e-5
+    bn = new_state["buffers"]["bn"]
+    np.testing.assert_allclose(bn["running_mean"][...], ref.bn.running_mean.numpy(), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(bn["running_var"][...], ref.bn.running_var.numpy(), rtol=1e-5)
+    assert int(bn["num_batches_tracked"][...]) == int(ref.bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "efficientnet_b0"])
+def test_timm_models_give_pytorchs_logits(name):
+    model = with_random_bn(TorchModel("timm:create_model", {
+        "model_name": name, "num_classes": 10, "pretrained": False}))
+    ref = model.module
+    x = images(2, 32, 3)
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    assert logits.shape == (2, 10)
+    assert rel_err(logits, ref.eval()(nchw(x)).detach().numpy()) <= 1e-4
+
+
+def test_from_module_is_a_pure_function_with_pytorchs_gradients_and_dropout_from_the_key():
+    torch.manual_seed(0)
+    net = _torch_nets.Net(num_classes=3, drop=0.5)
+    x = images(4, 6)
+    params, buffers, apply_fn = from_module(net, nchw(x))
+    assert set(params) == {k for k, _ in net.named_parameters()}
+    assert set(buffers) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
+    labels = jnp.array([0, 1, 2, 0])
+
+    def loss(p):
+        logits, _ = apply_fn(p, buffers, jnp.asarray(nchw(x).numpy()))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    net.eval()
+    torch.nn.functional.cross_entropy(net(nchw(x)), torch.tensor([0, 1, 2, 0])).backward()
+    for name, p in net.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+    train = jax.jit(lambda k: apply_fn(params, buffers, jnp.asarray(nchw(x).numpy()), train=True,
+                                       key=k)[0])
+    a, b, a2 = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
+    np.testing.assert_array_equal(a, a2)  # the key decides the mask...
+    assert not np.allclose(a, b)  # ...and a different key draws a different one
+
+
+def test_an_op_torchax_cannot_lower_is_named_with_its_module_path():
+    with pytest.raises(TorchOpError, match=r"module 'pool' \(FractionalMaxPool2d\).*"
+                                           r"fractional_max_pool2d"):
+        from_module(_torch_nets.Unlowerable(), torch.zeros(2, 1, 8, 8))
+
+
+def test_state_dict_loads_back_into_pytorch():
+    model = TorchModel(NET, {"num_classes": 4}, seed=3)
+    ref = _torch_nets.Net(num_classes=4)
+    ref.load_state_dict({k: torch.from_numpy(np.asarray(v))
+                         for k, v in model.state_dict().items()})  # strict: every key, no more
+    x = images(2, 8)
+    assert rel_err(model(x), ref.eval()(nchw(x)).detach().numpy()) <= 1e-5
+
+
+# --- kdjax import --torch --------------------------------------------------------------------
+
+def _import(out, *extra):
+    return cli.main(["import", "--torch", NET, "--num-classes", "10", "--input-shape", "28,28,1",
+                     "--mean", str(MEAN), "--std", str(STD), "--data", "fashion_mnist",
+                     "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def torch_teacher(tmp_path_factory):
+    """A user's module with trained-looking weights, saved by PyTorch, imported by the CLI."""
+    work = tmp_path_factory.mktemp("torch")
+    torch.manual_seed(1)
+    net = _torch_nets.Net()
+    randomize_bn(net)
+    torch.save(net.state_dict(), work / "net.pth")
+    run = work / "run"
+    assert _import(run, "--from", str(work / "net.pth")) == 0
+    return {"net": net.eval(), "run": str(run), "work": work}
+
+
+def test_the_run_records_the_factory_and_keeps_a_state_dict(torch_teacher):
+    reader = checkpoint.RunReader(torch_teacher["run"])
+    run = reader.run_meta(reader.resolve_step("latest"))
+    reader.close()
+    assert run["model"]["name"] == "kdjax.torchbridge:TorchModel"
+    assert run["model"]["kwargs"] == {"factory": NET, "factory_kwargs": {}}
+    assert run["imported"]["torch"] == {"factory": NET, "kwargs": {}}
+    assert run["preprocess"] == {"mean": [MEAN], "std": [STD]}
+    import safetensors.torch
+
+    saved = safetensors.torch.load_file(os.path.join(torch_teacher["run"],
+                                                     torch_importer.STATE_DICT_FILE))
+    net = _torch_nets.Net()
+    net.load_state_dict(saved)
+    for k, v in torch_teacher["net"].state_dict().items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+
+
+def test_an_imported_teacher_is_inside_the_one_compiled_step_and_stays_frozen(torch_teacher):
+    reader = checkpoint.RunReader(torch_teacher["run"])
+    step_no = reader.resolve_step("latest")
+    spec = models.ModelSpec.from_json(reader.run_meta(step_no)["model"])
+    teacher = reader.load_model(step_no, spec)
+    reader.close()
+    x = images(3, 28)
+    want = torch_teacher["net"](nchw(x)).detach().numpy()
+    assert rel_err(teacher(x), want) <= 1e-5
+
+    student = models.create_model("mlp", hidden=(16,), in_features=28 * 28, num_classes=10,
+                                  rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.0123)
+    graphdef, state = init_train_state(Distillee(student), tx, seed=0)
+    state = sharding.replicate(state, sharding.make_mesh())  # committed, as the step returns it
+    frozen = freeze(teacher)
+    step = make_distill_step(graphdef, tx, _kd, teachers=[frozen])
+    batch = {"image": (np.random.default_rng(0).random((8, 28, 28, 1)) * 255).astype(np.uint8),
+             "label": np.arange(8, dtype=np.int32)}
+    lowered = step.lower(state, batch)
+    hlo = lowered.as_text()
+    assert len(re.findall(r"^module @", hlo, flags=re.M)) == 1
+    # the teacher's depthwise convolution (8 groups over 8 channels) and the student's update
+    assert re.search(r"feature_group_count = 8", hlo) and re.search(r"1\.230000e-02", hlo)
+    before = jax.tree.map(np.array, step.teachers)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and step.fn._cache_size() == 1
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, step.teachers))
+
+
+def _kd(student, teachers, labels, step):
+    loss = losses.hinton_kd(student["logits"], teachers[0]["logits"], labels, temperature=4.0,
+                            alpha=0.9).mean()
+    return loss, {"kd": loss}
+
+
+def test_distill_and_stablehlo_export_from_the_command_line(torch_teacher, data_dir):
+    work = torch_teacher["work"]
+    assert cli.main(["distill", "--config", os.path.join(TESTS, "..", "experiments",
+                                                         "fashion_mnist", "kd.py"),
+                     "--workdir", str(work / "student"),
+                     f"--config.teacher.workdir={torch_teacher['run']}",
+                     f"--config.data.data_dir={data_dir}", "--config.train.steps=4",
+                     "--config.train.batch_size=32", "--config.eval.every_steps=4",
+                     "--config.train.log_every_steps=4", "--config.checkpoint.every_steps=4",
+                     "--config.eval.batch_size=50", "--no-progress"]) == 0
+    summary = json.load(open(work / "student" / "summary.json"))
+    assert summary["teacher"] == torch_teacher["run"] and "eval/teacher_agreement" in summary
+
+    out = work / "hlo"
+    assert cli.main(["export", "--workdir", torch_teacher["run"], "--out", str(out),
+                     "--format", "stablehlo"]) == 0
+    pixels = (np.random.default_rng(2).random((5, 28, 28, 1)) * 255).astype(np.uint8)
+    np.save(work / "pixels.npy", pixels)
+    serve = ("import sys, jax, numpy as np\n"
+             "e = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))\n"
+             "np.save(sys.argv[3], np.asarray(e.call(np.load(sys.argv[2]))))\n")
+    # jax alone: no kdjax, torch or torchax in the serving process
+    subprocess.run([sys.executable, "-I", "-c", serve, str(out / "model.stablehlo"),
+                    str(work / "pixels.npy"), str(work / "logits.npy")], check=True)
+    got = np.load(work / "logits.npy")
+    want = torch_teacher["net"](nchw((pixels / 255.0 - MEAN) / STD).float()).detach().numpy()
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_bad_imports_are_refused_before_any_directory_appears(tmp_path, torch_teacher):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--torch 'no_such_pkg:Net': cannot import"):
+        cli.main(["import", "--torch", "no_such_pkg:Net", "--num-classes", "10",
+                  "--input-shape", "28,28,1", "--data", "x", "--out", str(out)])
+    with pytest.raises(ValueError, match=r"rejected the arguments \(--torch-kwargs\) "
+                                         r"\{\"depth\": 3\}.*unexpected keyword argument 'depth'"):
+        _import(out, "--torch-kwargs", '{"depth": 3}')
+    torch.save(_torch_nets.Net(num_classes=5, width=4).state_dict(), tmp_path / "other.pth")
+    sd = _torch_nets.Net().state_dict()
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(LayoutMismatchError,
+                       match=r"wrong shape: head.weight: the file has \(5, 4\), the module "
+                             r"\(10, 8\)"):
+        _import(out, "--from", str(tmp_path / "other.pth"))
+    with pytest.raises(LayoutMismatchError, match=r"(?s)missing: head.bias \(10,\).*"
+                                                  r"unexpected: extra.weight \(2,\)"):
+        _import(out, "--from", str(tmp_path / "partial.pth"))
+    with pytest.raises(ValueError, match=r"output of shape \(2, 7\).*\(2, 10\)"):
+        _import(out, "--torch-kwargs", '{"num_classes": 7}')
+    assert sorted(os.listdir(tmp_path)) == ["other.pth", "partial.pth"]  # no run, no temporary
+
+
+def test_without_torchax_the_flag_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['torchax'] = None\n"
+            "from kdjax import cli\n"
+            "try:\n"
+            "    cli.main(['import', '--torch', 'timm:create_model', '--out', sys.argv[1]])\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True,
+                       text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "pip install 'kdjax[torch]'" in r.stdout
+    assert not os.path.exists(tmp_path / "run")
