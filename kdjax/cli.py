@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                           "the state_dict for PyTorch's load_state_dict (the .pth is written "
                           "without torch); stablehlo: the serialized inference function "
                           "(jax.export), uint8 images in, logits out")
-    exp.add_argument("--layout", default=None, choices=("torchvision", "crd", "kdjax"),
+    exp.add_argument("--layout", default=None,
+                     choices=("torchvision", "crd", "pytorch", "kdjax"),
                      help="state_dict naming for safetensors/torch (default: the one the model "
                           "was imported in, else its architecture's reference, else kdjax)")
     imp = sub.add_parser("import", help="map a PyTorch .pth / .safetensors state_dict onto a zoo "

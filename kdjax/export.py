@@ -141,8 +141,8 @@ def load(path: str, *, mesh: Mesh | None = None
          ) -> tuple[nnx.Module, Callable[[np.ndarray], jax.Array]]:
     """Load an export: (the student model, `preprocess` for uint8 [N, H, W, C] images).
 
-    `model(preprocess(images))` gives logits [N, num_classes]. The arrays are replicated over
-    `mesh` (default: every device).
+    `model(preprocess(images))` gives logits [N, num_classes]: the model is in NNX's eval mode.
+    The arrays are replicated over `mesh` (default: every device).
     """
     path = os.path.abspath(path)
     meta_path = os.path.join(path, META_FILE)
@@ -168,6 +168,9 @@ def load(path: str, *, mesh: Mesh | None = None
                 what=f"the model of {META_FILE}")
         finally:
             reader.close()
+    # `model(x)` is inference for any model: a user's model built from its spec holds NNX's
+    # training mode (Dropout active, BatchNorm on the batch's statistics) until switched.
+    model.eval()
     recipe = augment.Preprocess(mean=tuple(meta["preprocess"]["mean"]),
                                 std=tuple(meta["preprocess"]["std"]))
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import randomize_batchnorms
 from flax import nnx
 
-from kdjax import plan
+import _user_models as user
+from kdjax import plan, taps
 from kdjax.compress import encode, quantize, structured
 from kdjax.models import ModelSpec
 
@@ -42,7 +43,9 @@ def _export(model, spec, quant, images, path):
     enc = encode.encode(model, spec, lambda n: images[:n], prune=BASE.prune, quant=quant)
     np.savez(path, **enc.arrays)
     with np.load(path, allow_pickle=False) as z:
-        return enc, encode.decode(spec, enc.record, dict(z))
+        loaded = encode.decode(spec, enc.record, dict(z))
+    loaded.eval()  # as export.load does
+    return enc, loaded
 
 
 def test_int8_export_round_trip_within_quantization_error(cnn, tmp_path):
@@ -119,6 +122,71 @@ def test_qat_student_computes_in_int8_with_straight_through_gradients(cnn):
     assert all(np.isfinite(norms)) and min(norms) > 0  # every layer gets a gradient
 
 
+def _user_spec(name):
+    return ModelSpec(f"_user_models:{name}", 10, SHAPE, {}, "float32")
+
+
+def _modes(model):
+    return [(n.deterministic if isinstance(n, nnx.Dropout) else n.use_running_average)
+            for _, n in nnx.iter_graph(model) if isinstance(n, (nnx.Dropout, nnx.BatchNorm))]
+
+
+def test_qat_of_a_plain_nnx_model_through_call_and_its_own_train_eval_modes(cnn):
+    """NormNet has no features() and no train argument: Qwix intercepts its __call__; the step's
+    way of calling it (taps.call) switches its BatchNorm and Dropout with NNX's train()/eval()."""
+    images = cnn[2]
+    model = randomize_batchnorms(_user_spec("NormNet").build(0))
+    before = _modes(model)
+    qat = quantize.for_training(model, quant_config(mode="qat"), SHAPE)
+    assert isinstance(qat, user.NormNet) and _modes(model) == before  # the caller's model as was
+    graphdef, params, rest = nnx.split(qat, nnx.Param, ...)
+
+    def forward(p, r, x, train):
+        m = nnx.merge(graphdef, p, r, copy=True)
+        return taps.call(m, x, train=train), nnx.state(m, nnx.BatchStat)
+
+    jaxpr = str(jax.make_jaxpr(lambda x: forward(params, rest, x, False))(images[:2]))
+    assert jaxpr.count("i8[") >= 4  # weights and activations of its 2 layers
+    # Inference: running statistics, no dropout, repeatable; within int8's error of the float
+    # model in eval mode.
+    out, _ = jax.jit(forward, static_argnums=3)(params, rest, images, False)
+    float_out = taps.call(nnx.clone(model), images, train=False)
+    assert np.abs(out - float_out).mean() <= 0.02 * np.ptp(float_out)
+    # Training: the batch's statistics update the running ones, dropout zeroes units, and every
+    # layer gets a straight-through gradient.
+    train_out, stats = jax.jit(forward, static_argnums=3)(params, rest, images, True)
+    assert not np.allclose(stats["bn"]["mean"][...], rest["bn"]["mean"][...])
+    assert not np.allclose(train_out, out)
+    grads = jax.jit(jax.grad(lambda p: forward(p, rest, images[:8], True)[0].sum()))(params)
+    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and min(norms) > 0
+
+
+@pytest.mark.parametrize("quant", [dict(mode="ptq", calibration_examples=128),
+                                   dict(mode="ptq", activations="none"),
+                                   dict(mode="ptq", weights="int4", activations="none")],
+                         ids=["w8a8", "int8", "int4"])
+def test_a_plain_nnx_model_exports_quantized_and_loads(cnn, tmp_path, quant):
+    spec, images = _user_spec("NormNet"), cnn[2]
+    model = randomize_batchnorms(spec.build(0))
+    enc, loaded = _export(model, spec, quant_config(**quant), images, tmp_path / "w.npz")
+    arrays = encode.unpack(enc.arrays, enc.record["index"])
+    kernel = ("fc/kernel/array/qvalue" if quant.get("activations", "int8") == "int8"
+              else f"fc/kernel:{quant.get('weights', 'int8')}")
+    assert arrays[kernel].dtype == (np.uint8 if quant.get("weights") == "int4" else np.int8)
+    assert isinstance(loaded, user.NormNet)
+    # `model(x)` on what load returns is inference: repeatable (no dropout), running statistics.
+    ref = np.asarray(taps.call(nnx.clone(model), images, train=False))
+    got = logits(loaded, images)
+    np.testing.assert_array_equal(got, logits(loaded, images))
+    tolerance = 0.1 if quant.get("weights") == "int4" else 0.02
+    assert np.abs(got - ref).mean() <= tolerance * np.ptp(ref), (np.abs(got - ref).mean(),
+                                                                 np.ptp(ref))
+    if quant.get("activations", "int8") == "int8":  # exactly the calibrated PTQ model
+        ptq = quantize.calibrated(model, quant_config(**quant), images)
+        np.testing.assert_array_equal(got, logits(ptq, images))
+
+
 class Scale(nnx.Module):
     """A model with no matrix product or convolution for Qwix to intercept."""
 
@@ -136,10 +204,12 @@ def test_a_model_qwix_cannot_intercept_is_refused(cnn):
     with pytest.raises(ValueError, match="quant.mode='qat': Qwix intercepted no layer of the "
                                          "Scale: it computes no matrix product or convolution"):
         quantize.for_training(Scale(), quant_config(mode="qat"), SHAPE)
-    with pytest.raises(ValueError, match="Qwix cannot intercept a Linear: kdjax quantizes the "
-                                         "model's `features"):
-        quantize.for_training(nnx.Linear(784, 10, rngs=nnx.Rngs(0)), quant_config(mode="qat"),
-                              SHAPE)
+    linen = nnx.bridge.ToNNX(user.LinenMLP(10), rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(linen, jnp.zeros((1, *SHAPE)))
+    with pytest.raises(ValueError, match=r"quant.mode='qat': Qwix cannot quantize a Linen model "
+                                         r"wrapped by nnx.bridge.ToNNX \(LinenMLP\); write the "
+                                         r"model as a Flax NNX module"):
+        quantize.for_training(linen, quant_config(mode="qat"), SHAPE)
     with pytest.raises(ValueError, match="quant.exclude pattern 'head' names no layer of the "
                                          "SmallCNN; its layers: conv1/conv, conv2/conv, fc, out"):
         quantize.for_training(cnn[1], quant_config(mode="qat", exclude=("head",)), SHAPE)

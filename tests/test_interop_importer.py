@@ -139,13 +139,15 @@ def test_an_imported_teacher_distils_and_evaluates(data_dir, tmp_path):
     summary = json.load(open(os.path.join(student, "summary.json")))
     assert summary["teacher"] == run and summary["steps"] == 4
     assert 0.0 <= summary["eval/teacher_agreement"] <= 1.0
-    # the trained student goes out the same way (an MLP has only the kdjax layout)
+    # the trained student goes out the same way: an MLP in PyTorch's conventions, with the
+    # model.py that defines its nn.Module
     out = tmp_path / "student_st"
     assert cli.main(["export", "--workdir", student, "--out", str(out), "--format",
                      "safetensors"]) == 0
     got = state_dict.load(str(out / "model.safetensors"))
-    assert json.loads(got.metadata["kdjax"])["layout"] == "kdjax"
-    assert sorted(got.tensors) == ["hidden.0.bias", "hidden.0.kernel", "out.bias", "out.kernel"]
+    assert json.loads(got.metadata["kdjax"])["layout"] == "pytorch"
+    assert sorted(got.tensors) == ["hidden.0.bias", "hidden.0.weight", "out.bias", "out.weight"]
+    assert (out / "model.py").is_file()
 
 
 # ------------------------------------------------------------------ what is refused

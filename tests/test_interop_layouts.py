@@ -74,7 +74,9 @@ def test_kdjax_layout_is_the_nnx_paths_of_any_model():
     sd = layouts.to_state_dict(model, "kdjax")
     assert "conv1.conv.kernel" in sd and "conv1.bn.mean" in sd and "out.kernel" in sd
     assert sd["conv1.conv.kernel"].shape == (3, 3, 1, 8)  # HWIO, as NNX holds it
-    assert layouts.default_layout(model) == "kdjax" and layouts.layouts_for(model) == ("kdjax",)
+    # its PyTorch layout is the one of the module kdjax.interop.torch_code writes for it
+    assert layouts.layouts_for(model) == ("pytorch", "kdjax")
+    assert layouts.default_layout(model) == "pytorch"
     state = layouts.from_state_dict(abstract("cnn_tiny", shape=(28, 28, 1)), sd, "kdjax",
                                     source="sd")
     np.testing.assert_array_equal(
@@ -105,7 +107,7 @@ def test_a_layout_without_naming_for_the_architecture_is_refused():
                                          r"'kdjax'\)"):
         layouts.entries(abstract("resnet8"), "torchvision")
     with pytest.raises(ValueError, match=r"layout must be one of \('torchvision', 'crd', "
-                                         r"'kdjax'\), got 'timm'"):
+                                         r"'pytorch', 'kdjax'\), got 'timm'"):
         layouts.entries(abstract("resnet8"), "timm")
     # a zoo module that a layout's rules do not name is a bug here, said as such
     with pytest.raises(AssertionError, match="no naming rule for the zoo module 'stem.extra'"):

@@ -17,7 +17,8 @@ from flax import nnx
 import _float32 as f32
 import _user_models as user
 from conftest import EXP
-from kdjax import augment, cli, data, export, losses, models, objectives, plan
+from kdjax import augment, checkpoint, cli, data, export, losses, models, objectives, plan, taps
+from kdjax.compress import encode, quantize
 from kdjax.step import Distillee, freeze, init_train_state, make_distill_step
 
 C, D = 4, 12
@@ -139,6 +140,66 @@ def test_importable_models_train_distil_evaluate_and_export(user_runs, data_dir)
     accuracy = np.mean(logits.argmax(-1) == images["label"])
     assert (abs(accuracy - summary["eval/accuracy"])
             <= f32.near_ties(logits, 784 + 16 + 10) + f32.EPS)
+
+
+def _test_images(data_dir, n=64):
+    return data.load_arrays("fashion_mnist", "test", data_dir=data_dir)["image"][:n]
+
+
+def test_a_plain_nnx_student_distils_quantization_aware_and_exports_int8(user_runs, tmp_path):
+    """NormNet (BatchNorm and Dropout switched by NNX's train()/eval(), no features(), no train
+    argument) distilled with Qwix's fake quantization in the step, exported W8A8, loaded."""
+    work, out = str(tmp_path / "qat"), str(tmp_path / "int8")
+    assert cli.main(["distill", "--config", f"{EXP}/kd.py", "--workdir", work,
+                     f"--config.teacher.workdir={user_runs['teacher']}",
+                     "--config.model.name=_user_models:NormNet", "--config.model.kwargs={}",
+                     "--config.quant.mode=qat", f"--config.data.data_dir={user_runs['data_dir']}",
+                     *TINY]) == 0
+    assert cli.main(["export", "--workdir", work, "--out", out,
+                     "--config.quant.calibration_examples=128"]) == 0
+    with open(os.path.join(out, export.META_FILE)) as f:
+        record = json.load(f)["compression"]
+    assert record["activations"] == "int8" and record["layers"]["fc/kernel"]["encoding"] == "int8"
+    model, preprocess = export.load(out)
+    assert isinstance(model, user.NormNet)
+    x = preprocess(_test_images(user_runs["data_dir"]))
+    got = np.asarray(model(x))
+    np.testing.assert_array_equal(got, np.asarray(model(x)))  # inference: no dropout
+    # Against the run's student as it trained, fake-quantized (dynamic activation scales): the
+    # export's static, calibrated scales differ from them by int8's error.
+    _, _, run, _, float_student = checkpoint.read_model(work)
+    quant = plan.as_plan(run["config"]).quant
+    fake = np.asarray(taps.call(quantize.for_training(float_student, quant, (28, 28, 1)), x,
+                                train=False))
+    assert np.abs(got - fake).mean() <= 0.02 * np.ptp(fake), (np.abs(got - fake).mean(),
+                                                              np.ptp(fake))
+    assert np.mean(got.argmax(-1) == fake.argmax(-1)) >= 0.9
+    # ...and exactly the PTQ model calibrated on the images the export drew.
+    images = encode.calibration_images(dataclasses.replace(
+        plan.as_plan(run["config"]).data, data_dir=user_runs["data_dir"]), run["preprocess"],
+        128, seed=run["config"]["seed"])
+    calibrated = quantize.calibrated(float_student, dataclasses.replace(
+        quant, calibration_examples=128), images)
+    np.testing.assert_array_equal(got, np.asarray(taps.call(calibrated, x, train=False)))
+
+
+@pytest.mark.parametrize("quant", [["--config.quant.mode=ptq",
+                                    "--config.quant.calibration_examples=128"],
+                                   ["--config.quant.mode=ptq", "--config.quant.weights=int4",
+                                    "--config.quant.activations=none"]], ids=["w8a8", "int4"])
+def test_a_float_plain_nnx_student_is_quantized_on_export(user_runs, tmp_path, quant):
+    out = str(tmp_path / "ptq")
+    assert cli.main(["export", "--workdir", user_runs["student"], "--out", out, *quant]) == 0
+    model, preprocess = export.load(out)
+    float_model, _ = export.load(str(user_runs["work"] / "export"))
+    x = preprocess(_test_images(user_runs["data_dir"]))
+    got, ref = np.asarray(model(x)), np.asarray(float_model(x))
+    # Weight-only int4 is within its rounding of the float model; W8A8's static activation
+    # scales (Qwix's: the calibration batches' mean of each example's max |x|) clip the larger
+    # activations of about half the examples, a few % of the logits' range for this small MLP.
+    tolerance = 0.1 if "--config.quant.weights=int4" in quant else 0.05
+    assert np.abs(got - ref).mean() <= tolerance * np.ptp(ref), (np.abs(got - ref).mean(),
+                                                                 np.ptp(ref))
 
 
 def test_a_linen_student_trains_and_exports(data_dir, tmp_path):

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -91,9 +92,16 @@ def for_other_format(model: nnx.Module, spec: ModelSpec, fmt: str, *, prune: pla
     return model, spec
 
 
+def _is_key(dtype) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _flat(model: nnx.Module) -> dict[str, np.ndarray]:
-    return {layer_name(k): np.asarray(v.get_value()) for k, v in
-            nnx.to_flat_state(nnx.state(model))}
+    # A typed PRNG key (the RngKey of a model's Dropout) is stored as its key data, as Orbax
+    # stores it in an uncompressed export.
+    return {layer_name(k): np.asarray(jax.random.key_data(v.get_value()) if _is_key(v.dtype)
+                                      else v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def _is_param(model: nnx.Module) -> set[str]:
@@ -306,9 +314,12 @@ def decode(spec: ModelSpec, record: Mapping[str, Any], blobs: Mapping[str, np.nd
         else:
             raise ValueError(f"the export has no array for {name} of its {spec.name} model: it "
                              f"is incomplete or of another architecture")
+        if _is_key(var.dtype):
+            # The default implementation is the one nnx.Rngs made the key with.
+            value = jax.random.wrap_key_data(value)
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"the export's {name} is {value.shape}, its {spec.name} model "
                              f"expects {shape}")
-        var.set_value(jnp.asarray(value, var.dtype))
+        var.set_value(value if _is_key(var.dtype) else jnp.asarray(value, var.dtype))
     nnx.update(model, state)
     return model

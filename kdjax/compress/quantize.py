@@ -6,7 +6,13 @@ Qwix (google/qwix, pinned in pyproject.toml) intercepts the `dot_general` and
 from the `quant` config section: every layer of the student, less quant.exclude (path patterns,
 fnmatch as prune's, e.g. "out" or "stages/0/*").
 
-- QAT (quant.mode="qat"): `for_training` wraps the student's `features` in Qwix's QtProvider: the
+Qwix intercepts the method that every other path runs (kdjax.taps): a zoo model's `features(x, *,
+train)`, any other NNX model's `__call__`. Qwix runs the model once to build its quantized state;
+kdjax runs it in inference mode: `train=False` where the method takes it, else NNX's own `eval()`
+on a copy (the caller's model is never switched). Afterwards the step switches modes as it does
+for any model (kdjax.taps.call).
+
+- QAT (quant.mode="qat"): `for_training` wraps the student's forward in Qwix's QtProvider: the
   forward pass quantizes weights (per output channel) and activations (dynamic, per example) to
   int8 and computes in integers, the backward pass is float (straight-through), and the float
   teacher runs beside it in the same compiled step. The parameters stay float, so the run's
@@ -27,6 +33,7 @@ fnmatch as prune's, e.g. "out" or "stages/0/*").
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 
 import jax
@@ -35,12 +42,11 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from kdjax import plan as plan_lib
+from kdjax import plan as plan_lib, taps
 
 MODES = ("none", "qat", "ptq")
 WEIGHTS = ("int8", "int4")
 ACTIVATIONS = ("int8", "none")
-CALL = "features"  # the method Qwix intercepts: __call__ and the fused step both go through it
 
 
 def check_config(quant: plan_lib.Quant) -> None:
@@ -77,15 +83,29 @@ def rules(quant: plan_lib.Quant, *, static: bool) -> list[qwix.QuantizationRule]
                                   act_qtype=acts, act_static_scale=(static if acts else None))]
 
 
+def _method(model: nnx.Module) -> str:
+    """The method the step runs (kdjax.taps.features): a zoo model's `features`, which its
+    `__call__` also goes through, else `__call__`."""
+    return "features" if taps.native_features(model) else "__call__"
+
+
 def _intercept(model: nnx.Module, provider, input_shape: Sequence[int],
                quant: plan_lib.Quant) -> nnx.Module:
+    if isinstance(model, nnx.bridge.ToNNX):
+        # Qwix 0.1.8 cannot build the state of a Linen module inside Flax's NNX bridge ("Cannot
+        # infer collection name from value"); it quantizes Linen models only outside it.
+        raise ValueError(f"quant.mode={quant.mode!r}: Qwix cannot quantize a Linen model "
+                         f"wrapped by nnx.bridge.ToNNX ({type(model.to_nnx__module).__name__}); "
+                         f"write the model as a Flax NNX module, or set quant.mode='none'")
+    method = _method(model)
+    kwargs = {}
+    if "train" in inspect.signature(getattr(type(model), method)).parameters:
+        kwargs["train"] = False
+    else:
+        model = nnx.clone(model)
+        model.eval()
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    if not hasattr(model, CALL):
-        raise ValueError(f"quant.mode={quant.mode!r}: Qwix cannot intercept a "
-                         f"{type(model).__name__}: kdjax quantizes the model's `{CALL}(x, *, "
-                         f"train)` method, which it does not have; give it one (kdjax.models."
-                         f"FeatureModel) or set quant.mode='none'")
-    out = qwix.quantize_model(model, provider, x, methods=(CALL,), train=False)
+    out = qwix.quantize_model(model, provider, x, methods=(method,), **kwargs)
     unused = {r.module_path for r in provider.get_unused_rules()}
     if ".*" in unused:
         raise ValueError(f"quant.mode={quant.mode!r}: Qwix intercepted no layer of the "
@@ -126,7 +146,7 @@ def calibrated(model: nnx.Module, quant: plan_lib.Quant, images: np.ndarray,
     # Eagerly: Qwix updates its QuantStat running averages inside the custom-gradient forward
     # of each quantized op, a trace that a QuantStat created outside it cannot be written from.
     for i in range(0, len(images), batch_size):
-        qt(jnp.asarray(images[i:i + batch_size]), train=False)
+        taps.call(qt, jnp.asarray(images[i:i + batch_size]), train=False)
     return _intercept(qt, qwix.PtqProvider(static), images.shape[1:], quant)
 
 

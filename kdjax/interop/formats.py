@@ -7,8 +7,12 @@ format):
   README.md                                          how to load and run it
 safetensors and torch hold the student's state_dict in a layout (`kdjax.interop.layouts`): the one
 it was imported in, else its architecture's reference (torchvision for resnet18/34/50, crd for
-the CIFAR zoo), else "kdjax"; so `model.load_state_dict(...)` into the torchvision / RepDistiller
-class gives the same logits as the student. The .pth is written without torch (the zip format
+the CIFAR zoo, "pytorch" for the zoo's MLPs and small CNNs, with a generated model.py defining
+their nn.Module: kdjax.interop.torch_code); so `model.load_state_dict(...)` into that class gives
+the same logits as the student. A model with none of these (your own, a Linen one) has only the
+"kdjax" layout, NNX's names and array layouts, which no PyTorch module loads: `--format torch` is
+refused for it, naming the formats that serve it, and `--format safetensors` writes its raw NNX
+arrays for `kdjax import`. The .pth is written without torch (the zip format
 `torch.load(path, weights_only=True)` reads). stablehlo is the inference function itself
 (`kdjax.interop.stablehlo`), runnable with jax alone.
 """
@@ -24,7 +28,7 @@ from typing import Any
 from flax import nnx
 
 import kdjax
-from kdjax.interop import layouts, stablehlo, state_dict
+from kdjax.interop import layouts, stablehlo, state_dict, torch_code
 from kdjax.models import ModelSpec
 
 __all__ = ["FORMATS", "export"]
@@ -42,7 +46,7 @@ def _run_layout(run: dict[str, Any], model: nnx.Module) -> str:
     return layouts.default_layout(model)
 
 
-def _constructor(spec: ModelSpec, layout: str) -> str:
+def _constructor(spec: ModelSpec, layout: str, out: str) -> str:
     """The PyTorch lines that build the reference model the state_dict loads into."""
     if layout == "torchvision":
         return (f"import torchvision\nmodel = torchvision.models.{spec.name}"
@@ -54,8 +58,8 @@ def _constructor(spec: ModelSpec, layout: str) -> str:
         return ("# RepDistiller's models/ package (github.com/HobbitLong/RepDistiller) on "
                 "sys.path\nfrom models import model_dict\n"
                 f"model = model_dict[{key!r}](num_classes={spec.num_classes}){kwargs}\n")
-    return ("model = ...  # your PyTorch module whose state_dict names are these NNX paths\n"
-            "# (kdjax layout: convolution kernels HWIO, linear kernels [in, out])\n")
+    return (f"import sys\nsys.path.insert(0, {out!r})  # {torch_code.FILE}, written beside it\n"
+            "from model import build\nmodel = build()\n")
 
 
 def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference: str | None,
@@ -67,6 +71,13 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
                 f"[N, {', '.join(map(str, spec.input_shape))}] in (any N; normalised inside with "
                 f"mean {preprocess['mean']}, std {preprocess['std']}), float32 logits out. It "
                 f"needs jax alone:\n\n```python\n{stablehlo.snippet(path, spec)}```\n")
+    if layout == "kdjax":
+        return (head + f"`{_FILES[fmt]}` holds the student's arrays by their NNX paths, as NNX "
+                f"holds them (convolution kernels HWIO, linear kernels [in, out]): not a PyTorch "
+                f"state_dict, since no PyTorch module defines this model. Read it with "
+                f"`safetensors.numpy.load_file(\"{path}\")`, or back into kdjax with "
+                f"`kdjax import --from {path} --model {spec.name} --out RUN`. To serve it, "
+                f"export `--format stablehlo`.\n")
     imports, load = (("import torch\nfrom safetensors.torch import load_file\n",
                       f"model.load_state_dict(load_file(\"{path}\"))\n") if fmt == "safetensors"
                      else ("import torch\n",
@@ -74,7 +85,7 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
     h, w, c = spec.input_shape
     return (head + f"`{_FILES[fmt]}` is the student's state_dict in the {layout!r} layout"
             + (f" of {reference}" if reference else "") + ".\n\n```python\n" + imports
-            + _constructor(spec, layout) + load + "model.eval()\n"
+            + _constructor(spec, layout, os.path.dirname(path)) + load + "model.eval()\n"
             f"# inputs: float32 [N, {c}, {h}, {w}] in [0, 1], normalised per channel with\n"
             f"# mean={preprocess['mean']}, std={preprocess['std']}\n```\n")
 
@@ -87,6 +98,22 @@ def check(fmt: str, layout: str | None) -> None:
         raise ValueError("--layout names a state_dict layout; --format stablehlo has none")
     if layout is not None and layout not in layouts.LAYOUTS:
         raise ValueError(f"--layout must be one of {layouts.LAYOUTS}, got {layout!r}")
+    if fmt == "torch" and layout == "kdjax":
+        raise ValueError("--format torch --layout kdjax: a .pth is for PyTorch's "
+                         "load_state_dict, and no PyTorch module loads the kdjax layout (NNX "
+                         "names, HWIO and [in, out] kernels); drop --layout to write the model's "
+                         "PyTorch layout, or write its NNX arrays with --format safetensors "
+                         "--layout kdjax")
+
+
+def _refuse_torch(spec: ModelSpec) -> None:
+    raise ValueError(f"--format torch: PyTorch has no module for the model {spec.name!r}, so a "
+                     f".pth of its arrays would load into nothing (kdjax writes PyTorch layouts "
+                     f"for torchvision's and RepDistiller's architectures and, with a generated "
+                     f"model.py, its own MLPs and small CNNs); export it with --format stablehlo "
+                     f"(the whole inference function: runs with jax alone, or any XLA runtime), "
+                     f"with kdjax's own format (no --format; kdjax.export.load), or its raw NNX "
+                     f"arrays with --format safetensors --layout kdjax")
 
 
 def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
@@ -96,6 +123,8 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
     if fmt != "stablehlo":
         layout = layout or _run_layout(run, model)
         layouts.entries(model, layout)  # refuses a layout this architecture has no naming for
+        if fmt == "torch" and layout == "kdjax":
+            _refuse_torch(spec)
     preprocess = run["preprocess"]
     reference = layouts.reference_class(model, layout, spec.name) if layout else None
     path = os.path.join(out, _FILES[fmt])
@@ -115,6 +144,9 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             state_dict.save(target, tensors, format=fmt, metadata={
                 state_dict.METADATA_KEY: {k: meta[k] for k in ("model", "layout", "preprocess",
                                                              "data")}})
+            if layout == "pytorch":
+                with open(os.path.join(tmp, torch_code.FILE), "w") as f:
+                    f.write(torch_code.source(model, spec.name))
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:

@@ -8,8 +8,13 @@ A layout maps each variable of a model (its `nnx.state` path) to one state_dict 
                  (conv1, block1.layer.0.bn1, ...convShortcut, bn1, fc), VGG (block0.0, block0.1,
                  ..., classifier) and MobileNetV2 (conv1.0, blocks.0.0.conv.0..7, conv2.0,
                  classifier.0);
+  "pytorch"      the NNX module paths ("hidden.0", "conv1.bn") in PyTorch's conventions, for the zoo
+                 architectures with no reference PyTorch class (the MLPs, the small CNNs):
+                 kdjax.interop.torch_code writes the nn.Module they load into (an export's
+                 model.py);
   "kdjax"        the NNX paths joined by dots ("stem.conv.kernel"), arrays as NNX holds them: the
-                 layout of any model, zoo or not.
+                 layout of any model, zoo or not, which no PyTorch module loads (kdjax import
+                 reads it back).
 The torch layouts also convert the arrays: a convolution kernel is HWIO in NNX and OIHW in
 PyTorch, a linear kernel [in, out] against PyTorch's [out, in]; BatchNorm's scale/bias/mean/var are
 weight/bias/running_mean/running_var, and PyTorch's num_batches_tracked (which the zoo does not
@@ -31,7 +36,7 @@ from kdjax import models
 __all__ = ["LAYOUTS", "Entry", "LayoutMismatchError", "default_layout", "entries",
            "from_state_dict", "to_state_dict", "reference_class"]
 
-LAYOUTS = ("torchvision", "crd", "kdjax")
+LAYOUTS = ("torchvision", "crd", "pytorch", "kdjax")
 
 
 class LayoutMismatchError(ValueError):
@@ -116,6 +121,9 @@ _MOBILENET: tuple[Rule, ...] = (
     (r"fc", lambda m: "classifier.0"),
 )
 
+# kdjax.interop.torch_code names each nn.Module attribute as the NNX module it mirrors.
+_SAME_PATHS: tuple[Rule, ...] = ((r"(.+)", lambda m: m[1]),)
+
 # (layout, zoo class) -> naming rules, and the reference class a user loads the weights into.
 _RULES: dict[tuple[str, type], tuple[tuple[Rule, ...], str]] = {
     ("torchvision", models.ImageNetResNet): (_RESNET, "torchvision.models.{name}"),
@@ -123,6 +131,8 @@ _RULES: dict[tuple[str, type], tuple[tuple[Rule, ...], str]] = {
     ("crd", models.WideResNet): (_WRN, "RepDistiller models.wrn.{name}"),
     ("crd", models.VGG): (_VGG, "RepDistiller models.vgg.{name}_bn"),
     ("crd", models.MobileNetV2): (_MOBILENET, "RepDistiller models.mobilenetv2.mobile_half"),
+    ("pytorch", models.MLP): (_SAME_PATHS, "the export's model.py"),
+    ("pytorch", models.SmallCNN): (_SAME_PATHS, "the export's model.py"),
 }
 
 # variable name in NNX -> in PyTorch, per layer type (PyTorch's order within the module)
