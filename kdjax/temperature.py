@@ -152,6 +152,10 @@ class TemperatureModule(nnx.Module):
                              "teacher, but the step has none")
         return {"temperature": self(out["logits"], teachers[0]["logits"])}
 
+    def eval_logits(self, x: jax.Array, out: dict) -> dict[str, jax.Array]:
+        del x, out  # a temperature adds no classifier to evaluate
+        return {}
+
 
 class GlobalTemperature(TemperatureModule):
     """CTKD's global temperature: one learned `z` for every example."""
