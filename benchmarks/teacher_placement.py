@@ -4,11 +4,21 @@
 
     python -m benchmarks.teacher_placement
 """
-import time, jax, jax.numpy as jnp, numpy as np, optax
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 from kdjax import models, objectives, sharding
 from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step, FrozenModel
 mesh = sharding.make_mesh()
-def bench(t_name, s_name, shape, B=128, steps=20, windows=5):
+
+
+def bench(t_name: str, s_name: str, shape: tuple, B: int = 128, steps: int = 20,
+          windows: int = 5) -> None:
+    """Print both placements' ms/step medians and windows for one teacher->student pair."""
     rng = np.random.default_rng(0)
     n = B * 8
     data = DeviceData({"image": jnp.asarray(rng.integers(0, 256, (n, *shape), dtype=np.uint8)),
@@ -34,5 +44,6 @@ def bench(t_name, s_name, shape, B=128, steps=20, windows=5):
             res[name].append((time.perf_counter() - t0) / steps * 1e3)
             runs[name][1] = st
     print(t_name, s_name, {k: f"median {np.median(v):.2f} ms/step ({', '.join(f'{x:.1f}' for x in v)})" for k, v in res.items()}, flush=True)
-bench("mlp_1200", "mlp_tiny", (28, 28, 1))
-bench("cnn_small", "cnn_tiny", (28, 28, 1))
+if __name__ == "__main__":
+    bench("mlp_1200", "mlp_tiny", (28, 28, 1))
+    bench("cnn_small", "cnn_tiny", (28, 28, 1))
