@@ -198,8 +198,9 @@ def _interop_meta(path: str) -> tuple[dict[str, Any], ModelSpec, Callable[[jax.A
 
 
 def _model_file(path: str) -> str:
-    """The one model.* file of an interop export (model.safetensors, model.pth, ...)."""
-    (name,) = [n for n in os.listdir(path) if n.startswith("model.")]
+    """The one model file of an interop export (model.safetensors, model.pth, model.stablehlo;
+    not the model.py that defines a zoo MLP's or CNN's nn.Module beside a state_dict)."""
+    (name,) = [n for n in os.listdir(path) if n.startswith("model.") and not n.endswith(".py")]
     return os.path.join(path, name)
 
 
