@@ -32,7 +32,7 @@ import os
 import statistics
 from typing import Any
 
-from benchmarks import common, interleaved, pairs as pairs_lib
+from benchmarks import common, interleaved
 
 #: (in channels, out channels, input side, stride, kernel side): a ResNet-18 at 32x32 has the
 #: first eleven (its 7x7 stem aside), the rest are neighbours that place the switch-over.
@@ -73,7 +73,7 @@ def _kdjax_teacher(model: str, side: int, batch: int, conv: str) -> interleaved.
     import jax.numpy as jnp
     from flax import nnx
 
-    from kdjax import models, teacher as teacher_lib
+    from kdjax import teacher as teacher_lib
     from kdjax.models import ModelSpec
 
     spec = ModelSpec(model, 10, (side, side, 3), compute_dtype="float32")

@@ -2,7 +2,7 @@
 
 XLA:CPU (jaxlib 0.10.2) runs a convolution whose output map is tiny (at most 2x2) orders of
 magnitude below its own matrix products: a 3x3 256->256 convolution on a 2x2 map, batch 128,
-takes 100-450 ms in `lax.conv_general_dilated` against a few ms as one matrix product (measured
+takes 150-450 ms in `lax.conv_general_dilated` against 8-20 ms as one matrix product (measured
 in benchmarks/results/perf_notes.md, "Small-map convolutions on the CPU"). Those are the last
 stages of every ResNet and VGG at CIFAR or Fashion-MNIST resolution.
 
@@ -34,8 +34,9 @@ __all__ = ["ENV", "MAX_OUTPUT_SIDE", "as_matmul", "conv_general_dilated"]
 ENV = "KDJAX_CPU_CONV"
 _MODES = ("auto", "native")
 # The largest output map (each side) given to the matrix-product form: at 2x2 and below it was
-# 1.5-60x faster than XLA:CPU's convolution in every measured shape, at 3x3 and 4x4 (stride 1)
-# the native convolution was as fast or faster (perf_notes.md).
+# up to 160x faster than XLA:CPU's convolution (47x forward + backward) and at worst within the
+# timing noise; larger outputs are mixed (3.5x slower at 8x8 stride 1), and a limit of 4 or 8
+# made resnet18's forward slower than 2 (perf_notes.md).
 MAX_OUTPUT_SIDE = 2
 
 # NHWC input, HWIO kernel, NHWC output, as lax.conv_dimension_numbers canonicalises them.
@@ -98,8 +99,11 @@ def as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     kh, kw, _, _ = kernel.shape
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
     ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    taps = [(i, j) for i in _live_taps(kh, h, ho, sh, pt) for j in _live_taps(kw, w, wo, sw, pl)]
-    # lax.pad, not jnp.pad: lax.conv_general_dilated accepts negative padding (a crop), so must this.
+    # No live tap (padding so wide that every output reads only padding): any one tap gives the
+    # zeros the convolution computes.
+    taps = [(i, j) for i in _live_taps(kh, h, ho, sh, pt)
+            for j in _live_taps(kw, w, wo, sw, pl)] or [(0, 0)]
+    # lax.pad, not jnp.pad: lax.conv_general_dilated takes negative padding (a crop), so must this.
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
     patches = [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                          (1, sh, sw, 1)) for i, j in taps]

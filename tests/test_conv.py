@@ -25,6 +25,7 @@ SMALL = [
     ((3, 2), 3, (2, 1), ((1, 0), (2, -1))),  # rectangular, asymmetric and negative padding
     ((2, 2), 3, (1, 1), "SAME"),
     ((4, 4), 3, (2, 2), "VALID"),
+    ((1, 1), 3, (4, 4), ((3, 3), (3, 3))),  # every output reads only padding: zeros
 ]
 
 
