@@ -67,7 +67,8 @@ def _conv(in_c, out_c, k, *, stride=1, groups=1, bias=False, dtype, rngs) -> nnx
     """k x k conv with PyTorch-style symmetric padding (k // 2).
 
     kdjax.conv's convolution: on the CPU the small-map tails of the ResNets and VGGs run as matrix
-    products, which XLA:CPU computes orders of magnitude faster; same kernel, same function.
+    products and depthwise convolutions as shifted multiply-adds, which XLA:CPU computes orders
+    of magnitude faster; same kernel, same function.
     """
     p = k // 2
     return nnx.Conv(

@@ -39,15 +39,25 @@ def _stablehlo(f, *args) -> str:
     return jax.jit(f).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("hw,k,strides,padding", SMALL)
-def test_small_maps_are_the_same_convolution_forward_and_backward(hw, k, strides, padding):
-    x, w = _args(hw, k)
+# Depthwise (groups = channels) at any map size.
+DEPTHWISE = [((5, 5), 3, (1, 1), ((1, 1), (1, 1))), ((6, 5), 3, (2, 2), ((1, 1), (1, 1))),
+             ((1, 1), 3, (1, 1), ((1, 1), (1, 1))), ((4, 4), 5, (2, 1), "SAME")]
+
+
+@pytest.mark.parametrize("hw,k,strides,padding,groups",
+                         [(*c, 1) for c in SMALL] + [(*c, 5) for c in DEPTHWISE])
+def test_the_cpu_forms_are_the_same_convolution_forward_and_backward(hw, k, strides, padding,
+                                                                     groups):
+    x, w = _args(hw, k, cout=4 if groups == 1 else 5)
+    w = w[:, :, :x.shape[-1] // groups]
 
     def ours(x, w):
-        return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+        return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+                                         feature_group_count=groups)
 
     def native(x, w):
-        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+                                        feature_group_count=groups)
 
     assert "convolution" not in _stablehlo(ours, x, w)  # the matrix product ran, not XLA's conv
     y, y_ref = jax.jit(ours)(x, w), jax.jit(native)(x, w)
@@ -70,7 +80,7 @@ def test_larger_maps_groups_and_other_backends_keep_the_native_convolution():
         lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                dimension_numbers=DN), x, w)
     x, w = _args((2, 2), 3, cin=4)
-    assert "convolution" in _stablehlo(  # grouped
+    assert "convolution" in _stablehlo(  # grouped, not depthwise
         lambda x, w: conv.conv_general_dilated(x, w[:, :, :2], (1, 1), ((1, 1), (1, 1)),
                                                dimension_numbers=DN, feature_group_count=2),
         x, w)
