@@ -2,6 +2,8 @@
 other jobs.
 
   python -m benchmarks.interleaved --rows resnet56:resnet20@64,mlp_1200:mlp_128@128 --rounds 5
+  python -m benchmarks.interleaved --rows resnet18:mlp_128@128 --native-conv   (+ kdjax before
+      kdjax.conv: XLA's convolution everywhere, KDJAX_CPU_CONV=native)
 
 The suite times one side after the other, so on a shared machine each side may meet a different
 load (PyTorch's threads lose far more than XLA's to other jobs). Here, for each row, the kdjax
@@ -19,59 +21,88 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks import common, pairs as pairs_lib
 
+#: A side's timed loops by name: `run(k)` runs k steps, `sync(run(k))` waits for them.
+Loops = dict[str, tuple[Callable[[int], Any], Callable[[Any], None]]]
 
-def _kdjax_loop(pair: pairs_lib.Pair, batch: int):
+
+def _kdjax_loop(pair_name: str, batch: int, conv: str) -> Loops:
+    from kdjax import conv as conv_lib
+
+    # Read when the step is traced, which happens below, in this process only.
+    os.environ[conv_lib.ENV] = conv
     from benchmarks import step_throughput
 
-    su = step_throughput.setup(pair, batch)
-    return step_throughput.stepping(su.fused(), su.fresh_state()), step_throughput.sync
+    su = step_throughput.setup(pairs_lib.get_pair(pair_name), batch)
+    side = "kdjax" if conv == "auto" else "kdjax_native_conv"
+    return {side: (step_throughput.stepping(su.fused(), su.fresh_state()), step_throughput.sync)}
 
 
-def _torch_loop(pair: pairs_lib.Pair, batch: int):
+def _torch_loop(pair_name: str, batch: int) -> Loops:
     from benchmarks import torch_peer
 
-    loop = torch_peer.make_loop(pair, batch, "eager32")
-    return loop.run, loop.sync
+    loop = torch_peer.make_loop(pairs_lib.get_pair(pair_name), batch, "eager32")
+    return {"torch_eager32": (loop.run, loop.sync)}
 
 
-def _worker(side: str, pair_name: str, batch: int, steps: int, conn) -> None:
-    """Build one side's loop, warm it up, then time one window per request from the parent."""
-    run, sync = {"kdjax": _kdjax_loop, "torch_eager32": _torch_loop}[side](
-        pairs_lib.get_pair(pair_name), batch)
-    sync(run(2))  # warm-up: compilation, allocator growth
-    conn.send("ready")
-    while conn.recv() == "window":
+def _worker(build: Callable[..., Loops], args: tuple, steps: int, conn) -> None:
+    """Build one process's loops, warm them up, then time one window per name the parent sends."""
+    loops = build(*args)
+    for run, sync in loops.values():
+        sync(run(2))  # warm-up: compilation, allocator growth
+    conn.send(list(loops))
+    while (name := conn.recv()) is not None:
+        run, sync = loops[name]
         _, (dt,) = common.seconds_per_step(run, sync, warmup=0, windows=1, steps=steps)
         conn.send(dt)
 
 
-def compare(pair: pairs_lib.Pair, batch: int, *, rounds: int, steps: int) -> dict:
+def alternate(sides: list[tuple[Callable[..., Loops], tuple]], *, rounds: int,
+              steps: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per step of every loop the `sides` build, one window each per round in turn.
+
+    Each side is `(build, args)`, `build(*args)` run in a process of its own (a module-level
+    function: processes are spawned); loop names must be distinct across sides. Returns the
+    windows by loop name and the 1-minute load average at the start of each round.
+    """
     # One process per side: torch and XLA thread pools in one process slow each other down.
     ctx = multiprocessing.get_context("spawn")
-    workers = {}
-    for side in ("kdjax", "torch_eager32"):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(side, pair.name, batch, steps, child))
-        proc.start()
-        workers[side] = (proc, parent)
+    procs, owner = [], {}
     try:
-        for _, conn in workers.values():
-            conn.recv()
-        windows = {side: [] for side in workers}
+        for build, args in sides:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(build, args, steps, child))
+            proc.start()
+            procs.append((proc, parent))
+        for _, conn in procs:
+            for name in conn.recv():
+                owner[name] = conn
+        windows: dict[str, list[float]] = {name: [] for name in owner}
         loads = []
         for _ in range(rounds):
             loads.append(os.getloadavg()[0])
-            for side, (_, conn) in workers.items():
-                time.sleep(0.5)  # the other side's threads go idle
-                conn.send("window")
-                windows[side].append(conn.recv())
+            for name, conn in owner.items():
+                time.sleep(0.5)  # the other loops' threads go idle
+                conn.send(name)
+                windows[name].append(conn.recv())
     finally:
-        for proc, conn in workers.values():
-            conn.send("stop")
+        for proc, conn in procs:
+            if proc.is_alive():
+                conn.send(None)
             proc.join()
+    return windows, loads
+
+
+def compare(pair: pairs_lib.Pair, batch: int, *, rounds: int, steps: int,
+            native_conv: bool = False) -> dict:
+    sides = [(_kdjax_loop, (pair.name, batch, "auto")), (_torch_loop, (pair.name, batch))]
+    if native_conv:
+        sides.append((_kdjax_loop, (pair.name, batch, "native")))
+    windows, loads = alternate(sides, rounds=rounds, steps=steps)
     med = {k: statistics.median(v) for k, v in windows.items()}
     best = {k: min(v) for k, v in windows.items()}
     return {"pair": pair.name, "batch": batch, "loads": loads,
@@ -86,17 +117,22 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default=",".join(f"{n}@{b}" for n, b in pairs_lib.CPU_ROWS[:3]))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--native-conv", action="store_true",
+                   help="also time kdjax with XLA's convolution everywhere (KDJAX_CPU_CONV=native)")
     p.add_argument("--json", default="", help="also write the result here")
     a = p.parse_args(argv)
     host = common.host_info()
     rows = []
     for name, batch in pairs_lib.parse_rows(a.rows):
-        r = compare(pairs_lib.get_pair(name), batch, rounds=a.rounds, steps=a.steps)
+        r = compare(pairs_lib.get_pair(name), batch, rounds=a.rounds, steps=a.steps,
+                    native_conv=a.native_conv)
         rows.append(r)
+        native = (f", kdjax with XLA's convolution everywhere "
+                  f"{r['kdjax_native_conv_median_images_per_s']:,.0f}" if a.native_conv else "")
         print(f"{name} batch {batch}: kdjax {r['kdjax_median_images_per_s']:,.0f} images/s, "
-              f"PyTorch eager {r['torch_eager32_median_images_per_s']:,.0f}; kdjax / PyTorch "
-              f"{r['ratio_median']:.2f} (medians), {r['ratio_best']:.2f} (best windows); loads "
-              f"{[round(v, 1) for v in r['loads']]}", flush=True)
+              f"PyTorch eager {r['torch_eager32_median_images_per_s']:,.0f}{native}; kdjax / "
+              f"PyTorch {r['ratio_median']:.2f} (medians), {r['ratio_best']:.2f} (best windows); "
+              f"loads {[round(v, 1) for v in r['loads']]}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"host": host, "rows": rows}, f, indent=2)

@@ -42,6 +42,9 @@ PAIRS: dict[str, Pair] = {p.name: p for p in (
     Pair("resnet56", "resnet20", (32, 32, 3), 100),
     Pair("resnet32x4", "resnet8x4", (32, 32, 3), 100),
     Pair("wrn_40_2", "wrn_16_2", (32, 32, 3), 100),
+    # A torchvision ResNet-18 at CIFAR resolution into the demo's MLP (issue 26's new user):
+    # the teacher's small-map tail is what kdjax.conv speeds up on the CPU.
+    Pair("resnet18", "mlp_128", (32, 32, 3), 10),
     # ImageNet-sized.
     Pair("resnet50", "resnet18", (224, 224, 3), 1000),
 )}

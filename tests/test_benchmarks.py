@@ -167,3 +167,17 @@ def test_teacher_precision_measures_every_preparation_on_the_whole_eval_split(
     assert all(0 < r["max_abs_logit_diff"] < 1 for r in result["rows"][1:])
     md = open(out / "teacher_precision_cpu.md").read()
     assert "| float32 | 2 of 2 | 150 | 100.00% |" in md and result["device"] in md
+
+
+def _counting_loops(prefix: str):
+    """A side of `interleaved.alternate` (module level: the child process imports it)."""
+    return {f"{prefix}{i}": ((lambda k: k), (lambda _: None)) for i in range(2)}
+
+
+def test_alternate_times_every_loop_of_every_side_once_per_round():
+    from benchmarks import interleaved
+
+    windows, loads = interleaved.alternate(
+        [(_counting_loops, ("a",)), (_counting_loops, ("b",))], rounds=2, steps=1)
+    assert sorted(windows) == ["a0", "a1", "b0", "b1"]
+    assert all(len(w) == 2 and min(w) >= 0 for w in windows.values()) and len(loads) == 2
