@@ -31,7 +31,7 @@ $(VENV)/.report: $(BIN)/kdjax
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 # Fashion-MNIST's original IDX files come from Debian's package dataset-fashion-mnist.
 $(FMNIST)/train-images-idx3-ubyte.gz:
