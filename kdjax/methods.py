@@ -10,8 +10,8 @@ loss.name is valid for a task.
 Objectives are composed from weighted terms with `combine` (optax's `chain` is the model): each
 term's value is a metric, so the loss mix is written once.
 
-Config sections are read by attribute (`loss.name`, `loss.kwargs`), so that ConfigDict sections
-and typed config objects both serve.
+Config sections are the typed sections of kdjax.plan (`loss.name`, `loss.kwargs`), read by
+attribute.
 """
 
 from __future__ import annotations
