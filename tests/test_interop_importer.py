@@ -269,6 +269,14 @@ def test_a_colour_teacher_distils_into_a_grayscale_student(data_dir, tmp_path, c
             "to 3 channels and resized (bilinear) to 32x32") in out
     summary = json.load(open(os.path.join(student, "summary.json")))
     assert summary["steps"] == 2 and 0.0 <= summary["eval/teacher_agreement"] <= 1.0
+    # the report sees the teacher as the step did: its agreement is the run's own eval's
+    from kdjax import report
+
+    result = report.make_report([student], teacher=run, speed=False, out=str(tmp_path / "r"),
+                                log=lambda *a, **k: None)
+    (row,) = result["models"]
+    assert row["fidelity"]["agreement"] == pytest.approx(summary["eval/teacher_agreement"],
+                                                         abs=1 / 150 + 1e-6)
 
 
 def test_a_teacher_of_other_channels_than_one_is_refused_by_name(data_dir, tmp_path):

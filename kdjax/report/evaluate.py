@@ -57,6 +57,23 @@ def data_config(artifact: Artifact, *, split: str, dataset: str | None = None,
                                data_dir=data_dir or artifact.data.get("data_dir") or "")
 
 
+def _adapted(images: jax.Array, artifact: Artifact) -> jax.Array:
+    """uint8 images as a model of another input shape sees them in training and `kdjax eval`
+    (kdjax.augment.teacher_view): grayscale replicated to its channels, resized (bilinear) to its
+    size. Resizing is linear with weights summing to 1, so it commutes with the model's own
+    normalisation inside `apply`; a StableHLO program takes uint8, so its pixels are rounded."""
+    shape = tuple(artifact.input_shape)
+    if tuple(images.shape[1:]) == shape:
+        return images
+    h, w, c = shape
+    if images.shape[-1] not in (1, c):
+        raise ValueError(f"{artifact.path!r} takes {h}x{w}x{c} images and cannot see "
+                         f"{images.shape[-1]}-channel ones; pass the dataset it was trained on")
+    x = jnp.broadcast_to(images.astype(jnp.float32), (*images.shape[:-1], c))
+    x = jax.image.resize(x, (x.shape[0], h, w, c), method="bilinear")
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8) if artifact.kind == "stablehlo" else x
+
+
 def split_logits(artifact: Artifact, data: plan.Data, *, batch_size: int = 1000,
                  mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, C] float32, labels [N]) of the split `data.eval_split`, in its order."""
@@ -65,14 +82,10 @@ def split_logits(artifact: Artifact, data: plan.Data, *, batch_size: int = 1000,
     mode, _ = input_lib.choose_mode(data, spec, split=data.eval_split)
     if mode == "device":
         arrays = data_lib.load_arrays(data.name, data.eval_split, data_dir=data.data_dir or None)
-        if tuple(arrays["image"].shape[1:]) != tuple(artifact.input_shape):
-            raise ValueError(f"{data.name} {data.eval_split!r} has images of shape "
-                             f"{arrays['image'].shape[1:]} but {artifact.path!r} takes "
-                             f"{tuple(artifact.input_shape)}; pass the dataset it was trained on")
         batches = input_lib.array_eval_batches(arrays, batch_size, mesh)
     else:
         batches = input_lib.eval_batches(data, batch_size=batch_size, mesh=mesh)
-    forward = jax.jit(lambda v, x: artifact.apply(v, x).astype(jnp.float32))
+    forward = jax.jit(lambda v, x: artifact.apply(v, _adapted(x, artifact)).astype(jnp.float32))
     variables = sharding.replicate(artifact.variables, mesh)
     logits, labels = [], []
     for batch in batches:
