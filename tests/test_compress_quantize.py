@@ -225,3 +225,33 @@ def test_bad_quant_config_names_the_key_value_and_fix(kw, message):
     with pytest.raises(ValueError) as e:
         quantize.check_config(quant_config(**kw))
     assert message in str(e.value)
+
+
+class _Square(nnx.Module):
+    """A user's MLP with a square hidden layer (8 x 8), as tests/_user_models.py:TinyNet."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.a, self.b = nnx.Linear(16, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.b(nnx.relu(self.a(x.reshape(x.shape[0], -1))))))
+
+
+def test_a_batch_as_wide_as_a_square_layer_is_refused_for_qat_and_avoided_in_calibration():
+    model, quant = _Square(nnx.Rngs(0)), quant_config(mode="qat")
+    assert quantize.square_layer_clash(model, 8) == "b"
+    assert quantize.square_layer_clash(model, 7) is None
+    # the hazard itself: Qwix 0.1.8 takes b's 8x8 input for its weight
+    qat = quantize.for_training(model, quant, (4, 4, 1))
+    with pytest.raises(AssertionError, match="lhs and rhs cannot be both weights"):
+        jax.jit(lambda x: qat(x))(jnp.zeros((8, 4, 4, 1)))
+    with pytest.raises(ValueError, match=r"train.batch_size=8 is the width of the square layer "
+                                         r"'b' \(8x8\): with quant.mode='qat'.*set "
+                                         r"train.batch_size to another size, e.g. 4"):
+        quantize.for_training(model, quant, (4, 4, 1), batch_sizes=(("train.batch_size", 8),))
+    # calibration picks its own batch: 8 images in batches that never clash
+    ptq = quantize.calibrated(model, quant_config(mode="ptq"),
+                              np.random.default_rng(0).normal(size=(8, 4, 4, 1)).astype(
+                                  np.float32), batch_size=8)
+    assert np.isfinite(np.asarray(ptq(jnp.zeros((3, 4, 4, 1))))).all()

@@ -127,10 +127,33 @@ def _layer_paths(model: nnx.Module) -> list[str]:
             if isinstance(n, (nnx.Linear, nnx.Conv))]
 
 
-def for_training(model: nnx.Module, quant: plan_lib.Quant, input_shape: Sequence[int]
-                 ) -> nnx.Module:
+def square_layer_clash(model: nnx.Module, batch_size: int) -> str | None:
+    """The path of a square Linear layer (n x n kernel) whose input at `batch_size` examples is
+    n x n too, or None. Qwix 0.1.8 identifies a matmul's weight by tracing it back to a
+    parameter and, where it cannot, by shape: such a layer's input then looks like its weight
+    and Qwix stops with "lhs and rhs cannot be both weights"."""
+    for path, module in nnx.iter_modules(model):
+        kernel = getattr(module, "kernel", None)
+        if isinstance(module, nnx.Linear) and kernel is not None and (
+                kernel.shape[0] == kernel.shape[1] == batch_size):
+            return "/".join(str(p) for p in path)
+    return None
+
+
+def for_training(model: nnx.Module, quant: plan_lib.Quant, input_shape: Sequence[int], *,
+                 batch_sizes: Sequence[tuple[str, int]] = ()) -> nnx.Module:
     """The student with a fake-quantized forward (QAT): int8 (or int4) weights and dynamic int8
-    activations in the forward pass, float straight-through gradients."""
+    activations in the forward pass, float straight-through gradients. `batch_sizes` are the
+    (config key, size) of the batches it will see, refused where Qwix would take a layer's
+    input for its weight (`square_layer_clash`)."""
+    for key, size in batch_sizes:
+        clash = square_layer_clash(model, size)
+        if clash is not None:
+            raise ValueError(
+                f"{key}={size} is the width of the square layer {clash!r} ({size}x{size}): "
+                f"with quant.mode='qat', Qwix 0.1.8 would take that layer's {size}x{size} input "
+                f"for its weight (it matches weights by shape where it cannot trace them); set "
+                f"{key} to another size, e.g. {size - size // 2 if size > 1 else 2}")
     return _intercept(model, qwix.QtProvider(rules(quant, static=False)), input_shape, quant)
 
 
@@ -142,6 +165,9 @@ def calibrated(model: nnx.Module, quant: plan_lib.Quant, images: np.ndarray,
     """Qwix's PTQ model of `model`: int8 weights, activation scales from `images` (float,
     preprocessed, [N, H, W, C]): the mean over batches of each layer input's max |x|."""
     static = rules(quant, static=True)
+    while square_layer_clash(model, batch_size) or (
+            len(images) % batch_size and square_layer_clash(model, len(images) % batch_size)):
+        batch_size -= 1  # a batch whose activations Qwix cannot mistake for a square weight
     qt = _intercept(model, qwix.QtProvider(static), images.shape[1:], quant)
     # Eagerly: Qwix updates its QuantStat running averages inside the custom-gradient forward
     # of each quantized op, a trace that a QuantStat created outside it cannot be written from.

@@ -45,7 +45,10 @@ def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, 
               f"{spec.name} with {dict(spec.kwargs)}", flush=True)
     quantize.check_config(run.quant)
     if run.quant.mode == "qat":
-        model = quantize.for_training(model, run.quant, spec.input_shape)
+        model = quantize.for_training(
+            model, run.quant, spec.input_shape,
+            batch_sizes=(("train.batch_size", run.train.batch_size),
+                         ("eval.batch_size", run.eval.batch_size)))
     return spec, model
 
 
