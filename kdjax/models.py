@@ -604,6 +604,17 @@ def _constructor_params(ctor: Callable[..., Any]) -> dict[str, inspect.Parameter
     return params
 
 
+def import_named(module_name: str, where: str) -> Any:
+    """The module a user named (`where` names the argument for the message): any error raised
+    while importing it is the user's to fix, so it becomes one message, never a traceback."""
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where}: cannot import module {module_name!r} "
+                         f"({type(e).__name__}: {e}); install the package that defines it, put "
+                         f"its folder on PYTHONPATH, or fix the error in it") from None
+
+
 def resolve(name: str) -> Callable[..., Any]:
     """The constructor of ``name``: a registry name, or an importable ``package.module:Object``
     (an NNX module class, a function returning one, or a Flax Linen module class)."""
@@ -613,12 +624,7 @@ def resolve(name: str) -> Callable[..., Any]:
     if not colon or not module_name or not attr:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, or "
                          f"your own model as an importable 'package.module:ClassName'")
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001  (any error in the user's module is theirs to fix)
-        raise ValueError(f"model {name!r}: cannot import module {module_name!r} "
-                         f"({type(e).__name__}: {e}); install the package that defines it, put "
-                         f"its folder on PYTHONPATH, or fix the error in it") from None
+    obj = import_named(module_name, f"model {name!r}")
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}; "

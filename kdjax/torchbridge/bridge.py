@@ -18,7 +18,6 @@ What torchax 0.0.13 does not do as PyTorch does, and is done here:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -31,6 +30,8 @@ import torchax
 import torchax.tensor
 from flax import nnx
 from torch.nn.utils import stateless
+
+from kdjax import models
 
 __all__ = ["TorchOpError", "Buffer", "TorchModel", "from_module", "load_factory",
            "build_module", "state_arrays"]
@@ -98,11 +99,7 @@ def load_factory(factory: str, *, what: str = "--torch") -> Callable[..., torch.
     if not colon or not module_name or not attr:
         raise ValueError(f"{what} {factory!r} is not 'package.module:callable'; e.g. "
                          f"{what} timm:create_model or {what} torchvision.models:resnet50")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{what} {factory!r}: cannot import {module_name!r} ({e}); install the "
-                         f"package that defines it, or put its folder on PYTHONPATH") from None
+    obj = models.import_named(module_name, f"{what} {factory!r}")
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{what} {factory!r}: {module_name!r} has no attribute {attr!r}; "
