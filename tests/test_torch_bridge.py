@@ -287,3 +287,84 @@ def test_without_torchax_the_flag_says_what_to_install(tmp_path):
                        text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "pip install 'kdjax[torch]'" in r.stdout
     assert not os.path.exists(tmp_path / "run")
+
+
+# --- a PyTorch student: --config.model.torch ------------------------------------------------
+
+def _distill_torch_student(workdir, teacher_run, data_dir, steps):
+    return cli.main([
+        "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "kd.py"),
+        "--workdir", str(workdir), f"--config.teacher.workdir={teacher_run}",
+        f"--config.data.data_dir={data_dir}", "--config.model.torch=_torch_nets:Net",
+        '--config.model.torch_kwargs={"width": 4}', f"--config.train.steps={steps}",
+        "--config.train.batch_size=16", "--config.eval.every_steps=2",
+        "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
+        # constant: the same rate at each step whether the run is given 2 or 4 steps
+        "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0",
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]", "--no-progress"])
+
+
+def _student(workdir):
+    n, _, run, spec, model = checkpoint.read_model(str(workdir), "latest")
+    return n, run, spec, model
+
+
+def test_a_pytorch_student_trains_resumes_exactly_and_loads_back_into_pytorch(
+        torch_teacher, data_dir, tmp_path):
+    teacher = torch_teacher["run"]
+    assert _distill_torch_student(tmp_path / "once", teacher, data_dir, 4) == 0
+    assert _distill_torch_student(tmp_path / "twice", teacher, data_dir, 2) == 0
+    assert _distill_torch_student(tmp_path / "twice", teacher, data_dir, 4) == 0  # resumes
+    n, run, spec, model = _student(tmp_path / "once")
+    _, _, _, resumed = _student(tmp_path / "twice")
+    assert n == 4 and run["model"]["name"] == "kdjax.torchbridge:TorchModel"
+    # the dataset's 10 classes reached the factory, which was not given num_classes
+    assert spec.kwargs == {"factory": "_torch_nets:Net", "factory_kwargs": {"width": 4}}
+    assert model.factory_kwargs == {"width": 4, "num_classes": 10}
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(resumed))
+    # BatchNorm counted its 4 training batches through the buffers, which optax never touched;
+    # the weights were trained away from the factory's initialisation
+    state = model.state_dict()
+    assert int(state["bn.num_batches_tracked"]) == 4
+    assert state["bn.running_var"].dtype == np.float32 and not np.allclose(
+        state["bn.running_var"], 1.0)
+    init = TorchModel("_torch_nets:Net", {"width": 4}, num_classes=10, rngs=nnx.Rngs(0))
+    assert not np.allclose(state["head.weight"], init.state_dict()["head.weight"])
+
+    x = images(6, 28)
+    for fmt, file in (("torch", "model.pth"), ("safetensors", "model.safetensors")):
+        out = tmp_path / fmt
+        assert cli.main(["export", "--workdir", str(tmp_path / "once"), "--out", str(out),
+                         "--format", fmt]) == 0
+        if fmt == "torch":
+            weights = torch.load(out / file, weights_only=True)
+        else:
+            import safetensors.torch
+            weights = safetensors.torch.load_file(out / file)
+        ref = _torch_nets.Net(width=4, num_classes=10)
+        ref.load_state_dict(weights)  # strict: every name, no more
+        meta = json.load(open(out / "kdjax_model.json"))
+        assert meta["torch"] == {"factory": "_torch_nets:Net",
+                                 "kwargs": {"width": 4, "num_classes": 10}}
+        assert "_torch_nets.Net(**{'width': 4, 'num_classes': 10})" in open(
+            out / "README.md").read()
+        want_eval = ref.eval()(nchw(x)).detach().numpy()
+        want_train = ref.train()(nchw(x)).detach().numpy()
+        assert rel_err(model(x), want_eval) <= 1e-5
+        assert rel_err(nnx.clone(model)(x, train=True), want_train) <= 1e-5
+    with pytest.raises(ValueError, match="--layout torchvision: the student is the PyTorch "
+                                         "module _torch_nets:Net builds"):
+        cli.main(["export", "--workdir", str(tmp_path / "once"), "--out", str(tmp_path / "l"),
+                  "--format", "torch", "--layout", "torchvision"])
+
+
+
+def test_model_torch_replaces_the_experiments_student():
+    from kdjax import plan
+
+    p = plan.as_plan({"model": {"name": "cnn_small", "kwargs": {"width": 8}}},
+                     ["--config.model.torch=_torch_nets:Net",
+                      '--config.model.torch_kwargs={"width": 4}'])
+    assert p.model.name == "kdjax.torchbridge:TorchModel"
+    assert p.model.kwargs == {"factory": "_torch_nets:Net", "factory_kwargs": {"width": 4}}
+    assert plan.as_plan(p.to_dict()) == p  # a saved run's config reads back the same

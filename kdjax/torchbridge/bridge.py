@@ -18,6 +18,7 @@ What torchax 0.0.13 does not do as PyTorch does, and is done here:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -121,12 +122,32 @@ def build_module(factory: str, kwargs: Mapping[str, Any] | None = None, *, seed:
         try:
             module = fn(**kwargs)
         except TypeError as e:
-            raise ValueError(f"{what} {factory!r} rejected the arguments (--torch-kwargs) "
+            flag = "--torch-kwargs" if what == "--torch" else f"{what}_kwargs"
+            raise ValueError(f"{what} {factory!r} rejected the arguments ({flag}) "
                              f"{json.dumps(kwargs)}: {e}") from None
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"{what} {factory!r} returned a {type(module).__name__}, not a "
                          f"torch.nn.Module")
     return module.eval()
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` takes the keyword argument `name` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: offer nothing it may refuse
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _draw_seed(rngs: nnx.Rngs | None) -> int:
+    """The torch initialisation's seed, drawn from the run's `rngs` so that each run seed gives
+    its own student. Under nnx.eval_shape (a restore target) the draw is abstract, and only the
+    shapes matter there."""
+    if rngs is None:
+        return 0
+    draw = jax.random.randint(rngs.params(), (), 0, 2**31 - 1)
+    return 0 if isinstance(draw, jax.core.Tracer) else int(draw)
 
 
 def _aliases(module: torch.nn.Module) -> dict[str, str]:
@@ -310,11 +331,21 @@ class TorchModel(nnx.Module):
     """
 
     def __init__(self, factory: str, factory_kwargs: Mapping[str, Any] | None = None, *,
-                 seed: int = 0, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
-        module = build_module(factory, factory_kwargs, seed=seed, what="model.kwargs.factory")
+                 num_classes: int | None = None, seed: int | None = None,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+        factory_kwargs = dict(factory_kwargs or {})
+        # The dataset's class count reaches a factory that takes one and was not given it
+        # (timm's create_model, torchvision's and most users' classifiers), as a zoo model's does.
+        if (num_classes is not None and "num_classes" not in factory_kwargs
+                and _accepts(load_factory(factory, what="model.torch"), "num_classes")):
+            factory_kwargs["num_classes"] = int(num_classes)
+        if seed is None:
+            seed = _draw_seed(rngs)
+        module = build_module(factory, factory_kwargs, seed=seed, what="model.torch")
         params, buffers = state_arrays(module)
         self.module = module
         self.factory = factory
+        self.factory_kwargs = factory_kwargs
         self.dtype = jnp.dtype(dtype)
         self.paths = tuple(p for p, _ in module.named_modules() if p)
         self.params = _nest(params, lambda v: nnx.Param(jnp.asarray(v)))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import taps
+from kdjax import models, taps
 from kdjax.interop import importer, state_dict
 from kdjax.interop.layouts import LayoutMismatchError
 from kdjax.models import ModelSpec, count_params
@@ -33,7 +33,7 @@ from kdjax.torchbridge import bridge
 
 __all__ = ["MODEL_NAME", "STATE_DICT_FILE", "describe", "import_torch", "torch_spec"]
 
-MODEL_NAME = "kdjax.torchbridge:TorchModel"
+MODEL_NAME = models.TORCH_MODEL
 STATE_DICT_FILE = os.path.join("torch", "state_dict.safetensors")
 
 
@@ -148,7 +148,7 @@ def import_torch(factory: str, *, out: str, num_classes: int, input_shape: Seque
         num_params=count_params(params), preprocess={"mean": list(mean_), "std": list(std_)},
         data=dataset, notes=tuple(notes), data_dir=os.path.abspath(data_dir) if data_dir else "")
     weights = model.state_dict()
-    torch_record = {"factory": factory, "kwargs": dict(factory_kwargs or {})}
+    torch_record = {"factory": factory, "kwargs": model.factory_kwargs}
 
     def write_state_dict(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "torch"))
