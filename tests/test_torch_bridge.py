@@ -291,7 +291,7 @@ def test_without_torchax_the_flag_says_what_to_install(tmp_path):
 
 # --- a PyTorch student: --config.model.torch ------------------------------------------------
 
-def _distill_torch_student(workdir, teacher_run, data_dir, steps):
+def _distill_torch_student(workdir, teacher_run, data_dir, steps, *extra):
     return cli.main([
         "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "kd.py"),
         "--workdir", str(workdir), f"--config.teacher.workdir={teacher_run}",
@@ -301,7 +301,8 @@ def _distill_torch_student(workdir, teacher_run, data_dir, steps):
         "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
         # constant: the same rate at each step whether the run is given 2 or 4 steps
         "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0",
-        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]", "--no-progress"])
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]", "--no-progress",
+        *extra])
 
 
 def _student(workdir):
@@ -368,3 +369,26 @@ def test_model_torch_replaces_the_experiments_student():
     assert p.model.name == "kdjax.torchbridge:TorchModel"
     assert p.model.kwargs == {"factory": "_torch_nets:Net", "factory_kwargs": {"width": 4}}
     assert plan.as_plan(p.to_dict()) == p  # a saved run's config reads back the same
+
+
+def test_a_pytorch_student_is_pruned_in_the_step_and_refuses_qwix_and_nm(
+        torch_teacher, data_dir, tmp_path):
+    args = ["--config.prune.method=magnitude", "--config.prune.sparsity=0.5",
+            "--config.prune.dense_first_last=False"]
+    workdir = tmp_path / "pruned"
+    assert _distill_torch_student(workdir, torch_teacher["run"], data_dir, 2, *args) == 0
+    state = _student(workdir)[3].state_dict()
+    # every Linear/Conv weight at half its entries, norms, biases and buffers dense
+    for name in ("stem.weight", "dw.weight", "head.weight"):
+        assert (state[name] == 0).mean() == pytest.approx(0.5, abs=1 / state[name].size)
+    for name in ("gn.weight", "bn.weight", "stem.bias"):
+        assert (state[name] != 0).all()
+    for extra, message in (
+            (["--config.quant.mode=qat"], "Qwix quantizes Flax layers .* a PyTorch student "
+                                          r"\(_torch_nets:Net\)"),
+            (["--config.prune.method=nm"], "prune.method='nm' groups weights along NNX "
+                                           r"kernels' input axis \(-2\)")):
+        with pytest.raises(ValueError, match=message):
+            _distill_torch_student(tmp_path / "refused", torch_teacher["run"], data_dir, 2,
+                                   *extra)
+        assert not os.path.exists(tmp_path / "refused")

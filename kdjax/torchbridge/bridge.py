@@ -357,6 +357,14 @@ class TorchModel(nnx.Module):
     def feature_names(self) -> tuple[str, ...]:
         return ("logits", *self.paths)
 
+    def kernel_paths(self) -> tuple[tuple[str, ...], ...]:
+        """The state paths of the Linear and convolution weights: what unstructured pruning
+        prunes (embeddings and norms, also called "weight" in PyTorch, are not kernels)."""
+        kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+        return tuple(("params", *name.split(".")) for name, p in self.module.named_parameters()
+                     if name.endswith("weight") and p.ndim >= 2 and isinstance(
+                         self.module.get_submodule(name.rpartition(".")[0]), kinds))
+
     def _run(self, x: jax.Array, *, train: bool, taps: Sequence[str]) -> tuple[Any, dict]:
         if x.ndim == 4:
             x = jnp.moveaxis(x, -1, 1)  # NHWC -> NCHW
