@@ -173,7 +173,8 @@ def test_the_run_records_the_factory_and_keeps_a_state_dict(torch_teacher):
     reader.close()
     assert run["model"]["name"] == "kdjax.torchbridge:TorchModel"
     assert run["model"]["kwargs"] == {"factory": NET, "factory_kwargs": {}}
-    assert run["imported"]["torch"] == {"factory": NET, "kwargs": {}}
+    # the effective arguments: --num-classes reached the factory, which takes num_classes
+    assert run["imported"]["torch"] == {"factory": NET, "kwargs": {"num_classes": 10}}
     assert run["preprocess"] == {"mean": [MEAN], "std": [STD]}
     import safetensors.torch
 

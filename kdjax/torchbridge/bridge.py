@@ -150,7 +150,7 @@ def _draw_seed(rngs: nnx.Rngs | None) -> int:
     return 0 if isinstance(draw, jax.core.Tracer) else int(draw)
 
 
-def _aliases(module: torch.nn.Module) -> dict[str, str]:
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
     """Every name of a tensor that is registered under several names (tied weights) -> the first
     one, which alone holds the array."""
     first: dict[int, str] = {}
@@ -225,15 +225,17 @@ def _logits(out: Any) -> Any:
 
 def functional_call(module: torch.nn.Module, params: Mapping[str, jax.Array],
                     buffers: Mapping[str, jax.Array], args: Sequence[Any], *, train: bool,
-                    key: jax.Array | None = None,
-                    taps: Sequence[str] = ()) -> tuple[Any, Arrays, dict[str, Any]]:
-    """`module(*args)` as JAX: (output, buffers after the call, {tap: output of that module}).
+                    key: jax.Array | None = None, taps: Sequence[str] = (),
+                    kwargs: Mapping[str, Any] | None = None
+                    ) -> tuple[Any, Arrays, dict[str, Any]]:
+    """`module(*args, **kwargs)` as JAX: (output, buffers after the call, {tap: output of that
+    module}).
 
     The arrays are in PyTorch's layouts (NCHW). `train` sets the module's mode for this call;
     `key` is what dropout and other random ops draw from (required for them in train mode).
     """
     env = _env()
-    aliases = _aliases(module)
+    aliases = tied_aliases(module)
     tensors = env.j2t_iso({**params, **buffers})
     tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
     module.train(train)
@@ -244,7 +246,7 @@ def functional_call(module: torch.nn.Module, params: Mapping[str, jax.Array],
                 stack.enter_context(env.override_property(prng=key))
             recorded = stack.enter_context(_watch(module, taps))
             stack.enter_context(stateless._reparametrize_module(module, tensors))
-            out = module(*env.j2t_iso(tuple(args)))
+            out = module(*env.j2t_iso(tuple(args)), **env.j2t_iso(dict(kwargs or {})))
     finally:
         module.eval()
     new_buffers = {k: tensors[k].jax() for k in buffers}
@@ -365,7 +367,8 @@ class TorchModel(nnx.Module):
                      if name.endswith("weight") and p.ndim >= 2 and isinstance(
                          self.module.get_submodule(name.rpartition(".")[0]), kinds))
 
-    def _run(self, x: jax.Array, *, train: bool, taps: Sequence[str]) -> tuple[Any, dict]:
+    def _run(self, x: jax.Array, *, train: bool, taps: Sequence[str],
+             kwargs: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
         if x.ndim == 4:
             x = jnp.moveaxis(x, -1, 1)  # NHWC -> NCHW
         params = _flat(self.params)
@@ -378,7 +381,8 @@ class TorchModel(nnx.Module):
             key, new = jax.random.split(jax.random.wrap_key_data(self.dropout_key[...]))
             self.dropout_key[...] = jax.random.key_data(new)
         out, buffers, tapped = functional_call(self.module, params, _flat(self.buffers), (x,),
-                                               train=train, key=key, taps=taps)
+                                               train=train, key=key, taps=taps,
+                                               kwargs=kwargs)
         if train:
             for name, value in buffers.items():
                 node = self.buffers
@@ -415,7 +419,7 @@ class TorchModel(nnx.Module):
         """The weights by their PyTorch names, for `module.load_state_dict` (tied names included,
         non-persistent buffers not)."""
         flat = {**_flat(self.params), **_flat(self.buffers)}
-        flat.update({alias: flat[name] for alias, name in _aliases(self.module).items()})
+        flat.update({alias: flat[name] for alias, name in tied_aliases(self.module).items()})
         # In PyTorch's dtypes: JAX without x64 holds int64 counters as int32.
         return {k: np.asarray(flat[k]).astype(jnp.dtype(str(t.dtype).removeprefix("torch.")))
                 for k, t in self.module.state_dict().items()}
