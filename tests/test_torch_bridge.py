@@ -93,16 +93,32 @@ def test_a_user_module_gives_pytorchs_logits_and_batchnorm_statistics():
     assert int(bn["num_batches_tracked"][...]) == int(ref.bn.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "efficientnet_b0"])
-def test_timm_models_give_pytorchs_logits(name):
-    model = with_random_bn(TorchModel("timm:create_model", {
-        "model_name": name, "num_classes": 10, "pretrained": False}))
-    ref = model.module
-    x = images(2, 32, 3)
-    graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    assert logits.shape == (2, 10)
-    assert rel_err(logits, ref.eval()(nchw(x)).detach().numpy()) <= 1e-4
+TIMM_32PX = {"convnext_atto": {}, "regnetx_002": {}, "efficientnet_b0": {},
+             "vit_tiny_patch16_224": {"img_size": 32}}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_32PX))
+def test_timm_models_import_and_export_as_stablehlo_with_pytorchs_logits(name, tmp_path):
+    kwargs = {"model_name": name, "num_classes": 10, "pretrained": False, **TIMM_32PX[name]}
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(**kwargs)
+    randomize_bn(net)  # eval-mode BatchNorm then reads statistics that are not 0 and 1
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    run, out = tmp_path / "run", tmp_path / "hlo"
+    assert cli.main(["import", "--torch", "timm:create_model", "--torch-kwargs",
+                     json.dumps(kwargs), "--from", str(tmp_path / "net.pth"),
+                     "--num-classes", "10", "--input-shape", "32,32,3", "--mean", "0.5,0.4,0.3",
+                     "--std", "0.2,0.25,0.3", "--data", "cifar10", "--out", str(run)]) == 0
+    assert cli.main(["export", "--workdir", str(run), "--out", str(out),
+                     "--format", "stablehlo"]) == 0
+    exported = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
+    pixels = (np.random.default_rng(1).random((3, 32, 32, 3)) * 255).astype(np.uint8)
+    got = np.asarray(exported.call(pixels))
+    x = (pixels / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.3])
+    want = net.eval()(nchw(x.astype(np.float32))).detach().numpy()
+    assert got.shape == (3, 10) and rel_err(got, want) <= 1e-4
 
 
 def test_from_module_is_a_pure_function_with_pytorchs_gradients_and_dropout_from_the_key():
