@@ -463,3 +463,31 @@ def test_a_torch_teacher_is_fsdp_sharded_with_the_same_losses(tmp_path):
     losses = out["replicated"]["losses"]
     _float32.assert_close(out["fsdp"]["losses"], losses, n=3 * (72 + 64 + 8 + 64 + 16),
                           magnitude=max(losses))
+
+
+def test_feature_taps_are_pytorchs_submodule_outputs_and_serve_feature_methods(
+        torch_teacher, data_dir, tmp_path):
+    model = with_random_bn(TorchModel(NET, {"width": 8}))
+    x = images(3, 8)
+    got = jax.jit(lambda x: model.features(x))(x)
+    seen = {}
+    hooks = [model.module.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: seen.update({p: o.detach().numpy()})) for p in ("dw", "head")]
+    model.module.eval()(nchw(x))
+    for h in hooks:
+        h.remove()
+    assert rel_err(got["dw"], seen["dw"].transpose(0, 2, 3, 1)) <= 1e-5  # NCHW map -> NHWC
+    assert rel_err(got["head"], seen["head"]) <= 1e-5 and got["logits"].shape == (3, 10)
+    # attention transfer between the student's and the teacher's depthwise stages, by path
+    workdir = tmp_path / "at"
+    assert cli.main([
+        "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "at.py"),
+        "--workdir", str(workdir), f"--config.teacher.workdir={torch_teacher['run']}",
+        f"--config.data.data_dir={data_dir}", "--config.model.torch=_torch_nets:Net",
+        '--config.model.torch_kwargs={"width": 4}', "--config.loss.student_taps=('dw',)",
+        "--config.loss.teacher_taps=('dw',)", "--config.train.steps=2",
+        "--config.train.batch_size=16", "--config.eval.every_steps=2",
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]",
+        "--no-progress"]) == 0
+    first = json.loads(open(workdir / "metrics.jsonl").readline())
+    assert first["train/feature"] > 0 and np.isfinite(first["train/feature"])
