@@ -17,9 +17,8 @@ import json
 import os
 import sys
 
-import numpy as np
 
-from fashion_mnist_common import EXP, RESULTS, ROOT, machine, mean_std, run
+from fashion_mnist_common import EXP, RESULTS, ROOT, machine, run, seeds_row
 
 sys.path.insert(0, EXP)
 import fair  # noqa: E402  (experiments/fashion_mnist/fair.py: the grid)
@@ -78,12 +77,7 @@ def main() -> None:
              "| run | model | params | steps | test top-1, mean ± std | per seed | train time (s) |",
              "|---|---|---|---|---|---|---|"]
     for role, runs in results.items():
-        acc = np.array([r["eval/accuracy"] for r in runs]) * 100
-        mean, std = mean_std(acc)
-        lines.append(f"| {role} | {runs[0]['model']} | {runs[0]['num_params']:,} | "
-                     f"{runs[0]['steps']} | {mean:.2f} ± {std:.2f} % | "
-                     f"{', '.join(f'{a:.2f}' for a in acc)} | "
-                     f"{np.mean([r['wall_time_s'] for r in runs]):.0f} |")
+        lines.append(seeds_row(role, runs, "steps"))
     lines.append(f"\nseeds {args.seeds}; {meta['device']}, jax {meta['jax']}, {meta['date']}, "
                  f"load {meta['load_average_1min']:.1f} at the end")
     with open(os.path.join(args.out, "fashion_mnist_timm.md"), "w") as f:
