@@ -491,3 +491,21 @@ def test_feature_taps_are_pytorchs_submodule_outputs_and_serve_feature_methods(
         "--no-progress"]) == 0
     first = json.loads(open(workdir / "metrics.jsonl").readline())
     assert first["train/feature"] > 0 and np.isfinite(first["train/feature"])
+
+
+def test_a_torch_teacher_runs_in_the_compute_dtype():
+    from kdjax import teacher as teacher_lib
+
+    spec = torch_importer.torch_spec(NET, {"width": 8}, num_classes=10, input_shape=(8, 8, 1))
+    reference = with_random_bn(spec.build(0))
+    prepared, preparation = teacher_lib.prepare(reference, spec, dtype=jnp.bfloat16)
+    floats = [v.dtype for v in jax.tree.leaves(nnx.state(prepared))
+              if jnp.issubdtype(v.dtype, jnp.floating)]
+    assert preparation.dtype == "bfloat16" and set(floats) == {jnp.dtype(jnp.bfloat16)}
+    x = images(4, 8)
+    got, want = prepared(x), reference(x)
+    assert got.dtype == jnp.bfloat16
+    # bfloat16's rounding (eps 2^-8) over the stem's 9 taps, GroupNorm's and the mean's 64
+    # pixels and the head's 8 inputs, as tests/_float32.py bounds float32's
+    bound = 4 * 2.0 ** -8 * np.sqrt(9 + 64 + 64 + 8) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=bound)
