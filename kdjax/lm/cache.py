@@ -46,6 +46,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -56,6 +57,7 @@ from flax import nnx
 from kdjax import losses, sharding
 from kdjax import plan as plan_lib
 from kdjax.lm import data as text_data, packing
+from kdjax.prepare.common import file_digests
 
 FORMAT = "kdjax-teacher-cache/1"
 SCHEME = "sqrt-quantised relative log-probs + Elias-Fano ids"
@@ -191,11 +193,7 @@ def _packing(ds: text_data.TextDataset) -> dict[str, Any]:
 
 
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digests(Path(path))[0]
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:

@@ -8,9 +8,10 @@ run's seed and step, as device-resident image data does, so the data order is pa
 TrainState and a resumed run continues it exactly. A row's positions count in the loss only
 where the target is the next token of the same document (kdjax.lm.packing): padding and
 cross-document positions are left out of the sums, not averaged in as zeros. The loss is the
-token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the batch; metrics are
-(sum, count) pairs ("ce_sum", ..., "tokens") so that averages over many steps weight each token
-once.
+token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
+micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ...,
+"tokens") so that averages over many steps weight each token once. With a teacher cache
+(kdjax.lm.cache) the rows carry the teacher's top-k targets and no teacher runs.
 """
 
 from __future__ import annotations
