@@ -189,8 +189,8 @@ def test_every_damaged_cache_is_refused(cache, text_dir, tmp_path):
     refused(cache, rf"is corrupt: shard {second} is changed \(its SHA-256 differs", flip_a_byte)
     refused(cache, rf"is corrupt: shard {second} is missing",
             lambda d: os.remove(os.path.join(d, second)))
-    refused(cache, rf"is corrupt: {ROWS_PER_SHARD * (len(os.listdir(cache)) - 2)} records "
-                   r"where the manifest and the data have \d+ of 384 bytes",
+    refused(cache, r"is corrupt: its shards hold other than the \d+ records of 384 bytes the "
+                   r"manifest and the data have",
             lambda d: edit_manifest(d, lambda m: m["shards"].pop()))
     refused(cache, r"does not match the data: record 0's key is not the hash of row 0 of "
                    r"'tiny' split 'train'", swap_rows)
@@ -262,7 +262,7 @@ def _first_step(plan, teachers=()):
     task, data = _open(plan)
     mesh = sharding.make_mesh()
     loaded = tuple(task.load_teacher(w, data.student, mesh).model for w in teachers)
-    model, student = task.build(data, loaded)
+    model, _ = task.build(data, loaded)
     tx = optim.make_optimizer(plan.optimizer, plan.train.steps)
     graphdef, state = init_train_state(model, tx, seed=plan.seed, num_examples=data.num_train)
     step = task.make_step(graphdef, tx, loaded, data, mesh=mesh)

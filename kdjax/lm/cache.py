@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import losses, sharding
+from kdjax import checkpoint, losses, sharding
 from kdjax import plan as plan_lib
 from kdjax.lm import data as text_data, packing
 from kdjax.prepare.common import file_digests
@@ -103,7 +104,7 @@ class Layout:
 
     @property
     def low_bits(self) -> int:
-        return max(0, int(math.floor(math.log2(self.vocab_size / self.k))))
+        return max(0, math.floor(math.log2(self.vocab_size / self.k)))
 
     @property
     def high_len(self) -> int:
@@ -150,7 +151,7 @@ class Layout:
         log_tail float32)``: the targets `losses.token_topk_kl` takes."""
         data = jnp.asarray(data, jnp.uint8)
         edges = np.cumsum((0, *self._sizes))
-        part = [data[..., a:b] for a, b in zip(edges[:-1], edges[1:])]
+        part = [data[..., a:b] for a, b in itertools.pairwise(edges)]
         log_tail = jax.lax.bitcast_convert_type(part[0].reshape(*data.shape[:-1], 4),
                                                 jnp.float32)
         scale = jax.lax.bitcast_convert_type(part[1].reshape(*data.shape[:-1], 2),
@@ -227,8 +228,6 @@ def _teacher_targets(teacher, k: int) -> Callable:
 
 
 def _teacher_identity(workdir: str, teacher) -> dict[str, Any]:
-    from kdjax import checkpoint  # noqa: PLC0415
-
     reader = checkpoint.RunReader(workdir, what="--teacher")
     try:
         step = reader.resolve_step("latest")
@@ -414,7 +413,9 @@ def open_cache(path: str, ds: text_data.TextDataset, split: str, tokens: np.ndar
                          f"{theirs['fingerprint'][:12]}; now {ours['rows']} rows, "
                          f"{ours['fingerprint'][:12]}): the data was prepared again; {remake}")
     layout = Layout(m["vocab_size"], m["k"], m["scheme"]["value_bits"])
-    records: list[bytes] = []
+    width = KEY_BYTES + ds.seq_len * layout.token_bytes
+    body = np.empty((len(keys), ds.seq_len, layout.token_bytes), np.uint8)
+    count = 0
     for shard in m["shards"]:
         file = os.path.join(path, shard["file"])
         if not os.path.isfile(file) or _file_sha256(file) != shard["sha256"]:
@@ -423,18 +424,21 @@ def open_cache(path: str, ds: text_data.TextDataset, split: str, tokens: np.ndar
                              f"SHA-256 differs from the manifest's); make the cache again")
         reader = array_record_module.ArrayRecordReader(file)
         try:
-            records.extend(reader.read_all())
+            records = reader.read_all()
         finally:
             reader.close()
-    width = KEY_BYTES + ds.seq_len * layout.token_bytes
-    if len(records) != len(keys) or any(len(r) != width for r in records):
-        raise ValueError(f"teacher.cache={path!r} is corrupt: {len(records)} records where the "
-                         f"manifest and the data have {len(keys)} of {width} bytes; make the "
-                         f"cache again")
-    wrong = next((i for i, (r, k) in enumerate(zip(records, keys)) if r[:KEY_BYTES] != k), None)
-    if wrong is not None:
-        raise ValueError(f"teacher.cache={path!r} does not match the data: record {wrong}'s key "
-                         f"is not the hash of row {wrong} of {name!r} split {split!r}; {remake}")
-    body = np.frombuffer(b"".join(r[KEY_BYTES:] for r in records), np.uint8)
-    return TeacherCache(path, m, layout,
-                        body.reshape(len(records), ds.seq_len, layout.token_bytes))
+        if count + len(records) > len(keys) or any(len(r) != width for r in records):
+            count += len(records)
+            break
+        for r in records:
+            if r[:KEY_BYTES] != keys[count]:
+                raise ValueError(f"teacher.cache={path!r} does not match the data: record "
+                                 f"{count}'s key is not the hash of row {count} of {name!r} "
+                                 f"split {split!r}; {remake}")
+            body[count] = np.frombuffer(r, np.uint8, offset=KEY_BYTES).reshape(body.shape[1:])
+            count += 1
+    if count != len(keys):
+        raise ValueError(f"teacher.cache={path!r} is corrupt: its shards hold other than the "
+                         f"{len(keys)} records of {width} bytes the manifest and the data have; "
+                         f"make the cache again")
+    return TeacherCache(path, m, layout, body)
