@@ -106,7 +106,7 @@ class _Killed(Exception):
 
 
 def test_an_interrupted_cache_resumes_after_its_finished_shards(cache, teacher, text_dir,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
     out = str(tmp_path / "cache")
 
     def kill_after_two(done, total):
@@ -114,6 +114,14 @@ def test_an_interrupted_cache_resumes_after_its_finished_shards(cache, teacher, 
             raise _Killed
 
     args = dict(top_k=K, data_dir=text_dir, batch_size=8, rows_per_shard=ROWS_PER_SHARD)
+    def killed(*args):
+        raise _Killed
+
+    with monkeypatch.context() as m:  # killed in its first shard: nothing is left
+        m.setattr(teacher_cache.Layout, "encode", killed)
+        with pytest.raises(_Killed):
+            teacher_cache.cache_teacher(teacher, "tiny", out, **args)
+    assert not os.path.exists(out)
     with pytest.raises(_Killed):
         teacher_cache.cache_teacher(teacher, "tiny", out, on_shard=kill_after_two, **args)
     assert sorted(os.listdir(out)) == ["progress.json", "shard-00000.array_record",

@@ -3,7 +3,7 @@ text split, computed once (`kdjax cache-teacher`) and read by `kdjax distill
 --config.teacher.cache=DIR` instead of running the teacher in every step.
 
     DIR/manifest.json                  written last: the cache is complete and what it is for
-    DIR/progress.json                  while it is being written: the settings and the finished shards
+    DIR/progress.json                  while it is written: its settings and finished shards
     DIR/shard-00000.array_record ...   one record per packed row, in the split's row order
 
 A record is the 16-byte BLAKE2b key of its packed row (tokens and segment ids, as
@@ -24,9 +24,9 @@ At k = 128 of the byte tokenizer's 259 tokens that is 199 bytes a position (MaxT
 and int64 ids: 1,536). Decoding (`Layout.decode`, jnp, inside the jitted step) gives
 ``d~_i = (q_i / (2^b - 1))^2 * D``, within ``|d_i - d~_i| <= sqrt(d_i * D) / (2^b - 1) +
 D / (4 (2^b - 1)^2)`` of the teacher's (the square root spends the levels near the top-1 token,
-whose error weighs most in the loss; at b = 9 and the demo's D <= 12.4: <= 0.025 nats), then
-renormalised so that the k probabilities sum to ``1 - exp(log_tail)``: every decoded log-probability is
-within twice that bound of the teacher's. The top-k loss with the tail term
+whose error weighs most in the loss; at b = 9 and the benchmark's D <= 12.4: <= 0.025), then
+renormalised so that the k probabilities sum to ``1 - exp(log_tail)``: every decoded
+log-probability is within twice that bound of the teacher's. The top-k loss with the tail term
 (kdjax.losses.token_topk_kl) renormalises the same way, so an error common to the k values
 cancels; benchmarks/results/teacher_cache_cpu.md has the measured loss error.
 
@@ -45,6 +45,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -251,8 +252,6 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int, split: str =
     settings is resumed after its finished shards, one of other settings or a finished cache is
     refused. `on_shard(done, total)` is called after each finished shard.
     """
-    from array_record.python import array_record_module  # noqa: PLC0415
-
     from kdjax.lm.task import LanguageModelTask  # noqa: PLC0415
 
     if os.path.exists(os.path.join(out, MANIFEST)):
@@ -279,35 +278,50 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int, split: str =
         "seq_len": ds.seq_len, "packing": _packing(ds), "k": top_k,
         "vocab_size": layout.vocab_size, "scheme": layout.describe(),
         "rows_per_shard": rows_per_shard}
+
+    def write_shards() -> None:
+        """The shards after `done` (appended to it, and to progress.json, as each is
+        finished)."""
+        from array_record.python import array_record_module  # noqa: PLC0415
+
+        count = -(-len(tokens) // rows_per_shard)
+        for i in range(len(done), count):
+            rows = range(i * rows_per_shard, min(len(tokens), (i + 1) * rows_per_shard))
+            path = os.path.join(out, _shard_name(i))
+            tmp = path + ".partial"
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+            try:
+                for start in range(rows.start, rows.stop, batch_size):
+                    stop = min(rows.stop, start + batch_size)
+                    pad = batch_size - (stop - start)  # one shape, one compile
+                    t = np.concatenate([tokens[start:stop], np.zeros((pad, tokens.shape[1]),
+                                                                     tokens.dtype)])
+                    s = np.concatenate([segments[start:stop], np.zeros((pad, tokens.shape[1]),
+                                                                       segments.dtype)])
+                    encoded = layout.encode(*jax.device_get(targets(loaded.variables, t, s)))
+                    for r in range(stop - start):
+                        writer.write(keys[start + r] + encoded[r].tobytes())
+                writer.close()
+            except BaseException:
+                writer.close()
+                os.remove(tmp)  # no partial shard left behind
+                raise
+            os.replace(tmp, path)
+            done.append({"file": _shard_name(i), "rows": len(rows),
+                         "sha256": _file_sha256(path)})
+            _write_json(os.path.join(out, PROGRESS), {**settings, "shards": done})
+            if on_shard is not None:
+                on_shard(i + 1, count)
+
+    new = not os.path.exists(out)
     done = _resume(out, settings)
     targets = _teacher_targets(loaded, top_k)
-    count = -(-len(tokens) // rows_per_shard)
-    for i in range(len(done), count):
-        rows = range(i * rows_per_shard, min(len(tokens), (i + 1) * rows_per_shard))
-        path = os.path.join(out, _shard_name(i))
-        tmp = path + ".partial"
-        writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-        try:
-            for start in range(rows.start, rows.stop, batch_size):
-                stop = min(rows.stop, start + batch_size)
-                pad = batch_size - (stop - start)  # one shape, one compile
-                t = np.concatenate([tokens[start:stop], np.zeros((pad, tokens.shape[1]),
-                                                                 tokens.dtype)])
-                s = np.concatenate([segments[start:stop], np.zeros((pad, tokens.shape[1]),
-                                                                   segments.dtype)])
-                encoded = layout.encode(*jax.device_get(targets(loaded.variables, t, s)))
-                for r in range(stop - start):
-                    writer.write(keys[start + r] + encoded[r].tobytes())
-            writer.close()
-        except BaseException:
-            writer.close()
-            os.remove(tmp)  # no partial shard left behind
-            raise
-        os.replace(tmp, path)
-        done.append({"file": _shard_name(i), "rows": len(rows), "sha256": _file_sha256(path)})
-        _write_json(os.path.join(out, PROGRESS), {**settings, "shards": done})
-        if on_shard is not None:
-            on_shard(i + 1, count)
+    try:
+        write_shards()
+    except BaseException:
+        if new and not done:  # nothing worth resuming: no directory left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     manifest = {**settings, "rows": len(tokens), "shards": done,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(os.path.join(out, MANIFEST), manifest)
