@@ -109,7 +109,8 @@ def run(args) -> dict:
             "students": {name: _errors(student, cached, exact, tokens[rows], segments[rows], 32)
                          for name, student in students}})
         print(json.dumps(rows_out[-1]), flush=True)
-    return {"teacher": args.teacher, "data": args.data, "train_rows": len(tokens),
+    return {"note": args.note, "teacher": args.teacher, "data": args.data,
+            "train_rows": len(tokens),
             "seq_len": ds.seq_len, "vocab_size": ds.vocab_size, "rows_measured": args.rows,
             "value_bits": 9, "device": args.device, "versions": _versions(), "results": rows_out}
 
@@ -120,7 +121,7 @@ def markdown(result: dict) -> str:
              f"rows of {result['seq_len']} positions, vocabulary {result['vocab_size']}); "
              f"`python -m benchmarks.teacher_cache`. Loss errors on the first "
              f"{result['rows_measured']} rows' target tokens: the decoded cache's top-k loss "
-             f"against the exact top-k's, per token (nats).", "",
+             f"against the exact top-k's, per token (nats).", "", result.get("note", ""), "",
              "| k | bytes/token (layout) | on disk | top-k mass | max log-prob error | "
              "write positions/s | verify (s) |", "|---|---|---|---|---|---|---|"]
     for r in result["results"]:
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--device", default="CPU")
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--note", default="", help="how the teacher, data and students were made")
     args = p.parse_args()
     result = run(args)
     os.makedirs(RESULTS, exist_ok=True)

@@ -244,6 +244,16 @@ def test_a_cache_for_other_data_or_settings_is_refused(cache, teacher, text_dir,
             r"teacher.top_k=0", teacher={"top_k": 4})
     refused(rf"holds the targets of the teacher '{os.path.realpath(teacher)}', not of "
             r"teacher.workdir='elsewhere'", teacher={"workdir": "elsewhere"})
+    moved = str(tmp_path / "moved")
+    shutil.copytree(cache, moved)
+    with open(os.path.join(moved, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["teacher"]["step"] = 3
+    with open(os.path.join(moved, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    refused(r"holds the targets of step 3 of .*, whose latest checkpoint is now step 6; make "
+            r"the cache again, or set teacher.workdir=''",
+            teacher={"workdir": teacher, "cache": moved})
     refused(r"top-k distillation .* is a forward KL .* got loss.name='reverse_kl'; set "
             r"loss.name='forward_kl'", loss={"name": "reverse_kl"})
     refused(r"teacher.top_k_loss must be one of \('tail', 'renorm'\), got 'all'",

@@ -161,6 +161,17 @@ class LanguageModelTask(Task):
                              f"{made_by['workdir']!r}, not of teacher.workdir={t.workdir!r}; set "
                              f"teacher.workdir='' (the cache is the teacher) or to "
                              f"{made_by['workdir']!r}")
+        if t.workdir:
+            reader = RunReader(t.workdir, what="teacher.workdir")
+            try:
+                step = reader.resolve_step("latest")
+            finally:
+                reader.close()
+            if step != made_by["step"]:
+                raise ValueError(f"teacher.cache={t.cache!r} holds the targets of step "
+                                 f"{made_by['step']} of {t.workdir!r}, whose latest checkpoint "
+                                 f"is now step {step}; make the cache again, or set "
+                                 f"teacher.workdir='' to distil from the cached step")
         if t.top_k not in (0, k):
             raise ValueError(f"teacher.top_k={t.top_k} but teacher.cache={t.cache!r} holds the "
                              f"teacher's top {k}; set teacher.top_k=0 (the cache's k) or make a "
