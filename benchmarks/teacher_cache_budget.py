@@ -101,7 +101,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Student perplexity from a teacher cache vs the online teacher ({result['device']})",
              "", f"Student {result['student']}, {result['steps']} steps of "
              f"experiments/lm/distill.py on {result['data']}, teacher {result['teacher']}, "
-             f"seed 0 (one seed: differences of a few hundredths are noise).", "",
+             f"seed 0 (one seed: differences of a few hundredths are noise). The runs' wall "
+             f"times are of a shared machine whose other jobs came and went: compare the "
+             f"interleaved step times below instead.", "",
              "| teacher targets | held-out perplexity | next-token top-1 | wall time (s) | "
              "tokens/s |", "|---|---|---|---|---|"]
     for r in result["results"]:
