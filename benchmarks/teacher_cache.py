@@ -26,13 +26,13 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import common
 from benchmarks.suite import _versions
 from kdjax import checkpoint, losses, models, sharding
 from kdjax import plan as plan_lib
 from kdjax.lm import cache as teacher_cache
 from kdjax.lm.task import LanguageModelTask
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _student(workdir: str | None, vocab: int, seq_len: int):
@@ -152,14 +152,7 @@ def main() -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--note", default="", help="how the teacher, data and students were made")
     args = p.parse_args()
-    result = run(args)
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"teacher_cache_{args.tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    common.write_results(f"teacher_cache_{args.tag}", run(args), markdown)
 
 
 if __name__ == "__main__":

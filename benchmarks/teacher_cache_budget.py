@@ -22,10 +22,15 @@ import os
 import statistics
 import time
 
-from benchmarks.suite import _versions
-from kdjax import cli
+import jax
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from benchmarks import common
+from benchmarks.suite import _versions
+from kdjax import cli, config as config_lib, optim, sharding
+from kdjax import plan as plan_lib
+from kdjax.lm.task import LanguageModelTask
+from kdjax.step import init_train_state
+
 EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                    "lm")
 
@@ -57,13 +62,6 @@ def run(args) -> dict:
 def step_times(args) -> list[dict]:
     """Seconds per train step of each kind of teacher target (the step alone, compiled; the
     variants' timed windows interleaved, so that the shared machine's load falls on all)."""
-    import jax  # noqa: PLC0415
-
-    from kdjax import config as config_lib, optim, sharding  # noqa: PLC0415
-    from kdjax import plan as plan_lib  # noqa: PLC0415
-    from kdjax.lm.task import LanguageModelTask  # noqa: PLC0415
-    from kdjax.step import init_train_state  # noqa: PLC0415
-
     base = plan_lib.as_plan(config_lib.load(f"{EXP}/distill.py", [
         f"--config.data.name={args.data}", f"--config.data.data_dir={args.data_dir}",
         f"--config.model.name={args.student}", f"--config.teacher.workdir={args.teacher}"]))
@@ -144,12 +142,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         result["step_times"] = step_times(args)
         result["load_average"] = f"{load:.1f} before, {os.getloadavg()[0]:.1f} after"
-    base = os.path.join(RESULTS, f"teacher_cache_budget_{args.tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+    common.write_results(f"teacher_cache_budget_{args.tag}", result, markdown)
 
 
 if __name__ == "__main__":
