@@ -162,10 +162,17 @@ class Layout:
         rel = -(s * s) * scale[..., None]
         head = jnp.log(-jnp.expm1(log_tail))  # log(1 - tail), exact near 0
         logprobs = rel - jax.nn.logsumexp(rel, axis=-1, keepdims=True) + head[..., None]
-        high_bits = _unpack_bits(part[4], 1, self.high_len)
-        # The positions of the k set bits, ascending (a stable sort puts the ones first).
-        positions = jnp.argsort(1 - high_bits, axis=-1, stable=True)[..., :self.k]
-        high = positions - jnp.arange(self.k, dtype=positions.dtype)
+        high_bits = _unpack_bits(part[4], 1, self.high_len).reshape(-1, self.high_len)
+        # The positions of the k set bits, in order: the i-th set bit goes to slot i of its row
+        # (one scatter; a sort of the bits was 8x slower on the CPU).
+        rows = high_bits.shape[0]
+        slot = jnp.cumsum(high_bits, axis=-1) - 1 + self.k * jnp.arange(rows)[:, None]
+        slot = jnp.where(high_bits > 0, slot, rows * self.k)  # zeros: dropped
+        positions = jnp.zeros(rows * self.k, jnp.int32).at[slot.reshape(-1)].set(
+            jnp.broadcast_to(jnp.arange(self.high_len, dtype=jnp.int32), slot.shape).reshape(-1),
+            mode="drop")
+        high = (positions.reshape(*data.shape[:-1], self.k)
+                - jnp.arange(self.k, dtype=jnp.int32))
         ids = (high << self.low_bits) | _unpack_bits(part[3], self.low_bits, self.k)
         return logprobs, ids.astype(jnp.int32), log_tail
 
@@ -399,7 +406,8 @@ def open_cache(path: str, ds: text_data.TextDataset, split: str, tokens: np.ndar
 
     m = read_manifest(path)
     remake = (f"make a cache for it with `kdjax cache-teacher --teacher {m['teacher']['workdir']} "
-              f"--data {ds.meta.get('name')} --split {split} --top-k {m['k']} --out NEW_DIR`")
+              f"--data {ds.meta.get('name')} --data-dir {os.path.dirname(ds.path)} --split "
+              f"{split} --top-k {m['k']} --out NEW_DIR`")
     name = ds.meta.get("name", os.path.basename(ds.path))
     if m["seq_len"] != ds.seq_len:
         raise ValueError(f"teacher.cache={path!r} was made for seq_len {m['seq_len']}, this "
