@@ -93,7 +93,7 @@ def run(args) -> dict:
         positions = len(tokens) * ds.seq_len
         disk = sum(os.path.getsize(os.path.join(out, s["file"]))
                    for s in found.manifest["shards"])
-        targets = teacher_cache._teacher_targets(model, k)
+        targets = teacher_cache.teacher_targets(model, k)
         exact = [np.concatenate(x) for x in zip(*(
             jax.device_get(targets(model.variables, tokens[s:s + 32], segments[s:s + 32]))
             for s in range(0, args.rows, 32)))]

@@ -67,7 +67,7 @@ def _exact_targets(teacher, text_dir):
     task = LanguageModelTask(plan)
     tokens, segments = task._dataset().load("train")
     model = task.load_teacher(teacher, task._student(), sharding.make_mesh()).model
-    exact = teacher_cache._teacher_targets(model, K)(model.variables, tokens, segments)
+    exact = teacher_cache.teacher_targets(model, K)(model.variables, tokens, segments)
     return jax.device_get(exact), tokens, segments
 
 

@@ -60,6 +60,7 @@ from kdjax import checkpoint, losses, sharding
 from kdjax import plan as plan_lib
 from kdjax.lm import data as text_data, packing
 from kdjax.prepare.common import file_digests
+from kdjax.step import FrozenModel, compute_dtype
 
 FORMAT = "kdjax-teacher-cache/1"
 SCHEME = "sqrt-quantised relative log-probs + Elias-Fano ids"
@@ -221,7 +222,10 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.array_record"
 
 
-def _teacher_targets(teacher, k: int) -> Callable:
+def teacher_targets(teacher: FrozenModel, k: int) -> Callable:
+    """``targets(variables, tokens, segments) -> (logprobs, ids, log_tail)``, jitted: the
+    frozen LM `teacher`'s top-k targets (`losses.token_topk_targets`) of packed rows, what a
+    cache stores."""
     graphdef = teacher.graphdef
 
     @jax.jit
@@ -235,7 +239,7 @@ def _teacher_targets(teacher, k: int) -> Callable:
     return targets
 
 
-def _teacher_identity(workdir: str, teacher) -> dict[str, Any]:
+def _teacher_identity(workdir: str, teacher: FrozenModel) -> dict[str, Any]:
     reader = checkpoint.RunReader(workdir, what="--teacher")
     try:
         step = reader.resolve_step("latest")
@@ -279,7 +283,8 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int, split: str =
     keys = row_keys(tokens, segments)
     settings = {
         "format": FORMAT, "teacher": _teacher_identity(teacher, loaded),
-        "teacher_dtype": plan.teacher.compute_dtype, "data": _data_record(ds, split, keys),
+        "teacher_dtype": compute_dtype(plan.teacher.compute_dtype).name,
+        "data": _data_record(ds, split, keys),
         "tokenizer": {"kind": ds.meta["tokenizer"].get("kind"),
                       "fingerprint": tokenizer_fingerprint(ds)},
         "seq_len": ds.seq_len, "packing": _packing(ds), "k": top_k,
@@ -322,7 +327,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int, split: str =
 
     new = not os.path.exists(out)
     done = _resume(out, settings)
-    targets = _teacher_targets(loaded, top_k)
+    targets = teacher_targets(loaded, top_k)
     try:
         write_shards()
     except BaseException:
