@@ -139,17 +139,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--data", required=True)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments both teacher-cache benchmarks take."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="the LM teacher's run")
+    p.add_argument("--data", required=True, help="the prepared text dataset")
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--caches", required=True, help="the caches' directory (k8, k64, k128)")
+    p.add_argument("--device", default="CPU", help="the machine, as the results name it")
+    p.add_argument("--tag", default="cpu", help="the results files' suffix")
+    return p
+
+
+def main() -> None:
+    p = parser(__doc__)
     p.add_argument("--student", default=None, help="a trained student run (optional)")
-    p.add_argument("--caches", required=True, help="where the caches are written")
     p.add_argument("--k", type=int, nargs="+", default=[8, 64, 128])
     p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--device", default="CPU")
-    p.add_argument("--tag", default="cpu")
     p.add_argument("--note", default="", help="how the teacher, data and students were made")
     args = p.parse_args()
     common.write_results(f"teacher_cache_{args.tag}", run(args), markdown)

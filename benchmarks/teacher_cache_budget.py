@@ -16,7 +16,6 @@ Writes benchmarks/results/teacher_cache_budget_<tag>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import time
 
 import jax
 
-from benchmarks import common
+from benchmarks import common, teacher_cache
 from benchmarks.suite import _versions
 from kdjax import cli, config as config_lib, optim, sharding
 from kdjax import plan as plan_lib
@@ -119,19 +118,13 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--caches", required=True)
+    p = teacher_cache.parser(__doc__)
     p.add_argument("--workdirs", required=True, help="where the students' runs go")
     p.add_argument("--student", default="lm_tiny")
     p.add_argument("--steps", type=int, default=300, help="0: no training runs")
     p.add_argument("--rounds", type=int, default=5, help="timed windows per variant (0: none)")
     p.add_argument("--previous", default=None,
                    help="with --steps 0: the results .json whose training runs to keep")
-    p.add_argument("--device", default="CPU")
-    p.add_argument("--tag", default="cpu")
     args = p.parse_args()
     if args.steps:
         result = run(args)
