@@ -256,6 +256,9 @@ def test_a_cache_for_other_data_or_settings_is_refused(cache, teacher, text_dir,
             teacher={"workdir": teacher, "cache": moved})
     refused(r"top-k distillation .* is a forward KL .* got loss.name='reverse_kl'; set "
             r"loss.name='forward_kl'", loss={"name": "reverse_kl"})
+    refused(r"the top-k loss with the tail bucket \(teacher.top_k_loss='tail'\) is at "
+            r"temperature 1 .* set loss.kwargs=\{'temperature': 1.0\}, or "
+            r"teacher.top_k_loss='renorm'", loss={"kwargs": {"temperature": 2.0}})
     refused(r"teacher.top_k_loss must be one of \('tail', 'renorm'\), got 'all'",
             teacher={"top_k_loss": "all"})
     with pytest.raises(ValueError, match=r"`kdjax train` has no teacher: set teacher.cache=''"):

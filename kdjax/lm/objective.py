@@ -47,6 +47,13 @@ class TokenObjective:
             raise ValueError(f"top-k distillation (teacher.top_k={self.top_k}, or a teacher "
                              f"cache) is a forward KL over the teacher's top k tokens, got "
                              f"loss.name={self.divergence!r}; set loss.name='forward_kl'")
+        if (self.top_k and self.divergence is not None and self.tail
+                and self.kwargs.get("temperature", 1.0) != 1.0):
+            raise ValueError(f"the top-k loss with the tail bucket (teacher.top_k_loss='tail') "
+                             f"is at temperature 1 (a teacher's top k do not tell its tail's "
+                             f"mass at another), got loss.kwargs={dict(self.kwargs)}; set "
+                             f"loss.kwargs={{'temperature': 1.0}}, or teacher.top_k_loss="
+                             f"'renorm'")
         if self.top_k and self.divergence is not None:
             try:
                 losses.token_topk_kl(jnp.zeros((1, 2)), jnp.zeros((1, 1)),
