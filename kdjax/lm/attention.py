@@ -5,13 +5,15 @@ and against a numpy formula):
 
 - ``explicit``: the scores `[B, K, G, T, S]` and their softmax, whole. What a short sequence, a
   KV-cached decoding step and the "attention_{i}" taps use.
-- ``blockwise``: the keys in blocks of `block` slots, folded into a running softmax (the online
-  softmax of Milakov & Gimelshein 2018, as FlashAttention computes it): per block only the
-  `[T, block]` scores exist, and the masks are computed per block from the segment ids and slot
-  indices, so neither a `[T, S]` score matrix nor a `[T, S]` mask is ever materialised. The
-  block step is rematerialised (`jax.checkpoint`), so the backward pass keeps the running
-  statistics per block, not the blocks' probabilities. Memory grows with T * block instead of
-  T^2 (benchmarks/results/lm_memory_plan_cpu.md measures both).
+- ``blockwise``: `block` x `block` tiles, FlashAttention's order: for each block of queries, the
+  key blocks folded into a running softmax (the online softmax of Milakov & Gimelshein 2018);
+  only a tile's scores exist at a time, and its masks are computed from the segment ids and slot
+  indices, so neither a `[T, S]` score matrix nor a `[T, S]` mask is ever materialised. The tile
+  step is rematerialised (`jax.checkpoint`), so the backward pass keeps the running statistics
+  per tile, not the tiles' probabilities. Memory grows with T instead of T^2
+  (benchmarks/results/lm_memory_plan_cpu.md measures both). Tiles above the diagonal are
+  computed and masked rather than skipped (a scan has a fixed trip count): about twice the
+  causal FLOPs.
 
 Why not `jax.nn.dot_product_attention`: in jax 0.10.2 it takes a dense `[B, 1, T, S]` mask for
 packed documents (its cuDNN kernel has no segment ids), which is the `[T, S]` tensor this module
@@ -71,11 +73,30 @@ def explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
               k_segments: jax.Array, *, block: int, window: int | None = None) -> jax.Array:
-    """The output ``[B, T, H, D]`` of `explicit`, keys taken `block` slots at a time (module
-    docstring); a query with no allowed key (padding) gets zeros.
+    """The output ``[B, T, H, D]`` of `explicit`, in `block` x `block` tiles (module docstring);
+    a query with no allowed key (padding) gets zeros.
 
     q ``[B, T, H, D]``; k, v ``[B, S, K, D]``; segments ``[B, T]``, ``[B, S]``; the keys are the
-    queries' own slots (self-attention of one packed row)."""
+    queries' own slots (self-attention of one packed row). The query blocks run one after the
+    other (`lax.map`), each folding the key blocks into its running softmax (`lax.scan`)."""
+    b, t, h, d = q.shape
+    pad = -t % block
+    if pad:  # padding queries are segment 0: computed, attend nothing, sliced off
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_segments = jnp.pad(q_segments, ((0, 0), (0, pad)))
+    n = (t + pad) // block
+    q_blocks = q.reshape(b, n, block, h, d).swapaxes(0, 1)
+    seg_blocks = q_segments.reshape(b, n, block).swapaxes(0, 1)
+    out = jax.lax.map(lambda xs: _key_blocks(xs[0], k, v, xs[1], k_segments, q_offset=xs[2],
+                                             block=block, window=window),
+                      (q_blocks, seg_blocks, jnp.arange(n) * block))
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
+def _key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
+                k_segments: jax.Array, *, q_offset: jax.Array, block: int,
+                window: int | None) -> jax.Array:
+    """One query block's attention over all key slots, `block` keys at a time."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     pad = -s % block
@@ -94,7 +115,8 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
         m, l, acc = carry  # running max and sum [B, K, G, T], weighted values [B, K, G, T, D]
         kb, vb, segb, j = xs
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(jnp.float32))
-        ok = allowed(q_segments, segb, k_offset=j * block, window=window)[:, None, None]
+        ok = allowed(q_segments, segb, q_offset=q_offset, k_offset=j * block,
+                     window=window)[:, None, None]
         scores = jnp.where(ok, scores, MASKED)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
