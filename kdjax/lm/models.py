@@ -3,7 +3,9 @@
 RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's
 Hugging Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value
 heads shared by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input
-and output embeddings. Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
+and output embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value
+biases (Qwen2), RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary
+frequencies (``rope_scaling``) and a sliding attention window (Mistral). Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
 accelerators, `kdjax.step.compute_dtype`); norms, softmaxes and logits are computed in float32.
 
 Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
@@ -21,8 +23,9 @@ A sequence is decoded with a KV cache through ``decode`` (kdjax.lm.sampling).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,14 +52,43 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+#: rope_scaling types the model computes ("rope_type" of a Hugging Face config), with the keys
+#: each needs.
+ROPE_SCALING = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings"),
+                "linear": ("factor",)}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None = None
+                     ) -> jax.Array:
+    """The ``head_dim / 2`` rotary frequencies ``theta^(-2i / head_dim)``, rescaled as
+    Hugging Face's ``rope_scaling`` says: "linear" divides all by ``factor``; "llama3" (Llama
+    3.1+) divides the low ones by ``factor`` and interpolates the middle band smoothly."""
+    half = head_dim // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return freq / scaling["factor"]
+    if kind == "llama3":
+        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * jnp.pi / freq
+        scaled = jnp.where(wavelen > old / low, freq / factor, freq)
+        smooth = (old / wavelen - low) / (high - low)
+        middle = (wavelen >= old / high) & (wavelen <= old / low)
+        return jnp.where(middle, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return freq
+
+
+def rope(x: jax.Array, positions: jax.Array, *, theta: float,
+         scaling: dict[str, Any] | None = None) -> jax.Array:
     """Rotary position embedding of ``x [B, T, heads, head_dim]`` at ``positions [B, T]``.
 
     Pairs dimension i with i + head_dim/2 (Llama's Hugging Face layout), angle
-    ``position * theta^(-2i / head_dim)``; in float32, returned in x's dtype.
+    ``position * rope_frequencies(...)[i]``; in float32, returned in x's dtype.
     """
     half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = rope_frequencies(x.shape[-1], theta, scaling)
     angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, half]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -71,17 +103,26 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
-def document_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[B, 1, T, T]``: query i may attend key j iff j <= i, same segment, not padding."""
+def document_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """``[B, 1, T, T]``: query i may attend key j iff j <= i (and i - j < sliding_window), same
+    segment, not padding."""
     seg = segment_ids
     t = seg.shape[1]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    causal = _causal(jnp.arange(t), jnp.arange(t), sliding_window)
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
     return (causal & same)[:, None]
 
 
-def _linear(i: int, o: int, *, dtype, rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+def _causal(queries: jax.Array, keys: jax.Array, window: int | None) -> jax.Array:
+    """``[q, k]``: key slot <= query slot, and within the window (Mistral's: i - j < window)."""
+    ok = queries[:, None] >= keys[None, :]
+    if window is not None:
+        ok &= queries[:, None] - keys[None, :] < window
+    return ok
+
+
+def _linear(i: int, o: int, *, dtype, rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                       kernel_init=_init, rngs=rngs)
 
 
@@ -89,21 +130,32 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_theta: float, dtype, rngs: nnx.Rngs):
+                 rope_theta: float, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-5,
+                 rope_scaling: tuple | None = None, sliding_window: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta = rope_theta
-        self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs)
-        self.k = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
-        self.v = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
+        self.rope_theta, self.sliding_window = rope_theta, sliding_window
+        # A tuple of items: a static attribute (a dict would become an NNX graph node).
+        self.rope_scaling = rope_scaling
+        self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
+        self.k = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
+        self.v = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
         self.o = _linear(num_heads * head_dim, d_model, dtype=dtype, rngs=rngs)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps)
+        self.qk_norm = qk_norm
 
     def _qkv(self, x, positions):
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        return (rope(q, positions, theta=self.rope_theta),
-                rope(k, positions, theta=self.rope_theta), v)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        scaling = dict(self.rope_scaling) if self.rope_scaling else None
+        return (rope(q, positions, theta=self.rope_theta, scaling=scaling),
+                rope(k, positions, theta=self.rope_theta, scaling=scaling), v)
 
     def _attend(self, q, k, v, allowed) -> tuple[jax.Array, jax.Array]:
         # q [B, T, H, D]; k, v [B, S, K, D]; allowed [B, 1, T, S]. Each group of H/K query heads
@@ -130,7 +182,7 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                       index, axis=1)
         t, s = x.shape[1], k_cache.shape[1]
-        causal = (index + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+        causal = _causal(index + jnp.arange(t), jnp.arange(s), self.sliding_window)
         allowed = (causal[None] & key_valid[:, None, :])[:, None]
         out, _ = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed)
         return out, {"k": k_cache, "v": v_cache}
@@ -148,10 +200,11 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, d_model, num_heads, num_kv_heads, head_dim, d_ff, *, rope_theta, norm_eps,
-                 dtype, rngs):
+                 dtype, rngs, **attention):
         self.attention_norm = RMSNorm(d_model, eps=norm_eps)
         self.attention = Attention(d_model, num_heads, num_kv_heads, head_dim,
-                                   rope_theta=rope_theta, dtype=dtype, rngs=rngs)
+                                   rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
+                                   rngs=rngs, **attention)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
         self.mlp = SwiGLU(d_model, d_ff, dtype=dtype, rngs=rngs)
 
@@ -181,14 +234,20 @@ class Transformer(nnx.Module):
       head_dim: default ``d_model // num_heads``.
       tie_embeddings: the output projection is the input embedding's transpose.
       rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      qkv_bias: biases on the query, key and value projections (Qwen2).
+      qk_norm: an RMSNorm over each query and key head before the rotation (Qwen3).
+      rope_scaling: rescaled rotary frequencies, a Hugging Face ``rope_scaling`` dict whose
+        ``rope_type`` is one of ROPE_SCALING's (Llama 3's "llama3").
+      sliding_window: a position attends to the last ``sliding_window`` positions only (Mistral).
       dtype: activation dtype; parameters are float32.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                  num_kv_heads: int | None = None, d_ff: int | None = None,
                  head_dim: int | None = None, tie_embeddings: bool = False,
-                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5, qkv_bias: bool = False,
+                 qk_norm: bool = False, rope_scaling: dict[str, Any] | None = None,
+                 sliding_window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads="
@@ -201,15 +260,29 @@ class Transformer(nnx.Module):
             head_dim = d_model // num_heads
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even (rotary positions rotate pairs)")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type")
+            missing = [k for k in ROPE_SCALING.get(kind, ()) if k not in rope_scaling]
+            if kind not in ROPE_SCALING or missing:
+                raise ValueError(f"rope_scaling={rope_scaling} is not implemented: its rope_type "
+                                 f"must be one of {sorted(ROPE_SCALING)} with the keys "
+                                 f"{ROPE_SCALING.get(kind, ROPE_SCALING)}, or rope_scaling "
+                                 f"None for unscaled rotary positions")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window} must be >= 1, or None for "
+                             f"attention over the whole document")
         d_ff = d_ff or -(-(8 * d_model // 3) // 32) * 32
         self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
-        self.head_dim, self.dtype = head_dim, dtype
+        self.head_dim, self.dtype, self.sliding_window = head_dim, dtype, sliding_window
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
                                embedding_init=_init, rngs=rngs)
         self.layers = nnx.List([Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
                                       rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
-                                      rngs=rngs) for _ in range(num_layers)])
+                                      rngs=rngs, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                                      rope_scaling=tuple(sorted((rope_scaling or {}).items()))
+                                      or None, sliding_window=sliding_window)
+                                for _ in range(num_layers)])
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = None if tie_embeddings else _linear(d_model, vocab_size, dtype=dtype,
                                                            rngs=rngs)
@@ -247,7 +320,7 @@ class Transformer(nnx.Module):
         ``[B, T, V]`` logits out (a chunked loss projects "hidden" itself)."""
         del train  # no dropout, no batch statistics: train and eval compute the same
         tokens, segment_ids, positions = self._inputs(tokens, segment_ids, positions)
-        allowed = document_mask(segment_ids)
+        allowed = document_mask(segment_ids, self.sliding_window)
         x = self.embed(tokens)
         out = {"embedding": x}
         for i, block in enumerate(self.layers):
@@ -290,6 +363,8 @@ class Transformer(nnx.Module):
 
 #: Sizes by name; the vocabulary comes from the data's tokenizer. The llama3_* entries are the
 #: shapes of Llama 3.2 1B and 3B (for memory planning and benchmarks, not pretrained weights).
+#: The Hugging Face families (FAMILIES) have no sizes: model.kwargs give them (an imported run
+#: records them), and the family is the layout `kdjax export --format hf` writes.
 LM_MODELS: dict[str, dict[str, Any]] = {
     "lm_tiny": dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64),
     "lm_mini": dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192),
@@ -300,6 +375,9 @@ LM_MODELS: dict[str, dict[str, Any]] = {
     "llama3_3b": dict(d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, d_ff=8192,
                       tie_embeddings=True, rope_theta=500_000.0),
 }
+FAMILIES: dict[str, dict[str, Any]] = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True},
+                                       "qwen3": {"qk_norm": True}}
+LM_MODELS.update(FAMILIES)
 
 
 def is_lm(name: str) -> bool:
@@ -317,8 +395,12 @@ def create_lm(name: str, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32,
     if unknown:
         raise ValueError(f"model {name!r} takes no argument(s) {unknown} (model.kwargs); valid: "
                          f"{sorted(valid - {'vocab_size', 'rngs', 'dtype'})}")
-    return Transformer(vocab_size=vocab_size, rngs=rngs, dtype=dtype,
-                       **{**LM_MODELS[name], **kwargs})
+    sizes = {**LM_MODELS[name], **kwargs}
+    missing = [k for k in ("d_model", "num_layers", "num_heads") if k not in sizes]
+    if missing:
+        raise ValueError(f"model {name!r} has no default sizes: give {missing} in model.kwargs "
+                         f"(or start from an imported run: init.workdir)")
+    return Transformer(vocab_size=vocab_size, rngs=rngs, dtype=dtype, **sizes)
 
 
 def registry() -> dict[str, Callable[..., Transformer]]:
@@ -333,3 +415,50 @@ def registry() -> dict[str, Callable[..., Transformer]]:
         return build
 
     return {name: entry(name) for name in LM_MODELS}
+
+
+# -- reshaped copies -------------------------------------------------------------------------------
+
+
+def _rebuilt(model: nnx.Module, spec, take: Callable[[tuple, jax.Array], jax.Array]
+             ) -> nnx.Module:
+    """`spec`'s model with each variable at path p set to ``take(p', model's array at p')``."""
+    graphdef, abstract = nnx.split(spec.abstract())
+    source = dict(nnx.to_flat_state(nnx.state(model)))
+    return nnx.merge(graphdef, nnx.from_flat_state(
+        [(path, v.replace(take(path, source))) for path, v in nnx.to_flat_state(abstract)]))
+
+
+def keep_layers(model: nnx.Module, spec, layers: Sequence[int]):
+    """(spec, model) of ``len(layers)`` blocks, block i being `model`'s block ``layers[i]`` and
+    every other weight `model`'s: DistilBERT's initialisation of a shallower student
+    (init.layers). `spec` is a kdjax.models.ModelSpec of `model`."""
+    total = getattr(model, "num_layers", None)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"init.layers={list(layers)} picks blocks of a language model; "
+                         f"init.workdir's {spec.name!r} is not one: leave init.layers empty")
+    repeated = sorted({i for i in layers if list(layers).count(i) > 1})
+    outside = [i for i in layers if not 0 <= i < total]
+    if outside or repeated:
+        raise ValueError(f"init.layers={list(layers)} must be distinct block indices in "
+                         f"[0, {total}) of init.workdir's model (out of range: {outside}, "
+                         f"repeated: {repeated})")
+    smaller = dataclasses.replace(spec, kwargs={**spec.kwargs, "num_layers": len(layers)})
+
+    def take(path, source):
+        return source[(path[0], layers[path[1]], *path[2:]) if path[0] == "layers" else path][...]
+
+    return smaller, _rebuilt(model, smaller, take)
+
+
+def slice_vocab(model: Transformer, spec, vocab: int):
+    """(spec, model) with the first `vocab` rows of the embedding and output projection only:
+    the padding rows a checkpoint carries beyond its tokenizer (Qwen2.5's 152,064 vs 151,936)
+    dropped, every other weight `model`'s."""
+    smaller = dataclasses.replace(spec, num_classes=vocab)
+
+    def take(path, source):
+        x = source[path][...]
+        return x[:vocab] if path[0] == "embed" else x[:, :vocab] if path[0] == "lm_head" else x
+
+    return smaller, _rebuilt(model, smaller, take)
