@@ -379,3 +379,83 @@ def test_a_kdjax_native_model_exports_as_llama(tmp_path):
     # bfloat16 weights: 8 significant bits, so a relative error of a few 2^-8 in the logits
     assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()
     assert np.mean(theirs.argmax(-1) == ours.argmax(-1)) >= 0.9
+
+
+def test_distill_imported_qwen_teacher_into_imported_student_then_generate(tmp_path, capsys):
+    """The issue's scenario in miniature: a Qwen2 teacher with padding rows beyond its tokenizer,
+    a Qwen3 student started from one of its own two blocks (init.layers), both imported; distil,
+    export --format hf, and transformers generates from the export."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from conftest import ROOT
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(24):
+        (corpus / f"f{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n"
+                                                 for j in range(i % 5 + 2)))
+    tok = tokenizer_lib.train_bpe([p.read_text() for p in corpus.iterdir()], 280)
+    chat = {"chat_template": "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}",
+            "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    torch.manual_seed(0)
+    folders = {}
+    for name, cls, config in (
+            ("teacher", transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+                vocab_size=tok.vocab_size + 8, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                tie_word_embeddings=True, initializer_range=0.2)),
+            ("student", transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+                vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, head_dim=8,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                initializer_range=0.2))):
+        folders[name] = str(tmp_path / f"hf_{name}")
+        cls(config).save_pretrained(folders[name])
+        tok.save(folders[name])
+        with open(os.path.join(folders[name], "tokenizer_config.json"), "w") as f:
+            json.dump(chat, f)
+    data = str(tmp_path / "data")
+    assert cli.main(["prepare", "text", "--from", str(corpus), "--name", "code", "--seq-len", "16",
+                     "--held-out", "0.2", "--data-dir", data, "--tokenizer",
+                     os.path.join(folders["teacher"], "tokenizer.json")]) == 0
+    runs = {name: str(tmp_path / name) for name in folders}
+    for name in runs:
+        assert cli.main(["import", "--hf", folders[name], "--out", runs[name], "--data", "code",
+                         "--data-dir", data]) == 0
+    # the imported teacher evaluates on its data as any run does
+    assert cli.main(["eval", "--workdir", runs["teacher"], "--config.lm.eval_rows=8",
+                     "--config.eval.batch_size=8", "--config.lm.prompts=()",
+                     "--no-progress"]) == 0
+    assert '"eval/perplexity"' in capsys.readouterr().out
+    student = str(tmp_path / "kd")
+    assert cli.main([
+        "distill", "--config", os.path.join(ROOT, "experiments", "lm", "distill.py"),
+        "--workdir", student, f"--config.data.data_dir={data}", "--config.data.name=code",
+        f"--config.teacher.workdir={runs['teacher']}", f"--config.init.workdir={runs['student']}",
+        "--config.init.layers=[1]", "--config.model.name=qwen3", "--config.train.steps=4",
+        "--config.train.batch_size=4", "--config.eval.batch_size=8", "--config.lm.eval_rows=8",
+        "--config.eval.every_steps=4", "--config.checkpoint.every_steps=4",
+        "--config.train.log_every_steps=2", "--config.lm.prompts=()", "--config.lm.chunk_size=8",
+        "--config.optimizer.warmup_steps=0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"has {tok.vocab_size + 8} vocabulary rows, the student {tok.vocab_size}, with the "
+            f"same tokenizer" in out and "sliced off" in out)
+    assert "the student keeps blocks [1] of init.workdir's 2" in out
+    exported = str(tmp_path / "export")
+    assert cli.main(["export", "--workdir", student, "--out", exported, "--format", "hf"]) == 0
+    with open(os.path.join(exported, "config.json")) as f:
+        config = json.load(f)
+    assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == (
+        "qwen3", 1, tok.vocab_size)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "def f1(x):"}],
+                                        tokenize=False)
+    assert prompt == "<bos>def f1(x):<eos>"
+    ids = torch.tensor([[tok.bos, *tok.encode("def f1(x):")]])
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False,
+                                   pad_token_id=tok.pad)
+        theirs = model(ids).logits.numpy()[0]
+    assert generated.shape == (1, ids.shape[1] + 5)
+    *_, ours = checkpoint.read_model(student)
+    assert_close(np.asarray(ours(ids.numpy()))[0], theirs, n=4 * 16 + 8 + 32 + 16)

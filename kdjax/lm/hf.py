@@ -261,7 +261,9 @@ def import_hf(directory: str, *, out: str, dataset: str | None = None,
         data_dir=os.path.abspath(data_dir) if data_dir else "")
     run_plan = plan_lib.as_plan({
         "model": {"name": family, "kwargs": kwargs, "num_classes": vocab},
-        "data": {"name": dataset or "", "data_dir": report.data_dir},
+        # the splits `kdjax prepare text` writes
+        "data": {"name": dataset or "", "data_dir": report.data_dir, "train_split": "train",
+                 "eval_split": "validation"},
         "train": {"steps": 0}, "loss": {"name": "ce"}})
     record = {"hf": {"dir": HF_DIR, "config": config},
               "tokenizer": ({"kind": "hf", "vocab_size": tokens, "file": "tokenizer.json"}
