@@ -8,6 +8,7 @@
   kdjax export  --workdir workdirs/kd --out exports/kd_int8 --config.quant.mode=ptq  (int8 weights)
   kdjax export  --workdir workdirs/kd --out exports/kd_pt --format torch   (for load_state_dict)
   kdjax import  --from resnet50.pth --model resnet50 --out workdirs/r50   (a PyTorch teacher)
+  kdjax import  --hf models/Qwen3-0.6B --out workdirs/qwen3   (a Hugging Face causal LM)
   kdjax report  workdirs/teacher workdirs/kd exports/kd --out reports/kd   (accuracy, calibration,
                                            fidelity, size, speed: report.json, report.md, charts)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
