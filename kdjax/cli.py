@@ -469,8 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.format == "hf":
                 from kdjax.lm import hf
 
-                hf.export(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                          max_shard_bytes=int(args.max_shard_mb * 2**20))
+                path = hf.export(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                                 max_shard_bytes=int(args.max_shard_mb * 2**20))
+                print(f"kdjax: exported the student to {path} as a Hugging Face folder; load it "
+                      f"with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
                 return 0
             path = lm_task.export(args.workdir, args.out, step=args.step)
             print(f"kdjax: exported the student to {path}; load and run it with:\n"

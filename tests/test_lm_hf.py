@@ -387,13 +387,9 @@ def test_distill_imported_qwen_teacher_into_imported_student_then_generate(tmp_p
     export --format hf, and transformers generates from the export."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    from conftest import ROOT
+    from conftest import ROOT, write_corpus
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(24):
-        (corpus / f"f{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n"
-                                                 for j in range(i % 5 + 2)))
+    corpus = write_corpus(tmp_path / "corpus")
     tok = tokenizer_lib.train_bpe([p.read_text() for p in corpus.iterdir()], 280)
     chat = {"chat_template": "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}",
             "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}

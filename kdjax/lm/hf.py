@@ -376,6 +376,22 @@ def tokenizer_source(workdir: str, run: dict[str, Any]) -> tuple[str | None, dic
     return None, {}
 
 
+def _token_ids(description: dict[str, Any], directory: str | None) -> dict[str, int]:
+    """bos/eos ids of the run's tokenizer for the config ({} when it names none)."""
+    from kdjax.lm import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+    if description.get("kind") == "byte":
+        tok = tokenizer_lib.ByteTokenizer()
+    elif description.get("kind") == "hf" and directory is not None:
+        try:
+            tok = tokenizer_lib.HFTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        except ValueError:  # no token named like a bos/eos: transformers' defaults stand
+            return {}
+    else:
+        return {}
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eos}
+
+
 def export(workdir: str, out: str, *, step: str | int = "latest", dtype: str = "float32",
            max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> str:
     """`kdjax export --format hf`: the LM student of `workdir` as a Hugging Face folder in `out`
@@ -389,18 +405,12 @@ def export(workdir: str, out: str, *, step: str | int = "latest", dtype: str = "
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
                          f"overwrites anything)")
-    n, _, run, spec, model = checkpoint.read_model(workdir, step)
+    _, _, run, spec, model = checkpoint.read_model(workdir, step)
     if not lm_models.is_lm(spec.name):
         raise ValueError(f"--format hf writes language models; {workdir!r} holds {spec.name!r}: "
                          f"use --format safetensors or torch")
     tok_dir, base = tokenizer_source(workdir, run)
-    tokens = {}
-    if (run.get("tokenizer") or {}).get("kind") in ("hf", "byte"):
-        from kdjax.lm import tokenizer as tokenizer_lib  # noqa: PLC0415
-
-        tok = (tokenizer_lib.ByteTokenizer() if run["tokenizer"]["kind"] == "byte" else
-               tokenizer_lib.HFTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")))
-        tokens = {"bos_token_id": tok.bos, "eos_token_id": tok.eos}
+    tokens = {} if "bos_token_id" in base else _token_ids(run.get("tokenizer") or {}, tok_dir)
     config = hf_config(model, spec, dtype=dtype, base=base, tokens=tokens)
     np_dtype = state_dict.FLOAT_DTYPES["BF16" if dtype == "bfloat16" else "F32"]
     tensors = {k: v.astype(np_dtype) for k, v in layouts.to_state_dict(model, "hf").items()}
@@ -438,6 +448,4 @@ def export(workdir: str, out: str, *, step: str | int = "latest", dtype: str = "
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"kdjax: exported step {n} of {workdir} as a {config['model_type']} folder "
-          f"({len(shards)} safetensors file(s), {dtype}) to {out}", flush=True)
     return out

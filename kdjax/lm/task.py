@@ -109,6 +109,7 @@ class LanguageModelTask(Task):
     def __init__(self, plan: plan_lib.RunPlan):
         super().__init__(plan)
         self.ds: text_data.TextDataset | None = None
+        self._init: dict[str, Any] | None = None
 
     def check(self, *, distill: bool) -> None:
         plan = self.plan
@@ -151,6 +152,8 @@ class LanguageModelTask(Task):
         workdir = self.plan.init.workdir
         if not workdir:
             return {}
+        if self._init is not None:
+            return self._init
         reader = RunReader(workdir, what="init.workdir")
         try:
             run = reader.run_meta(reader.resolve_step("latest"))
@@ -160,6 +163,7 @@ class LanguageModelTask(Task):
         directory, config = hf.tokenizer_source(workdir, run)
         if run.get("hf") and directory is not None:
             out["hf"] = {"dir": os.path.abspath(directory), "config": config}
+        self._init = out
         return out
 
     def open_eval(self, mesh) -> Callable[[], Iterable[dict[str, jax.Array]]]:
