@@ -46,7 +46,26 @@ FAMILIES = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
                   tie_word_embeddings=False, use_sliding_window=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # soft caps small enough to bend these weights' scores and logits
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], vocab_size=300,
+                   hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=12,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=5.0, sliding_window=3,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=300,
+                   hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=12,
+                   attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=3,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                       "rope_theta": 1000000.0},
+                                    "sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": 10000.0}}),
 }
+GEMMA = ("gemma2", "gemma3_text")
 
 
 def _weights(config, seed=0):
@@ -79,50 +98,75 @@ def _weights(config, seed=0):
             for n, o in (("q", h), ("k", k), ("v", k)):
                 w[p + f"self_attn.{n}_proj.bias"] = (0.3 * rng.standard_normal(o * hd)).astype(
                     np.float32)
-        if config["model_type"] == "qwen3":
+        if config["model_type"] in ("qwen3", "gemma3_text"):
             w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"] = norm(hd), norm(hd)
+        if config["model_type"] in GEMMA:
+            w[p + "pre_feedforward_layernorm.weight"] = norm(d)
+            w[p + "post_feedforward_layernorm.weight"] = norm(d)
     return w
 
 
+def _inv_freq(rope, hd):
+    """Rotary frequencies of a Hugging Face rope dict, rescaled as its rope_type says."""
+    inv = 1.0 / rope["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    if rope.get("rope_type") == "linear":
+        return inv / rope["factor"]
+    if rope.get("rope_type") != "llama3":
+        return inv
+    old, factor = rope["original_max_position_embeddings"], rope["factor"]  # Llama 3.1's bands
+    lo, hi = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+    out = []
+    for f in inv:
+        wave = 2 * math.pi / f
+        if wave < hi:
+            out.append(f)
+        elif wave > lo:
+            out.append(f / factor)
+        else:
+            s = (old / wave - rope["low_freq_factor"]) / (
+                rope["high_freq_factor"] - rope["low_freq_factor"])
+            out.append((1 - s) * f / factor + s * f)
+    return np.array(out)
+
+
 def reference_logits(config, w, tokens):
-    """The forward of Llama/Mistral/Qwen2/Qwen3 written out in float64 numpy from the papers'
-    and transformers' definitions, independently of kdjax's code."""
+    """The forward of Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 written out in float64 numpy
+    from the papers' and transformers' definitions, independently of kdjax's code."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
     d, h, k = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     hd, eps = config.get("head_dim") or d // h, config["rms_norm_eps"]
+    gemma = config["model_type"] in GEMMA
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta")}
-    inv = 1.0 / rope["rope_theta"] ** (np.arange(0, hd, 2) / hd)
-    if rope.get("rope_type") == "llama3":  # Llama 3.1's frequency rescaling, band by band
-        old, factor = rope["original_max_position_embeddings"], rope["factor"]
-        lo, hi = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
-        out = []
-        for f in inv:
-            wave = 2 * math.pi / f
-            if wave < hi:
-                out.append(f)
-            elif wave > lo:
-                out.append(f / factor)
-            else:
-                s = (old / wave - rope["low_freq_factor"]) / (
-                    rope["high_freq_factor"] - rope["low_freq_factor"])
-                out.append((1 - s) * f / factor + s * f)
-        inv = np.array(out)
     t = len(tokens)
-    angle = np.arange(t)[:, None] * np.concatenate([inv, inv])[None]  # [T, hd]
-    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    i, j = np.arange(t)[:, None], np.arange(t)[None]
 
     def rms(x, g):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * ((1 + g) if gemma else g)
 
-    def rotate(x):
-        return np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin + x * cos
+    def act(x):
+        if gemma:  # GELU, tanh approximation
+            return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return x / (1 + np.exp(-x))
 
-    window = config.get("sliding_window") if config["model_type"] == "mistral" else None
-    i, j = np.arange(t)[:, None], np.arange(t)[None]
-    allowed = (j <= i) & ((i - j < window) if window else True)
+    def cap(x, c):
+        return x if c is None else np.tanh(x / c) * c
+
     x = w["model.embed_tokens.weight"][tokens]
+    if gemma:
+        x = x * float(np.float32(d ** 0.5))
     for layer in range(config["num_hidden_layers"]):
+        kind = config.get("layer_types", ["full_attention"] * 99)[layer]
+        window = config.get("sliding_window") if (
+            config["model_type"] == "mistral" or kind == "sliding_attention") else None
+        allowed = (j <= i) & ((i - j < window) if window else True)
+        inv = _inv_freq(rope.get(kind, rope), hd)  # Gemma 3's: per layer type
+        angle = np.arange(t)[:, None] * np.concatenate([inv, inv])[None]
+        cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+
+        def rotate(x):
+            return np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin + x * cos
+
         p = f"model.layers.{layer}."
         a = rms(x, w[p + "input_layernorm.weight"])
         q, kk, v = (a @ w[p + f"self_attn.{n}_proj.weight"].T + w.get(
@@ -131,20 +175,26 @@ def reference_logits(config, w, tokens):
         if p + "self_attn.q_norm.weight" in w:
             q, kk = rms(q, w[p + "self_attn.q_norm.weight"]), rms(kk, w[p + "self_attn.k_norm.weight"])
         q, kk = rotate(q), rotate(kk)
+        scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else hd ** -0.5
         heads = []
         for head in range(h):
             kv = head // (h // k)
-            s = q[:, head] @ kk[:, kv].T / math.sqrt(hd)
+            s = cap(q[:, head] @ kk[:, kv].T * scale, config.get("attn_logit_softcapping"))
             s = np.where(allowed, s, -np.inf)
             prob = np.exp(s - s.max(-1, keepdims=True))
             heads.append((prob / prob.sum(-1, keepdims=True)) @ v[:, kv])
-        x = x + np.concatenate(heads, -1) @ w[p + "self_attn.o_proj.weight"].T
-        m = rms(x, w[p + "post_attention_layernorm.weight"])
-        gate = m @ w[p + "mlp.gate_proj.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * (m @ w[p + "mlp.up_proj.weight"].T)) @ w[
+        o = np.concatenate(heads, -1) @ w[p + "self_attn.o_proj.weight"].T
+        if gemma:  # a norm after each sub-layer too
+            x = x + rms(o, w[p + "post_attention_layernorm.weight"])
+            m = rms(x, w[p + "pre_feedforward_layernorm.weight"])
+        else:
+            x = x + o
+            m = rms(x, w[p + "post_attention_layernorm.weight"])
+        f = (act(m @ w[p + "mlp.gate_proj.weight"].T) * (m @ w[p + "mlp.up_proj.weight"].T)) @ w[
             p + "mlp.down_proj.weight"].T
+        x = x + (rms(f, w[p + "post_feedforward_layernorm.weight"]) if gemma else f)
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    return rms(x, w["model.norm.weight"]) @ head.T
+    return cap(rms(x, w["model.norm.weight"]) @ head.T, config.get("final_logit_softcapping"))
 
 
 def _terms(config):
@@ -194,7 +244,10 @@ def test_import_computes_the_numpy_reference(family, tmp_path):
     without = {"llama3": ({**config, "rope_scaling": None}, weights),
                "mistral": ({**config, "sliding_window": None}, weights),
                "qwen2": (config, {k: v for k, v in weights.items() if not k.endswith(".bias")}),
-               "qwen3": (config, {k: v for k, v in weights.items() if "_norm." not in k})}[family]
+               "qwen3": (config, {k: v for k, v in weights.items() if "_norm." not in k}),
+               "gemma2": ({**config, "attn_logit_softcapping": None,
+                           "final_logit_softcapping": None}, weights),
+               "gemma3": ({**config, "layer_types": ["full_attention"] * 2}, weights)}[family]
     assert np.abs(reference_logits(*without, TOKENS[0]) - want).max() > 0.05 * np.abs(want).max()
 
 
@@ -216,11 +269,16 @@ def test_bf16_shards_are_read_exactly(tmp_path):
     assert run["hf"]["config"]["model_type"] == "qwen2" and run["imported"]["layout"] == "hf"
 
 
-def test_kv_cached_sampling_with_the_new_options():
-    model = lm_models.Transformer(
-        vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-        qk_norm=True, sliding_window=3, rngs=nnx.Rngs(0),
-        rope_scaling=FAMILIES["llama3"]["rope_scaling"])
+@pytest.mark.parametrize("options", [
+    dict(qkv_bias=True, qk_norm=True, sliding_window=3,
+         rope_scaling=FAMILIES["llama3"]["rope_scaling"]),
+    dict(qk_norm=True, norm_offset=1.0, embed_scale=True, activation="gelu_tanh",
+         sandwich_norms=True, query_scale=12, attn_softcap=2.0, final_softcap=5.0,
+         sliding_window=3, sliding_layers=[0], local_rope_theta=100.0,
+         rope_scaling={"rope_type": "linear", "factor": 4.0})], ids=["llama-qwen-mistral", "gemma"])
+def test_kv_cached_sampling_with_the_new_options(options):
+    model = lm_models.Transformer(vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, rngs=nnx.Rngs(0), **options)
     nnx.update(model, jax.tree.map(lambda x: x * 8, nnx.state(model, nnx.Param)))
     config = sampling.SamplingConfig()
     tokens, logits = sampling.generate(model, PROMPTS, max_new_tokens=6, return_logits=True)
@@ -242,11 +300,13 @@ def _refused(tmp_path, src, match, error=ValueError):
 @pytest.mark.parametrize("change, match", [
     ({"model_type": "gpt2"}, r"model_type 'gpt2' is not a family kdjax computes .*--torch "
                              r"transformers:AutoModelForCausalLM"),
-    ({"model_type": "gemma2"}, r"'gemma2' \(Gemma\) is not yet supported.*PyTorch bridge.*--torch "
-                               r"transformers:AutoModelForCausalLM.from_pretrained"),
+    ({"model_type": "gemma"}, r"'gemma': Gemma 1 is not yet supported .*PyTorch bridge.*--torch "
+                              r"transformers:AutoModelForCausalLM.from_pretrained"),
+    ({"model_type": "gemma3"}, r"a multimodal Gemma 3 is not yet supported .*gemma3_text"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
      r"config.json: rope_scaling.rope_type=\"yarn\" is not implemented.*'default', 'llama3'"),
-    ({"hidden_act": "gelu"}, r"hidden_act=\"gelu\" is not implemented.*SwiGLU"),
+    ({"hidden_act": "gelu"}, r"hidden_act=\"gelu\" is not implemented .*a llama feed-forward's "
+                             r"gate is silu"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      r"rope_scaling of type 'llama3' lacks \['low_freq_factor'"),
 ])

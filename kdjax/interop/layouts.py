@@ -13,7 +13,8 @@ A layout maps each variable of a model (its `nnx.state` path) to one state_dict 
                  kdjax.interop.torch_code writes the nn.Module they load into (an export's
                  model.py);
   "hf"           Hugging Face transformers' causal-LM naming (model.layers.0.self_attn.q_proj,
-                 ..., lm_head) for kdjax.lm.models' Transformer: Llama, Mistral, Qwen2, Qwen3;
+                 ..., lm_head) for kdjax.lm.models' Transformer: Llama, Mistral, Qwen2, Qwen3,
+                 Gemma 2 and Gemma 3 (text);
   "kdjax"        the NNX paths joined by dots ("stem.conv.kernel"), arrays as NNX holds them: the
                  layout of any model, zoo or not, which no PyTorch module loads (kdjax import
                  reads it back).
@@ -131,6 +132,10 @@ _HF: tuple[Rule, ...] = (
     (_HF_LAYER + r"attention\.(q_norm|k_norm)", lambda m: f"model.layers.{m[1]}.self_attn.{m[2]}"),
     (_HF_LAYER + r"attention_norm", lambda m: f"model.layers.{m[1]}.input_layernorm"),
     (_HF_LAYER + r"mlp_norm", lambda m: f"model.layers.{m[1]}.post_attention_layernorm"),
+    # Gemma 2/3's four norms a block
+    (_HF_LAYER + r"post_attention_norm", lambda m: f"model.layers.{m[1]}.post_attention_layernorm"),
+    (_HF_LAYER + r"pre_mlp_norm", lambda m: f"model.layers.{m[1]}.pre_feedforward_layernorm"),
+    (_HF_LAYER + r"post_mlp_norm", lambda m: f"model.layers.{m[1]}.post_feedforward_layernorm"),
     (_HF_LAYER + r"mlp\.(gate|up|down)", lambda m: f"model.layers.{m[1]}.mlp.{m[2]}_proj"),
     (r"norm", lambda m: "model.norm"),
     (r"lm_head", lambda m: "lm_head"),

@@ -5,11 +5,14 @@ A Hugging Face folder holds config.json, the weights (model.safetensors, or shar
 model.safetensors.index.json; float32, float16 or bfloat16) and usually the tokenizer
 (tokenizer.json, tokenizer_config.json with its chat template). The families below are kdjax's
 Transformer (kdjax.lm.models) with options: Llama 2/3 (with Llama 3's rope_scaling), Mistral
-(sliding window), Qwen2/2.5 (query/key/value biases), Qwen3 (query/key RMSNorms). Parameter names
-are the "hf" layout of kdjax.interop.layouts.
+(sliding window), Qwen2/2.5 (query/key/value biases), Qwen3 (query/key RMSNorms), Gemma 2 and
+Gemma 3's text models ((1+w) norms, scaled embedding, GeGLU, four norms a block, soft caps,
+alternating sliding-window layers). Parameter names are the "hf" layout of
+kdjax.interop.layouts.
 
 An import is a run (kdjax.interop.importer.write_run) whose ModelSpec names the family (model.name
-"llama", "mistral", "qwen2" or "qwen3", the sizes in model.kwargs), with the folder's config.json,
+is the model_type: "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"; the sizes in
+model.kwargs), with the folder's config.json,
 generation config and tokenizer files kept in RUN/hf/. Everything that kdjax does not compute
 exactly as `transformers` does is refused before any directory appears.
 
@@ -40,9 +43,19 @@ __all__ = ["ARCHITECTURES", "HF_DIR", "describe", "export", "hf_config", "import
 
 #: model_type -> the transformers class of each family kdjax computes exactly.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# (1+w) norms, GeGLU, soft-capping, alternating windows: a sibling model kdjax does not have yet.
-NOT_YET = ("gemma", "gemma2", "gemma3", "gemma3_text")
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+NOT_YET = {"gemma": "Gemma 1 is not yet supported (kdjax imports Gemma 2 and Gemma 3's text "
+                    "models)",
+           "gemma3": "a multimodal Gemma 3 is not yet supported (kdjax imports Gemma 3's text-only "
+                     "models, model_type gemma3_text, such as gemma-3-1b)"}
+# What transformers assumes of a Gemma config that leaves a field out (its config classes').
+_GEMMA_DEFAULTS = {
+    "gemma2": dict(query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, sliding_window=4096, pattern=2, head_dim=256),
+    "gemma3_text": dict(query_pre_attn_scalar=256, attn_logit_softcapping=None,
+                        final_logit_softcapping=None, sliding_window=4096, pattern=6,
+                        head_dim=256, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)}
 HF_DIR = "hf"  # inside an imported run: the folder's config, generation config and tokenizer
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,9 +89,8 @@ def read_config(directory: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not JSON ({e}): copy or download it again") from None
     kind = config.get("model_type")
     if kind in NOT_YET:
-        raise ValueError(f"{path}: model_type {kind!r} (Gemma) is not yet supported by kdjax "
-                         f"import --hf (its (1+w) RMSNorms, GeGLU and logit soft-capping are not "
-                         f"in kdjax's transformer); {_bridge(directory)}")
+        raise ValueError(f"{path}: model_type {kind!r}: {NOT_YET[kind]} by kdjax import --hf; "
+                         f"{_bridge(directory)}")
     if kind not in ARCHITECTURES:
         raise ValueError(f"{path}: model_type {kind!r} is not a family kdjax computes (it "
                          f"imports {sorted(ARCHITECTURES)}); {_bridge(directory)}")
@@ -91,12 +103,15 @@ def _refuse(path: str, field: str, value: Any, why: str) -> ValueError:
                       f"as transformers does: {_bridge(os.path.dirname(path))}")
 
 
-def _rope(config: dict[str, Any], path: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling kwarg) from transformers 5's rope_parameters or 4's
-    rope_scaling and rope_theta."""
+def _rope(config: dict[str, Any], path: str, default_theta: float = 10_000.0
+          ) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling kwarg) from transformers 5's rope_parameters (Gemma 3's: its
+    "full_attention" entry) or 4's rope_scaling and rope_theta."""
     field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
     given = dict(config.get(field) or {})
-    theta = float(given.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    if "full_attention" in given:
+        field, given = f"{field}.full_attention", dict(given["full_attention"])
+    theta = float(given.get("rope_theta", config.get("rope_theta", default_theta)))
     kind = given.get("rope_type", given.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -114,9 +129,11 @@ def spec_from_config(config: dict[str, Any], path: str) -> tuple[str, int, dict[
     """(family, vocabulary rows, Transformer kwargs) of a Hugging Face config, refusing every
     field whose value kdjax does not compute."""
     family = config["model_type"]
-    act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise _refuse(path, "hidden_act", act, "its feed-forward is SwiGLU")
+    gemma = _GEMMA_DEFAULTS.get(family)
+    field = "hidden_activation" if gemma else "hidden_act"
+    act, want = config.get(field, config.get("hidden_act")), "gelu_pytorch_tanh" if gemma else "silu"
+    if (act or want) != want:
+        raise _refuse(path, field, act, f"a {family} feed-forward's gate is {want}")
     for field in ("attention_bias", "mlp_bias"):
         if config.get(field):
             raise _refuse(path, field, True, "its only biases are Qwen2's on q, k and v")
@@ -129,7 +146,9 @@ def spec_from_config(config: dict[str, Any], path: str) -> tuple[str, int, dict[
     if family in ("qwen2", "qwen3") and config.get("use_sliding_window"):
         raise _refuse(path, "use_sliding_window", True,
                       "Qwen's per-layer windows are not implemented")
-    theta, scaling = _rope(config, path)
+    if config.get("use_bidirectional_attention"):
+        raise _refuse(path, "use_bidirectional_attention", True, "it is a causal LM")
+    theta, scaling = _rope(config, path, (gemma or {}).get("rope_theta", 10_000.0))
     heads = int(config["num_attention_heads"])
     kwargs: dict[str, Any] = dict(
         d_model=int(config["hidden_size"]), num_layers=int(config["num_hidden_layers"]),
@@ -142,7 +161,39 @@ def spec_from_config(config: dict[str, Any], path: str) -> tuple[str, int, dict[
         kwargs["rope_scaling"] = scaling
     if family == "mistral" and config.get("sliding_window") is not None:
         kwargs["sliding_window"] = int(config["sliding_window"])
+    if gemma:
+        kwargs.update(_gemma(config, gemma, path))
     return family, int(config["vocab_size"]), kwargs
+
+
+def _gemma(config: dict[str, Any], defaults: dict[str, Any], path: str) -> dict[str, Any]:
+    """The Transformer kwargs particular to Gemma 2/3 (the family's fixed options are its
+    LM_MODELS entry)."""
+    layers = int(config["num_hidden_layers"])
+    types = config.get("layer_types") or [
+        "sliding_attention" if (i + 1) % config.get("sliding_window_pattern", defaults["pattern"])
+        else "full_attention" for i in range(layers)]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != layers:
+        raise _refuse(path, "layer_types", types, "it has sliding_attention and full_attention "
+                      f"layers, one type per layer of num_hidden_layers={layers}")
+    out: dict[str, Any] = dict(
+        head_dim=int(config.get("head_dim") or defaults["head_dim"]),
+        # kept as given: transformers' config classes take an int
+        query_scale=config.get("query_pre_attn_scalar", defaults["query_pre_attn_scalar"]),
+        attn_softcap=config.get("attn_logit_softcapping", defaults["attn_logit_softcapping"]),
+        final_softcap=config.get("final_logit_softcapping",
+                                 defaults["final_logit_softcapping"]),
+        sliding_window=int(config.get("sliding_window") or defaults["sliding_window"]),
+        sliding_layers=[i for i, t in enumerate(types) if t == "sliding_attention"])
+    if "rope_local_base_freq" in defaults:  # Gemma 3: the sliding layers' own unscaled rotary
+        local = (config.get("rope_parameters") or {}).get("sliding_attention") or {
+            "rope_theta": config.get("rope_local_base_freq", defaults["rope_local_base_freq"])}
+        if local.get("rope_type", "default") != "default":
+            raise _refuse(path, "rope_parameters.sliding_attention.rope_type", local["rope_type"],
+                          "Gemma 3's sliding layers rotate unscaled")
+        out["local_rope_theta"] = float(local.get("rope_theta", defaults["rope_local_base_freq"]))
+    return out
 
 
 def read_weights(directory: str) -> tuple[dict[str, np.ndarray], str, list[str]]:
@@ -304,7 +355,9 @@ def _family(spec: ModelSpec, options: dict[str, Any]) -> str:
     fits = {"llama": not (options["qkv_bias"] or options["qk_norm"] or options["sliding_window"]),
             "mistral": not (options["qkv_bias"] or options["qk_norm"]),
             "qwen2": options["qkv_bias"] and not (options["qk_norm"] or options["sliding_window"]),
-            "qwen3": options["qk_norm"] and not (options["qkv_bias"] or options["sliding_window"])}
+            "qwen3": options["qk_norm"] and not (options["qkv_bias"] or options["sliding_window"]),
+            "gemma2": not (options["qkv_bias"] or options["qk_norm"]),
+            "gemma3_text": options["qk_norm"] and not options["qkv_bias"]}
     if not fits[family]:
         raise ValueError(f"model.name={spec.name!r} with qkv_bias={options['qkv_bias']}, qk_norm="
                          f"{options['qk_norm']}, sliding_window={options['sliding_window']} has "
@@ -349,7 +402,26 @@ def hf_config(model: lm_models.Transformer, spec: ModelSpec, *, dtype: str,
         config["sliding_window"] = options["sliding_window"]
     if family in ("qwen2", "qwen3"):
         config.update(use_sliding_window=False, sliding_window=None)
+    if family in _GEMMA_DEFAULTS:
+        config.update(_gemma_config(options, model, rope))
     return config
+
+
+def _gemma_config(options: dict[str, Any], model: lm_models.Transformer,
+                  rope: dict[str, Any]) -> dict[str, Any]:
+    windows = [block.attention.sliding_window for block in model.layers]
+    out = dict(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+               attention_bias=False, query_pre_attn_scalar=options["query_scale"] or model.head_dim,
+               attn_logit_softcapping=options["attn_softcap"],
+               final_logit_softcapping=options["final_softcap"],
+               sliding_window=options["sliding_window"] or _GEMMA_DEFAULTS["gemma2"]["sliding_window"],
+               layer_types=["full_attention" if w is None else "sliding_attention"
+                            for w in windows])
+    if options["local_rope_theta"] is not None:  # Gemma 3
+        local = {"rope_type": "default", "rope_theta": options["local_rope_theta"]}
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                   rope_local_base_freq=options["local_rope_theta"])
+    return out
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

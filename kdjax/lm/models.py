@@ -5,7 +5,10 @@ Hugging Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads
 heads shared by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input
 and output embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value
 biases (Qwen2), RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary
-frequencies (``rope_scaling``) and a sliding attention window (Mistral). Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
+frequencies (``rope_scaling``) and a sliding attention window (Mistral); and Gemma 2/3's:
+(1+w) RMSNorms, an embedding scaled by sqrt(d_model), GeGLU, norms after attention and the
+feed-forward too, ``query_pre_attn_scalar``, soft-capped attention scores and logits, and
+sliding-window layers alternating with global ones (with their own rotary base in Gemma 3). Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
 accelerators, `kdjax.step.compute_dtype`); norms, softmaxes and logits are computed in float32.
 
 Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
@@ -40,16 +43,23 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class RMSNorm(nnx.Module):
-    """``x / rms(x) * scale``, computed in float32 and returned in the input's dtype."""
+    """``x / rms(x) * (offset + scale)``, computed in float32 and returned in the input's dtype
+    (Gemma's norms hold ``scale`` around offset 1, the others around 0)."""
 
-    def __init__(self, features: int, *, eps: float = 1e-5):
-        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
-        self.eps = eps
+    def __init__(self, features: int, *, eps: float = 1e-5, offset: float = 0.0):
+        self.scale = nnx.Param(jnp.full((features,), 1.0 - offset, jnp.float32))
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        scale = self.scale[...] + self.offset if self.offset else self.scale[...]
+        return (y * scale).astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft cap: ``cap * tanh(x / cap)``, smooth and within (-cap, cap)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 #: rope_scaling types the model computes ("rope_type" of a Hugging Face config), with the keys
@@ -131,10 +141,12 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-5,
-                 rope_scaling: tuple | None = None, sliding_window: int | None = None):
+                 qk_norm: bool = False, norm_eps: float = 1e-5, norm_offset: float = 0.0,
+                 rope_scaling: tuple | None = None, sliding_window: int | None = None,
+                 query_scale: float | None = None, softcap: float | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window = rope_theta, sliding_window
+        self.query_scale, self.softcap = query_scale, softcap
         # A tuple of items: a static attribute (a dict would become an NNX graph node).
         self.rope_scaling = rope_scaling
         self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
@@ -142,8 +154,8 @@ class Attention(nnx.Module):
         self.v = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
         self.o = _linear(num_heads * head_dim, d_model, dtype=dtype, rngs=rngs)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, eps=norm_eps)
-            self.k_norm = RMSNorm(head_dim, eps=norm_eps)
+            self.q_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset)
+            self.k_norm = RMSNorm(head_dim, eps=norm_eps, offset=norm_offset)
         self.qk_norm = qk_norm
 
     def _qkv(self, x, positions):
@@ -163,9 +175,12 @@ class Attention(nnx.Module):
         b, t, h, d = q.shape
         kv = k.shape[2]
         q = q.reshape(b, t, kv, h // kv, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-        scores = jnp.where(allowed[:, :, None], scores, _MASKED)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        if self.query_scale is None:
+            scores = scores / jnp.sqrt(d).astype(jnp.float32)
+        else:  # Gemma's query_pre_attn_scalar stands for the head width
+            scores = scores * self.query_scale ** -0.5
+        scores = jnp.where(allowed[:, :, None], _softcap(scores, self.softcap), _MASKED)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
         return self.o(out.reshape(b, t, h * d)), probs.reshape(b, h, t, -1)
@@ -188,36 +203,59 @@ class Attention(nnx.Module):
         return out, {"k": k_cache, "v": v_cache}
 
 
+#: The gated feed-forward's activations: SwiGLU's, and GeGLU's (Gemma: tanh-approximated GELU).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class SwiGLU(nnx.Module):
-    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs,
+                 activation: str = "silu"):
         self.gate = _linear(d_model, d_ff, dtype=dtype, rngs=rngs)
         self.up = _linear(d_model, d_ff, dtype=dtype, rngs=rngs)
         self.down = _linear(d_ff, d_model, dtype=dtype, rngs=rngs)
+        self.activation = activation
 
     def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
+    """Pre-norm attention and feed-forward; ``sandwich_norms`` (Gemma 2/3) also normalises
+    each sub-layer's output, and names the feed-forward's input norm ``pre_mlp_norm``."""
+
     def __init__(self, d_model, num_heads, num_kv_heads, head_dim, d_ff, *, rope_theta, norm_eps,
-                 dtype, rngs, **attention):
-        self.attention_norm = RMSNorm(d_model, eps=norm_eps)
+                 dtype, rngs, norm_offset=0.0, activation="silu", sandwich_norms=False,
+                 **attention):
+        def norm():
+            return RMSNorm(d_model, eps=norm_eps, offset=norm_offset)
+
+        self.attention_norm = norm()
         self.attention = Attention(d_model, num_heads, num_kv_heads, head_dim,
                                    rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
-                                   rngs=rngs, **attention)
-        self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
-        self.mlp = SwiGLU(d_model, d_ff, dtype=dtype, rngs=rngs)
+                                   rngs=rngs, norm_offset=norm_offset, **attention)
+        if sandwich_norms:
+            self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = (
+                norm(), norm(), norm())
+        else:
+            self.mlp_norm = norm()
+        self.sandwich_norms = sandwich_norms
+        self.mlp = SwiGLU(d_model, d_ff, dtype=dtype, rngs=rngs, activation=activation)
+
+    def _residuals(self, x, a):
+        if self.sandwich_norms:
+            x = x + self.post_attention_norm(a)
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x))
 
     def __call__(self, x, positions, allowed):
         a, probs = self.attention(self.attention_norm(x), positions, allowed)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), probs
+        return self._residuals(x, a), probs
 
     def decode(self, x, positions, cache, index, key_valid):
         a, cache = self.attention.decode(self.attention_norm(x), positions, cache, index,
                                          key_valid)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._residuals(x, a), cache
 
 
 class Transformer(nnx.Module):
@@ -239,6 +277,16 @@ class Transformer(nnx.Module):
       rope_scaling: rescaled rotary frequencies, a Hugging Face ``rope_scaling`` dict whose
         ``rope_type`` is one of ROPE_SCALING's (Llama 3's "llama3").
       sliding_window: a position attends to the last ``sliding_window`` positions only (Mistral).
+      sliding_layers: the blocks that use ``sliding_window`` (Gemma's alternate); default all.
+      local_rope_theta: the unscaled rotary base of the sliding blocks (Gemma 3's); default
+        ``rope_theta`` and ``rope_scaling`` as the others.
+      norm_offset: RMSNorms multiply by ``offset + scale`` (Gemma: 1).
+      embed_scale: the embeddings are multiplied by sqrt(d_model) (Gemma).
+      activation: the feed-forward's gate, a key of ACTIVATIONS ("gelu_tanh": Gemma's GeGLU).
+      sandwich_norms: RMSNorms after attention and the feed-forward too (Gemma 2/3).
+      query_scale: attention scores are scaled by ``query_scale ** -0.5`` instead of
+        ``head_dim ** -0.5`` (Gemma's query_pre_attn_scalar).
+      attn_softcap, final_softcap: soft caps of the attention scores and of the logits (Gemma 2).
       dtype: activation dtype; parameters are float32.
     """
 
@@ -247,7 +295,12 @@ class Transformer(nnx.Module):
                  head_dim: int | None = None, tie_embeddings: bool = False,
                  rope_theta: float = 10_000.0, norm_eps: float = 1e-5, qkv_bias: bool = False,
                  qk_norm: bool = False, rope_scaling: dict[str, Any] | None = None,
-                 sliding_window: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 sliding_window: int | None = None, sliding_layers: Sequence[int] | None = None,
+                 local_rope_theta: float | None = None, norm_offset: float = 0.0,
+                 embed_scale: bool = False, activation: str = "silu",
+                 sandwich_norms: bool = False, query_scale: float | None = None,
+                 attn_softcap: float | None = None, final_softcap: float | None = None,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads="
@@ -271,19 +324,35 @@ class Transformer(nnx.Module):
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window={sliding_window} must be >= 1, or None for "
                              f"attention over the whole document")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+        sliding = set(range(num_layers) if sliding_layers is None else sliding_layers)
+        if not sliding <= set(range(num_layers)):
+            raise ValueError(f"sliding_layers={list(sliding_layers)} must be block indices in "
+                             f"[0, {num_layers})")
         d_ff = d_ff or -(-(8 * d_model // 3) // 32) * 32
         self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
-        self.head_dim, self.dtype, self.sliding_window = head_dim, dtype, sliding_window
+        self.head_dim, self.dtype = head_dim, dtype
+        self.embed_scale, self.final_softcap = embed_scale, final_softcap
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
                                embedding_init=_init, rngs=rngs)
-        self.layers = nnx.List([Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
-                                      rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
-                                      rngs=rngs, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                                      rope_scaling=tuple(sorted((rope_scaling or {}).items()))
-                                      or None, sliding_window=sliding_window)
-                                for _ in range(num_layers)])
-        self.norm = RMSNorm(d_model, eps=norm_eps)
+        scaling = tuple(sorted((rope_scaling or {}).items())) or None
+
+        def block(i: int) -> Block:
+            local = sliding_window is not None and i in sliding
+            own_rope = local and local_rope_theta is not None
+            return Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
+                         rope_theta=local_rope_theta if own_rope else rope_theta,
+                         rope_scaling=None if own_rope else scaling,
+                         sliding_window=sliding_window if local else None, norm_eps=norm_eps,
+                         dtype=dtype, rngs=rngs, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                         norm_offset=norm_offset, activation=activation,
+                         sandwich_norms=sandwich_norms, query_scale=query_scale,
+                         softcap=attn_softcap)
+
+        self.layers = nnx.List([block(i) for i in range(num_layers)])
+        self.norm = RMSNorm(d_model, eps=norm_eps, offset=norm_offset)
         self.lm_head = None if tie_embeddings else _linear(d_model, vocab_size, dtype=dtype,
                                                            rngs=rngs)
 
@@ -300,8 +369,14 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]`` from final hidden states, the matmul in the compute dtype."""
-        return jnp.einsum("...h,hv->...v", hidden, self.head().astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        return _softcap(jnp.einsum("...h,hv->...v", hidden, self.head().astype(hidden.dtype),
+                                   preferred_element_type=jnp.float32), self.final_softcap)
+
+    def _embed(self, tokens):
+        x = self.embed(tokens)
+        # Gemma's sqrt(d_model), rounded to the activations' dtype as its reference does
+        return x * jnp.asarray(self.d_model ** 0.5, jnp.float32).astype(x.dtype) \
+            if self.embed_scale else x
 
     def _inputs(self, tokens, segment_ids, positions):
         tokens = jnp.asarray(tokens)
@@ -320,11 +395,14 @@ class Transformer(nnx.Module):
         ``[B, T, V]`` logits out (a chunked loss projects "hidden" itself)."""
         del train  # no dropout, no batch statistics: train and eval compute the same
         tokens, segment_ids, positions = self._inputs(tokens, segment_ids, positions)
-        allowed = document_mask(segment_ids, self.sliding_window)
-        x = self.embed(tokens)
+        masks = {}  # one per window size among the blocks
+        x = self._embed(tokens)
         out = {"embedding": x}
         for i, block in enumerate(self.layers):
-            x, probs = block(x, positions, allowed)
+            window = block.attention.sliding_window
+            if window not in masks:
+                masks[window] = document_mask(segment_ids, window)
+            x, probs = block(x, positions, masks[window])
             out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
         out["hidden"] = self.norm(x)
         if logits:
@@ -351,7 +429,7 @@ class Transformer(nnx.Module):
         ``key_valid [B, S]`` marks the cache slots that hold real tokens (not left padding);
         ``positions [B, t]`` are the tokens' rotary positions.
         """
-        x = self.embed(tokens)
+        x = self._embed(tokens)
         new = []
         for block, c in zip(self.layers, cache):
             x, c = block.decode(x, positions, c, index, key_valid)
@@ -375,8 +453,11 @@ LM_MODELS: dict[str, dict[str, Any]] = {
     "llama3_3b": dict(d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, d_ff=8192,
                       tie_embeddings=True, rope_theta=500_000.0),
 }
+_GEMMA = dict(norm_offset=1.0, embed_scale=True, activation="gelu_tanh", sandwich_norms=True,
+              tie_embeddings=True)
 FAMILIES: dict[str, dict[str, Any]] = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True},
-                                       "qwen3": {"qk_norm": True}}
+                                       "qwen3": {"qk_norm": True}, "gemma2": _GEMMA,
+                                       "gemma3_text": {**_GEMMA, "qk_norm": True}}
 LM_MODELS.update(FAMILIES)
 
 
