@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(run through torchax; needs pip install 'kdjax[torch]')")
     imp.add_argument("--hf", default=None, metavar="DIR",
                      help="a Hugging Face causal-LM folder (config.json, model*.safetensors, "
-                          "tokenizer files): Llama 2/3, Mistral, Qwen2/2.5, Qwen3")
+                          "tokenizer files): Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3 "
+                          "(text)")
     imp.add_argument("--torch-kwargs", default=None, metavar="JSON",
                      help="the factory's keyword arguments, e.g. '{\"model_name\": "
                           "\"convnext_atto\", \"num_classes\": 10}'")
