@@ -164,7 +164,7 @@ def reference_logits(config, w, tokens):
         angle = np.arange(t)[:, None] * np.concatenate([inv, inv])[None]
         cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
 
-        def rotate(x):
+        def rotate(x, cos=cos, sin=sin):
             return np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin + x * cos
 
         p = f"model.layers.{layer}."
@@ -474,8 +474,8 @@ def test_distill_imported_qwen_teacher_into_imported_student_then_generate(tmp_p
                      "--held-out", "0.2", "--data-dir", data, "--tokenizer",
                      os.path.join(folders["teacher"], "tokenizer.json")]) == 0
     runs = {name: str(tmp_path / name) for name in folders}
-    for name in runs:
-        assert cli.main(["import", "--hf", folders[name], "--out", runs[name], "--data", "code",
+    for name, run in runs.items():
+        assert cli.main(["import", "--hf", folders[name], "--out", run, "--data", "code",
                          "--data-dir", data]) == 0
     # the imported teacher evaluates on its data as any run does
     assert cli.main(["eval", "--workdir", runs["teacher"], "--config.lm.eval_rows=8",

@@ -12,9 +12,9 @@ kdjax.interop.layouts.
 
 An import is a run (kdjax.interop.importer.write_run) whose ModelSpec names the family (model.name
 is the model_type: "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"; the sizes in
-model.kwargs), with the folder's config.json,
-generation config and tokenizer files kept in RUN/hf/. Everything that kdjax does not compute
-exactly as `transformers` does is refused before any directory appears.
+model.kwargs), with the folder's config.json, generation config and tokenizer files kept in
+RUN/hf/. Everything that kdjax does not compute exactly as `transformers` does is refused before
+any directory appears.
 
 An export writes the same family's folder (a kdjax-native LM, lm_tiny and the like, as Llama):
 what `transformers.AutoModelForCausalLM.from_pretrained` loads, with kdjax's logits.
@@ -22,7 +22,6 @@ what `transformers.AutoModelForCausalLM.from_pretrained` loads, with kdjax's log
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
