@@ -300,16 +300,15 @@ def _json_dict(text: str | None, flag: str) -> dict | None:
     return value
 
 
-TORCH_EXTRA = "pip install 'kdjax[torch]'"
-
-
 def _import_torch(args: argparse.Namespace) -> int:
     """`kdjax import --torch FACTORY`: kdjax.torchbridge.importer."""
+    from kdjax import models
+
     try:
         from kdjax.torchbridge import importer as torch_importer
     except ImportError as e:
         raise ValueError(f"--torch {args.torch!r} runs PyTorch modules through torchax, which is "
-                         f"not installed ({e}): {TORCH_EXTRA}") from None
+                         f"not installed ({e}): {models.TORCH_EXTRA}") from None
     report = torch_importer.import_torch(
         args.torch, out=args.out, num_classes=args.num_classes,
         input_shape=_ints(args.input_shape, "--input-shape"),

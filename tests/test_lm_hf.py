@@ -299,9 +299,10 @@ def _refused(tmp_path, src, match, error=ValueError):
 
 @pytest.mark.parametrize("change, match", [
     ({"model_type": "gpt2"}, r"model_type 'gpt2' is not a family kdjax computes .*--torch "
-                             r"transformers:AutoModelForCausalLM"),
+                             r"kdjax.torchbridge.causal_lm:from_config --torch-kwargs "
+                             r"'\{\"config\": \".*src\"\}' --from .*src/model.safetensors"),
     ({"model_type": "gemma"}, r"'gemma': Gemma 1 is not yet supported .*PyTorch bridge.*--torch "
-                              r"transformers:AutoModelForCausalLM.from_pretrained"),
+                              r"kdjax.torchbridge.causal_lm:from_config"),
     ({"model_type": "gemma3"}, r"a multimodal Gemma 3 is not yet supported .*gemma3_text"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
      r"config.json: rope_scaling.rope_type=\"yarn\" is not implemented.*'default', 'llama3'"),

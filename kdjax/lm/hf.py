@@ -67,9 +67,11 @@ _DEFAULT_SHARD_BYTES = 5 * 2**30  # save_pretrained's 5 GB
 
 
 def _bridge(directory: str) -> str:
-    return (f"use it as a teacher through the PyTorch bridge instead: kdjax import --torch "
-            f"transformers:AutoModelForCausalLM.from_pretrained --torch-kwargs "
-            f"'{{\"pretrained_model_name_or_path\": \"{directory}\"}}'")
+    return (f"use it as a teacher through the PyTorch bridge instead (kdjax.torchbridge."
+            f"causal_lm, pip install 'kdjax[torch,hf]'): kdjax import --torch "
+            f"kdjax.torchbridge.causal_lm:from_config --torch-kwargs "
+            f"'{{\"config\": \"{directory}\"}}' --from {directory}/model.safetensors "
+            f"--num-classes VOCAB --input-shape SEQ_LEN --data TEXT_DATASET --out RUN")
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -477,9 +479,10 @@ def export(workdir: str, out: str, *, step: str | int = "latest", dtype: str = "
         raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
                          f"overwrites anything)")
     _, _, run, spec, model = checkpoint.read_model(workdir, step)
-    if not lm_models.is_lm(spec.name):
-        raise ValueError(f"--format hf writes language models; {workdir!r} holds {spec.name!r}: "
-                         f"use --format safetensors or torch")
+    if spec.name not in lm_models.LM_MODELS:
+        raise ValueError(f"--format hf writes kdjax's language models; {workdir!r} holds "
+                         f"{spec.name!r}: use --format safetensors or torch (a PyTorch module "
+                         f"saves its own Hugging Face folder with save_pretrained)")
     tok_dir, base = tokenizer_source(workdir, run)
     tokens = {} if "bos_token_id" in base else _token_ids(run.get("tokenizer") or {}, tok_dir)
     config = hf_config(model, spec, dtype=dtype, base=base, tokens=tokens)

@@ -461,9 +461,13 @@ FAMILIES: dict[str, dict[str, Any]] = {"llama": {}, "mistral": {}, "qwen2": {"qk
 LM_MODELS.update(FAMILIES)
 
 
+#: A Hugging Face causal LM run through torchax (kdjax.torchbridge.causal_lm): a teacher only.
+TORCH_CAUSAL_LM = "kdjax.torchbridge:TorchCausalLM"
+
+
 def is_lm(name: str) -> bool:
     """Whether model.name names a language model (so the run is an LM run)."""
-    return name in LM_MODELS
+    return name in LM_MODELS or name == TORCH_CAUSAL_LM
 
 
 def create_lm(name: str, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32,

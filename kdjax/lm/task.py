@@ -29,7 +29,7 @@ from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
 from kdjax.lm import data as text_data, hf, sampling, tokenizer as tokenizer_lib
 from kdjax.lm import models as lm_models
-from kdjax.lm.models import is_lm
+from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
 from kdjax.lm.objective import TokenObjective
 from kdjax.lm.step import SUM_METRICS, make_lm_eval_step, make_lm_step
 from kdjax.models import ModelSpec
@@ -137,6 +137,11 @@ class LanguageModelTask(Task):
         """The configured LM on the dataset: its vocabulary (unless model.num_classes is
         larger) and sequence length."""
         ds, model = self._dataset(), self.plan.model
+        if model.name == TORCH_CAUSAL_LM:
+            raise ValueError(f"model.name={model.name!r}: a PyTorch causal LM teaches (teacher."
+                             f"workdir of a `kdjax import --torch` run) but does not train here, "
+                             f"having no KV-cached decoding in kdjax; train one of "
+                             f"kdjax.lm.models' students")
         vocab = model.num_classes or self._init_record().get("vocab") or ds.vocab_size
         if vocab < ds.vocab_size:
             raise ValueError(f"model.num_classes={vocab} is smaller than the vocabulary of "
@@ -199,8 +204,13 @@ class LanguageModelTask(Task):
                 raise ValueError(f"the teacher in {workdir!r} is {spec.name!r}, not a language "
                                  f"model of kdjax.lm.models; an LM student distils from an LM "
                                  f"run")
+            if spec.name == TORCH_CAUSAL_LM and plan.lm.chunk_size:
+                raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, whose "
+                                 f"head is applied inside its own forward, so its logits are "
+                                 f"whole: set lm.chunk_size=0 (got {plan.lm.chunk_size})")
             theirs = run.get("tokenizer", {})
-            if (spec.num_classes > student.num_classes and theirs.get("kind") == ours.get("kind")
+            if (spec.name in lm_models.LM_MODELS and spec.num_classes > student.num_classes
+                    and theirs.get("kind") == ours.get("kind")
                     and theirs.get("vocab_size") == ours.get("vocab_size") <= student.num_classes):
                 return  # padding rows beyond the shared tokenizer's tokens: sliced off below
             if spec.num_classes != student.num_classes:
