@@ -401,9 +401,9 @@ def test_transformers_logits_in_and_out(family, tmp_path):
 
 
 def test_bf16_sharded_save_pretrained_through_kdjax_export_load(tmp_path):
+    model = _hf_model("qwen3", tie_word_embeddings=True)
     import torch
 
-    model = _hf_model("qwen3", tie_word_embeddings=True)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "src" / hf.INDEX_FILE)
     # the bf16 weights computed in float32 (loaded afresh: `.to(bfloat16)` also rounded the
@@ -417,6 +417,7 @@ def test_bf16_sharded_save_pretrained_through_kdjax_export_load(tmp_path):
 
 def test_a_kdjax_native_model_exports_as_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
     model = lm_models.create_lm("lm_tiny", vocab_size=300, rngs=nnx.Rngs(0))
     nnx.update(model, jax.tree.map(lambda x: x * 20, nnx.state(model, nnx.Param)))
     from kdjax.models import ModelSpec
@@ -431,9 +432,7 @@ def test_a_kdjax_native_model_exports_as_llama(tmp_path):
     assert (config["architectures"], config["bos_token_id"], config["eos_token_id"]) == (
         ["LlamaForCausalLM"], 1, 2)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
-    assert str(next(back.parameters()).dtype) == "torch.bfloat16"
-    import torch
-
+    assert next(back.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         theirs = back.float()(torch.tensor(TOKENS)).logits.numpy()[0]
     ours = np.asarray(model(TOKENS))[0]
@@ -516,3 +515,42 @@ def test_distill_imported_qwen_teacher_into_imported_student_then_generate(tmp_p
     assert generated.shape == (1, ids.shape[1] + 5)
     *_, ours = checkpoint.read_model(student)
     assert_close(np.asarray(ours(ids.numpy()))[0], theirs, n=4 * 16 + 8 + 32 + 16)
+
+
+def test_init_layers_and_padding_rows_reshape_a_model_exactly():
+    from kdjax import plan as plan_lib
+    from kdjax.compress import training
+    from kdjax.models import ModelSpec
+
+    spec = ModelSpec(name="qwen3", num_classes=50, input_shape=(8,),
+                     kwargs=dict(d_model=16, num_layers=3, num_heads=2))
+    model = spec.build(seed=3)
+    small, kept = lm_models.keep_layers(model, spec, [0, 2])
+    assert small.kwargs["num_layers"] == kept.num_layers == 2
+    np.testing.assert_array_equal(kept.layers[1].attention.k_norm.scale[...],
+                                  model.layers[2].attention.k_norm.scale[...])
+    np.testing.assert_array_equal(kept.embed.embedding[...], model.embed.embedding[...])
+    with pytest.raises(ValueError, match=r"init.layers=\[0, 3, 3\] must be distinct block indices "
+                                         r"in \[0, 3\) .*out of range: \[3, 3\], repeated: \[3\]"):
+        lm_models.keep_layers(model, spec, [0, 3, 3])
+    with pytest.raises(ValueError, match=r"init.layers=\[0\] picks blocks of init.workdir's "
+                                         r"model, and init.workdir is not set"):
+        training.initial_student(plan_lib.as_plan({"model": {"name": "qwen3"},
+                                                   "init": {"layers": [0]}}), spec)
+    # the first 40 rows of the vocabulary compute the first 40 logits, exactly
+    sliced_spec, sliced = lm_models.slice_vocab(model, spec, 40)
+    assert sliced_spec.num_classes == sliced.vocab_size == 40
+    tokens = np.array([[1, 5, 39, 7]])
+    np.testing.assert_array_equal(np.asarray(sliced(tokens)), np.asarray(model(tokens))[..., :40])
+
+
+def test_the_chunked_loss_refuses_gemma2s_logit_soft_cap():
+    from kdjax.lm.objective import TokenObjective
+
+    model = lm_models.Transformer(vocab_size=40, d_model=16, num_layers=1, num_heads=2,
+                                  final_softcap=30.0, rngs=nnx.Rngs(0))
+    hidden = model.features(TOKENS[:, :4] % 40, logits=False)["hidden"]
+    with pytest.raises(ValueError, match=r"lm.chunk_size=8: the chunked loss .* soft cap "
+                                         r"\(final_softcap=30.0\); set lm.chunk_size=0"):
+        TokenObjective(chunk_size=8).terms(model, hidden, None, None, np.zeros((1, 4), int),
+                                           np.ones((1, 4), bool))
