@@ -78,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                           "without torch); stablehlo: the serialized inference function "
                           "(jax.export), uint8 images in, logits out; hf: a language model as "
                           "a Hugging Face folder (transformers' from_pretrained)")
-    exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                     help="--format hf: the weights' dtype")
-    exp.add_argument("--max-shard-mb", type=float, default=5120,
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                     help="--format hf: the weights' dtype (default float32)")
+    exp.add_argument("--max-shard-mb", type=float, default=None,
                      help="--format hf: safetensors files above this size are split into shards "
                           "with an index (default 5120, save_pretrained's 5 GB)")
     exp.add_argument("--layout", default=None,
@@ -459,7 +459,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kdjax import export
         from kdjax.task import run_kind
 
-        if run_kind(args.workdir) == "lm":  # the language model and its tokenizer
+        hf_only = [f for f, v in (("--dtype", args.dtype), ("--max-shard-mb", args.max_shard_mb))
+                   if v is not None]
+        if hf_only and args.format != "hf":
+            _parser().error(f"{' and '.join(hf_only)}: only for --format hf")
+        kind = run_kind(args.workdir)
+        if args.format == "hf" and kind != "lm":
+            _parser().error(f"--format hf writes a language model as a Hugging Face folder; "
+                            f"{args.workdir} is {'an image' if kind else 'not a kdjax'} run")
+        if kind == "lm":  # the language model and its tokenizer
             from kdjax.lm import task as lm_task
 
             if args.format not in ("kdjax", "hf") or overrides:
@@ -469,8 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.format == "hf":
                 from kdjax.lm import hf
 
-                path = hf.export(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                                 max_shard_bytes=int(args.max_shard_mb * 2**20))
+                given = {"dtype": args.dtype, "max_shard_bytes": None if args.max_shard_mb is None
+                         else int(args.max_shard_mb * 2**20)}
+                path = hf.export(args.workdir, args.out, step=args.step,
+                                 **{k: v for k, v in given.items() if v is not None})
                 print(f"kdjax: exported the student to {path} as a Hugging Face folder; load it "
                       f"with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
                 return 0
