@@ -497,6 +497,9 @@ def test_distill_imported_qwen_teacher_into_imported_student_then_generate(tmp_p
             f"same tokenizer" in out and "sliced off" in out)
     assert "the student keeps blocks [1] of init.workdir's 2" in out
     exported = str(tmp_path / "export")
+    with pytest.raises(SystemExit):  # Hugging Face options without --format hf
+        cli.main(["export", "--workdir", student, "--out", exported, "--dtype", "bfloat16"])
+    assert "--dtype: only for --format hf" in capsys.readouterr().err
     assert cli.main(["export", "--workdir", student, "--out", exported, "--format", "hf"]) == 0
     with open(os.path.join(exported, "config.json")) as f:
         config = json.load(f)

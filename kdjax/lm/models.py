@@ -1,15 +1,16 @@
 """Decoder-only transformers in the Llama style, as students and teachers of LM distillation.
 
-RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's
-Hugging Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value
-heads shared by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input
-and output embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value
-biases (Qwen2), RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary
-frequencies (``rope_scaling``) and a sliding attention window (Mistral); and Gemma 2/3's:
-(1+w) RMSNorms, an embedding scaled by sqrt(d_model), GeGLU, norms after attention and the
-feed-forward too, ``query_pre_attn_scalar``, soft-capped attention scores and logits, and
-sliding-window layers alternating with global ones (with their own rotary base in Gemma 3). Parameters are float32; activations use the model's ``dtype`` (bfloat16 on
-accelerators, `kdjax.step.compute_dtype`); norms, softmaxes and logits are computed in float32.
+RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's Hugging
+Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value heads shared
+by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input and output
+embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value biases (Qwen2),
+RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary frequencies
+(``rope_scaling``) and a sliding attention window (Mistral); and Gemma 2/3's: (1+w) RMSNorms, an
+embedding scaled by sqrt(d_model), GeGLU, norms after attention and the feed-forward too,
+``query_pre_attn_scalar``, soft-capped attention scores and logits, and sliding-window layers
+alternating with global ones (with their own rotary base in Gemma 3). Parameters are float32;
+activations use the model's ``dtype`` (bfloat16 on accelerators, `kdjax.step.compute_dtype`);
+norms, softmaxes and logits are computed in float32.
 
 Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
 attends to the positions at or before it in its own document only, and rotary positions restart
