@@ -256,10 +256,13 @@ def test_bf16_shards_are_read_exactly(tmp_path):
 
     config = FAMILIES["qwen2"]
     bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in _weights(config).items()}
-    src = _folder(tmp_path / "src", config, bf16, shard_every=5,
+    # the tied head as some savers also write it: the embedding's copy, not read
+    files = {**bf16, "lm_head.weight": bf16["model.embed_tokens.weight"]}
+    src = _folder(tmp_path / "src", config, files, shard_every=5,
                   writer=lambda p, t: state_dict.write_safetensors(p, t, {"format": "pt"}))
     report = hf.import_hf(src, out=str(tmp_path / "run"))
     assert report.format == "safetensors (bfloat16)"
+    assert report.notes[0] == "not read: 1 tensor(s) the model derives (lm_head.weight, ...)"
     _, _, run, _, model = checkpoint.read_model(tmp_path / "run")
     # bfloat16 widens to float32 exactly
     np.testing.assert_array_equal(np.asarray(model.layers[1].attention.k.bias[...]),
@@ -331,6 +334,15 @@ def test_broken_checkpoints_are_refused_before_any_directory(tmp_path):
     with open(os.path.join(src, shards[1]), "wb") as f:
         f.write(b"\x00" * 100)
     _refused(tmp_path, src, rf"{shards[1]} is not a readable .safetensors file")
+    os.rename(os.path.join(src, "moved"), os.path.join(src, shards[1]))
+    with open(os.path.join(src, hf.INDEX_FILE)) as f:
+        index = json.load(f)
+    index["weight_map"]["model.norm.weight"] = shards[0]  # an index of another sharding
+    with open(os.path.join(src, hf.INDEX_FILE), "w") as f:
+        json.dump(index, f)
+    assert "model.norm.weight" not in safetensors.numpy.load_file(os.path.join(src, shards[0]))
+    _refused(tmp_path, src, rf"places 1 tensor\(s\) in shards that do not hold them \(e.g. "
+                            rf"'model.norm.weight' in {shards[0]}\)")
     os.remove(os.path.join(src, shards[1]))
     os.remove(os.path.join(src, hf.INDEX_FILE))
     _refused(tmp_path, src, "has neither model.safetensors nor model.safetensors.index.json",

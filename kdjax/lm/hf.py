@@ -215,9 +215,11 @@ def read_weights(directory: str) -> tuple[dict[str, np.ndarray], str, list[str]]
                                     f"{directory}: {absent}; copy every shard of the checkpoint "
                                     f"into the folder")
         tensors: dict[str, np.ndarray] = {}
+        lost = []
         for shard in shards:
-            tensors.update(state_dict.read_safetensors(os.path.join(directory, shard)))
-        lost = sorted(set(weight_map) - set(tensors))
+            held = state_dict.read_safetensors(os.path.join(directory, shard))
+            lost += sorted(n for n, file in weight_map.items() if file == shard and n not in held)
+            tensors.update(held)
         if lost:
             raise ValueError(f"{index_path} places {len(lost)} tensor(s) in shards that do not "
                              f"hold them (e.g. {lost[0]!r} in {weight_map[lost[0]]}): the shards "
