@@ -173,7 +173,8 @@ def reference_logits(config, w, tokens):
             p + f"self_attn.{n}_proj.bias", 0.0) for n in "qkv")
         q, kk, v = q.reshape(t, h, hd), kk.reshape(t, k, hd), v.reshape(t, k, hd)
         if p + "self_attn.q_norm.weight" in w:
-            q, kk = rms(q, w[p + "self_attn.q_norm.weight"]), rms(kk, w[p + "self_attn.k_norm.weight"])
+            q = rms(q, w[p + "self_attn.q_norm.weight"])
+            kk = rms(kk, w[p + "self_attn.k_norm.weight"])
         q, kk = rotate(q), rotate(kk)
         scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else hd ** -0.5
         heads = []
@@ -349,7 +350,7 @@ def test_broken_checkpoints_are_refused_before_any_directory(tmp_path):
              FileNotFoundError)
 
 
-def test_an_unreadable_dtype_and_a_foreign_tokenizer_are_refused(tmp_path):
+def test_an_unreadable_dtype_and_a_foreign_tokenizer_are_refused(tmp_path, text_dir):
     config = FAMILIES["qwen2"]
     weights = _weights(config)
     weights["model.layers.0.mlp.up_proj.weight"] = np.zeros((48, 32), np.int8)
@@ -364,6 +365,13 @@ def test_an_unreadable_dtype_and_a_foreign_tokenizer_are_refused(tmp_path):
         json.dump(big, f)
     _refused(tmp_path, src, r"tokenizer.json has 2\d\d tokens but the embedding .* has 262 rows: "
                             r"it is not this model's tokenizer")
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"--data 'tiny' .* is tokenized by a byte tokenizer of "
+                                         r"259 tokens, not by this model's tokenizer.json .*"
+                                         r"--tokenizer .*src/tokenizer.json"):
+        hf.import_hf(src, out=str(tmp_path / "refused"), dataset="tiny", data_dir=text_dir)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 # -- with transformers -----------------------------------------------------------------------------

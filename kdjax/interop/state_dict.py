@@ -191,7 +191,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} has a corrupt .safetensors header (not JSON): {fix}") from None
+            raise ValueError(f"{path} has a corrupt .safetensors header (not JSON): "
+                             f"{fix}") from None
         # Mapped, not read: the arrays are views of the file until they are converted.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     base, available = 8 + n, size - 8 - n

@@ -132,7 +132,8 @@ def spec_from_config(config: dict[str, Any], path: str) -> tuple[str, int, dict[
     family = config["model_type"]
     gemma = _GEMMA_DEFAULTS.get(family)
     field = "hidden_activation" if gemma else "hidden_act"
-    act, want = config.get(field, config.get("hidden_act")), "gelu_pytorch_tanh" if gemma else "silu"
+    want = "gelu_pytorch_tanh" if gemma else "silu"
+    act = config.get(field, config.get("hidden_act"))
     if (act or want) != want:
         raise _refuse(path, field, act, f"a {family} feed-forward's gate is {want}")
     for field in ("attention_bias", "mlp_bias"):
@@ -299,10 +300,21 @@ def import_hf(directory: str, *, out: str, dataset: str | None = None,
         from kdjax.lm import data as text_data  # noqa: PLC0415
 
         try:
-            seq_len = text_data.open_text(dataset, data_dir).seq_len
+            ds = text_data.open_text(dataset, data_dir)
         except FileNotFoundError:
             notes.append(f"--data {dataset!r} is not prepared yet under {data_dir or 'the data '}"
                          f"dir: prepare it with this model's tokenizer.json before kdjax eval")
+        else:
+            theirs = ds.meta["tokenizer"]
+            given = (theirs.get("kind"), theirs.get("vocab_size"))
+            if tokens is not None and given != ("hf", tokens):
+                raise ValueError(
+                    f"--data {dataset!r} ({ds.path}) is tokenized by a {theirs.get('kind')} "
+                    f"tokenizer of {theirs.get('vocab_size')} tokens, not by this model's "
+                    f"tokenizer.json ({tokens} tokens): its token ids would mean other text; "
+                    f"prepare it with kdjax prepare text --tokenizer "
+                    f"{os.path.join(directory, 'tokenizer.json')}")
+            seq_len = ds.seq_len
     spec = ModelSpec(name=family, num_classes=vocab, input_shape=(seq_len,), kwargs=kwargs)
     abstract = spec.abstract()
     graphdef, _ = nnx.split(abstract)
@@ -417,7 +429,8 @@ def _gemma_config(options: dict[str, Any], model: lm_models.Transformer,
                attention_bias=False, query_pre_attn_scalar=options["query_scale"] or model.head_dim,
                attn_logit_softcapping=options["attn_softcap"],
                final_logit_softcapping=options["final_softcap"],
-               sliding_window=options["sliding_window"] or _GEMMA_DEFAULTS["gemma2"]["sliding_window"],
+               sliding_window=(options["sliding_window"]
+                               or _GEMMA_DEFAULTS["gemma2"]["sliding_window"]),
                layer_types=["full_attention" if w is None else "sliding_attention"
                             for w in windows])
     if options["local_rope_theta"] is not None:  # Gemma 3
