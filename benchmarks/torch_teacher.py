@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"torch_teacher_{tag}.json"), "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=2)
-    lines = [f"# A torch-defined teacher against the native one, in the same fused step",
+    lines = ["# A torch-defined teacher against the native one, in the same fused step",
              "", f"Device: {device.device_kind} ({device.platform}); host "
              f"{meta['host_before']['cpu']}, {meta['host_before']['cpu_count']} cores; load "
              f"{meta['host_before']['load_average_1min']:.1f} before, "

@@ -108,9 +108,11 @@ def _parser() -> argparse.ArgumentParser:
                           "\"convnext_atto\", \"num_classes\": 10}'")
     imp.add_argument("--out", required=True, help="run directory to create (must not exist)")
     imp.add_argument("--num-classes", type=int, default=None,
-                     help="classifier outputs (default: read off the file's classifier)")
+                     help="classifier outputs (default: read off the file's classifier); with "
+                          "--torch and a causal LM, its vocabulary size")
     imp.add_argument("--input-shape", default=None, metavar="H,W,C",
-                     help="default: the layout's (torchvision 224,224,3; crd 32,32,3)")
+                     help="default: the layout's (torchvision 224,224,3; crd 32,32,3); with "
+                          "--torch, T alone (a sequence length) imports a causal language model")
     imp.add_argument("--layout", default=None, choices=("torchvision", "crd", "kdjax"),
                      help="the file's naming (default: the architecture's reference)")
     imp.add_argument("--mean", default=None, metavar="M,M,M",

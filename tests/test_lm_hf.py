@@ -577,3 +577,18 @@ def test_the_chunked_loss_refuses_gemma2s_logit_soft_cap():
                                          r"\(final_softcap=30.0\); set lm.chunk_size=0"):
         TokenObjective(chunk_size=8).terms(model, hidden, None, None, np.zeros((1, 4), int),
                                            np.ones((1, 4), bool))
+
+
+def test_blockwise_attention_computes_the_families_options_too():
+    """Rows longer than attention_block attend blockwise (kdjax.lm.attention): with Gemma's
+    score scale, soft cap and alternating windows, the same logits as the whole scores."""
+    options = dict(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   qk_norm=True, norm_offset=1.0, embed_scale=True, activation="gelu_tanh",
+                   sandwich_norms=True, query_scale=12, attn_softcap=2.0, final_softcap=5.0,
+                   sliding_window=3, sliding_layers=[0], local_rope_theta=100.0)
+    whole = lm_models.Transformer(attention_block=0, rngs=nnx.Rngs(0), **options)
+    nnx.update(whole, jax.tree.map(lambda x: x * 8, nnx.state(whole, nnx.Param)))
+    blocks = lm_models.Transformer(attention_block=4, rngs=nnx.Rngs(0), **options)
+    nnx.update(blocks, nnx.state(whole))
+    assert_close(np.asarray(blocks(TOKENS)), np.asarray(whole(TOKENS)),
+                 n=2 * (4 * 32 + 8 + 16 + 48) + 64)

@@ -21,6 +21,7 @@ from flax import nnx
 pytest.importorskip("torchax")
 import torch  # noqa: E402
 
+import _float32  # noqa: E402
 import _torch_nets  # noqa: E402
 from kdjax import checkpoint, cli, losses, models, sharding  # noqa: E402
 from kdjax.interop.layouts import LayoutMismatchError  # noqa: E402
@@ -409,3 +410,102 @@ def test_a_pytorch_student_is_pruned_in_the_step_and_refuses_qwix_and_nm(
             _distill_torch_student(tmp_path / "refused", torch_teacher["run"], data_dir, 2,
                                    *extra)
         assert not os.path.exists(tmp_path / "refused")
+
+
+FSDP_TEACHER = """
+import json, sys
+import jax, numpy as np, optax
+from flax import nnx
+from kdjax import models, objectives, sharding
+from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step
+from kdjax.torchbridge import TorchModel
+
+mesh = sharding.make_mesh(data=1, fsdp=2)
+teacher = freeze(TorchModel("_torch_nets:Net", {"num_classes": 4, "width": 8}, seed=1))
+rng = np.random.default_rng(0)
+data = DeviceData({"image": sharding.replicate(rng.integers(0, 256, (64, 8, 8, 1), np.uint8), mesh),
+                   "label": sharding.replicate(rng.integers(0, 4, 64).astype(np.int32), mesh)}, 16)
+out = {}
+for rule in ("replicated", "fsdp"):
+    student = models.create_model("mlp", hidden=(16,), in_features=64, num_classes=4,
+                                  rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.1)
+    graphdef, state = init_train_state(student, tx, seed=0, num_examples=64)
+    state = sharding.replicate(state, mesh)
+    shardings = (sharding.tree_shardings(teacher.variables, mesh, rule, min_bytes=0),)
+    step = make_distill_step(graphdef, tx, objectives.logit_distillation(
+        "kd", ce_weight=0.5, kd_weight=0.5, temperature=2.0), teachers=(teacher,), data=data,
+        mesh=mesh, teacher_sharding=shardings)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state)
+        losses.append(float(metrics["loss"]))
+    out[rule] = {"losses": losses, "split": sorted(
+        jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(step.teachers)[0]
+        if len({str(s.index) for s in x.addressable_shards}) == 2)}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_torch_teacher_is_fsdp_sharded_with_the_same_losses(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": TESTS + os.pathsep +
+           os.environ.get("PYTHONPATH", ""),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    subprocess.run([sys.executable, "-c", FSDP_TEACHER, str(tmp_path / "out.json")], check=True,
+                   env=env)
+    out = json.load(open(tmp_path / "out.json"))
+    assert out["replicated"]["split"] == []
+    # the conv and linear weights (even axes) are split over the 2 devices, BatchNorm's too
+    assert any("stem" in k and "weight" in k for k in out["fsdp"]["split"])
+    assert any("head" in k and "weight" in k for k in out["fsdp"]["split"])
+    # two programs (gathered weights): the teacher's 3x3x8 convolution, 64-pixel mean and 8-wide
+    # head, the student's 64-input layer and the 16-example batch mean, per step
+    losses = out["replicated"]["losses"]
+    _float32.assert_close(out["fsdp"]["losses"], losses, n=3 * (72 + 64 + 8 + 64 + 16),
+                          magnitude=max(losses))
+
+
+def test_feature_taps_are_pytorchs_submodule_outputs_and_serve_feature_methods(
+        torch_teacher, data_dir, tmp_path):
+    model = with_random_bn(TorchModel(NET, {"width": 8}))
+    x = images(3, 8)
+    got = jax.jit(lambda x: model.features(x))(x)
+    seen = {}
+    hooks = [model.module.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: seen.update({p: o.detach().numpy()})) for p in ("dw", "head")]
+    model.module.eval()(nchw(x))
+    for h in hooks:
+        h.remove()
+    assert rel_err(got["dw"], seen["dw"].transpose(0, 2, 3, 1)) <= 1e-5  # NCHW map -> NHWC
+    assert rel_err(got["head"], seen["head"]) <= 1e-5 and got["logits"].shape == (3, 10)
+    # attention transfer between the student's and the teacher's depthwise stages, by path
+    workdir = tmp_path / "at"
+    assert cli.main([
+        "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "at.py"),
+        "--workdir", str(workdir), f"--config.teacher.workdir={torch_teacher['run']}",
+        f"--config.data.data_dir={data_dir}", "--config.model.torch=_torch_nets:Net",
+        '--config.model.torch_kwargs={"width": 4}', "--config.loss.student_taps=('dw',)",
+        "--config.loss.teacher_taps=('dw',)", "--config.train.steps=2",
+        "--config.train.batch_size=16", "--config.eval.every_steps=2",
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]",
+        "--no-progress"]) == 0
+    first = json.loads(open(workdir / "metrics.jsonl").readline())
+    assert first["train/feature"] > 0 and np.isfinite(first["train/feature"])
+
+
+def test_a_torch_teacher_runs_in_the_compute_dtype():
+    from kdjax import teacher as teacher_lib
+
+    spec = torch_importer.torch_spec(NET, {"width": 8}, num_classes=10, input_shape=(8, 8, 1))
+    reference = with_random_bn(spec.build(0))
+    prepared, preparation = teacher_lib.prepare(reference, spec, dtype=jnp.bfloat16)
+    floats = [v.dtype for v in jax.tree.leaves(nnx.state(prepared))
+              if jnp.issubdtype(v.dtype, jnp.floating)]
+    assert preparation.dtype == "bfloat16" and set(floats) == {jnp.dtype(jnp.bfloat16)}
+    x = images(4, 8)
+    got, want = prepared(x), reference(x)
+    assert got.dtype == jnp.bfloat16
+    # bfloat16's rounding (eps 2^-8) over the stem's 9 taps, GroupNorm's and the mean's 64
+    # pixels and the head's 8 inputs, as tests/_float32.py bounds float32's
+    bound = 4 * 2.0 ** -8 * np.sqrt(9 + 64 + 64 + 8) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=bound)

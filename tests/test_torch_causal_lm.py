@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("torchax")
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
-
 from conftest import ROOT  # noqa: E402
+
 from kdjax import cli  # noqa: E402
 from kdjax.lm import data as text_data  # noqa: E402
 from kdjax.torchbridge import TorchCausalLM, bridge  # noqa: E402

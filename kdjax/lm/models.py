@@ -1,21 +1,22 @@
 """Decoder-only transformers in the Llama style, as students and teachers of LM distillation.
 
-RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's Hugging
-Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value heads shared
-by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input and output
-embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value biases (Qwen2),
-RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary frequencies
-(``rope_scaling``) and a sliding attention window (Mistral); and Gemma 2/3's: (1+w) RMSNorms, an
-embedding scaled by sqrt(d_model), GeGLU, norms after attention and the feed-forward too,
-``query_pre_attn_scalar``, soft-capped attention scores and logits, and sliding-window layers
-alternating with global ones (with their own rotary base in Gemma 3). Parameters are float32;
-activations use the model's ``dtype`` (bfloat16 on accelerators, `kdjax.step.compute_dtype`);
-norms, softmaxes and logits are computed in float32.
+RMSNorm before each sub-layer, rotary positions (RoPE, the half-split rotation of Llama's
+Hugging Face port), SwiGLU feed-forward, grouped-query attention (``num_kv_heads`` key/value
+heads shared by ``num_heads // num_kv_heads`` query heads each), no biases, optional tied input
+and output embeddings. Options for the Hugging Face families (kdjax.lm.hf): query/key/value
+biases (Qwen2), RMSNorms of each query and key head (Qwen3), Llama 3's rescaled rotary
+frequencies (``rope_scaling``) and a sliding attention window (Mistral); and Gemma 2/3's: (1+w)
+RMSNorms, an embedding scaled by sqrt(d_model), GeGLU, norms after attention and the feed-forward
+too, ``query_pre_attn_scalar``, soft-capped attention scores and logits, and sliding-window
+layers alternating with global ones (with their own rotary base in Gemma 3). Parameters are
+float32; activations use the model's ``dtype`` (bfloat16 on accelerators,
+`kdjax.step.compute_dtype`); norms, softmaxes and logits are computed in float32.
 
 Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
 attends to the positions at or before it in its own document only, and rotary positions restart
 at 0 at each document's first token, so a packed row computes exactly what each of its documents
-would compute alone (tests/test_lm_models.py checks it).
+would compute alone (tests/test_lm_models.py checks it). Rows longer than ``attention_block``
+attend blockwise (kdjax.lm.attention), without a ``[T, T]`` score matrix or mask.
 
 Taps (``features``): ``"embedding"`` (the token embeddings), ``"layer_{i}"`` (each block's
 output, the residual stream ``[B, T, d_model]``), ``"attention_{i}"`` (each block's attention
@@ -36,11 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.lm import attention
 
 _init = nnx.initializers.normal(0.02)  # Llama's initializer_range
-# Finite stand-in for -inf: exp(_MASKED - max) is exactly 0 next to any real score, and a row with
-# no allowed key (a padding query) stays finite instead of 0/0.
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class RMSNorm(nnx.Module):
@@ -117,19 +116,7 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 def document_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
     """``[B, 1, T, T]``: query i may attend key j iff j <= i (and i - j < sliding_window), same
     segment, not padding."""
-    seg = segment_ids
-    t = seg.shape[1]
-    causal = _causal(jnp.arange(t), jnp.arange(t), sliding_window)
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return (causal & same)[:, None]
-
-
-def _causal(queries: jax.Array, keys: jax.Array, window: int | None) -> jax.Array:
-    """``[q, k]``: key slot <= query slot, and within the window (Mistral's: i - j < window)."""
-    ok = queries[:, None] >= keys[None, :]
-    if window is not None:
-        ok &= queries[:, None] - keys[None, :] < window
-    return ok
+    return attention.allowed(segment_ids, segment_ids, window=sliding_window)[:, None]
 
 
 def _linear(i: int, o: int, *, dtype, rngs, bias: bool = False) -> nnx.Linear:
@@ -141,13 +128,15 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_theta: float, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
+                 rope_theta: float, block: int, dtype, rngs: nnx.Rngs, qkv_bias: bool = False,
                  qk_norm: bool = False, norm_eps: float = 1e-5, norm_offset: float = 0.0,
                  rope_scaling: tuple | None = None, sliding_window: int | None = None,
                  query_scale: float | None = None, softcap: float | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta, self.sliding_window = rope_theta, sliding_window
-        self.query_scale, self.softcap = query_scale, softcap
+        self.rope_theta, self.block, self.sliding_window = rope_theta, block, sliding_window
+        self.softcap = softcap
+        # Gemma's query_pre_attn_scalar stands for the head width in the score scale.
+        self.scale = None if query_scale is None else query_scale ** -0.5
         # A tuple of items: a static attribute (a dict would become an NNX graph node).
         self.rope_scaling = rope_scaling
         self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs, bias=qkv_bias)
@@ -170,25 +159,13 @@ class Attention(nnx.Module):
         return (rope(q, positions, theta=self.rope_theta, scaling=scaling),
                 rope(k, positions, theta=self.rope_theta, scaling=scaling), v)
 
-    def _attend(self, q, k, v, allowed) -> tuple[jax.Array, jax.Array]:
-        # q [B, T, H, D]; k, v [B, S, K, D]; allowed [B, 1, T, S]. Each group of H/K query heads
-        # reads one key/value head: reshape, not repeat, so K/V are never copied H/K times.
-        b, t, h, d = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, t, kv, h // kv, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        if self.query_scale is None:
-            scores = scores / jnp.sqrt(d).astype(jnp.float32)
-        else:  # Gemma's query_pre_attn_scalar stands for the head width
-            scores = scores * self.query_scale ** -0.5
-        scores = jnp.where(allowed[:, :, None], _softcap(scores, self.softcap), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-        return self.o(out.reshape(b, t, h * d)), probs.reshape(b, h, t, -1)
-
-    def __call__(self, x, positions, allowed) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x, positions, segments) -> tuple[jax.Array, jax.Array]:
         q, k, v = self._qkv(x, positions)
-        return self._attend(q, k, v, allowed)
+        out, probs = attention.attend(q, k, v, segments, block=self.block,
+                                      window=self.sliding_window, scale=self.scale,
+                                      softcap=self.softcap)
+        b, t = x.shape[:2]
+        return self.o(out.reshape(b, t, -1)), probs
 
     def decode(self, x, positions, cache: dict, index, key_valid):
         """Attend from x's tokens, at cache slots index.., to every valid cached slot before."""
@@ -197,11 +174,14 @@ class Attention(nnx.Module):
                                                       index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                       index, axis=1)
-        t, s = x.shape[1], k_cache.shape[1]
-        causal = _causal(index + jnp.arange(t), jnp.arange(s), self.sliding_window)
-        allowed = (causal[None] & key_valid[:, None, :])[:, None]
-        out, _ = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed)
-        return out, {"k": k_cache, "v": v_cache}
+        b, t, s = x.shape[0], x.shape[1], k_cache.shape[1]
+        slot, key = (index + jnp.arange(t))[:, None], jnp.arange(s)[None, :]
+        causal = (key <= slot) & ((slot - key < self.sliding_window)
+                                  if self.sliding_window is not None else True)
+        out, _ = attention.explicit(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                    causal[None] & key_valid[:, None, :], scale=self.scale,
+                                    softcap=self.softcap)
+        return self.o(out.reshape(b, t, -1)), {"k": k_cache, "v": v_cache}
 
 
 #: The gated feed-forward's activations: SwiGLU's, and GeGLU's (Gemma: tanh-approximated GELU).
@@ -225,15 +205,16 @@ class Block(nnx.Module):
     each sub-layer's output, and names the feed-forward's input norm ``pre_mlp_norm``."""
 
     def __init__(self, d_model, num_heads, num_kv_heads, head_dim, d_ff, *, rope_theta, norm_eps,
-                 dtype, rngs, norm_offset=0.0, activation="silu", sandwich_norms=False,
-                 **attention):
+                 attention_block, dtype, rngs, norm_offset=0.0, activation="silu",
+                 sandwich_norms=False, **attention):
         def norm():
             return RMSNorm(d_model, eps=norm_eps, offset=norm_offset)
 
         self.attention_norm = norm()
         self.attention = Attention(d_model, num_heads, num_kv_heads, head_dim,
-                                   rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
-                                   rngs=rngs, norm_offset=norm_offset, **attention)
+                                   rope_theta=rope_theta, block=attention_block,
+                                   norm_eps=norm_eps, dtype=dtype, rngs=rngs,
+                                   norm_offset=norm_offset, **attention)
         if sandwich_norms:
             self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = (
                 norm(), norm(), norm())
@@ -249,14 +230,28 @@ class Block(nnx.Module):
         x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
-    def __call__(self, x, positions, allowed):
-        a, probs = self.attention(self.attention_norm(x), positions, allowed)
+    def __call__(self, x, positions, segments):
+        a, probs = self.attention(self.attention_norm(x), positions, segments)
         return self._residuals(x, a), probs
 
     def decode(self, x, positions, cache, index, key_valid):
         a, cache = self.attention.decode(self.attention_norm(x), positions, cache, index,
                                          key_valid)
         return self._residuals(x, a), cache
+
+
+#: model.kwargs "remat" -> the jax.checkpoint policy of each block (None: save nothing).
+REMAT = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def _block_call(remat: str) -> Callable[..., Any]:
+    """A block's forward, rematerialised as `remat` says (Transformer's docstring)."""
+    def call(block, x, positions, segments):
+        return block(x, positions, segments)
+
+    if remat == "none":
+        return call
+    return nnx.remat(call, policy=REMAT[remat])
 
 
 class Transformer(nnx.Module):
@@ -273,6 +268,11 @@ class Transformer(nnx.Module):
       head_dim: default ``d_model // num_heads``.
       tie_embeddings: the output projection is the input embedding's transpose.
       rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      attention_block: rows longer than this attend blockwise, this many key slots at a time,
+        never materialising the [T, T] scores (kdjax.lm.attention); 0 = always whole.
+      remat: what each block keeps for the backward pass (jax.checkpoint): "none" (everything),
+        "full" (only its input: recomputed, the least memory) or "dots_saveable" (its matrix
+        products' outputs, recomputing the cheap elementwise work).
       qkv_bias: biases on the query, key and value projections (Qwen2).
       qk_norm: an RMSNorm over each query and key head before the rotation (Qwen3).
       rope_scaling: rescaled rotary frequencies, a Hugging Face ``rope_scaling`` dict whose
@@ -294,7 +294,8 @@ class Transformer(nnx.Module):
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                  num_kv_heads: int | None = None, d_ff: int | None = None,
                  head_dim: int | None = None, tie_embeddings: bool = False,
-                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5, qkv_bias: bool = False,
+                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5,
+                 attention_block: int = 1024, remat: str = "none", qkv_bias: bool = False,
                  qk_norm: bool = False, rope_scaling: dict[str, Any] | None = None,
                  sliding_window: int | None = None, sliding_layers: Sequence[int] | None = None,
                  local_rope_theta: float | None = None, norm_offset: float = 0.0,
@@ -302,6 +303,11 @@ class Transformer(nnx.Module):
                  sandwich_norms: bool = False, query_scale: float | None = None,
                  attn_softcap: float | None = None, final_softcap: float | None = None,
                  dtype=jnp.float32, rngs: nnx.Rngs):
+        if remat not in REMAT:
+            raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT)} (model.kwargs)")
+        if attention_block < 0:
+            raise ValueError(f"attention_block={attention_block} must be >= 0 (0 = attention "
+                             f"scores computed whole)")
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads="
@@ -334,7 +340,7 @@ class Transformer(nnx.Module):
         d_ff = d_ff or -(-(8 * d_model // 3) // 32) * 32
         self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
-        self.head_dim, self.dtype = head_dim, dtype
+        self.head_dim, self.dtype, self.remat = head_dim, dtype, remat
         self.embed_scale, self.final_softcap = embed_scale, final_softcap
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
                                embedding_init=_init, rngs=rngs)
@@ -347,10 +353,10 @@ class Transformer(nnx.Module):
                          rope_theta=local_rope_theta if own_rope else rope_theta,
                          rope_scaling=None if own_rope else scaling,
                          sliding_window=sliding_window if local else None, norm_eps=norm_eps,
-                         dtype=dtype, rngs=rngs, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                         norm_offset=norm_offset, activation=activation,
-                         sandwich_norms=sandwich_norms, query_scale=query_scale,
-                         softcap=attn_softcap)
+                         attention_block=attention_block, dtype=dtype, rngs=rngs,
+                         qkv_bias=qkv_bias, qk_norm=qk_norm, norm_offset=norm_offset,
+                         activation=activation, sandwich_norms=sandwich_norms,
+                         query_scale=query_scale, softcap=attn_softcap)
 
         self.layers = nnx.List([block(i) for i in range(num_layers)])
         self.norm = RMSNorm(d_model, eps=norm_eps, offset=norm_offset)
@@ -396,14 +402,11 @@ class Transformer(nnx.Module):
         ``[B, T, V]`` logits out (a chunked loss projects "hidden" itself)."""
         del train  # no dropout, no batch statistics: train and eval compute the same
         tokens, segment_ids, positions = self._inputs(tokens, segment_ids, positions)
-        masks = {}  # one per window size among the blocks
         x = self._embed(tokens)
         out = {"embedding": x}
+        call = _block_call(self.remat)
         for i, block in enumerate(self.layers):
-            window = block.attention.sliding_window
-            if window not in masks:
-                masks[window] = document_mask(segment_ids, window)
-            x, probs = block(x, positions, masks[window])
+            x, probs = call(block, x, positions, segment_ids)
             out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
         out["hidden"] = self.norm(x)
         if logits:
