@@ -8,6 +8,7 @@
   kdjax export  --workdir workdirs/kd --out exports/kd_int8 --config.quant.mode=ptq  (int8 weights)
   kdjax export  --workdir workdirs/kd --out exports/kd_pt --format torch   (for load_state_dict)
   kdjax import  --from resnet50.pth --model resnet50 --out workdirs/r50   (a PyTorch teacher)
+  kdjax import  --hf models/Qwen3-0.6B --out workdirs/qwen3   (a Hugging Face causal LM)
   kdjax report  workdirs/teacher workdirs/kd exports/kd --out reports/kd   (accuracy, calibration,
                                            fidelity, size, speed: report.json, report.md, charts)
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
@@ -73,18 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     exp.add_argument("--format", default="kdjax",
-                     choices=("kdjax", "safetensors", "torch", "stablehlo"),
+                     choices=("kdjax", "safetensors", "torch", "stablehlo", "hf"),
                      help="kdjax (default: Orbax, for kdjax.export.load); safetensors / torch: "
                           "the state_dict for PyTorch's load_state_dict (the .pth is written "
                           "without torch); stablehlo: the serialized inference function "
-                          "(jax.export), uint8 images in, logits out")
+                          "(jax.export), uint8 images in, logits out; hf: a language model as "
+                          "a Hugging Face folder (transformers' from_pretrained)")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                     help="--format hf: the weights' dtype (default float32)")
+    exp.add_argument("--max-shard-mb", type=float, default=None,
+                     help="--format hf: safetensors files above this size are split into shards "
+                          "with an index (default 5120, save_pretrained's 5 GB)")
     exp.add_argument("--layout", default=None,
                      choices=("torchvision", "crd", "pytorch", "kdjax"),
                      help="state_dict naming for safetensors/torch (default: the one the model "
                           "was imported in, else its architecture's reference, else kdjax)")
     imp = sub.add_parser("import", help="map a PyTorch .pth / .safetensors state_dict onto a zoo "
-                                        "model, or take any PyTorch module (--torch), and write "
-                                        "it as a run (a teacher.workdir)")
+                                        "model, take any PyTorch module (--torch) or a Hugging "
+                                        "Face causal LM (--hf), and write it as a run (a "
+                                        "teacher.workdir)")
     imp.add_argument("--from", dest="source", default=None, metavar="FILE",
                      help=".pth/.pt (read without running pickled code) or .safetensors "
                           "(required with --model; with --torch default: the factory's weights)")
@@ -93,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="any PyTorch module: 'package.module:callable' returning an nn.Module, "
                           "e.g. timm:create_model, torchvision.models:resnet50, my_models:Net "
                           "(run through torchax; needs pip install 'kdjax[torch]')")
+    imp.add_argument("--hf", default=None, metavar="DIR",
+                     help="a Hugging Face causal-LM folder (config.json, model*.safetensors, "
+                          "tokenizer files): Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3 "
+                          "(text)")
     imp.add_argument("--torch-kwargs", default=None, metavar="JSON",
                      help="the factory's keyword arguments, e.g. '{\"model_name\": "
                           "\"convnext_atto\", \"num_classes\": 10}'")
@@ -333,6 +345,25 @@ def _import_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_hf(args: argparse.Namespace) -> int:
+    """`kdjax import --hf DIR`: kdjax.lm.hf."""
+    given = [f for f, v in (("--from", args.source), ("--num-classes", args.num_classes),
+                            ("--input-shape", args.input_shape), ("--layout", args.layout),
+                            ("--mean", args.mean), ("--std", args.std), ("--key", args.key),
+                            ("--model-kwargs", args.model_kwargs),
+                            ("--torch-kwargs", args.torch_kwargs)) if v is not None]
+    if given:
+        _parser().error(f"kdjax import --hf reads everything from the folder; drop {given}")
+    from kdjax.lm import hf
+
+    report = hf.import_hf(args.hf, out=args.out, dataset=args.data, data_dir=args.data_dir)
+    for note in report.notes:
+        print(f"kdjax: note: {note}")
+    print(f"kdjax: {hf.describe(report)}; use it as --config.teacher.workdir={report.out} or "
+          f"--config.init.workdir={report.out} (with --config.model.name={report.spec.name})")
+    return 0
+
+
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
     from kdjax import config as config_lib, plan
 
@@ -466,13 +497,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kdjax import export
         from kdjax.task import run_kind
 
-        if run_kind(args.workdir) == "lm":  # the language model and its tokenizer
+        hf_only = [f for f, v in (("--dtype", args.dtype), ("--max-shard-mb", args.max_shard_mb))
+                   if v is not None]
+        if hf_only and args.format != "hf":
+            _parser().error(f"{' and '.join(hf_only)}: only for --format hf")
+        kind = run_kind(args.workdir)
+        if args.format == "hf" and kind != "lm":
+            _parser().error(f"--format hf writes a language model as a Hugging Face folder; "
+                            f"{args.workdir} is {'an image' if kind else 'not a kdjax'} run")
+        if kind == "lm":  # the language model and its tokenizer
             from kdjax.lm import task as lm_task
 
-            if args.format != "kdjax" or overrides:
-                _parser().error(f"kdjax export of a language model writes --format kdjax with no "
-                                f"--config overrides (got --format {args.format}"
+            if args.format not in ("kdjax", "hf") or overrides:
+                _parser().error(f"kdjax export of a language model writes --format kdjax or hf "
+                                f"with no --config overrides (got --format {args.format}"
                                 f"{' and ' + ' '.join(overrides) if overrides else ''})")
+            if args.format == "hf":
+                from kdjax.lm import hf
+
+                given = {"dtype": args.dtype, "max_shard_bytes": None if args.max_shard_mb is None
+                         else int(args.max_shard_mb * 2**20)}
+                path = hf.export(args.workdir, args.out, step=args.step,
+                                 **{k: v for k, v in given.items() if v is not None})
+                print(f"kdjax: exported the student to {path} as a Hugging Face folder; load it "
+                      f"with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
+                return 0
             path = lm_task.export(args.workdir, args.out, step=args.step)
             print(f"kdjax: exported the student to {path}; load and run it with:\n"
                   f"{lm_task.SNIPPET.format(path=path)}")
@@ -496,11 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "import":
         if overrides:
             _parser().error("kdjax import takes no --config overrides")
-        if (args.model is None) == (args.torch is None):
-            _parser().error("kdjax import takes one of --model NAME (a zoo model) or --torch "
-                            "FACTORY (any PyTorch module)")
+        if sum(x is not None for x in (args.model, args.torch, args.hf)) != 1:
+            _parser().error("kdjax import takes one of --model NAME (a zoo model), --torch "
+                            "FACTORY (any PyTorch module) or --hf DIR (a Hugging Face causal LM)")
         if args.torch is not None:
             return _import_torch(args)
+        if args.hf is not None:
+            return _import_hf(args)
         if args.source is None:
             _parser().error("kdjax import --model needs --from FILE (the state_dict to map)")
         if args.torch_kwargs is not None:

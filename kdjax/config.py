@@ -165,7 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The student's initial weights: the latest checkpoint of the run in init.workdir (its
     # student, as its ModelSpec records it: model.name must be that run's), instead of a random
     # init. Distil-then-prune, prune-the-teacher (Minitron) and QAT fine-tuning start here.
-    c.init = dict(workdir="")
+    # layers: for a language model, the indices of init.workdir's blocks the student keeps, in
+    # order (DistilBERT's initialisation from every other teacher layer: [0, 2, 4, ...]); () all.
+    c.init = dict(workdir="", layers=())
     # Pruning inside the fused step (kdjax.compress.prune; README "Compression"): masks in the
     # optimizer state, pruned weights exactly 0. method: none | magnitude | random | nm (N:M,
     # n of every m weights kept along the input axis) | structured (whole channels, scored by

@@ -200,6 +200,7 @@ class Mesh:
 @dataclasses.dataclass(frozen=True)
 class Init:
     workdir: str  # the run whose latest student this one starts from; "" = random init
+    layers: tuple[int, ...]  # an LM's blocks of init.workdir kept, in order; () = all
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,15 +26,20 @@ def data_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def text_dir(tmp_path_factory):
-    """A tiny text dataset "tiny" of `kdjax prepare text` (byte tokenizer, 16 positions a row)."""
-    root = tmp_path_factory.mktemp("lm")
-    src = root / "src"
+def write_corpus(src):
+    """24 tiny Python files in the new directory `src` (a pathlib.Path): a text corpus."""
     src.mkdir()
     for i in range(24):
         (src / f"f{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n"
                                               for j in range(i % 5 + 2)))
+    return src
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """A tiny text dataset "tiny" of `kdjax prepare text` (byte tokenizer, 16 positions a row)."""
+    root = tmp_path_factory.mktemp("lm")
+    src = write_corpus(root / "src")
     out = str(root / "data")
     assert cli.main(["prepare", "text", "--from", str(src), "--name", "tiny", "--seq-len", "16",
                      "--held-out", "0.2", "--data-dir", out]) == 0

@@ -107,7 +107,7 @@ def test_a_layout_without_naming_for_the_architecture_is_refused():
                                          r"'kdjax'\)"):
         layouts.entries(abstract("resnet8"), "torchvision")
     with pytest.raises(ValueError, match=r"layout must be one of \('torchvision', 'crd', "
-                                         r"'pytorch', 'kdjax'\), got 'timm'"):
+                                         r"'pytorch', 'hf', 'kdjax'\), got 'timm'"):
         layouts.entries(abstract("resnet8"), "timm")
     # a zoo module that a layout's rules do not name is a bug here, said as such
     with pytest.raises(AssertionError, match="no naming rule for the zoo module 'stem.extra'"):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from kdjax import checkpoint, plan as plan_lib
 from kdjax.compress import prune, quantize, structured
+from kdjax.lm import models as lm_models
 from kdjax.models import ModelSpec
 
 
@@ -30,6 +31,10 @@ def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, 
     run = plan_lib.as_plan(run)
     prune.check_config(run.prune, run.train.steps)
     init_once = run.prune.schedule == "init" and run.prune.method == "structured"
+    if run.init.layers and not run.init.workdir:
+        raise ValueError(f"init.layers={list(run.init.layers)} picks blocks of init.workdir's "
+                         f"model, and init.workdir is not set: set it to the run to start from "
+                         f"(e.g. the teacher's workdir)")
     if run.init.workdir:
         spec, model = _load_initial(run.init, spec)
     else:
@@ -74,6 +79,11 @@ def _load_initial(init: plan_lib.Init, spec: ModelSpec) -> tuple[ModelSpec, nnx.
     finally:
         reader.close()
     print(f"kdjax: the student starts from {reader.path(step)}", flush=True)
+    if init.layers:
+        total = getattr(model, "num_layers", None)
+        spec, model = lm_models.keep_layers(model, spec, init.layers)
+        print(f"kdjax: the student keeps blocks {list(init.layers)} of init.workdir's {total} "
+              f"(init.layers)", flush=True)
     return spec, model
 
 

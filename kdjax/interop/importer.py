@@ -212,16 +212,20 @@ def _run_plan(report: ImportReport) -> plan.RunPlan:
 
 def write_run(report: ImportReport, params: nnx.State, model_state: nnx.State,
               reference: str | None, *, torch: dict[str, Any] | None = None,
-              extra_files: Callable[[str], None] | None = None) -> None:
+              extra_files: Callable[[str], None] | None = None,
+              run_plan: plan.RunPlan | None = None, record: dict[str, Any] | None = None) -> None:
     """Write the run of an import into `report.out`, whole or not at all. `torch` records the
-    factory and kwargs of a `--torch` import; `extra_files(dir)` adds files to the run."""
-    run_plan = _run_plan(report)
+    factory and kwargs of a `--torch` import; `extra_files(dir)` adds files to the run;
+    `run_plan` replaces an image model's plan (a language model's names its text data) and
+    `record` adds entries to the run record (an LM's tokenizer)."""
+    run_plan = run_plan or _run_plan(report)
     imported = {"from": report.source, "sha256": report.sha256, "format": report.format,
                 "layout": report.layout, "reference": reference, "notes": list(report.notes)}
     if torch is not None:
         imported["torch"] = torch
     run = {"kdjax_version": kdjax.__version__, "config": json.loads(run_plan.to_json()),
-           "model": report.spec.to_json(), "preprocess": report.preprocess, "imported": imported}
+           "model": report.spec.to_json(), "preprocess": report.preprocess, "imported": imported,
+           **(record or {})}
     summary = {"imported": True, **imported, "model": report.spec.name,
                "num_params": report.num_params, "num_classes": report.spec.num_classes,
                "input_shape": list(report.spec.input_shape), "preprocess": report.preprocess,

@@ -12,6 +12,9 @@ A layout maps each variable of a model (its `nnx.state` path) to one state_dict 
                  architectures with no reference PyTorch class (the MLPs, the small CNNs):
                  kdjax.interop.torch_code writes the nn.Module they load into (an export's
                  model.py);
+  "hf"           Hugging Face transformers' causal-LM naming (model.layers.0.self_attn.q_proj,
+                 ..., lm_head) for kdjax.lm.models' Transformer: Llama, Mistral, Qwen2, Qwen3,
+                 Gemma 2 and Gemma 3 (text);
   "kdjax"        the NNX paths joined by dots ("stem.conv.kernel"), arrays as NNX holds them: the
                  layout of any model, zoo or not, which no PyTorch module loads (kdjax import
                  reads it back).
@@ -32,11 +35,12 @@ import numpy as np
 from flax import nnx
 
 from kdjax import models
+from kdjax.lm import models as lm_models
 
 __all__ = ["LAYOUTS", "Entry", "LayoutMismatchError", "default_layout", "entries",
            "from_state_dict", "to_state_dict", "reference_class"]
 
-LAYOUTS = ("torchvision", "crd", "pytorch", "kdjax")
+LAYOUTS = ("torchvision", "crd", "pytorch", "hf", "kdjax")
 
 
 class LayoutMismatchError(ValueError):
@@ -121,6 +125,22 @@ _MOBILENET: tuple[Rule, ...] = (
     (r"fc", lambda m: "classifier.0"),
 )
 
+_HF_LAYER = r"layers\.(\d+)\."
+_HF: tuple[Rule, ...] = (
+    (r"embed", lambda m: "model.embed_tokens"),
+    (_HF_LAYER + r"attention\.(q|k|v|o)", lambda m: f"model.layers.{m[1]}.self_attn.{m[2]}_proj"),
+    (_HF_LAYER + r"attention\.(q_norm|k_norm)", lambda m: f"model.layers.{m[1]}.self_attn.{m[2]}"),
+    (_HF_LAYER + r"attention_norm", lambda m: f"model.layers.{m[1]}.input_layernorm"),
+    (_HF_LAYER + r"mlp_norm", lambda m: f"model.layers.{m[1]}.post_attention_layernorm"),
+    # Gemma 2/3's four norms a block
+    (_HF_LAYER + r"post_attention_norm", lambda m: f"model.layers.{m[1]}.post_attention_layernorm"),
+    (_HF_LAYER + r"pre_mlp_norm", lambda m: f"model.layers.{m[1]}.pre_feedforward_layernorm"),
+    (_HF_LAYER + r"post_mlp_norm", lambda m: f"model.layers.{m[1]}.post_feedforward_layernorm"),
+    (_HF_LAYER + r"mlp\.(gate|up|down)", lambda m: f"model.layers.{m[1]}.mlp.{m[2]}_proj"),
+    (r"norm", lambda m: "model.norm"),
+    (r"lm_head", lambda m: "lm_head"),
+)
+
 # kdjax.interop.torch_code names each nn.Module attribute as the NNX module it mirrors.
 _SAME_PATHS: tuple[Rule, ...] = ((r"(.+)", lambda m: m[1]),)
 
@@ -133,6 +153,7 @@ _RULES: dict[tuple[str, type], tuple[tuple[Rule, ...], str]] = {
     ("crd", models.MobileNetV2): (_MOBILENET, "RepDistiller models.mobilenetv2.mobile_half"),
     ("pytorch", models.MLP): (_SAME_PATHS, "the export's model.py"),
     ("pytorch", models.SmallCNN): (_SAME_PATHS, "the export's model.py"),
+    ("hf", lm_models.Transformer): (_HF, "transformers.AutoModelForCausalLM"),
 }
 
 # variable name in NNX -> in PyTorch, per layer type (PyTorch's order within the module)
@@ -141,6 +162,8 @@ _VARIABLES = {
     nnx.Linear: (("kernel", "weight", "linear"), ("bias", "bias", "same")),
     nnx.BatchNorm: (("scale", "weight", "same"), ("bias", "bias", "same"),
                     ("mean", "running_mean", "same"), ("var", "running_var", "same")),
+    nnx.Embed: (("embedding", "weight", "same"),),
+    lm_models.RMSNorm: (("scale", "weight", "same"),),
 }
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 

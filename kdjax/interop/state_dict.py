@@ -14,17 +14,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 from kdjax.interop import pth
 
-__all__ = ["Loaded", "load", "save", "sha256", "FORMATS"]
+__all__ = ["Loaded", "load", "save", "sha256", "FORMATS", "FLOAT_DTYPES", "read_safetensors",
+           "write_safetensors"]
 
 FORMATS = ("safetensors", "torch")
 # Where training scripts put the state_dict inside a checkpoint dict, in the order tried.
@@ -162,3 +165,70 @@ def save(path: str, tensors: Mapping[str, np.ndarray], *, format: str,
         pth.write(path, tensors)
     else:
         raise ValueError(f"state-dict format must be one of {FORMATS}, got {format!r}")
+
+
+#: The safetensors dtypes of weights that `read_safetensors` reads (numpy has no bfloat16 of its
+#: own: ml_dtypes', which JAX uses, stands in, so no torch is needed).
+FLOAT_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the .safetensors file `path`, bfloat16 included, read from its header and
+    bytes; each is checked against the file's size before it is read.
+
+    Raises ValueError naming the file (and the tensor) for a truncated or corrupt file and for a
+    dtype other than FLOAT_DTYPES' (a quantized checkpoint).
+    """
+    size = os.path.getsize(path)
+    fix = "copy or download it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt "
+                             f"header): {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} has a corrupt .safetensors header (not JSON): "
+                             f"{fix}") from None
+        # Mapped, not read: the arrays are views of the file until they are converted.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base, available = 8 + n, size - 8 - n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = FLOAT_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} is {entry.get('dtype')}, a dtype kdjax "
+                             f"cannot read (it reads {sorted(FLOAT_DTYPES)}): save the model "
+                             f"unquantized, e.g. model.to(torch.bfloat16).save_pretrained(DIR)")
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = int(np.prod(shape))
+        if end > available or end - start != count * dtype.itemsize:
+            raise ValueError(f"{path} is truncated or corrupt: tensor {name!r} {shape} "
+                             f"{entry['dtype']} lies at bytes {start}..{end} of a data section of "
+                             f"{available}: {fix}")
+        out[name] = np.frombuffer(data, dtype, count=count, offset=base + start).reshape(shape)
+    return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` (FLOAT_DTYPES', bfloat16 included) as a .safetensors file."""
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, x in tensors.items():
+        header[name] = {"dtype": names[x.dtype], "shape": list(x.shape),
+                        "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for x in tensors.values():
+            f.write(np.ascontiguousarray(x).tobytes())

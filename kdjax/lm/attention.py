@@ -22,6 +22,9 @@ exists to avoid; its XLA path materialises the scores. The blockwise form runs o
 Masks. Query slot i may attend key slot j iff j <= i (the keys are the same row's slots, or a KV
 cache's, offset by `q_offset`), both are in the same document (segment ids equal, key not
 padding: segment 0), and, with a sliding `window`, i - j < window.
+
+Scores are ``q . k * scale`` (default ``head_dim ** -0.5``; Gemma's query_pre_attn_scalar gives
+another), soft-capped to ``softcap * tanh(score / softcap)`` when `softcap` is set (Gemma 2).
 """
 
 from __future__ import annotations
@@ -56,15 +59,23 @@ def _grouped(q: jax.Array, k: jax.Array) -> jax.Array:
     return q.reshape(b, t, kv, h // kv, d)
 
 
-def explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+def _scaled(scores: jax.Array, d: int, scale: float | None, softcap: float | None
+            ) -> jax.Array:
+    scores = (scores / jnp.sqrt(d).astype(jnp.float32) if scale is None else scores * scale)
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
+def explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+             scale: float | None = None, softcap: float | None = None
              ) -> tuple[jax.Array, jax.Array]:
     """(output ``[B, T, H, D]``, probabilities ``[B, H, T, S]``) with the whole score matrix.
 
-    q ``[B, T, H, D]``; k, v ``[B, S, K, D]``; mask ``[B, T, S]`` (`allowed`)."""
+    q ``[B, T, H, D]``; k, v ``[B, S, K, D]``; mask ``[B, T, S]`` (`allowed`); `scale` and
+    `softcap` as the module docstring says."""
     b, t, h, d = q.shape
     qg = _grouped(q, k)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scores = _scaled(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32),
+                     d, scale, softcap)
     scores = jnp.where(mask[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
@@ -72,7 +83,8 @@ def explicit(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 
 def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
-              k_segments: jax.Array, *, block: int, window: int | None = None) -> jax.Array:
+              k_segments: jax.Array, *, block: int, window: int | None = None,
+              scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """The output ``[B, T, H, D]`` of `explicit`, in `block` x `block` tiles (module docstring);
     a query with no allowed key (padding) gets zeros.
 
@@ -88,14 +100,15 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
     q_blocks = q.reshape(b, n, block, h, d).swapaxes(0, 1)
     seg_blocks = q_segments.reshape(b, n, block).swapaxes(0, 1)
     out = jax.lax.map(lambda xs: _key_blocks(xs[0], k, v, xs[1], k_segments, q_offset=xs[2],
-                                             block=block, window=window),
+                                             block=block, window=window, scale=scale,
+                                             softcap=softcap),
                       (q_blocks, seg_blocks, jnp.arange(n) * block))
     return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 def _key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
                 k_segments: jax.Array, *, q_offset: jax.Array, block: int,
-                window: int | None) -> jax.Array:
+                window: int | None, scale: float | None, softcap: float | None) -> jax.Array:
     """One query block's attention over all key slots, `block` keys at a time."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -105,7 +118,7 @@ def _key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         k_segments = jnp.pad(k_segments, ((0, 0), (0, pad)))
     n_blocks = (s + pad) // block
-    qg = _grouped(q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    qg = _grouped(q, k).astype(jnp.float32)
     k_blocks = k.reshape(b, n_blocks, block, kv, d).swapaxes(0, 1)
     v_blocks = v.reshape(b, n_blocks, block, kv, d).swapaxes(0, 1)
     seg_blocks = k_segments.reshape(b, n_blocks, block).swapaxes(0, 1)
@@ -114,7 +127,8 @@ def _key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
     def step(carry, xs):
         m, l, acc = carry  # running max and sum [B, K, G, T], weighted values [B, K, G, T, D]
         kb, vb, segb, j = xs
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(jnp.float32))
+        scores = _scaled(jnp.einsum("btkgd,bskd->bkgts", qg, kb.astype(jnp.float32)), d, scale,
+                         softcap)
         ok = allowed(q_segments, segb, q_offset=q_offset, k_offset=j * block,
                      window=window)[:, None, None]
         scores = jnp.where(ok, scores, MASKED)
@@ -136,13 +150,15 @@ def _key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_segments: jax.Array,
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, block: int,
-           window: int | None = None) -> tuple[jax.Array, jax.Array]:
+           window: int | None = None, scale: float | None = None,
+           softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Self-attention of packed rows: (output, probabilities). The output takes the blockwise
     form when the row is longer than `block` (0: always explicit); the probabilities (the
     "attention_{i}" taps) are the explicit form's, which jit leaves out of a program that does
     not read them."""
     mask = allowed(segments, segments, window=window)
-    out, probs = explicit(q, k, v, mask)
+    out, probs = explicit(q, k, v, mask, scale=scale, softcap=softcap)
     if block and q.shape[1] > block:
-        out = blockwise(q, k, v, segments, segments, block=block, window=window)
+        out = blockwise(q, k, v, segments, segments, block=block, window=window, scale=scale,
+                        softcap=softcap)
     return out, probs

@@ -81,6 +81,11 @@ class TokenObjective:
         targets ``(logprobs, ids, log_tail)``, "kd" and "agreement"."""
         teaching = teacher is not None or cached is not None
         divergence = self.divergence if teaching else None
+        capped = [m for m in (student, teacher) if getattr(m, "final_softcap", None)]
+        if self.chunk_size and capped:
+            raise ValueError(f"lm.chunk_size={self.chunk_size}: the chunked loss projects hidden "
+                             f"states without Gemma 2's logit soft cap (final_softcap="
+                             f"{capped[0].final_softcap}); set lm.chunk_size=0 for this model")
         if self.chunk_size:
             return losses.chunked_token_losses(
                 hidden, student.head(), teacher_hidden,

@@ -26,7 +26,9 @@ from kdjax import export as export_lib, methods, metrics as metrics_lib, models,
 from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
-from kdjax.lm import cache as teacher_cache, data as text_data, sampling
+from kdjax.compress import training as compress
+from kdjax.lm import cache as teacher_cache, data as text_data, hf, sampling
+from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
 from kdjax.lm.objective import TokenObjective
@@ -118,6 +120,7 @@ class LanguageModelTask(Task):
         super().__init__(plan)
         self.ds: text_data.TextDataset | None = None
         self.cache: teacher_cache.TeacherCache | None = None
+        self._init: dict[str, Any] | None = None
 
     def check(self, *, distill: bool) -> None:
         plan = self.plan
@@ -195,13 +198,34 @@ class LanguageModelTask(Task):
                              f"workdir of a `kdjax import --torch` run) but does not train here, "
                              f"having no KV-cached decoding in kdjax; train one of "
                              f"kdjax.lm.models' students")
-        vocab = model.num_classes or ds.vocab_size
+        vocab = model.num_classes or self._init_record().get("vocab") or ds.vocab_size
         if vocab < ds.vocab_size:
             raise ValueError(f"model.num_classes={vocab} is smaller than the vocabulary of "
                              f"{self.plan.data.name!r} ({ds.vocab_size} tokens); set it to 0 for "
                              f"the tokenizer's size")
         return ModelSpec(name=model.name, num_classes=vocab, input_shape=(ds.seq_len,),
                          kwargs=dict(model.kwargs), compute_dtype=model.compute_dtype)
+
+    def _init_record(self) -> dict[str, Any]:
+        """What the student takes from init.workdir's run: its vocabulary rows (an imported
+        model's embedding may have more than its tokenizer has tokens) and its Hugging Face
+        record (the folder's config and tokenizer files, for `kdjax export --format hf`)."""
+        workdir = self.plan.init.workdir
+        if not workdir:
+            return {}
+        if self._init is not None:
+            return self._init
+        reader = RunReader(workdir, what="init.workdir")
+        try:
+            run = reader.run_meta(reader.resolve_step("latest"))
+        finally:
+            reader.close()
+        out: dict[str, Any] = {"vocab": ModelSpec.from_json(run["model"]).num_classes}
+        directory, config = hf.tokenizer_source(workdir, run)
+        if run.get("hf") and directory is not None:
+            out["hf"] = {"dir": os.path.abspath(directory), "config": config}
+        self._init = out
+        return out
 
     def open_eval(self, mesh) -> Callable[[], Iterable[dict[str, jax.Array]]]:
         tokens, segments = _rows(self._dataset(), self.plan.data.eval_split, self.plan.lm.eval_rows)
@@ -243,6 +267,11 @@ class LanguageModelTask(Task):
                 raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, whose "
                                  f"head is applied inside its own forward, so its logits are "
                                  f"whole: set lm.chunk_size=0 (got {plan.lm.chunk_size})")
+            theirs = run.get("tokenizer", {})
+            if (spec.name in lm_models.LM_MODELS and spec.num_classes > student.num_classes
+                    and theirs.get("kind") == ours.get("kind")
+                    and theirs.get("vocab_size") == ours.get("vocab_size") <= student.num_classes):
+                return  # padding rows beyond the shared tokenizer's tokens: sliced off below
             if spec.num_classes != student.num_classes:
                 raise ValueError(
                     f"the teacher in {workdir!r} has a vocabulary of {spec.num_classes} tokens "
@@ -250,7 +279,6 @@ class LanguageModelTask(Task):
                     f"{plan.data.name!r}, model.num_classes={plan.model.num_classes}); token "
                     f"distributions are compared token by token: distil on data tokenized with "
                     f"the teacher's tokenizer")
-            theirs = run.get("tokenizer", {})
             if theirs and theirs.get("kind") != ours.get("kind"):
                 raise ValueError(
                     f"the teacher in {workdir!r} was trained with a {theirs.get('kind')!r} "
@@ -259,6 +287,12 @@ class LanguageModelTask(Task):
                     f"the teacher's tokenizer")
 
         reference, spec, _ = self.read_teacher(workdir, mesh, check)
+        if spec.num_classes > student.num_classes:
+            print(f"kdjax: note: the teacher in {workdir} has {spec.num_classes} vocabulary rows, "
+                  f"the student {student.num_classes}, with the same tokenizer of "
+                  f"{ours['vocab_size']} tokens: the teacher's rows {student.num_classes}.."
+                  f"{spec.num_classes - 1} are padding no token reaches, sliced off", flush=True)
+            spec, reference = lm_models.slice_vocab(reference, spec, student.num_classes)
         prepared, preparation = teacher_lib.prepare(
             reference, spec, dtype=compute_dtype(plan.teacher.compute_dtype), fold_batchnorm=False)
         record = {"workdir": workdir, "model": spec.name,
@@ -269,7 +303,9 @@ class LanguageModelTask(Task):
 
     def build(self, data: RunData, teachers: tuple[FrozenModel, ...]
               ) -> tuple[Distillee, ModelSpec]:
-        return Distillee(data.student.build(self.plan.seed)), data.student
+        # init.workdir (an imported model, init.layers of its blocks) or a fresh student.
+        student, model = compress.initial_student(self.plan, data.student)
+        return Distillee(model), student
 
     def make_step(self, graphdef, tx, teachers, data: RunData, **compile_args: Any) -> Step:
         layout = None if self.cache is None else self.cache.layout
@@ -297,8 +333,10 @@ class LanguageModelTask(Task):
     def record(self) -> dict[str, Any]:
         ds = self._dataset()
         # "preprocess" is the images' field of the record; an LM's input is token ids.
+        # "hf": the Hugging Face folder a student started from (kdjax export --format hf).
+        hf_record = {k: v for k, v in self._init_record().items() if k == "hf"}
         return {"preprocess": {"mean": [], "std": []}, "tokenizer": ds.meta["tokenizer"],
-                "dataset": ds.path}
+                "dataset": ds.path, **hf_record}
 
     def summary(self, last_train: dict[str, float], model: nnx.Module, student: ModelSpec
                 ) -> dict[str, Any]:
@@ -327,7 +365,8 @@ def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
     path = export_lib.export(workdir, out, step=step)
     description = run["tokenizer"]
     if "file" in description:
-        shutil.copy(os.path.join(run["dataset"], description["file"]),
+        directory, _ = hf.tokenizer_source(workdir, run)
+        shutil.copy(os.path.join(directory, description["file"]),
                     os.path.join(path, description["file"]))
     with open(os.path.join(path, tokenizer_lib.DESCRIPTION_FILE), "w") as f:
         json.dump(description, f, indent=2)
