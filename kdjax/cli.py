@@ -71,11 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     exp.add_argument("--format", default="kdjax",
-                     choices=("kdjax", "safetensors", "torch", "stablehlo"),
+                     choices=("kdjax", "safetensors", "torch", "stablehlo", "onnx"),
                      help="kdjax (default: Orbax, for kdjax.export.load); safetensors / torch: "
                           "the state_dict for PyTorch's load_state_dict (the .pth is written "
                           "without torch); stablehlo: the serialized inference function "
-                          "(jax.export), uint8 images in, logits out")
+                          "(jax.export), uint8 images in, logits out; onnx: that function as an "
+                          "ONNX graph (int8 students with integer weights), checked in ONNX "
+                          "Runtime before it is written")
     exp.add_argument("--layout", default=None,
                      choices=("torchvision", "crd", "pytorch", "kdjax"),
                      help="state_dict naming for safetensors/torch (default: the one the model "
