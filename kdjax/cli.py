@@ -174,6 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--step", default="latest", help="a run's checkpoint: latest, best or N")
     rep.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     rep.add_argument("--no-speed", action="store_true", help="skip the latency/throughput timing")
+    rep.add_argument("--runtime", default=None, choices=("onnxruntime",),
+                     help="also time each model in this runtime beside XLA at batches 1, 8, 64, "
+                          "256 (converted as kdjax export --format onnx); speedups below 1x are "
+                          "flagged")
     return p
 
 
@@ -423,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = report.make_report(
             args.paths, out=args.out, split=args.split, calibration_split=args.calibration_split,
             teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir,
-            batch_size=args.batch_size, speed=not args.no_speed, step=args.step)
+            batch_size=args.batch_size, speed=not args.no_speed, step=args.step,
+            runtime=args.runtime)
         print(report.render.markdown(result))
         print(f"kdjax: wrote {os.path.join(args.out, 'report.json')} and report.md")
         return 0

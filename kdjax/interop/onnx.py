@@ -140,12 +140,11 @@ def inference_fn(model: nnx.Module, preprocess: Mapping[str, Any]
     return serve
 
 
-def trace(model: nnx.Module, spec: ModelSpec, preprocess: Mapping[str, Any]) -> jex.ClosedJaxpr:
-    """The inference function's jaxpr, batch dimension symbolic."""
+def trace(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int]) -> jex.ClosedJaxpr:
+    """The jaxpr of `fn` on uint8 images [batch, *input_shape], batch symbolic."""
     (batch,) = jax.export.symbolic_shape("batch")
     with _native_convolutions():
-        return jax.make_jaxpr(inference_fn(model, preprocess))(
-            jax.ShapeDtypeStruct((batch, *spec.input_shape), jnp.uint8))
+        return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *input_shape), jnp.uint8))
 
 
 def _nhwc_max_pool(eqn: jex.JaxprEqn) -> tuple[tuple[int, int], tuple[int, int],
@@ -241,9 +240,10 @@ def tolerance(reference: np.ndarray, terms: int) -> float:
     return 4 * EPS * math.sqrt(terms) * float(np.abs(reference).max(initial=0.0))
 
 
-def convert(model: nnx.Module, spec: ModelSpec, preprocess: Mapping[str, Any]
+def convert(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], name: str
             ) -> tuple[Any, int]:
-    """(the ONNX ModelProto of `model`'s inference on uint8 images, its reduction terms)."""
+    """(the ONNX ModelProto of `fn`, uint8 images [N, *input_shape] -> logits, W8A8 integer
+    products as ONNX integer operators; its reduction terms)."""
     from jax2onnx import to_onnx
 
     # jax2onnx imports its optional plugins (equinox, dm_pix examples) at first use and logs a
@@ -251,15 +251,16 @@ def convert(model: nnx.Module, spec: ModelSpec, preprocess: Mapping[str, Any]
     logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
     # and onnx_ir warns of the untyped shape constants jax2onnx builds, which ONNX infers
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-    closed = trace(model, spec, preprocess)
+    closed = trace(fn, input_shape)
 
     def replay(images):
         return _eval(closed.jaxpr, closed.consts, images)[0]
 
     with _dynamic_batch_pads():
-        proto = to_onnx(replay, [jax.ShapeDtypeStruct(("N", *spec.input_shape), jnp.uint8)],
-                        model_name=spec.name, opset=OPSET, input_names=[INPUT],
+        proto = to_onnx(replay, [jax.ShapeDtypeStruct(("N", *input_shape), jnp.uint8)],
+                        model_name=name, opset=OPSET, input_names=[INPUT],
                         output_names=[OUTPUT])
+    _integer_kernels(proto)
     return proto, reduction_terms(closed)
 
 
@@ -395,12 +396,14 @@ def _drop_unused(graph: Any) -> None:
 TIE_FLIPS = 4
 
 
-def quantization_slack(model: nnx.Module) -> float:
+def quantization_slack(state: nnx.State) -> float:
     """The logits' allowance for activation ties in a W8A8 (Qwix PTQ) model: TIE_FLIPS one-step
     flips of the input of every quantized layer, each moving its outputs by at most the
     activation step times the largest |dequantized weight|, carried to the logits at unit gain:
-    TIE_FLIPS * sum over layers of step * max |W|. 0 for a model without activation scales."""
-    flat = {tuple(str(p) for p in k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
+    TIE_FLIPS * sum over layers of step * max |W|. 0 for a model without activation scales.
+    `state`: the model's nnx.State."""
+    flat = {tuple(str(p) for p in k): v.get_value() if isinstance(v, nnx.Variable) else v
+            for k, v in nnx.to_flat_state(state)}
     slack = 0.0
     for key, q in flat.items():
         if key[-2:] != ("array", "qvalue"):
@@ -418,24 +421,35 @@ def build(model: nnx.Module, spec: ModelSpec, preprocess: Mapping[str, Any],
     """The checked ONNX file of `model` (kdjax's own student, as `kdjax.export.load` returns
     it) and what was checked, for kdjax_model.json: raises Mismatch, writing nothing, where ONNX
     Runtime disagrees with kdjax beyond the tolerance."""
-    proto, terms = convert(model, spec, preprocess)
-    form = "float32"
+    dequantized = None
     if integers:
         dequantized = {name: np.asarray(v.get_value(), np.float32)
                        for name, v in _kernels(model).items() if name in integers}
-        _dequantize_weights(proto, dequantized, integers)
+    return build_fn(inference_fn(model, preprocess), spec.input_shape, spec.name,
+                    nnx.state(model), dequantized=dequantized, integers=integers)
+
+
+def build_fn(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], name: str,
+             state: nnx.State, *, dequantized: Mapping[str, np.ndarray] | None = None,
+             integers: Integers | None = None) -> tuple[bytes, dict[str, Any]]:
+    """`build` for any inference function `fn` (uint8 images -> logits) of a model whose
+    variables are `state` (read for W8A8 activation scales); `dequantized` and `integers`: the
+    float kernels to store as int8 + scale (QDQ)."""
+    proto, terms = convert(fn, input_shape, name)
+    form = "float32"
+    if integers:
+        _dequantize_weights(proto, dequantized or {}, integers)
         form = "int8 weights (QDQ: DequantizeLinear on int8 initializers), float activations"
-    elif _integer_kernels(proto):
+    elif any(n.op_type in ("ConvInteger", "MatMulInteger") for n in proto.graph.node):
         form = ("int8 weights and activations (W8A8: QuantizeLinear-equivalent Div/Round/Clip/"
                 "Cast, ConvInteger / MatMulInteger with int32 accumulation)")
     model_bytes = proto.SerializeToString()
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_BATCH, *spec.input_shape),
-                                               np.uint8)
-    reference = np.asarray(jax.jit(inference_fn(model, preprocess))(images), np.float64)
+    images = np.random.default_rng(0).integers(0, 256, (CHECK_BATCH, *input_shape), np.uint8)
+    reference = np.asarray(jax.jit(fn)(images), np.float64)
     atol = tolerance(reference, terms)
     rule = (f"float32 reassociation over {terms} summed terms: 4 * eps * sqrt({terms}) * "
             f"max |logit| ({np.abs(reference).max():.4g})")
-    slack = quantization_slack(model)
+    slack = quantization_slack(state)
     if slack:
         atol += slack
         rule += (f", plus {slack:.3g} for W8A8 activation rounding ties ({TIE_FLIPS} one-step "
