@@ -439,10 +439,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run_kind(args.workdir) == "lm":  # the language model and its tokenizer
             from kdjax.lm import task as lm_task
 
-            if args.format != "kdjax" or overrides:
-                _parser().error(f"kdjax export of a language model writes --format kdjax with no "
-                                f"--config overrides (got --format {args.format}"
+            if args.format not in ("kdjax", "onnx") or overrides:
+                _parser().error(f"kdjax export of a language model writes --format kdjax or "
+                                f"onnx with no --config overrides (got --format {args.format}"
                                 f"{' and ' + ' '.join(overrides) if overrides else ''})")
+            if args.format == "onnx":
+                path = lm_task.export_onnx(args.workdir, args.out, step=args.step)
+                print(f"kdjax: exported the student to {path} (onnx); how to load it: "
+                      f"{os.path.join(path, 'README.md')}")
+                return 0
             path = lm_task.export(args.workdir, args.out, step=args.step)
             print(f"kdjax: exported the student to {path}; load and run it with:\n"
                   f"{lm_task.SNIPPET.format(path=path)}")

@@ -20,10 +20,12 @@ arrays for `kdjax import`. The .pth is written without torch (the zip format
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from flax import nnx
@@ -150,10 +152,7 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
     if fmt == "onnx":  # converted and checked in ONNX Runtime before anything is written
         model_bytes, checked = onnx.build(model, spec, preprocess, integers)
         meta["onnx"] = checked
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
-    try:
-        os.chmod(tmp, 0o755)
+    with new_directory(out) as tmp:
         target = os.path.join(tmp, _FILES[fmt])
         if fmt == "onnx":
             with open(target, "wb") as f:
@@ -172,8 +171,19 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_readme(fmt, path, spec, layout, reference, preprocess, source, checked))
+    return out
+
+
+@contextlib.contextmanager
+def new_directory(out: str) -> Iterator[str]:
+    """A temporary directory beside `out`, renamed to `out` when the block completes and
+    removed when it raises: a path that exists is a whole export."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
+        yield tmp
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

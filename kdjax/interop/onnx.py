@@ -30,6 +30,7 @@ and nothing is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -140,11 +141,38 @@ def inference_fn(model: nnx.Module, preprocess: Mapping[str, Any]
     return serve
 
 
-def trace(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int]) -> jex.ClosedJaxpr:
-    """The jaxpr of `fn` on uint8 images [batch, *input_shape], batch symbolic."""
-    (batch,) = jax.export.symbolic_shape("batch")
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a graph takes: its input's name and dtype, and the values checked (0 .. high-1)."""
+
+    name: str
+    dtype: Any
+    high: int
+
+    def sample(self, n: int, shape: Sequence[int]) -> np.ndarray:
+        return np.random.default_rng(0).integers(0, self.high, (n, *shape)).astype(self.dtype)
+
+
+IMAGES = Inputs(INPUT, np.uint8, 256)
+
+
+def tokens(vocab_size: int) -> Inputs:
+    """A language model's input: int32 token ids."""
+    return Inputs("tokens", np.int32, vocab_size)
+
+
+def symbolic_input(input_shape: Sequence[int], dtype: Any = jnp.uint8) -> jax.ShapeDtypeStruct:
+    """[N, *input_shape] with N symbolic: one object for kdjax's trace and jax2onnx's, so that
+    the shapes inside the jaxpr's equations name the very dimension jax2onnx makes dynamic."""
+    (batch,) = jax.export.symbolic_shape("N")
+    return jax.ShapeDtypeStruct((batch, *input_shape), dtype)
+
+
+def trace(fn: Callable[[jax.Array], jax.Array], example: jax.ShapeDtypeStruct
+          ) -> jex.ClosedJaxpr:
+    """The jaxpr of `fn` on `example` (symbolic_input)."""
     with _native_convolutions():
-        return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *input_shape), jnp.uint8))
+        return jax.make_jaxpr(fn)(example)
 
 
 def _nhwc_max_pool(eqn: jex.JaxprEqn) -> tuple[tuple[int, int], tuple[int, int],
@@ -181,6 +209,12 @@ def _eval(jaxpr: jex.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
             # it: it rounds x / scale without clipping); ONNX's Cast leaves out-of-range values
             # undefined, so the saturation is written out.
             outs = [jnp.clip(invals[0], -128, 127).astype(jnp.int8)]
+        elif name == "cummax" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.integer):
+            # jax2onnx lowers a cumulative max to ONNX MaxPool, defined for floats only; an LM's
+            # positions (kdjax.lm.models.positions_from_segments) are small integers, exact in
+            # float32.
+            x = invals[0]
+            outs = [eqn.primitive.bind(x.astype(jnp.float32), **eqn.params).astype(x.dtype)]
         elif name == "reduce_window_max" and _nhwc_max_pool(eqn) is not None:
             window, strides, pads = _nhwc_max_pool(eqn)
             x = jax.lax.pad(invals[0], jnp.array(-jnp.inf, invals[0].dtype),
@@ -240,9 +274,9 @@ def tolerance(reference: np.ndarray, terms: int) -> float:
     return 4 * EPS * math.sqrt(terms) * float(np.abs(reference).max(initial=0.0))
 
 
-def convert(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], name: str
-            ) -> tuple[Any, int]:
-    """(the ONNX ModelProto of `fn`, uint8 images [N, *input_shape] -> logits, W8A8 integer
+def convert(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], name: str,
+            *, inputs: Inputs = IMAGES) -> tuple[Any, int]:
+    """(the ONNX ModelProto of `fn`, `inputs` [N, *input_shape] -> logits, W8A8 integer
     products as ONNX integer operators; its reduction terms)."""
     from jax2onnx import to_onnx
 
@@ -251,14 +285,15 @@ def convert(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], na
     logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
     # and onnx_ir warns of the untyped shape constants jax2onnx builds, which ONNX infers
     logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-    closed = trace(fn, input_shape)
+    example = symbolic_input(input_shape, inputs.dtype)
+    closed = trace(fn, example)
 
     def replay(images):
         return _eval(closed.jaxpr, closed.consts, images)[0]
 
     with _dynamic_batch_pads():
-        proto = to_onnx(replay, [jax.ShapeDtypeStruct(("N", *input_shape), jnp.uint8)],
-                        model_name=name, opset=OPSET, input_names=[INPUT],
+        proto = to_onnx(replay, [example],
+                        model_name=name, opset=OPSET, input_names=[inputs.name],
                         output_names=[OUTPUT])
     _integer_kernels(proto)
     return proto, reduction_terms(closed)
@@ -431,11 +466,12 @@ def build(model: nnx.Module, spec: ModelSpec, preprocess: Mapping[str, Any],
 
 def build_fn(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], name: str,
              state: nnx.State, *, dequantized: Mapping[str, np.ndarray] | None = None,
-             integers: Integers | None = None) -> tuple[bytes, dict[str, Any]]:
-    """`build` for any inference function `fn` (uint8 images -> logits) of a model whose
-    variables are `state` (read for W8A8 activation scales); `dequantized` and `integers`: the
-    float kernels to store as int8 + scale (QDQ)."""
-    proto, terms = convert(fn, input_shape, name)
+             integers: Integers | None = None, inputs: Inputs = IMAGES
+             ) -> tuple[bytes, dict[str, Any]]:
+    """`build` for any inference function `fn` (`inputs` -> logits: uint8 images, or a
+    language model's tokens) of a model whose variables are `state` (read for W8A8 activation
+    scales); `dequantized` and `integers`: the float kernels to store as int8 + scale (QDQ)."""
+    proto, terms = convert(fn, input_shape, name, inputs=inputs)
     form = "float32"
     if integers:
         _dequantize_weights(proto, dequantized or {}, integers)
@@ -444,7 +480,7 @@ def build_fn(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], n
         form = ("int8 weights and activations (W8A8: QuantizeLinear-equivalent Div/Round/Clip/"
                 "Cast, ConvInteger / MatMulInteger with int32 accumulation)")
     model_bytes = proto.SerializeToString()
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_BATCH, *input_shape), np.uint8)
+    images = inputs.sample(CHECK_BATCH, input_shape)
     reference = np.asarray(jax.jit(fn)(images), np.float64)
     atol = tolerance(reference, terms)
     rule = (f"float32 reassociation over {terms} summed terms: 4 * eps * sqrt({terms}) * "
@@ -454,9 +490,9 @@ def build_fn(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], n
         atol += slack
         rule += (f", plus {slack:.3g} for W8A8 activation rounding ties ({TIE_FLIPS} one-step "
                  f"flips per quantized layer: {TIE_FLIPS} * sum of activation step * max |W|)")
-    diff = check(model_bytes, images, reference, atol, rule)
-    diff = max(diff, check(model_bytes, images[:1], reference[:1], atol, rule))
-    return model_bytes, {"opset": OPSET, "form": form, "input": INPUT, "output": OUTPUT,
+    diff = check(model_bytes, images, reference, atol, rule, inputs.name)
+    diff = max(diff, check(model_bytes, images[:1], reference[:1], atol, rule, inputs.name))
+    return model_bytes, {"opset": OPSET, "form": form, "input": inputs.name, "output": OUTPUT,
                          "checked_batches": [CHECK_BATCH, 1], "max_abs_diff": diff,
                          "tolerance": atol, "tolerance_rule": rule}
 
@@ -465,7 +501,7 @@ def describe(checked: Mapping[str, Any]) -> str:
     """One sentence of what an export holds and how it was checked."""
     return (f"Weights: {checked['form']}. Checked before writing: ONNX Runtime's logits within "
             f"{checked['tolerance']:.3g} of kdjax's on batches of {checked['checked_batches']} "
-            f"random images (largest difference {checked['max_abs_diff']:.3g}; tolerance: "
+            f"random {checked['input']} (largest difference {checked['max_abs_diff']:.3g}; tolerance: "
             f"{checked['tolerance_rule']}).")
 
 
@@ -488,10 +524,10 @@ def session(model_bytes: bytes, *, threads: int | None = None) -> Any:
 
 
 def check(model_bytes: bytes, images: np.ndarray, reference: np.ndarray, atol: float,
-          what: str) -> float:
-    """Run the file in ONNX Runtime on `images` (uint8) and compare with kdjax's `reference`
-    logits; the largest |difference|, or Mismatch beyond `atol`."""
-    got = session(model_bytes).run(None, {INPUT: images})[0]
+          what: str, input_name: str = INPUT) -> float:
+    """Run the file in ONNX Runtime on `images` (uint8, or an LM's tokens) and compare with
+    kdjax's `reference` logits; the largest |difference|, or Mismatch beyond `atol`."""
+    got = session(model_bytes).run(None, {input_name: images})[0]
     if got.shape != reference.shape:
         raise Mismatch(f"--format onnx: ONNX Runtime returned logits of shape {got.shape} for "
                        f"{len(images)} images, kdjax {reference.shape}; nothing written")
