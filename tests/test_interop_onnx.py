@@ -32,17 +32,13 @@ PRUNE = ["--config.prune.method=structured", "--config.prune.sparsity=0.5",
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
-    """4-step runs: a user's NNX model with BatchNorm, a padded overlapping max-pool and a
-    residual; the zoo's small CNN (BatchNorm, max-pool) structurally pruned to half its
-    channels."""
-    work, out = tmp_path_factory.mktemp("onnx_runs"), {}
-    for name, model, extra in (("user", "_user_models:PoolResNet", ()),
-                               ("pruned", "cnn_tiny", PRUNE)):
-        out[name] = str(work / name)
-        assert cli.main(["train", "--config", f"{EXP}/fashion_mnist/teacher.py", "--workdir",
-                         out[name], f"--config.model.name={model}", "--config.model.kwargs={}",
-                         f"--config.data.data_dir={data_dir}", *RUN, *extra]) == 0
+def pruned_run(data_dir, tmp_path_factory):
+    """A 4-step run of the zoo's small CNN (BatchNorm, max-pool) structurally pruned to half
+    its channels."""
+    out = str(tmp_path_factory.mktemp("onnx_runs") / "pruned")
+    assert cli.main(["train", "--config", f"{EXP}/fashion_mnist/teacher.py", "--workdir", out,
+                     "--config.model.name=cnn_tiny", f"--config.data.data_dir={data_dir}", *RUN,
+                     *PRUNE]) == 0
     return out
 
 
@@ -89,8 +85,32 @@ def _assert_runs_as_kdjax(ours, theirs):
     return meta, {node.op_type for node in graph.node}
 
 
-def test_a_user_model_with_batchnorm_max_pool_and_residual(tmp_path, runs):
-    meta, ops = _assert_runs_as_kdjax(*_export_both(runs["user"], tmp_path))
+def _formats_export(spec, tmp_path):
+    """formats.export of `spec`'s model with random weights (its BatchNorm statistics moved off
+    their init), as `kdjax export --format onnx` writes a float student."""
+    from conftest import randomize_batchnorms
+
+    model = randomize_batchnorms(spec.build(0))
+    model.eval()
+    run = {"preprocess": {"mean": [0.3], "std": [0.4]},
+           "config": {"data": {"name": "fashion_mnist"}}}
+    out = formats.export(model, spec, run, str(tmp_path / "onnx"), fmt="onnx", layout=None,
+                         step=0, source="test")
+    meta = json.load(open(os.path.join(out, "kdjax_model.json")))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)((x / 255.0 - 0.3) / 0.4))
+    for n in (1, 5):
+        images = _images(n)
+        got, want = _ort_logits(out, images), np.asarray(forward(state, images))
+        assert got.shape == (n, 10)
+        assert np.abs(got - want).max() <= meta["onnx"]["tolerance"]
+    graph = onnx.load(os.path.join(out, "model.onnx")).graph
+    return meta, {node.op_type for node in graph.node}
+
+
+def test_a_user_model_with_batchnorm_max_pool_and_residual(tmp_path):
+    # model.name="pkg.mod:Class": a user's NNX module, BatchNorm switched by eval()
+    meta, ops = _formats_export(ModelSpec("_user_models:PoolResNet", 10, (28, 28, 1)), tmp_path)
     # the padded 3x3/2 max-pool is one MaxPool (not jax2onnx's 4-axis pooling ORT refuses)
     assert {"Conv", "MaxPool", "Add", "Gemm"} <= ops
     assert meta["onnx"]["form"] == "float32"
@@ -100,8 +120,14 @@ def test_a_user_model_with_batchnorm_max_pool_and_residual(tmp_path, runs):
     assert "opset 21" in readme and "uint8 images" in readme and "InferenceSession" in readme
 
 
-def test_a_structured_pruned_student_is_exported_shrunk(tmp_path, runs):
-    meta, _ = _assert_runs_as_kdjax(*_export_both(runs["pruned"], tmp_path))
+def test_zoo_mlp(tmp_path):
+    meta, ops = _formats_export(ModelSpec("mlp", 10, (28, 28, 1), {"hidden": (16, 8)}),
+                                tmp_path)
+    assert "Gemm" in ops and meta["model"]["name"] == "mlp"
+
+
+def test_a_structured_pruned_student_is_exported_shrunk(tmp_path, pruned_run):
+    meta, _ = _assert_runs_as_kdjax(*_export_both(pruned_run, tmp_path))
     assert meta["model"]["kwargs"] == {"channels": [4, 8], "dense": 16}  # cnn_tiny: 8, 16, 32
     shapes = {i.name: list(i.dims) for i in onnx.load(tmp_path / "onnx" / "model.onnx")
               .graph.initializer}
@@ -109,9 +135,9 @@ def test_a_structured_pruned_student_is_exported_shrunk(tmp_path, runs):
 
 
 @pytest.mark.parametrize("activations", ["none", "int8"])
-def test_int8_students_keep_their_integers(tmp_path, runs, data_dir, activations):
+def test_int8_students_keep_their_integers(tmp_path, pruned_run, data_dir, activations):
     _, ops = _assert_runs_as_kdjax(*_export_both(
-        runs["pruned"], tmp_path, "--config.quant.mode=ptq", "--config.quant.weights=int8",
+        pruned_run, tmp_path, "--config.quant.mode=ptq", "--config.quant.weights=int8",
         f"--config.quant.activations={activations}", "--config.quant.calibration_examples=32",
         f"--config.data.data_dir={data_dir}"))
     graph = onnx.load(tmp_path / "onnx" / "model.onnx").graph
@@ -125,23 +151,8 @@ def test_int8_students_keep_their_integers(tmp_path, runs, data_dir, activations
         assert {"ConvInteger", "MatMulInteger"} <= ops and "Conv" not in ops
 
 
-def test_zoo_mlp_through_the_formats_api(tmp_path):
-    spec = ModelSpec("mlp", 10, (28, 28, 1), {"hidden": (16, 8)}, "float32")
-    model = spec.build(0)
-    model.eval()
-    run = {"preprocess": {"mean": [0.3], "std": [0.4]},
-           "config": {"data": {"name": "fashion_mnist"}}}
-    out = formats.export(model, spec, run, str(tmp_path / "mlp"), fmt="onnx", layout=None,
-                         step=0, source="test")
-    checked = json.load(open(os.path.join(out, "kdjax_model.json")))["onnx"]
-    for n in (1, 5):
-        images = _images(n)
-        x = (images / 255.0 - 0.3) / 0.4
-        np.testing.assert_allclose(_ort_logits(out, images), np.asarray(model(x)),
-                                   rtol=0, atol=checked["tolerance"])
-
-
-def test_a_file_that_disagrees_is_refused_and_nothing_is_written(tmp_path, runs, monkeypatch):
+def test_a_file_that_disagrees_is_refused_and_nothing_is_written(tmp_path, pruned_run,
+                                                                monkeypatch):
     real = kdjax_onnx.convert
 
     def corrupted(*args, **kwargs):
@@ -159,37 +170,37 @@ def test_a_file_that_disagrees_is_refused_and_nothing_is_written(tmp_path, runs,
                                                   r"up to [0-9.e-]+ on 5 images, beyond the "
                                                   r"tolerance [0-9.e-]+ \(float32 "
                                                   r"reassociation over \d+ summed terms"):
-        export.export(runs["user"], str(out), format="onnx")
+        export.export(pruned_run, str(out), format="onnx")
     assert os.listdir(tmp_path) == []
 
 
-def test_formats_that_cannot_hold_the_student_are_refused(tmp_path, runs, data_dir):
+def test_formats_that_cannot_hold_the_student_are_refused(tmp_path, pruned_run):
     out = str(tmp_path / "x")
     with pytest.raises(ValueError, match=r"--format onnx cannot represent this student: "
                                          r"quant.weights='int4' \(int4 weights packed two per "
                                          r"byte\) is stored by kdjax's own export format only; "
                                          r"the formats that can: kdjax"):
-        export.export(runs["pruned"], out, format="onnx",
+        export.export(pruned_run, out, format="onnx",
                       overrides=["--config.quant.mode=ptq", "--config.quant.weights=int4",
                                  "--config.quant.activations=none"])
     with pytest.raises(ValueError, match=r"--format safetensors cannot represent integer "
                                          r"weights and scales; the formats that can: kdjax "
                                          r"\(drop --format\) and, for int8, onnx"):
-        export.export(runs["pruned"], out, format="safetensors",
+        export.export(pruned_run, out, format="safetensors",
                       overrides=["--config.quant.mode=ptq", "--config.quant.activations=none"])
     with pytest.raises(ValueError, match=r"--format must be kdjax or one of \('safetensors', "
                                          r"'torch', 'stablehlo', 'onnx'\), got 'tflite'"):
-        export.export(runs["pruned"], out, format="tflite")
+        export.export(pruned_run, out, format="tflite")
     with pytest.raises(ValueError, match="--format onnx has none"):
-        export.export(runs["pruned"], out, format="onnx", layout="crd")
+        export.export(pruned_run, out, format="onnx", layout="crd")
     assert os.listdir(tmp_path) == []
 
 
-def test_report_times_onnxruntime_beside_xla(tmp_path, runs, data_dir):
+def test_report_times_onnxruntime_beside_xla(tmp_path, pruned_run, data_dir):
     from kdjax import report
     from kdjax.report import runtime
 
-    result = report.make_report([runs["user"]], out=str(tmp_path / "r"), data_dir=data_dir,
+    result = report.make_report([pruned_run], out=str(tmp_path / "r"), data_dir=data_dir,
                                 runtime="onnxruntime",
                                 speed_settings={"latency_calls": 3, "throughput_windows": 2,
                                                 "warmup_s": 0.0, "window_s": 0.01})
@@ -200,8 +211,27 @@ def test_report_times_onnxruntime_beside_xla(tmp_path, runs, data_dir):
     assert r["slower_than_xla"] == [b["batch"] for b in r["batches"] if b["speedup"] < 1]
     md = open(tmp_path / "r" / "report.md").read()
     assert "## Speed in onnxruntime beside XLA" in md
-    assert md.count("| user | ") == 5  # the size table's row and one per batch size
+    section = md.split("## Speed in onnxruntime beside XLA")[1].split("\n\n")[1]
+    assert len([row for row in section.splitlines() if row.startswith("| pruned | ")]) == 4
     assert ("slower than XLA" in md) == bool(r["slower_than_xla"])
     with pytest.raises(ValueError, match=r"--runtime must be one of \('onnxruntime',\), got "
                                          r"'litert'"):
         runtime.check("litert")
+
+
+def test_a_language_model_runs_on_tokens():
+    spec = ModelSpec("lm_tiny", 64, (16,), {"d_model": 16, "d_ff": 32})
+    model = spec.build(0)
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def forward(tokens):
+        return nnx.merge(graphdef, state)(tokens)
+
+    model_bytes, checked = kdjax_onnx.build_fn(forward, spec.input_shape, spec.name, state,
+                                               inputs=kdjax_onnx.tokens(64))
+    assert checked["input"] == "tokens" and checked["max_abs_diff"] <= checked["tolerance"]
+    tokens = np.random.default_rng(2).integers(0, 64, (3, 16)).astype(np.int32)
+    got = kdjax_onnx.session(model_bytes).run(None, {"tokens": tokens})[0]
+    assert got.shape == (3, 16, 64)
+    assert np.abs(got - np.asarray(jax.jit(forward)(tokens))).max() <= checked["tolerance"]
