@@ -47,6 +47,9 @@ class Artifact:
         ``train_split``, ``eval_split``, ``data_dir``, ``image_size``, ...; any may be missing).
       teacher: path of the run or export that taught it, when known.
       spec: its ModelSpec when it has one; details: anything else worth reporting (step, source).
+      module, normalization: the NNX model `apply` runs and its input's {"mean", "std"}, where
+        the format has them (runs and kdjax exports): what `kdjax export --format onnx` would
+        convert, for `kdjax report --runtime` to time that very graph.
     """
 
     path: str
@@ -61,6 +64,8 @@ class Artifact:
     teacher: str | None = None
     spec: ModelSpec | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    module: nnx.Module | None = None
+    normalization: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +154,8 @@ def _load_run(path: str, *, step: str | int = "latest") -> Artifact:
                     stored_files=(os.path.join(saved, "model"),),
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
                     data=_data_of(config), teacher=_teacher_of(config, os.path.dirname(path)),
-                    spec=spec, details={"step": n, "checkpoint": saved})
+                    spec=spec, details={"step": n, "checkpoint": saved}, module=model,
+                    normalization=run["preprocess"])
 
 
 def _is_export(path: str) -> bool:
@@ -177,7 +183,8 @@ def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
     return Artifact(path=path, kind="export", apply=apply, variables=variables,
                     params=_params(model), stored_files=stored,
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes, data=data,
-                    teacher=teacher, spec=spec, details={"source": source})
+                    teacher=teacher, spec=spec, details={"source": source}, module=model,
+                    normalization=meta["preprocess"])
 
 
 def _export_format(path: str) -> str | None:

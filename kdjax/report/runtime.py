@@ -2,7 +2,8 @@
 beside XLA's own, over a batch sweep.
 
 The model is converted as `kdjax export --format onnx` converts it (kdjax.interop.onnx: the same
-graph, the same check against XLA's logits before anything is timed), then each batch size of
+graph for a run or a kdjax export, the same check against XLA's logits before anything is timed;
+other formats' inference functions as they are, without BatchNorm folding), then each batch size of
 `BATCHES` is timed in both runtimes the same way: untimed warm-up calls, then `calls` separate
 calls each waited for (a uint8 batch already in host memory for ONNX Runtime, already on the
 device for XLA). Latency is the median [quartiles] of those calls, throughput the batch size over
@@ -69,11 +70,14 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
     def fn(images: jax.Array) -> jax.Array:
         return artifact.apply(variables, images).astype(np.float32)
 
-    state = variables if isinstance(variables, nnx.State) else nnx.State({})
     try:
-        model_bytes, checked = onnx.build_fn(fn, artifact.input_shape,
-                                             artifact.spec.name if artifact.spec else "model",
-                                             state)
+        if artifact.module is not None and artifact.normalization is not None:
+            model_bytes, checked = onnx.build(artifact.module, artifact.spec,
+                                              artifact.normalization)
+        else:
+            state = variables if isinstance(variables, nnx.State) else nnx.State({})
+            model_bytes, checked = onnx.build_fn(
+                fn, artifact.input_shape, artifact.spec.name if artifact.spec else "model", state)
     except Exception as e:  # a model the converter cannot follow is reported, not fatal
         return {"runtime": runtime, "skipped": f"{type(e).__name__}: {e}"}
     session = onnx.session(model_bytes)
