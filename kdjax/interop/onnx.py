@@ -2,29 +2,35 @@
 ONNX Runtime before it is written.
 
 The graph takes uint8 images [N, H, W, C] ("images"; N dynamic) and returns float32 logits
-[N, classes] ("logits"); the input normalisation (x / 255 - mean) / std is inside it. Opset
-`OPSET` (21: what ONNX Runtime 1.17+ runs, and the first with int4 types, so that
-weight-only int4 would need no new opset).
+[N, classes] ("logits"); the input normalisation (x / 255 - mean) / std is inside it. A language
+model takes int32 token ids [N, seq_len] ("tokens") and returns [N, seq_len, vocab]. Opset
+`OPSET` (21: ONNX Runtime 1.17+ runs it).
 
-Converter: jax2onnx (pinned in pyproject.toml's `onnx` extra), which lowers a jaxpr primitive by
-primitive. kdjax traces the model itself (`jax.make_jaxpr`, with kdjax.conv's CPU rewrites off so
-that every convolution stays one ONNX Conv) and gives jax2onnx the replay of that jaxpr, so the
-flax.nnx call-site patches jax2onnx applies while it traces (its nnx.max_pool takes keyword
-arguments only and string padding) never meet the model's code. One rewrite: a max-pool
-(`reduce_window_max` over H and W) is replayed as an explicit -inf pad plus jax2onnx's own
-NHWC max-pool, which becomes one ONNX MaxPool; jax2onnx's generic reduce_window_max lowering
-pools over four axes, which ONNX Runtime's MaxPool refuses ("Unsupported pooling size").
+Converter: jax2onnx 0.17.1 (pyproject.toml's `onnx` extra, installed --no-deps), which lowers a
+jaxpr primitive by primitive. kdjax traces the model itself (`jax.make_jaxpr`, kdjax.conv's CPU
+rewrites off so that each convolution is one ONNX Conv) and hands jax2onnx a replay of that
+jaxpr (`_eval`), so jax2onnx's flax.nnx call-site patches (its nnx.max_pool takes keywords and
+string padding only) never meet the model's code. The replay rewrites what jax2onnx lowers
+into graphs ONNX Runtime refuses or runs slowly:
+  - a max-pool over H and W (`reduce_window_max`, or the zoo's reshape + max over two axes) is
+    an explicit -inf pad and jax2onnx's NHWC max-pool, one ONNX MaxPool (its generic lowering
+    pools over four axes: "Unsupported pooling size");
+  - a float -> int8 conversion clips first (XLA saturates, ONNX's Cast is undefined out of range);
+  - an integer cumulative max (an LM's positions) runs in float32 (ONNX MaxPool is float only).
+After conversion: Max(x, 0) becomes Relu (fused into the Conv before it), int8 x int8 products
+become ConvInteger / MatMulInteger, and a float student's BatchNorms are folded into its
+convolutions first (kdjax.models.fold_batchnorm; the check runs against the unfolded model).
 
-Integer students (weight-only int8, kdjax.compress.encode) are written in the QDQ form: each
-quantized Conv / MatMul weight is an int8 initializer with its float32 per-output-channel scale,
-fed through DequantizeLinear, so the file stores the export's integers and ONNX Runtime sees the
-standard QDQ weight pattern. Its numbers are the kdjax export's exactly (DequantizeLinear
-computes q * scale in float32, as `kdjax.export.load` does).
+Integer students keep their integers. Weight-only int8 is the QDQ form: each kernel an int8
+initializer with its float32 per-output-channel scale through DequantizeLinear (q * scale in
+float32, exactly `kdjax.export.load`'s numbers), float activations. W8A8 (Qwix PTQ) quantizes
+activations with their static scales (Div, Round, Clip, Cast) and multiplies in ConvInteger /
+MatMulInteger with int32 accumulation, as XLA does.
 
-Before anything is written, the file runs in ONNX Runtime on a batch of images and its logits are
-compared with kdjax's own forward of the same student; beyond `tolerance` (float32
-reassociation over the reductions of the graph, tests/_float32.py's rule) the export is refused
-and nothing is written.
+Before anything is written, the file runs in ONNX Runtime at batch `CHECK_BATCH` and 1 and its
+logits are compared with kdjax's own forward of the same student; beyond `tolerance` (float32
+reassociation over the graph's reductions, tests/_float32.py's rule, plus for W8A8
+`quantization_slack`) the export is refused (Mismatch) and nothing is written.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from flax import nnx
 from kdjax import augment, conv, models, taps
 from kdjax.models import ModelSpec
 
-__all__ = ["FILE", "OPSET", "Mismatch", "convert", "check", "tolerance", "session", "snippet"]
+__all__ = ["FILE", "OPSET", "Inputs", "Integers", "Mismatch", "build", "build_fn", "check",
+           "convert", "describe", "inference_fn", "quantization_slack", "require", "session",
+           "snippet", "tokens", "tolerance"]
 
 FILE = "model.onnx"
 OPSET = 21
@@ -315,28 +323,23 @@ def convert(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], na
     return proto, reduction_terms(closed)
 
 
-def _relus(graph: Any) -> int:
+def _relus(graph: Any) -> None:
     """Rewrite Max(x, 0) as Relu(x): jax's relu is a max with zero, and ONNX Runtime fuses a
     Relu (not a Max) into the Conv before it, in its blocked-channel layout, where a Max
     makes it convert every activation out of that layout and back. The same values."""
     from onnx import helper, numpy_helper
 
-    zeros = {i.name for i in graph.initializer
-             if i.dims == [] or list(i.dims) == [1]
-             if numpy_helper.to_array(i).dtype.kind == "f" and numpy_helper.to_array(i).item() == 0}
-    count = 0
+    scalars = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+               if list(i.dims) in ([], [1])}
+    zeros = {name for name, v in scalars.items() if v.dtype.kind == "f" and v.item() == 0}
     for i, node in enumerate(list(graph.node)):
-        if node.op_type != "Max" or len(node.input) != 2:
-            continue
         others = [x for x in node.input if x not in zeros]
-        if len(others) != 1:
+        if node.op_type != "Max" or len(node.input) != 2 or len(others) != 1:
             continue
         graph.node.remove(node)
         graph.node.insert(i, helper.make_node("Relu", others, list(node.output),
                                               name=node.name + "_relu"))
-        count += 1
     _drop_unused(graph)
-    return count
 
 
 Integers = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -349,10 +352,10 @@ def _producers(graph: Any) -> dict[str, Any]:
 
 
 def _dequantize_weights(proto: Any, dequantized: Mapping[str, np.ndarray],
-                        integers: Integers) -> int:
+                        integers: Integers) -> None:
     """Replace each float32 initializer that holds a dequantized kernel (`dequantized`: the
     model's kernels, q * scale) with DequantizeLinear(int8 q, scale) on the output-channel axis:
-    the QDQ weight form. Returns how many; refuses a kernel the graph does not hold as is."""
+    the QDQ weight form. Refuses a kernel the graph does not hold as is."""
     import onnx
     from onnx import numpy_helper
 
@@ -382,15 +385,13 @@ def _dequantize_weights(proto: Any, dequantized: Mapping[str, np.ndarray],
         raise Mismatch(f"--format onnx: the converted graph holds no initializer equal to the "
                        f"int8 kernel(s) {', '.join(missing)} (dequantized), so their integers "
                        f"cannot be stored; nothing written")
-    return len(found)
 
 
-def _integer_kernels(proto: Any) -> int:
+def _integer_kernels(proto: Any) -> None:
     """Rewrite the integer matrix products of a W8A8 (Qwix PTQ) graph into ONNX's integer
     operators: jax2onnx lowers an int8 x int8 -> int32 convolution or matmul as Conv / Gemm on
     int32 casts, which ONNX defines for floats only; ConvInteger and MatMulInteger take the
-    int8 tensors themselves and accumulate in int32, the numbers XLA computes. Returns how
-    many were rewritten."""
+    int8 tensors themselves and accumulate in int32, the numbers XLA computes."""
     import onnx
     from onnx import numpy_helper
 
@@ -417,7 +418,7 @@ def _integer_kernels(proto: Any) -> int:
         return node is not None and node.op_type == "Cast" and any(
             a.name == "to" and a.i == onnx.TensorProto.INT8 for a in node.attribute)
 
-    count, rewritten = 0, set()
+    rewritten = set()
     for i, node in enumerate(list(graph.node)):
         if node.op_type == "Conv":
             srcs = [int8_source(n) for n in node.input[:2]]
@@ -443,13 +444,11 @@ def _integer_kernels(proto: Any) -> int:
         graph.node.remove(node)
         graph.node.insert(i, new)
         rewritten.update(new.output)
-        count += 1
     # jax2onnx typed a Gemm's output as its int8 inputs (it drops preferred_element_type); the
     # integer operators' int32 is inferred again when the model loads.
     for info in [v for v in graph.value_info if v.name in rewritten]:
         graph.value_info.remove(info)
     _drop_unused(graph)
-    return count
 
 
 def _drop_unused(graph: Any) -> None:
