@@ -2,7 +2,7 @@
 #   make demo     teacher, student from scratch, distilled student on Fashion-MNIST, and their
 #                 report (2 CPU cores: < 15 min)
 #   make demo-lm  the same for language models, on the Python standard library's sources
-#   make test     the test suite
+#   make test     the test suite (make test-extras: the tests of the torch and hf extras)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,7 +14,7 @@ SEED   ?= 0
 TEXT   ?= $(CURDIR)/data/text
 LMWORK ?= workdirs/demo_lm
 
-.PHONY: demo demo-lm test install data text-data clean
+.PHONY: demo demo-lm test test-extras install data text-data clean
 
 $(BIN)/kdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ $(VENV)/.report: $(BIN)/kdjax
 
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+
+# The tests of the features built on heavy optional dependencies, which `make test` skips: the
+# PyTorch bridge (the torch extra: torch, torchax, timm) and Hugging Face models (the hf extra:
+# transformers). CI runs them after the core suite (.ci/run).
+EXTRA_TESTS := $(wildcard tests/test_torch_*.py)
+test-extras: install
+	$(BIN)/pip install -q -e '.[torch,hf]'
+	$(BIN)/python -m pytest -q -n auto --dist loadfile $(EXTRA_TESTS)
 
 # Fashion-MNIST's original IDX files come from Debian's package dataset-fashion-mnist.
 $(FMNIST)/train-images-idx3-ubyte.gz:

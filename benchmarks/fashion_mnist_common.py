@@ -45,3 +45,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     x = np.asarray(values, np.float64)
     return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def seeds_row(name: str, runs: Sequence[dict[str, Any]], *columns: str) -> str:
+    """A markdown row of one run over seeds: name, model, parameters, the summary `columns` of
+    the first run, top-1 accuracy mean ± std, per seed, and the mean train time (s)."""
+    acc = np.array([r["eval/accuracy"] for r in runs]) * 100
+    mean, std = mean_std(acc)
+    extra = "".join(f"{runs[0][c]} | " for c in columns)
+    return (f"| {name} | {runs[0]['model']} | {runs[0]['num_params']:,} | {extra}"
+            f"{mean:.2f} ± {std:.2f} % | {', '.join(f'{a:.2f}' for a in acc)} | "
+            f"{np.mean([r['wall_time_s'] for r in runs]):.0f} |")

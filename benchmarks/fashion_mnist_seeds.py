@@ -14,9 +14,8 @@ import argparse
 import json
 import os
 
-import numpy as np
 
-from fashion_mnist_common import RESULTS, ROOT, machine, mean_std, run
+from fashion_mnist_common import RESULTS, ROOT, machine, run, seeds_row
 
 RUNS = (("teacher", "teacher.py", False), ("student_scratch", "student_scratch.py", False),
         ("student_kd", "kd.py", True))
@@ -47,12 +46,7 @@ def main() -> None:
     lines = ["| run | model | params | top-1 accuracy, mean ± std | per seed | train time (s) |",
              "|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        acc = np.array([r["eval/accuracy"] for r in runs]) * 100
-        wall = np.mean([r["wall_time_s"] for r in runs])
-        per_seed = ", ".join(f"{a:.2f}" for a in acc)
-        mean, std = mean_std(acc)
-        lines.append(f"| {name} | {runs[0]['model']} | {runs[0]['num_params']:,} | "
-                     f"{mean:.2f} ± {std:.2f} % | {per_seed} | {wall:.0f} |")
+        lines.append(seeds_row(name, runs))
     lines.append(f"\nseeds {args.seeds}; {meta['device_kind']} ({meta['cpu_count']} cores), jax "
                  f"{meta['jax']}, {meta['date']}")
     with open(os.path.join(args.out, "fashion_mnist_seeds.md"), "w") as f:

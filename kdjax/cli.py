@@ -98,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                           "\"convnext_atto\", \"num_classes\": 10}'")
     imp.add_argument("--out", required=True, help="run directory to create (must not exist)")
     imp.add_argument("--num-classes", type=int, default=None,
-                     help="classifier outputs (default: read off the file's classifier)")
+                     help="classifier outputs (default: read off the file's classifier); with "
+                          "--torch and a causal LM, its vocabulary size")
     imp.add_argument("--input-shape", default=None, metavar="H,W,C",
-                     help="default: the layout's (torchvision 224,224,3; crd 32,32,3)")
+                     help="default: the layout's (torchvision 224,224,3; crd 32,32,3); with "
+                          "--torch, T alone (a sequence length) imports a causal language model")
     imp.add_argument("--layout", default=None, choices=("torchvision", "crd", "kdjax"),
                      help="the file's naming (default: the architecture's reference)")
     imp.add_argument("--mean", default=None, metavar="M,M,M",
@@ -294,16 +296,15 @@ def _json_dict(text: str | None, flag: str) -> dict | None:
     return value
 
 
-TORCH_EXTRA = "pip install 'kdjax[torch]'"
-
-
 def _import_torch(args: argparse.Namespace) -> int:
     """`kdjax import --torch FACTORY`: kdjax.torchbridge.importer."""
+    from kdjax import models
+
     try:
         from kdjax.torchbridge import importer as torch_importer
     except ImportError as e:
         raise ValueError(f"--torch {args.torch!r} runs PyTorch modules through torchax, which is "
-                         f"not installed ({e}): {TORCH_EXTRA}") from None
+                         f"not installed ({e}): {models.TORCH_EXTRA}") from None
     report = torch_importer.import_torch(
         args.torch, out=args.out, num_classes=args.num_classes,
         input_shape=_ints(args.input_shape, "--input-shape"),

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-FREE_FORM = ("loss.kwargs", "model.kwargs", "teacher.model.kwargs", "prune.targets")
+FREE_FORM = ("loss.kwargs", "model.kwargs", "model.torch_kwargs", "teacher.model.kwargs", "prune.targets")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,8 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
     # model.kwargs when its name is model.name, its registry defaults otherwise.
     # sharding: how the student's parameters and optimizer state are placed on the mesh,
     # "replicated" or "fsdp" (split over mesh.fsdp; see kdjax/sharding.py).
+    # torch: a PyTorch student, "package.module:callable" returning an nn.Module (timm:create_model,
+    # my_models:Net), called with torch_kwargs and run through torchax (kdjax.torchbridge; pip
+    # install 'kdjax[torch]'); when set it is the student, replacing model.name and model.kwargs
+    # by name="kdjax.torchbridge:TorchModel", kwargs={"factory": torch, "factory_kwargs":
+    # torch_kwargs}, which the run records.
     c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0, peers=(),
-                   sharding="replicated")
+                   sharding="replicated", torch="", torch_kwargs={})
     # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
     # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
     # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).

@@ -604,6 +604,12 @@ def _constructor_params(ctor: Callable[..., Any]) -> dict[str, inspect.Parameter
     return params
 
 
+#: The ModelSpec name of a PyTorch module run through torchax (kdjax.torchbridge), and what to
+#: install for it; named here, without importing torch, for the config, the CLI and the errors.
+TORCH_MODEL = "kdjax.torchbridge:TorchModel"
+TORCH_EXTRA = "pip install 'kdjax[torch]'"
+
+
 def import_named(module_name: str, where: str) -> Any:
     """The module a user named (`where` names the argument for the message): any error raised
     while importing it is the user's to fix, so it becomes one message, never a traceback."""
@@ -624,6 +630,12 @@ def resolve(name: str) -> Callable[..., Any]:
     if not colon or not module_name or not attr:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, or "
                          f"your own model as an importable 'package.module:ClassName'")
+    if module_name == TORCH_MODEL.partition(":")[0]:
+        try:
+            importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"model {name!r} (model.torch) runs a PyTorch module through "
+                             f"torchax, which is not installed ({e}): {TORCH_EXTRA}") from None
     obj = import_named(module_name, f"model {name!r}")
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from kdjax import config as config_lib
+from kdjax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,19 @@ class Model:
     num_classes: int  # 0 = the dataset's
     peers: tuple[str, ...]  # loss.name="dml": further students, by model name
     sharding: str  # replicated | fsdp
+    torch: str  # a PyTorch student's factory, "package.module:callable" ("" = none)
+    torch_kwargs: Mapping[str, Any]  # its keyword arguments
+
+    def __post_init__(self):
+        # model.torch is the user's spelling of a TorchModel student, resolved here, once, so
+        # that every reader of the plan (the task, peers, export, resume) sees one ModelSpec. It
+        # wins over model.name/kwargs: an experiment file's zoo student is what a
+        # --config.model.torch on its command line replaces.
+        if not self.torch:
+            return
+        derived = {"factory": self.torch, "factory_kwargs": dict(self.torch_kwargs)}
+        object.__setattr__(self, "name", models.TORCH_MODEL)
+        object.__setattr__(self, "kwargs", _frozen(derived))
 
 
 @dataclasses.dataclass(frozen=True)

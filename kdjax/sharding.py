@@ -195,6 +195,8 @@ def put(tree: Any, shardings: Any) -> Any:
 
 
 def _put_leaf(x: Any, s: jax.sharding.Sharding) -> jax.Array:
+    if isinstance(x, jax.ShapeDtypeStruct):  # abstract: planning a program (AOT), nothing placed
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
         return jax.device_put(x, s)  # on-device copy or reshard; a no-op when already placed
     # Several processes, a host-local value: device_put would first check it is equal on every

@@ -4,7 +4,10 @@ Big models are only checked abstractly (nnx.eval_shape: parameter counts and
 feature shapes, no compute); real forward passes run on tiny models only.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import randomize_batchnorms
+from conftest import ROOT, randomize_batchnorms
 from kdjax.lm.models import LM_MODELS
 from kdjax.models import MODELS, count_params, create_model, model_names
 
@@ -519,3 +522,21 @@ def test_folded_model_refuses_training_mode():
                                              r"inference .*cannot run with train=True; train the "
                                              r"unfolded model"):
             model(_images(FOLDABLE[name][0]), train=True)
+
+
+def test_a_torch_student_without_the_torch_extra_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchax'] = None\n"
+            "from kdjax import cli\n"
+            "try:\n"
+            "    cli.main(['train', '--config', sys.argv[1], '--workdir', sys.argv[2],\n"
+            "              '--config.model.torch=timm:create_model'])\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    experiment = os.path.join(ROOT, "experiments", "fashion_mnist", "student_scratch.py")
+    r = subprocess.run([sys.executable, "-c", code, experiment, str(tmp_path / "run")],
+                       capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert ("model 'kdjax.torchbridge:TorchModel' (model.torch) runs a PyTorch module through "
+            "torchax, which is not installed") in r.stdout
+    assert "pip install 'kdjax[torch]'" in r.stdout
+    assert not os.path.exists(tmp_path / "run")

@@ -21,6 +21,7 @@ from flax import nnx
 pytest.importorskip("torchax")
 import torch  # noqa: E402
 
+import _float32  # noqa: E402
 import _torch_nets  # noqa: E402
 from kdjax import checkpoint, cli, losses, models, sharding  # noqa: E402
 from kdjax.interop.layouts import LayoutMismatchError  # noqa: E402
@@ -93,16 +94,32 @@ def test_a_user_module_gives_pytorchs_logits_and_batchnorm_statistics():
     assert int(bn["num_batches_tracked"][...]) == int(ref.bn.num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "efficientnet_b0"])
-def test_timm_models_give_pytorchs_logits(name):
-    model = with_random_bn(TorchModel("timm:create_model", {
-        "model_name": name, "num_classes": 10, "pretrained": False}))
-    ref = model.module
-    x = images(2, 32, 3)
-    graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    assert logits.shape == (2, 10)
-    assert rel_err(logits, ref.eval()(nchw(x)).detach().numpy()) <= 1e-4
+TIMM_32PX = {"convnext_atto": {}, "regnetx_002": {}, "efficientnet_b0": {},
+             "vit_tiny_patch16_224": {"img_size": 32}}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_32PX))
+def test_timm_models_import_and_export_as_stablehlo_with_pytorchs_logits(name, tmp_path):
+    kwargs = {"model_name": name, "num_classes": 10, "pretrained": False, **TIMM_32PX[name]}
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(**kwargs)
+    randomize_bn(net)  # eval-mode BatchNorm then reads statistics that are not 0 and 1
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    run, out = tmp_path / "run", tmp_path / "hlo"
+    assert cli.main(["import", "--torch", "timm:create_model", "--torch-kwargs",
+                     json.dumps(kwargs), "--from", str(tmp_path / "net.pth"),
+                     "--num-classes", "10", "--input-shape", "32,32,3", "--mean", "0.5,0.4,0.3",
+                     "--std", "0.2,0.25,0.3", "--data", "cifar10", "--out", str(run)]) == 0
+    assert cli.main(["export", "--workdir", str(run), "--out", str(out),
+                     "--format", "stablehlo"]) == 0
+    exported = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
+    pixels = (np.random.default_rng(1).random((3, 32, 32, 3)) * 255).astype(np.uint8)
+    got = np.asarray(exported.call(pixels))
+    x = (pixels / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.3])
+    want = net.eval()(nchw(x.astype(np.float32))).detach().numpy()
+    assert got.shape == (3, 10) and rel_err(got, want) <= 1e-4
 
 
 def test_from_module_is_a_pure_function_with_pytorchs_gradients_and_dropout_from_the_key():
@@ -173,7 +190,8 @@ def test_the_run_records_the_factory_and_keeps_a_state_dict(torch_teacher):
     reader.close()
     assert run["model"]["name"] == "kdjax.torchbridge:TorchModel"
     assert run["model"]["kwargs"] == {"factory": NET, "factory_kwargs": {}}
-    assert run["imported"]["torch"] == {"factory": NET, "kwargs": {}}
+    # the effective arguments: --num-classes reached the factory, which takes num_classes
+    assert run["imported"]["torch"] == {"factory": NET, "kwargs": {"num_classes": 10}}
     assert run["preprocess"] == {"mean": [MEAN], "std": [STD]}
     import safetensors.torch
 
@@ -207,8 +225,8 @@ def test_an_imported_teacher_is_inside_the_one_compiled_step_and_stays_frozen(to
     lowered = step.lower(state, batch)
     hlo = lowered.as_text()
     assert len(re.findall(r"^module @", hlo, flags=re.M)) == 1
-    # the teacher's depthwise convolution (8 groups over 8 channels) and the student's update
-    assert re.search(r"feature_group_count = 8", hlo) and re.search(r"1\.230000e-02", hlo)
+    # the teacher's stem convolution (the student is an MLP) and the student's update
+    assert re.search(r"stablehlo\.convolution", hlo) and re.search(r"1\.230000e-02", hlo)
     before = jax.tree.map(np.array, step.teachers)
     for _ in range(2):
         state, metrics = step(state, batch)
@@ -287,3 +305,207 @@ def test_without_torchax_the_flag_says_what_to_install(tmp_path):
                        text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "pip install 'kdjax[torch]'" in r.stdout
     assert not os.path.exists(tmp_path / "run")
+
+
+# --- a PyTorch student: --config.model.torch ------------------------------------------------
+
+def _distill_torch_student(workdir, teacher_run, data_dir, steps, *extra):
+    return cli.main([
+        "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "kd.py"),
+        "--workdir", str(workdir), f"--config.teacher.workdir={teacher_run}",
+        f"--config.data.data_dir={data_dir}", "--config.model.torch=_torch_nets:Net",
+        '--config.model.torch_kwargs={"width": 4}', f"--config.train.steps={steps}",
+        "--config.train.batch_size=16", "--config.eval.every_steps=2",
+        "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
+        # constant: the same rate at each step whether the run is given 2 or 4 steps
+        "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0",
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]", "--no-progress",
+        *extra])
+
+
+def _student(workdir):
+    n, _, run, spec, model = checkpoint.read_model(str(workdir), "latest")
+    return n, run, spec, model
+
+
+def test_a_pytorch_student_trains_resumes_exactly_and_loads_back_into_pytorch(
+        torch_teacher, data_dir, tmp_path):
+    teacher = torch_teacher["run"]
+    assert _distill_torch_student(tmp_path / "once", teacher, data_dir, 4) == 0
+    assert _distill_torch_student(tmp_path / "twice", teacher, data_dir, 2) == 0
+    assert _distill_torch_student(tmp_path / "twice", teacher, data_dir, 4) == 0  # resumes
+    n, run, spec, model = _student(tmp_path / "once")
+    _, _, _, resumed = _student(tmp_path / "twice")
+    assert n == 4 and run["model"]["name"] == "kdjax.torchbridge:TorchModel"
+    # the dataset's 10 classes reached the factory, which was not given num_classes
+    assert spec.kwargs == {"factory": "_torch_nets:Net", "factory_kwargs": {"width": 4}}
+    assert model.factory_kwargs == {"width": 4, "num_classes": 10}
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(resumed))
+    # BatchNorm counted its 4 training batches through the buffers, which optax never touched;
+    # the weights were trained away from the factory's initialisation
+    state = model.state_dict()
+    assert int(state["bn.num_batches_tracked"]) == 4
+    assert state["bn.running_var"].dtype == np.float32 and not np.allclose(
+        state["bn.running_var"], 1.0)
+    init = TorchModel("_torch_nets:Net", {"width": 4}, num_classes=10, rngs=nnx.Rngs(0))
+    assert not np.allclose(state["head.weight"], init.state_dict()["head.weight"])
+
+    x = images(6, 28)
+    for fmt, file in (("torch", "model.pth"), ("safetensors", "model.safetensors")):
+        out = tmp_path / fmt
+        assert cli.main(["export", "--workdir", str(tmp_path / "once"), "--out", str(out),
+                         "--format", fmt]) == 0
+        if fmt == "torch":
+            weights = torch.load(out / file, weights_only=True)
+        else:
+            import safetensors.torch
+            weights = safetensors.torch.load_file(out / file)
+        ref = _torch_nets.Net(width=4, num_classes=10)
+        ref.load_state_dict(weights)  # strict: every name, no more
+        meta = json.load(open(out / "kdjax_model.json"))
+        assert meta["torch"] == {"factory": "_torch_nets:Net",
+                                 "kwargs": {"width": 4, "num_classes": 10}}
+        assert "_torch_nets.Net(**{'width': 4, 'num_classes': 10})" in open(
+            out / "README.md").read()
+        want_eval = ref.eval()(nchw(x)).detach().numpy()
+        want_train = ref.train()(nchw(x)).detach().numpy()
+        assert rel_err(model(x), want_eval) <= 1e-5
+        assert rel_err(nnx.clone(model)(x, train=True), want_train) <= 1e-5
+    with pytest.raises(ValueError, match="--layout torchvision: the student is the PyTorch "
+                                         "module _torch_nets:Net builds"):
+        cli.main(["export", "--workdir", str(tmp_path / "once"), "--out", str(tmp_path / "l"),
+                  "--format", "torch", "--layout", "torchvision"])
+
+
+
+def test_model_torch_replaces_the_experiments_student():
+    from kdjax import plan
+
+    p = plan.as_plan({"model": {"name": "cnn_small", "kwargs": {"width": 8}}},
+                     ["--config.model.torch=_torch_nets:Net",
+                      '--config.model.torch_kwargs={"width": 4}'])
+    assert p.model.name == "kdjax.torchbridge:TorchModel"
+    assert p.model.kwargs == {"factory": "_torch_nets:Net", "factory_kwargs": {"width": 4}}
+    assert plan.as_plan(p.to_dict()) == p  # a saved run's config reads back the same
+
+
+def test_a_pytorch_student_is_pruned_in_the_step_and_refuses_qwix_and_nm(
+        torch_teacher, data_dir, tmp_path):
+    args = ["--config.prune.method=magnitude", "--config.prune.sparsity=0.5",
+            "--config.prune.dense_first_last=False"]
+    workdir = tmp_path / "pruned"
+    assert _distill_torch_student(workdir, torch_teacher["run"], data_dir, 2, *args) == 0
+    state = _student(workdir)[3].state_dict()
+    # every Linear/Conv weight at half its entries, norms, biases and buffers dense
+    for name in ("stem.weight", "dw.weight", "head.weight"):
+        assert (state[name] == 0).mean() == pytest.approx(0.5, abs=1 / state[name].size)
+    for name in ("gn.weight", "bn.weight", "stem.bias"):
+        assert (state[name] != 0).all()
+    for extra, message in (
+            (["--config.quant.mode=qat"], "Qwix quantizes Flax layers .* a PyTorch student "
+                                          r"\(_torch_nets:Net\)"),
+            (["--config.prune.method=nm"], "prune.method='nm' groups weights along NNX "
+                                           r"kernels' input axis \(-2\)")):
+        with pytest.raises(ValueError, match=message):
+            _distill_torch_student(tmp_path / "refused", torch_teacher["run"], data_dir, 2,
+                                   *extra)
+        assert not os.path.exists(tmp_path / "refused")
+
+
+FSDP_TEACHER = """
+import json, sys
+import jax, numpy as np, optax
+from flax import nnx
+from kdjax import models, objectives, sharding
+from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step
+from kdjax.torchbridge import TorchModel
+
+mesh = sharding.make_mesh(data=1, fsdp=2)
+teacher = freeze(TorchModel("_torch_nets:Net", {"num_classes": 4, "width": 8}, seed=1))
+rng = np.random.default_rng(0)
+data = DeviceData({"image": sharding.replicate(rng.integers(0, 256, (64, 8, 8, 1), np.uint8), mesh),
+                   "label": sharding.replicate(rng.integers(0, 4, 64).astype(np.int32), mesh)}, 16)
+out = {}
+for rule in ("replicated", "fsdp"):
+    student = models.create_model("mlp", hidden=(16,), in_features=64, num_classes=4,
+                                  rngs=nnx.Rngs(0))
+    tx = optax.sgd(0.1)
+    graphdef, state = init_train_state(student, tx, seed=0, num_examples=64)
+    state = sharding.replicate(state, mesh)
+    shardings = (sharding.tree_shardings(teacher.variables, mesh, rule, min_bytes=0),)
+    step = make_distill_step(graphdef, tx, objectives.logit_distillation(
+        "kd", ce_weight=0.5, kd_weight=0.5, temperature=2.0), teachers=(teacher,), data=data,
+        mesh=mesh, teacher_sharding=shardings)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state)
+        losses.append(float(metrics["loss"]))
+    out[rule] = {"losses": losses, "split": sorted(
+        jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(step.teachers)[0]
+        if len({str(s.index) for s in x.addressable_shards}) == 2)}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_a_torch_teacher_is_fsdp_sharded_with_the_same_losses(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": TESTS + os.pathsep +
+           os.environ.get("PYTHONPATH", ""),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    subprocess.run([sys.executable, "-c", FSDP_TEACHER, str(tmp_path / "out.json")], check=True,
+                   env=env)
+    out = json.load(open(tmp_path / "out.json"))
+    assert out["replicated"]["split"] == []
+    # the conv and linear weights (even axes) are split over the 2 devices, BatchNorm's too
+    assert any("stem" in k and "weight" in k for k in out["fsdp"]["split"])
+    assert any("head" in k and "weight" in k for k in out["fsdp"]["split"])
+    # two programs (gathered weights): the teacher's 3x3x8 convolution, 64-pixel mean and 8-wide
+    # head, the student's 64-input layer and the 16-example batch mean, per step
+    losses = out["replicated"]["losses"]
+    _float32.assert_close(out["fsdp"]["losses"], losses, n=3 * (72 + 64 + 8 + 64 + 16),
+                          magnitude=max(losses))
+
+
+def test_feature_taps_are_pytorchs_submodule_outputs_and_serve_feature_methods(
+        torch_teacher, data_dir, tmp_path):
+    model = with_random_bn(TorchModel(NET, {"width": 8}))
+    x = images(3, 8)
+    got = jax.jit(lambda x: model.features(x))(x)
+    seen = {}
+    hooks = [model.module.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: seen.update({p: o.detach().numpy()})) for p in ("dw", "head")]
+    model.module.eval()(nchw(x))
+    for h in hooks:
+        h.remove()
+    assert rel_err(got["dw"], seen["dw"].transpose(0, 2, 3, 1)) <= 1e-5  # NCHW map -> NHWC
+    assert rel_err(got["head"], seen["head"]) <= 1e-5 and got["logits"].shape == (3, 10)
+    # attention transfer between the student's and the teacher's depthwise stages, by path
+    workdir = tmp_path / "at"
+    assert cli.main([
+        "distill", "--config", os.path.join(TESTS, "..", "experiments", "fashion_mnist", "at.py"),
+        "--workdir", str(workdir), f"--config.teacher.workdir={torch_teacher['run']}",
+        f"--config.data.data_dir={data_dir}", "--config.model.torch=_torch_nets:Net",
+        '--config.model.torch_kwargs={"width": 4}', "--config.loss.student_taps=('dw',)",
+        "--config.loss.teacher_taps=('dw',)", "--config.train.steps=2",
+        "--config.train.batch_size=16", "--config.eval.every_steps=2",
+        "--config.eval.batch_size=50", "--config.data.eval_split=test[:100]",
+        "--no-progress"]) == 0
+    first = json.loads(open(workdir / "metrics.jsonl").readline())
+    assert first["train/feature"] > 0 and np.isfinite(first["train/feature"])
+
+
+def test_a_torch_teacher_runs_in_the_compute_dtype():
+    from kdjax import teacher as teacher_lib
+
+    spec = torch_importer.torch_spec(NET, {"width": 8}, num_classes=10, input_shape=(8, 8, 1))
+    reference = with_random_bn(spec.build(0))
+    prepared, preparation = teacher_lib.prepare(reference, spec, dtype=jnp.bfloat16)
+    floats = [v.dtype for v in jax.tree.leaves(nnx.state(prepared))
+              if jnp.issubdtype(v.dtype, jnp.floating)]
+    assert preparation.dtype == "bfloat16" and set(floats) == {jnp.dtype(jnp.bfloat16)}
+    x = images(4, 8)
+    got, want = prepared(x), reference(x)
+    assert got.dtype == jnp.bfloat16
+    # bfloat16's rounding (eps 2^-8) over the stem's 9 taps, GroupNorm's and the mean's 64
+    # pixels and the head's 8 inputs, as tests/_float32.py bounds float32's
+    bound = 4 * 2.0 ** -8 * np.sqrt(9 + 64 + 64 + 8) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=bound)

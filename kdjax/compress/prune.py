@@ -271,6 +271,9 @@ def forward_order(model: nnx.Module, input_shape: Sequence[int]) -> list[Path]:
 
 def _kernels(model: nnx.Module, input_shape) -> list[Path]:
     order = forward_order(model, input_shape)
+    if hasattr(model, "kernel_paths"):  # a PyTorch module's Linear/Conv "weight"s (torchbridge)
+        kernels = set(model.kernel_paths())
+        return [p for p in order if p in kernels]
     shapes = {tuple(k): v.shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     return [p for p in order if p[-1] == "kernel" and len(shapes[p]) >= 2]
 
@@ -389,6 +392,10 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
         chosen = [k for k, name in zip(kernels, names)
                   if name not in dense and not _excluded(name, prune.exclude)]
         shapes = {tuple(k): v.shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        if method == "nm" and hasattr(model, "kernel_paths"):
+            raise ValueError("prune.method='nm' groups weights along NNX kernels' input axis "
+                             "(-2); a PyTorch student's weights are [out, in, ...]: prune it with "
+                             "prune.method='magnitude' or 'random'")
         if method == "nm":
             for k in chosen:
                 if shapes[k][-2] % prune.m:

@@ -97,6 +97,12 @@ def _intercept(model: nnx.Module, provider, input_shape: Sequence[int],
         raise ValueError(f"quant.mode={quant.mode!r}: Qwix cannot quantize a Linen model "
                          f"wrapped by nnx.bridge.ToNNX ({type(model.to_nnx__module).__name__}); "
                          f"write the model as a Flax NNX module, or set quant.mode='none'")
+    if hasattr(model, "kernel_paths"):
+        raise ValueError(f"quant.mode={quant.mode!r}: Qwix quantizes Flax layers (nnx.Linear, "
+                         f"nnx.Conv, ...) by intercepting them; a PyTorch student "
+                         f"({model.factory}) runs torch ops through torchax, which Qwix does not "
+                         f"see; set quant.mode='none' (pruning applies: prune.method="
+                         f"'magnitude')")
     method = _method(model)
     kwargs = {}
     if "train" in inspect.signature(getattr(type(model), method)).parameters:

@@ -89,16 +89,26 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
                 f"`safetensors.numpy.load_file(\"{path}\")`, or back into kdjax with "
                 f"`kdjax import --from {path} --model {spec.name} --out RUN`. To serve it, "
                 f"export `--format stablehlo`.\n")
-    imports, load = (("import torch\nfrom safetensors.torch import load_file\n",
-                      f"model.load_state_dict(load_file(\"{path}\"))\n") if fmt == "safetensors"
-                     else ("import torch\n",
-                           f"model.load_state_dict(torch.load(\"{path}\", weights_only=True))\n"))
-    h, w, c = spec.input_shape
+    imports, load = _loader(fmt, path)
     return (head + f"`{_FILES[fmt]}` is the student's state_dict in the {layout!r} layout"
             + (f" of {reference}" if reference else "") + ".\n\n```python\n" + imports
             + _constructor(spec, layout, os.path.dirname(path)) + load + "model.eval()\n"
-            f"# inputs: float32 [N, {c}, {h}, {w}] in [0, 1], normalised per channel with\n"
-            f"# mean={preprocess['mean']}, std={preprocess['std']}\n```\n")
+            + _input_comment(spec, preprocess) + "```\n")
+
+
+def _loader(fmt: str, path: str) -> tuple[str, str]:
+    """The import and `load_state_dict` lines of a README for `path` in `fmt`."""
+    if fmt == "safetensors":
+        return ("import torch\nfrom safetensors.torch import load_file\n",
+                f"model.load_state_dict(load_file(\"{path}\"))\n")
+    return ("import torch\n",
+            f"model.load_state_dict(torch.load(\"{path}\", weights_only=True))\n")
+
+
+def _input_comment(spec: ModelSpec, preprocess: dict) -> str:
+    h, w, c = spec.input_shape
+    return (f"# inputs: float32 [N, {c}, {h}, {w}] in [0, 1], normalised per channel with\n"
+            f"# mean={preprocess['mean']}, std={preprocess['std']}\n")
 
 
 def check(fmt: str, layout: str | None) -> None:
@@ -129,6 +139,18 @@ def _refuse_torch(spec: ModelSpec) -> None:
                      f"arrays with --format safetensors --layout kdjax")
 
 
+def _module_constructor(factory: str, kwargs: dict[str, Any]) -> str:
+    """The PyTorch lines that rebuild a torch-defined student's module from its factory."""
+    module_name, _, attr = factory.partition(":")
+    return f"import {module_name}\nmodel = {module_name}.{attr}(**{kwargs!r})\n"
+
+
+def _torch_defined(model: nnx.Module) -> bool:
+    """A PyTorch module run through torchax (kdjax.torchbridge.TorchModel): its state_dict is
+    its own, by its own names, and it loads into the class its factory builds."""
+    return callable(getattr(model, "state_dict", None)) and hasattr(model, "factory")
+
+
 def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
            layout: str | None, step: int, source: str,
            integers: onnx.Integers | None = None) -> str:
@@ -136,6 +158,12 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
 
     For onnx, `integers` are an int8 student's stored integer weights (kdjax.interop.onnx)."""
     check(fmt, layout)
+    if fmt not in ("stablehlo", "onnx") and _torch_defined(model):
+        if layout is not None:
+            raise ValueError(f"--layout {layout}: the student is the PyTorch module "
+                             f"{model.factory} builds, written in its own state_dict naming; "
+                             f"drop --layout")
+        return _export_module(model, spec, run, out, fmt=fmt, source=source)
     if fmt not in ("stablehlo", "onnx"):
         layout = layout or _run_layout(run, model)
         layouts.entries(model, layout)  # refuses a layout this architecture has no naming for
@@ -167,10 +195,8 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             if layout == "pytorch":
                 with open(os.path.join(tmp, torch_code.FILE), "w") as f:
                     f.write(torch_code.source(model, spec.name))
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_readme(fmt, path, spec, layout, reference, preprocess, source, checked))
+        _write_meta(tmp, meta, _readme(fmt, path, spec, layout, reference, preprocess, source,
+                                       checked))
     return out
 
 
@@ -187,3 +213,35 @@ def new_directory(out: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_meta(tmp: str, meta: dict[str, Any], readme: str) -> None:
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(readme)
+
+
+def _export_module(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
+                   fmt: str, source: str) -> str:
+    """A torch-defined student's state_dict, for `load_state_dict` into its factory's module."""
+    factory, kwargs = model.factory, dict(model.factory_kwargs)
+    reference = f"{factory}(**{json.dumps(kwargs)})"
+    preprocess = run["preprocess"]
+    meta = {"format": f"kdjax.export.{fmt}/1", "kdjax_version": kdjax.__version__,
+            "model": spec.to_json(), "layout": "module", "reference": reference,
+            "torch": {"factory": factory, "kwargs": kwargs}, "preprocess": preprocess,
+            "data": run["config"]["data"]["name"], "source": source}
+    path = os.path.join(out, _FILES[fmt])
+    with new_directory(out) as tmp:
+        state_dict.save(os.path.join(tmp, _FILES[fmt]), model.state_dict(), format=fmt,
+                        metadata={state_dict.METADATA_KEY: {
+                            k: meta[k] for k in ("model", "torch", "preprocess", "data")}})
+        imports, load = _loader(fmt, path)
+        readme = (f"# kdjax export ({fmt}): {reference}, {spec.num_classes} classes\n\n"
+                  f"From {source}.\n\n`{_FILES[fmt]}` is the student's state_dict, by the names "
+                  f"of the PyTorch module its factory builds:\n\n```python\n{imports}"
+                  f"{_module_constructor(factory, kwargs)}{load}model.eval()\n"
+                  + _input_comment(spec, preprocess) + "```\n")
+        _write_meta(tmp, meta, readme)
+    return out

@@ -9,7 +9,8 @@ accelerators, `kdjax.step.compute_dtype`); norms, softmaxes and logits are compu
 Masks. ``segment_ids [B, T]`` number the documents packed into each row (0 = padding): a position
 attends to the positions at or before it in its own document only, and rotary positions restart
 at 0 at each document's first token, so a packed row computes exactly what each of its documents
-would compute alone (tests/test_lm_models.py checks it).
+would compute alone (tests/test_lm_models.py checks it). Rows longer than ``attention_block``
+attend blockwise (kdjax.lm.attention), without a ``[T, T]`` score matrix or mask.
 
 Taps (``features``): ``"embedding"`` (the token embeddings), ``"layer_{i}"`` (each block's
 output, the residual stream ``[B, T, d_model]``), ``"attention_{i}"`` (each block's attention
@@ -29,11 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax.lm import attention
 
 _init = nnx.initializers.normal(0.02)  # Llama's initializer_range
-# Finite stand-in for -inf: exp(_MASKED - max) is exactly 0 next to any real score, and a row with
-# no allowed key (a padding query) stays finite instead of 0/0.
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class RMSNorm(nnx.Module):
@@ -73,11 +72,7 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
     """``[B, 1, T, T]``: query i may attend key j iff j <= i, same segment, not padding."""
-    seg = segment_ids
-    t = seg.shape[1]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return (causal & same)[:, None]
+    return attention.allowed(segment_ids, segment_ids)[:, None]
 
 
 def _linear(i: int, o: int, *, dtype, rngs) -> nnx.Linear:
@@ -89,9 +84,9 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_theta: float, dtype, rngs: nnx.Rngs):
+                 rope_theta: float, block: int, dtype, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta = rope_theta
+        self.rope_theta, self.block = rope_theta, block
         self.q = _linear(d_model, num_heads * head_dim, dtype=dtype, rngs=rngs)
         self.k = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
         self.v = _linear(d_model, num_kv_heads * head_dim, dtype=dtype, rngs=rngs)
@@ -105,22 +100,11 @@ class Attention(nnx.Module):
         return (rope(q, positions, theta=self.rope_theta),
                 rope(k, positions, theta=self.rope_theta), v)
 
-    def _attend(self, q, k, v, allowed) -> tuple[jax.Array, jax.Array]:
-        # q [B, T, H, D]; k, v [B, S, K, D]; allowed [B, 1, T, S]. Each group of H/K query heads
-        # reads one key/value head: reshape, not repeat, so K/V are never copied H/K times.
-        b, t, h, d = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, t, kv, h // kv, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-        scores = jnp.where(allowed[:, :, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-        return self.o(out.reshape(b, t, h * d)), probs.reshape(b, h, t, -1)
-
-    def __call__(self, x, positions, allowed) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x, positions, segments) -> tuple[jax.Array, jax.Array]:
         q, k, v = self._qkv(x, positions)
-        return self._attend(q, k, v, allowed)
+        out, probs = attention.attend(q, k, v, segments, block=self.block)
+        b, t = x.shape[:2]
+        return self.o(out.reshape(b, t, -1)), probs
 
     def decode(self, x, positions, cache: dict, index, key_valid):
         """Attend from x's tokens, at cache slots index.., to every valid cached slot before."""
@@ -129,11 +113,11 @@ class Attention(nnx.Module):
                                                       index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                                       index, axis=1)
-        t, s = x.shape[1], k_cache.shape[1]
+        b, t, s = x.shape[0], x.shape[1], k_cache.shape[1]
         causal = (index + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-        allowed = (causal[None] & key_valid[:, None, :])[:, None]
-        out, _ = self._attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), allowed)
-        return out, {"k": k_cache, "v": v_cache}
+        out, _ = attention.explicit(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                    causal[None] & key_valid[:, None, :])
+        return self.o(out.reshape(b, t, -1)), {"k": k_cache, "v": v_cache}
 
 
 class SwiGLU(nnx.Module):
@@ -148,15 +132,16 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, d_model, num_heads, num_kv_heads, head_dim, d_ff, *, rope_theta, norm_eps,
-                 dtype, rngs):
+                 attention_block, dtype, rngs):
         self.attention_norm = RMSNorm(d_model, eps=norm_eps)
         self.attention = Attention(d_model, num_heads, num_kv_heads, head_dim,
-                                   rope_theta=rope_theta, dtype=dtype, rngs=rngs)
+                                   rope_theta=rope_theta, block=attention_block, dtype=dtype,
+                                   rngs=rngs)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
         self.mlp = SwiGLU(d_model, d_ff, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, allowed):
-        a, probs = self.attention(self.attention_norm(x), positions, allowed)
+    def __call__(self, x, positions, segments):
+        a, probs = self.attention(self.attention_norm(x), positions, segments)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), probs
 
@@ -165,6 +150,20 @@ class Block(nnx.Module):
                                          key_valid)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), cache
+
+
+#: model.kwargs "remat" -> the jax.checkpoint policy of each block (None: save nothing).
+REMAT = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def _block_call(remat: str) -> Callable[..., Any]:
+    """A block's forward, rematerialised as `remat` says (Transformer's docstring)."""
+    def call(block, x, positions, segments):
+        return block(x, positions, segments)
+
+    if remat == "none":
+        return call
+    return nnx.remat(call, policy=REMAT[remat])
 
 
 class Transformer(nnx.Module):
@@ -181,14 +180,25 @@ class Transformer(nnx.Module):
       head_dim: default ``d_model // num_heads``.
       tie_embeddings: the output projection is the input embedding's transpose.
       rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
+      attention_block: rows longer than this attend blockwise, this many key slots at a time,
+        never materialising the [T, T] scores (kdjax.lm.attention); 0 = always whole.
+      remat: what each block keeps for the backward pass (jax.checkpoint): "none" (everything),
+        "full" (only its input: recomputed, the least memory) or "dots_saveable" (its matrix
+        products' outputs, recomputing the cheap elementwise work).
       dtype: activation dtype; parameters are float32.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
                  num_kv_heads: int | None = None, d_ff: int | None = None,
                  head_dim: int | None = None, tie_embeddings: bool = False,
-                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5, dtype=jnp.float32,
+                 rope_theta: float = 10_000.0, norm_eps: float = 1e-5,
+                 attention_block: int = 1024, remat: str = "none", dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if remat not in REMAT:
+            raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT)} (model.kwargs)")
+        if attention_block < 0:
+            raise ValueError(f"attention_block={attention_block} must be >= 0 (0 = attention "
+                             f"scores computed whole)")
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads="
@@ -204,12 +214,13 @@ class Transformer(nnx.Module):
         d_ff = d_ff or -(-(8 * d_model // 3) // 32) * 32
         self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
         self.num_layers, self.num_heads, self.num_kv_heads = num_layers, num_heads, num_kv_heads
-        self.head_dim, self.dtype = head_dim, dtype
+        self.head_dim, self.dtype, self.remat = head_dim, dtype, remat
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
                                embedding_init=_init, rngs=rngs)
         self.layers = nnx.List([Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
-                                      rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype,
-                                      rngs=rngs) for _ in range(num_layers)])
+                                      rope_theta=rope_theta, norm_eps=norm_eps,
+                                      attention_block=attention_block, dtype=dtype, rngs=rngs)
+                                for _ in range(num_layers)])
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = None if tie_embeddings else _linear(d_model, vocab_size, dtype=dtype,
                                                            rngs=rngs)
@@ -247,11 +258,11 @@ class Transformer(nnx.Module):
         ``[B, T, V]`` logits out (a chunked loss projects "hidden" itself)."""
         del train  # no dropout, no batch statistics: train and eval compute the same
         tokens, segment_ids, positions = self._inputs(tokens, segment_ids, positions)
-        allowed = document_mask(segment_ids)
         x = self.embed(tokens)
         out = {"embedding": x}
+        call = _block_call(self.remat)
         for i, block in enumerate(self.layers):
-            x, probs = block(x, positions, allowed)
+            x, probs = call(block, x, positions, segment_ids)
             out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
         out["hidden"] = self.norm(x)
         if logits:
@@ -302,9 +313,13 @@ LM_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+#: A Hugging Face causal LM run through torchax (kdjax.torchbridge.causal_lm): a teacher only.
+TORCH_CAUSAL_LM = "kdjax.torchbridge:TorchCausalLM"
+
+
 def is_lm(name: str) -> bool:
     """Whether model.name names a language model (so the run is an LM run)."""
-    return name in LM_MODELS
+    return name in LM_MODELS or name == TORCH_CAUSAL_LM
 
 
 def create_lm(name: str, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32,

@@ -29,7 +29,7 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
-from kdjax.lm.models import is_lm
+from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
 from kdjax.lm.objective import TokenObjective
 from kdjax.lm.step import SUM_METRICS, make_lm_eval_step, make_lm_step
 from kdjax.models import ModelSpec
@@ -136,6 +136,11 @@ class LanguageModelTask(Task):
         """The configured LM on the dataset: its vocabulary (unless model.num_classes is
         larger) and sequence length."""
         ds, model = self._dataset(), self.plan.model
+        if model.name == TORCH_CAUSAL_LM:
+            raise ValueError(f"model.name={model.name!r}: a PyTorch causal LM teaches (teacher."
+                             f"workdir of a `kdjax import --torch` run) but does not train here, "
+                             f"having no KV-cached decoding in kdjax; train one of "
+                             f"kdjax.lm.models' students")
         vocab = model.num_classes or ds.vocab_size
         if vocab < ds.vocab_size:
             raise ValueError(f"model.num_classes={vocab} is smaller than the vocabulary of "
@@ -177,6 +182,10 @@ class LanguageModelTask(Task):
                 raise ValueError(f"the teacher in {workdir!r} is {spec.name!r}, not a language "
                                  f"model of kdjax.lm.models; an LM student distils from an LM "
                                  f"run")
+            if spec.name == TORCH_CAUSAL_LM and plan.lm.chunk_size:
+                raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, whose "
+                                 f"head is applied inside its own forward, so its logits are "
+                                 f"whole: set lm.chunk_size=0 (got {plan.lm.chunk_size})")
             if spec.num_classes != student.num_classes:
                 raise ValueError(
                     f"the teacher in {workdir!r} has a vocabulary of {spec.num_classes} tokens "

@@ -11,6 +11,7 @@ What torchax 0.0.13 does not do as PyTorch does, and is done here:
   would update the variance with the biased estimate. `_batch_norm` replaces the two aten ops
   BatchNorm reaches: it writes the statistics back into the buffers, with PyTorch's momentum
   rule and the unbiased batch variance (n / (n - 1)), as `torch.nn.BatchNorm2d` does.
+- 2-D convolutions: lowered in NHWC through kdjax.conv, as kdjax's own layers are (`_convolution`).
 - an op without a JAX lowering surfaces as torchax's `OperatorNotFound` deep inside the trace;
   here it is reported with the op's name and the module path where it occurred (`TorchOpError`).
 """
@@ -18,6 +19,7 @@ What torchax 0.0.13 does not do as PyTorch does, and is done here:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -28,10 +30,11 @@ import numpy as np
 import torch
 import torchax
 import torchax.tensor
+from torchax.ops import jaten
 from flax import nnx
 from torch.nn.utils import stateless
 
-from kdjax import models
+from kdjax import conv as conv_lib, models
 
 __all__ = ["TorchOpError", "Buffer", "TorchModel", "from_module", "load_factory",
            "build_module", "state_arrays"]
@@ -54,12 +57,46 @@ class DropoutKey(nnx.Variable):
 
 def _env() -> torchax.tensor.Environment:
     env = torchax.default_env()
-    if not getattr(env, "_kdjax_batch_norm", False):
+    if not getattr(env, "_kdjax_ops", False):
         for op in (torch.ops.aten.native_batch_norm.default,
                    torch.ops.aten._native_batch_norm_legit.default):
             env.override_op_definition(op, _batch_norm)
-        env._kdjax_batch_norm = True
+        env.override_op_definition(torch.ops.aten.convolution.default, _convolution)
+        env.override_op_definition(torch.ops.aten.conv2d.default, _conv2d)
+        env._kdjax_ops = True
     return env
+
+
+def _conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+            groups=1):
+    return _convolution(input, weight, bias, stride, padding, dilation, False, (0, 0), groups)
+
+
+def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                 groups):
+    """aten.convolution on torchax tensors: a 2-D one through kdjax.conv, in NHWC.
+
+    torchax lowers PyTorch's NCHW convolution as it is; XLA:CPU runs the small-map and depthwise
+    convolutions that kdjax.conv computes as matrix products and shifted sums one to two orders of
+    magnitude slower (torchvision's resnet18 at 64 px: 10x slower forward than kdjax's own
+    resnet18). Transposing to NHWC around kdjax.conv gives the torch-defined model the same
+    program as the native one; other backends get XLA's convolution in NHWC (transposes between
+    consecutive layers cancel). Transposed, 1-D/3-D and unbatched convolutions stay torchax's.
+    """
+    env = _env()
+    x, w = input.jax(), weight.jax()
+    b = None if bias is None else bias.jax()
+    pads = [int(p) for p in padding] if not isinstance(padding, str) else []
+    if transposed or x.ndim != 4 or w.ndim != 4 or len(pads) != 2:
+        return env.j2t_iso(jaten._aten_convolution(x, w, b, stride, padding, dilation, transposed,
+                                                   output_padding, groups))
+    y = conv_lib.conv_general_dilated(
+        jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(w, (2, 3, 1, 0)), tuple(stride),
+        [(p, p) for p in pads], rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return env.j2t_iso(jnp.transpose(y, (0, 3, 1, 2)))
 
 
 def _batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -121,7 +158,8 @@ def build_module(factory: str, kwargs: Mapping[str, Any] | None = None, *, seed:
         try:
             module = fn(**kwargs)
         except TypeError as e:
-            raise ValueError(f"{what} {factory!r} rejected the arguments (--torch-kwargs) "
+            flag = "--torch-kwargs" if what == "--torch" else f"{what}_kwargs"
+            raise ValueError(f"{what} {factory!r} rejected the arguments ({flag}) "
                              f"{json.dumps(kwargs)}: {e}") from None
     if not isinstance(module, torch.nn.Module):
         raise ValueError(f"{what} {factory!r} returned a {type(module).__name__}, not a "
@@ -129,7 +167,26 @@ def build_module(factory: str, kwargs: Mapping[str, Any] | None = None, *, seed:
     return module.eval()
 
 
-def _aliases(module: torch.nn.Module) -> dict[str, str]:
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` takes the keyword argument `name` (by name or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: offer nothing it may refuse
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _draw_seed(rngs: nnx.Rngs | None) -> int:
+    """The torch initialisation's seed, drawn from the run's `rngs` so that each run seed gives
+    its own student. Under nnx.eval_shape (a restore target) the draw is abstract, and only the
+    shapes matter there."""
+    if rngs is None:
+        return 0
+    draw = jax.random.randint(rngs.params(), (), 0, 2**31 - 1)
+    return 0 if isinstance(draw, jax.core.Tracer) else int(draw)
+
+
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
     """Every name of a tensor that is registered under several names (tied weights) -> the first
     one, which alone holds the array."""
     first: dict[int, str] = {}
@@ -204,15 +261,17 @@ def _logits(out: Any) -> Any:
 
 def functional_call(module: torch.nn.Module, params: Mapping[str, jax.Array],
                     buffers: Mapping[str, jax.Array], args: Sequence[Any], *, train: bool,
-                    key: jax.Array | None = None,
-                    taps: Sequence[str] = ()) -> tuple[Any, Arrays, dict[str, Any]]:
-    """`module(*args)` as JAX: (output, buffers after the call, {tap: output of that module}).
+                    key: jax.Array | None = None, taps: Sequence[str] = (),
+                    kwargs: Mapping[str, Any] | None = None
+                    ) -> tuple[Any, Arrays, dict[str, Any]]:
+    """`module(*args, **kwargs)` as JAX: (output, buffers after the call, {tap: output of that
+    module}).
 
     The arrays are in PyTorch's layouts (NCHW). `train` sets the module's mode for this call;
     `key` is what dropout and other random ops draw from (required for them in train mode).
     """
     env = _env()
-    aliases = _aliases(module)
+    aliases = tied_aliases(module)
     tensors = env.j2t_iso({**params, **buffers})
     tensors.update({alias: tensors[name] for alias, name in aliases.items() if name in tensors})
     module.train(train)
@@ -223,7 +282,7 @@ def functional_call(module: torch.nn.Module, params: Mapping[str, jax.Array],
                 stack.enter_context(env.override_property(prng=key))
             recorded = stack.enter_context(_watch(module, taps))
             stack.enter_context(stateless._reparametrize_module(module, tensors))
-            out = module(*env.j2t_iso(tuple(args)))
+            out = module(*env.j2t_iso(tuple(args)), **env.j2t_iso(dict(kwargs or {})))
     finally:
         module.eval()
     new_buffers = {k: tensors[k].jax() for k in buffers}
@@ -310,11 +369,21 @@ class TorchModel(nnx.Module):
     """
 
     def __init__(self, factory: str, factory_kwargs: Mapping[str, Any] | None = None, *,
-                 seed: int = 0, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
-        module = build_module(factory, factory_kwargs, seed=seed, what="model.kwargs.factory")
+                 num_classes: int | None = None, seed: int | None = None,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+        factory_kwargs = dict(factory_kwargs or {})
+        # The dataset's class count reaches a factory that takes one and was not given it
+        # (timm's create_model, torchvision's and most users' classifiers), as a zoo model's does.
+        if (num_classes is not None and "num_classes" not in factory_kwargs
+                and _accepts(load_factory(factory, what="model.torch"), "num_classes")):
+            factory_kwargs["num_classes"] = int(num_classes)
+        if seed is None:
+            seed = _draw_seed(rngs)
+        module = build_module(factory, factory_kwargs, seed=seed, what="model.torch")
         params, buffers = state_arrays(module)
         self.module = module
         self.factory = factory
+        self.factory_kwargs = factory_kwargs
         self.dtype = jnp.dtype(dtype)
         self.paths = tuple(p for p, _ in module.named_modules() if p)
         self.params = _nest(params, lambda v: nnx.Param(jnp.asarray(v)))
@@ -326,7 +395,16 @@ class TorchModel(nnx.Module):
     def feature_names(self) -> tuple[str, ...]:
         return ("logits", *self.paths)
 
-    def _run(self, x: jax.Array, *, train: bool, taps: Sequence[str]) -> tuple[Any, dict]:
+    def kernel_paths(self) -> tuple[tuple[str, ...], ...]:
+        """The state paths of the Linear and convolution weights: what unstructured pruning
+        prunes (embeddings and norms, also called "weight" in PyTorch, are not kernels)."""
+        kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+        return tuple(("params", *name.split(".")) for name, p in self.module.named_parameters()
+                     if name.endswith("weight") and p.ndim >= 2 and isinstance(
+                         self.module.get_submodule(name.rpartition(".")[0]), kinds))
+
+    def _run(self, x: jax.Array, *, train: bool, taps: Sequence[str],
+             kwargs: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
         if x.ndim == 4:
             x = jnp.moveaxis(x, -1, 1)  # NHWC -> NCHW
         params = _flat(self.params)
@@ -339,7 +417,8 @@ class TorchModel(nnx.Module):
             key, new = jax.random.split(jax.random.wrap_key_data(self.dropout_key[...]))
             self.dropout_key[...] = jax.random.key_data(new)
         out, buffers, tapped = functional_call(self.module, params, _flat(self.buffers), (x,),
-                                               train=train, key=key, taps=taps)
+                                               train=train, key=key, taps=taps,
+                                               kwargs=kwargs)
         if train:
             for name, value in buffers.items():
                 node = self.buffers
@@ -376,7 +455,7 @@ class TorchModel(nnx.Module):
         """The weights by their PyTorch names, for `module.load_state_dict` (tied names included,
         non-persistent buffers not)."""
         flat = {**_flat(self.params), **_flat(self.buffers)}
-        flat.update({alias: flat[name] for alias, name in _aliases(self.module).items()})
+        flat.update({alias: flat[name] for alias, name in tied_aliases(self.module).items()})
         # In PyTorch's dtypes: JAX without x64 holds int64 counters as int32.
         return {k: np.asarray(flat[k]).astype(jnp.dtype(str(t.dtype).removeprefix("torch.")))
                 for k, t in self.module.state_dict().items()}

@@ -25,30 +25,39 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import taps
+from kdjax import models, taps
 from kdjax.interop import importer, state_dict
 from kdjax.interop.layouts import LayoutMismatchError
+from kdjax.lm.models import TORCH_CAUSAL_LM
 from kdjax.models import ModelSpec, count_params
 from kdjax.torchbridge import bridge
 
-__all__ = ["MODEL_NAME", "STATE_DICT_FILE", "describe", "import_torch", "torch_spec"]
+__all__ = ["MODEL_NAME", "STATE_DICT_FILE", "describe", "import_torch", "load_state",
+           "torch_spec"]
 
-MODEL_NAME = "kdjax.torchbridge:TorchModel"
+MODEL_NAME = models.TORCH_MODEL
 STATE_DICT_FILE = os.path.join("torch", "state_dict.safetensors")
 
 
 def torch_spec(factory: str, factory_kwargs: Mapping[str, Any] | None, *, num_classes: int,
                input_shape: Sequence[int]) -> ModelSpec:
-    """The ModelSpec that rebuilds `factory(**factory_kwargs)` as a TorchModel."""
-    return ModelSpec(name=MODEL_NAME, num_classes=int(num_classes),
+    """The ModelSpec that rebuilds `factory(**factory_kwargs)`: a TorchModel classifier of
+    images [H, W, C], or a TorchCausalLM of token rows [T] (num_classes = its vocabulary)."""
+    name = MODEL_NAME if len(input_shape) == 3 else TORCH_CAUSAL_LM
+    return ModelSpec(name=name, num_classes=int(num_classes),
                      input_shape=tuple(int(d) for d in input_shape),
                      kwargs={"factory": factory, "factory_kwargs": dict(factory_kwargs or {})})
 
 
 def _fit(module_state: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray],
-         source: str, factory: str) -> None:
+         source: str, factory: str, aliases: Mapping[str, str]) -> None:
     """Refuse a state_dict that is not the module's: every difference listed."""
-    missing = sorted(set(module_state) - set(tensors))
+    # A tied weight (an LM's lm_head.weight and embed_tokens.weight) is one tensor under several
+    # names, which files keep once (Hugging Face's safetensors drop the head's name).
+    tied = [{name, *[a for a, n in aliases.items() if n == name]}
+            for name in set(aliases.values())]
+    covered = {n for group in tied if group & set(tensors) for n in group}
+    missing = sorted(set(module_state) - set(tensors) - covered)
     unexpected = sorted(set(tensors) - set(module_state))
     shapes = sorted(k for k in set(module_state) & set(tensors)
                     if tuple(module_state[k].shape) != tuple(tensors[k].shape))
@@ -66,8 +75,10 @@ def _fit(module_state: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarra
           "own state_dict")
 
 
-def _load_weights(model: bridge.TorchModel, tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """Put the file's tensors into the model's variables; returns notes on dtype casts."""
+def load_state(model: bridge.TorchModel, tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Put a state_dict's tensors into the model's variables (a tied tensor under whichever of its
+    names it has); returns notes on dtype casts."""
+    aliases = bridge.tied_aliases(model.module)
     notes = []
     by_name = {}
     for group in (model.params, model.buffers):
@@ -75,8 +86,8 @@ def _load_weights(model: bridge.TorchModel, tensors: Mapping[str, np.ndarray]) -
             if isinstance(var, nnx.Variable):
                 by_name[".".join(map(str, path))] = var
     for name, value in tensors.items():
-        var = by_name.get(name)
-        if var is None:  # a tied alias: the first name holds the array
+        var = by_name.get(name, by_name.get(aliases.get(name, "")))
+        if var is None:
             continue
         dtype = var[...].dtype
         # int64 counters become int32 without jax_enable_x64: expected, not worth a note.
@@ -115,40 +126,55 @@ def import_torch(factory: str, *, out: str, num_classes: int, input_shape: Seque
     if os.path.exists(out):
         raise ValueError(f"--out {out!r} already exists; pick a new path (an import never "
                          f"overwrites anything)")
-    if input_shape is None or len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"--input-shape H,W,C (three positive ints) is required with --torch, "
-                         f"got {input_shape}")
+    if input_shape is None or len(input_shape) not in (1, 3) or min(input_shape) < 1:
+        raise ValueError(f"--input-shape is required with --torch: H,W,C (three positive ints) "
+                         f"for an image model, or T (the sequence length) for a causal language "
+                         f"model; got {input_shape}")
     if num_classes is None or num_classes < 1:
-        raise ValueError(f"--num-classes N (>= 1) is required with --torch, got {num_classes}")
+        raise ValueError(f"--num-classes N (>= 1; a language model's vocabulary size) is "
+                         f"required with --torch, got {num_classes}")
     if dataset is None:
         raise ValueError("--data NAME is required with --torch (the data.name `kdjax eval "
                          "--workdir` evaluates the run on), e.g. --data cifar10")
+    lm = len(input_shape) == 1
     spec = torch_spec(factory, factory_kwargs, num_classes=num_classes, input_shape=input_shape)
     bridge.build_module(factory, factory_kwargs)  # its errors name --torch / --torch-kwargs
     model = spec.build()
-    mean_ = _normalization(model.module, mean, "mean", spec.input_shape[-1])
-    std_ = _normalization(model.module, std, "std", spec.input_shape[-1])
-    if min(std_) <= 0:
-        raise ValueError(f"--std must be positive per channel, got {std_}")
+    if lm:
+        if mean is not None or std is not None:
+            raise ValueError("--mean/--std normalise images; a language model reads token ids")
+        mean_, std_ = (), ()
+    else:
+        mean_ = _normalization(model.module, mean, "mean", spec.input_shape[-1])
+        std_ = _normalization(model.module, std, "std", spec.input_shape[-1])
+        if min(std_) <= 0:
+            raise ValueError(f"--std must be positive per channel, got {std_}")
     notes: list[str] = []
     fmt, sha = "factory", ""
     if source is not None:
         source = os.path.abspath(source)
         loaded = state_dict.load(source, key=key)
         module_state = {k: v.detach().cpu().numpy() for k, v in model.module.state_dict().items()}
-        _fit(module_state, loaded.tensors, source, factory)
-        notes = [*loaded.notes, *_load_weights(model, loaded.tensors)]
+        _fit(module_state, loaded.tensors, source, factory, bridge.tied_aliases(model.module))
+        notes = [*loaded.notes, *load_state(model, loaded.tensors)]
         fmt, sha = loaded.format, state_dict.sha256(source)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    example = (jax.ShapeDtypeStruct((2, *spec.input_shape), jnp.int32) if lm
+               else jax.ShapeDtypeStruct((2, *spec.input_shape), jnp.float32))
     shape = jax.eval_shape(lambda p, s, x: nnx.merge(graphdef, p, s)(x), params, model_state,
-                           jax.ShapeDtypeStruct((2, *spec.input_shape), jnp.float32)).shape
-    taps.check_logits(shape, spec.num_classes, model=factory, batch=2)
+                           example).shape
+    if lm and tuple(shape) != (2, spec.input_shape[0], spec.num_classes):
+        raise ValueError(f"--torch {factory}: a causal LM's output of shape {tuple(shape)} on "
+                         f"tokens [2, {spec.input_shape[0]}] is not [batch, length, "
+                         f"--num-classes={spec.num_classes}]; pass its vocabulary size")
+    if not lm:
+        taps.check_logits(shape, spec.num_classes, model=factory, batch=2)
     report = importer.ImportReport(
         out=out, spec=spec, layout="torch", source=source or factory, sha256=sha, format=fmt,
         num_params=count_params(params), preprocess={"mean": list(mean_), "std": list(std_)},
         data=dataset, notes=tuple(notes), data_dir=os.path.abspath(data_dir) if data_dir else "")
     weights = model.state_dict()
-    torch_record = {"factory": factory, "kwargs": dict(factory_kwargs or {})}
+    torch_record = {"factory": factory, "kwargs": model.factory_kwargs}
 
     def write_state_dict(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "torch"))
