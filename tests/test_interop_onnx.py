@@ -85,12 +85,12 @@ def _assert_runs_as_kdjax(ours, theirs):
     return meta, {node.op_type for node in graph.node}
 
 
-def _formats_export(spec, tmp_path):
-    """formats.export of `spec`'s model with random weights (its BatchNorm statistics moved off
-    their init), as `kdjax export --format onnx` writes a float student."""
+def _formats_export(spec, tmp_path, model=None):
+    """formats.export of `model` (default: `spec`'s with random weights, its BatchNorm
+    statistics moved off their init), as `kdjax export --format onnx` writes a float student."""
     from conftest import randomize_batchnorms
 
-    model = randomize_batchnorms(spec.build(0))
+    model = model or randomize_batchnorms(spec.build(0))
     model.eval()
     run = {"preprocess": {"mean": [0.3], "std": [0.4]},
            "config": {"data": {"name": "fashion_mnist"}}}
@@ -118,6 +118,16 @@ def test_a_user_model_with_batchnorm_max_pool_and_residual(tmp_path):
     assert "4 * eps * sqrt(" in meta["onnx"]["tolerance_rule"]
     readme = open(tmp_path / "onnx" / "README.md").read()
     assert "opset 21" in readme and "uint8 images" in readme and "InferenceSession" in readme
+
+
+def test_a_pytorch_defined_student(tmp_path):
+    pytest.importorskip("torchax")
+    from kdjax.torchbridge import TorchModel
+
+    # GroupNorm, GELU, a depthwise convolution, BatchNorm and a residual, run by torchax
+    model = TorchModel("_torch_nets:Net", {"width": 4}, num_classes=10, rngs=nnx.Rngs(0))
+    meta, ops = _formats_export(ModelSpec("_torch_nets:Net", 10, (28, 28, 1)), tmp_path, model)
+    assert "Conv" in ops and meta["onnx"]["form"] == "float32"
 
 
 def test_zoo_mlp(tmp_path):
