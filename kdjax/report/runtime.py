@@ -65,6 +65,9 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
     from kdjax.interop import onnx
 
     check(runtime)
+    if artifact.kind == "stablehlo":
+        return {"runtime": runtime, "skipped": "a StableHLO export is a serialized function "
+                "(jax.export) jax2onnx cannot convert; pass the run or kdjax export it came from"}
     variables = artifact.variables
 
     def fn(images: jax.Array) -> jax.Array:
