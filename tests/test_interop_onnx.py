@@ -210,11 +210,21 @@ def test_report_times_onnxruntime_beside_xla(tmp_path, pruned_run, data_dir):
     from kdjax import report
     from kdjax.report import runtime
 
-    result = report.make_report([pruned_run], out=str(tmp_path / "r"), data_dir=data_dir,
-                                runtime="onnxruntime",
+    exported = str(tmp_path / "onnx")
+    assert cli.main(["export", "--workdir", pruned_run, "--out", exported, "--format",
+                     "onnx"]) == 0
+    result = report.make_report([pruned_run, exported], out=str(tmp_path / "r"),
+                                data_dir=data_dir, runtime="onnxruntime",
                                 speed_settings={"latency_calls": 3, "throughput_windows": 2,
                                                 "warmup_s": 0.0, "window_s": 0.01})
-    r = result["models"][0]["runtime"]
+    run_row, onnx_row = result["models"]
+    # the ONNX file evaluated in ONNX Runtime: the run's accuracy (a near-tie may move one of
+    # the 150 examples), timed alone (its XLA peer is the run)
+    assert onnx_row["kind"] == "onnx" and onnx_row["size"]["flops_per_example"] is None
+    assert onnx_row["metrics"]["accuracy"] == pytest.approx(run_row["metrics"]["accuracy"],
+                                                            abs=1 / 150)
+    assert [b["speedup"] for b in onnx_row["runtime"]["batches"]] == [None] * 4
+    r = run_row["runtime"]
     assert r["runtime"] == "onnxruntime" and [b["batch"] for b in r["batches"]] == [1, 8, 64, 256]
     for b in r["batches"]:
         assert b["speedup"] == pytest.approx(b["xla_ms"]["median"] / b["runtime_ms"]["median"])
@@ -222,7 +232,9 @@ def test_report_times_onnxruntime_beside_xla(tmp_path, pruned_run, data_dir):
     md = open(tmp_path / "r" / "report.md").read()
     assert "## Speed in onnxruntime beside XLA" in md
     section = md.split("## Speed in onnxruntime beside XLA")[1].split("\n\n")[1]
-    assert len([row for row in section.splitlines() if row.startswith("| pruned | ")]) == 4
+    for m in (run_row, onnx_row):
+        assert len([row for row in section.splitlines()
+                    if row.startswith(f"| {m['name']} | ")]) == 4
     assert ("slower than XLA" in md) == bool(r["slower_than_xla"])
     with pytest.raises(ValueError, match=r"--runtime must be one of \('onnxruntime',\), got "
                                          r"'litert'"):

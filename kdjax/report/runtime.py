@@ -65,6 +65,8 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
     from kdjax.interop import onnx
 
     check(runtime)
+    if artifact.kind == "onnx":
+        return _file_speed(artifact, runtime, batches=batches, calls=calls, warmup_s=warmup_s)
     if artifact.kind == "stablehlo":
         return {"runtime": runtime, "skipped": "a StableHLO export is a serialized function "
                 "(jax.export) jax2onnx cannot convert; pass the run or kdjax export it came from"}
@@ -104,6 +106,28 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
             "batches": rows, "slower_than_xla": [r["batch"] for r in rows if r["speedup"] < 1]}
 
 
+def _file_speed(artifact: Artifact, runtime: str, *, batches: Sequence[int], calls: int,
+                warmup_s: float) -> dict[str, Any]:
+    """An ONNX export timed as it is, in the runtime alone: the XLA student it came from is
+    another artifact (its run or kdjax export), so no speedup is computed here."""
+    from kdjax.interop import onnx
+
+    with open(artifact.stored_files[0], "rb") as f:
+        session = onnx.session(f.read())
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        images = rng.integers(0, 256, (batch, *artifact.input_shape), np.uint8)
+        r_ms = _timed(lambda: session.run(None, {onnx.INPUT: images}), calls=calls,
+                      warmup_s=warmup_s)
+        rows.append({"batch": batch, "xla_ms": None, "runtime_ms": r_ms,
+                     "xla_images_per_s": None,
+                     "runtime_images_per_s": batch / (r_ms["median"] / 1e3), "speedup": None})
+    return {"runtime": runtime, "version": importlib.metadata.version(runtime),
+            "threads": session.get_session_options().intra_op_num_threads or "default",
+            "graph": artifact.details.get("onnx"), "batches": rows, "slower_than_xla": []}
+
+
 def markdown(models: Sequence[dict[str, Any]]) -> list[str]:
     """The report's table of runtime speed: one row per model and batch size."""
     rows = [m for m in models if m.get("runtime")]
@@ -120,11 +144,14 @@ def markdown(models: Sequence[dict[str, Any]]) -> list[str]:
             continue
         for b in r["batches"]:
             x, o = b["xla_ms"], b["runtime_ms"]
-            flag = " **< 1x: slower than XLA**" if b["speedup"] < 1 else ""
-            lines.append(f"| {m['name']} | {b['batch']} | {x['median']:.3f} [{x['p25']:.3f}, "
-                         f"{x['p75']:.3f}] | {o['median']:.3f} [{o['p25']:.3f}, "
-                         f"{o['p75']:.3f}] | {b['xla_images_per_s']:,.0f} | "
-                         f"{b['runtime_images_per_s']:,.0f} | {b['speedup']:.2f}x{flag} |")
+            # an ONNX export has no XLA program of its own: its run or kdjax export is the peer
+            xla_ms = f"{x['median']:.3f} [{x['p25']:.3f}, {x['p75']:.3f}]" if x else "–"
+            xla_ips = f"{b['xla_images_per_s']:,.0f}" if x else "–"
+            speedup = "–" if b["speedup"] is None else f"{b['speedup']:.2f}x" + (
+                " **< 1x: slower than XLA**" if b["speedup"] < 1 else "")
+            lines.append(f"| {m['name']} | {b['batch']} | {xla_ms} | {o['median']:.3f} "
+                         f"[{o['p25']:.3f}, {o['p75']:.3f}] | {xla_ips} | "
+                         f"{b['runtime_images_per_s']:,.0f} | {speedup} |")
     lines += ["", f"Speedup: XLA's median latency over {name}'s at the same batch (the graph is "
                   f"`kdjax export --format onnx`'s, checked against XLA's logits first; its "
                   f"weights' form per model in report.json)."]
