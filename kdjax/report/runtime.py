@@ -37,8 +37,8 @@ def check(runtime: str | None) -> None:
     if runtime is None:
         return
     if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime must be one of {RUNTIMES}, got {runtime!r} (LiteRT has no "
-                         f"converter installable beside this JAX: README, 'ONNX export')")
+        raise ValueError(f"--runtime must be one of {RUNTIMES}, got {runtime!r} (kdjax has no "
+                         f"LiteRT export yet: README, 'ONNX export')")
     from kdjax.interop import onnx
 
     onnx.require()
