@@ -2,6 +2,7 @@
 #   make demo     teacher, student from scratch, distilled student on Fashion-MNIST, and their
 #                 report (2 CPU cores: < 15 min)
 #   make demo-lm  the same for language models, on the Python standard library's sources
+#   make demo-lm-cache  then the student distilled from a top-64 teacher cache
 #   make test     the test suite (make test-extras: the tests of the torch and hf extras)
 PYTHON ?= python3
 VENV   := .venv
@@ -14,7 +15,7 @@ SEED   ?= 0
 TEXT   ?= $(CURDIR)/data/text
 LMWORK ?= workdirs/demo_lm
 
-.PHONY: demo demo-lm test test-extras install data text-data clean
+.PHONY: demo demo-lm demo-lm-cache test test-extras install data text-data clean
 
 $(BIN)/kdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +83,13 @@ demo-lm: $(VENV)/.report text-data
 	$(BIN)/kdjax distill --config experiments/lm/distill.py         --workdir $(LMWORK)/student_kd --config.data.data_dir=$(TEXT) --config.teacher.workdir=$(LMWORK)/teacher --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax summary $(LMWORK)/teacher $(LMWORK)/student_scratch $(LMWORK)/student_kd
 	$(BIN)/kdjax report  $(LMWORK)/teacher $(LMWORK)/student_scratch $(LMWORK)/student_kd --out $(LMWORK)/report
+
+# After demo-lm: the teacher's top 64 cached once (kdjax cache-teacher), and the same student
+# distilled from the cache, with no teacher in the step (README: "Teacher cache").
+demo-lm-cache: demo-lm
+	$(BIN)/kdjax cache-teacher --teacher $(LMWORK)/teacher --data pystdlib --data-dir $(TEXT) --top-k 64 --out $(LMWORK)/teacher_cache_k64
+	$(BIN)/kdjax distill --config experiments/lm/distill.py --workdir $(LMWORK)/student_kd_cache --config.data.data_dir=$(TEXT) --config.teacher.workdir= --config.teacher.cache=$(LMWORK)/teacher_cache_k64 --config.seed=$(SEED) --no-progress
+	$(BIN)/kdjax summary $(LMWORK)/student_kd $(LMWORK)/student_kd_cache
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -7,6 +7,7 @@ loop with exactly the protocol the kdjax side uses, in a process that never impo
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -48,3 +49,16 @@ def host_info() -> dict[str, Any]:
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "load_average_1min": os.getloadavg()[0]}
+
+
+def write_results(stem: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+                  ) -> None:
+    """`result` as benchmarks/results/<stem>.json and its `markdown` as <stem>.md (printed)."""
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", stem)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    text = markdown(result)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    print(text)

@@ -13,6 +13,8 @@
   kdjax prepare fashion_mnist --from /usr/share/datasets/fashion-mnist
   kdjax prepare cifar100 --from ~/cifar-100-python.tar.gz
   kdjax prepare text --from DIR_OR_FILES... --name pystdlib --pattern '*.py'   (LM corpora)
+  kdjax cache-teacher --teacher workdirs/lm/teacher --data pystdlib --top-k 64 --out caches/t64
+                                           (an LM teacher's top-k, for --config.teacher.cache)
   kdjax datasets                           (what is prepared where)
   kdjax bench [--rows resnet56:resnet20@64]  (the step-throughput suite vs PyTorch, from a checkout)
 
@@ -149,6 +151,25 @@ def _parser() -> argparse.ArgumentParser:
                       help="fraction of documents in the validation split")
     text.add_argument("--pattern", default="*", help="file-name glob in folders, e.g. '*.py'")
     text.add_argument("--seed", type=int, default=0, help="the order documents are packed in")
+    cache = sub.add_parser("cache-teacher", help="write an LM teacher's top-k next-token "
+                                                 "distributions over a text split, for "
+                                                 "--config.teacher.cache (kdjax.lm.cache)")
+    cache.add_argument("--teacher", required=True, metavar="RUN", help="the LM teacher's workdir")
+    cache.add_argument("--data", required=True, metavar="NAME", help="the prepared text dataset")
+    cache.add_argument("--split", default="train", help="its split (default: train)")
+    cache.add_argument("--top-k", type=int, required=True, metavar="K", help="tokens kept per "
+                                                                           "position")
+    cache.add_argument("--out", required=True, metavar="DIR",
+                       help="the cache directory (an interrupted one is resumed)")
+    cache.add_argument("--data-dir", default=None,
+                       help="where --data is prepared (default $TFDS_DATA_DIR or "
+                            "~/tensorflow_datasets)")
+    cache.add_argument("--batch-size", type=int, default=32, help="rows per teacher call")
+    cache.add_argument("--rows-per-shard", type=int, default=1024, help="rows per ArrayRecord "
+                                                                        "shard")
+    cache.add_argument("--value-bits", type=int, default=9,
+                       help="bits per cached log-probability (default 9; the error bound halves "
+                            "with each bit)")
     ds = sub.add_parser("datasets", help="list the prepared datasets, with split sizes and shapes")
     ds.add_argument("--data-dir", default=None,
                     help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -410,6 +431,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = ", ".join(f"{k} {v:,}" for k, v in spec.splits.items())
         print(f"kdjax: prepared {spec.name} {spec.version} in {path} ({sizes}; "
               f"{spec.num_classes} classes)")
+        return 0
+    if args.command == "cache-teacher":
+        if overrides:
+            _parser().error("kdjax cache-teacher takes no --config overrides")
+        from kdjax.lm import cache as teacher_cache
+
+        manifest = teacher_cache.cache_teacher(
+            args.teacher, args.data, args.out, top_k=args.top_k, split=args.split,
+            data_dir=args.data_dir, value_bits=args.value_bits, batch_size=args.batch_size,
+            rows_per_shard=args.rows_per_shard,
+            on_shard=lambda done, total: print(f"kdjax: shard {done} of {total} written",
+                                               flush=True))
+        print(f"kdjax: teacher cache of {manifest['rows']:,} rows (top {manifest['k']}, "
+              f"{manifest['scheme']['bytes_per_token']} bytes a position) in {args.out}; "
+              f"distil from it with --config.teacher.cache={args.out}")
         return 0
     if args.command == "datasets":
         if overrides:

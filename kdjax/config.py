@@ -72,8 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
     # largest k <= 20 dividing train.steps and the step a resumed run starts from, since the
     # host's per-dispatch cost dominates small models' steps there. Cadences that k does not
     # divide (log/eval/checkpoint every_steps) fire at the first call boundary after their step.
+    # grad_accum: each step's batch_size rows are split into this many micro-batches, run one
+    # after the other (the teacher's and the student's activations of one at a time), their
+    # gradients added; token losses are normalised by the target tokens of the whole batch, so
+    # the update does not depend on it (kdjax.step.make_step).
     c.train = dict(steps=1000, batch_size=128, log_every_steps=100, steps_per_call=0,
-                   nan_policy="stop")
+                   nan_policy="stop", grad_accum=1)
     c.optimizer = dict(
         name="sgd",  # sgd | adam | adamw
         learning_rate=0.1,
@@ -143,10 +147,15 @@ def base_config() -> ml_collections.ConfigDict:
     # agreement_examples eval examples before training (0 = skip) and refused below min_agreement
     # (top-1 agreement, a fraction). aggregation: "" (the teacher's outputs, as loss.name uses
     # them) | "gnmax" | "plurality": a PATE ensemble's votes instead (see c.pate below).
+    # Language models: cache, a `kdjax cache-teacher` directory, trains from the teacher's cached
+    # top-k targets (no teacher runs; workdir may be "" or the cache's teacher). top_k > 0
+    # distils from the online teacher's top k tokens instead of its whole distribution (0 = the
+    # whole, or the cache's k). top_k_loss: "tail" (the k tokens and one bucket for the rest,
+    # the default) | "renorm" (the k renormalised; kdjax.losses.token_topk_kl).
     c.teacher = dict(workdir="", model=dict(name="", kwargs={}), workdirs=(), weights=(),
                      combine="ensemble", sharding="replicated", compute_dtype="auto",
                      fold_batchnorm=True, agreement_examples=2000, min_agreement=0.99,
-                     aggregation="")
+                     aggregation="", cache="", top_k=0, top_k_loss="tail")
     # The device mesh over all devices of all processes: the batch is split over data × fsdp,
     # parameters with the "fsdp" rule over fsdp. Sizes must multiply to the device count; one
     # may be -1 (all remaining devices), so one config runs unchanged on 1 or 512 devices.

@@ -85,6 +85,7 @@ class Train:
     log_every_steps: int
     steps_per_call: int  # train steps per dispatch; 0 = auto
     nan_policy: str  # stop | skip
+    grad_accum: int  # micro-batches per step, their gradients added
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +183,9 @@ class Teacher:
     agreement_examples: int  # the prepared teacher checked against float32 on these; 0 = skip
     min_agreement: float  # and refused below this top-1 agreement
     aggregation: str  # "" | gnmax | plurality (a PATE ensemble's votes)
+    cache: str  # a `kdjax cache-teacher` directory: the LM teacher's cached top-k targets
+    top_k: int  # LM: distil from the teacher's top k tokens; 0 = all (or the cache's k)
+    top_k_loss: str  # tail | renorm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -199,11 +199,18 @@ class StepParts:
       teach: `(teachers, inputs) -> outputs` of the frozen teachers (NNX modules, inference mode).
       loss: `(model, inputs, teachers, teacher_outputs, step, key) -> (loss, metrics)` of the
         trainable model (a Distillee); the only part that is differentiated.
+      weight: `inputs -> scalar`, what the loss is a mean over (a language model's target
+        tokens), so that micro-batches (train.grad_accum) weigh by their share of the whole
+        batch's; None: rows, equal in every micro-batch.
+      summed: the metrics that are sums over the batch (added over micro-batches; the others
+        are means, averaged).
     """
 
     inputs: Callable[[Batch, jax.Array], Any]
     teach: Callable[[tuple[nnx.Module, ...], Any], Any]
     loss: Callable[..., tuple[jax.Array, Metrics]]
+    weight: Callable[[Any], jax.Array] | None = None
+    summed: tuple[str, ...] = ()
 
 
 def place_teachers(teachers: Sequence[FrozenModel], teacher_sharding: Sequence[Any] | None,
@@ -224,7 +231,7 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, parts: S
               teachers: Sequence[FrozenModel] = (), mesh: Mesh | None = None,
               data: DeviceData | None = None, steps_per_call: int = 1, nan_policy: str = "stop",
               state_sharding: TrainState | None = None,
-              teacher_sharding: Sequence[Any] | None = None) -> Step:
+              teacher_sharding: Sequence[Any] | None = None, grad_accum: int = 1) -> Step:
     """Build the fused train step of any task: the teachers' forward, the trainable model's
     forward and backward and the optimizer update in one compiled program.
 
@@ -247,7 +254,14 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, parts: S
         step (`kdjax.sharding.state_shardings`); default: as placed.
       teacher_sharding: per teacher, its variables' shardings (`kdjax.sharding.tree_shardings`);
         default: replicated (`place_teachers`).
+      grad_accum: micro-batches per step (train.grad_accum): the batch's rows are split into
+        this many, run one after the other (teachers included) in a `lax.scan`, and their
+        gradients added, each weighted by its share of the batch's `parts.weight` (target
+        tokens), so the update is the whole batch's mean gradient whatever the split.
     """
+    if grad_accum < 1:
+        raise ValueError(f"train.grad_accum must be >= 1 (micro-batches per step), got "
+                         f"{grad_accum}")
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got steps_per_call={steps_per_call}")
     if nan_policy not in NAN_POLICIES:
@@ -262,24 +276,71 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, parts: S
             state, batch = sample(state, data, mesh)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         inputs = parts.inputs(batch, key)
-        # Teachers: inference mode, outside the differentiated function, so no gradient and no
-        # optimizer state ever touch them; stop_gradient documents it.
         frozen = tuple(nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars))
-        teacher_out = jax.lax.stop_gradient(parts.teach(frozen, inputs))
 
-        def loss_fn(params):
-            # copy=True: fresh Variables owned by this trace, so BatchNorm may update its stats.
-            model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            loss, metrics = parts.loss(model, inputs, frozen, teacher_out, state.step, key)
-            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+        def grad_of(model_state, inputs):
+            # Teachers: inference mode, outside the differentiated function, so no gradient and
+            # no optimizer state ever touch them; stop_gradient documents it.
+            teacher_out = jax.lax.stop_gradient(parts.teach(frozen, inputs))
 
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+            def loss_fn(params):
+                # copy=True: fresh Variables owned by this trace, so BatchNorm may update its
+                # stats.
+                model = nnx.merge(graphdef, params, model_state, copy=True)
+                loss, metrics = parts.loss(model, inputs, frozen, teacher_out, state.step, key)
+                return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+            (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params)
+            return loss, metrics, model_state, grads
+
+        if grad_accum == 1:
+            loss, metrics, model_state, grads = grad_of(state.model_state, inputs)
+        else:
+            loss, metrics, model_state, grads = accumulate(
+                grad_of, state.params, state.model_state, inputs, parts, grad_accum)
         return apply_update(state, grads, loss, metrics, model_state, tx=tx,
                             nan_policy=nan_policy, mesh=mesh, state_sharding=state_sharding)
 
     return compile_step(one_step, teacher_vars, data, mesh=mesh, steps_per_call=steps_per_call,
                         state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+
+
+def accumulate(grad_of: Callable, params: nnx.State, model_state: nnx.State, inputs: Any,
+               parts: StepParts, micro: int) -> tuple[jax.Array, Metrics, nnx.State, nnx.State]:
+    """`grad_of(model_state, inputs) -> (loss, metrics, model_state, grads)` over `micro`
+    micro-batches of `inputs` (every leaf's leading axis is the batch's rows), one after the
+    other: the loss and gradients of the whole batch's mean.
+
+    Each micro-batch's loss is a mean over its `parts.weight` (target tokens); weighted by its
+    share ``w_i / sum w`` the terms add up to the mean over the whole batch, so padding that
+    falls unevenly on the micro-batches changes nothing (a mean of micro-batch means would
+    weigh a token of a sparse micro-batch more). Micro-batch i holds rows i, i + micro, ...:
+    a batch split over devices stays evenly split.
+    """
+    rows = jax.tree.leaves(inputs)[0].shape[0]
+    if rows % micro:
+        raise ValueError(f"train.batch_size={rows} must be a multiple of train.grad_accum="
+                         f"{micro} (rows per micro-batch); set train.grad_accum to a divisor "
+                         f"of {rows}")
+    split = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(rows // micro, micro, *x.shape[1:]), 0, 1), inputs)
+    weights = (jax.vmap(parts.weight)(split).astype(jnp.float32) if parts.weight is not None
+               else jnp.ones((micro,), jnp.float32))
+    shares = weights / jnp.maximum(weights.sum(), 1.0)
+
+    def body(carry, xs):
+        model_state, loss_sum, grad_sum = carry
+        micro_inputs, share = xs
+        loss, metrics, model_state, grads = grad_of(model_state, micro_inputs)
+        grad_sum = jax.tree.map(lambda a, g: a + share * g, grad_sum, grads)
+        return (model_state, loss_sum + share * loss, grad_sum), metrics
+
+    (model_state, loss, grads), metrics = jax.lax.scan(
+        body, (model_state, jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params)),
+        (split, shares))
+    metrics = {k: v.sum() if k in parts.summed else v.mean() for k, v in metrics.items()}
+    return loss, metrics, model_state, grads
 
 
 def image_parts(objective: Objective, teachers: Sequence[FrozenModel],
@@ -352,6 +413,7 @@ def make_distill_step(
     nan_policy: str = "stop",
     state_sharding: TrainState | None = None,
     teacher_sharding: Sequence[Any] | None = None,
+    grad_accum: int = 1,
 ) -> Step:
     """The fused step of an image student (`make_step` with `image_parts`).
 
@@ -365,7 +427,7 @@ def make_distill_step(
     return make_step(graphdef, tx, image_parts(objective, teachers, preprocess),
                      teachers=teachers, mesh=mesh, data=data, steps_per_call=steps_per_call,
                      nan_policy=nan_policy, state_sharding=state_sharding,
-                     teacher_sharding=teacher_sharding)
+                     teacher_sharding=teacher_sharding, grad_accum=grad_accum)
 
 
 def apply_update(state: TrainState, grads: nnx.State, loss: jax.Array, metrics: Metrics,

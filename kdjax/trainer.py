@@ -266,7 +266,8 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
     compile_args = dict(mesh=mesh, state_sharding=state_sharding,
                         teacher_sharding=teacher_sharding)
     step_fn = task.make_step(graphdef, tx, teachers, data, steps_per_call=per_call,
-                             nan_policy=plan.train.nan_policy, **compile_args)
+                             nan_policy=plan.train.nan_policy, grad_accum=plan.train.grad_accum,
+                             **compile_args)
     eval_step = task.make_eval_step(graphdef, teachers, **compile_args)
     _write(workdir, "config.json", plan.to_json())
 

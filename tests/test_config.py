@@ -35,7 +35,7 @@ def test_load_and_override_types(tmp_path):
 def test_unknown_key_lists_valid_keys(tmp_path):
     path = _write(tmp_path, "    return base_config()\n")
     with pytest.raises(ValueError, match=r"unknown config key 'train.stepz'.*valid keys there: "
-                                         r"\['batch_size', 'log_every_steps', 'nan_policy', "
+                                         r"\['batch_size', 'grad_accum', 'log_every_steps', 'nan_policy', "
                                          r"'steps', 'steps_per_call'\]"):
         config_lib.load(path, ["--config.train.stepz=5"])
     with pytest.raises(ValueError, match=r"no 'trian' under the top level.*'train'"):

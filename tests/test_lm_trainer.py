@@ -2,6 +2,7 @@
 teacher, its distilled student, exact resume after SIGKILL, the vocabulary check, eval, export,
 and the step's token accounting."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,12 +17,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import _float32
 from conftest import ROOT
 from kdjax import checkpoint, cli, export, losses, models, sharding
 from kdjax.lm import packing, tokenizer as tokenizer_lib
 from kdjax.lm.step import TokenObjective, make_lm_step
-from kdjax.step import DeviceData
-from kdjax.step import init_train_state
+from kdjax.step import DeviceData, freeze, init_train_state
 
 EXP = os.path.join(ROOT, "experiments", "lm")
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -196,3 +197,52 @@ def test_nan_skip_policy_drops_non_finite_updates():
         state, metrics = step(state)
     assert int(state.bad_step) == 2 and int(metrics["skipped_steps"]) == 2  # steps 2 and 3
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_grad_accum_normalises_by_the_whole_batchs_tokens():
+    """One batch of 8 rows and the same rows as 4 accumulated micro-batches of 2, padded
+    unevenly (6 to 29 target tokens a micro-batch), give the same gradient: every micro-batch's
+    token mean is weighed by its share of the batch's target tokens. The mean of the
+    micro-batches' means, the bug grad_accum avoids, is far outside the tolerance."""
+    rng = np.random.default_rng(1)
+    tokens, segments = packing.pack([list(rng.integers(3, 40, 80))], 8)
+    tokens, segments = tokens[:8], segments[:8]
+    for row, kept in enumerate((9, 2, 9, 3, 8, 1, 9, 5)):
+        segments[row, kept:] = 0
+    teacher = freeze(models.ModelSpec("lm_tiny", 40, (8,)).build(1))
+    objective = TokenObjective(divergence="forward_kl", ce_weight=0.5, kd_weight=0.5)
+    # An "optimizer" that keeps the step's gradient as its state (an update would round it).
+    tx = optax.GradientTransformation(
+        lambda params: jax.tree.map(jax.numpy.zeros_like, params),
+        lambda grads, state, params=None: (jax.tree.map(jax.numpy.zeros_like, grads), grads))
+
+    steps = {}
+
+    def gradient(rows, grad_accum):
+        student = models.ModelSpec("lm_tiny", 40, (8,)).build(0)
+        graphdef, state = init_train_state(student, tx, seed=0, num_examples=len(rows))
+        data = DeviceData({"tokens": jax.numpy.asarray(tokens[rows]),
+                           "segments": jax.numpy.asarray(segments[rows])}, batch_size=len(rows))
+        if (len(rows), grad_accum) not in steps:
+            steps[len(rows), grad_accum] = make_lm_step(
+                graphdef, tx, objective, teacher=teacher, data=data, mesh=sharding.make_mesh(),
+                grad_accum=grad_accum)
+        # the rows are an argument of the compiled step: one compile per shape
+        step = dataclasses.replace(steps[len(rows), grad_accum], data=data)
+        state, metrics = step(state)
+        return jax.device_get(state.opt_state), metrics, rows[np.asarray(state.perm)]
+
+    whole, m1, _ = gradient(np.arange(8), 1)
+    accumulated, m4, order = gradient(np.arange(8), 4)
+    counts = [packing.model_inputs(tokens[order[j::4]], segments[order[j::4]])["loss_mask"].sum()
+              for j in range(4)]
+    assert len(set(counts)) > 2  # the micro-batches do hold different numbers of tokens
+    assert float(m4["tokens"]) == float(m1["tokens"]) == sum(counts)
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+    n = int(m1["tokens"]) + 64  # summed over the batch's tokens, and a matmul over d_ff
+    _float32.assert_trees_close(accumulated, whole, n=n)
+    naive = jax.tree.map(lambda *g: sum(g) / 4,
+                         *[gradient(order[j::4], 1)[0] for j in range(4)])
+    worst = max(float(np.abs(a - b).max() / _float32.atol(n, np.abs(b).max()))
+                for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(whole)))
+    assert worst > 100

@@ -210,3 +210,84 @@ def test_chunked_backward_never_holds_the_whole_logits():
     temp = {c: jax.jit(jax.grad(functools.partial(loss, c), argnums=(0, 1))).lower(
         *args).compile().memory_analysis().temp_size_in_bytes for c in (16, t)}
     assert temp[16] < 0.5 * logits_bytes < temp[t]
+
+
+# -- top-k targets and the top-k loss ---------------------------------------------------------
+
+def np_topk_kl(s, t, k, *, tail, temperature=1.0):
+    """The k + 1 bucket KL (tail) or the renormalised top-k KL, in float64, from full logits."""
+    pt, ps = np.exp(_np_log_softmax(t)), np.exp(_np_log_softmax(s / temperature))
+    top = np.argsort(-t, -1)[..., :k]
+    p, q = np.take_along_axis(pt, top, -1), np.take_along_axis(ps, top, -1)
+    if tail:
+        return (_np_kl(np.concatenate([p, 1 - p.sum(-1, keepdims=True)], -1),
+                       np.concatenate([q, 1 - q.sum(-1, keepdims=True)], -1)))
+    p_hat = np.exp(_np_log_softmax(np.log(p) / temperature))
+    return temperature**2 * (p_hat * (np.log(p_hat) - np.log(q))).sum(-1)
+
+
+def test_topk_targets_are_the_teachers_largest_and_their_tail(logits):
+    _, t, _, _ = logits
+    lp, ids, log_tail = losses.token_topk_targets(jnp.asarray(t, jnp.float32), 4)
+    want = _np_log_softmax(t)
+    np.testing.assert_array_equal(ids, np.argsort(-t, -1)[..., :4])
+    np.testing.assert_allclose(lp, np.take_along_axis(want, np.asarray(ids), -1), rtol=1e-5)
+    rest = np.sort(want, -1)[..., :-4]
+    np.testing.assert_allclose(log_tail, np.log(np.exp(rest).sum(-1)), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 11\).*got k=11"):
+        losses.token_topk_targets(t, V)
+
+
+@pytest.mark.parametrize("k,tail,temperature", [(3, True, 1.0), (10, True, 1.0),
+                                                (3, False, 1.0), (5, False, 2.0)])
+def test_topk_kl_matches_numpy_with_mask(logits, k, tail, temperature):
+    s, t, _, mask = logits
+    targets = losses.token_topk_targets(jnp.asarray(t, jnp.float32), k)
+    got = np.asarray(losses.token_topk_kl(jnp.asarray(s, jnp.float32), *targets, mask=mask,
+                                          tail=tail, temperature=temperature))
+    want = np_topk_kl(s, t, k, tail=tail, temperature=temperature)
+    assert got.shape == (B, T)
+    np.testing.assert_allclose(got[mask], want[mask], rtol=2e-5, atol=1e-6)
+    assert (got[~mask] == 0).all()
+    # the coarsened KL never exceeds the full one, and with a one-token tail equals it
+    if tail:
+        full = np_token("forward_kl", s, t)
+        assert (want <= full + 1e-12).all()
+        if k == V - 1:
+            np.testing.assert_allclose(want, full, rtol=1e-9)
+
+
+def test_topk_kl_refuses_a_temperature_with_the_tail(logits):
+    s, t, _, _ = logits
+    with pytest.raises(ValueError, match=r"tail=True\) is at temperature 1 .* got "
+                                         r"temperature=2.0; use temperature=1.0, or tail=False"):
+        losses.token_topk_kl(s, *losses.token_topk_targets(t, 3), temperature=2.0)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_chunked_topk_equals_unchunked(hidden, cached):
+    """The chunked top-k loss, from the teacher's hidden states (online top-k) or from its
+    targets (a cache), against `token_topk_kl` on whole logits, in value and gradient."""
+    h = hidden
+    t_logits = h["ht"] @ h["wt"]
+    targets = losses.token_topk_targets(t_logits, 4)
+
+    def objective(ws, chunked):
+        s = h["hs"] @ ws
+        if chunked:
+            teacher = dict(teacher_topk=targets) if cached else dict(top_k=4)
+            out = losses.chunked_token_losses(
+                h["hs"], ws, None if cached else h["ht"], None if cached else h["wt"],
+                h["labels"], mask=h["mask"], chunk_size=2, **teacher)
+            kd, agreement = out["kd"], out["agreement"]
+        else:
+            kd = losses.token_topk_kl(s, *targets, mask=h["mask"])
+            agreement = (s.argmax(-1) == t_logits.argmax(-1)) & h["mask"]
+        return (kd * jnp.arange(B * T, dtype=jnp.float32).reshape(B, T)).sum(), agreement
+
+    (v0, a0), g0 = jax.value_and_grad(objective, has_aux=True)(h["ws"], False)
+    (v1, a1), g1 = jax.value_and_grad(objective, has_aux=True)(h["ws"], True)
+    n = H_S + V + B * T
+    _float32.assert_close(v1, v0, n=n)
+    _float32.assert_close(g1, g0, n=n)
+    np.testing.assert_array_equal(a1, a0)

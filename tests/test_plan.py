@@ -99,7 +99,7 @@ def test_a_typo_or_a_wrong_type_is_refused_with_the_key_value_and_fix(monkeypatc
         monkeypatch.setattr(data, name, no_io)
     with pytest.raises(ValueError, match=r"unknown config key 'train.stepz': no 'stepz' under "
                                          r"train; valid keys there: \['batch_size', "
-                                         r"'log_every_steps', 'nan_policy', 'steps', "
+                                         r"'grad_accum', 'log_every_steps', 'nan_policy', 'steps', "
                                          r"'steps_per_call'\]"):
         plan.as_plan({"train": {"stepz": 5}})
     with pytest.raises(TypeError, match=r"'data.flip' must be of type bool \(like its default "

@@ -261,3 +261,38 @@ def test_nan_skip_drops_bad_updates_and_counts_them():
     with pytest.raises(ValueError, match=r"nan_policy \(config train.nan_policy\).*'ignore'"):
         make_distill_step(_setup()[0], optax.sgd(0.1), objectives.supervised(),
                           nan_policy="ignore")
+
+
+def test_grad_accum_gives_the_whole_batchs_gradient_for_an_image_student():
+    """4 micro-batches of 4 images: the KD objective's mean gradient over the 16 (the same
+    augmented views, so the same terms), and the same metrics."""
+    images, labels = _data()
+
+    def student():  # a fresh one per step: a step donates the state's arrays
+        return models.create_model("mlp", hidden=(16,), in_features=64, num_classes=C,
+                                   rngs=nnx.Rngs(0))
+
+    teacher = freeze(models.create_model("mlp", hidden=(48,), in_features=64, num_classes=C,
+                                         rngs=nnx.Rngs(100)))
+    # keeps the gradient as its state (an update would round it)
+    tx = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    objective = objectives.logit_distillation("kd", ce_weight=0.5, kd_weight=0.5, temperature=2.0)
+    data = DeviceData({"image": jnp.asarray(images), "label": jnp.asarray(labels)}, batch_size=B)
+    out = {}
+    for accum in (1, 4):
+        graphdef, state = init_train_state(student(), tx, seed=0, num_examples=N)
+        step = make_distill_step(graphdef, tx, objective, teachers=(teacher,), data=data,
+                                 preprocess=augment.Preprocess(crop_padding=1, flip=True),
+                                 grad_accum=accum)
+        state, metrics = step(state)
+        out[accum] = jax.device_get((state.opt_state, metrics))
+    (g1, m1), (g4, m4) = out[1], out[4]
+    f32.assert_trees_close(g4, g1, n=B + 64)
+    for name in m1:
+        f32.assert_close(m4[name], m1[name], n=B + 64, err_msg=name)
+    with pytest.raises(ValueError, match=r"train.batch_size=16 must be a multiple of "
+                                         r"train.grad_accum=3"):
+        make_distill_step(graphdef, tx, objective, teachers=(teacher,), data=data,
+                          grad_accum=3)(init_train_state(student(), tx, seed=0,
+                                                         num_examples=N)[1])

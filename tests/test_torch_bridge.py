@@ -509,3 +509,27 @@ def test_a_torch_teacher_runs_in_the_compute_dtype():
     # pixels and the head's 8 inputs, as tests/_float32.py bounds float32's
     bound = 4 * 2.0 ** -8 * np.sqrt(9 + 64 + 64 + 8) * float(jnp.abs(want).max())
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=bound)
+
+
+def test_torch_teachers_in_a_multi_teacher_ensemble(torch_teacher, data_dir, tmp_path):
+    """The imported torch run beside a native one (a kdjax import of a torch Net's weights
+    would be the same run twice: an ensemble of two different kinds is the case to show)."""
+    native = tmp_path / "native"
+    assert cli.main(["train", "--config", os.path.join(TESTS, "..", "experiments",
+                                                       "fashion_mnist", "teacher.py"),
+                     "--workdir", str(native), f"--config.data.data_dir={data_dir}",
+                     "--config.train.steps=2", "--config.train.batch_size=16",
+                     "--config.eval.every_steps=2", "--config.eval.batch_size=50",
+                     "--config.data.eval_split=test[:100]", "--no-progress"]) == 0
+    workdir = tmp_path / "student"
+    assert cli.main(["distill", "--config", os.path.join(TESTS, "..", "experiments",
+                                                         "fashion_mnist", "multi_teacher.py"),
+                     "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+                     f"--config.teacher.workdirs=('{torch_teacher['run']}', '{native}')",
+                     "--config.train.steps=2", "--config.train.batch_size=16",
+                     "--config.eval.every_steps=2", "--config.eval.batch_size=50",
+                     "--config.data.eval_split=test[:100]", "--no-progress"]) == 0
+    summary = json.load(open(workdir / "summary.json"))
+    assert [p["workdir"] for p in summary["teacher_preparation"]] == [torch_teacher["run"],
+                                                                      str(native)]
+    assert np.isfinite(summary["train/loss"])

@@ -166,6 +166,22 @@ def _block_call(remat: str) -> Callable[..., Any]:
     return nnx.remat(call, policy=REMAT[remat])
 
 
+def _scan_blocks(f: Callable[..., Any], x: jax.Array, layers: Block, *xs: Any) -> Any:
+    """`lax.scan` of ``f(x, block_i, *xs_i) -> (x, y_i)`` over a stacked Block's layers.
+
+    The stacked variables are split off and each step merges its slice into a Block of its own
+    trace: unlike `nnx.scan`, this also runs where the model is closed over by an outer JAX
+    transform (the sampler's `lax.scan` over decoding steps). Blocks hold no state a forward
+    updates, so nothing is written back."""
+    graphdef, state = nnx.split(layers)
+
+    def step(x, sliced):
+        block_state, *rest = sliced
+        return f(x, nnx.merge(graphdef, block_state), *rest)
+
+    return jax.lax.scan(step, x, (state, *xs))
+
+
 class Transformer(nnx.Module):
     """A Llama-style decoder-only language model.
 
@@ -185,6 +201,10 @@ class Transformer(nnx.Module):
       remat: what each block keeps for the backward pass (jax.checkpoint): "none" (everything),
         "full" (only its input: recomputed, the least memory) or "dots_saveable" (its matrix
         products' outputs, recomputing the cheap elementwise work).
+      scan_layers: the blocks' variables stacked on a leading [num_layers] axis and run by one
+        `nnx.scan`, so the program (and its compile time) does not grow with depth; the
+        parameter tree differs from the unrolled one (layers.attention.q.kernel
+        [num_layers, ...] instead of layers.0.attention.q.kernel).
       dtype: activation dtype; parameters are float32.
     """
 
@@ -192,8 +212,8 @@ class Transformer(nnx.Module):
                  num_kv_heads: int | None = None, d_ff: int | None = None,
                  head_dim: int | None = None, tie_embeddings: bool = False,
                  rope_theta: float = 10_000.0, norm_eps: float = 1e-5,
-                 attention_block: int = 1024, remat: str = "none", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 attention_block: int = 1024, remat: str = "none", scan_layers: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT)} (model.kwargs)")
         if attention_block < 0:
@@ -217,10 +237,17 @@ class Transformer(nnx.Module):
         self.head_dim, self.dtype, self.remat = head_dim, dtype, remat
         self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, param_dtype=jnp.float32,
                                embedding_init=_init, rngs=rngs)
-        self.layers = nnx.List([Block(d_model, num_heads, num_kv_heads, head_dim, d_ff,
-                                      rope_theta=rope_theta, norm_eps=norm_eps,
-                                      attention_block=attention_block, dtype=dtype, rngs=rngs)
-                                for _ in range(num_layers)])
+        def block(rngs: nnx.Rngs) -> Block:
+            return Block(d_model, num_heads, num_kv_heads, head_dim, d_ff, rope_theta=rope_theta,
+                         norm_eps=norm_eps, attention_block=attention_block, dtype=dtype,
+                         rngs=rngs)
+
+        self.scan_layers = scan_layers
+        if scan_layers:  # one Block whose variables have a leading [num_layers] axis
+            self.layers = nnx.split_rngs(splits=num_layers)(nnx.vmap(block, in_axes=0,
+                                                                      out_axes=0))(rngs)
+        else:
+            self.layers = nnx.List([block(rngs) for _ in range(num_layers)])
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.lm_head = None if tie_embeddings else _linear(d_model, vocab_size, dtype=dtype,
                                                            rngs=rngs)
@@ -261,9 +288,18 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         out = {"embedding": x}
         call = _block_call(self.remat)
-        for i, block in enumerate(self.layers):
-            x, probs = call(block, x, positions, segment_ids)
-            out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
+        if self.scan_layers:
+            def layer(x, block):
+                y, probs = call(block, x, positions, segment_ids)
+                return y, (y, probs)
+
+            x, (ys, probs) = _scan_blocks(layer, x, self.layers)
+            for i in range(self.num_layers):  # taps a program does not read cost nothing
+                out[f"layer_{i}"], out[f"attention_{i}"] = ys[i], probs[i]
+        else:
+            for i, block in enumerate(self.layers):
+                x, probs = call(block, x, positions, segment_ids)
+                out[f"layer_{i}"], out[f"attention_{i}"] = x, probs
         out["hidden"] = self.norm(x)
         if logits:
             out["logits"] = self.logits(out["hidden"])
@@ -275,21 +311,31 @@ class Transformer(nnx.Module):
         return self.features(tokens, segment_ids=segment_ids, positions=positions,
                              train=train)["logits"]
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
-        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""
+    def init_cache(self, batch: int, length: int, dtype=None) -> Any:
+        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens: per layer
+        {"k", "v"} ``[B, length, num_kv_heads, head_dim]`` (one stacked dict with scan_layers)."""
         shape = (batch, length, self.num_kv_heads, self.head_dim)
         dtype = dtype or self.dtype
+        if self.scan_layers:  # the layers' caches stacked, as their variables are
+            return {"k": jnp.zeros((self.num_layers, *shape), dtype),
+                    "v": jnp.zeros((self.num_layers, *shape), dtype)}
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                 for _ in range(self.num_layers)]
 
-    def decode(self, tokens: jax.Array, *, positions: jax.Array, cache: list[dict], index,
-               key_valid: jax.Array) -> tuple[jax.Array, list[dict]]:
+    def decode(self, tokens: jax.Array, *, positions: jax.Array, cache: Any, index,
+               key_valid: jax.Array) -> tuple[jax.Array, Any]:
         """Run ``tokens [B, t]`` at cache slots ``index .. index + t``: logits and the cache.
 
         ``key_valid [B, S]`` marks the cache slots that hold real tokens (not left padding);
         ``positions [B, t]`` are the tokens' rotary positions.
         """
         x = self.embed(tokens)
+        if self.scan_layers:
+            def layer(x, block, c):
+                return block.decode(x, positions, c, index, key_valid)
+
+            x, stacked = _scan_blocks(layer, x, self.layers, cache)
+            return self.logits(self.norm(x)), stacked
         new = []
         for block, c in zip(self.layers, cache):
             x, c = block.decode(x, positions, c, index, key_valid)

@@ -8,9 +8,10 @@ run's seed and step, as device-resident image data does, so the data order is pa
 TrainState and a resumed run continues it exactly. A row's positions count in the loss only
 where the target is the next token of the same document (kdjax.lm.packing): padding and
 cross-document positions are left out of the sums, not averaged in as zeros. The loss is the
-token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the batch; metrics are
-(sum, count) pairs ("ce_sum", ..., "tokens") so that averages over many steps weight each token
-once.
+token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
+micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ...,
+"tokens") so that averages over many steps weight each token once. With a teacher cache
+(kdjax.lm.cache) the rows carry the teacher's top-k targets and no teacher runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax.lm import packing
+from kdjax.lm.cache import Layout
 from kdjax.lm.objective import TokenObjective
 from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, compile_eval,
                         make_step)
@@ -42,20 +44,29 @@ def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Ar
 def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[str, jax.Array],
                  teacher: nnx.Module | None, teacher_hidden: jax.Array | None, mask: jax.Array,
                  *, train: bool) -> dict[str, jax.Array]:
-    """The objective's per-token ``[B, T]`` terms of the student on `inputs`."""
+    """The objective's per-token ``[B, T]`` terms of the student on `inputs` (with a teacher
+    cache's targets when `inputs` carries them, "teacher_topk")."""
     hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"], train=train,
                               logits=False)["hidden"]
-    return objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask)
+    return objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask,
+                           cached=inputs.get("teacher_topk"))
 
 
-def lm_parts(objective: TokenObjective) -> StepParts:
+def lm_parts(objective: TokenObjective, cache: Layout | None = None) -> StepParts:
     """The language-model task's `StepParts`: packed rows ({"tokens", "segments"}) to model
     inputs, the teacher's last hidden states (its head is applied chunk by chunk inside the
-    loss), and the token-mean objective over the batch's target tokens."""
+    loss), and the token-mean objective over the batch's target tokens.
+
+    With a teacher cache's `Layout`, the rows also carry their cached targets ("cache",
+    ``[B, seq_len, token_bytes]`` uint8), decoded here on the device into the inputs'
+    "teacher_topk"; the step then has no teacher to run, and the loss is the same."""
 
     def inputs(batch, key):
         del key  # no augmentation
-        return packing.model_inputs(batch["tokens"], batch["segments"])
+        out = packing.model_inputs(batch["tokens"], batch["segments"])
+        if cache is not None:
+            out["teacher_topk"] = cache.decode(batch["cache"])
+        return out
 
     def teach(models, inputs):
         return tuple(_teacher_hidden(m, inputs) for m in models)
@@ -66,7 +77,9 @@ def lm_parts(objective: TokenObjective) -> StepParts:
                              teacher_hidden[0] if frozen else None, mask, train=True)
         return objective.loss(terms, mask, step)
 
-    return StepParts(inputs=inputs, teach=teach, loss=loss)
+    return StepParts(inputs=inputs, teach=teach, loss=loss,
+                     weight=lambda inputs: inputs["loss_mask"].sum(),
+                     summed=(*SUM_METRICS, "tokens"))
 
 
 def make_lm_step(
@@ -81,18 +94,23 @@ def make_lm_step(
     nan_policy: str = "stop",
     state_sharding: TrainState | None = None,
     teacher_sharding: Any = None,
+    grad_accum: int = 1,
+    cache: Layout | None = None,
 ) -> Step:
     """The LM train step (`make_step` with `lm_parts`); call it as ``state, metrics =
-    step(state)`` (it samples its rows from `data`, {"tokens", "segments"}).
+    step(state)`` (it samples its rows from `data`, {"tokens", "segments"}, and with a teacher
+    cache "cache", whose `Layout` is `cache`).
 
     `graphdef` is the Distillee's (its student an LM of kdjax.lm.models), `teacher` a frozen LM
-    with the same vocabulary, or None for supervised training. Metrics: the SUM_METRICS of the
-    batch, "tokens" (target tokens counted), "loss" (the token-mean objective) and "grad_norm".
+    with the same vocabulary, or None for supervised training or a cache. Metrics: the
+    SUM_METRICS of the batch, "tokens" (target tokens counted), "loss" (the token-mean
+    objective, over the whole batch's tokens whatever `grad_accum`) and "grad_norm".
     """
-    return make_step(graphdef, tx, lm_parts(objective),
+    return make_step(graphdef, tx, lm_parts(objective, cache),
                      teachers=() if teacher is None else (teacher,), mesh=mesh, data=data,
                      steps_per_call=steps_per_call, nan_policy=nan_policy,
-                     state_sharding=state_sharding, teacher_sharding=teacher_sharding)
+                     state_sharding=state_sharding, teacher_sharding=teacher_sharding,
+                     grad_accum=grad_accum)
 
 
 def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,

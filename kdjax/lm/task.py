@@ -28,7 +28,8 @@ from kdjax import export as export_lib, methods, metrics as metrics_lib, models,
 from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
-from kdjax.lm import data as text_data, sampling, tokenizer as tokenizer_lib
+from kdjax.lm import cache as teacher_cache, data as text_data, sampling
+from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
 from kdjax.lm.objective import TokenObjective
 from kdjax.lm.step import SUM_METRICS, make_lm_eval_step, make_lm_step
@@ -40,10 +41,19 @@ from kdjax.task import RunData, Task, Teacher, register
 EVAL_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/teacher_agreement")
 
 
-def objective_from_plan(plan: plan_lib.RunPlan) -> TokenObjective:
-    """The token objective of loss.name ("ce" or a token divergence) and lm.chunk_size."""
-    return methods.get(plan.loss.name, task="lm").objective(plan.loss,
-                                                            chunk_size=plan.lm.chunk_size)
+TOP_K_LOSSES = ("tail", "renorm")
+
+
+def objective_from_plan(plan: plan_lib.RunPlan, top_k: int | None = None) -> TokenObjective:
+    """The token objective of loss.name ("ce" or a token divergence), lm.chunk_size and
+    teacher.top_k / top_k_loss (`top_k`: a teacher cache's k instead)."""
+    if plan.teacher.top_k_loss not in TOP_K_LOSSES:
+        raise ValueError(f"teacher.top_k_loss must be one of {TOP_K_LOSSES}, got "
+                         f"{plan.teacher.top_k_loss!r}")
+    return methods.get(plan.loss.name, task="lm").objective(
+        plan.loss, chunk_size=plan.lm.chunk_size,
+        top_k=plan.teacher.top_k if top_k is None else top_k,
+        tail=plan.teacher.top_k_loss == "tail")
 
 
 def _rows(ds: text_data.TextDataset, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +119,7 @@ class LanguageModelTask(Task):
     def __init__(self, plan: plan_lib.RunPlan):
         super().__init__(plan)
         self.ds: text_data.TextDataset | None = None
+        self.cache: teacher_cache.TeacherCache | None = None
 
     def check(self, *, distill: bool) -> None:
         plan = self.plan
@@ -119,13 +130,58 @@ class LanguageModelTask(Task):
         if plan.loss.name != "ce" and not distill:
             raise ValueError(f"loss.name={plan.loss.name!r} distils from a teacher: run it with "
                              f"`kdjax distill`, or set loss.name='ce' for supervised training")
-        if distill and not plan.teacher.workdir:
+        cache = plan.teacher.cache
+        if distill and not (plan.teacher.workdir or cache):
             raise ValueError("kdjax distill needs teacher.workdir, the workdir of the LM run that "
-                             "trained the teacher, e.g. --config.teacher.workdir=workdirs/teacher")
+                             "trained the teacher, e.g. --config.teacher.workdir=workdirs/teacher"
+                             ", or teacher.cache, a `kdjax cache-teacher` directory")
+        if cache and not distill:
+            raise ValueError(f"teacher.cache={cache!r} holds a teacher's targets for `kdjax "
+                             f"distill`; `kdjax train` has no teacher: set teacher.cache=''")
         if plan.teacher.workdirs:
             raise ValueError("language-model distillation takes one teacher (teacher.workdir); "
                              f"got teacher.workdirs={tuple(plan.teacher.workdirs)}")
-        objective_from_plan(plan)  # its own errors, before any work
+        # its own errors, before any work (a cache's top-k loss: a forward KL)
+        objective_from_plan(plan, top_k=max(plan.teacher.top_k, 1) if cache else None)
+
+    def teacher_workdirs(self, *, distill: bool) -> tuple[str, ...]:
+        """The online teacher, none when its targets come from teacher.cache."""
+        return () if self.plan.teacher.cache else super().teacher_workdirs(distill=distill)
+
+    def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
+        return super().eval_metric_names(distill=distill and not self.plan.teacher.cache)
+
+    def _open_cache(self, ds: text_data.TextDataset, tokens: np.ndarray,
+                    segments: np.ndarray) -> teacher_cache.TeacherCache:
+        """teacher.cache verified for this run's training rows and teacher settings."""
+        t = self.plan.teacher
+        found = teacher_cache.open_cache(t.cache, ds, self.plan.data.train_split, tokens,
+                                         segments)
+        made_by, k = found.manifest["teacher"], found.layout.k
+        if t.workdir and os.path.realpath(t.workdir) != made_by["workdir"]:
+            raise ValueError(f"teacher.cache={t.cache!r} holds the targets of the teacher "
+                             f"{made_by['workdir']!r}, not of teacher.workdir={t.workdir!r}; set "
+                             f"teacher.workdir='' (the cache is the teacher) or to "
+                             f"{made_by['workdir']!r}")
+        if t.workdir:
+            reader = RunReader(t.workdir, what="teacher.workdir")
+            try:
+                step = reader.resolve_step("latest")
+            finally:
+                reader.close()
+            if step != made_by["step"]:
+                raise ValueError(f"teacher.cache={t.cache!r} holds the targets of step "
+                                 f"{made_by['step']} of {t.workdir!r}, whose latest checkpoint "
+                                 f"is now step {step}; make the cache again, or set "
+                                 f"teacher.workdir='' to distil from the cached step")
+        if t.top_k not in (0, k):
+            raise ValueError(f"teacher.top_k={t.top_k} but teacher.cache={t.cache!r} holds the "
+                             f"teacher's top {k}; set teacher.top_k=0 (the cache's k) or make a "
+                             f"cache of top {t.top_k}")
+        print(f"kdjax: teacher cache {t.cache}: top {k} of teacher {made_by['workdir']} (step "
+              f"{made_by['step']}), {found.layout.token_bytes} bytes a position, "
+              f"{len(found.records):,} rows verified; no teacher runs", flush=True)
+        return found
 
     def _dataset(self) -> text_data.TextDataset:
         if self.ds is None:
@@ -163,8 +219,11 @@ class LanguageModelTask(Task):
         if batch_size > len(tokens):
             raise ValueError(f"train.batch_size={batch_size} exceeds the {len(tokens)} "
                              f"training rows of {self.plan.data.name!r}")
-        device = DeviceData({"tokens": sharding.replicate(tokens, mesh),
-                             "segments": sharding.replicate(segments, mesh)},
+        arrays = {"tokens": tokens, "segments": segments}
+        if self.plan.teacher.cache:
+            self.cache = self._open_cache(ds, tokens, segments)
+            arrays["cache"] = self.cache.records
+        device = DeviceData({k: sharding.replicate(v, mesh) for k, v in arrays.items()},
                             batch_size=batch_size)
         return RunData(student=self._student(), num_train=len(tokens), batch_size=batch_size,
                        # positions (targets are fewer)
@@ -215,9 +274,11 @@ class LanguageModelTask(Task):
         return Distillee(data.student.build(self.plan.seed)), data.student
 
     def make_step(self, graphdef, tx, teachers, data: RunData, **compile_args: Any) -> Step:
-        return make_lm_step(graphdef, tx, objective_from_plan(self.plan),
-                            teacher=teachers[0] if teachers else None, data=data.device,
-                            **compile_args)
+        layout = None if self.cache is None else self.cache.layout
+        return make_lm_step(graphdef, tx, objective_from_plan(
+            self.plan, top_k=None if layout is None else layout.k),
+            teacher=teachers[0] if teachers else None, data=data.device, cache=layout,
+            **compile_args)
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
         return make_lm_eval_step(graphdef, objective_from_plan(self.plan),
@@ -244,8 +305,11 @@ class LanguageModelTask(Task):
     def summary(self, last_train: dict[str, float], model: nnx.Module, student: ModelSpec
                 ) -> dict[str, Any]:
         ds, plan = self._dataset(), self.plan
+        cache = None if self.cache is None else {
+            "path": self.cache.path, "k": self.cache.layout.k,
+            "teacher": self.cache.manifest["teacher"]}
         return {"train/ce": last_train.get("train/ce"), "train/kd": last_train.get("train/kd"),
-                "vocab_size": student.num_classes,
+                "teacher_cache": cache, "vocab_size": student.num_classes,
                 "seq_len": ds.seq_len, "loss": plan.loss.name, "chunk_size": plan.lm.chunk_size,
                 "generations": generations(model, ds.tokenizer(), plan.lm, plan.seed)}
 

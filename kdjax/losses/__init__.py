@@ -43,7 +43,8 @@ from kdjax.losses.logit import (cross_entropy, dkd, ensemble_teacher, generalize
 from kdjax.losses.self_distillation import byot_hint, teacher_free_kd, virtual_teacher_logits
 from kdjax.losses.token import (TOKEN_DIVERGENCES, chunked_token_losses, token_cross_entropy,
                                 token_divergence, token_forward_kl, token_generalized_jsd,
-                                token_reverse_kl, token_skew_kl, token_skew_reverse_kl, token_tvd)
+                                token_reverse_kl, token_skew_kl, token_skew_reverse_kl,
+                                token_topk_kl, token_topk_targets, token_tvd)
 
 __all__ = [
     "TOKEN_DIVERGENCES",
@@ -77,6 +78,8 @@ __all__ = [
     "token_reverse_kl",
     "token_skew_kl",
     "token_skew_reverse_kl",
+    "token_topk_kl",
+    "token_topk_targets",
     "token_tvd",
     "topk_soft_target_kl",
     "tvd",

@@ -27,8 +27,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kdjax.losses._common import (_AT_LEAST_ONE, _POSITIVE, _UNIT_INTERVAL, _check, _kl,
-                                  _log_mixture, _logit_pair)
+from kdjax.losses._common import (_AT_LEAST_ONE, _MASKED, _POSITIVE, _UNIT_INTERVAL, _check,
+                                  _kl, _log_mixture, _logit_pair)
+from kdjax.losses.logit import topk_soft_target_kl
 
 
 def _mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
@@ -224,6 +225,100 @@ def token_tvd(student_logits: jax.Array, teacher_logits: jax.Array, *,
     return _masked(temp**2 * value, mask)
 
 
+def token_topk_targets(teacher_logits: jax.Array, k: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A teacher's top-k targets per token: what a teacher cache stores (kdjax.lm.cache) and
+    what online top-k distillation computes in the step.
+
+    Args:
+      teacher_logits: ``[B, T, V]``.
+      k: ``1 <= k < V``, the tokens kept.
+
+    Returns:
+      ``(logprobs [B, T, k], ids [B, T, k] int32, log_tail [B, T])``: the k largest
+      ``log softmax(teacher_logits)`` (descending) and their token ids, and
+      ``log(1 - sum_k p)``, the log-mass of the other ``V - k`` tokens (float32, computed as a
+      logsumexp over them, not as ``log(1 - sum)``, so it stays exact when the tail is tiny).
+    """
+    logits = jnp.asarray(teacher_logits, jnp.float32)
+    vocab = logits.shape[-1]
+    if not isinstance(k, int) or not 1 <= k < vocab:
+        raise ValueError(f"k must be an integer in [1, {vocab}) (the vocabulary has {vocab} "
+                         f"tokens; the tail needs at least one), got k={k!r}")
+    log_p = jax.nn.log_softmax(logits)
+    logprobs, ids = jax.lax.top_k(log_p, k)
+    listed = jnp.put_along_axis(jnp.zeros(log_p.shape, bool), ids, True, axis=-1,
+                                inplace=False)
+    log_tail = jax.nn.logsumexp(jnp.where(listed, _MASKED, log_p), axis=-1)
+    return logprobs, ids.astype(jnp.int32), log_tail
+
+
+def token_topk_kl(student_logits: jax.Array, teacher_logprobs: jax.Array,
+                  teacher_ids: jax.Array, teacher_log_tail: jax.Array, *,
+                  mask: jax.Array | None = None, tail: bool = True,
+                  temperature: float = 1.0) -> jax.Array:
+    """Forward KL per token against a teacher known by its top-k (`token_topk_targets`, or a
+    teacher cache's decoded targets).
+
+    With ``p_i`` the teacher's listed probabilities, ``p_tail = exp(teacher_log_tail)`` and
+    ``q = softmax(student / T)``:
+
+    * ``tail=True`` (the default): both distributions collapsed onto ``k + 1`` buckets, the
+      listed tokens and one for all others: ``sum_i p_i log(p_i / q_i) + p_tail log(p_tail /
+      q_tail)``, ``q_tail`` the student's mass outside the listed ids. The listed
+      log-probabilities are renormalised to ``1 - p_tail`` first, so an error common to all of
+      them (a quantised cache's) cancels. It is the exact KL of a coarsening of both
+      distributions, so it never exceeds the full forward KL and equals it when the tail holds
+      one token; its gradient also moves the student's tail mass to the teacher's.
+      Only ``T = 1``: the tail's mass at another temperature is not known from the top-k.
+    * ``tail=False``, top-k renormalisation (DistillKit's, TRL's offline-logit form): the
+      teacher's listed probabilities renormalised to sum to 1, against the student's full
+      softmax: ``T^2 * sum_i p^_i log(p^_i / q_i)``, ``p^ = softmax(logprobs / T)`` over the
+      k. It ignores the teacher's tail and pushes the student's mass into the listed tokens.
+
+    Args:
+      student_logits: ``[B, T, V]``.
+      teacher_logprobs: ``[B, T, k]`` log-probabilities of the listed tokens (any order).
+      teacher_ids: ``[B, T, k]`` their token ids, distinct per token.
+      teacher_log_tail: ``[B, T]`` log of the teacher's mass outside them.
+      mask: ``[B, T]``; 0 where the token does not count (values and gradients 0 there).
+      tail: the tail bucket (True) or top-k renormalisation (False).
+      temperature: ``T > 0``; 1 with ``tail=True``.
+
+    Returns:
+      ``[B, T]`` float32.
+    """
+    temp = _check("temperature", temperature, _POSITIVE)
+    if tail and temp != 1.0:
+        raise ValueError(f"the top-k loss with the tail bucket (tail=True) is at temperature 1 "
+                         f"(the teacher's tail mass at another temperature is not known from "
+                         f"its top-k), got temperature={temperature}; use temperature=1.0, or "
+                         f"tail=False (top-k renormalisation)")
+    s = jnp.asarray(student_logits, jnp.float32)
+    mask = _mask(mask, s.shape[:-1])
+    # Masked positions' ids and log-probs may be anything (an unused cache slot): made valid.
+    ids = jnp.where(mask[..., None], jnp.clip(teacher_ids, 0, s.shape[-1] - 1),
+                    jnp.arange(teacher_ids.shape[-1]))
+    values = jnp.where(mask[..., None], jnp.asarray(teacher_logprobs, jnp.float32), 0.0)
+    log_tail = jnp.where(mask, jnp.asarray(teacher_log_tail, jnp.float32), -1.0)
+    value = topk_soft_target_kl(_clean(s, mask), values, ids, temperature=temp,
+                                teacher_tail_logprob=log_tail if tail else None)
+    return _masked(value, mask)
+
+
+def topk_terms(student_logits: jax.Array, targets: tuple[jax.Array, jax.Array, jax.Array],
+               mask: jax.Array, *, tail: bool = True, **hyperparameters: float
+               ) -> dict[str, jax.Array]:
+    """``{"kd": token_topk_kl, "agreement": student argmax == the teacher's top-1}`` per token
+    against top-k `targets` ``(logprobs, ids, log_tail)``."""
+    logprobs, ids, log_tail = targets
+    top1 = jnp.take_along_axis(ids, logprobs.argmax(-1)[..., None], axis=-1)[..., 0]
+    return {"kd": token_topk_kl(student_logits, logprobs, ids, log_tail, mask=mask, tail=tail,
+                                **hyperparameters),
+            "agreement": _masked((student_logits.argmax(-1) == top1).astype(jnp.float32),
+                                 _mask(mask, top1.shape))}
+
+
 #: The token divergences by the name configs use (loss.name of an LM experiment).
 TOKEN_DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
     "forward_kl": token_forward_kl,
@@ -261,6 +356,9 @@ def chunked_token_losses(
     mask: jax.Array | None = None,
     divergence: str = "forward_kl",
     chunk_size: int = 128,
+    top_k: int = 0,
+    tail: bool = True,
+    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     **hyperparameters: float,
 ) -> dict[str, jax.Array]:
     """Cross-entropy and a token divergence from hidden states, never materialising the logits.
@@ -285,6 +383,12 @@ def chunked_token_losses(
       mask: ``[B, T]``; 0 where the token does not count (values and gradients 0 there).
       divergence: a key of TOKEN_DIVERGENCES.
       chunk_size: positions (along T) per chunk, ``>= 1``; T is padded to a multiple of it.
+      top_k: > 0: the divergence is `token_topk_kl` against the teacher's top `top_k` tokens
+        (`token_topk_targets` of each chunk's teacher logits) instead of `divergence`.
+      tail: `token_topk_kl`'s tail bucket (True) or top-k renormalisation (False).
+      teacher_topk: the teacher's top-k targets ``(logprobs, ids [B, T, k], log_tail [B, T])``
+        (a teacher cache's) in place of ``teacher_hidden`` and ``teacher_head``, which are then
+        None; the divergence is `token_topk_kl`.
       **hyperparameters: the divergence's keyword hyperparameters (temperature, beta, alpha).
 
     Returns:
@@ -297,6 +401,10 @@ def chunked_token_losses(
     if with_teacher != (teacher_head is not None):
         raise ValueError("pass teacher_hidden and teacher_head together (or neither, for "
                          "cross-entropy alone)")
+    if with_teacher and teacher_topk is not None:
+        raise ValueError("pass the teacher's hidden states and head, or its top-k targets "
+                         "(teacher_topk), not both")
+    topk_mode = top_k > 0 or teacher_topk is not None
     b, t = student_hidden.shape[:2]
     vocab = student_head.shape[-1]
     if with_teacher and teacher_head.shape[-1] != vocab:
@@ -310,7 +418,7 @@ def chunked_token_losses(
     if labels.shape != (b, t):
         raise ValueError(f"labels must have shape {(b, t)} (student_hidden.shape[:2]), got "
                          f"{labels.shape}")
-    fn = token_divergence(divergence) if with_teacher else None
+    fn = token_divergence(divergence) if with_teacher and not topk_mode else None
     if fn is not None:  # bad hyperparameters fail here, with the function's own message
         jax.eval_shape(lambda: fn(jnp.zeros((1, vocab)), jnp.zeros((1, vocab)),
                                   **hyperparameters))
@@ -325,6 +433,8 @@ def chunked_token_losses(
     xs = {"hs": chunks(student_hidden), "labels": chunks(labels), "mask": chunks(mask)}
     if with_teacher:
         xs["ht"] = chunks(teacher_hidden)
+    if teacher_topk is not None:
+        xs["topk"] = tuple(chunks(x) for x in teacher_topk)
 
     @jax.checkpoint
     def one_chunk(c):
@@ -332,11 +442,15 @@ def chunked_token_losses(
         out = {"ce": token_cross_entropy(s_logits, c["labels"], mask=c["mask"]),
                "correct": _masked((s_logits.argmax(-1) == c["labels"]).astype(jnp.float32),
                                   c["mask"])}
-        if with_teacher:
+        if with_teacher and not topk_mode:
             t_logits = _project(c["ht"], teacher_head)
             out["kd"] = fn(s_logits, t_logits, mask=c["mask"], **hyperparameters)
             out["agreement"] = _masked(
                 (s_logits.argmax(-1) == t_logits.argmax(-1)).astype(jnp.float32), c["mask"])
+        elif topk_mode and (with_teacher or teacher_topk is not None):
+            targets = c["topk"] if teacher_topk is not None else token_topk_targets(
+                _project(c["ht"], teacher_head), top_k)
+            out.update(topk_terms(s_logits, targets, c["mask"], tail=tail, **hyperparameters))
         return out
 
     out = jax.lax.map(one_chunk, xs)
