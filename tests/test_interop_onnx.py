@@ -257,3 +257,27 @@ def test_a_language_model_runs_on_tokens():
     got = kdjax_onnx.session(model_bytes).run(None, {"tokens": tokens})[0]
     assert got.shape == (3, 16, 64)
     assert np.abs(got - np.asarray(jax.jit(forward)(tokens))).max() <= checked["tolerance"]
+
+
+def test_a_language_model_run_exports_with_its_tokenizer(text_dir, tmp_path):
+    run, out = str(tmp_path / "lm"), str(tmp_path / "lm_onnx")
+    assert cli.main(["train", "--config", f"{EXP}/lm/teacher.py", "--workdir", run,
+                     f"--config.data.data_dir={text_dir}", "--config.data.name=tiny",
+                     "--config.model.name=lm_tiny", "--config.train.steps=2",
+                     "--config.train.batch_size=4", "--config.eval.every_steps=2",
+                     "--config.checkpoint.every_steps=2", "--config.eval.batch_size=8",
+                     "--config.lm.eval_rows=8", "--config.lm.prompts=()", "--no-progress"]) == 0
+    assert cli.main(["export", "--workdir", run, "--out", out, "--format", "onnx"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "kdjax_model.json", "kdjax_tokenizer.json",
+                                       "model.onnx"]
+    theirs = str(tmp_path / "lm_kdjax")
+    assert cli.main(["export", "--workdir", run, "--out", theirs]) == 0
+    model, _ = export.load(theirs)
+    meta = json.load(open(os.path.join(out, "kdjax_model.json")))
+    vocab = meta["model"]["num_classes"]
+    tokens = np.random.default_rng(3).integers(0, vocab, (2, 16)).astype(np.int32)
+    got = kdjax_onnx.session(open(os.path.join(out, "model.onnx"), "rb").read()).run(
+        None, {"tokens": tokens})[0]
+    assert got.shape == (2, 16, vocab)  # the byte tokenizer's 256 + 3 special tokens
+    assert vocab == 259
+    assert np.abs(got - np.asarray(model(tokens))).max() <= meta["onnx"]["tolerance"]
