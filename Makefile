@@ -35,11 +35,14 @@ test: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 # The tests of the features built on heavy optional dependencies, which `make test` skips: the
-# PyTorch bridge (the torch extra: torch, torchax, timm) and Hugging Face models (the hf extra:
-# transformers). CI runs them after the core suite (.ci/run).
-EXTRA_TESTS := $(wildcard tests/test_torch_*.py)
+# PyTorch bridge (the torch extra: torch, torchax, timm), Hugging Face models (the hf extra:
+# transformers) and ONNX export (the onnx extra, and jax2onnx without its declared dependencies:
+# they pin orbax-checkpoint < 0.11.37, and converting an NNX model imports none of them). CI runs
+# them after the core suite (.ci/run).
+EXTRA_TESTS := $(wildcard tests/test_torch_*.py) tests/test_lm_hf.py tests/test_interop_onnx.py
 test-extras: install
-	$(BIN)/pip install -q -e '.[torch,hf]'
+	$(BIN)/pip install -q -e '.[torch,hf,onnx]'
+	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1
 	$(BIN)/python -m pytest -q -n auto --dist loadfile $(EXTRA_TESTS)
 
 # Fashion-MNIST's original IDX files come from Debian's package dataset-fashion-mnist.

@@ -74,12 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     exp.add_argument("--format", default="kdjax",
-                     choices=("kdjax", "safetensors", "torch", "stablehlo", "hf"),
+                     choices=("kdjax", "safetensors", "torch", "stablehlo", "onnx", "hf"),
                      help="kdjax (default: Orbax, for kdjax.export.load); safetensors / torch: "
                           "the state_dict for PyTorch's load_state_dict (the .pth is written "
                           "without torch); stablehlo: the serialized inference function "
-                          "(jax.export), uint8 images in, logits out; hf: a language model as "
-                          "a Hugging Face folder (transformers' from_pretrained)")
+                          "(jax.export), uint8 images in, logits out; onnx: that function as an "
+                          "ONNX graph (int8 students with integer weights), checked in ONNX "
+                          "Runtime before it is written; hf: a language model as a Hugging Face "
+                          "folder (transformers' from_pretrained)")
     exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                      help="--format hf: the weights' dtype (default float32)")
     exp.add_argument("--max-shard-mb", type=float, default=None,
@@ -207,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--step", default="latest", help="a run's checkpoint: latest, best or N")
     rep.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     rep.add_argument("--no-speed", action="store_true", help="skip the latency/throughput timing")
+    rep.add_argument("--runtime", default=None, choices=("onnxruntime",),
+                     help="also time each model in this runtime beside XLA at batches 1, 8, 64, "
+                          "256 (converted as kdjax export --format onnx); speedups below 1x are "
+                          "flagged")
     return p
 
 
@@ -489,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = report.make_report(
             args.paths, out=args.out, split=args.split, calibration_split=args.calibration_split,
             teacher=args.teacher, dataset=args.dataset, data_dir=args.data_dir,
-            batch_size=args.batch_size, speed=not args.no_speed, step=args.step)
+            batch_size=args.batch_size, speed=not args.no_speed, step=args.step,
+            runtime=args.runtime)
         print(report.render.markdown(result))
         print(f"kdjax: wrote {os.path.join(args.out, 'report.json')} and report.md")
         return 0
@@ -508,9 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind == "lm":  # the language model and its tokenizer
             from kdjax.lm import task as lm_task
 
-            if args.format not in ("kdjax", "hf") or overrides:
-                _parser().error(f"kdjax export of a language model writes --format kdjax or hf "
-                                f"with no --config overrides (got --format {args.format}"
+            if args.format not in ("kdjax", "hf", "onnx") or overrides:
+                _parser().error(f"kdjax export of a language model writes --format kdjax, hf or "
+                                f"onnx with no --config overrides (got --format {args.format}"
                                 f"{' and ' + ' '.join(overrides) if overrides else ''})")
             if args.format == "hf":
                 from kdjax.lm import hf
@@ -521,6 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  **{k: v for k, v in given.items() if v is not None})
                 print(f"kdjax: exported the student to {path} as a Hugging Face folder; load it "
                       f"with transformers.AutoModelForCausalLM.from_pretrained({path!r})")
+                return 0
+            if args.format == "onnx":
+                path = lm_task.export_onnx(args.workdir, args.out, step=args.step)
+                print(f"kdjax: exported the student to {path} (onnx); how to load it: "
+                      f"{os.path.join(path, 'README.md')}")
                 return 0
             path = lm_task.export(args.workdir, args.out, step=args.step)
             print(f"kdjax: exported the student to {path}; load and run it with:\n"

@@ -55,10 +55,11 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
            layout: str | None = None, overrides: Sequence[str] = ()) -> str:
     """Write the student of `workdir`'s checkpoint `step` ("latest", "best" or a number) to `out`.
 
-    `format` "kdjax" is this module's; "safetensors", "torch" (a state_dict in `layout`) and
-    "stablehlo" are written by kdjax.interop.formats. A pruned or quantized student (the run's
-    prune/quant config, `overrides` of quant.*) is written compressed in kdjax's format
-    (kdjax.compress.encode); the other formats get a structurally pruned one shrunk.
+    `format` "kdjax" is this module's; "safetensors", "torch" (a state_dict in `layout`),
+    "stablehlo" and "onnx" are written by kdjax.interop.formats. A pruned or quantized student
+    (the run's prune/quant config, `overrides` of quant.*) is written compressed in kdjax's format
+    (kdjax.compress.encode); the other formats get a structurally pruned one shrunk, and onnx an
+    int8 one with its integer weights (kdjax.interop.onnx).
     """
     out = os.path.abspath(out)
     if os.path.exists(out):
@@ -73,6 +74,9 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
                          "safetensors or torch")
     n, checkpoint_path, run, spec, model = checkpoint.read_model(workdir, step)
     plan = encode.export_config(run["config"], overrides)
+    if format == "onnx":
+        return _onnx(model, spec, run, plan, out, step=n, source=f"{os.path.abspath(workdir)} "
+                                                                   f"step {n}")
     if format != "kdjax":
         model, spec = encode.for_other_format(model, spec, format, prune=plan.prune,
                                               quant=plan.quant)
@@ -112,6 +116,25 @@ def export(workdir: str, out: str, *, step: str | int = "latest", format: str = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _onnx(model: nnx.Module, spec: ModelSpec, run: dict, plan, out: str, *, step: int,
+          source: str) -> str:
+    """--format onnx: the student exactly as kdjax's own export of it holds it (shrunk,
+    quantized, decoded), so that ONNX Runtime is checked against `load`'s forward."""
+    from kdjax.interop import formats
+
+    encode.refuse_for_onnx(plan.prune, plan.quant)
+    encoded = encode.encode(model, spec, lambda k: encode.calibration_images(
+        plan.data, run["preprocess"], k, seed=plan.seed), prune=plan.prune, quant=plan.quant)
+    model, integers = encoded.model, None
+    if encoded.arrays is not None:
+        model = encode.decode(encoded.spec, encoded.record, encoded.arrays)
+        if plan.quant.mode != "none" and plan.quant.activations == "none":
+            integers = encode.integer_weights(encoded.record, encoded.arrays)
+    model.eval()
+    return formats.export(model, encoded.spec, run, out, fmt="onnx", layout=None, step=step,
+                          source=source, integers=integers)
 
 
 def snippet(path: str, spec: ModelSpec | None = None) -> str:

@@ -62,3 +62,21 @@ class LinenMLP(linen.Module):
 def make_tiny(in_features: int, num_classes: int, *, rngs: nnx.Rngs) -> TinyNet:
     """A factory function, not a class, also importable as a model."""
     return TinyNet(in_features, num_classes, hidden=8, rngs=rngs)
+
+
+class PoolResNet(nnx.Module):
+    """A user's small CNN with what ResNets are made of: convolution, BatchNorm (switched by
+    NNX's train()/eval()), an overlapping padded max-pool and a residual addition."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 8, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(width, momentum=0.5, rngs=rngs)
+        self.conv = nnx.Conv(width, width, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(width, momentum=0.5, rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.stem(x)))
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nnx.relu(x + self.bn2(self.conv(x)))
+        return self.head(x.mean(axis=(1, 2)))

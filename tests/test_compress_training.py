@@ -153,10 +153,10 @@ def test_calibration_images_are_training_images_as_the_model_sees_them(data_dir)
     assert all((raw[i] == train).all(axis=(1, 2, 3)).any() for i in range(16))
 
 
-def test_integer_weights_are_kdjax_format_only(pruned, tmp_path):
-    with pytest.raises(ValueError, match="quant.mode='ptq': integer weights and scales are "
-                                         "stored in kdjax's own export format only, not --format "
-                                         "safetensors"):
+def test_integer_weights_go_to_kdjax_and_onnx_only(pruned, tmp_path):
+    with pytest.raises(ValueError, match=r"quant.mode='ptq': --format safetensors cannot "
+                                         r"represent integer weights and scales; the formats that "
+                                         r"can: kdjax \(drop --format\) and, for int8, onnx"):
         export.export(pruned, str(tmp_path / "x"), format="safetensors",
                       overrides=["--config.quant.mode=ptq"])
 

@@ -84,9 +84,10 @@ def for_other_format(model: nnx.Module, spec: ModelSpec, fmt: str, *, prune: pla
     """The student for an export in another format (kdjax.interop: safetensors, torch,
     stablehlo): shrunk when pruned structurally; integer weights have no place there."""
     if quant.mode != "none":
-        raise ValueError(f"quant.mode={quant.mode!r}: integer weights and scales are "
-                         f"stored in kdjax's own export format only, not --format {fmt}; drop "
-                         f"--format, or export the float weights with --config.quant.mode=none")
+        raise ValueError(f"quant.mode={quant.mode!r}: --format {fmt} cannot represent integer "
+                         f"weights and scales; the formats that can: kdjax (drop --format) and, "
+                         f"for int8, onnx; or export the float weights with "
+                         f"--config.quant.mode=none")
     if prune.method == "structured":
         model, spec, _ = structured.shrink(model, spec)
     return model, spec
@@ -255,6 +256,33 @@ def _pack_int4(q: np.ndarray) -> np.ndarray:
 def _unpack_int4(packed: np.ndarray, shape) -> np.ndarray:
     nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)
     return (nibbles[:int(np.prod(shape))].astype(np.int16) - 8).astype(np.int8).reshape(shape)
+
+
+def refuse_for_onnx(prune: plan_lib.Prune, quant: plan_lib.Quant) -> None:
+    """Refuse a student that ONNX cannot hold as kdjax stores it: int4 weights."""
+    if quant.mode != "none" and quant.weights != "int8":
+        sparse = "sparse " if prune.method in UNSTRUCTURED else ""
+        raise ValueError(f"--format onnx cannot represent this student: quant.weights="
+                         f"{quant.weights!r} ({sparse}{quant.weights} weights packed two per byte) "
+                         f"is stored by kdjax's own export format only; the formats that can: "
+                         f"kdjax (drop --format). For ONNX, export it with "
+                         f"--config.quant.weights=int8 or --config.quant.mode=none")
+
+
+def integer_weights(record: Mapping[str, Any], blobs: Mapping[str, np.ndarray]
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The int8 kernels of a weight-only int8 export (`blobs`: its packed arrays):
+    {kernel path: (int8 values, float32 scales)}, sparse-encoded ones decoded."""
+    arrays = unpack(blobs, record["index"])
+    out = {}
+    for key, scale in arrays.items():
+        name = key.removesuffix(":scale")
+        if name == key or not any(k.startswith(f"{name}:int8") for k in arrays):
+            continue
+        q = (arrays[f"{name}:int8"] if f"{name}:int8" in arrays else
+             _decode_sparse(f"{name}:int8", record["layers"][name]["shape"], arrays))
+        out[name] = (q, scale)
+    return out
 
 
 def _weight_only_layers(model: nnx.Module, quant: plan_lib.Quant) -> set[str]:

@@ -14,27 +14,31 @@ the same logits as the student. A model with none of these (your own, a Linen on
 refused for it, naming the formats that serve it, and `--format safetensors` writes its raw NNX
 arrays for `kdjax import`. The .pth is written without torch (the zip format
 `torch.load(path, weights_only=True)` reads). stablehlo is the inference function itself
-(`kdjax.interop.stablehlo`), runnable with jax alone.
+(`kdjax.interop.stablehlo`), runnable with jax alone; onnx is that function as an ONNX graph
+(`kdjax.interop.onnx`), checked in ONNX Runtime against kdjax's logits before it is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from flax import nnx
 
 import kdjax
-from kdjax.interop import layouts, stablehlo, state_dict, torch_code
+from kdjax.interop import layouts, onnx, stablehlo, state_dict, torch_code
 from kdjax.models import ModelSpec
 
 __all__ = ["FORMATS", "export"]
 
-FORMATS = ("safetensors", "torch", "stablehlo")
-_FILES = {"safetensors": "model.safetensors", "torch": "model.pth", "stablehlo": "model.stablehlo"}
+FORMATS = ("safetensors", "torch", "stablehlo", "onnx")
+_FILES = {"safetensors": "model.safetensors", "torch": "model.pth", "stablehlo": "model.stablehlo",
+          "onnx": "model.onnx"}
 META_FILE = "kdjax_model.json"
 
 
@@ -63,8 +67,15 @@ def _constructor(spec: ModelSpec, layout: str, out: str) -> str:
 
 
 def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference: str | None,
-            preprocess: dict, source: str) -> str:
+            preprocess: dict, source: str, checked: dict[str, Any] | None = None) -> str:
     head = f"# kdjax export ({fmt}): {spec.name}, {spec.num_classes} classes\n\nFrom {source}.\n\n"
+    if fmt == "onnx":
+        return (head + f"`{_FILES[fmt]}` is the inference function as an ONNX graph (opset "
+                f"{onnx.OPSET}): uint8 images \"{onnx.INPUT}\" [N, "
+                f"{', '.join(map(str, spec.input_shape))}] in (any N; normalised inside with mean "
+                f"{preprocess['mean']}, std {preprocess['std']}), float32 \"{onnx.OUTPUT}\" "
+                f"[N, {spec.num_classes}] out. {onnx.describe(checked)}\n\n"
+                f"```python\n{onnx.snippet(path, spec)}```\n")
     if fmt == "stablehlo":
         return (head + f"`{_FILES[fmt]}` is the whole inference function as serialized StableHLO "
                 f"(jax.export, lowered for {', '.join(stablehlo.PLATFORMS)}): uint8 images "
@@ -104,8 +115,10 @@ def check(fmt: str, layout: str | None) -> None:
     """Refuse a format or format/layout pair before any checkpoint is read."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be kdjax or one of {FORMATS}, got {fmt!r}")
-    if fmt == "stablehlo" and layout is not None:
-        raise ValueError("--layout names a state_dict layout; --format stablehlo has none")
+    if fmt in ("stablehlo", "onnx") and layout is not None:
+        raise ValueError(f"--layout names a state_dict layout; --format {fmt} has none")
+    if fmt == "onnx":
+        onnx.require()
     if layout is not None and layout not in layouts.LAYOUTS:
         raise ValueError(f"--layout must be one of {layouts.LAYOUTS}, got {layout!r}")
     if fmt == "torch" and layout == "kdjax":
@@ -139,16 +152,19 @@ def _torch_defined(model: nnx.Module) -> bool:
 
 
 def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
-           layout: str | None, step: int, source: str) -> str:
-    """Write `model` (the student of `run`'s checkpoint `step`) to the new directory `out`."""
+           layout: str | None, step: int, source: str,
+           integers: onnx.Integers | None = None) -> str:
+    """Write `model` (the student of `run`'s checkpoint `step`) to the new directory `out`.
+
+    For onnx, `integers` are an int8 student's stored integer weights (kdjax.interop.onnx)."""
     check(fmt, layout)
-    if fmt != "stablehlo" and _torch_defined(model):
+    if fmt not in ("stablehlo", "onnx") and _torch_defined(model):
         if layout is not None:
             raise ValueError(f"--layout {layout}: the student is the PyTorch module "
                              f"{model.factory} builds, written in its own state_dict naming; "
                              f"drop --layout")
         return _export_module(model, spec, run, out, fmt=fmt, source=source)
-    if fmt != "stablehlo":
+    if fmt not in ("stablehlo", "onnx"):
         layout = layout or _run_layout(run, model)
         layouts.entries(model, layout)  # refuses a layout this architecture has no naming for
         if fmt == "torch" and layout == "kdjax":
@@ -160,12 +176,16 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             "model": spec.to_json(), "layout": layout, "reference": reference,
             "preprocess": preprocess, "data": run["config"]["data"]["name"],
             "source": source}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
-    try:
-        os.chmod(tmp, 0o755)
+    checked = None
+    if fmt == "onnx":  # converted and checked in ONNX Runtime before anything is written
+        model_bytes, checked = onnx.build(model, spec, preprocess, integers)
+        meta["onnx"] = checked
+    with new_directory(out) as tmp:
         target = os.path.join(tmp, _FILES[fmt])
-        if fmt == "stablehlo":
+        if fmt == "onnx":
+            with open(target, "wb") as f:
+                f.write(model_bytes)
+        elif fmt == "stablehlo":
             meta["platforms"] = stablehlo.export(model, spec, preprocess, target)
         else:
             tensors = layouts.to_state_dict(model, layout, num_batches_tracked=step)
@@ -175,19 +195,31 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             if layout == "pytorch":
                 with open(os.path.join(tmp, torch_code.FILE), "w") as f:
                     f.write(torch_code.source(model, spec.name))
-        _finish(tmp, out, meta, _readme(fmt, path, spec, layout, reference, preprocess, source))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_meta(tmp, meta, _readme(fmt, path, spec, layout, reference, preprocess, source,
+                                       checked))
     return out
 
 
-def _finish(tmp: str, out: str, meta: dict[str, Any], readme: str) -> None:
+@contextlib.contextmanager
+def new_directory(out: str) -> Iterator[str]:
+    """A temporary directory beside `out`, renamed to `out` when the block completes and
+    removed when it raises: a path that exists is a whole export."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
+        yield tmp
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_meta(tmp: str, meta: dict[str, Any], readme: str) -> None:
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(readme)
-    os.rename(tmp, out)
 
 
 def _export_module(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
@@ -201,10 +233,7 @@ def _export_module(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out:
             "torch": {"factory": factory, "kwargs": kwargs}, "preprocess": preprocess,
             "data": run["config"]["data"]["name"], "source": source}
     path = os.path.join(out, _FILES[fmt])
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
-    try:
-        os.chmod(tmp, 0o755)
+    with new_directory(out) as tmp:
         state_dict.save(os.path.join(tmp, _FILES[fmt]), model.state_dict(), format=fmt,
                         metadata={state_dict.METADATA_KEY: {
                             k: meta[k] for k in ("model", "torch", "preprocess", "data")}})
@@ -214,8 +243,5 @@ def _export_module(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out:
                   f"of the PyTorch module its factory builds:\n\n```python\n{imports}"
                   f"{_module_constructor(factory, kwargs)}{load}model.eval()\n"
                   + _input_comment(spec, preprocess) + "```\n")
-        _finish(tmp, out, meta, readme)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_meta(tmp, meta, readme)
     return out

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+import kdjax
+
 from kdjax import export as export_lib, methods, metrics as metrics_lib, models, sharding
 from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
@@ -371,6 +373,52 @@ def export(workdir: str, out: str, *, step: str | int = "latest") -> str:
     with open(os.path.join(path, tokenizer_lib.DESCRIPTION_FILE), "w") as f:
         json.dump(description, f, indent=2)
     return path
+
+
+def export_onnx(workdir: str, out: str, *, step: str | int = "latest") -> str:
+    """`kdjax export --format onnx` of an LM run: model.onnx (int32 token ids [N, seq_len] in,
+    N dynamic, float32 logits [N, seq_len, vocab] out; checked in ONNX Runtime against kdjax's
+    forward before it is written, kdjax.interop.onnx), kdjax_model.json and the tokenizer."""
+    from kdjax import checkpoint
+    from kdjax.interop import formats, onnx
+
+    onnx.require()
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
+                         f"overwrites anything)")
+    n, _, run, spec, model = checkpoint.read_model(workdir, step)
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def forward(tokens: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(tokens).astype(np.float32)
+
+    model_bytes, checked = onnx.build_fn(forward, spec.input_shape, spec.name, state,
+                                         inputs=onnx.tokens(spec.num_classes))
+    description = run["tokenizer"]
+    meta = {"format": "kdjax.export.onnx/1", "kdjax_version": kdjax.__version__,
+            "model": spec.to_json(), "onnx": checked, "tokenizer": description,
+            "source": f"{os.path.abspath(workdir)} step {n}"}
+    with formats.new_directory(out) as tmp:
+        with open(os.path.join(tmp, onnx.FILE), "wb") as f:
+            f.write(model_bytes)
+        if "file" in description:
+            shutil.copy(os.path.join(run["dataset"], description["file"]),
+                        os.path.join(tmp, description["file"]))
+        with open(os.path.join(tmp, tokenizer_lib.DESCRIPTION_FILE), "w") as f:
+            json.dump(description, f, indent=2)
+        with open(os.path.join(tmp, export_lib.META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(f"# kdjax export (onnx): {spec.name}, vocabulary {spec.num_classes}\n\n"
+                    f"`{onnx.FILE}`: int32 token ids \"tokens\" [N, {spec.input_shape[0]}] in "
+                    f"(any N; a shorter text padded at its end: the model is causal, so the "
+                    f"logits before the padding are unchanged), float32 \"logits\" [N, "
+                    f"{spec.input_shape[0]}, {spec.num_classes}] out. {onnx.describe(checked)} "
+                    f"The tokenizer is `{tokenizer_lib.DESCRIPTION_FILE}` "
+                    f"(`kdjax.lm.tokenizer.from_directory`).\n")
+    return out
 
 
 #: How to use an LM export (printed by `kdjax export`).

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kdjax import calibration, data as data_lib, plan
-from kdjax.report import evaluate, lm, measure, render
+from kdjax.report import evaluate, lm, measure, render, runtime as runtime_lib
 from kdjax.report.artifacts import Artifact, load_artifact, register_loader
 
 __all__ = ["Artifact", "load_artifact", "register_loader", "make_report", "measure", "evaluate",
@@ -102,7 +102,7 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
                 dataset: str | None = None, data_dir: str | None = None,
                 batch_size: int = 1000, speed: bool = True,
                 speed_settings: dict[str, Any] | None = None, step: str | int = "latest",
-                log=print) -> dict[str, Any]:
+                runtime: str | None = None, log=print) -> dict[str, Any]:
     """Measure every artifact in `paths` and write report.json, report.md (and charts) to `out`.
 
     Args:
@@ -115,14 +115,23 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
       batch_size: evaluation batch size; speed: time latency/throughput (False: skip), with
         `speed_settings` for `measure.speed` (repeats, windows).
       step: which checkpoint of a run ("latest", "best" or a number).
+      runtime: also time each model in this deployment runtime ("onnxruntime") beside XLA over
+        a batch sweep (kdjax.report.runtime); needs `speed`.
 
     Returns:
       the report dict written as report.json.
     """
     if not paths:
         raise ValueError("kdjax report needs at least one run or export")
+    runtime_lib.check(runtime)
+    if runtime and not speed:
+        raise ValueError(f"--runtime {runtime} times the models: it cannot go with --no-speed")
     lm_paths = [p for p in paths if lm.is_lm_path(os.path.abspath(p))]
     if lm_paths:
+        if runtime:
+            raise ValueError(f"--runtime {runtime}: kdjax converts image classifiers to ONNX "
+                             f"only (uint8 images in); report the language models {lm_paths} "
+                             f"without --runtime")
         if len(lm_paths) != len(paths):
             images = [p for p in paths if p not in lm_paths]
             raise ValueError(f"kdjax report compares models of one kind: {lm_paths} are language "
@@ -141,7 +150,8 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
         log(f"kdjax report: {name}: evaluating on {split!r}", flush=True)
         models.append(_measure(cache.artifact(path), name, cache, split=split, names=names,
                                teacher=teacher, calibration_split=calibration_split,
-                               speed=speed, speed_settings=speed_settings, log=log))
+                               speed=speed, speed_settings=speed_settings, runtime=runtime,
+                               log=log))
     report = {"format": FORMAT, "dataset": dataset or first.data.get("name"), "split": split,
               "models": models, "environment": env, "load_average_after": os.getloadavg()[0],
               "conventions": CONVENTIONS,
@@ -162,7 +172,7 @@ def _write(report: dict[str, Any], out: str | None) -> dict[str, Any]:
 
 def _measure(a: Artifact, name: str, cache: _Cache, *, split: str, names: dict[str, str],
              teacher: str | None, calibration_split: str | None, speed: bool,
-             speed_settings: dict[str, Any] | None, log) -> dict[str, Any]:
+             speed_settings: dict[str, Any] | None, runtime: str | None, log) -> dict[str, Any]:
     """One model's entry: evaluation, fidelity, temperature scaling, size, speed."""
     z, y = cache.logits(a, split)
     fidelity, teacher_z = None, None
@@ -184,6 +194,10 @@ def _measure(a: Artifact, name: str, cache: _Cache, *, split: str, names: dict[s
     if speed:
         log(f"kdjax report: {name}: timing", flush=True)
         entry["speed"] = measure.speed(a, **(speed_settings or {}))
+        if runtime:
+            log(f"kdjax report: {name}: timing in {runtime} and XLA, batches "
+                f"{runtime_lib.BATCHES}", flush=True)
+            entry["runtime"] = runtime_lib.speed(a, runtime)
     return entry
 
 

@@ -47,6 +47,9 @@ class Artifact:
         ``train_split``, ``eval_split``, ``data_dir``, ``image_size``, ...; any may be missing).
       teacher: path of the run or export that taught it, when known.
       spec: its ModelSpec when it has one; details: anything else worth reporting (step, source).
+      module, normalization: the NNX model `apply` runs and its input's {"mean", "std"}, where
+        the format has them (runs and kdjax exports): what `kdjax export --format onnx` would
+        convert, for `kdjax report --runtime` to time that very graph.
     """
 
     path: str
@@ -61,6 +64,8 @@ class Artifact:
     teacher: str | None = None
     spec: ModelSpec | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    module: nnx.Module | None = None
+    normalization: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +154,8 @@ def _load_run(path: str, *, step: str | int = "latest") -> Artifact:
                     stored_files=(os.path.join(saved, "model"),),
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
                     data=_data_of(config), teacher=_teacher_of(config, os.path.dirname(path)),
-                    spec=spec, details={"step": n, "checkpoint": saved})
+                    spec=spec, details={"step": n, "checkpoint": saved}, module=model,
+                    normalization=run["preprocess"])
 
 
 def _is_export(path: str) -> bool:
@@ -177,7 +183,8 @@ def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
     return Artifact(path=path, kind="export", apply=apply, variables=variables,
                     params=_params(model), stored_files=stored,
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes, data=data,
-                    teacher=teacher, spec=spec, details={"source": source})
+                    teacher=teacher, spec=spec, details={"source": source}, module=model,
+                    normalization=meta["preprocess"])
 
 
 def _export_format(path: str) -> str | None:
@@ -247,10 +254,47 @@ def _load_stablehlo_export(path: str, *, step: str | int = "latest") -> Artifact
                              "nonzero_parameters": "unknown: the weights are compiled in"})
 
 
+def _is_onnx_export(path: str) -> bool:
+    return _export_format(path) == "kdjax.export.onnx/1" and os.path.isfile(
+        os.path.join(path, "model.onnx"))
+
+
+def _load_onnx_export(path: str, *, step: str | int = "latest") -> Artifact:
+    """`kdjax export --format onnx`: the file run by ONNX Runtime (on the host, through a JAX
+    callback, so that the report's evaluation runs it unchanged); its weights are in the graph,
+    so its parameters are counted from its ModelSpec (non-zero: unknown)."""
+    del step
+    from kdjax.interop import onnx
+
+    meta, spec, _ = _interop_meta(path)
+    if "preprocess" not in meta:
+        raise ValueError(f"{path!r} is a language model's ONNX export: kdjax report reads its "
+                         f"run or kdjax export (kdjax.report.lm)")
+    file = os.path.join(path, onnx.FILE)
+    with open(file, "rb") as f:
+        session = onnx.session(f.read())
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return session.run(None, {onnx.INPUT: np.asarray(images, np.uint8)})[0]
+
+    def apply(variables, images):
+        out = jax.ShapeDtypeStruct((images.shape[0], spec.num_classes), jnp.float32)
+        return jax.pure_callback(run, out, images.astype(jnp.uint8), vmap_method="sequential")
+
+    return Artifact(path=path, kind="onnx", apply=apply, variables={},
+                    params=_params(spec.abstract()), stored_files=(file,),
+                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
+                    data={"name": meta.get("data")}, spec=spec,
+                    details={"source": meta.get("source"), "onnx": meta.get("onnx"),
+                             "speed": "ONNX Runtime through a host callback",
+                             "nonzero_parameters": "unknown: the weights are in the graph"})
+
+
 register_loader("export", _is_export, _load_export, first=False)
 register_loader("safetensors/torch export", _is_state_dict_export, _load_state_dict_export,
                 first=False)
 register_loader("stablehlo export", _is_stablehlo_export, _load_stablehlo_export, first=False)
+register_loader("onnx export", _is_onnx_export, _load_onnx_export, first=False)
 register_loader("run", _is_run, _load_run, first=False)
 
 

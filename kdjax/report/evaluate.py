@@ -61,7 +61,8 @@ def _adapted(images: jax.Array, artifact: Artifact) -> jax.Array:
     """uint8 images as a model of another input shape sees them in training and `kdjax eval`
     (kdjax.augment.teacher_view): grayscale replicated to its channels, resized (bilinear) to its
     size. Resizing is linear with weights summing to 1, so it commutes with the model's own
-    normalisation inside `apply`; a StableHLO program takes uint8, so its pixels are rounded."""
+    normalisation inside `apply`; a StableHLO program or ONNX graph takes uint8, so its pixels are
+    rounded."""
     shape = tuple(artifact.input_shape)
     if tuple(images.shape[1:]) == shape:
         return images
@@ -71,7 +72,8 @@ def _adapted(images: jax.Array, artifact: Artifact) -> jax.Array:
                          f"{images.shape[-1]}-channel ones; pass the dataset it was trained on")
     x = jnp.broadcast_to(images.astype(jnp.float32), (*images.shape[:-1], c))
     x = jax.image.resize(x, (x.shape[0], h, w, c), method="bilinear")
-    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8) if artifact.kind == "stablehlo" else x
+    uint8_only = artifact.kind in ("stablehlo", "onnx")
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8) if uint8_only else x
 
 
 def split_logits(artifact: Artifact, data: plan.Data, *, batch_size: int = 1000,

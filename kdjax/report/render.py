@@ -6,6 +6,8 @@ import os
 import re
 from typing import Any
 
+from kdjax.report import runtime
+
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
@@ -74,6 +76,7 @@ def markdown(report: dict[str, Any]) -> str:
             + (f"{lat['median']:.3f} [{lat['p25']:.3f}, {lat['p75']:.3f}] | " if lat else "– | ")
             + (f"{thr['median']:,.0f} [{thr['p25']:,.0f}, {thr['p75']:,.0f}] |" if thr
                else "– |"))
+    lines += runtime.markdown(models)
     speed_note = report.get("speed_note")
     lines += ["", f"Measured on {env['platform']} ({env['device_kind']}, {env['device_count']} "
                   f"device(s); CPU {env['cpu']}, {env['cpu_count']} cores), jax {env['jax']}, "
