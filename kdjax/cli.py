@@ -161,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="fraction of documents in the validation split")
     text.add_argument("--pattern", default="*", help="file-name glob in folders, e.g. '*.py'")
     text.add_argument("--seed", type=int, default=0, help="the order documents are packed in")
+    text.add_argument("--chat-template", default=None, metavar="PATH",
+                      help="Jinja chat template (or a tokenizer_config.json holding one) for the "
+                           "conversations of .jsonl files; default: the one beside --tokenizer's "
+                           "tokenizer.json, else the plain 'role: content' format")
     cache = sub.add_parser("cache-teacher", help="write an LM teacher's top-k next-token "
                                                  "distributions over a text split, for "
                                                  "--config.teacher.cache (kdjax.lm.cache)")
@@ -420,7 +424,8 @@ def _prepare_text(args: argparse.Namespace) -> int:
     path = prepare_text(args.source, name=args.text_name, data_dir=args.data_dir,
                         tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                         seq_len=args.seq_len, held_out=args.held_out, pattern=args.pattern,
-                        seed=args.seed, max_examples_per_split=args.max_examples)
+                        seed=args.seed, max_examples_per_split=args.max_examples,
+                        chat_template=args.chat_template)
     ds = text_data.open_text(args.text_name, args.data_dir)
     sizes = ", ".join(f"{k} {v['sequences']:,} rows / {v['documents']:,} documents / "
                       f"{v['target_tokens']:,} target tokens" for k, v in ds.splits.items())
