@@ -141,8 +141,8 @@ def _messages(messages: Any, where: str) -> list[dict[str, str]]:
                                    f"{{\"role\": str, \"content\": str}} objects (a prompt and the "
                                    f"response); accepted shapes: {SHAPES}")
     if messages[-1]["role"] != "assistant":
-        raise DataPreparationError(f"{where}: the last message is the {messages[-1]['role']!r}'s; "
-                                   f"it must be the assistant's response, the one the loss "
+        raise DataPreparationError(f"{where}: the last message's role is "
+                                   f"{messages[-1]['role']!r}; it must be the assistant's response, the one the loss "
                                    f"counts: end the conversation with it")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
