@@ -174,3 +174,14 @@ def test_train_and_distill_count_only_response_tokens(tmp_path):
     with open(tmp_path / "kd" / "summary.json") as f:
         s = json.load(f)
     assert s["eval/tokens"] == want["validation"] and np.isfinite(s["eval/loss"])
+    # a teacher cache stores every position; the rows' mask still decides which ones count
+    cache = str(tmp_path / "cache")
+    assert cli.main(["cache-teacher", "--teacher", str(tmp_path / "teacher"), "--data", "chat",
+                     "--data-dir", str(data), "--top-k", "8", "--out", cache]) == 0
+    assert _run("distill", tmp_path / "kd_cached", data, f"--config.train.batch_size={rows}",
+                "--config.teacher.workdir=", f"--config.teacher.cache={cache}",
+                "--config.model.kwargs={'d_model': 16, 'd_ff': 32}") == 0
+    with open(tmp_path / "kd_cached" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert [m["train/tokens_per_step"] for m in logged if "train/tokens_per_step" in m] \
+        == [want["train"]] * 2
