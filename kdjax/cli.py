@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "imagefolder:NAME) for an ImageNet-style folder tree, or "
                                    "'text' for a text corpus (language models)")
     prep.add_argument("--from", dest="source", required=True, nargs="+",
-                      help="folder with the source files (text: files and/or folders)")
+                      help="folder with the source files (text: files and/or folders; .jsonl "
+                           "files hold one prompt/response, messages or text example a line)")
     prep.add_argument("--data-dir", default=None,
                       help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     prep.add_argument("--skip-checksums", action="store_true",

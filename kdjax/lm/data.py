@@ -9,9 +9,10 @@ A record is one packed row (kdjax.lm.packing): ``[2, seq_len + 1]`` int32, the t
 segment ids, little-endian: 8 bytes per token. Instruction data (``"loss_mask": true`` in the
 metadata) adds a third array, the per-token loss mask (1 where a token counts as a target: a
 response's tokens, every token of plain text; 0 for a conversation's prompt), 12 bytes per token;
-datasets without it are read as before, every token counting. A split is read whole into memory and lives on the
-device during training, as device-resident image data does (the demo's corpus is a few MB); a
-corpus larger than a device's memory needs a streamed reader, which kdjax does not have yet.
+datasets without it are read as before, every token counting. A split is read whole into memory
+and lives on the device during training, as device-resident image data does (the demo's corpus
+is a few MB); a corpus larger than a device's memory needs a streamed reader, which kdjax does
+not have yet.
 """
 
 from __future__ import annotations

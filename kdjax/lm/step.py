@@ -55,9 +55,9 @@ def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[st
 
 
 def lm_parts(objective: TokenObjective, cache: Layout | None = None) -> StepParts:
-    """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[, "loss_mask"]}) to model
-    inputs, the teacher's last hidden states (its head is applied chunk by chunk inside the
-    loss), and the token-mean objective over the batch's target tokens.
+    """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[,
+    "loss_mask"]}) to model inputs, the teacher's last hidden states (its head is applied chunk
+    by chunk inside the loss), and the token-mean objective over the batch's target tokens.
 
     With a teacher cache's `Layout`, the rows also carry their cached targets ("cache",
     ``[B, seq_len, token_bytes]`` uint8), decoded here on the device into the inputs'

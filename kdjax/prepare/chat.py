@@ -142,8 +142,9 @@ def _messages(messages: Any, where: str) -> list[dict[str, str]]:
                                    f"response); accepted shapes: {SHAPES}")
     if messages[-1]["role"] != "assistant":
         raise DataPreparationError(f"{where}: the last message's role is "
-                                   f"{messages[-1]['role']!r}; it must be the assistant's response, the one the loss "
-                                   f"counts: end the conversation with it")
+                                   f"{messages[-1]['role']!r}; it must be the assistant's "
+                                   f"response, the one the loss counts: end the conversation "
+                                   f"with it")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
