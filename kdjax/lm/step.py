@@ -3,17 +3,16 @@ forward and backward, the token loss and the optimizer update in ONE jit-compile
 kdjax.step's image step (whose update, NaN policy and dispatch it shares: `apply_update`,
 `compile_step`).
 
-The training rows live on the devices (`kdjax.step.DeviceData` of "tokens" and "segments", and
-an instruction dataset's per-token "loss_mask"); the step draws its own batch from the
-run's seed and step, as device-resident image data does, so the data order is part of the
-TrainState and a resumed run continues it exactly. A row's positions count in the loss only
-where the target is the next token of the same document (kdjax.lm.packing): padding and
-cross-document positions (and an instruction dataset's prompt tokens) are left out of the sums,
-not averaged in as zeros. The loss is the
-token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
-micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ...,
-"tokens") so that averages over many steps weight each token once. With a teacher cache
-(kdjax.lm.cache) the rows carry the teacher's top-k targets and no teacher runs.
+The training rows live on the devices (`kdjax.step.DeviceData` of "tokens" and "segments", and an
+instruction dataset's per-token "loss_mask"); the step draws its own batch from the run's seed and
+step, as device-resident image data does, so the data order is part of the TrainState and a resumed
+run continues it exactly. A row's positions count in the loss only where the target is the next
+token of the same document (kdjax.lm.packing): padding and cross-document positions (and an
+instruction dataset's prompt tokens) are left out of the sums, not averaged in as zeros. The loss
+is the token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
+micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ..., "tokens")
+so that averages over many steps weight each token once. With a teacher cache (kdjax.lm.cache) the
+rows carry the teacher's top-k targets and no teacher runs.
 """
 
 from __future__ import annotations
@@ -122,11 +121,11 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
     """``eval_step(params, model_state, batch) -> sums`` over held-out rows.
 
     `batch` has "tokens" and "segments" ``[E, seq_len + 1]`` (and an instruction dataset's
-    per-token "loss_mask": only response tokens count, in perplexity too) and "mask" ``[E]`` (1
-    for real rows: the last batch is padded, never dropped). Sums: "count" (target tokens), "loss" (the
-    student's summed CE: perplexity is exp(loss / count)), "accuracy" (next-token top-1) and,
-    with a teacher, "teacher_agreement" (top-1 equal to the teacher's) and "teacher_loss" (the
-    teacher's own CE). A Distillee is evaluated by its student alone.
+    per-token "loss_mask": only response tokens count, in perplexity too) and "mask" ``[E]`` (1 for
+    real rows: the last batch is padded, never dropped). Sums: "count" (target tokens), "loss" (the
+    student's summed CE: perplexity is exp(loss / count)), "accuracy" (next-token top-1) and, with
+    a teacher, "teacher_agreement" (top-1 equal to the teacher's) and "teacher_loss" (the teacher's
+    own CE). A Distillee is evaluated by its student alone.
     """
     ce_only = dataclasses.replace(objective, divergence=None)
 
