@@ -5,6 +5,7 @@ and eval, and the refusals."""
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from conftest import ROOT
 from kdjax import cli
 from kdjax.lm import data as text_data, packing, tokenizer as tokenizer_lib
 from kdjax.prepare.common import DataPreparationError
+from kdjax.report import lm as report_lm
 from kdjax.prepare.text import _held_out, prepare_text
 
 EXP = os.path.join(ROOT, "experiments", "lm")
@@ -159,6 +161,11 @@ def test_train_and_distill_count_only_response_tokens(tmp_path):
         want[split] += len(x["response"]) + 2 if "response" in x else len(x["text"]) + 1
     assert {s: v["target_tokens"] for s, v in ds.splits.items()} == want
     assert want["validation"] > 0 and want["train"] > 0
+    # kdjax report's per-token metrics take the mask too: a uniform model over the responses
+    uniform = report_lm.evaluate(lambda t, s: jnp.zeros((*t.shape, ds.vocab_size)),
+                                 *ds.rows("validation").values(), batch_size=4)
+    assert uniform["tokens"] == want["validation"]
+    np.testing.assert_allclose(uniform["perplexity"], ds.vocab_size, rtol=1e-5)
     rows = ds.splits["train"]["sequences"]
     # the batch is every training row, so each step counts the whole split's targets
     assert _run("train", tmp_path / "teacher", data, f"--config.train.batch_size={rows}") == 0

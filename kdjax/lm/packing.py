@@ -59,3 +59,9 @@ def model_inputs(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray
         mask = mask & (loss_mask[..., 1:] != 0)
     return {"tokens": tokens[..., :-1], "segment_ids": seg_in, "targets": tokens[..., 1:],
             "loss_mask": mask}
+
+
+def pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """`rows` with zero rows appended up to `count`: segment 0, padding that no loss counts (a
+    last partial batch keeps the batch's compiled shape)."""
+    return np.concatenate([rows, np.zeros((count - len(rows), *rows.shape[1:]), rows.dtype)])

@@ -27,7 +27,7 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
-from kdjax.lm import cache as teacher_cache, data as text_data, hf, sampling
+from kdjax.lm import cache as teacher_cache, data as text_data, hf, packing, sampling
 from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
@@ -70,13 +70,11 @@ def _eval_batches(rows: dict[str, np.ndarray], batch_size: int, mesh):
     rows are real; an instruction dataset's per-token "loss_mask" travels alongside)."""
     count = len(rows["tokens"])
     for start in range(0, count, batch_size):
-        part = {k: v[start:start + batch_size] for k, v in rows.items()}
-        real = len(part["tokens"])
-        padded = {k: np.concatenate([v, np.zeros((batch_size - real, v.shape[1]), v.dtype)])
-                  for k, v in part.items()}
-        yield sharding.shard_batch({
-            **padded, "mask": (np.arange(batch_size) < real).astype(np.float32)},
-            mesh, "eval.batch_size")
+        part = {k: packing.pad_rows(v[start:start + batch_size], batch_size)
+                for k, v in rows.items()}
+        real = min(batch_size, count - start)
+        yield sharding.shard_batch({**part, "mask": (np.arange(batch_size) < real).astype(
+            np.float32)}, mesh, "eval.batch_size")
 
 
 def token_means(pending: list) -> dict[str, float]:
