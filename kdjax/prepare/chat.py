@@ -12,8 +12,9 @@ A conversation is rendered with a chat template: ``--chat-template PATH`` (a Jin
 in the Hugging Face layout (``chat_template.jinja`` or ``tokenizer_config.json``'s), rendered as
 `transformers` renders it: Jinja's immutable sandbox, ``bos_token``/``eos_token`` from
 ``tokenizer_config.json``. The response is what the whole conversation's render adds to the
-prompt's render with ``add_generation_prompt=True``; the two are tokenized apart, so the boundary
-between prompt and response tokens is exact, and only the response's tokens count in the loss.
+prompt's render with ``add_generation_prompt=True``; the two are tokenized apart, so that the
+prompt's tokens are exactly those a generation starts from and no token straddles the boundary;
+only the response's tokens count in the loss.
 A template places its own begin-of-text and end-of-turn tokens, so the document is its render
 alone. Without a template, the plain format ``PLAIN`` is used: each message as
 ``"{role}: {content}\\n"``, the response after ``"assistant: "``, the document between the
@@ -42,8 +43,9 @@ PLAIN = "plain: '{role}: {content}\\n' per message, the response after 'assistan
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One document: plain `text` (every token counts) or a rendered `prompt` and `response`
-    (only the response's tokens count); `templated` when a chat template rendered it."""
+    """One document: plain text (`response` alone, `prompt` None: every token counts) or a
+    rendered `prompt` and `response` (only the response's tokens count); `templated` when a chat
+    template rendered it."""
 
     response: str
     prompt: str | None = None
