@@ -65,6 +65,12 @@ def test_byte_tokenizer_plain_format_masks_all_but_the_responses(tmp_path):
     np.testing.assert_array_equal(mask[0], want)
     assert int(mask.sum()) == 4 + 3 + 6 == ds.splits["train"]["target_tokens"]
     assert tok.decode(targets[0][mask[0]]) == "".join(r for _, r in sorted(found))
+    # text lines alone are plain documents: no mask stored, the rows as before
+    prepare_text([_jsonl(tmp_path / "text.jsonl", LINES[2:] * 2)], name="text",
+                 data_dir=tmp_path / "d", seq_len=8, held_out=0)
+    plain = text_data.open_text("text", str(tmp_path / "d"))
+    assert not plain.masked and set(plain.rows("train")) == {"tokens", "segments"}
+    assert plain.splits["train"]["target_tokens"] == 2 * 6
 
 
 def _hf_tokenizer(tmp_path, template=TEMPLATE):
