@@ -430,8 +430,10 @@ def _prepare_text(args: argparse.Namespace) -> int:
     ds = text_data.open_text(args.text_name, args.data_dir)
     sizes = ", ".join(f"{k} {v['sequences']:,} rows / {v['documents']:,} documents / "
                       f"{v['target_tokens']:,} target tokens" for k, v in ds.splits.items())
+    chat = f"; conversations rendered by the {ds.meta['chat_format']}, only their responses " \
+        f"counted" if ds.masked else ""
     print(f"kdjax: prepared text dataset {args.text_name} in {path} ({sizes}; seq_len {ds.seq_len}; "
-          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens)")
+          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens{chat})")
     return 0
 
 

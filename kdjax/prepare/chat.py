@@ -38,7 +38,7 @@ SHAPES = ('{"prompt": str, "response": str}, {"messages": [{"role": str, "conten
           '(the last message the assistant\'s response) or {"text": str}')
 _SHAPE_KEYS = ({"prompt", "response"}, {"messages"}, {"text"})
 #: The template-less format (documented in the module and the README).
-PLAIN = "plain: '{role}: {content}\\n' per message, the response after 'assistant: '"
+PLAIN = "plain format ('{role}: {content}\\n' per message, the response after 'assistant: ')"
 
 
 @dataclasses.dataclass(frozen=True)
