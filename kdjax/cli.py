@@ -140,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "imagefolder:NAME) for an ImageNet-style folder tree, or "
                                    "'text' for a text corpus (language models)")
     prep.add_argument("--from", dest="source", required=True, nargs="+",
-                      help="folder with the source files (text: files and/or folders)")
+                      help="folder with the source files (text: files and/or folders; .jsonl "
+                           "files hold one prompt/response, messages or text example a line)")
     prep.add_argument("--data-dir", default=None,
                       help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     prep.add_argument("--skip-checksums", action="store_true",
@@ -163,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="fraction of documents in the validation split")
     text.add_argument("--pattern", default="*", help="file-name glob in folders, e.g. '*.py'")
     text.add_argument("--seed", type=int, default=0, help="the order documents are packed in")
+    text.add_argument("--chat-template", default=None, metavar="PATH",
+                      help="Jinja chat template (or a tokenizer_config.json holding one) for the "
+                           "conversations of .jsonl files; default: the one beside --tokenizer's "
+                           "tokenizer.json, else the plain 'role: content' format")
     cache = sub.add_parser("cache-teacher", help="write an LM teacher's top-k next-token "
                                                  "distributions over a text split, for "
                                                  "--config.teacher.cache (kdjax.lm.cache)")
@@ -426,12 +431,15 @@ def _prepare_text(args: argparse.Namespace) -> int:
     path = prepare_text(args.source, name=args.text_name, data_dir=args.data_dir,
                         tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                         seq_len=args.seq_len, held_out=args.held_out, pattern=args.pattern,
-                        seed=args.seed, max_examples_per_split=args.max_examples)
+                        seed=args.seed, max_examples_per_split=args.max_examples,
+                        chat_template=args.chat_template)
     ds = text_data.open_text(args.text_name, args.data_dir)
     sizes = ", ".join(f"{k} {v['sequences']:,} rows / {v['documents']:,} documents / "
                       f"{v['target_tokens']:,} target tokens" for k, v in ds.splits.items())
+    chat = f"; conversations rendered by the {ds.meta['chat_format']}, only their responses " \
+        f"counted" if ds.masked else ""
     print(f"kdjax: prepared text dataset {args.text_name} in {path} ({sizes}; seq_len {ds.seq_len}; "
-          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens)")
+          f"{ds.meta['tokenizer']['kind']} tokenizer, {ds.vocab_size:,} tokens{chat})")
     return 0
 
 

@@ -6,9 +6,13 @@
         <split>.array_record-00000-of-0000N  one record per packed row
 
 A record is one packed row (kdjax.lm.packing): ``[2, seq_len + 1]`` int32, the tokens and their
-segment ids, little-endian: 8 bytes per token. A split is read whole into memory and lives on the
-device during training, as device-resident image data does (the demo's corpus is a few MB); a
-corpus larger than a device's memory needs a streamed reader, which kdjax does not have yet.
+segment ids, little-endian: 8 bytes per token. Instruction data (``"loss_mask": true`` in the
+metadata) adds a third array, the per-token loss mask (1 where a token counts as a target: a
+response's tokens, every token of plain text; 0 for a conversation's prompt), 12 bytes per token;
+datasets without it are read as before, every token counting. A split is read whole into memory
+and lives on the device during training, as device-resident image data does (the demo's corpus
+is a few MB); a corpus larger than a device's memory needs a streamed reader, which kdjax does
+not have yet.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ META_FILE = "kdjax_text.json"
 FORMAT = "kdjax-text/1"
 
 
-def encode_row(tokens: np.ndarray, segments: np.ndarray) -> bytes:
-    return np.stack([tokens, segments]).astype("<i4").tobytes()
+def encode_row(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None
+               ) -> bytes:
+    arrays = [tokens, segments] if loss_mask is None else [tokens, segments, loss_mask]
+    return np.stack(arrays).astype("<i4").tobytes()
 
 
-def decode_rows(records: list[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.frombuffer(b"".join(records), "<i4").reshape(len(records), 2, seq_len + 1)
-    return rows[:, 0].astype(np.int32), rows[:, 1].astype(np.int32)
+def decode_rows(records: list[bytes], seq_len: int, arrays: int = 2) -> tuple[np.ndarray, ...]:
+    """The `arrays` arrays of `encode_row` (tokens, segments[, loss mask]), ``[N, seq_len + 1]``
+    int32 each."""
+    rows = np.frombuffer(b"".join(records), "<i4").reshape(len(records), arrays, seq_len + 1)
+    return tuple(rows[:, i].astype(np.int32) for i in range(arrays))
 
 
 def dataset_dir(name: str, data_dir: str | None) -> str:
@@ -59,11 +67,22 @@ class TextDataset:
     def splits(self) -> dict[str, dict[str, Any]]:
         return self.meta["splits"]
 
+    @property
+    def masked(self) -> bool:
+        """Whether the rows carry a per-token loss mask (instruction data)."""
+        return bool(self.meta.get("loss_mask", False))
+
     def tokenizer(self) -> tokenizer_lib.Tokenizer:
         return tokenizer_lib.load(self.path, self.meta["tokenizer"])
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, segment ids) of every row of `split`, ``[N, seq_len + 1]`` int32 each."""
+        rows = self.rows(split)
+        return rows["tokens"], rows["segments"]
+
+    def rows(self, split: str) -> dict[str, np.ndarray]:
+        """Every row of `split`: "tokens", "segments" and, for instruction data, "loss_mask",
+        ``[N, seq_len + 1]`` int32 each (the arrays of packing.model_inputs)."""
         from array_record.python import array_record_module  # noqa: PLC0415
 
         if split not in self.splits:
@@ -76,7 +95,8 @@ class TextDataset:
                 records.extend(reader.read_all())
             finally:
                 reader.close()
-        return decode_rows(records, self.seq_len)
+        names = ("tokens", "segments", "loss_mask") if self.masked else ("tokens", "segments")
+        return dict(zip(names, decode_rows(records, self.seq_len, len(names))))
 
 
 def open_text(name: str, data_dir: str | None = None) -> TextDataset:

@@ -5,7 +5,9 @@ Documents (each ``[bos] + tokens + [eos]``) are concatenated into one stream and
 stream is the target of exactly one position (none is lost at a row's edge) and no padding is
 needed but at the very end. Each row carries segment ids numbering its documents 1, 2, ... (0 =
 padding): the model attends within a segment only (kdjax.lm.models.document_mask), and a position
-counts in the loss only when its target is the next token of the same document.
+counts in the loss only when its target is the next token of the same document. Instruction data
+(kdjax.prepare.text) adds a per-token loss mask, packed the same way (`pack` of the documents'
+masks), that leaves a conversation's prompt tokens out of the targets.
 """
 
 from __future__ import annotations
@@ -42,12 +44,24 @@ def pack(documents: Iterable[Sequence[int]], seq_len: int, *, pad_id: int = 0
     return row_tokens, segments
 
 
-def model_inputs(tokens: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
+def model_inputs(tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
     """A packed row's inputs, targets and loss mask (numpy or jax arrays alike).
 
     inputs are the first ``seq_len`` tokens, targets the last ``seq_len``; position i counts in
-    the loss iff it is not padding and its target belongs to the same document.
+    the loss iff it is not padding, its target belongs to the same document and, given a
+    per-token `loss_mask` (``[..., seq_len + 1]``, nonzero where a token counts as a target: a
+    response's), its target is one that counts.
     """
     seg_in, seg_out = segments[..., :-1], segments[..., 1:]
+    mask = (seg_in != 0) & (seg_out == seg_in)
+    if loss_mask is not None:
+        mask = mask & (loss_mask[..., 1:] != 0)
     return {"tokens": tokens[..., :-1], "segment_ids": seg_in, "targets": tokens[..., 1:],
-            "loss_mask": (seg_in != 0) & (seg_out == seg_in)}
+            "loss_mask": mask}
+
+
+def pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """`rows` with zero rows appended up to `count`: segment 0, padding that no loss counts (a
+    last partial batch keeps the batch's compiled shape)."""
+    return np.concatenate([rows, np.zeros((count - len(rows), *rows.shape[1:]), rows.dtype)])

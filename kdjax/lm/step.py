@@ -3,15 +3,16 @@ forward and backward, the token loss and the optimizer update in ONE jit-compile
 kdjax.step's image step (whose update, NaN policy and dispatch it shares: `apply_update`,
 `compile_step`).
 
-The training rows live on the devices (`kdjax.step.DeviceData` of "tokens" and "segments"); the step draws its own batch from the
-run's seed and step, as device-resident image data does, so the data order is part of the
-TrainState and a resumed run continues it exactly. A row's positions count in the loss only
-where the target is the next token of the same document (kdjax.lm.packing): padding and
-cross-document positions are left out of the sums, not averaged in as zeros. The loss is the
-token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
-micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ...,
-"tokens") so that averages over many steps weight each token once. With a teacher cache
-(kdjax.lm.cache) the rows carry the teacher's top-k targets and no teacher runs.
+The training rows live on the devices (`kdjax.step.DeviceData` of "tokens" and "segments", and an
+instruction dataset's per-token "loss_mask"); the step draws its own batch from the run's seed and
+step, as device-resident image data does, so the data order is part of the TrainState and a resumed
+run continues it exactly. A row's positions count in the loss only where the target is the next
+token of the same document (kdjax.lm.packing): padding and cross-document positions (and an
+instruction dataset's prompt tokens) are left out of the sums, not averaged in as zeros. The loss
+is the token mean ``(ce_weight * sum CE + kd_weight * sum D) / tokens`` over the whole batch, its
+micro-batches (train.grad_accum) included; metrics are (sum, count) pairs ("ce_sum", ..., "tokens")
+so that averages over many steps weight each token once. With a teacher cache (kdjax.lm.cache) the
+rows carry the teacher's top-k targets and no teacher runs.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[st
 
 
 def lm_parts(objective: TokenObjective, cache: Layout | None = None) -> StepParts:
-    """The language-model task's `StepParts`: packed rows ({"tokens", "segments"}) to model
-    inputs, the teacher's last hidden states (its head is applied chunk by chunk inside the
-    loss), and the token-mean objective over the batch's target tokens.
+    """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[,
+    "loss_mask"]}) to model inputs, the teacher's last hidden states (its head is applied chunk
+    by chunk inside the loss), and the token-mean objective over the batch's target tokens.
 
     With a teacher cache's `Layout`, the rows also carry their cached targets ("cache",
     ``[B, seq_len, token_bytes]`` uint8), decoded here on the device into the inputs'
@@ -63,7 +64,7 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None) -> StepPart
 
     def inputs(batch, key):
         del key  # no augmentation
-        out = packing.model_inputs(batch["tokens"], batch["segments"])
+        out = packing.model_inputs(batch["tokens"], batch["segments"], batch.get("loss_mask"))
         if cache is not None:
             out["teacher_topk"] = cache.decode(batch["cache"])
         return out
@@ -119,16 +120,17 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, objective: TokenObjective, *,
                       teacher_sharding: Any = None) -> Callable:
     """``eval_step(params, model_state, batch) -> sums`` over held-out rows.
 
-    `batch` has "tokens" and "segments" ``[E, seq_len + 1]`` and "mask" ``[E]`` (1 for real
-    rows: the last batch is padded, never dropped). Sums: "count" (target tokens), "loss" (the
-    student's summed CE: perplexity is exp(loss / count)), "accuracy" (next-token top-1) and,
-    with a teacher, "teacher_agreement" (top-1 equal to the teacher's) and "teacher_loss" (the
-    teacher's own CE). A Distillee is evaluated by its student alone.
+    `batch` has "tokens" and "segments" ``[E, seq_len + 1]`` (and an instruction dataset's
+    per-token "loss_mask": only response tokens count, in perplexity too) and "mask" ``[E]`` (1 for
+    real rows: the last batch is padded, never dropped). Sums: "count" (target tokens), "loss" (the
+    student's summed CE: perplexity is exp(loss / count)), "accuracy" (next-token top-1) and, with
+    a teacher, "teacher_agreement" (top-1 equal to the teacher's) and "teacher_loss" (the teacher's
+    own CE). A Distillee is evaluated by its student alone.
     """
     ce_only = dataclasses.replace(objective, divergence=None)
 
     def eval_fn(params, model_state, frozen, batch):
-        inputs = packing.model_inputs(batch["tokens"], batch["segments"])
+        inputs = packing.model_inputs(batch["tokens"], batch["segments"], batch.get("loss_mask"))
         mask = inputs["loss_mask"] & (batch["mask"][:, None] > 0)
         model = nnx.merge(graphdef, params, model_state)
         student = getattr(model, "student", model)

@@ -29,7 +29,7 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
-from kdjax.lm import cache as teacher_cache, data as text_data, hf, sampling
+from kdjax.lm import cache as teacher_cache, data as text_data, hf, packing, sampling
 from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
@@ -58,24 +58,25 @@ def objective_from_plan(plan: plan_lib.RunPlan, top_k: int | None = None) -> Tok
         tail=plan.teacher.top_k_loss == "tail")
 
 
-def _rows(ds: text_data.TextDataset, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    tokens, segments = ds.load(split)
+def _rows(ds: text_data.TextDataset, split: str, limit: int = 0) -> dict[str, np.ndarray]:
+    rows = ds.rows(split)
     if limit:
-        tokens, segments = tokens[:limit], segments[:limit]
-    if not len(tokens):
+        rows = {k: v[:limit] for k, v in rows.items()}
+    if not len(rows["tokens"]):
         raise ValueError(f"split {split!r} of the text dataset {ds.path} has no rows")
-    return tokens, segments
+    return rows
 
 
-def _eval_batches(tokens: np.ndarray, segments: np.ndarray, batch_size: int, mesh):
-    """Fixed order; the last partial batch padded with empty rows and masked."""
-    for start in range(0, len(tokens), batch_size):
-        t, s = tokens[start:start + batch_size], segments[start:start + batch_size]
-        pad = batch_size - len(t)
-        yield sharding.shard_batch({
-            "tokens": np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)]),
-            "segments": np.concatenate([s, np.zeros((pad, s.shape[1]), s.dtype)]),
-            "mask": (np.arange(batch_size) < len(t)).astype(np.float32)}, mesh, "eval.batch_size")
+def _eval_batches(rows: dict[str, np.ndarray], batch_size: int, mesh):
+    """Fixed order; the last partial batch padded with empty rows and masked ("mask": which
+    rows are real; an instruction dataset's per-token "loss_mask" travels alongside)."""
+    count = len(rows["tokens"])
+    for start in range(0, count, batch_size):
+        part = {k: packing.pad_rows(v[start:start + batch_size], batch_size)
+                for k, v in rows.items()}
+        real = min(batch_size, count - start)
+        yield sharding.shard_batch({**part, "mask": (np.arange(batch_size) < real).astype(
+            np.float32)}, mesh, "eval.batch_size")
 
 
 def token_means(pending: list) -> dict[str, float]:
@@ -230,22 +231,23 @@ class LanguageModelTask(Task):
         return out
 
     def open_eval(self, mesh) -> Callable[[], Iterable[dict[str, jax.Array]]]:
-        tokens, segments = _rows(self._dataset(), self.plan.data.eval_split, self.plan.lm.eval_rows)
-        return lambda: _eval_batches(tokens, segments, self.plan.eval.batch_size, mesh)
+        rows = _rows(self._dataset(), self.plan.data.eval_split, self.plan.lm.eval_rows)
+        return lambda: _eval_batches(rows, self.plan.eval.batch_size, mesh)
 
     def open_data(self, mesh, *, given: dict[str, np.ndarray] | None = None) -> RunData:
         if given is not None:
             raise ValueError("a language-model run reads its rows from data.train_split; "
                              "training arrays cannot be given in memory")
         ds, batch_size = self._dataset(), self.plan.train.batch_size
-        tokens, segments = _rows(ds, self.plan.data.train_split)
+        arrays = _rows(ds, self.plan.data.train_split)
+        tokens = arrays["tokens"]
         eval_batches = self.open_eval(mesh)
         if batch_size > len(tokens):
             raise ValueError(f"train.batch_size={batch_size} exceeds the {len(tokens)} "
                              f"training rows of {self.plan.data.name!r}")
-        arrays = {"tokens": tokens, "segments": segments}
         if self.plan.teacher.cache:
-            self.cache = self._open_cache(ds, tokens, segments)
+            # the cache holds every position's targets; the loss mask only picks which count
+            self.cache = self._open_cache(ds, tokens, arrays["segments"])
             arrays["cache"] = self.cache.records
         device = DeviceData({k: sharding.replicate(v, mesh) for k, v in arrays.items()},
                             batch_size=batch_size)

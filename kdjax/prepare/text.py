@@ -9,6 +9,11 @@ tokenizer is the built-in byte-level one, a BPE trained on the training document
 ``[bos] + tokens + [eos]``; the documents of a split, in an order shuffled by `seed`, are packed
 into rows of ``seq_len + 1`` tokens with segment ids (kdjax.lm.packing). The format is described
 in kdjax.lm.data; everything is written into a temporary directory and renamed into place.
+
+A ``.jsonl`` file is instruction data instead (kdjax.prepare.chat): every line is a document,
+split by its file and line number; a conversation (prompt/response or messages) is rendered with
+the tokenizer's chat template, or ``--chat-template``, and only its response's tokens count in
+the loss. A dataset with any conversation stores a per-token loss mask beside its rows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kdjax.lm import data as text_data, packing, tokenizer as tokenizer_lib
+from kdjax.prepare import chat
 from kdjax.prepare.common import (SHARD_BYTES, DataPreparationError, atomic_directory,
                                   resolve_data_dir)
 
@@ -58,10 +64,23 @@ def _held_out(key: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def _write_split(out: Path, split: str, tokens: np.ndarray, segments: np.ndarray) -> list[str]:
+def _examples(docs: list[tuple[str, Path]], form: chat.ChatFormat) -> dict[str, chat.Example]:
+    """Every document by its split key: a file's, or a .jsonl file's lines (``key:line``)."""
+    out = {}
+    for key, path in docs:
+        if path.suffix == ".jsonl":
+            for number, record in chat.read_jsonl(path):
+                out[f"{key}:{number}"] = form.example(record, f"{path}:{number}")
+        else:
+            out[key] = chat.Example(path.read_bytes().decode("utf-8", errors="replace"))
+    return out
+
+
+def _write_split(out: Path, split: str, tokens: np.ndarray, segments: np.ndarray,
+                 loss_mask: np.ndarray | None) -> list[str]:
     from array_record.python import array_record_module  # noqa: PLC0415
 
-    row_bytes = 2 * tokens.shape[1] * 4
+    row_bytes = (2 if loss_mask is None else 3) * tokens.shape[1] * 4
     per_shard = max(1, SHARD_BYTES // row_bytes)
     count = max(1, -(-len(tokens) // per_shard))
     names = [f"{split}.array_record-{i:05d}-of-{count:05d}" for i in range(count)]
@@ -69,7 +88,8 @@ def _write_split(out: Path, split: str, tokens: np.ndarray, segments: np.ndarray
         writer = array_record_module.ArrayRecordWriter(os.fspath(out / name), "group_size:1")
         try:
             for r in range(i * per_shard, min(len(tokens), (i + 1) * per_shard)):
-                writer.write(text_data.encode_row(tokens[r], segments[r]))
+                writer.write(text_data.encode_row(
+                    tokens[r], segments[r], None if loss_mask is None else loss_mask[r]))
         finally:
             writer.close()
     return names
@@ -87,11 +107,13 @@ def prepare_text(
     pattern: str = "*",
     seed: int = 0,
     max_examples_per_split: int | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """Prepare the documents under `sources` as the text dataset `name`; return its directory.
 
     Args:
-      sources: files and/or directories (searched recursively for `pattern`).
+      sources: files and/or directories (searched recursively for `pattern`); ``.jsonl`` files
+        hold one example a line (kdjax.prepare.chat).
       name: the dataset's name (``data.name`` of LM experiments); written to
         ``<data_dir>/<name>``.
       data_dir: default $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -102,6 +124,9 @@ def prepare_text(
       pattern: file-name glob for directories, e.g. ``"*.py"``.
       seed: the order documents are packed in.
       max_examples_per_split: keep only the first N rows of each split (tests, quick demos).
+      chat_template: a Jinja chat template file (or a tokenizer_config.json holding one) for
+        conversations; default: the one beside a `tokenizer` tokenizer.json, else the plain
+        format.
     """
     if not 0 <= held_out < 1:
         raise ValueError(f"--held-out must be a fraction in [0, 1), got {held_out}")
@@ -109,8 +134,9 @@ def prepare_text(
         raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
     if max_examples_per_split is not None and max_examples_per_split < 1:
         raise ValueError(f"--max-examples must be >= 1, got {max_examples_per_split}")
-    docs = _documents(sources, pattern)
-    texts = {key: path.read_bytes().decode("utf-8", errors="replace") for key, path in docs}
+    form = chat.load_format(tokenizer, chat_template)
+    texts = _examples(_documents(sources, pattern), form)
+    masked = any(e.prompt is not None for e in texts.values())
     keys = {"train": [k for k in texts if not _held_out(k, held_out)],
             "validation": [k for k in texts if _held_out(k, held_out)]}
     if held_out and not keys["validation"]:
@@ -123,7 +149,7 @@ def prepare_text(
     if tokenizer == "byte":
         tok: tokenizer_lib.Tokenizer = tokenizer_lib.ByteTokenizer()
     elif tokenizer == "bpe":
-        tok = tokenizer_lib.train_bpe((texts[k] for k in keys["train"]), vocab_size)
+        tok = tokenizer_lib.train_bpe((texts[k].text for k in keys["train"]), vocab_size)
     else:
         tok = tokenizer_lib.HFTokenizer.from_file(os.fspath(tokenizer))
     root = Path(resolve_data_dir(data_dir))
@@ -132,19 +158,23 @@ def prepare_text(
         splits = {}
         for split in SPLITS:
             order = [keys[split][i] for i in rng.permutation(len(keys[split]))]
-            encoded = [[tok.bos, *tok.encode(texts[k]), tok.eos] for k in order]
+            encoded, masks = zip(*(texts[k].encode(tok) for k in order)) if order else ((), ())
             tokens, segments = packing.pack(encoded, seq_len, pad_id=tok.pad)
+            # the masks have the documents' lengths, so they pack into the same places
+            loss_mask = packing.pack(masks, seq_len)[0] if masked else None
             if max_examples_per_split is not None:
                 tokens, segments = tokens[:max_examples_per_split], segments[:max_examples_per_split]
+                loss_mask = None if loss_mask is None else loss_mask[:max_examples_per_split]
             if len(tokens):
                 splits[split] = {
                     "sequences": int(len(tokens)), "documents": len(order),
                     "tokens": int(sum(len(e) for e in encoded)),
-                    "target_tokens": int(packing.model_inputs(tokens, segments)[
+                    "target_tokens": int(packing.model_inputs(tokens, segments, loss_mask)[
                         "loss_mask"].sum()),
-                    "shards": _write_split(tmp, split, tokens, segments)}
+                    "shards": _write_split(tmp, split, tokens, segments, loss_mask)}
         meta = {"format": text_data.FORMAT, "prepared_by": "kdjax", "name": name,
                 "seq_len": seq_len, "tokenizer": tokenizer_lib.save(tok, os.fspath(tmp)),
+                "loss_mask": masked, "chat_format": form.describe() if masked else None,
                 "splits": splits, "held_out": held_out, "pattern": pattern, "seed": seed,
                 "sources": [os.path.abspath(os.fspath(s)) for s in sources],
                 "max_examples_per_split": max_examples_per_split,

@@ -257,7 +257,8 @@ def _lm_report(paths: Sequence[str], *, split: str | None, calibration_split: st
     first = get(next(iter(names)))
     ds = lm.dataset(first, name=dataset, data_dir=data_dir)
     split = split or first["data"].get("eval_split") or "validation"
-    rows = functools.cache(ds.load)  # each split read once, whichever models use it
+    # each split read once, whichever models use it: tokens, segments[, loss mask]
+    rows = functools.cache(lambda name: tuple(ds.rows(name).values()))
     models = []
     for path, name in names.items():
         entry = get(path)

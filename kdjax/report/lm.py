@@ -125,21 +125,20 @@ def _token_sums(logits, targets, mask, teacher_logits):
 _sums = jax.jit(_token_sums)
 
 
-def evaluate(student: Forward, tokens: np.ndarray, segments: np.ndarray, *,
-             teacher: Forward | None = None, batch_size: int = 32,
-             temperature: float = 1.0) -> dict[str, Any]:
+def evaluate(student: Forward, tokens: np.ndarray, segments: np.ndarray,
+             loss_mask: np.ndarray | None = None, *, teacher: Forward | None = None,
+             batch_size: int = 32, temperature: float = 1.0) -> dict[str, Any]:
     """Per-token metrics of the model `student` computes on packed rows (tokens and segment ids
-    ``[N, seq_len + 1]``, a split's `TextDataset.load`), with the `teacher`'s agreement and
-    KL(teacher || student), of logits / `temperature`."""
+    ``[N, seq_len + 1]``, and an instruction dataset's per-token `loss_mask`: a split's
+    `TextDataset.rows`), with the `teacher`'s agreement and KL(teacher || student), of logits /
+    `temperature`."""
     if not len(tokens):
         raise ValueError("the split to evaluate has no rows")
     totals: dict[str, Any] = {}
     for start in range(0, len(tokens), batch_size):
-        t, s = tokens[start:start + batch_size], segments[start:start + batch_size]
-        pad = batch_size - len(t)  # one compiled shape: padded rows are segment 0, masked out
-        t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
-        s = np.concatenate([s, np.zeros((pad, s.shape[1]), s.dtype)])
-        inputs = packing.model_inputs(t, s)
+        t, s, m = (None if a is None else packing.pad_rows(a[start:start + batch_size], batch_size)
+                   for a in (tokens, segments, loss_mask))
+        inputs = packing.model_inputs(t, s, m)
         z = student(inputs["tokens"], inputs["segment_ids"]) / temperature
         tz = None if teacher is None else teacher(inputs["tokens"], inputs["segment_ids"])
         sums = _sums(z, jnp.asarray(inputs["targets"]), jnp.asarray(inputs["loss_mask"]), tz)
@@ -162,13 +161,14 @@ def evaluate(student: Forward, tokens: np.ndarray, segments: np.ndarray, *,
     return out
 
 
-def fit_temperature(student: Forward, tokens: np.ndarray, segments: np.ndarray, *,
-                    batch_size: int = 32) -> float:
+def fit_temperature(student: Forward, tokens: np.ndarray, segments: np.ndarray,
+                    loss_mask: np.ndarray | None = None, *, batch_size: int = 32) -> float:
     """Temperature scaling's T on the rows' target tokens (kdjax.calibration.fit_temperature)."""
     logits, targets = [], []
     for start in range(0, len(tokens), batch_size):
-        inputs = packing.model_inputs(tokens[start:start + batch_size],
-                                      segments[start:start + batch_size])
+        inputs = packing.model_inputs(
+            tokens[start:start + batch_size], segments[start:start + batch_size],
+            None if loss_mask is None else loss_mask[start:start + batch_size])
         keep = np.asarray(inputs["loss_mask"])
         logits.append(np.asarray(student(inputs["tokens"], inputs["segment_ids"]))[keep])
         targets.append(np.asarray(inputs["targets"])[keep])
