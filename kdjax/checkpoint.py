@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import sharding
+from kdjax import lora, sharding
 from kdjax.distillee import join_student, split_student
 from kdjax.errors import CheckpointError, CheckpointMismatchError
 from kdjax.models import ModelSpec
@@ -103,7 +103,8 @@ def _items(state: TrainState) -> dict[str, dict[str, Any]]:
     what trains alongside the student (connectors, memory banks, peers) as "extras", in "train"."""
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     params, extra_params = split_student(fields.pop("params"))
-    model_state, extra_state = split_student(fields.pop("model_state"))
+    # A LoRA student's frozen base is init.workdir's, which the run record names (kdjax.lora).
+    model_state, extra_state = split_student(lora.split_frozen(fields.pop("model_state"))[0])
     return {"model": {"params": params, "model_state": model_state},
             "train": {**fields, "extras": {"params": extra_params, "model_state": extra_state}}}
 
@@ -480,6 +481,18 @@ class RunReader:
             saved = self.manager.item_metadata(step)["model"].tree
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"the checkpoint {path} is unreadable ({_first_line(e)})") from e
+        run = self.run_meta(step)
+        if "lora" in run:  # adapters only: on their base, merged into a plain model of `spec`
+            def read(target):
+                placed = sharding.abstract(target, sharding.replicated(mesh or sharding.make_mesh()))
+                lines = mismatches(saved, placed)
+                if lines:
+                    raise CheckpointMismatchError(f"{path} does not match {what}'s LoRA "
+                                                  f"adapters:\n  " + "\n  ".join(lines))
+                return self.manager.restore(step, args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(placed)))["model"]
+
+            return lora.merged(lora.rebuild(run, spec, read), spec)
         return restore_model(spec, saved, lambda target: self.manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"],
             mesh=mesh, shardings_for=shardings_for, where=path, what=what)
