@@ -481,21 +481,29 @@ class RunReader:
             saved = self.manager.item_metadata(step)["model"].tree
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"the checkpoint {path} is unreadable ({_first_line(e)})") from e
-        run = self.run_meta(step)
-        if "lora" in run:  # adapters only: on their base, merged into a plain model of `spec`
-            def read(target):
-                placed = sharding.abstract(target, sharding.replicated(mesh or sharding.make_mesh()))
-                lines = mismatches(saved, placed)
-                if lines:
-                    raise CheckpointMismatchError(f"{path} does not match {what}'s LoRA "
-                                                  f"adapters:\n  " + "\n  ".join(lines))
-                return self.manager.restore(step, args=ocp.args.Composite(
-                    model=ocp.args.StandardRestore(placed)))["model"]
-
-            return lora.merged(lora.rebuild(run, spec, read), spec)
+        if "lora" in self.run_meta(step):  # adapters: on their base, merged into `spec`'s model
+            return lora.merged(self.load_lora(step, spec, mesh=mesh, what=what), spec)
         return restore_model(spec, saved, lambda target: self.manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"],
             mesh=mesh, shardings_for=shardings_for, where=path, what=what)
+
+    def load_lora(self, step: int, spec: ModelSpec, *, mesh: Mesh | None = None,
+                  what: str = "the model") -> nnx.Module:
+        """The LoRA student of checkpoint `step` unmerged: its base rebuilt from the run's
+        init.workdir (verified by hash) and the checkpoint's adapters on it (kdjax.lora)."""
+        path = self.path(step)
+        saved = self.manager.item_metadata(step)["model"].tree
+
+        def read(target):
+            placed = sharding.abstract(target, sharding.replicated(mesh or sharding.make_mesh()))
+            lines = mismatches(saved, placed)
+            if lines:
+                raise CheckpointMismatchError(f"{path} does not match {what}'s LoRA adapters:\n  "
+                                              + "\n  ".join(lines))
+            return self.manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(placed)))["model"]
+
+        return lora.rebuild(self.run_meta(step), spec, read)
 
     def close(self) -> None:
         self.manager.close()

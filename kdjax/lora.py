@@ -26,6 +26,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -252,3 +254,36 @@ def write_peft(model: nnx.Module, run: dict[str, Any], out: str) -> dict[str, tu
     with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
     return {k: v.shape for k, v in tensors.items()}
+
+
+def export_separate(workdir: str, out: str, *, step: str | int = "latest") -> str:
+    """`kdjax export --lora separate`: the adapters of the LoRA run `workdir` alone, in PEFT's
+    layout (`write_peft`), written whole or not at all."""
+    from kdjax import checkpoint  # noqa: PLC0415  (kdjax.checkpoint imports this module)
+    from kdjax.models import ModelSpec  # noqa: PLC0415
+
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ValueError(f"--out {out!r} already exists; pick a new path (an export never "
+                         f"overwrites anything)")
+    reader = checkpoint.RunReader(workdir)
+    try:
+        n = reader.resolve_step(step)
+        run = reader.run_meta(n)
+        if "lora" not in run:
+            raise ValueError(f"--lora separate writes a LoRA run's adapters; {workdir!r} trained "
+                             f"every weight (model.lora.rank=0): export it without --lora")
+        spec = ModelSpec.from_json(run["model"])
+        model = reader.load_lora(n, spec)
+    finally:
+        reader.close()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the export private to this user
+        write_peft(model, run, tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
