@@ -5,6 +5,7 @@ values are refused before any directory is made."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -51,15 +52,16 @@ def test_merged_weights_equal_the_adapted_forward():
             key, sub = jax.random.split(key)
             node.lora_b[...] = 0.2 * jax.random.normal(sub, node.lora_b.shape)
     tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, 40)
-    adapted = np.asarray(model(tokens))
+    forward = nnx.jit(lambda m, t: m(t))
+    adapted = np.asarray(forward(model, tokens))
     merged = lora.merged(model, SPEC)
     assert type(merged) is lm_models.Transformer
     assert not any(isinstance(n, lora.LoRALinear) for _, n in nnx.iter_graph(merged))
-    plain = np.asarray(merged(tokens))
+    plain = np.asarray(forward(merged, tokens))
     # every layer's matmul (64 inputs at most) plus the rank-4 path, summed through 2 blocks
     _float32.assert_close(plain, adapted, n=2 * (64 + RANK) + 32)
     # and the adapters moved the function: the base alone is far from it
-    base = np.asarray(SPEC.build(0)(tokens))
+    base = np.asarray(forward(SPEC.build(0), tokens))
     assert np.abs(base - adapted).max() > 1e3 * np.abs(plain - adapted).max()
 
 
@@ -115,62 +117,91 @@ def base(text_dir, tmp_path_factory):
     return str(workdir)
 
 
-def test_lora_distillation_resumes_and_exports(base, text_dir, tmp_path):
-    workdir = tmp_path / "lora"
+@pytest.fixture(scope="module")
+def lora_run(base, text_dir, tmp_path_factory):
+    """A rank-4 LoRA distillation of the base into itself, interrupted after 2 of 4 steps and
+    resumed."""
+    workdir = tmp_path_factory.mktemp("lora") / "lora"
     common = (f"--config.teacher.workdir={base}", f"--config.init.workdir={base}", *LORA)
     assert cli.main(_args("distill", workdir, text_dir, *common, steps=2)) == 0
     assert cli.main(_args("distill", workdir, text_dir, *common, steps=4)) == 0  # resumes at 2
-    summary = json.load(open(workdir / "summary.json"))
-    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
+    return workdir
 
+
+TOKENS = np.arange(32).reshape(2, 16) % 100
+
+
+def test_lora_distillation_resumes_and_exports_merged(base, lora_run, tmp_path):
+    summary = json.load(open(lora_run / "summary.json"))
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
     # the checkpoint's model item: adapters only, 14 layers x (A, B)
-    reader = checkpoint.RunReader(str(workdir))
+    reader = checkpoint.RunReader(str(lora_run))
     saved = ocp.tree.to_flat_dict(reader.manager.item_metadata(4)["model"].tree, sep="/")
     run = reader.run_meta(4)
+    adapted = reader.load_lora(4, models.ModelSpec.from_json(run["model"]))
     reader.close()
-    leaves = [k for k, v in saved.items() if hasattr(v, "shape")]
-    assert len(leaves) == 28 and all(k.split("/")[-2] in ("lora_a", "lora_b") or
-                                     k.split("/")[-1] in ("lora_a", "lora_b") for k in leaves)
+    names = sorted({k.removesuffix("/value").rsplit("/", 1)[-1] for k, v in saved.items()
+                    if hasattr(v, "shape")})
+    assert names == ["lora_a", "lora_b"] and sum(hasattr(v, "shape") for v in saved.values()) == 28
     assert run["lora"]["rank"] == RANK and len(run["lora"]["modules"]) == 14
-    assert len(run["lora"]["base"]["sha256"]) == 64
+    assert run["lora"]["base"]["step"] == 4 and len(run["lora"]["base"]["sha256"]) == 64
 
     # merged export: the plain lm_tiny whose forward is the LoRA student's
     out = tmp_path / "merged"
-    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    assert cli.main(["export", "--workdir", str(lora_run), "--out", str(out)]) == 0
     merged, _ = export.load(str(out))
-    reader = checkpoint.RunReader(str(workdir))
-    adapted = reader.load_lora(4, models.ModelSpec.from_json(run["model"]))
-    reader.close()
-    tokens = jnp.arange(32).reshape(2, 16) % 100
-    _float32.assert_close(merged(tokens), adapted(tokens), n=2 * (64 + RANK) + 32)
+    assert type(merged) is lm_models.Transformer
+    _float32.assert_close(merged(TOKENS), adapted(TOKENS), n=2 * (64 + RANK) + 32)
     original = checkpoint.read_model(base).model
-    assert np.abs(np.asarray(merged(tokens)) - np.asarray(original(tokens))).max() > 1e-4
+    assert np.abs(np.asarray(merged(TOKENS)) - np.asarray(original(TOKENS))).max() > 1e-4
 
-    # separate: PEFT's names and shapes
+
+def test_separate_export_is_peft_named(lora_run, tmp_path):
     sep = tmp_path / "adapters"
-    assert cli.main(["export", "--workdir", str(workdir), "--out", str(sep),
+    assert cli.main(["export", "--workdir", str(lora_run), "--out", str(sep),
                      "--lora", "separate"]) == 0
     config = json.load(open(sep / lora.ADAPTER_CONFIG))
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", RANK, ALPHA)
+    assert len(config["target_modules"]) == 14
+    assert "model.layers.1.mlp.gate_proj" in config["target_modules"]
     tensors = state_dict.read_safetensors(str(sep / lora.ADAPTER_WEIGHTS))
     assert len(tensors) == 28
     prefix = "base_model.model.model.layers"
     assert tensors[f"{prefix}.0.self_attn.q_proj.lora_A.weight"].shape == (RANK, 32)
     assert tensors[f"{prefix}.1.self_attn.k_proj.lora_B.weight"].shape == (16, RANK)
     assert tensors[f"{prefix}.1.mlp.down_proj.lora_A.weight"].shape == (RANK, 64)
-    assert f"model.layers.1.mlp.gate_proj" in config["target_modules"]
 
 
-def test_a_changed_base_is_refused_on_resume(base, text_dir, tmp_path):
-    workdir, moved = tmp_path / "lora", tmp_path / "base2"
-    assert cli.main(_args("train", moved, text_dir, steps=2)) == 0
+def test_peft_on_the_exported_base_equals_the_merged_student(base, lora_run, tmp_path):
+    """transformers + peft (optional: not kdjax's dependencies) load the base's --format hf
+    export with the --lora separate adapters, and compute the merged student's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    assert cli.main(["export", "--workdir", base, "--out", str(tmp_path / "hf"),
+                     "--format", "hf"]) == 0
+    assert cli.main(["export", "--workdir", str(lora_run), "--out", str(tmp_path / "ad"),
+                     "--lora", "separate"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
+                                                              dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(TOKENS)).logits.numpy()
+    ours = np.asarray(checkpoint.read_model(str(lora_run)).model(TOKENS))
+    _float32.assert_close(theirs, ours, n=2 * (64 + RANK) + 32 + 16)
+
+
+def test_a_changed_base_is_refused_on_resume(base, lora_run, text_dir, tmp_path):
+    """The checkpoints hold the adapters alone: resuming reloads init.workdir, and a base that
+    trained on since (other weights, whatever its path) is refused by its hash."""
+    moved, resumed = tmp_path / "base", tmp_path / "lora"
+    shutil.copytree(base, moved)
+    shutil.copytree(lora_run, resumed)
     common = (f"--config.teacher.workdir={base}", f"--config.init.workdir={moved}", *LORA)
-    assert cli.main(_args("distill", workdir, text_dir, *common, steps=2)) == 0
-    # the base run trains on: its latest checkpoint is other weights
-    assert cli.main(_args("train", moved, text_dir, steps=4)) == 0
-    with pytest.raises(ValueError, match=r"trained on the frozen weights of .* step 2 .*now "
-                                         r"gives step 4"):
-        cli.main(_args("distill", workdir, text_dir, *common, steps=4))
+    assert cli.main(_args("train", moved, text_dir, steps=6)) == 0  # the base trains on
+    with pytest.raises(ValueError, match=r"trained on the frozen weights of .*base step 4 .*now "
+                                         r"gives step 6"):
+        cli.main(_args("distill", resumed, text_dir, *common, steps=6))
 
 
 @pytest.mark.parametrize("override, message", [
