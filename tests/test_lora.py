@@ -119,8 +119,8 @@ def base(text_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(base, text_dir, tmp_path_factory):
-    """A rank-4 LoRA distillation of the base into itself, interrupted after 2 of 4 steps and
-    resumed."""
+    """A rank-4 LoRA student of the base distilled from the base, interrupted after 2 of 4 steps
+    and resumed."""
     workdir = tmp_path_factory.mktemp("lora") / "lora"
     common = (f"--config.teacher.workdir={base}", f"--config.init.workdir={base}", *LORA)
     assert cli.main(_args("distill", workdir, text_dir, *common, steps=2)) == 0
@@ -197,11 +197,11 @@ def test_a_changed_base_is_refused_on_resume(base, lora_run, text_dir, tmp_path)
     moved, resumed = tmp_path / "base", tmp_path / "lora"
     shutil.copytree(base, moved)
     shutil.copytree(lora_run, resumed)
-    common = (f"--config.teacher.workdir={base}", f"--config.init.workdir={moved}", *LORA)
     assert cli.main(_args("train", moved, text_dir, steps=6)) == 0  # the base trains on
     with pytest.raises(ValueError, match=r"trained on the frozen weights of .*base step 4 .*now "
                                          r"gives step 6"):
-        cli.main(_args("distill", resumed, text_dir, *common, steps=6))
+        cli.main(_args("train", resumed, text_dir, f"--config.init.workdir={moved}", *LORA,
+                       steps=6))
 
 
 @pytest.mark.parametrize("override, message", [
