@@ -65,7 +65,8 @@ class LoRALinear(nnx.Module):
         self.dtype = base.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        # as nnx.Linear: its compute dtype, else the promotion of input and weights
+        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
         x = x.astype(dtype)
         y = x @ self.kernel[...].astype(dtype)
         y = y + self.scale * ((x @ self.lora_a[...].astype(dtype))
@@ -80,11 +81,6 @@ def _path(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
-def linear_paths(model: nnx.Module) -> list[str]:
-    """The module paths ("layers/0/attention/q") of `model`'s nnx.Linear layers."""
-    return [_path(p) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
-
-
 def check(lora: plan_lib.Lora) -> None:
     """Refuse model.lora's rank and alpha before any I/O."""
     if lora.rank < 0:
@@ -92,7 +88,7 @@ def check(lora: plan_lib.Lora) -> None:
                          f"or 0 to train every weight")
     if lora.rank and lora.alpha <= 0:
         raise ValueError(f"model.lora.alpha={lora.alpha} must be > 0 (the adapters' output is "
-                         f"scaled by alpha / rank; PEFT's default is 2 * rank or 16)")
+                         f"scaled by alpha / rank; e.g. 2 * rank)")
     if lora.rank and not lora.targets:
         raise ValueError("model.lora.targets=() adapts nothing: give module-path globs, e.g. "
                          "('*attention/q', '*attention/v'), or set model.lora.rank=0")
@@ -108,7 +104,12 @@ def match(model: nnx.Module, lora: plan_lib.Lora) -> dict[str, tuple]:
         raise ValueError(f"model.lora.targets {unmatched} match no nnx.Linear module of the "
                          f"student; its module paths are: {', '.join(found) or 'none'}; use "
                          f"globs of these (e.g. '*attention/q')")
-    return {k: p for k, p in found.items() if any(fnmatch.fnmatch(k, g) for g in lora.targets)}
+    chosen = {k: p for k, p in found.items() if any(fnmatch.fnmatch(k, g) for g in lora.targets)}
+    if "lm_head" in chosen:
+        raise ValueError(f"model.lora.targets {list(lora.targets)} match lm_head, the output head "
+                         f"that the vocabulary-chunked loss reads as a matrix (an adapter there "
+                         f"would not be applied); target the blocks' projections only")
+    return chosen
 
 
 def apply(model: nnx.Module, lora: plan_lib.Lora, *, seed: int) -> list[str]:

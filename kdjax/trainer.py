@@ -309,7 +309,8 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
         "teacher_bytes_per_device": sharding.bytes_per_device(
             [t.variables for t in teachers]) if teachers else None,
         "model": plan.model.name,
-        "num_params": num_params,
+        "num_params": num_params,  # of a LoRA student: its adapters'
+        **lora_record,
         "teacher": ", ".join(workdirs) or None,
         "teacher_preparation": teacher_records or None,
         "seed": plan.seed,

@@ -209,6 +209,7 @@ def test_a_changed_base_is_refused_on_resume(base, lora_run, text_dir, tmp_path)
     ("--config.model.lora.alpha=0", "model.lora.alpha=0.0"),
     ("--config.model.lora.targets=('*attention/q', '*ffn/*')",
      r"\['\*ffn/\*'\] match no nnx.Linear.*layers/0/attention/q.*lm_head"),
+    ("--config.model.lora.targets=('*',)", "match lm_head"),
 ])
 def test_bad_lora_settings_are_refused_before_any_directory(base, text_dir, tmp_path, override,
                                                             message):
