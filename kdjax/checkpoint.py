@@ -3,7 +3,9 @@
 A checkpoint is one step directory under WORKDIR/checkpoints with three items, so that each reader
 reads only what it needs:
   "model"  {"params", "model_state"}: the student (parameters, BatchNorm statistics). All that a
-           teacher, `kdjax eval` and `kdjax export` read.
+           teacher, `kdjax eval` and `kdjax export` read. A LoRA student's (kdjax.lora) is its
+           adapters alone: readers rebuild the frozen base from the init.workdir its run record
+           names, verified by hash, and merge.
   "train"  the rest of the TrainState: step, optimizer state, PRNG key, the epoch's example order
            (step + perm are the data iterator's state) and the NaN/Inf counters.
   "run"    JSON: the config, the ModelSpec and input normalisation that rebuild the model, and the
