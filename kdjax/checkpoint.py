@@ -3,7 +3,9 @@
 A checkpoint is one step directory under WORKDIR/checkpoints with three items, so that each reader
 reads only what it needs:
   "model"  {"params", "model_state"}: the student (parameters, BatchNorm statistics). All that a
-           teacher, `kdjax eval` and `kdjax export` read.
+           teacher, `kdjax eval` and `kdjax export` read. A LoRA student's (kdjax.lora) is its
+           adapters alone: readers rebuild the frozen base from the init.workdir its run record
+           names, verified by hash, and merge.
   "train"  the rest of the TrainState: step, optimizer state, PRNG key, the epoch's example order
            (step + perm are the data iterator's state) and the NaN/Inf counters.
   "run"    JSON: the config, the ModelSpec and input normalisation that rebuild the model, and the
@@ -40,7 +42,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import sharding
+from kdjax import lora, sharding
 from kdjax.distillee import join_student, split_student
 from kdjax.errors import CheckpointError, CheckpointMismatchError
 from kdjax.models import ModelSpec
@@ -103,7 +105,8 @@ def _items(state: TrainState) -> dict[str, dict[str, Any]]:
     what trains alongside the student (connectors, memory banks, peers) as "extras", in "train"."""
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     params, extra_params = split_student(fields.pop("params"))
-    model_state, extra_state = split_student(fields.pop("model_state"))
+    # A LoRA student's frozen base is init.workdir's, which the run record names (kdjax.lora).
+    model_state, extra_state = split_student(lora.split_frozen(fields.pop("model_state"))[0])
     return {"model": {"params": params, "model_state": model_state},
             "train": {**fields, "extras": {"params": extra_params, "model_state": extra_state}}}
 
@@ -480,9 +483,29 @@ class RunReader:
             saved = self.manager.item_metadata(step)["model"].tree
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"the checkpoint {path} is unreadable ({_first_line(e)})") from e
+        if "lora" in self.run_meta(step):  # adapters: on their base, merged into `spec`'s model
+            return lora.merged(self.load_lora(step, spec, mesh=mesh, what=what), spec)
         return restore_model(spec, saved, lambda target: self.manager.restore(
             step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))["model"],
             mesh=mesh, shardings_for=shardings_for, where=path, what=what)
+
+    def load_lora(self, step: int, spec: ModelSpec, *, mesh: Mesh | None = None,
+                  what: str = "the model") -> nnx.Module:
+        """The LoRA student of checkpoint `step` unmerged: its base rebuilt from the run's
+        init.workdir (verified by hash) and the checkpoint's adapters on it (kdjax.lora)."""
+        path = self.path(step)
+        saved = self.manager.item_metadata(step)["model"].tree
+
+        def read(target):
+            placed = sharding.abstract(target, sharding.replicated(mesh or sharding.make_mesh()))
+            lines = mismatches(saved, placed)
+            if lines:
+                raise CheckpointMismatchError(f"{path} does not match {what}'s LoRA adapters:\n  "
+                                              + "\n  ".join(lines))
+            return self.manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(placed)))["model"]
+
+        return lora.rebuild(self.run_meta(step), spec, read)
 
     def close(self) -> None:
         self.manager.close()

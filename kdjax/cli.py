@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                           "ONNX graph (int8 students with integer weights), checked in ONNX "
                           "Runtime before it is written; hf: a language model as a Hugging Face "
                           "folder (transformers' from_pretrained)")
+    exp.add_argument("--lora", default="merge", choices=("merge", "separate"),
+                     help="a LoRA run (model.lora): merge the adapters into the weights (default)"
+                          ", or write them alone in PEFT's layout (adapter_config.json + "
+                          "adapter_model.safetensors, for peft.PeftModel.from_pretrained)")
     exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                      help="--format hf: the weights' dtype (default float32)")
     exp.add_argument("--max-shard-mb", type=float, default=None,
@@ -520,6 +524,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "hf" and kind != "lm":
             _parser().error(f"--format hf writes a language model as a Hugging Face folder; "
                             f"{args.workdir} is {'an image' if kind else 'not a kdjax'} run")
+        if args.lora == "separate":
+            if kind != "lm" or args.format != "kdjax" or overrides:
+                _parser().error("--lora separate writes a language model's LoRA adapters in "
+                                "PEFT's layout, with no --format or --config overrides")
+            from kdjax import lora
+
+            path = lora.export_separate(args.workdir, args.out, step=args.step)
+            print(f"kdjax: exported the LoRA adapters to {path}; load them with peft."
+                  f"PeftModel.from_pretrained(base_model, {path!r})")
+            return 0
         if kind == "lm":  # the language model and its tokenizer
             from kdjax.lm import task as lm_task
 

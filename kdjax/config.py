@@ -62,8 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
     # install 'kdjax[torch]'); when set it is the student, replacing model.name and model.kwargs
     # by name="kdjax.torchbridge:TorchModel", kwargs={"factory": torch, "factory_kwargs":
     # torch_kwargs}, which the run records.
+    # lora: low-rank adapters on the frozen init.workdir student (kdjax.lora); rank 0 = off.
+    # Each targeted nnx.Linear (targets: module-path globs, e.g. "layers/0/attention/q") computes
+    # x W + (alpha / rank) x A B with W frozen; only A and B train, and only they are in the
+    # optimizer state and the checkpoints. The default targets are kdjax.lm.models.Transformer's
+    # attention and MLP projections.
     c.model = dict(name="mlp_800", kwargs={}, compute_dtype="auto", num_classes=0, peers=(),
-                   sharding="replicated", torch="", torch_kwargs={})
+                   sharding="replicated", torch="", torch_kwargs={},
+                   lora=dict(rank=0, alpha=16.0, targets=(
+                       "*attention/q", "*attention/k", "*attention/v", "*attention/o",
+                       "*mlp/gate", "*mlp/up", "*mlp/down")))
     # nan_policy: what a step whose loss, gradients or updated parameters are NaN/Inf does.
     # "stop" ends the run with the step and the terms named, keeping the last good checkpoint;
     # "skip" drops that step's update inside the compiled step and counts it (skipped_steps).

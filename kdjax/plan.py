@@ -54,6 +54,15 @@ class Data:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters on the frozen student (kdjax.lora)."""
+
+    rank: int  # 0 = off
+    alpha: float  # the adapters' output is scaled by alpha / rank
+    targets: tuple[str, ...]  # module-path globs of the nnx.Linear layers adapted
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     """The student."""
 
@@ -65,6 +74,7 @@ class Model:
     sharding: str  # replicated | fsdp
     torch: str  # a PyTorch student's factory, "package.module:callable" ("" = none)
     torch_kwargs: Mapping[str, Any]  # its keyword arguments
+    lora: Lora
 
     def __post_init__(self):
         # model.torch is the user's spelling of a TorchModel student, resolved here, once, so

@@ -46,8 +46,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kdjax import checkpoint, distributed, loop, metrics as metrics_lib, models, objectives, optim
-from kdjax import sharding
+from kdjax import checkpoint, distributed, lora, loop, metrics as metrics_lib, models, objectives
+from kdjax import optim, sharding
+from kdjax.compress import training as compress
 from kdjax import plan as plan_lib
 from kdjax.step import init_train_state, sum_batches
 from kdjax.task import RunData, Task, Teacher, configured_teachers, for_plan
@@ -158,6 +159,8 @@ def _check_run(task: Task, plan: plan_lib.RunPlan, *, distill: bool) -> None:
         checkpoint.RunReader(workdir, what="teacher.workdir").close()
     if plan.init.workdir:
         checkpoint.RunReader(plan.init.workdir, what="init.workdir").close()
+    if plan.model.lora.rank:
+        compress.check_lora(plan)
     ck = plan.checkpoint
     valid = task.eval_metric_names(distill=distill)
     if ck.keep_best and ck.best_metric not in valid:
@@ -242,6 +245,8 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
                              for t in teachers)
 
     model, student = task.build(data, teachers)
+    # the frozen base's provenance, which the checkpoints (holding the adapters alone) name
+    lora_record = {"lora": lora.record(model.student, plan)} if plan.model.lora.rank else {}
     num_params = models.count_params(model.student)
     tx = task.optimizer(optim.make_optimizer(plan.optimizer, total), model, student)
     graphdef, state = init_train_state(model, tx, seed=plan.seed, num_examples=(
@@ -256,7 +261,11 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
     # step is built: the steps per call must divide the step the run resumes from.
     restored = ckpt.restore(sharding.abstract(state, state_sharding))
     if restored is not None:
+        _, base = lora.split_frozen(state.model_state)  # not in checkpoints: init.workdir's
         state, run = restored
+        state = state.replace(model_state=lora.join_frozen(state.model_state, base))
+        if lora_record:
+            lora.check_base(run["lora"], lora_record["lora"], ckpt.path(int(state.step)))
         pending = metrics_lib.pending_from_json(run["pending_train_metrics"])
         last_train = run["last_train"]
         print(resume_note(ckpt.path(int(state.step)), int(state.step), total,
@@ -278,7 +287,7 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
         step=lambda state: step_fn(state, next(stream) if stream is not None else None),
         evaluate=lambda state: task.eval_metrics(sum_batches(
             eval_step, state.params, state.model_state, data.eval_batches())),
-        record=loop.recorder(plan, student, **task.record()),
+        record=loop.recorder(plan, student, **task.record(), **lora_record),
         means=task.train_means, items_per_step=data.items_per_step, rate=task.rate,
         postfix=task.postfix,
         on_log=loop.skipped_steps_warning(int(jax.device_get(state.skipped_steps))))
@@ -300,7 +309,8 @@ def _train(task: Task, plan: plan_lib.RunPlan, workdir: str, ckpt: checkpoint.Ch
         "teacher_bytes_per_device": sharding.bytes_per_device(
             [t.variables for t in teachers]) if teachers else None,
         "model": plan.model.name,
-        "num_params": num_params,
+        "num_params": num_params,  # of a LoRA student: its adapters'
+        **lora_record,
         "teacher": ", ".join(workdirs) or None,
         "teacher_preparation": teacher_records or None,
         "seed": plan.seed,

@@ -13,7 +13,7 @@ import jax
 import optax
 from flax import nnx
 
-from kdjax import checkpoint, plan as plan_lib
+from kdjax import checkpoint, lora, plan as plan_lib
 from kdjax.compress import prune, quantize, structured
 from kdjax.lm import models as lm_models
 from kdjax.models import ModelSpec
@@ -49,12 +49,43 @@ def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, 
         print(f"kdjax: structured pruning of {run.init.workdir}'s student before training: "
               f"{spec.name} with {dict(spec.kwargs)}", flush=True)
     quantize.check_config(run.quant)
+    if run.model.lora.rank:
+        chosen = lora.apply(model, run.model.lora, seed=run.seed)
+        print(f"kdjax: LoRA rank {run.model.lora.rank} (alpha {run.model.lora.alpha:g}) on "
+              f"{len(chosen)} layer(s) of the frozen init.workdir student: "
+              f"{', '.join(chosen)}", flush=True)
     if run.quant.mode == "qat":
         model = quantize.for_training(
             model, run.quant, spec.input_shape,
             batch_sizes=(("train.batch_size", run.train.batch_size),
                          ("eval.batch_size", run.eval.batch_size)))
     return spec, model
+
+
+def check_lora(run: plan_lib.RunPlan) -> None:
+    """Refuse model.lora before any directory is made: its rank and alpha, a missing
+    init.workdir, pruning or quantization beside it, and targets that match no nnx.Linear of
+    init.workdir's model (read from its spec, no weights)."""
+    lora.check(run.model.lora)
+    if not run.init.workdir:
+        raise ValueError(f"model.lora.rank={run.model.lora.rank} trains adapters on a frozen "
+                         f"student, and init.workdir is not set: set it to the run or imported "
+                         f"model to adapt (e.g. a `kdjax import --hf` workdir)")
+    others = [f"{k}={v!r}" for k, v, off in (("prune.method", run.prune.method, "none"),
+                                             ("quant.mode", run.quant.mode, "none"))
+              if v != off]
+    if others:
+        raise ValueError(f"model.lora.rank={run.model.lora.rank} with {', '.join(others)}: the "
+                         f"frozen base is neither pruned nor quantized here; set "
+                         f"model.lora.rank=0, or prune.method='none' and quant.mode='none'")
+    reader = checkpoint.RunReader(run.init.workdir, what="init.workdir")
+    try:
+        spec = reader.model_spec(reader.resolve_step("latest"))
+    finally:
+        reader.close()
+    if run.init.layers:
+        spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "num_layers": len(run.init.layers)})
+    lora.match(spec.abstract(), run.model.lora)
 
 
 def _load_initial(init: plan_lib.Init, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:

@@ -203,6 +203,12 @@ def _rename(rules: tuple[Rule, ...], module_path: str) -> str:
                          f"in kdjax/interop/layouts.py must follow kdjax/models.py")
 
 
+def hf_module_name(module_path: str) -> str:
+    """The transformers module name of a kdjax Transformer's module ("layers.0.attention.q" ->
+    "model.layers.0.self_attn.q_proj"): PEFT's adapters are named after it."""
+    return _rename(_HF, module_path)
+
+
 def _natural(name: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
