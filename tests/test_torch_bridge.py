@@ -533,3 +533,27 @@ def test_torch_teachers_in_a_multi_teacher_ensemble(torch_teacher, data_dir, tmp
     assert [p["workdir"] for p in summary["teacher_preparation"]] == [torch_teacher["run"],
                                                                       str(native)]
     assert np.isfinite(summary["train/loss"])
+
+
+def test_a_pate_ensemble_of_torch_teachers(data_dir, tmp_path):
+    """PATE stacks its teachers into one vmapped forward: torch teachers of one architecture
+    share one module (their GraphDefs are equal) though each has its own weights."""
+    exp = os.path.join(TESTS, "..", "experiments", "fashion_mnist")
+    common = [f"--config.data.data_dir={data_dir}", "--config.eval.batch_size=50",
+              "--config.train.steps=2", "--no-progress"]
+    assert cli.main(["train", "--config", os.path.join(exp, "pate_teachers.py"), "--workdir",
+                     str(tmp_path / "teachers"), "--config.pate.teachers=2",
+                     "--config.model.torch=_torch_nets:Net", '--config.model.torch_kwargs='
+                     '{"width": 4}', "--config.train.batch_size=16",
+                     "--config.data.eval_split=test[:100]", *common]) == 0
+    a, b = (checkpoint.read_model(str(tmp_path / "teachers" / f"teacher_{k}"), "latest")[4]
+            for k in range(2))
+    assert a.module is b.module  # one recipe, so one GraphDef
+    assert not np.array_equal(a.state_dict()["head.weight"], b.state_dict()["head.weight"])
+    assert cli.main(["distill", "--config", os.path.join(exp, "pate_student.py"), "--workdir",
+                     str(tmp_path / "student"), f"--config.teacher.workdir={tmp_path / 'teachers'}",
+                     "--config.pate.public_split=test[:100]", "--config.pate.queries=50",
+                     "--config.pate.threshold=1.0", "--config.train.batch_size=8",
+                     "--config.data.eval_split=test[100:150]", *common]) == 0
+    summary = json.load(open(tmp_path / "student" / "summary.json"))
+    assert 0 < summary["privacy/answered"] <= 50 and summary["privacy/epsilon"] > 0

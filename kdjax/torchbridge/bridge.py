@@ -320,6 +320,20 @@ def from_module(module: torch.nn.Module, example_input: Any) -> tuple[Arrays, Ar
     return params, buffers, apply_fn
 
 
+_RECIPES: dict[str, torch.nn.Module] = {}
+
+
+def _recipe(factory: str, kwargs: Mapping[str, Any], built: torch.nn.Module) -> torch.nn.Module:
+    """One module object per (factory, kwargs) in a process.
+
+    The module is only the recipe its forward is traced from (its weights live in the NNX
+    variables), and it is part of the model's static structure: two TorchModels of one
+    architecture must hold the same object for their GraphDefs to be equal (a PATE ensemble
+    stacks its teachers into one vmapped forward, which needs one GraphDef)."""
+    key = json.dumps([factory, kwargs], sort_keys=True, default=repr)
+    return _RECIPES.setdefault(key, built)
+
+
 def _nest(flat: Mapping[str, Any], wrap: Callable[[Any], nnx.Variable]) -> nnx.Dict:
     """{"a.b.c": v} -> nnx.Dict(a=nnx.Dict(b=nnx.Dict(c=wrap(v)))): state_dict names as NNX paths
     (nested rather than dotted keys, which checkpoint path formats would split)."""
@@ -381,7 +395,7 @@ class TorchModel(nnx.Module):
             seed = _draw_seed(rngs)
         module = build_module(factory, factory_kwargs, seed=seed, what="model.torch")
         params, buffers = state_arrays(module)
-        self.module = module
+        self.module = _recipe(factory, factory_kwargs, module)
         self.factory = factory
         self.factory_kwargs = factory_kwargs
         self.dtype = jnp.dtype(dtype)
