@@ -17,8 +17,6 @@ torch/native. Results go to benchmarks/results/torch_teacher_<device>.json and .
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -31,8 +29,6 @@ from kdjax import models, objectives, sharding, step as step_lib, teacher as tea
 from kdjax.interop import layouts
 from kdjax.step import DeviceData, freeze, init_train_state, make_distill_step
 from kdjax.torchbridge import importer as torch_importer
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def _teachers(name: str, pixels: int, dtype) -> dict[str, step_lib.FrozenModel]:
@@ -111,32 +107,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    meta = {"device": device.device_kind, "platform": device.platform,
-            "host_before": common.host_info()}
-    rows = [bench_row(r, windows=args.windows, steps=args.steps) for r in args.rows.split(",")]
-    meta["host_after"] = common.host_info()
-    tag = device.platform
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"torch_teacher_{tag}.json"), "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=2)
+    result = {"device": device.device_kind, "platform": device.platform,
+              "command": f"python -m benchmarks.torch_teacher --rows {args.rows}",
+              "host_before": common.host_info()}
+    result["rows"] = [bench_row(r, windows=args.windows, steps=args.steps)
+                      for r in args.rows.split(",")]
+    result["host_after"] = common.host_info()
+    common.write_results(f"torch_teacher_{device.platform}", result, markdown)
+
+
+def markdown(result: dict) -> str:
+    """The results file's table of `main`'s result."""
+    before, after = result["host_before"], result["host_after"]
     lines = ["# A torch-defined teacher against the native one, in the same fused step",
-             "", f"Device: {device.device_kind} ({device.platform}); host "
-             f"{meta['host_before']['cpu']}, {meta['host_before']['cpu_count']} cores; load "
-             f"{meta['host_before']['load_average_1min']:.1f} before, "
-             f"{meta['host_after']['load_average_1min']:.1f} after; {meta['host_before']['date']}."
-             f" Student cnn_tiny, SGD, KD at T=4; `python -m benchmarks.torch_teacher "
-             f"--rows {args.rows}`.", "",
+             "", f"Device: {result['device']} ({result['platform']}); host {before['cpu']}, "
+             f"{before['cpu_count']} cores; load {before['load_average_1min']:.1f} before, "
+             f"{after['load_average_1min']:.1f} after; {before['date']}. Student cnn_tiny, SGD, "
+             f"KD at T=4; `{result['command']}`.", "",
              "| teacher | px | batch | dtype | native img/s | torch img/s | ratio | native "
              "compile s | torch compile s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in result["rows"]:
         lines.append(f"| {r['teacher']} | {r['pixels']} | {r['batch']} | {r['dtype']} | "
                      f"{r['native']['images_per_s']} | {r['torch']['images_per_s']} | "
                      f"{r['torch_over_native_images_per_s']} | {r['native']['compile_s']} | "
                      f"{r['torch']['compile_s']} | {r['torch_over_native_compile_s']} |")
-    with open(os.path.join(RESULTS, f"torch_teacher_{tag}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
