@@ -32,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -44,7 +43,6 @@ from kdjax.lm.objective import TokenObjective
 from kdjax.lm.step import make_lm_step
 from kdjax.step import DeviceData, Distillee, freeze, init_train_state
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 VOCAB = 128_256
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B), untied head.
 TEACHER = dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, d_ff=14336,
@@ -167,9 +165,15 @@ def main(argv: list[str] | None = None) -> None:
               "teacher": TEACHER, "student": STUDENT, "vocab": VOCAB, "one_device": one,
               "largest_fit_80gb": largest, "fsdp_8": fsdp, "attention_8192": attn,
               "depth": depth}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "lm_memory_plan_cpu.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    common.write_results("lm_memory_plan_cpu", result, markdown)
+
+
+def markdown(result: dict) -> str:
+    """The results file's tables and lines of `main`'s result."""
+    host, one, largest = result["host"], result["one_device"], result["largest_fit_80gb"]
+    fsdp, attn, depth = result["fsdp_8"], result["attention_8192"], result["depth"]
+    per_row = one[1]["total_gb"] - one[0]["total_gb"]
+    fit = int((80.0 - one[0]["total_gb"]) // per_row) + 1 if per_row > 0 else 1
     rows = [*one, *([largest] if largest else []), fsdp]
     lines = ["# The fused LM distillation step at real sizes: memory planned on the CPU", "",
              f"Ahead-of-time compiled with abstract arrays (`python -m benchmarks.lm_memory_plan`"
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['devices']} | {r['rule']} | {r['batch']} | {r['seq_len']} | "
                      f"{r['argument_gb']:.2f} | {r['temp_gb']:.2f} | {r['output_gb']:.2f} | "
                      f"{r['alias_gb']:.2f} | {r['total_gb']:.2f} | {r['compile_s']:.0f} |")
-    lines += ["", f"(a) largest batch within 80 GB on one device: "
+    lines += ["", "(a) largest batch within 80 GB on one device: "
               + (f"{largest['batch']} ({largest['total_gb']:.1f} GB)" if largest else
                  f"{fit} (from the two measured batches: {per_row:.2f} GB per row)"), "",
               "(c) one attention layer (32 query heads, 8 key/value heads, head 64), forward and "
@@ -196,10 +200,7 @@ def main(argv: list[str] | None = None) -> None:
               "Rows (a) and (b) scan the layers (`model.kwargs.scan_layers`).", "",
               f"Load average {host['load_average_1min']:.1f} before, "
               f"{result['host_after']['load_average_1min']:.1f} after (compile times only)."]
-    with open(os.path.join(RESULTS, "lm_memory_plan_cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
