@@ -226,9 +226,11 @@ def base_config() -> ml_collections.ConfigDict:
     # beta / alpha. chunk_size: positions per chunk of the vocabulary-chunked loss (0 = whole
     # [B, T, V] logits). eval_rows: held-out rows evaluated (0 = all). prompts: texts continued
     # by generate_tokens tokens after the final eval (in summary.json), sampled with
-    # sample_temperature (0 = greedy), top_k, top_p.
+    # sample_temperature (0 = greedy), top_k, top_p. cross_tokenizer "next_byte" distils from a
+    # teacher with another (byte-level) tokenizer, aligned by byte offsets and compared on the
+    # next byte (kdjax.lm.cross_tokenizer); "" refuses one.
     c.lm = dict(chunk_size=128, eval_rows=0, prompts=(), generate_tokens=48,
-                sample_temperature=0.0, top_k=0, top_p=1.0)
+                sample_temperature=0.0, top_k=0, top_p=1.0, cross_tokenizer="")
     return c
 
 

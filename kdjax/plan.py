@@ -291,6 +291,7 @@ class Lm:
     sample_temperature: float  # 0 = greedy
     top_k: int
     top_p: float
+    cross_tokenizer: str  # "" | next_byte: a teacher of another tokenizer (kdjax.lm.cross_tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
