@@ -25,8 +25,8 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.suite import _versions
-from kdjax import config as config_lib
-from kdjax.lm import data as text_data, trainer
+from kdjax import config as config_lib, trainer
+from kdjax.lm import data as text_data
 from kdjax.prepare.text import prepare_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
