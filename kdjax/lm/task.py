@@ -29,7 +29,7 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
-from kdjax.lm import cache as teacher_cache, data as text_data, hf, packing, sampling
+from kdjax.lm import cache as teacher_cache, data as text_data, hf, onpolicy, packing, sampling
 from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
@@ -147,6 +147,10 @@ class LanguageModelTask(Task):
                              f"got teacher.workdirs={tuple(plan.teacher.workdirs)}")
         # its own errors, before any work (a cache's top-k loss: a forward KL)
         objective_from_plan(plan, top_k=max(plan.teacher.top_k, 1) if cache else None)
+        if plan.lm.on_policy.fraction:
+            onpolicy.check(plan.lm.on_policy, seq_len=self._dataset().seq_len,
+                           loss_name=plan.loss.name, distill=distill, cache=cache,
+                           data_name=plan.data.name)
 
     def teacher_workdirs(self, *, distill: bool) -> tuple[str, ...]:
         """The online teacher, none when its targets come from teacher.cache."""
@@ -271,6 +275,13 @@ class LanguageModelTask(Task):
                 raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, whose "
                                  f"head is applied inside its own forward, so its logits are "
                                  f"whole: set lm.chunk_size=0 (got {plan.lm.chunk_size})")
+            on_policy = plan.lm.on_policy
+            if spec.name == TORCH_CAUSAL_LM and on_policy.fraction and (
+                    on_policy.generator == "teacher"):
+                raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, which has "
+                                 f"no KV-cached decoding in kdjax, so it cannot generate "
+                                 f"(lm.on_policy.generator='teacher'); set "
+                                 f"lm.on_policy.generator='student'")
             theirs = run.get("tokenizer", {})
             if (spec.name in lm_models.LM_MODELS and spec.num_classes > student.num_classes
                     and theirs.get("kind") == ours.get("kind")
@@ -316,6 +327,7 @@ class LanguageModelTask(Task):
         return make_lm_step(graphdef, tx, objective_from_plan(
             self.plan, top_k=None if layout is None else layout.k),
             teacher=teachers[0] if teachers else None, data=data.device, cache=layout,
+            on_policy=self.plan.lm.on_policy if self.plan.lm.on_policy.fraction else None,
             **compile_args)
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
