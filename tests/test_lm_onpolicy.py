@@ -133,10 +133,9 @@ def test_lambda_zero_is_the_supervised_step():
     _, state_a, supervised = _step(tx, objective, None, rows, teacher)
     _, state_b, zero = _step(tx, objective, _on_policy(fraction=0.0), rows, teacher)
     assert supervised.lower(state_a).as_text() == zero.lower(state_b).as_text()
-    for _ in range(2):
-        state_a, ma = supervised(state_a)
-        state_b, mb = zero(state_b)
-        assert jax.device_get(ma) == jax.device_get(mb)
+    _, ma = supervised(state_a)
+    _, mb = zero(state_b)
+    assert jax.device_get(ma) == jax.device_get(mb)
     assert "generated_sum" not in ma
 
 
@@ -221,14 +220,15 @@ def test_kdjax_distill_runs_on_policy_end_to_end(text_dir, tmp_path):
               "--config.train.batch_size=4", "--config.eval.batch_size=8",
               "--config.lm.eval_rows=8", "--config.lm.prompts=()", "--config.lm.chunk_size=8",
               "--config.optimizer.warmup_steps=0", "--config.model.name=lm_tiny",
-              "--config.train.steps=8", "--config.eval.every_steps=8",
-              "--config.checkpoint.every_steps=8", "--no-progress"]
+              "--config.train.steps=4", "--config.eval.every_steps=4",
+              "--config.checkpoint.every_steps=4", "--config.train.log_every_steps=4",
+              "--no-progress"]
     teacher = str(tmp_path / "teacher")
     assert cli.main(["train", "--config", f"{EXP}/teacher.py", "--workdir", teacher,
-                     "--config.train.log_every_steps=8", *common]) == 0
+                     *common]) == 0
     student = tmp_path / "student"
     assert cli.main(["distill", "--config", f"{EXP}/onpolicy.py", "--workdir", str(student),
-                     f"--config.teacher.workdir={teacher}", "--config.train.log_every_steps=8",
+                     f"--config.teacher.workdir={teacher}",
                      "--config.lm.on_policy.prompt_tokens=6",
                      "--config.lm.on_policy.max_new_tokens=10", *common]) == 0
     with open(student / "metrics.jsonl") as f:
