@@ -3,7 +3,7 @@ the step spent generating, and (with --compare) what each mode buys on the demo 
 
   python -m benchmarks.onpolicy [--tag cpu] [--windows 5] [--steps 2]
   python -m benchmarks.onpolicy --compare --data-dir DIR --teacher RUN [--seeds 0 1 2]
-      [--budget-s 60]
+      [--budget-s 90]
 
 Speed: `make demo-lm`'s shapes (the lm_mini student, the lm_small teacher, the byte vocabulary,
 32 rows of 128 positions, prompts of 64 tokens continued by 64), random weights (the time does
@@ -22,7 +22,7 @@ held-out perplexity, and the teacher's NLL per token of the student's own contin
 first 64 tokens of held-out rows (64 new tokens at temperature 1: how plausible the teacher
 finds what the student writes).
 
-Writes benchmarks/results/onpolicy_<tag>.{json,md} (and onpolicy_compare.{json,md}).
+Writes benchmarks/results/onpolicy_<tag>.{json,md} (the comparison in the same files).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--teacher", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--budget-s", type=float, default=90.0)
     parser.add_argument("--eval-rows", type=int, default=256)
     parser.add_argument("--sample-rows", type=int, default=64)
     parser.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "onpolicy_compare"))
@@ -235,8 +235,7 @@ def main() -> None:
     if args.compare:
         result["compare"] = compare(args, result["speed"]["seconds"])
     result["load_after"] = os.getloadavg()[0]
-    common.write_results(f"onpolicy_{'compare' if args.compare else args.tag}", result,
-                         markdown)
+    common.write_results(f"onpolicy_{args.tag}", result, markdown)
 
 
 if __name__ == "__main__":
