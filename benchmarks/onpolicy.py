@@ -208,7 +208,23 @@ def markdown(result: dict) -> str:
             sd = (lambda x: x.std(ddof=1) if len(x) > 1 else 0.0)
             lines.append(f"| {mode} | {runs[0]['steps']} | {ppl.mean():.3f} ± {sd(ppl):.3f} | "
                          f"{nll.mean():.3f} ± {sd(nll):.3f} |")
-        lines.append("")
+        every = [r for runs in c["runs"].values() for r in runs]
+        steps = [r["steps"] for r in every]
+        best = {key: min(c["runs"], key=lambda m: np.mean([r[key] for r in c["runs"][m]]))
+                for key in ("perplexity", "teacher_nll_of_samples")}
+        lines += ["", f"Each mode's steps are the budget over its step time above. The runs' "
+                  f"whole wall times, compile and eval included, were "
+                  f"{min(r['wall_s'] for r in every):.0f}-{max(r['wall_s'] for r in every):.0f} "
+                  f"s, at load averages {min(r['load_before'] for r in every):.1f}-"
+                  f"{max(r['load_before'] for r in every):.1f} when they started. The students "
+                  f"start from random weights and train {min(steps)}-{max(steps)} steps; at "
+                  f"this budget the best mean perplexity is {best['perplexity']}'s and the best "
+                  f"teacher NLL of samples {best['teacher_nll_of_samples']}'s. A student "
+                  f"that samples from nearly random weights is trained on continuations no "
+                  f"corpus holds, and sequence-level KD pays for the teacher's decoding with "
+                  f"fewer steps. On-policy distillation is usually started from a student "
+                  f"already trained (GKD's setting: init.workdir here); that comparison was not "
+                  f"run.", ""]
     return "\n".join(lines)
 
 
