@@ -95,11 +95,16 @@ def test_sampling_uses_the_current_student_weights():
     tx = optax.adam(0.05)
     graphdef, state, step = _step(tx, objective, _on_policy(), rows, teacher)
 
-    def student_of(params):
-        return nnx.merge(graphdef, params, state.model_state).student
+    references = {}
 
-    def check(params, metrics, stale=None):
-        want = _reference(student_of(params), teacher, *rows)
+    def reference(name, params):
+        if name not in references:
+            student = nnx.merge(graphdef, params, state.model_state).student
+            references[name] = _reference(student, teacher, *rows)
+        return references[name]
+
+    def check(name, params, metrics, stale=None):
+        want = reference(name, params)
         n = SEQ * V
         assert float(metrics["tokens"]) == float(metrics["generated_sum"]) == want["tokens"]
         assert_close(float(metrics["kd_sum"]), want["kd"], n=n, magnitude=want["kd_abs"])
@@ -108,20 +113,20 @@ def test_sampling_uses_the_current_student_weights():
         assert_close(float(metrics["loss"]), want["kd"] / want["tokens"], n=n,
                      magnitude=want["kd_abs"] / want["tokens"])
         if stale is not None:
-            old = _reference(student_of(stale), teacher, *rows)
+            old = references[stale]
             assert abs(old["kd"] - want["kd"]) > 100 * (abs(float(metrics["kd_sum"])
                                                             - want["kd"]) + 1e-4)
 
     first = jax.device_get(state.params)
     state, metrics = step(state)
-    check(first, metrics)
+    check("first", first, metrics)
     updated = jax.device_get(state.params)
     state, metrics = step(state)  # samples with the updated weights, not the first ones
-    check(updated, metrics, stale=first)
+    check("updated", updated, metrics, stale="first")
     other = jax.device_get(init_train_state(_spec().build(7), tx, seed=0)[1].params)
     state = state.replace(params=jax.tree.map(jnp.asarray, other))
     state, metrics = step(state)  # weights replaced between steps: it samples with them
-    check(other, metrics, stale=jax.device_get(updated))
+    check("other", other, metrics, stale="updated")
 
 
 def test_lambda_zero_is_the_supervised_step():
