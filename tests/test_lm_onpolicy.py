@@ -83,6 +83,12 @@ def test_generated_inputs_count_only_the_new_tokens():
     # positions 2 and 3 predict the new tokens 11 and 12; the second row's prompt was invalid
     np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 0, 0, 0, 0], [0] * 8])
     np.testing.assert_array_equal(out["generated"], [1.0, 1.0])
+    # tokens after the first end of document do not count; the eos itself does
+    new = jnp.array([[2, 12], [13, 2]], jnp.int32)
+    out = jax.device_get(onpolicy.generated_inputs(prompts, new, jnp.array([True, True]), 8,
+                                                   eos=2))
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 0, 0, 0, 0, 0],
+                                                     [0, 0, 1, 1, 0, 0, 0, 0]])
 
 
 def test_sampling_uses_the_current_student_weights():

@@ -20,7 +20,8 @@ jitted program as the update, so no batch travels to the host):
 A generated row is one document, prompt and continuation, laid out in the batch's own shape
 (``[B, seq_len]``, the tail padding), and the loss counts its generated tokens only: the
 positions whose targets are sampled. A prompt that would hold padding (the corpus's last row)
-counts nothing. The prompt is attended as one document even where it spans two of the corpus.
+counts nothing, nor do the tokens generated after the first end-of-document token. The prompt
+is attended as one document even where it spans two of the corpus.
 λ = 0 builds no rollout at all, so the program is the supervised step's; 0 < λ < 1 picks the
 batch by `lax.cond`, which runs only the chosen branch.
 """
@@ -80,28 +81,33 @@ def check(on_policy: plan_lib.OnPolicy, *, seq_len: int, loss_name: str, distill
                          f"(0 = greedy)")
 
 
-def generated_inputs(prompts: jax.Array, new: jax.Array, valid: jax.Array, seq_len: int
-                     ) -> dict[str, jax.Array]:
+def generated_inputs(prompts: jax.Array, new: jax.Array, valid: jax.Array, seq_len: int,
+                     eos: int | None = None) -> dict[str, jax.Array]:
     """The model inputs (as kdjax.lm.packing.model_inputs gives them, ``[B, seq_len]``) of rows
     ``prompts [B, P] + new [B, N]``, one document each, padded at the end; "loss_mask" holds the
-    positions whose targets are the `new` tokens of `valid` ``[B]`` rows, and "generated" is 1
-    for every row."""
+    positions whose targets are the `new` tokens of `valid` ``[B]`` rows, up to and including
+    the first `eos` (the end of the document: what follows is no text of it), and "generated"
+    is 1 for every row."""
+    p = prompts.shape[1]
+    counted = jnp.ones(new.shape, bool) if eos is None else (
+        jnp.cumsum(new == eos, axis=1) - (new == eos) == 0)
     rows = jnp.concatenate([prompts, new], axis=1)
     length = rows.shape[1]
-    pad = seq_len + 1 - length
-    rows = jnp.pad(rows, ((0, 0), (0, pad)))
+    rows = jnp.pad(rows, ((0, 0), (0, seq_len + 1 - length)))
     pos = jnp.arange(seq_len)[None, :]
+    targets_counted = jnp.pad(counted, ((0, 0), (p - 1, seq_len + 1 - length)))
     return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
             "segment_ids": jnp.broadcast_to((pos < length - 1).astype(jnp.int32),
                                             (rows.shape[0], seq_len)),
-            "loss_mask": (pos >= prompts.shape[1] - 1) & (pos < length - 1) & valid[:, None],
+            "loss_mask": targets_counted & valid[:, None],
             "generated": jnp.ones(rows.shape[:1], jnp.float32)}
 
 
-def rollout(on_policy: plan_lib.OnPolicy) -> Callable[..., Any] | None:
+def rollout(on_policy: plan_lib.OnPolicy, eos: int | None = None) -> Callable[..., Any] | None:
     """kdjax.step.StepParts.rollout of lm.on_policy: `(distillee, teachers, inputs, key) ->
-    inputs`, with probability λ the batch generated (`generated_inputs`), else the corpus rows
-    with "generated" 0; None for λ = 0 (the supervised step, unchanged)."""
+    inputs`, with probability λ the batch generated (`generated_inputs`; `eos` the tokenizer's
+    end-of-document id), else the corpus rows with "generated" 0; None for λ = 0 (the
+    supervised step, unchanged)."""
     if on_policy.fraction == 0.0:
         return None
     config = sampling.SamplingConfig(temperature=float(on_policy.temperature))
@@ -115,7 +121,7 @@ def rollout(on_policy: plan_lib.OnPolicy) -> Callable[..., Any] | None:
                                  jax.random.fold_in(key, _SAMPLE), max_new_tokens=n,
                                  config=config)
         valid = (inputs["segment_ids"][:, :p] != 0).all(axis=1)
-        return generated_inputs(prompts, new, valid, inputs["tokens"].shape[1])
+        return generated_inputs(prompts, new, valid, inputs["tokens"].shape[1], eos)
 
     def run(model, teachers, inputs, key):
         if on_policy.fraction == 1.0:

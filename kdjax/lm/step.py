@@ -56,7 +56,7 @@ def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[st
 
 
 def lm_parts(objective: TokenObjective, cache: Layout | None = None,
-             on_policy: plan_lib.OnPolicy | None = None) -> StepParts:
+             on_policy: plan_lib.OnPolicy | None = None, eos: int | None = None) -> StepParts:
     """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[,
     "loss_mask"]}) to model inputs, the teacher's last hidden states (its head is applied chunk
     by chunk inside the loss), and the token-mean objective over the batch's target tokens.
@@ -66,8 +66,9 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
     "teacher_topk"; the step then has no teacher to run, and the loss is the same.
 
     With `on_policy` (lm.on_policy, λ > 0) a share λ of the batches are generated in the step
-    (kdjax.lm.onpolicy) and the metrics gain "generated_sum"."""
-    rollout = None if on_policy is None else onpolicy.rollout(on_policy)
+    (kdjax.lm.onpolicy; `eos`: the tokenizer's end-of-document id, after which generated tokens
+    do not count) and the metrics gain "generated_sum"."""
+    rollout = None if on_policy is None else onpolicy.rollout(on_policy, eos)
 
     def inputs(batch, key):
         del key  # no augmentation
@@ -110,18 +111,20 @@ def make_lm_step(
     grad_accum: int = 1,
     cache: Layout | None = None,
     on_policy: plan_lib.OnPolicy | None = None,
+    eos: int | None = None,
 ) -> Step:
     """The LM train step (`make_step` with `lm_parts`); call it as ``state, metrics =
     step(state)`` (it samples its rows from `data`, {"tokens", "segments"}, and with a teacher
     cache "cache", whose `Layout` is `cache`); `on_policy` (lm.on_policy) generates a share
-    of the batches in the step (kdjax.lm.onpolicy).
+    of the batches in the step (kdjax.lm.onpolicy), counting the generated tokens up to the
+    first `eos` (the tokenizer's end-of-document id).
 
     `graphdef` is the Distillee's (its student an LM of kdjax.lm.models), `teacher` a frozen LM
     with the same vocabulary, or None for supervised training or a cache. Metrics: the
     SUM_METRICS of the batch, "tokens" (target tokens counted), "loss" (the token-mean
     objective, over the whole batch's tokens whatever `grad_accum`) and "grad_norm".
     """
-    return make_step(graphdef, tx, lm_parts(objective, cache, on_policy),
+    return make_step(graphdef, tx, lm_parts(objective, cache, on_policy, eos),
                      teachers=() if teacher is None else (teacher,), mesh=mesh, data=data,
                      steps_per_call=steps_per_call, nan_policy=nan_policy,
                      state_sharding=state_sharding, teacher_sharding=teacher_sharding,

@@ -328,7 +328,7 @@ class LanguageModelTask(Task):
             self.plan, top_k=None if layout is None else layout.k),
             teacher=teachers[0] if teachers else None, data=data.device, cache=layout,
             on_policy=self.plan.lm.on_policy if self.plan.lm.on_policy.fraction else None,
-            **compile_args)
+            eos=self._dataset().tokenizer().eos, **compile_args)
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
         return make_lm_eval_step(graphdef, objective_from_plan(self.plan),
