@@ -302,6 +302,7 @@ class Lm:
     sample_temperature: float  # 0 = greedy
     top_k: int
     top_p: float
+    cross_tokenizer: str  # "" | next_byte: a teacher of another tokenizer (kdjax.lm.cross_tokenizer)
     on_policy: OnPolicy
 
 

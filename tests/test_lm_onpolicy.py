@@ -216,6 +216,8 @@ def test_every_refusal_comes_before_a_run_directory(text_dir, tmp_path):
     refused(r"teacher.cache='somewhere' holds targets for the corpus's tokens only",
             "--config.teacher.cache=somewhere", "--config.loss.name=forward_kl",
             "--config.loss.kwargs={}")
+    refused(r"lm.cross_tokenizer='next_byte' aligns the teacher's tokenization of corpus text",
+            "--config.lm.cross_tokenizer=next_byte", "--config.lm.chunk_size=0")
     with pytest.raises(ValueError, match=r"lm.on_policy.fraction=0.5 trains on generated tokens "
                                          r"that a teacher scores: run `kdjax distill`"):
         cli.main(["train", "--config", f"{EXP}/student_scratch.py", "--workdir", workdir,

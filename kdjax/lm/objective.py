@@ -114,6 +114,24 @@ class TokenObjective:
                                                             **self.kwargs)
         return out
 
+    def byte_terms(self, student: nnx.Module, hidden: jax.Array, teacher_bytes: jax.Array,
+                   student_first_bytes: jax.Array, targets: jax.Array, mask: jax.Array,
+                   aligned: jax.Array) -> dict[str, jax.Array]:
+        """`terms` against a teacher of another tokenizer (kdjax.lm.cross_tokenizer): "kd" is the
+        divergence between the two next-byte distributions (the teacher's, ``[B, T, 257]`` log
+        probabilities, read where its position is `aligned` with the student's), "agreement"
+        whether their most likely next bytes agree."""
+        logits = student.logits(hidden)
+        both = mask & aligned
+        student_bytes = losses.token_byte_log_probs(logits[..., :len(student_first_bytes)],
+                                                    student_first_bytes)
+        return {"ce": losses.token_cross_entropy(logits, targets, mask=mask),
+                "correct": jnp.where(mask, logits.argmax(-1) == targets, 0.0),
+                "agreement": jnp.where(both, student_bytes.argmax(-1) == teacher_bytes.argmax(-1),
+                                       0.0),
+                "kd": losses.token_divergence(self.divergence)(student_bytes, teacher_bytes,
+                                                               mask=both, **self.kwargs)}
+
     def loss(self, terms: dict[str, jax.Array], mask: jax.Array, step: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(the token-mean objective, metrics) from `terms`' per-token values: each term's sum

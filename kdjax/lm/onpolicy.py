@@ -44,7 +44,7 @@ _COIN, _SAMPLE = 0x0C01, 0x5A3E
 
 
 def check(on_policy: plan_lib.OnPolicy, *, seq_len: int, loss_name: str, distill: bool,
-          cache: str, data_name: str) -> None:
+          cache: str, data_name: str, cross_tokenizer: str = "") -> None:
     """Refuse lm.on_policy settings (λ = fraction != 0) that cannot run, naming the key, the
     value and the fix."""
     fraction = on_policy.fraction
@@ -66,6 +66,11 @@ def check(on_policy: plan_lib.OnPolicy, *, seq_len: int, loss_name: str, distill
                          f"targets for the corpus's tokens only, not for generated ones; set "
                          f"teacher.cache='' and teacher.workdir to the teacher's run, or "
                          f"lm.on_policy.fraction=0")
+    if cross_tokenizer:
+        raise ValueError(f"lm.on_policy.fraction={fraction}: lm.cross_tokenizer="
+                         f"{cross_tokenizer!r} aligns the teacher's tokenization of corpus text, "
+                         f"which generated tokens do not have; set lm.cross_tokenizer='' (a "
+                         f"teacher of the student's tokenizer), or lm.on_policy.fraction=0")
     for key in ("prompt_tokens", "max_new_tokens"):
         if getattr(on_policy, key) < 1:
             raise ValueError(f"lm.on_policy.{key}={getattr(on_policy, key)} must be >= 1")

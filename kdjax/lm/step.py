@@ -27,9 +27,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from kdjax import losses
 from kdjax import plan as plan_lib
 from kdjax.lm import onpolicy, packing
 from kdjax.lm.cache import Layout
+from kdjax.lm.cross_tokenizer import Reading
 from kdjax.lm.objective import TokenObjective
 from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, compile_eval,
                         make_step)
@@ -44,26 +46,52 @@ def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Ar
                             logits=False)["hidden"]
 
 
+def _teacher_bytes(teacher: nnx.Module, inputs: dict[str, jax.Array], reading: Reading
+                   ) -> jax.Array:
+    """A teacher of another tokenizer on the batch's text (its "teacher_tokens", read as
+    `reading.chunks` rows of `reading.window`): its next-byte log-probabilities ``[B, T, 257]``
+    at the positions aligned with the student's ("align"; any value where there is none)."""
+    rows = inputs["teacher_tokens"].shape[0]
+    flat = (rows * reading.chunks, reading.window)
+    hidden = teacher.features(inputs["teacher_tokens"].reshape(flat),
+                              segment_ids=inputs["teacher_segments"].reshape(flat),
+                              logits=False)["hidden"]
+    logits = teacher.logits(hidden).reshape(rows, reading.chunks * reading.window, -1)
+    at = jnp.maximum(inputs["align"], 0)[..., None]
+    # rows past the tokenizer's tokens (a padded embedding) are mass no text reaches
+    tokens = len(reading.teacher_first_bytes)
+    return losses.token_byte_log_probs(jnp.take_along_axis(logits[..., :tokens], at, axis=1),
+                                       reading.teacher_first_bytes)
+
+
 def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[str, jax.Array],
                  teacher: nnx.Module | None, teacher_hidden: jax.Array | None, mask: jax.Array,
-                 *, train: bool) -> dict[str, jax.Array]:
+                 *, train: bool, reading: Reading | None = None) -> dict[str, jax.Array]:
     """The objective's per-token ``[B, T]`` terms of the student on `inputs` (with a teacher
-    cache's targets when `inputs` carries them, "teacher_topk")."""
+    cache's targets when `inputs` carries them, "teacher_topk"; with a `reading`, a teacher of
+    another tokenizer, `teacher_hidden` is its `_teacher_bytes`)."""
     hidden = student.features(inputs["tokens"], segment_ids=inputs["segment_ids"], train=train,
                               logits=False)["hidden"]
+    if reading is not None:
+        return objective.byte_terms(student, hidden, teacher_hidden, reading.student_first_bytes,
+                                    inputs["targets"], mask, inputs["align"] >= 0)
     return objective.terms(student, hidden, teacher, teacher_hidden, inputs["targets"], mask,
                            cached=inputs.get("teacher_topk"))
 
 
 def lm_parts(objective: TokenObjective, cache: Layout | None = None,
-             on_policy: plan_lib.OnPolicy | None = None, eos: int | None = None) -> StepParts:
+             reading: Reading | None = None, on_policy: plan_lib.OnPolicy | None = None,
+             eos: int | None = None) -> StepParts:
     """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[,
     "loss_mask"]}) to model inputs, the teacher's last hidden states (its head is applied chunk
     by chunk inside the loss), and the token-mean objective over the batch's target tokens.
 
     With a teacher cache's `Layout`, the rows also carry their cached targets ("cache",
     ``[B, seq_len, token_bytes]`` uint8), decoded here on the device into the inputs'
-    "teacher_topk"; the step then has no teacher to run, and the loss is the same.
+    "teacher_topk"; the step then has no teacher to run, and the loss is the same. With a
+    teacher of another tokenizer (its `Reading`), the rows carry the teacher's tokens of the same
+    text ("teacher_tokens", "teacher_segments") and the alignment of the two ("align"), and the
+    teacher is compared on the next byte (kdjax.lm.cross_tokenizer).
 
     With `on_policy` (lm.on_policy, λ > 0) a share λ of the batches are generated in the step
     (kdjax.lm.onpolicy; `eos`: the tokenizer's end-of-document id, after which generated tokens
@@ -75,15 +103,20 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
         out = packing.model_inputs(batch["tokens"], batch["segments"], batch.get("loss_mask"))
         if cache is not None:
             out["teacher_topk"] = cache.decode(batch["cache"])
+        if reading is not None:
+            out.update({k: batch[k] for k in ("teacher_tokens", "teacher_segments", "align")})
         return out
 
     def teach(models, inputs):
+        if reading is not None:
+            return tuple(_teacher_bytes(m, inputs, reading) for m in models)
         return tuple(_teacher_hidden(m, inputs) for m in models)
 
     def loss(model, inputs, frozen, teacher_hidden, step, key):
         mask = inputs["loss_mask"]
         terms = _token_terms(objective, model.student, inputs, frozen[0] if frozen else None,
-                             teacher_hidden[0] if frozen else None, mask, train=True)
+                             teacher_hidden[0] if frozen else None, mask, train=True,
+                             reading=reading)
         if rollout is None:
             return objective.loss(terms, mask, step)
         total, metrics = objective.loss(onpolicy.weigh_terms(terms, inputs, on_policy), mask,
@@ -110,21 +143,23 @@ def make_lm_step(
     teacher_sharding: Any = None,
     grad_accum: int = 1,
     cache: Layout | None = None,
+    reading: Reading | None = None,
     on_policy: plan_lib.OnPolicy | None = None,
     eos: int | None = None,
 ) -> Step:
     """The LM train step (`make_step` with `lm_parts`); call it as ``state, metrics =
-    step(state)`` (it samples its rows from `data`, {"tokens", "segments"}, and with a teacher
-    cache "cache", whose `Layout` is `cache`); `on_policy` (lm.on_policy) generates a share
-    of the batches in the step (kdjax.lm.onpolicy), counting the generated tokens up to the
-    first `eos` (the tokenizer's end-of-document id).
+    step(state)`` (it samples its rows from `data`, {"tokens", "segments"}, with a teacher
+    cache "cache", whose `Layout` is `cache`, and with a teacher of another tokenizer, read as
+    `reading` says, its "teacher_tokens", "teacher_segments" and "align"); `on_policy`
+    (lm.on_policy) generates a share of the batches in the step (kdjax.lm.onpolicy), counting
+    the generated tokens up to the first `eos` (the tokenizer's end-of-document id).
 
     `graphdef` is the Distillee's (its student an LM of kdjax.lm.models), `teacher` a frozen LM
     with the same vocabulary, or None for supervised training or a cache. Metrics: the
     SUM_METRICS of the batch, "tokens" (target tokens counted), "loss" (the token-mean
     objective, over the whole batch's tokens whatever `grad_accum`) and "grad_norm".
     """
-    return make_step(graphdef, tx, lm_parts(objective, cache, on_policy, eos),
+    return make_step(graphdef, tx, lm_parts(objective, cache, reading, on_policy, eos),
                      teachers=() if teacher is None else (teacher,), mesh=mesh, data=data,
                      steps_per_call=steps_per_call, nan_policy=nan_policy,
                      state_sharding=state_sharding, teacher_sharding=teacher_sharding,

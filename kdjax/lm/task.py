@@ -29,7 +29,8 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
-from kdjax.lm import cache as teacher_cache, data as text_data, hf, onpolicy, packing, sampling
+from kdjax.lm import cache as teacher_cache, cross_tokenizer, data as text_data, hf, onpolicy
+from kdjax.lm import packing, sampling
 from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
@@ -123,6 +124,7 @@ class LanguageModelTask(Task):
         super().__init__(plan)
         self.ds: text_data.TextDataset | None = None
         self.cache: teacher_cache.TeacherCache | None = None
+        self.alignment: cross_tokenizer.Alignment | None = None
         self._init: dict[str, Any] | None = None
 
     def check(self, *, distill: bool) -> None:
@@ -147,17 +149,42 @@ class LanguageModelTask(Task):
                              f"got teacher.workdirs={tuple(plan.teacher.workdirs)}")
         # its own errors, before any work (a cache's top-k loss: a forward KL)
         objective_from_plan(plan, top_k=max(plan.teacher.top_k, 1) if cache else None)
+        self._check_cross_tokenizer(distill=distill)
         if plan.lm.on_policy.fraction:
             onpolicy.check(plan.lm.on_policy, seq_len=self._dataset().seq_len,
                            loss_name=plan.loss.name, distill=distill, cache=cache,
-                           data_name=plan.data.name)
+                           data_name=plan.data.name, cross_tokenizer=plan.lm.cross_tokenizer)
+
+    def _check_cross_tokenizer(self, *, distill: bool) -> None:
+        """lm.cross_tokenizer's settings, and what it cannot serve."""
+        plan, mode = self.plan, self.plan.lm.cross_tokenizer
+        if mode not in cross_tokenizer.MODES:
+            raise ValueError(f"lm.cross_tokenizer must be one of {cross_tokenizer.MODES} ('' = "
+                             f"teacher and student share a tokenizer), got {mode!r}")
+        if not mode:
+            return
+        refusals = [
+            (not distill, "distils from a teacher: run it with `kdjax distill`"),
+            (plan.teacher.cache, f"compares the teacher's next-byte distribution, which a top-k "
+                                 f"teacher cache (teacher.cache={plan.teacher.cache!r}) does not "
+                                 f"hold: set teacher.cache=''"),
+            (plan.teacher.top_k, f"compares whole next-byte distributions: set teacher.top_k=0 "
+                                 f"(got {plan.teacher.top_k})"),
+            (plan.lm.chunk_size, f"needs both models' whole logits to marginalise them onto "
+                                 f"bytes: set lm.chunk_size=0 (got {plan.lm.chunk_size})"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(f"lm.cross_tokenizer={mode!r} {why}")
 
     def teacher_workdirs(self, *, distill: bool) -> tuple[str, ...]:
         """The online teacher, none when its targets come from teacher.cache."""
         return () if self.plan.teacher.cache else super().teacher_workdirs(distill=distill)
 
     def eval_metric_names(self, *, distill: bool) -> tuple[str, ...]:
-        return super().eval_metric_names(distill=distill and not self.plan.teacher.cache)
+        # a cache has no teacher to evaluate; one of another tokenizer predicts other tokens
+        return super().eval_metric_names(distill=distill and not self.plan.teacher.cache
+                                         and not self.plan.lm.cross_tokenizer)
 
     def _open_cache(self, ds: text_data.TextDataset, tokens: np.ndarray,
                     segments: np.ndarray) -> teacher_cache.TeacherCache:
@@ -253,12 +280,44 @@ class LanguageModelTask(Task):
             # the cache holds every position's targets; the loss mask only picks which count
             self.cache = self._open_cache(ds, tokens, arrays["segments"])
             arrays["cache"] = self.cache.records
+        if self.plan.lm.cross_tokenizer:
+            self.alignment = self._align(ds, tokens, arrays["segments"])
+            arrays.update(self.alignment.arrays())
         device = DeviceData({k: sharding.replicate(v, mesh) for k, v in arrays.items()},
                             batch_size=batch_size)
         return RunData(student=self._student(), num_train=len(tokens), batch_size=batch_size,
                        # positions (targets are fewer)
                        items_per_step=float(batch_size * ds.seq_len), device=device, stream=None,
                        eval_batches=eval_batches)
+
+    def _align(self, ds: text_data.TextDataset, tokens: np.ndarray, segments: np.ndarray
+               ) -> cross_tokenizer.Alignment:
+        """The training rows as teacher.workdir's tokenizer reads them, aligned with the
+        student's (kdjax.lm.cross_tokenizer), in windows of the teacher's own sequence length."""
+        workdir = self.plan.teacher.workdir
+        reader = RunReader(workdir, what="teacher.workdir")
+        try:
+            run = reader.run_meta(reader.resolve_step("latest"))
+        finally:
+            reader.close()
+        spec = ModelSpec.from_json(run["model"])
+        if spec.name == TORCH_CAUSAL_LM or not is_lm(spec.name):
+            raise ValueError(f"lm.cross_tokenizer: the teacher in {workdir!r} is {spec.name!r}; "
+                             f"a teacher of another tokenizer must be an LM of kdjax.lm.models "
+                             f"(a kdjax run, or a `kdjax import --hf` one)")
+        teacher_tok = _run_tokenizer(workdir, run)
+        found = cross_tokenizer.align_rows(tokens, segments, student=ds.tokenizer(),
+                                           teacher=teacher_tok, window=spec.input_shape[0])
+        if found.aligned == 0.0:
+            raise ValueError(f"lm.cross_tokenizer: no position of {self.plan.data.name!r} reads "
+                             f"the same text in the teacher's tokenizer ({workdir!r}): the two "
+                             f"tokenizers do not spell their tokens alike")
+        r = found.reading
+        print(f"kdjax: cross-tokenizer distillation: the teacher reads each row as {r.chunks} "
+              f"row(s) of {r.window} of its own tokens; {100 * found.aligned:.2f} % of the "
+              f"student's target positions are aligned with one of its positions (byte offsets)",
+              flush=True)
+        return found
 
     def load_teacher(self, workdir: str, student: ModelSpec, mesh) -> Teacher:
         """The latest checkpoint of the LM run `workdir`, checked against the student's
@@ -283,6 +342,8 @@ class LanguageModelTask(Task):
                                  f"(lm.on_policy.generator='teacher'); set "
                                  f"lm.on_policy.generator='student'")
             theirs = run.get("tokenizer", {})
+            if plan.lm.cross_tokenizer:
+                return  # another vocabulary is the point (`_align` has read its tokenizer)
             if (spec.name in lm_models.LM_MODELS and spec.num_classes > student.num_classes
                     and theirs.get("kind") == ours.get("kind")
                     and theirs.get("vocab_size") == ours.get("vocab_size") <= student.num_classes):
@@ -293,16 +354,18 @@ class LanguageModelTask(Task):
                     f"but the student's has {student.num_classes} (data.name="
                     f"{plan.data.name!r}, model.num_classes={plan.model.num_classes}); token "
                     f"distributions are compared token by token: distil on data tokenized with "
-                    f"the teacher's tokenizer")
+                    f"the teacher's tokenizer, or across tokenizers with "
+                    f"lm.cross_tokenizer='next_byte'")
             if theirs and theirs.get("kind") != ours.get("kind"):
                 raise ValueError(
                     f"the teacher in {workdir!r} was trained with a {theirs.get('kind')!r} "
                     f"tokenizer, this run's data {plan.data.name!r} has a {ours.get('kind')!r} "
                     f"one: the same token ids would mean different text; prepare the data with "
-                    f"the teacher's tokenizer")
+                    f"the teacher's tokenizer, or distil across tokenizers with "
+                    f"lm.cross_tokenizer='next_byte'")
 
         reference, spec, _ = self.read_teacher(workdir, mesh, check)
-        if spec.num_classes > student.num_classes:
+        if spec.num_classes > student.num_classes and not plan.lm.cross_tokenizer:
             print(f"kdjax: note: the teacher in {workdir} has {spec.num_classes} vocabulary rows, "
                   f"the student {student.num_classes}, with the same tokenizer of "
                   f"{ours['vocab_size']} tokens: the teacher's rows {student.num_classes}.."
@@ -327,12 +390,15 @@ class LanguageModelTask(Task):
         return make_lm_step(graphdef, tx, objective_from_plan(
             self.plan, top_k=None if layout is None else layout.k),
             teacher=teachers[0] if teachers else None, data=data.device, cache=layout,
+            reading=None if self.alignment is None else self.alignment.reading,
             on_policy=self.plan.lm.on_policy if self.plan.lm.on_policy.fraction else None,
             eos=self._dataset().tokenizer().eos, **compile_args)
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
-        return make_lm_eval_step(graphdef, objective_from_plan(self.plan),
-                                 teacher=teachers[0] if teachers else None, **compile_args)
+        # a teacher of another tokenizer has no next-token agreement or perplexity to compare
+        teacher = teachers[0] if teachers and not self.plan.lm.cross_tokenizer else None
+        return make_lm_eval_step(graphdef, objective_from_plan(self.plan), teacher=teacher,
+                                 **compile_args)
 
     def eval_metrics(self, totals: dict[str, Any]) -> dict[str, float]:
         count = max(float(totals.pop("count")), 1.0)
@@ -360,14 +426,32 @@ class LanguageModelTask(Task):
         cache = None if self.cache is None else {
             "path": self.cache.path, "k": self.cache.layout.k,
             "teacher": self.cache.manifest["teacher"]}
+        cross = None if self.alignment is None else {
+            "mode": plan.lm.cross_tokenizer, "aligned": self.alignment.aligned,
+            "teacher_rows": self.alignment.reading.chunks,
+            "teacher_window": self.alignment.reading.window}
         return {"train/ce": last_train.get("train/ce"), "train/kd": last_train.get("train/kd"),
-                "teacher_cache": cache, "vocab_size": student.num_classes,
+                "teacher_cache": cache, "cross_tokenizer": cross, "vocab_size": student.num_classes,
                 "seq_len": ds.seq_len, "loss": plan.loss.name, "chunk_size": plan.lm.chunk_size,
                 "generations": generations(model, ds.tokenizer(), plan.lm, plan.seed)}
 
     def eval_extras(self, model: nnx.Module, step: int) -> dict[str, Any]:
         return {"step": step, "generations": generations(model, self._dataset().tokenizer(),
                                                          self.plan.lm, self.plan.seed)}
+
+
+def _run_tokenizer(workdir: str, run: dict[str, Any]) -> tokenizer_lib.Tokenizer:
+    """The tokenizer the LM run `workdir` (its record `run`) was trained or imported with."""
+    description = run.get("tokenizer") or {}
+    if description.get("kind") == "byte":
+        return tokenizer_lib.ByteTokenizer()
+    directory, _ = hf.tokenizer_source(workdir, run)
+    path = None if directory is None else os.path.join(directory, tokenizer_lib.TOKENIZER_FILE)
+    if description.get("kind") != "hf" or path is None or not os.path.isfile(path):
+        raise ValueError(f"the LM run {workdir!r} records no tokenizer kdjax can read "
+                         f"({description or 'none'}; looked for {path}); cross-tokenizer "
+                         f"distillation needs the teacher's tokenizer")
+    return tokenizer_lib.HFTokenizer.from_file(path)
 
 
 def export(workdir: str, out: str, *, step: str | int = "latest") -> str:

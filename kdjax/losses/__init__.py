@@ -41,8 +41,9 @@ from kdjax.losses.logit import (cross_entropy, dkd, ensemble_teacher, generalize
                                 logit_standardized_kd, reverse_kl, soft_target_kl,
                                 topk_soft_target_kl, tvd)
 from kdjax.losses.self_distillation import byot_hint, teacher_free_kd, virtual_teacher_logits
-from kdjax.losses.token import (TOKEN_DIVERGENCES, chunked_token_losses, token_cross_entropy,
-                                token_divergence, token_forward_kl, token_generalized_jsd,
+from kdjax.losses.token import (TOKEN_DIVERGENCES, chunked_token_losses, token_byte_log_probs,
+                                token_cross_entropy, token_divergence, token_forward_kl,
+                                token_generalized_jsd,
                                 token_reverse_kl, token_skew_kl, token_skew_reverse_kl,
                                 token_topk_kl, token_topk_targets, token_tvd)
 
@@ -71,6 +72,7 @@ __all__ = [
     "similarity_preserving",
     "soft_target_kl",
     "teacher_free_kd",
+    "token_byte_log_probs",
     "token_cross_entropy",
     "token_divergence",
     "token_forward_kl",

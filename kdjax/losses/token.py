@@ -319,6 +319,42 @@ def topk_terms(student_logits: jax.Array, targets: tuple[jax.Array, jax.Array, j
                                  _mask(mask, top1.shape))}
 
 
+
+def token_byte_log_probs(logits: jax.Array, first_byte: jax.Array, *,
+                         num_classes: int = 257) -> jax.Array:
+    """Log-probabilities of the next byte implied by a next-token distribution (cross-tokenizer
+    distillation, kdjax.lm.cross_tokenizer): ``log P(b) = log sum_{v: first_byte[v] = b}
+    softmax(logits)_v``.
+
+    Two models with different tokenizers predict different events (a byte, a multi-byte token);
+    marginalised onto the first byte of the next token, both predict the same one, so any token
+    divergence compares them (pass the result as logits: its softmax is P itself).
+
+    Args:
+      logits: ``[..., V]``.
+      first_byte: ``[V]`` integers in ``[0, num_classes)``: the class of each token (its first
+        byte; ``num_classes - 1`` for tokens of no bytes, "no further byte").
+      num_classes: the classes (257: 256 bytes and the end).
+
+    Returns:
+      ``[..., num_classes]`` float32; a class no token reaches (or whose mass underflows float32)
+      is ``log`` of the smallest normal float32 rather than ``-inf``, so a divergence against it
+      stays finite.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    first_byte = jnp.asarray(first_byte)
+    if first_byte.shape != logits.shape[-1:]:
+        raise ValueError(f"first_byte must give one class per vocabulary entry, shape "
+                         f"{logits.shape[-1:]}, got {first_byte.shape}")
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    # A softmax summed class by class as one matmul with the token -> class one-hot: the
+    # largest logit is subtracted first, as logsumexp does, so the sums cannot overflow.
+    onehot = jax.nn.one_hot(first_byte, num_classes, dtype=jnp.float32)
+    mass = jnp.exp(logits - top) @ onehot
+    log_mass = jnp.log(jnp.maximum(mass, jnp.finfo(jnp.float32).tiny))
+    return log_mass - jax.nn.logsumexp(log_mass, axis=-1, keepdims=True)
+
+
 #: The token divergences by the name configs use (loss.name of an LM experiment).
 TOKEN_DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
     "forward_kl": token_forward_kl,
