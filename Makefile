@@ -3,6 +3,7 @@
 #                 report (2 CPU cores: < 15 min)
 #   make demo-lm  the same for language models, on the Python standard library's sources
 #   make demo-lm-cache  then the student distilled from a top-64 teacher cache
+#   make demo-lm-onpolicy  then the student distilled on its own samples half of the steps
 #   make test     the test suite (make test-extras: the tests of the torch and hf extras)
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +16,7 @@ SEED   ?= 0
 TEXT   ?= $(CURDIR)/data/text
 LMWORK ?= workdirs/demo_lm
 
-.PHONY: demo demo-lm demo-lm-cache test test-extras install data text-data clean
+.PHONY: demo demo-lm demo-lm-cache demo-lm-onpolicy test test-extras install data text-data clean
 
 $(BIN)/kdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +94,13 @@ demo-lm-cache: demo-lm
 	$(BIN)/kdjax cache-teacher --teacher $(LMWORK)/teacher --data pystdlib --data-dir $(TEXT) --top-k 64 --out $(LMWORK)/teacher_cache_k64
 	$(BIN)/kdjax distill --config experiments/lm/distill.py --workdir $(LMWORK)/student_kd_cache --config.data.data_dir=$(TEXT) --config.teacher.workdir= --config.teacher.cache=$(LMWORK)/teacher_cache_k64 --config.seed=$(SEED) --no-progress
 	$(BIN)/kdjax summary $(LMWORK)/student_kd $(LMWORK)/student_kd_cache
+
+# After demo-lm: the same student distilled with on-policy batches (λ = 0.5: half the steps
+# train on the student's own continuations, sampled in the step and scored by the teacher;
+# README: "On-policy distillation").
+demo-lm-onpolicy: demo-lm
+	$(BIN)/kdjax distill --config experiments/lm/onpolicy.py --workdir $(LMWORK)/student_onpolicy --config.data.data_dir=$(TEXT) --config.teacher.workdir=$(LMWORK)/teacher --config.seed=$(SEED) --no-progress
+	$(BIN)/kdjax summary $(LMWORK)/student_kd $(LMWORK)/student_onpolicy
 
 clean:
 	rm -rf $(VENV) workdirs

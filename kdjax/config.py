@@ -229,8 +229,19 @@ def base_config() -> ml_collections.ConfigDict:
     # sample_temperature (0 = greedy), top_k, top_p. cross_tokenizer "next_byte" distils from a
     # teacher with another (byte-level) tokenizer, aligned by byte offsets and compared on the
     # next byte (kdjax.lm.cross_tokenizer); "" refuses one.
+    # on_policy (kdjax.lm.onpolicy; `kdjax distill` with an online teacher): with probability
+    # fraction (λ in [0, 1]; 0 = supervised distillation only) a step's batch is instead the
+    # first prompt_tokens tokens of each of its rows continued by max_new_tokens tokens sampled
+    # at temperature (0 = greedy) inside the fused step, and the loss (loss.name's divergence,
+    # loss.kwargs) counts the generated tokens only. generator: "student" (on-policy
+    # distillation: the student with this step's weights generates, the teacher scores; no CE
+    # on the student's own tokens) | "teacher" (sequence-level KD: the teacher generates, the
+    # student learns its tokens by CE and its distribution by the divergence).
+    # prompt_tokens + max_new_tokens must fit in the data's seq_len.
     c.lm = dict(chunk_size=128, eval_rows=0, prompts=(), generate_tokens=48,
-                sample_temperature=0.0, top_k=0, top_p=1.0, cross_tokenizer="")
+                sample_temperature=0.0, top_k=0, top_p=1.0, cross_tokenizer="",
+                on_policy=dict(fraction=0.0, generator="student", prompt_tokens=16,
+                               max_new_tokens=16, temperature=1.0))
     return c
 
 

@@ -281,6 +281,17 @@ class Datafree:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicy:
+    """Batches generated inside the step (kdjax.lm.onpolicy)."""
+
+    fraction: float  # λ: the probability that a step's batch is generated; 0 = off
+    generator: str  # student (on-policy distillation) | teacher (sequence-level KD)
+    prompt_tokens: int  # the first tokens of each corpus row, continued
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+
+
+@dataclasses.dataclass(frozen=True)
 class Lm:
     """Language models (kdjax.lm)."""
 
@@ -292,6 +303,7 @@ class Lm:
     top_k: int
     top_p: float
     cross_tokenizer: str  # "" | next_byte: a teacher of another tokenizer (kdjax.lm.cross_tokenizer)
+    on_policy: OnPolicy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,6 +204,10 @@ class StepParts:
         batch's; None: rows, equal in every micro-batch.
       summed: the metrics that are sums over the batch (added over micro-batches; the others
         are means, averaged).
+      rollout: `(model, teachers, inputs, key) -> inputs`, the inputs rewritten by the models
+        before the loss, with the trainable model's parameters of this step (on-policy
+        distillation: continuations sampled by the student); not differentiated. None: the
+        inputs as they are.
     """
 
     inputs: Callable[[Batch, jax.Array], Any]
@@ -211,6 +215,7 @@ class StepParts:
     loss: Callable[..., tuple[jax.Array, Metrics]]
     weight: Callable[[Any], jax.Array] | None = None
     summed: tuple[str, ...] = ()
+    rollout: Callable[[nnx.Module, tuple[nnx.Module, ...], Any, jax.Array], Any] | None = None
 
 
 def place_teachers(teachers: Sequence[FrozenModel], teacher_sharding: Sequence[Any] | None,
@@ -277,6 +282,10 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, parts: S
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         inputs = parts.inputs(batch, key)
         frozen = tuple(nnx.merge(g, v) for g, v in zip(teacher_defs, teacher_vars))
+        if parts.rollout is not None:
+            # this step's parameters, before the update: sampling is on-policy, never stale
+            current = nnx.merge(graphdef, state.params, state.model_state)
+            inputs = jax.lax.stop_gradient(parts.rollout(current, frozen, inputs, key))
 
         def grad_of(model_state, inputs):
             # Teachers: inference mode, outside the differentiated function, so no gradient and

@@ -75,9 +75,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return tokens, np.array([width - len(p) for p in prompts], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "config"))
-def _generate(graphdef, state, tokens, pad, key, *, max_new_tokens: int, config: SamplingConfig):
-    model: Transformer = nnx.merge(graphdef, state)
+def decode(model: Transformer, tokens: jax.Array, pad: jax.Array, key: jax.Array, *,
+           max_new_tokens: int, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """The KV-cached decode loop, traceable inside any jitted function (the fused train step
+    samples with the student's current parameters through it).
+
+    `tokens` ``[B, P]`` are prompts left-padded by `pad` ``[B]`` tokens (`left_pad`); step i
+    samples with key ``fold_in(key, i)``. Returns the new tokens ``[B, max_new_tokens]`` int32
+    and the float32 logits ``[B, max_new_tokens, V]`` each was sampled from.
+    """
     b, p = tokens.shape
     slots = jnp.arange(p + max_new_tokens)
     key_valid = slots[None, :] >= pad[:, None]
@@ -98,6 +104,12 @@ def _generate(graphdef, state, tokens, pad, key, *, max_new_tokens: int, config:
     _, (new, step_logits) = jax.lax.scan(step, (logits[:, -1], cache),
                                          jnp.arange(max_new_tokens))
     return new.T, jnp.moveaxis(step_logits, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "config"))
+def _generate(graphdef, state, tokens, pad, key, *, max_new_tokens: int, config: SamplingConfig):
+    return decode(nnx.merge(graphdef, state), tokens, pad, key, max_new_tokens=max_new_tokens,
+                  config=config)
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -28,15 +28,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import losses
-from kdjax.lm import packing
+from kdjax import plan as plan_lib
+from kdjax.lm import onpolicy, packing
 from kdjax.lm.cache import Layout
 from kdjax.lm.cross_tokenizer import Reading
 from kdjax.lm.objective import TokenObjective
 from kdjax.step import (DeviceData, FrozenModel, Step, StepParts, TrainState, compile_eval,
                         make_step)
 
-#: The per-step sums an LM step reports; "tokens" is their count.
-SUM_METRICS = ("ce_sum", "kd_sum", "correct_sum", "agreement_sum")
+#: The per-step sums an LM step reports; "tokens" is their count. "generated_sum" (the target
+#: tokens a model generated, kdjax.lm.onpolicy) only with lm.on_policy.
+SUM_METRICS = ("ce_sum", "kd_sum", "correct_sum", "agreement_sum", "generated_sum")
 
 
 def _teacher_hidden(teacher: nnx.Module, inputs: dict[str, jax.Array]) -> jax.Array:
@@ -78,7 +80,8 @@ def _token_terms(objective: TokenObjective, student: nnx.Module, inputs: dict[st
 
 
 def lm_parts(objective: TokenObjective, cache: Layout | None = None,
-             reading: Reading | None = None) -> StepParts:
+             reading: Reading | None = None, on_policy: plan_lib.OnPolicy | None = None,
+             eos: int | None = None) -> StepParts:
     """The language-model task's `StepParts`: packed rows ({"tokens", "segments"[,
     "loss_mask"]}) to model inputs, the teacher's last hidden states (its head is applied chunk
     by chunk inside the loss), and the token-mean objective over the batch's target tokens.
@@ -88,7 +91,12 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
     "teacher_topk"; the step then has no teacher to run, and the loss is the same. With a
     teacher of another tokenizer (its `Reading`), the rows carry the teacher's tokens of the same
     text ("teacher_tokens", "teacher_segments") and the alignment of the two ("align"), and the
-    teacher is compared on the next byte (kdjax.lm.cross_tokenizer)."""
+    teacher is compared on the next byte (kdjax.lm.cross_tokenizer).
+
+    With `on_policy` (lm.on_policy, λ > 0) a share λ of the batches are generated in the step
+    (kdjax.lm.onpolicy; `eos`: the tokenizer's end-of-document id, after which generated tokens
+    do not count) and the metrics gain "generated_sum"."""
+    rollout = None if on_policy is None else onpolicy.rollout(on_policy, eos)
 
     def inputs(batch, key):
         del key  # no augmentation
@@ -109,11 +117,16 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
         terms = _token_terms(objective, model.student, inputs, frozen[0] if frozen else None,
                              teacher_hidden[0] if frozen else None, mask, train=True,
                              reading=reading)
-        return objective.loss(terms, mask, step)
+        if rollout is None:
+            return objective.loss(terms, mask, step)
+        total, metrics = objective.loss(onpolicy.weigh_terms(terms, inputs, on_policy), mask,
+                                        step)
+        generated = (mask * inputs["generated"][:, None]).sum().astype(jnp.float32)
+        return total, {**metrics, "generated_sum": generated}
 
     return StepParts(inputs=inputs, teach=teach, loss=loss,
                      weight=lambda inputs: inputs["loss_mask"].sum(),
-                     summed=(*SUM_METRICS, "tokens"))
+                     summed=(*SUM_METRICS, "tokens"), rollout=rollout)
 
 
 def make_lm_step(
@@ -131,18 +144,22 @@ def make_lm_step(
     grad_accum: int = 1,
     cache: Layout | None = None,
     reading: Reading | None = None,
+    on_policy: plan_lib.OnPolicy | None = None,
+    eos: int | None = None,
 ) -> Step:
     """The LM train step (`make_step` with `lm_parts`); call it as ``state, metrics =
     step(state)`` (it samples its rows from `data`, {"tokens", "segments"}, with a teacher
     cache "cache", whose `Layout` is `cache`, and with a teacher of another tokenizer, read as
-    `reading` says, its "teacher_tokens", "teacher_segments" and "align").
+    `reading` says, its "teacher_tokens", "teacher_segments" and "align"); `on_policy`
+    (lm.on_policy) generates a share of the batches in the step (kdjax.lm.onpolicy), counting
+    the generated tokens up to the first `eos` (the tokenizer's end-of-document id).
 
     `graphdef` is the Distillee's (its student an LM of kdjax.lm.models), `teacher` a frozen LM
     with the same vocabulary, or None for supervised training or a cache. Metrics: the
     SUM_METRICS of the batch, "tokens" (target tokens counted), "loss" (the token-mean
     objective, over the whole batch's tokens whatever `grad_accum`) and "grad_norm".
     """
-    return make_step(graphdef, tx, lm_parts(objective, cache, reading),
+    return make_step(graphdef, tx, lm_parts(objective, cache, reading, on_policy, eos),
                      teachers=() if teacher is None else (teacher,), mesh=mesh, data=data,
                      steps_per_call=steps_per_call, nan_policy=nan_policy,
                      state_sharding=state_sharding, teacher_sharding=teacher_sharding,

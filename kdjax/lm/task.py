@@ -29,8 +29,8 @@ from kdjax import plan as plan_lib
 from kdjax import teacher as teacher_lib
 from kdjax.checkpoint import RunReader
 from kdjax.compress import training as compress
-from kdjax.lm import cache as teacher_cache, cross_tokenizer, data as text_data, hf, packing
-from kdjax.lm import sampling
+from kdjax.lm import cache as teacher_cache, cross_tokenizer, data as text_data, hf, onpolicy
+from kdjax.lm import packing, sampling
 from kdjax.lm import models as lm_models
 from kdjax.lm import tokenizer as tokenizer_lib
 from kdjax.lm.models import TORCH_CAUSAL_LM, is_lm
@@ -150,6 +150,10 @@ class LanguageModelTask(Task):
         # its own errors, before any work (a cache's top-k loss: a forward KL)
         objective_from_plan(plan, top_k=max(plan.teacher.top_k, 1) if cache else None)
         self._check_cross_tokenizer(distill=distill)
+        if plan.lm.on_policy.fraction:
+            onpolicy.check(plan.lm.on_policy, seq_len=self._dataset().seq_len,
+                           loss_name=plan.loss.name, distill=distill, cache=cache,
+                           data_name=plan.data.name, cross_tokenizer=plan.lm.cross_tokenizer)
 
     def _check_cross_tokenizer(self, *, distill: bool) -> None:
         """lm.cross_tokenizer's settings, and what it cannot serve."""
@@ -330,6 +334,13 @@ class LanguageModelTask(Task):
                 raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, whose "
                                  f"head is applied inside its own forward, so its logits are "
                                  f"whole: set lm.chunk_size=0 (got {plan.lm.chunk_size})")
+            on_policy = plan.lm.on_policy
+            if spec.name == TORCH_CAUSAL_LM and on_policy.fraction and (
+                    on_policy.generator == "teacher"):
+                raise ValueError(f"the teacher in {workdir!r} is a PyTorch causal LM, which has "
+                                 f"no KV-cached decoding in kdjax, so it cannot generate "
+                                 f"(lm.on_policy.generator='teacher'); set "
+                                 f"lm.on_policy.generator='student'")
             theirs = run.get("tokenizer", {})
             if plan.lm.cross_tokenizer:
                 return  # another vocabulary is the point (`_align` has read its tokenizer)
@@ -379,7 +390,9 @@ class LanguageModelTask(Task):
         return make_lm_step(graphdef, tx, objective_from_plan(
             self.plan, top_k=None if layout is None else layout.k),
             teacher=teachers[0] if teachers else None, data=data.device, cache=layout,
-            reading=None if self.alignment is None else self.alignment.reading, **compile_args)
+            reading=None if self.alignment is None else self.alignment.reading,
+            on_policy=self.plan.lm.on_policy if self.plan.lm.on_policy.fraction else None,
+            eos=self._dataset().tokenizer().eos, **compile_args)
 
     def make_eval_step(self, graphdef, teachers, **compile_args: Any) -> Callable:
         # a teacher of another tokenizer has no next-token agreement or perplexity to compare

@@ -1,0 +1,148 @@
+"""On-policy distillation and sequence-level KD: training rows generated inside the fused step.
+
+With probability λ (lm.on_policy.fraction) a step's batch is replaced, on the device, by rows
+made of the first ``prompt_tokens`` tokens of each of its corpus rows continued by
+``max_new_tokens`` tokens that a model samples (kdjax.lm.sampling.decode: KV-cached, in the same
+jitted program as the update, so no batch travels to the host):
+
+- generator "student": on-policy distillation (GKD, Agarwal et al. 2024; MiniLLM). The student
+  samples with the parameters of this very step (`kdjax.step.StepParts.rollout` merges them from
+  the step's state), the teacher scores the continuation in the same step, and the student is
+  trained on it by the divergence alone: the CE of the student's own samples would only teach
+  it to repeat itself.
+- generator "teacher": sequence-level KD (Kim & Rush 2016), generated in the step rather than
+  cached to disk: with temperature > 0 every step sees fresh teacher samples instead of one
+  fixed set, nothing is stored or verified, and the teacher runs in the step anyway to score
+  the tokens. The student learns the teacher's tokens by CE and its distribution by the
+  divergence. (An offline set would pay off for a teacher too large to run per step; the
+  teacher cache, kdjax.lm.cache, is that path for corpus text.)
+
+A generated row is one document, prompt and continuation, laid out in the batch's own shape
+(``[B, seq_len]``, the tail padding), and the loss counts its generated tokens only: the
+positions whose targets are sampled. A prompt that would hold padding (the corpus's last row)
+counts nothing, nor do the tokens generated after the first end-of-document token. The prompt
+is attended as one document even where it spans two of the corpus.
+λ = 0 builds no rollout at all, so the program is the supervised step's; 0 < λ < 1 picks the
+batch by `lax.cond`, which runs only the chosen branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax import plan as plan_lib
+from kdjax.lm import sampling
+
+GENERATORS = ("student", "teacher")
+# The step key's sub-streams: the coin that picks the batch, the sampler's keys.
+_COIN, _SAMPLE = 0x0C01, 0x5A3E
+
+
+def check(on_policy: plan_lib.OnPolicy, *, seq_len: int, loss_name: str, distill: bool,
+          cache: str, data_name: str, cross_tokenizer: str = "") -> None:
+    """Refuse lm.on_policy settings (λ = fraction != 0) that cannot run, naming the key, the
+    value and the fix."""
+    fraction = on_policy.fraction
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"lm.on_policy.fraction={fraction} is a probability (λ, the share of "
+                         f"batches generated): set it in [0, 1] (0 = supervised distillation "
+                         f"only, 1 = every batch generated)")
+    if on_policy.generator not in GENERATORS:
+        raise ValueError(f"lm.on_policy.generator={on_policy.generator!r}: expected one of "
+                         f"{GENERATORS} (student = on-policy distillation, teacher = "
+                         f"sequence-level KD)")
+    if not distill or loss_name == "ce":
+        raise ValueError(f"lm.on_policy.fraction={fraction} trains on generated tokens that a "
+                         f"teacher scores: run `kdjax distill` with a token divergence "
+                         f"(loss.name='forward_kl', 'reverse_kl', 'jsd', ...; got loss.name="
+                         f"{loss_name!r}), or set lm.on_policy.fraction=0")
+    if cache:
+        raise ValueError(f"lm.on_policy.fraction={fraction}: teacher.cache={cache!r} holds "
+                         f"targets for the corpus's tokens only, not for generated ones; set "
+                         f"teacher.cache='' and teacher.workdir to the teacher's run, or "
+                         f"lm.on_policy.fraction=0")
+    if cross_tokenizer:
+        raise ValueError(f"lm.on_policy.fraction={fraction}: lm.cross_tokenizer="
+                         f"{cross_tokenizer!r} aligns the teacher's tokenization of corpus text, "
+                         f"which generated tokens do not have; set lm.cross_tokenizer='' (a "
+                         f"teacher of the student's tokenizer), or lm.on_policy.fraction=0")
+    for key in ("prompt_tokens", "max_new_tokens"):
+        if getattr(on_policy, key) < 1:
+            raise ValueError(f"lm.on_policy.{key}={getattr(on_policy, key)} must be >= 1")
+    total = on_policy.prompt_tokens + on_policy.max_new_tokens
+    if total > seq_len:
+        raise ValueError(f"lm.on_policy.prompt_tokens={on_policy.prompt_tokens} + "
+                         f"lm.on_policy.max_new_tokens={on_policy.max_new_tokens} = {total} "
+                         f"tokens exceed the model's context of {seq_len} positions (the "
+                         f"sequence length of data.name={data_name!r}); lower them to a sum of "
+                         f"at most {seq_len}")
+    if on_policy.temperature < 0:
+        raise ValueError(f"lm.on_policy.temperature={on_policy.temperature} must be >= 0 "
+                         f"(0 = greedy)")
+
+
+def generated_inputs(prompts: jax.Array, new: jax.Array, valid: jax.Array, seq_len: int,
+                     eos: int | None = None) -> dict[str, jax.Array]:
+    """The model inputs (as kdjax.lm.packing.model_inputs gives them, ``[B, seq_len]``) of rows
+    ``prompts [B, P] + new [B, N]``, one document each, padded at the end; "loss_mask" holds the
+    positions whose targets are the `new` tokens of `valid` ``[B]`` rows, up to and including
+    the first `eos` (the end of the document: what follows is no text of it), and "generated"
+    is 1 for every row."""
+    p = prompts.shape[1]
+    counted = jnp.ones(new.shape, bool) if eos is None else (
+        jnp.cumsum(new == eos, axis=1) - (new == eos) == 0)
+    rows = jnp.concatenate([prompts, new], axis=1)
+    length = rows.shape[1]
+    rows = jnp.pad(rows, ((0, 0), (0, seq_len + 1 - length)))
+    pos = jnp.arange(seq_len)[None, :]
+    targets_counted = jnp.pad(counted, ((0, 0), (p - 1, seq_len + 1 - length)))
+    return {"tokens": rows[:, :-1], "targets": rows[:, 1:],
+            "segment_ids": jnp.broadcast_to((pos < length - 1).astype(jnp.int32),
+                                            (rows.shape[0], seq_len)),
+            "loss_mask": targets_counted & valid[:, None],
+            "generated": jnp.ones(rows.shape[:1], jnp.float32)}
+
+
+def rollout(on_policy: plan_lib.OnPolicy, eos: int | None = None) -> Callable[..., Any] | None:
+    """kdjax.step.StepParts.rollout of lm.on_policy: `(distillee, teachers, inputs, key) ->
+    inputs`, with probability λ the batch generated (`generated_inputs`; `eos` the tokenizer's
+    end-of-document id), else the corpus rows with "generated" 0; None for λ = 0 (the
+    supervised step, unchanged)."""
+    if on_policy.fraction == 0.0:
+        return None
+    config = sampling.SamplingConfig(temperature=float(on_policy.temperature))
+    p, n = on_policy.prompt_tokens, on_policy.max_new_tokens
+
+    def generate(model: nnx.Module, teachers: tuple[nnx.Module, ...],
+                 inputs: Mapping[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        sampler = model.student if on_policy.generator == "student" else teachers[0]
+        prompts = inputs["tokens"][:, :p]
+        new, _ = sampling.decode(sampler, prompts, jnp.zeros(prompts.shape[:1], jnp.int32),
+                                 jax.random.fold_in(key, _SAMPLE), max_new_tokens=n,
+                                 config=config)
+        valid = (inputs["segment_ids"][:, :p] != 0).all(axis=1)
+        return generated_inputs(prompts, new, valid, inputs["tokens"].shape[1], eos)
+
+    def run(model, teachers, inputs, key):
+        if on_policy.fraction == 1.0:
+            return generate(model, teachers, inputs, key)
+        corpus = {**inputs, "generated": jnp.zeros(inputs["tokens"].shape[:1], jnp.float32)}
+        coin = jax.random.uniform(jax.random.fold_in(key, _COIN)) < on_policy.fraction
+        return jax.lax.cond(coin, lambda: generate(model, teachers, inputs, key),
+                            lambda: corpus)
+
+    return run
+
+
+def weigh_terms(terms: dict[str, jax.Array], inputs: Mapping[str, jax.Array],
+                on_policy: plan_lib.OnPolicy) -> dict[str, jax.Array]:
+    """The objective's per-token terms with the CE of the student's own samples left out (a
+    generated row of generator "student" is learnt by the divergence alone)."""
+    if on_policy.generator != "student":
+        return terms
+    return {**terms, "ce": terms["ce"] * (1.0 - inputs["generated"])[:, None]}

@@ -1,0 +1,252 @@
+"""On-policy distillation and sequence-level KD (kdjax.lm.onpolicy): the step samples with the
+student's weights of that very step, λ = 0 is the supervised step's program, a generated batch
+counts its generated tokens only (checked against numpy formulas), λ between mixes whole
+batches, and every refusal comes before a run directory exists."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from _float32 import assert_close
+from conftest import ROOT
+from kdjax import cli, models, sharding
+from kdjax import plan as plan_lib
+from kdjax.lm import onpolicy, packing, sampling
+from kdjax.lm.step import TokenObjective, make_lm_step
+from kdjax.step import DeviceData, freeze, init_train_state
+
+EXP = os.path.join(ROOT, "experiments", "lm")
+pytestmark = pytest.mark.usefixtures("quick_compiles")
+V, SEQ, P, N = 40, 16, 4, 6
+
+
+def _on_policy(fraction=1.0, generator="student", temperature=0.0):
+    return plan_lib.OnPolicy(fraction=fraction, generator=generator, prompt_tokens=P,
+                             max_new_tokens=N, temperature=temperature)
+
+
+def _rows(count=6):
+    rng = np.random.default_rng(0)
+    tokens, segments = packing.pack([list(rng.integers(3, V, 25)) for _ in range(5)], SEQ)
+    return tokens[:count], segments[:count]
+
+
+def _spec():
+    return models.ModelSpec("lm_tiny", V, (SEQ,))
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _reference(student, teacher, tokens, segments, generator="student"):
+    """The λ = 1 step's loss terms by numpy: each row's first P tokens continued greedily by
+    N tokens of `generator` (kdjax.lm.sampling.generate, its own program), the student's CE of
+    the new tokens and the forward KL(teacher || student) at each position predicting one."""
+    sampler = student if generator == "student" else teacher
+    valid = (segments[:, :P] != 0).all(1)
+    new = sampling.generate(sampler, tokens[:, :P].tolist(), max_new_tokens=N)
+    rows = np.concatenate([tokens[:, :P], new], 1)
+    log_s = _log_softmax(student(jnp.asarray(rows[:, :-1])))[:, P - 1:]
+    log_t = _log_softmax(teacher(jnp.asarray(rows[:, :-1])))[:, P - 1:]
+    kd = (np.exp(log_t) * (log_t - log_s)).sum(-1)[valid]
+    ce = -np.take_along_axis(log_s, rows[:, P:, None], -1)[..., 0][valid]
+    return {"kd": kd.sum(), "ce": ce.sum(), "tokens": kd.size, "kd_abs": np.abs(kd).sum()}
+
+
+def _step(tx, objective, on_policy, rows, teacher, **kwargs):
+    tokens, segments = rows
+    student = _spec().build(0)
+    graphdef, state = init_train_state(student, tx, seed=0, num_examples=len(tokens))
+    data = DeviceData({"tokens": jnp.asarray(tokens), "segments": jnp.asarray(segments)},
+                      batch_size=len(tokens))
+    step = make_lm_step(graphdef, tx, objective, teacher=freeze(teacher), data=data,
+                        mesh=sharding.make_mesh(), on_policy=on_policy, **kwargs)
+    return graphdef, state, step
+
+
+def test_generated_inputs_count_only_the_new_tokens():
+    prompts = jnp.array([[5, 6, 7], [8, 9, 10]], jnp.int32)
+    new = jnp.array([[11, 12], [13, 14]], jnp.int32)
+    out = jax.device_get(onpolicy.generated_inputs(prompts, new, jnp.array([True, False]), 8))
+    np.testing.assert_array_equal(out["tokens"][0], [5, 6, 7, 11, 12, 0, 0, 0])
+    np.testing.assert_array_equal(out["targets"][0], [6, 7, 11, 12, 0, 0, 0, 0])
+    np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 1, 0, 0, 0, 0])
+    # positions 2 and 3 predict the new tokens 11 and 12; the second row's prompt was invalid
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 1, 0, 0, 0, 0], [0] * 8])
+    np.testing.assert_array_equal(out["generated"], [1.0, 1.0])
+    # tokens after the first end of document do not count; the eos itself does
+    new = jnp.array([[2, 12], [13, 2]], jnp.int32)
+    out = jax.device_get(onpolicy.generated_inputs(prompts, new, jnp.array([True, True]), 8,
+                                                   eos=2))
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 0, 1, 0, 0, 0, 0, 0],
+                                                     [0, 0, 1, 1, 0, 0, 0, 0]])
+
+
+def test_sampling_uses_the_current_student_weights():
+    """Each step generates with the parameters it starts from: after an update, and after the
+    parameters are replaced between steps. Its KD term matches the numpy reference of those
+    parameters' own greedy continuations, and is far from the stale parameters' reference."""
+    rows = _rows()
+    teacher = _spec().build(1)
+    objective = TokenObjective(divergence="forward_kl", ce_weight=0.5, kd_weight=1.0)
+    tx = optax.adam(0.05)
+    graphdef, state, step = _step(tx, objective, _on_policy(), rows, teacher)
+
+    references = {}
+
+    def reference(name, params):
+        if name not in references:
+            student = nnx.merge(graphdef, params, state.model_state).student
+            references[name] = _reference(student, teacher, *rows)
+        return references[name]
+
+    def check(name, params, metrics, stale=None):
+        want = reference(name, params)
+        n = SEQ * V
+        assert float(metrics["tokens"]) == float(metrics["generated_sum"]) == want["tokens"]
+        assert_close(float(metrics["kd_sum"]), want["kd"], n=n, magnitude=want["kd_abs"])
+        # the student's own tokens are no CE targets: the loss is the KD term alone
+        assert float(metrics["ce_sum"]) == 0.0
+        assert_close(float(metrics["loss"]), want["kd"] / want["tokens"], n=n,
+                     magnitude=want["kd_abs"] / want["tokens"])
+        if stale is not None:
+            old = references[stale]
+            assert abs(old["kd"] - want["kd"]) > 100 * (abs(float(metrics["kd_sum"])
+                                                            - want["kd"]) + 1e-4)
+
+    first = jax.device_get(state.params)
+    state, metrics = step(state)
+    check("first", first, metrics)
+    updated = jax.device_get(state.params)
+    state, metrics = step(state)  # samples with the updated weights, not the first ones
+    check("updated", updated, metrics, stale="first")
+    other = jax.device_get(init_train_state(_spec().build(7), tx, seed=0)[1].params)
+    state = state.replace(params=jax.tree.map(jnp.asarray, other))
+    state, metrics = step(state)  # weights replaced between steps: it samples with them
+    check("other", other, metrics, stale="updated")
+
+
+def test_lambda_zero_is_the_supervised_step():
+    """λ = 0 compiles the supervised step's very program, and computes the same numbers."""
+    rows = _rows()
+    teacher = _spec().build(1)
+    objective = TokenObjective(divergence="jsd", kwargs={"beta": 0.3})
+    tx = optax.sgd(0.1)
+    _, state_a, supervised = _step(tx, objective, None, rows, teacher)
+    _, state_b, zero = _step(tx, objective, _on_policy(fraction=0.0), rows, teacher)
+    assert supervised.lower(state_a).as_text() == zero.lower(state_b).as_text()
+    _, ma = supervised(state_a)
+    _, mb = zero(state_b)
+    assert jax.device_get(ma) == jax.device_get(mb)
+    assert "generated_sum" not in ma
+
+
+def test_sequence_level_kd_learns_the_teachers_tokens():
+    """generator "teacher": the rows are the teacher's greedy continuations; the student's CE
+    of them counts as well as the divergence, over the generated tokens only."""
+    rows = _rows()
+    teacher = _spec().build(1)
+    objective = TokenObjective(divergence="forward_kl", ce_weight=0.5, kd_weight=1.0)
+    graphdef, state, step = _step(optax.sgd(0.0), objective, _on_policy(generator="teacher"),
+                                  rows, teacher)
+    student = nnx.merge(graphdef, state.params, state.model_state).student
+    want = _reference(student, teacher, *rows, generator="teacher")
+    _, metrics = step(state)
+    assert float(metrics["tokens"]) == float(metrics["generated_sum"]) == want["tokens"]
+    assert_close(float(metrics["ce_sum"]), want["ce"], n=SEQ * V)
+    assert_close(float(metrics["kd_sum"]), want["kd"], n=SEQ * V, magnitude=want["kd_abs"])
+    assert_close(float(metrics["loss"]), (0.5 * want["ce"] + want["kd"]) / want["tokens"],
+                 n=SEQ * V)
+
+
+def test_a_fraction_between_mixes_whole_batches():
+    """0 < λ < 1: each step's batch is either generated (every target token generated) or the
+    corpus's (the supervised count, none generated), both happen, and sampling at temperature
+    > 0 differs from greedy."""
+    rows = _rows()
+    corpus = int(packing.model_inputs(*rows)["loss_mask"].sum())
+    teacher = _spec().build(1)
+    objective = TokenObjective(divergence="reverse_kl")
+    _, state, step = _step(optax.sgd(0.0), objective, _on_policy(0.5, temperature=1.0), rows,
+                           teacher)
+    kinds = []
+    for _ in range(8):
+        state, metrics = step(state)
+        tokens, generated = float(metrics["tokens"]), float(metrics["generated_sum"])
+        assert (tokens, generated) in ((corpus, 0.0), (len(rows[0]) * N, len(rows[0]) * N))
+        kinds.append(generated > 0)
+    assert 0 < sum(kinds) < len(kinds)
+
+
+def test_every_refusal_comes_before_a_run_directory(text_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+
+    def refused(match, *overrides):
+        with pytest.raises(ValueError, match=match):
+            cli.main(["distill", "--config", f"{EXP}/onpolicy.py", "--workdir", workdir,
+                      f"--config.data.data_dir={text_dir}", "--config.data.name=tiny",
+                      "--config.teacher.workdir=" + str(tmp_path / "teacher"), "--no-progress",
+                      "--config.lm.on_policy.prompt_tokens=8",
+                      "--config.lm.on_policy.max_new_tokens=8", *overrides])
+        assert not os.path.exists(workdir)
+
+    refused(r"lm.on_policy.fraction=1.5 is a probability .*: set it in \[0, 1\]",
+            "--config.lm.on_policy.fraction=1.5")
+    refused(r"lm.on_policy.fraction=-0.1 is a probability", "--config.lm.on_policy.fraction=-0.1")
+    refused(r"lm.on_policy.prompt_tokens=8 \+ lm.on_policy.max_new_tokens=9 = 17 tokens exceed "
+            r"the model's context of 16 positions \(the sequence length of data.name='tiny'\); "
+            r"lower them to a sum of at most 16", "--config.lm.on_policy.max_new_tokens=9")
+    refused(r"unknown loss.name='kl_forward'; valid names: \[.*'forward_kl'",
+            "--config.loss.name=kl_forward")
+    refused(r"lm.on_policy.generator='peer': expected one of \('student', 'teacher'\)",
+            "--config.lm.on_policy.generator=peer")
+    refused(r"lm.on_policy.temperature=-1.0 must be >= 0",
+            "--config.lm.on_policy.temperature=-1.0")
+    refused(r"lm.on_policy.max_new_tokens=0 must be >= 1",
+            "--config.lm.on_policy.max_new_tokens=0")
+    refused(r"teacher.cache='somewhere' holds targets for the corpus's tokens only",
+            "--config.teacher.cache=somewhere", "--config.loss.name=forward_kl",
+            "--config.loss.kwargs={}")
+    refused(r"lm.cross_tokenizer='next_byte' aligns the teacher's tokenization of corpus text",
+            "--config.lm.cross_tokenizer=next_byte", "--config.lm.chunk_size=0")
+    with pytest.raises(ValueError, match=r"lm.on_policy.fraction=0.5 trains on generated tokens "
+                                         r"that a teacher scores: run `kdjax distill`"):
+        cli.main(["train", "--config", f"{EXP}/student_scratch.py", "--workdir", workdir,
+                  f"--config.data.data_dir={text_dir}", "--config.data.name=tiny",
+                  "--config.lm.on_policy.fraction=0.5", "--no-progress"])
+    assert not os.path.exists(workdir)
+
+
+def test_kdjax_distill_runs_on_policy_end_to_end(text_dir, tmp_path):
+    """`kdjax distill --config experiments/lm/onpolicy.py` on the tiny corpus: its log reports
+    the share of target tokens generated, in (0, 1) for λ = 0.5, and the run evaluates."""
+    common = [f"--config.data.data_dir={text_dir}", "--config.data.name=tiny",
+              "--config.train.batch_size=4", "--config.eval.batch_size=8",
+              "--config.lm.eval_rows=8", "--config.lm.prompts=()", "--config.lm.chunk_size=8",
+              "--config.optimizer.warmup_steps=0", "--config.model.name=lm_tiny",
+              "--config.train.steps=4", "--config.eval.every_steps=4",
+              "--config.checkpoint.every_steps=4", "--config.train.log_every_steps=4",
+              "--no-progress"]
+    teacher = str(tmp_path / "teacher")
+    assert cli.main(["train", "--config", f"{EXP}/teacher.py", "--workdir", teacher,
+                     *common]) == 0
+    student = tmp_path / "student"
+    assert cli.main(["distill", "--config", f"{EXP}/onpolicy.py", "--workdir", str(student),
+                     f"--config.teacher.workdir={teacher}",
+                     "--config.lm.on_policy.prompt_tokens=6",
+                     "--config.lm.on_policy.max_new_tokens=10", *common]) == 0
+    with open(student / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    train = next(r for r in logged if "train/generated" in r)
+    assert 0 < train["train/generated"] < 1 and np.isfinite(train["train/loss"])
+    with open(student / "summary.json") as f:
+        assert json.load(f)["eval/perplexity"] > 1
