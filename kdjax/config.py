@@ -178,9 +178,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = dict(workdir="", layers=())
     # Pruning inside the fused step (kdjax.compress.prune; README "Compression"): masks in the
     # optimizer state, pruned weights exactly 0. method: none | magnitude | random | nm (N:M,
-    # n of every m weights kept along the input axis) | structured (whole channels, scored by
-    # criterion bn_scale | l1, removed on export). scope: per_layer | global. sparsity: the final
-    # fraction pruned, in [0, 1). schedule: one_shot (at begin_step) | cubic (Zhu & Gupta, from
+    # n of every m weights kept along the input axis) | structured (whole coupled channel groups,
+    # residual widths included, scored by criterion bn_scale | l1 | group_l2, removed on
+    # export). scope: per_layer | global. sparsity: the final fraction pruned, in [0, 1). schedule: one_shot (at begin_step) | cubic (Zhu & Gupta, from
     # initial_sparsity at begin_step to sparsity at end_step, masks recomputed every_steps) |
     # init (structured: prune init.workdir's weights once and train the smaller model).
     # exclude: parameter-path patterns left dense (fnmatch, e.g. "stages/0/*"); targets:

@@ -158,12 +158,14 @@ def _run(blocks, x, train: bool):
     return x
 
 
-def _make_stage(block, in_c, planes, n, stride, *, widths=(), dtype, rngs):
+def _make_stage(block, in_c, planes, n, stride, *, widths=(), projection=None, dtype, rngs):
     """n blocks, the first one strided; returns (nnx.List, out_channels). `widths`, when given,
-    are the blocks' inner widths (BasicBlock's `width`)."""
+    are the blocks' inner widths (BasicBlock's `width`); `projection`, the first block's."""
     blocks = []
     for j in range(n):
         extra = {"width": widths[j]} if widths else {}
+        if j == 0 and projection is not None:
+            extra["projection"] = projection
         blocks.append(block(in_c, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs,
                             **extra))
         in_c = planes * block.expansion
@@ -196,14 +198,15 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_c, planes, stride, *, width=None, dtype, rngs):
-        # width: the channels between c1 and c2 (default planes); structured pruning
-        # (kdjax.compress.structured) shrinks it: they feed no residual sum.
+    def __init__(self, in_c, planes, stride, *, width=None, projection=None, dtype, rngs):
+        # width: the channels between c1 and c2 (default planes); projection: whether the
+        # shortcut is a 1x1 convolution (default: where stride or width change). Structured
+        # pruning (kdjax.compress.structured) shrinks both widths and records them here.
         kw = dict(dtype=dtype, rngs=rngs)
         width = width or planes
         self.c1 = ConvBN(in_c, width, 3, stride=stride, **kw)
         self.c2 = ConvBN(width, planes, 3, act=False, **kw)
-        need = stride != 1 or in_c != planes
+        need = stride != 1 or in_c != planes if projection is None else projection
         self.shortcut = ConvBN(in_c, planes, 1, stride=stride, act=False, **kw) if need else None
 
     def __call__(self, x, train: bool):
@@ -345,9 +348,11 @@ class CifarResNet(FeatureModel):
 
     def __init__(self, depth: int = 20, channels: Sequence[int] = (16, 16, 32, 64), *, num_classes: int,
                  rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
-                 block_widths: Sequence[int] = ()):
-        # block_widths: each block's inner width (between its two convolutions), all 3n blocks
-        # in order; () = the stage's width. Structured pruning records its result here.
+                 block_widths: Sequence[int] = (), stem_projection: bool | None = None):
+        # channels: the stem's and each stage's residual width; block_widths: each block's inner
+        # width (between its two convolutions), all 3n blocks in order, () = the stage's width;
+        # stem_projection: whether stage 1's first block projects its shortcut (default: where
+        # the stem's width differs). Structured pruning records its result in these.
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
@@ -360,7 +365,8 @@ class CifarResNet(FeatureModel):
         stages, c = [], channels[0]
         for i, (planes, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
             stage, c = _make_stage(BasicBlock, c, planes, n, stride,
-                                   widths=tuple(block_widths[i * n:(i + 1) * n]), **kw)
+                                   widths=tuple(block_widths[i * n:(i + 1) * n]),
+                                   projection=stem_projection if i == 0 else None, **kw)
             stages.append(stage)
         self.stages = nnx.List(stages)
         self.fc = _linear(c, num_classes, **kw)

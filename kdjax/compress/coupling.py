@@ -31,9 +31,7 @@ otherwise (reductions over them, contractions between two activations, unknown o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
@@ -50,20 +48,15 @@ Piece = tuple[int, int, int]  # (dim, outer, inner)
 OUTPUT = "its channels are the model's output"
 UNFOLLOWED = "which the channel tracer does not follow"
 
-_ELEMENTWISE = frozenset("""add sub mul div max min pow atan2 rem and or xor not ne eq lt le gt ge
-select_n clamp nextafter add_any integer_pow neg abs sign exp exp2 log log1p expm1 tanh logistic
-sin cos tan asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt erf erfc erf_inv square
-floor ceil round is_finite convert_element_type copy copy_p reduce_precision real imag
-stop_gradient""".split())
-_REDUCE = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax "
-                    "argmin".split())
-_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+_ELEMENTWISE = frozenset(["add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "and", "or", "xor", "not", "ne", "eq", "lt", "le", "gt", "ge", "select_n", "clamp", "nextafter", "add_any", "integer_pow", "neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "square", "floor", "ceil", "round", "is_finite", "convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"])
+_REDUCE = frozenset(["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"])
+_CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
           "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
 # A parameter passes unchanged through these (a cast to the compute dtype, BatchNorm's reshape
 # of its scale): the result is still that parameter for the "contraction with a parameter" rule.
-_PARAM_VIEWS = frozenset("convert_element_type copy reshape transpose broadcast_in_dim".split())
+_PARAM_VIEWS = frozenset(["convert_element_type", "copy", "reshape", "transpose", "broadcast_in_dim"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,24 +104,9 @@ def layer_name(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _key_path(path) -> Path:
+def key_path(path) -> Path:
     # nnx.State leaves are Variables: drop the trailing attribute that holds the array.
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-@contextlib.contextmanager
-def _native_convolutions():
-    # kdjax.conv rewrites some CPU convolutions as patches and matrix products, which would hide
-    # the kernel's axes; the native convolution is the same function of the same kernel.
-    old = os.environ.get(conv_lib.ENV)
-    os.environ[conv_lib.ENV] = "native"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[conv_lib.ENV]
-        else:
-            os.environ[conv_lib.ENV] = old
 
 
 def trace(model: nnx.Module, input_shape: Sequence[int], batch: int = 1
@@ -137,7 +115,7 @@ def trace(model: nnx.Module, input_shape: Sequence[int], batch: int = 1
     batch of images, with the state's paths and Variables in argument order. The model may be
     abstract (nnx.eval_shape)."""
     graphdef, state = nnx.split(model)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(
+    flat, _ = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     variables = [v for _, v in flat]
     leaves, leaf_def = jax.tree.flatten(state)
@@ -146,9 +124,11 @@ def trace(model: nnx.Module, input_shape: Sequence[int], batch: int = 1
         m = nnx.merge(graphdef, jax.tree.unflatten(leaf_def, arrays[:-1]))
         return m(arrays[-1])
 
-    with _native_convolutions():
+    # kdjax.conv rewrites some CPU convolutions as patches and matrix products, which would hide
+    # the kernel's axes; the native convolution is the same function of the same kernel.
+    with conv_lib.native():
         closed = jax.make_jaxpr(forward)(*leaves, jnp.zeros((batch, *input_shape), jnp.float32))
-    return closed, [_key_path(p) for p, _ in flat], variables
+    return closed, [key_path(p) for p, _ in flat], variables
 
 
 class _Tracer:

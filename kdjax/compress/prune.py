@@ -20,8 +20,10 @@ Methods (prune.method):
   pruned layers, so layers end with different sparsities).
 - "nm": N:M sparsity, at most n non-zeros in every m consecutive weights along the input axis
   (2:4 is what sparse tensor cores run); by magnitude.
-- "structured": whole output channels, scored by BatchNorm scale or filter L1 norm, masked while
-  training and physically removed on export (kdjax.compress.structured).
+- "structured": whole coupled channel groups (every parameter slice of a channel, across
+  residual sums: kdjax.compress.coupling), scored by BatchNorm scale, filter L1 or DepGraph's
+  group L2 norm, masked while training and physically removed on export
+  (kdjax.compress.structured).
 
 Which parameters: unstructured and N:M prune the kernels (>= 2-D) of the student's Linear and Conv
 layers; prune.exclude removes some by path pattern and prune.targets gives some their own target
@@ -46,7 +48,7 @@ import optax
 from flax import nnx
 
 from kdjax import plan as plan_lib
-from kdjax.compress import structured
+from kdjax.compress import coupling, structured
 from kdjax.compress.schedule import SCHEDULES, Schedule
 from kdjax.compress.structured import CRITERIA, ChannelGroup, Path, layer_name
 
@@ -89,7 +91,9 @@ class Plan:
         None when the mask is per entry)."""
         if self.method != "structured":
             return tuple((t.kernel, None) for t in self.targets)
-        return tuple(p for t in self.targets for p in t.group.producers)
+        # A parameter in several groups (a kernel's input and output channels) has one mask per
+        # group; the wrapper applies each, so a weight is kept only where all keep it.
+        return tuple((m.path, m.axis) for t in self.targets for m in t.group.masked)
 
     def is_update(self, step) -> jax.Array:
         return jnp.any(jnp.stack([t.schedule.is_update(step) for t in self.targets]))
@@ -98,8 +102,8 @@ class Plan:
         """Boolean masks (True = kept) for `masked`, at `step`'s target sparsities."""
         if self.method == "structured":
             keep = self._channel_masks(params, step)
-            return tuple(_expand(k, params[path].shape, axis)
-                         for k, t in zip(keep, self.targets) for path, axis in t.group.producers)
+            return tuple(t.group.mask(k, m, params[m.path].shape)
+                         for k, t in zip(keep, self.targets) for m in t.group.masked)
         if self.method == "nm":
             return tuple(nm_mask(params[t.kernel], n=self.n, m=self.m) for t in self.targets)
         scores = [jnp.abs(params[t.kernel]) if self.method == "magnitude" else
@@ -118,12 +122,6 @@ class Plan:
         # Global scope pools the targets on the run's schedule; those with their own target
         # (prune.targets) are pruned per layer to it.
         return [self.scope == "global" and t.schedule == self.schedule for t in self.targets]
-
-
-def _expand(keep: jax.Array, shape, axis: int) -> jax.Array:
-    bshape = [1] * len(shape)
-    bshape[axis] = shape[axis]
-    return jnp.broadcast_to(keep.reshape(bshape), shape)
 
 
 def _ranks(score: jax.Array) -> jax.Array:
@@ -184,11 +182,6 @@ class PruneState(NamedTuple):
     inner: optax.OptState
 
 
-def _key_path(path) -> Path:
-    # nnx.State leaves are Variables: drop the trailing attribute that holds the array.
-    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def wrap(tx: optax.GradientTransformation, plan: Plan, *,
          prefix: Path = ("student",)) -> optax.GradientTransformation:
     """`tx` with `plan`'s masks kept in its state and applied to every update (module docstring).
@@ -198,7 +191,7 @@ def wrap(tx: optax.GradientTransformation, plan: Plan, *,
 
     def leaves_by_path(tree):
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        index = {_key_path(p): i for i, (p, _) in enumerate(flat)}
+        index = {coupling.key_path(p): i for i, (p, _) in enumerate(flat)}
         positions = []
         for path, _ in plan.masked:
             full = prefix + tuple(path)
@@ -220,8 +213,8 @@ def wrap(tx: optax.GradientTransformation, plan: Plan, *,
         by_path = {path: p_leaves[i] for (path, _), i in zip(plan.masked, positions)}
         if plan.method == "structured":  # the scores also read the BatchNorm scales
             flat = jax.tree_util.tree_flatten_with_path(params)[0]
-            by_path.update({_key_path(p)[len(prefix):]: leaf for p, leaf in flat
-                            if _key_path(p)[:len(prefix)] == prefix})
+            by_path.update({coupling.key_path(p)[len(prefix):]: leaf for p, leaf in flat
+                            if coupling.key_path(p)[:len(prefix)] == prefix})
         masks = jax.lax.cond(plan.is_update(state.count),
                              lambda: tuple(plan.masks(by_path, state.count)),
                              lambda: state.masks)
@@ -249,18 +242,10 @@ def forward_order(model: nnx.Module, input_shape: Sequence[int]) -> list[Path]:
     """The student's variable paths in the order its forward pass first reads them (the
     equations of its jaxpr), so "first" and "last" layers are the data flow's, not the
     attribute names' (nnx orders those alphabetically)."""
-    graphdef, state = nnx.split(model)  # every array an argument: the model may be abstract
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    paths = [_key_path(p) for p, _ in flat]
-
-    def forward(*leaves):
-        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        return m(jnp.zeros((1, *input_shape), jnp.float32))
-
-    jaxpr = jax.make_jaxpr(forward)(*[leaf for _, leaf in flat]).jaxpr
-    position = {v: i for i, v in enumerate(jaxpr.invars)}
+    closed, paths, _ = coupling.trace(model, input_shape)
+    position = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(paths)])}
     order, seen = [], set()
-    for eqn in jaxpr.eqns:
+    for eqn in closed.jaxpr.eqns:
         for v in eqn.invars:
             i = position.get(v) if not isinstance(v, jax.extend.core.Literal) else None
             if i is not None and i not in seen:
@@ -358,7 +343,11 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
         return hits[-1] if hits else schedule.final
 
     if method == "structured":
-        st = structured.structure(model)
+        st = structured.structure(model, input_shape)
+        if st.unfollowed:
+            print("kdjax: structured pruning leaves dense the channels of layers the channel "
+                  "tracer cannot follow: " + "; ".join(f"{name} ({why})" for name, why
+                                                      in st.unfollowed.items()), flush=True)
         names = [g.name for g in st.groups] + list(st.refused)
         _unused(prune.exclude, names, "prune.exclude")
         _unused(targets_cfg, names, "prune.targets")
@@ -366,14 +355,14 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
             for name, why in st.refused.items():
                 if _matches(name, pattern):
                     raise ValueError(
-                        f"prune.targets pattern {pattern!r} names layer {name!r}, which "
-                        f"structured pruning cannot shrink safely: {why}. Prune the layers "
+                        f"prune.targets pattern {pattern!r} names layer {name!r}, whose output "
+                        f"channels structured pruning leaves dense: {why}. Prune the groups "
                         f"{', '.join(g.name for g in st.groups[:4])}... instead")
         if prune.criterion == "bn_scale" and prune.scope == "global":
             # Per layer, a layer without BatchNorm is scored by L1; one global ranking cannot
             # compare |gamma| with L1 norms.
             for g in st.groups:
-                if g.bn_scale is None and not _excluded(g.name, prune.exclude):
+                if not g.bn_scales and not _excluded(g.name, prune.exclude):
                     raise ValueError(
                         f"prune.criterion='bn_scale' with prune.scope='global': layer {g.name!r} "
                         f"of the {type(model).__name__} has no BatchNorm after it, and its L1 "
