@@ -67,23 +67,22 @@ def test_prune_once_shrinks_a_trained_model_for_its_student():
     assert small.conv2.conv.kernel.shape == (3, 3, 2, 4)
 
 
-def test_residual_layers_are_refused_by_name():
+def test_a_residual_group_is_named_by_any_of_its_layers():
     model = nnx.eval_shape(lambda: models.create_model("resnet8", num_classes=10,
                                                        rngs=nnx.Rngs(0), input_shape=SHAPE))
-    with pytest.raises(ValueError) as e:
-        prune.make_plan(prune_config(sparsity=0.5, targets={"stages/1/0/shortcut": 0.5}),
-                        model, SHAPE, 10)
-    assert ("prune.targets pattern 'stages/1/0/shortcut' names layer 'stages/1/0/shortcut', which "
-            "structured pruning cannot shrink safely: its output channels feed a residual sum"
-            in str(e.value))
-    plan = prune.make_plan(prune_config(sparsity=0.5), model, SHAPE, 10)
-    assert [t.name for t in plan.targets] == ["stages/0/0/c1", "stages/1/0/c1", "stages/2/0/c1"]
+    plan = prune.make_plan(prune_config(sparsity=0.5, targets={"stages/1/0/shortcut": 0.25}),
+                           model, SHAPE, 10)
+    assert {t.name: t.schedule.final for t in plan.targets} == {
+        "stem/conv": 0.5, "stages/0/0/c1/conv": 0.5, "stages/1/0/c1/conv": 0.5,
+        "stages/1/0/c2/conv": 0.25, "stages/2/0/c1/conv": 0.5, "stages/2/0/c2/conv": 0.5}
+    plan = prune.make_plan(prune_config(sparsity=0.5, exclude=("stages/0/0/c2",)), model, SHAPE,
+                           10)
+    assert "stem/conv" not in [t.name for t in plan.targets]  # stage 1 shares the stem's group
 
 
-def test_architectures_without_a_known_channel_structure_are_refused():
-    model = nnx.eval_shape(lambda: models.create_model("mobilenetv2", num_classes=10,
-                                                       rngs=nnx.Rngs(0), input_shape=(32, 32, 3)))
-    with pytest.raises(ValueError, match="prune.method='structured' cannot shrink a "
-                                         "MobileNetV2: kdjax knows the channel structure of MLP, "
-                                         "SmallCNN, CifarResNet only"):
-        prune.make_plan(prune_config(sparsity=0.5), model, (32, 32, 3), 10)
+def test_a_model_with_no_removable_channels_is_refused():
+    model = nnx.eval_shape(lambda: nnx.Linear(784, 10, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="prune.method='structured' found no channel group of "
+                                         "the Linear that can be removed: : its channels are the "
+                                         "model's output"):
+        prune.make_plan(prune_config(sparsity=0.5), model, (784,), 10)

@@ -463,6 +463,7 @@ class _Tracer:
             self.unify(rhs[k], OPAQUE, "a convolution window")
         for k in l_sp:
             self.block(lhs[k], "a convolution window over channels")
+        self._produced(rhs[r_o])  # this layer's output channels, whether or not they can go
         why = "a convolution"
         if p["batch_group_count"] != 1 or eqn.invars[1] not in self.param_vars:
             why = ("a convolution whose kernel is not a parameter" if p["batch_group_count"] == 1
@@ -474,14 +475,12 @@ class _Tracer:
             self.unify(lhs[l_f], rhs[r_i], why)
             out_f = rhs[r_o]
         elif groups == c_in == c_out:  # depthwise: output channel c reads input channel c only
-            self._produced(rhs[r_o])
             out_f = self.unify(lhs[l_f], rhs[r_o], "a depthwise convolution")
         else:
             why = f"a grouped convolution (feature_group_count={groups})"
             self.block(lhs[l_f], why)
             self.block(rhs[r_o], why)
             out_f = OPAQUE
-        self._produced(out_f)
         anns = [None] * len(eqn.outvars[0].aval.shape)
         anns[o_b], anns[o_f] = lhs[l_b], out_f
         for k in o_sp:

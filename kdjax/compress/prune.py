@@ -338,8 +338,9 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
     for pattern, value in targets_cfg.items():
         check_sparsity(value, f"prune.targets[{pattern!r}]")
 
-    def target_sparsity(name: str) -> float:
-        hits = [v for p, v in targets_cfg.items() if _matches(name, p)]
+    def target_sparsity(*names: str) -> float:
+        # The last pattern naming any of the layers (a structured group's producers) wins.
+        hits = [v for p, v in targets_cfg.items() if any(_matches(n, p) for n in names)]
         return hits[-1] if hits else schedule.final
 
     if method == "structured":
@@ -348,7 +349,10 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
             print("kdjax: structured pruning leaves dense the channels of layers the channel "
                   "tracer cannot follow: " + "; ".join(f"{name} ({why})" for name, why
                                                       in st.unfollowed.items()), flush=True)
-        names = [g.name for g in st.groups] + list(st.refused)
+        # A pattern names a group by any of its producing layers (a residual group by the stem,
+        # a block's last convolution or a shortcut projection): the group is pruned as a whole.
+        layers = {g.name: [layer_name(p) for p in g.producers] for g in st.groups}
+        names = [n for g in st.groups for n in layers[g.name]] + list(st.refused)
         _unused(prune.exclude, names, "prune.exclude")
         _unused(targets_cfg, names, "prune.targets")
         for pattern in targets_cfg:
@@ -358,20 +362,34 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
                         f"prune.targets pattern {pattern!r} names layer {name!r}, whose output "
                         f"channels structured pruning leaves dense: {why}. Prune the groups "
                         f"{', '.join(g.name for g in st.groups[:4])}... instead")
+        chosen = [g for g in st.groups
+                  if not any(_excluded(n, prune.exclude) for n in layers[g.name])]
         if prune.criterion == "bn_scale" and prune.scope == "global":
             # Per layer, a layer without BatchNorm is scored by L1; one global ranking cannot
             # compare |gamma| with L1 norms.
-            for g in st.groups:
-                if not g.bn_scales and not _excluded(g.name, prune.exclude):
+            for g in chosen:
+                if not g.bn_scales:
                     raise ValueError(
                         f"prune.criterion='bn_scale' with prune.scope='global': layer {g.name!r} "
                         f"of the {type(model).__name__} has no BatchNorm after it, and its L1 "
                         f"scores cannot be ranked with BatchNorm scales; use "
                         f"prune.scope='per_layer', prune.criterion='l1', or add {g.name!r} to "
                         f"prune.exclude")
-        targets = tuple(Target(g.name, dataclasses.replace(schedule, final=target_sparsity(g.name)),
-                               group=g) for g in st.groups if not _excluded(g.name,
-                                                                        prune.exclude))
+        targets = []
+        for g in chosen:
+            final = target_sparsity(*layers[g.name])
+            # A global ranking (the run's sparsity pooled over groups) keeps each group's best
+            # channel; a group pruned to its own target is refused here, before training.
+            pooled = prune.scope == "global" and final == schedule.final
+            if not pooled and round(final * g.size) >= g.size:
+                raise ValueError(
+                    f"structured sparsity {final:g} (prune.sparsity, or prune.targets) removes "
+                    f"all {g.size} channels of group {g.name!r} "
+                    f"(layers {', '.join(layers[g.name])}): a group keeps at least one; give it "
+                    f"at most {(g.size - 1) / g.size:.4g} (prune.targets) or add it to "
+                    f"prune.exclude")
+            targets.append(Target(g.name, dataclasses.replace(schedule, final=final), group=g))
+        targets = tuple(targets)
     else:
         kernels = _kernels(model, input_shape)
         names = [layer_name(k) for k in kernels]
