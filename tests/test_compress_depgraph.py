@@ -114,7 +114,7 @@ def test_groups_of_the_other_zoo_cnns(name, shape, expect):
 
 def test_a_user_nnx_residual_model_couples_the_stem_with_the_residual_branch():
     model = nnx.eval_shape(lambda: PoolResNet(3, 10, width=6, rngs=nnx.Rngs(0)))
-    st, groups = groups_of(model)
+    _, groups = groups_of(model)
     assert list(groups) == ["stem"]
     assert [layer_name(p) for p in groups["stem"].producers] == ["stem", "conv"]
     assert members(groups["stem"]) == {
@@ -225,15 +225,35 @@ def test_pruning_to_equal_widths_keeps_the_stem_projection():
 
 def test_a_user_residual_model_is_shrunk_in_place_with_the_masked_logits():
     model = randomize_batchnorms(PoolResNet(3, 10, width=8, rngs=nnx.Rngs(0)))
-    spec = ModelSpec("_user_models:PoolResNet", 10, RGB, {"width": 8}, "float32")
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
     model = masked(model, plan)
-    small, small_spec, sizes = structured.shrink(model, spec)
-    assert sizes == {"stem": (8, 4)} and small_spec == spec
+    small, sizes = structured.shrink_in_place(model, RGB)
+    assert sizes == {"stem": (8, 4)}
     assert small.conv.kernel.shape == (3, 3, 4, 4) and small.head.kernel.shape == (4, 10)
     assert (small.conv.in_features, small.bn2.num_features, small.head.in_features) == (4, 4, 4)
     x = np.random.default_rng(0).normal(size=(4, *RGB)).astype(np.float32)
     assert_close(logits(small, x), logits(model, x), n=9 * 8 + 8)
+
+
+def test_a_model_whose_spec_cannot_record_its_widths_is_not_shrunk_for_export():
+    spec = ModelSpec("_user_models:PoolResNet", 10, RGB, {"width": 8}, "float32")
+    model = PoolResNet(3, 10, width=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"structured pruning cannot record the shrunk widths "
+                                         r"of a PoolResNet \(_user_models:PoolResNet\) in its "
+                                         r"ModelSpec: its constructor does not take them"):
+        structured.shrink(model, spec)
+
+
+def test_layers_kdjax_cannot_resize_are_refused_before_training():
+    model = models.create_model("_user_models:LinenMLP", num_classes=10, rngs=nnx.Rngs(0),
+                                input_shape=(8, 8, 1))
+    with pytest.raises(ValueError) as e:
+        prune.make_plan(prune_config(sparsity=0.5), model, (8, 8, 1), 10)
+    assert str(e.value).startswith(
+        "prune.method='structured' found no channel group of the ToNNX that can be removed: "
+        "Dense_1: its channels are the model's output; Dense_0: its channels reach "
+        "BatchNorm_0 (not an NNX layer), Dense_0 (not an NNX layer), Dense_1 (not an NNX "
+        "layer), which kdjax cannot resize")
 
 
 def test_a_shrunk_residual_model_runs_in_onnx_runtime_with_kdjax_logits():

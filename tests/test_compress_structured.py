@@ -83,6 +83,6 @@ def test_a_residual_group_is_named_by_any_of_its_layers():
 def test_a_model_with_no_removable_channels_is_refused():
     model = nnx.eval_shape(lambda: nnx.Linear(784, 10, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="prune.method='structured' found no channel group of "
-                                         "the Linear that can be removed: : its channels are the "
+                                         "the Linear that can be removed: the model: its channels are the "
                                          "model's output"):
         prune.make_plan(prune_config(sparsity=0.5), model, (784,), 10)

@@ -98,24 +98,6 @@ class Structure:
     unfollowed: dict[str, str]
 
 
-def structure(model: nnx.Module, input_shape: Sequence[int]) -> Structure:
-    """The channel groups of `model` (abstract or not) on `input_shape` inputs."""
-    found = coupling.couple(model, input_shape)
-    bn_scales = {path + ("scale",) for path, node in nnx.iter_graph(model)
-                 if isinstance(node, nnx.BatchNorm) and node.scale is not None}
-    groups = []
-    for g in found.groups:
-        scales = tuple(m.path for m in g.members if m.path in bn_scales)
-        groups.append(ChannelGroup(g.name, g.size, g.members, g.producers, scales))
-    if not groups:
-        raise ValueError(
-            f"prune.method='structured' found no channel group of the {type(model).__name__} "
-            f"that can be removed: "
-            + "; ".join(f"{name}: {why}" for name, why in found.refused.items())
-            + ". Use unstructured pruning (prune.method='magnitude') or N:M (prune.method='nm')")
-    return Structure(tuple(groups), found.refused, found.unfollowed)
-
-
 def _params(model: nnx.Module) -> dict[Path, np.ndarray]:
     return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
 
@@ -175,6 +157,43 @@ WIDTHS: dict[type, Callable[[nnx.Module, Mapping[str, int]], dict]] = {
     models.MLP: _mlp, models.SmallCNN: _small_cnn, models.CifarResNet: _cifar_resnet}
 
 
+# The layers whose feature counts kdjax updates when it shrinks a model in place.
+RESIZABLE = (nnx.Linear, nnx.Conv, nnx.BatchNorm)
+
+
+def _kind(node) -> str:
+    return type(node).__name__ if isinstance(node, nnx.Module) else "not an NNX layer"
+
+
+def structure(model: nnx.Module, input_shape: Sequence[int]) -> Structure:
+    """The channel groups of `model` (abstract or not) on `input_shape` inputs."""
+    found = coupling.couple(model, input_shape)
+    nodes = dict(nnx.iter_graph(model))
+    bn_scales = {path + ("scale",) for path, node in nodes.items()
+                 if isinstance(node, nnx.BatchNorm) and node.scale is not None}
+    rebuilt = any(isinstance(model, cls) for cls in WIDTHS)
+    groups, refused = [], dict(found.refused)
+    for g in found.groups:
+        # A model shrunk in place must hold every member in a layer whose sizes kdjax updates.
+        odd = sorted({f"{layer_name(m.path[:-1])} ({_kind(nodes.get(m.path[:-1]))})"
+                      for m in g.members if not isinstance(nodes.get(m.path[:-1]), RESIZABLE)})
+        if not rebuilt and odd:
+            for p in g.producers:
+                refused[layer_name(p)] = (f"its channels reach {', '.join(odd)}, which kdjax "
+                                          f"cannot resize (it resizes "
+                                          f"{', '.join(c.__name__ for c in RESIZABLE)})")
+            continue
+        scales = tuple(m.path for m in g.members if m.path in bn_scales)
+        groups.append(ChannelGroup(g.name, g.size, g.members, g.producers, scales))
+    if not groups:
+        raise ValueError(
+            f"prune.method='structured' found no channel group of the {type(model).__name__} "
+            f"that can be removed: "
+            + "; ".join(f"{name or 'the model'}: {why}" for name, why in refused.items())
+            + ". Use unstructured pruning (prune.method='magnitude') or N:M (prune.method='nm')")
+    return Structure(tuple(groups), refused, found.unfollowed)
+
+
 def _sliced(model: nnx.Module, groups: Sequence[ChannelGroup], keep: Mapping[str, np.ndarray]
             ) -> dict[Path, np.ndarray]:
     params = _params(model)
@@ -210,25 +229,42 @@ def _resize_layers(model: nnx.Module) -> None:
             node.num_features = node.mean.shape[0]
 
 
+def shrink_in_place(model: nnx.Module, input_shape: Sequence[int]
+                    ) -> tuple[nnx.Module, dict[str, tuple[int, int]]]:
+    """A copy of `model` without its pruned channels, its arrays sliced and its layers' feature
+    counts updated, and {group: (channels before, after)}; its logits equal `model`'s (up to
+    float summation order). For a model whose constructor cannot take its widths (a user's NNX
+    model): a ModelSpec cannot rebuild it, so it lives in memory (`shrink` is the persistable
+    form)."""
+    st = structure(model, input_shape)
+    keep = kept_channels(model, st.groups)
+    params = _sliced(model, st.groups, keep)
+    small = nnx.clone(model)
+    state = nnx.state(small)
+    for key, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(params[tuple(key)], var.dtype))
+    nnx.update(small, state)
+    _resize_layers(small)
+    return small, {g.name: (g.size, len(keep[g.name])) for g in st.groups}
+
+
 def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, models.ModelSpec,
                                                                dict[str, tuple[int, int]]]:
     """The model without its pruned channels: (the smaller model, its spec, {group: (channels
-    before, after)}). Its logits equal `model`'s (up to float summation order). A zoo model
-    whose widths its constructor takes is rebuilt from the returned spec; any other model is a
-    copy with its arrays sliced and its layers' feature counts updated (its spec unchanged)."""
+    before, after)}), rebuilt from the spec, whose kwargs record the new widths (checkpoints and
+    exports store it). Its logits equal `model`'s (up to float summation order)."""
+    widths = next((fn for cls, fn in WIDTHS.items() if isinstance(model, cls)), None)
+    if widths is None:
+        raise ValueError(
+            f"structured pruning cannot record the shrunk widths of a {type(model).__name__} "
+            f"({spec.name}) in its ModelSpec: its constructor does not take them, so a checkpoint "
+            f"or export could not rebuild the smaller model. kdjax records them for "
+            f"{', '.join(c.__name__ for c in WIDTHS)}; for another model, train with the masks and "
+            f"shrink in memory with kdjax.compress.structured.shrink_in_place, or use "
+            f"prune.method='magnitude'")
     st = structure(model, spec.input_shape)
     keep = kept_channels(model, st.groups)
     params = _sliced(model, st.groups, keep)
-    sizes = {g.name: (g.size, len(keep[g.name])) for g in st.groups}
-    widths = next((fn for cls, fn in WIDTHS.items() if isinstance(model, cls)), None)
-    if widths is None:
-        small = nnx.clone(model)
-        state = nnx.state(small)
-        for key, var in nnx.to_flat_state(state):
-            var.set_value(jnp.asarray(params[tuple(key)], var.dtype))
-        nnx.update(small, state)
-        _resize_layers(small)
-        return small, spec, sizes
     kept = {layer_name(p): len(keep[g.name]) for g in st.groups for p in g.producers}
     new_spec = dataclasses.replace(spec, kwargs={**spec.kwargs, **widths(model, kept)})
     small = nnx.eval_shape(lambda: new_spec.build())
@@ -240,4 +276,4 @@ def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, model
                                  f"rebuilt model expects {var.shape}")
         var.set_value(jnp.asarray(value, var.dtype))
     nnx.update(small, state)
-    return small, new_spec, sizes
+    return small, new_spec, {g.name: (g.size, len(keep[g.name])) for g in st.groups}
