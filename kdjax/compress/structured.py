@@ -151,10 +151,55 @@ def _cifar_resnet(model: models.CifarResNet, kept: Mapping[str, int]) -> dict:
     return out
 
 
+def _wide_resnet(model: models.WideResNet, kept: Mapping[str, int]) -> dict:
+    stages = [_widths(model, kept, f"stages/{i}/0/conv2") for i in range(len(model.stages))]
+    stem = _widths(model, kept, "conv1")
+    out = {"channels": (stem, *stages),
+           "block_widths": tuple(_widths(model, kept, f"stages/{i}/{j}/conv1")
+                                 for i, stage in enumerate(model.stages)
+                                 for j in range(len(stage)))}
+    if model.stages[0][0].shortcut is not None and stem == stages[0]:
+        out["stem_projection"] = True
+    return out
+
+
+def _imagenet_resnet(model: models.ImageNetResNet, kept: Mapping[str, int]) -> dict:
+    bottleneck = isinstance(model.stages[0][0], models.Bottleneck)
+    last = "c3" if bottleneck else "c2"
+    stages = [_widths(model, kept, f"stages/{i}/0/{last}/conv") for i in range(len(model.stages))]
+    stem = _widths(model, kept, "stem/conv")
+    inner = []
+    for i, stage in enumerate(model.stages):
+        for j in range(len(stage)):
+            c1 = _widths(model, kept, f"stages/{i}/{j}/c1/conv")
+            inner.append((c1, _widths(model, kept, f"stages/{i}/{j}/c2/conv")) if bottleneck
+                         else c1)
+    out = {"channels": (stem, *stages), "block_widths": tuple(inner)}
+    if model.stages[0][0].shortcut is not None and stem == stages[0]:
+        out["stem_projection"] = True
+    return out
+
+
+def _vgg(model: models.VGG, kept: Mapping[str, int]) -> dict:
+    return {"widths": tuple(tuple(_widths(model, kept, f"groups/{i}/{j}/conv")
+                                  for j in range(len(group)))
+                            for i, group in enumerate(model.groups))}
+
+
+def _mobilenet_v2(model: models.MobileNetV2, kept: Mapping[str, int]) -> dict:
+    groups = [_widths(model, kept, f"groups/{g}/0/pwl/conv") for g in range(len(model.groups))]
+    return {"channels": (_widths(model, kept, "stem/conv"), *groups,
+                         _widths(model, kept, "head/conv")),
+            "hidden": tuple(_widths(model, kept, f"groups/{g}/{j}/pw/conv")
+                            for g, group in enumerate(model.groups) for j in range(len(group)))}
+
+
 # The zoo's architectures whose constructors take their widths: {group producer: kept channels}
 # -> the kwargs that rebuild the shrunk model from its ModelSpec.
 WIDTHS: dict[type, Callable[[nnx.Module, Mapping[str, int]], dict]] = {
-    models.MLP: _mlp, models.SmallCNN: _small_cnn, models.CifarResNet: _cifar_resnet}
+    models.MLP: _mlp, models.SmallCNN: _small_cnn, models.CifarResNet: _cifar_resnet,
+    models.WideResNet: _wide_resnet, models.ImageNetResNet: _imagenet_resnet, models.VGG: _vgg,
+    models.MobileNetV2: _mobilenet_v2}
 
 
 # The layers whose feature counts kdjax updates when it shrinks a model in place.
