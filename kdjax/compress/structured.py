@@ -67,9 +67,10 @@ class ChannelGroup:
         bshape[member.axis] = shape[member.axis]
         return jnp.broadcast_to(along.reshape(bshape), shape)
 
-    def _per_channel(self, array: jnp.ndarray, member: Member) -> jnp.ndarray:
-        # [outer, size, inner, rest]: the member's piece, channel on axis 1.
-        a = jnp.moveaxis(array, member.axis, 0)
+    def _per_channel(self, array, member: Member):
+        # [outer, size, inner, rest]: the member's piece, channel on axis 1. Array methods only:
+        # a NumPy array on the host (shrinking), a traced one in the step (scores).
+        a = array.transpose((member.axis, *(k for k in range(array.ndim) if k != member.axis)))
         length = member.outer * self.size * member.inner
         a = a[member.offset:member.offset + length]
         return a.reshape(member.outer, self.size, member.inner, -1)
@@ -110,7 +111,7 @@ def kept_channels(model: nnx.Module, groups: Sequence[ChannelGroup]) -> dict[str
     for g in groups:
         alive = np.zeros(g.size, bool)
         for m in g.masked:
-            alive |= np.asarray(g._per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
+            alive |= (g._per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
         if not alive.any():  # a layer cannot have no channels: keep one (it outputs 0)
             alive[0] = True
         keep[g.name] = np.flatnonzero(alive)
