@@ -44,18 +44,6 @@ def logits(model, x):
     return np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
 
 
-def masked(model, plan):
-    """The model with the plan's masks applied (as the training step leaves it)."""
-    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    masks = jax.jit(plan.masks)(params, 0)
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for (path, _), mask in zip(plan.masked, masks):
-        flat[path].set_value(flat[path].get_value() * mask)
-    nnx.update(model, state)
-    return model
-
-
 # -- group derivation ------------------------------------------------------------------------
 
 def test_a_cifar_resnet_stage_residual_channels_are_one_group():
@@ -173,7 +161,7 @@ def test_pruned_channels_are_zero_in_every_member_of_their_group():
     spec = ModelSpec("resnet8", 10, RGB, {}, "float32")
     model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
-    model = masked(model, plan)
+    model = prune.apply_masks(model, plan)
     params = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
     assert len(plan.targets) == 6
     for t in plan.targets:
@@ -189,7 +177,7 @@ def test_a_shrunk_cifar_resnet_has_narrower_residual_stages_and_the_masked_logit
     spec = ModelSpec("resnet8", 10, RGB, {}, "float32")
     model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
-    model = masked(model, plan)
+    model = prune.apply_masks(model, plan)
     small, small_spec, sizes = structured.shrink(model, spec)
     assert small_spec.kwargs == {"channels": (8, 8, 16, 32), "block_widths": (8, 16, 32)}
     assert sizes["stages/1/0/c2/conv"] == (32, 16)
@@ -214,7 +202,7 @@ def test_pruning_to_equal_widths_keeps_the_stem_projection():
     model = nnx.jit(lambda: spec.build(0))()
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="l1", targets={
         "stem": 0.75, "stages/0/0/c2": 0.875}), model, RGB, 10)
-    model = masked(model, plan)
+    model = prune.apply_masks(model, plan)
     small, small_spec, _ = structured.shrink(model, spec)
     assert small_spec.kwargs["channels"] == (8, 8, 64, 128)
     assert small_spec.kwargs["stem_projection"] is True
@@ -226,7 +214,7 @@ def test_pruning_to_equal_widths_keeps_the_stem_projection():
 def test_a_user_residual_model_is_shrunk_in_place_with_the_masked_logits():
     model = randomize_batchnorms(PoolResNet(3, 10, width=8, rngs=nnx.Rngs(0)))
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
-    model = masked(model, plan)
+    model = prune.apply_masks(model, plan)
     small, sizes = structured.shrink_in_place(model, RGB)
     assert sizes == {"stem": (8, 4)}
     assert small.conv.kernel.shape == (3, 3, 4, 4) and small.head.kernel.shape == (4, 10)
@@ -264,7 +252,7 @@ def test_a_shrunk_residual_model_runs_in_onnx_runtime_with_kdjax_logits():
     spec = ModelSpec("resnet8", 10, RGB, {}, "float32")
     model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
-    small, small_spec, _ = structured.shrink(masked(model, plan), spec)
+    small, small_spec, _ = structured.shrink(prune.apply_masks(model, plan), spec)
     preprocess = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     model_bytes, checked = kdjax_onnx.build(small, small_spec, preprocess)
     images = np.random.default_rng(1).integers(0, 256, (5, *RGB), np.uint8)

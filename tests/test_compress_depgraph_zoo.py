@@ -37,14 +37,7 @@ def shrunk(name, shape):
     model = random_model(spec)
     config = dataclasses.replace(plan_lib.as_plan({}).prune, method="structured", sparsity=0.5,
                                  criterion="group_l2")
-    plan = prune.make_plan(config, model, shape, 10)
-    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    masks = jax.jit(plan.masks)(params, 0)
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for (path, _), mask in zip(plan.masked, masks):
-        flat[path].set_value(flat[path].get_value() * mask)
-    nnx.update(model, state)
+    prune.apply_masks(model, prune.make_plan(config, model, shape, 10))
     small, small_spec, _ = structured.shrink(model, spec)
     # Checkpoints store the spec as JSON (tuples become lists): the rebuilt shapes must match.
     rebuilt = ModelSpec.from_json(json.loads(json.dumps(small_spec.to_json()))).abstract()

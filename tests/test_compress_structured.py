@@ -26,18 +26,6 @@ def logits(model, x):
     return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
 
 
-def masked(model, plan):
-    """The model with the plan's masks applied (as the training step leaves it)."""
-    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    masks = jax.jit(plan.masks)(params, 0)
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for (path, _), mask in zip(plan.masked, masks):
-        flat[path].set_value(flat[path].get_value() * mask)
-    nnx.update(model, state)
-    return model
-
-
 @pytest.mark.parametrize("name, kwargs, criterion", [  # (MLPs: test_compress_training)
     ("cnn_tiny", {}, "bn_scale"),
     ("resnet8", {}, "l1"),
@@ -46,7 +34,7 @@ def test_shrunk_model_gives_the_masked_models_logits(name, kwargs, criterion):
     spec = ModelSpec(name, 10, SHAPE, kwargs, "float32")
     model = randomize_batchnorms(nnx.jit(lambda: spec.build(0))())
     plan = prune.make_plan(prune_config(sparsity=0.5, criterion=criterion), model, SHAPE, 10)
-    model = masked(model, plan)
+    model = prune.apply_masks(model, plan)
     small, small_spec, sizes = structured.shrink(model, spec)
     x = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
     # Removing a channel removes additions of exact zeros: equal up to the summation order XLA

@@ -425,6 +425,19 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(_matches(name, p) for p in patterns)
 
 
+def apply_masks(model: nnx.Module, plan: Plan, step: int = 0) -> nnx.Module:
+    """`model` (in place, and returned) with `plan`'s masks at `step` applied, as the training
+    step leaves its weights: pruned entries exactly 0."""
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
+    masks = jax.jit(plan.masks)(params, step)  # one program, not an eager op per score and rank
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for (path, _), mask in zip(plan.masked, masks):
+        flat[path].set_value(flat[path].get_value() * mask)
+    nnx.update(model, state)
+    return model
+
+
 def sparsity_report(params: Mapping[Path, Any], plan: Plan) -> dict[str, dict[str, float]]:
     """Per pruned parameter: its size, non-zeros and sparsity (host numbers, for summaries)."""
     out = {}

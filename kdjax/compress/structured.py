@@ -140,45 +140,36 @@ def _small_cnn(model: models.SmallCNN, kept: Mapping[str, int]) -> dict:
             "dense": _widths(model, kept, "fc")}
 
 
-def _cifar_resnet(model: models.CifarResNet, kept: Mapping[str, int]) -> dict:
-    stages = [_widths(model, kept, f"stages/{i}/0/c2/conv") for i in range(len(model.stages))]
-    stem = _widths(model, kept, "stem/conv")
-    out = {"channels": (stem, *stages),
-           "block_widths": tuple(_widths(model, kept, f"stages/{i}/{j}/c1/conv")
-                                 for i, stage in enumerate(model.stages)
+def _residual(model, kept: Mapping[str, int], stem: str, last: str,
+              inner: Callable[[str], int | tuple[int, ...]]) -> dict:
+    """A ResNet's kwargs: the stem's and each stage's residual width (its first block's `last`
+    layer), each block's inner width(s) (`inner(block path)`), and the first block's shortcut
+    projection kept where pruning made the stem's width equal to stage 1's."""
+    stages = [_widths(model, kept, f"stages/{i}/0/{last}") for i in range(len(model.stages))]
+    out = {"channels": (_widths(model, kept, stem), *stages),
+           "block_widths": tuple(inner(f"stages/{i}/{j}") for i, stage in enumerate(model.stages)
                                  for j in range(len(stage)))}
-    if model.stages[0][0].shortcut is not None and stem == stages[0]:
-        out["stem_projection"] = True  # pruning made equal widths that the projection maps
+    if model.stages[0][0].shortcut is not None and out["channels"][0] == stages[0]:
+        out["stem_projection"] = True
     return out
+
+
+def _cifar_resnet(model: models.CifarResNet, kept: Mapping[str, int]) -> dict:
+    return _residual(model, kept, "stem/conv", "c2/conv",
+                     lambda block: _widths(model, kept, f"{block}/c1/conv"))
 
 
 def _wide_resnet(model: models.WideResNet, kept: Mapping[str, int]) -> dict:
-    stages = [_widths(model, kept, f"stages/{i}/0/conv2") for i in range(len(model.stages))]
-    stem = _widths(model, kept, "conv1")
-    out = {"channels": (stem, *stages),
-           "block_widths": tuple(_widths(model, kept, f"stages/{i}/{j}/conv1")
-                                 for i, stage in enumerate(model.stages)
-                                 for j in range(len(stage)))}
-    if model.stages[0][0].shortcut is not None and stem == stages[0]:
-        out["stem_projection"] = True
-    return out
+    return _residual(model, kept, "conv1", "conv2",
+                     lambda block: _widths(model, kept, f"{block}/conv1"))
 
 
 def _imagenet_resnet(model: models.ImageNetResNet, kept: Mapping[str, int]) -> dict:
-    bottleneck = isinstance(model.stages[0][0], models.Bottleneck)
-    last = "c3" if bottleneck else "c2"
-    stages = [_widths(model, kept, f"stages/{i}/0/{last}/conv") for i in range(len(model.stages))]
-    stem = _widths(model, kept, "stem/conv")
-    inner = []
-    for i, stage in enumerate(model.stages):
-        for j in range(len(stage)):
-            c1 = _widths(model, kept, f"stages/{i}/{j}/c1/conv")
-            inner.append((c1, _widths(model, kept, f"stages/{i}/{j}/c2/conv")) if bottleneck
-                         else c1)
-    out = {"channels": (stem, *stages), "block_widths": tuple(inner)}
-    if model.stages[0][0].shortcut is not None and stem == stages[0]:
-        out["stem_projection"] = True
-    return out
+    if isinstance(model.stages[0][0], models.Bottleneck):
+        return _residual(model, kept, "stem/conv", "c3/conv", lambda block: (
+            _widths(model, kept, f"{block}/c1/conv"), _widths(model, kept, f"{block}/c2/conv")))
+    return _residual(model, kept, "stem/conv", "c2/conv",
+                     lambda block: _widths(model, kept, f"{block}/c1/conv"))
 
 
 def _vgg(model: models.VGG, kept: Mapping[str, int]) -> dict:
