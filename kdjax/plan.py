@@ -231,6 +231,7 @@ class Prune:
     exclude: tuple[str, ...]  # parameter-path globs left dense
     targets: Mapping[str, float]  # {glob: sparsity} per layer (read-only)
     dense_first_last: bool  # the input layer and the classifier stay dense
+    round_to: int  # structured: each group keeps a multiple of this many channels
 
 
 @dataclasses.dataclass(frozen=True)

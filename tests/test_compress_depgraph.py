@@ -13,7 +13,7 @@ from conftest import randomize_batchnorms
 from flax import nnx
 
 from kdjax import models, plan as plan_lib
-from kdjax.compress import prune, structured
+from kdjax.compress import prune, structured, training
 from kdjax.compress.coupling import layer_name
 from kdjax.models import ModelSpec
 
@@ -22,7 +22,7 @@ RGB = (8, 8, 3)
 
 
 def prune_config(**kw) -> plan_lib.Prune:
-    return dataclasses.replace(plan_lib.as_plan({}).prune, method="structured", **kw)
+    return dataclasses.replace(plan_lib.as_plan({}).prune, **{"method": "structured", **kw})
 
 
 def abstract(name, shape=RGB):
@@ -261,3 +261,24 @@ def test_a_shrunk_residual_model_runs_in_onnx_runtime_with_kdjax_logits():
     assert got.shape == (5, 10)
     assert_close(got, want, n=9 * 32 + 32)
     assert checked["batchnorms_folded"] == 9
+
+
+def test_round_to_keeps_multiples_of_its_channels():
+    spec = ModelSpec("cnn_tiny", 10, (8, 8, 1), {}, "float32")  # groups of 8, 16 and 32
+    build = nnx.jit(lambda: spec.build(0))
+    _, small_spec = training.prune_once(build(), spec, prune_config(sparsity=0.3, round_to=8))
+    # 30 % of 8, 16, 32 keeps 6, 11, 22 (rounded: 5.6, 11.2, 22.4); to multiples of 8: 8, 8, 24.
+    assert small_spec.kwargs == {"channels": (8, 8), "dense": 24}
+    _, small_spec = training.prune_once(build(), spec, prune_config(sparsity=0.3))
+    assert small_spec.kwargs == {"channels": (6, 11), "dense": 22}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(round_to=0), "prune.round_to=0: each structured group keeps a multiple of round_to "
+                       "channels: an integer >= 1"),
+    (dict(method="magnitude", round_to=8), "prune.round_to=8: rounding counts channels of "
+                                           "structured pruning; set prune.method='structured'"),
+])
+def test_bad_round_to_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        prune.check_config(prune_config(sparsity=0.5, **kw), 10)

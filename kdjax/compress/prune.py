@@ -84,6 +84,7 @@ class Plan:
     m: int = 4
     criterion: str = "bn_scale"
     seed: int = 0
+    round_to: int = 1  # structured: kept channels per group a multiple of this
 
     @property
     def masked(self) -> tuple[tuple[Path, int | None], ...]:
@@ -116,7 +117,8 @@ class Plan:
     def _channel_masks(self, params, step) -> list[jax.Array]:
         scores = [t.group.score(params, self.criterion) for t in self.targets]
         sparsities = [t.schedule.sparsity(step) for t in self.targets]
-        return _rank_masks(scores, sparsities, self._pooled(), keep_one=True)
+        return _rank_masks(scores, sparsities, self._pooled(), keep_one=True,
+                           round_to=self.round_to)
 
     def _pooled(self) -> list[bool]:
         # Global scope pools the targets on the run's schedule; those with their own target
@@ -136,16 +138,19 @@ def _pruned_count(sparsity, size: int) -> jax.Array:
     return jnp.round(sparsity * size).astype(jnp.int32)
 
 
-def _rank_masks(scores, sparsities, pooled, *, keep_one: bool) -> list[jax.Array]:
+def _rank_masks(scores, sparsities, pooled, *, keep_one: bool, round_to: int = 1
+                ) -> list[jax.Array]:
     """Per score array, the mask keeping all but the round(s * n) lowest-scoring entries; the
-    pooled ones share one ranking (global scope). `keep_one`: never prune a whole array."""
+    pooled ones share one ranking (global scope). `keep_one`: never prune a whole array.
+    `round_to`: each array keeps a multiple of this many entries (the nearest, or all when it
+    has fewer), its best ones."""
     masks = [None] * len(scores)
     for i, (score, s) in enumerate(zip(scores, sparsities)):
         if not pooled[i]:
             k = _pruned_count(s, score.size)
             if keep_one:
                 k = jnp.minimum(k, score.size - 1)
-            masks[i] = (_ranks(score) >= k).reshape(score.shape)
+            masks[i] = _rounded(score, score.size - k, round_to)
     idx = [i for i, p in enumerate(pooled) if p]
     if idx:
         flat = jnp.concatenate([scores[i].reshape(-1) for i in idx])
@@ -156,8 +161,17 @@ def _rank_masks(scores, sparsities, pooled, *, keep_one: bool) -> list[jax.Array
             start += scores[i].size
             if keep_one:  # a layer left with no channel keeps its best one
                 part = part | (~part.any() & (scores[i] == scores[i].max()))
-            masks[i] = part
+            masks[i] = _rounded(scores[i], part.sum(), round_to) if round_to > 1 else part
     return masks
+
+
+def _rounded(score: jax.Array, kept, round_to: int) -> jax.Array:
+    # The `kept` best entries, `kept` first moved to the nearest multiple of round_to (at least
+    # one multiple; all entries when there are fewer).
+    if round_to > 1:
+        kept = jnp.clip(jnp.round(kept / round_to) * round_to, round_to, score.size)
+        kept = jnp.minimum(kept, score.size).astype(jnp.int32)
+    return (_ranks(score) >= score.size - kept).reshape(score.shape)
 
 
 def nm_mask(kernel: jax.Array, *, n: int, m: int) -> jax.Array:
@@ -291,6 +305,14 @@ def check_config(prune: plan_lib.Prune, total_steps: int) -> Schedule:
             bad(key, value, "steps are >= 0")
     if prune.every_steps < 1:
         bad("every_steps", prune.every_steps, "masks are recomputed every N >= 1 steps")
+    if not isinstance(prune.round_to, int) or isinstance(prune.round_to, bool) \
+            or prune.round_to < 1:
+        bad("round_to", prune.round_to, "each structured group keeps a multiple of round_to "
+                                        "channels: an integer >= 1 (8 for ONNX Runtime's CPU "
+                                        "convolutions; 1 rounds nothing)")
+    if prune.round_to > 1 and prune.method != "structured":
+        bad("round_to", prune.round_to, "rounding counts channels of structured pruning; set "
+                                        "prune.method='structured' or prune.round_to=1")
     method, begin, end = prune.method, prune.begin_step, prune.end_step
     if method == "nm":
         n, m = prune.n, prune.m
@@ -418,7 +440,8 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
                          f"excluded (prune.exclude={tuple(prune.exclude)}, "
                          f"prune.dense_first_last={prune.dense_first_last}); nothing to prune")
     return Plan(method=method, scope=prune.scope, targets=targets, schedule=schedule,
-                n=prune.n, m=prune.m, criterion=prune.criterion, seed=seed)
+                n=prune.n, m=prune.m, criterion=prune.criterion, seed=seed,
+                round_to=prune.round_to)
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
