@@ -6,9 +6,10 @@ resnet20 at Fashion-MNIST's shape (28x28x1, 10 classes), pruned by coupled group
 (kdjax.compress.coupling: the residual width of each stage and every block's inner width,
 DepGraph's group L2 importance) at several sparsities, with and without `prune.round_to=8`,
 shrunk (kdjax.compress.structured.shrink) and exported with kdjax's ONNX export (which checks
-ONNX Runtime's logits against kdjax's). Per row: parameters, XLA's FLOP count of one image's forward, the ONNX
-file's size, and ONNX Runtime's latency at batch 1 and 64 on one thread (median over interleaved
-rounds, each row timed in every round, so that a shared machine's load falls on all rows alike).
+ONNX Runtime's logits against kdjax's). Per row: parameters, XLA's FLOP count of one image's
+forward, the ONNX file's size, and ONNX Runtime's latency at batch 1 and 64 on one thread
+(median over interleaved rounds, each row timed in every round, so that a shared machine's load
+falls on all rows alike).
 
 Speed does not depend on the weights' values: the network is randomly initialised (BatchNorm
 statistics randomised) and pruned by its importances; accuracy after distillation is the

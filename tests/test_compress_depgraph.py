@@ -111,6 +111,36 @@ def test_a_user_nnx_residual_model_couples_the_stem_with_the_residual_branch():
                               for n in ("scale", "bias", "mean", "var")}}
 
 
+class Branches(nnx.Module):
+    """Two convolutions concatenated along channels, read by a third."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.b = nnx.Conv(3, 6, (1, 1), rngs=rngs)
+        self.c = nnx.Conv(10, 8, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(jnp.concatenate([self.a(x), self.b(x)], axis=-1))
+        return self.head(nnx.relu(self.c(x)).mean(axis=(1, 2)))
+
+
+def test_a_concatenation_maps_each_branch_to_its_offset_in_the_reader():
+    model = Branches(nnx.Rngs(0))
+    _, groups = groups_of(model)
+    reader = {name: [(m.offset, m.outer, m.inner) for m in g.members
+                     if (layer_name(m.path), m.axis) == ("c/kernel", 2)]
+              for name, g in groups.items()}
+    assert reader == {"a": [(0, 1, 1)], "b": [(4, 1, 1)], "c": []}
+    plan = prune.make_plan(prune_config(sparsity=0.5), model, RGB, 10)
+    model = prune.apply_masks(model, plan)
+    small, sizes = structured.shrink_in_place(model, RGB)
+    assert sizes == {"a": (4, 2), "b": (6, 3), "c": (8, 4)}
+    assert small.c.kernel.shape == (3, 3, 5, 4) and small.c.in_features == 5
+    x = np.random.default_rng(0).normal(size=(2, *RGB)).astype(np.float32)
+    assert_close(logits(small, x), logits(model, x), n=9 * 10 + 8)
+
+
 class Unfollowed(nnx.Module):
     """A sort along channels (the tracer does not follow it) and a grouped convolution."""
 

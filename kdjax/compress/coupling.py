@@ -48,15 +48,29 @@ Piece = tuple[int, int, int]  # (dim, outer, inner)
 OUTPUT = "its channels are the model's output"
 UNFOLLOWED = "which the channel tracer does not follow"
 
-_ELEMENTWISE = frozenset(["add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "and", "or", "xor", "not", "ne", "eq", "lt", "le", "gt", "ge", "select_n", "clamp", "nextafter", "add_any", "integer_pow", "neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "square", "floor", "ceil", "round", "is_finite", "convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"])
-_REDUCE = frozenset(["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"])
-_CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
+_ELEMENTWISE = frozenset([
+    "add", "sub", "mul", "div", "max", "min", "pow", "atan2", "rem", "and", "or", "xor", "not",
+    "ne", "eq", "lt", "le", "gt", "ge", "select_n", "clamp", "nextafter", "add_any", "integer_pow",
+    "neg", "abs", "sign", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos",
+    "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt",
+    "cbrt", "erf", "erfc", "erf_inv", "square", "floor", "ceil", "round", "is_finite",
+    "convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"
+])
+_REDUCE = frozenset([
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax",
+    "argmin"
+])
+_CUMULATIVE = frozenset([
+    "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"
+])
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
           "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
 # A parameter passes unchanged through these (a cast to the compute dtype, BatchNorm's reshape
 # of its scale): the result is still that parameter for the "contraction with a parameter" rule.
-_PARAM_VIEWS = frozenset(["convert_element_type", "copy", "reshape", "transpose", "broadcast_in_dim"])
+_PARAM_VIEWS = frozenset([
+    "convert_element_type", "copy", "reshape", "transpose", "broadcast_in_dim"
+])
 
 
 @dataclasses.dataclass(frozen=True)
