@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _float32 import assert_close
-from _user_models import PoolResNet
+from _user_models import NormNet, PoolResNet
 from conftest import randomize_batchnorms
 from flax import nnx
 
@@ -109,6 +109,15 @@ def test_a_user_nnx_residual_model_couples_the_stem_with_the_residual_branch():
         ("stem/kernel", 3), ("stem/bias", 0), ("conv/kernel", 2), ("conv/kernel", 3),
         ("head/kernel", 0), *{(f"{bn}/{n}", 0) for bn in ("bn", "bn2")
                               for n in ("scale", "bias", "mean", "var")}}
+
+
+def test_a_user_model_in_training_mode_is_traced_in_inference_mode():
+    # Its Dropout's random mask would otherwise meet the channels as data without structure.
+    model = NormNet(64, 10, rngs=nnx.Rngs(0))
+    _, groups = groups_of(model, (8, 8, 1))
+    assert [layer_name(p) for p in groups["fc"].producers] == ["fc"]
+    assert members(groups["fc"]) >= {("bn/scale", 0), ("head/kernel", 0)}
+    assert model.drop.deterministic is False  # the model itself is left as it was
 
 
 class Branches(nnx.Module):

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import conv as conv_lib
+from kdjax import taps
 
 Path = tuple
 OPAQUE = "opaque"
@@ -125,8 +126,8 @@ def key_path(path) -> Path:
 
 def trace(model: nnx.Module, input_shape: Sequence[int], batch: int = 1
           ) -> tuple[jax.extend.core.ClosedJaxpr, list[Path], list[nnx.Variable]]:
-    """The jaxpr of `model`'s forward as a function of every array of its state and, last, a
-    batch of images, with the state's paths and Variables in argument order. The model may be
+    """The jaxpr of `model`'s inference forward as a function of every array of its state and,
+    last, a batch of images, with the state's paths and Variables in argument order. The model may be
     abstract (nnx.eval_shape)."""
     graphdef, state = nnx.split(model)
     flat, _ = jax.tree_util.tree_flatten_with_path(
@@ -136,7 +137,8 @@ def trace(model: nnx.Module, input_shape: Sequence[int], batch: int = 1
 
     def forward(*arrays):
         m = nnx.merge(graphdef, jax.tree.unflatten(leaf_def, arrays[:-1]))
-        return m(arrays[-1])
+        # Inference mode: a Dropout's random mask would be data with no channel structure.
+        return taps.call(m, arrays[-1], train=False)
 
     # kdjax.conv rewrites some CPU convolutions as patches and matrix products, which would hide
     # the kernel's axes; the native convolution is the same function of the same kernel.
@@ -240,6 +242,10 @@ class _Tracer:
         return OPAQUE
 
     # -- annotations of values -----------------------------------------------------------------
+    def is_param(self, v) -> bool:
+        """Whether `v` is a parameter (or a cast or reshape of one); a literal never is."""
+        return not isinstance(v, jax.extend.core.Literal) and v in self.param_vars
+
     def ann(self, v) -> list:
         if isinstance(v, jax.extend.core.Literal):
             return [None] * np.ndim(v.val)
@@ -265,8 +271,7 @@ class _Tracer:
         name = eqn.primitive.name
         ins = [self.ann(v) for v in eqn.invars]
         outs = eqn.outvars
-        if name in _PARAM_VIEWS and any(v in self.param_vars for v in eqn.invars
-                                        if not isinstance(v, jax.extend.core.Literal)):
+        if name in _PARAM_VIEWS and any(self.is_param(v) for v in eqn.invars):
             self.param_vars.update(outs)
         handler = _HANDLERS.get(name)
         if name in _CALLS and _CALLS[name] in eqn.params:
@@ -275,13 +280,13 @@ class _Tracer:
             inner = closed.jaxpr if closed is not None else sub
             consts = [[OPAQUE] * np.ndim(c) for c in (closed.consts if closed else [])]
             for outer_v, inner_v in zip(eqn.invars, inner.invars):
-                if outer_v in self.param_vars:
+                if self.is_param(outer_v):
                     self.param_vars.add(inner_v)
             results = self.run(inner, ins, consts)
             for v, a in zip(outs, results):
                 self.set(v, a)
             for outer_v, inner_v in zip(outs, inner.outvars):
-                if inner_v in self.param_vars:
+                if self.is_param(inner_v):
                     self.param_vars.add(outer_v)
         elif name in _ELEMENTWISE:
             out = outs[0]
@@ -448,7 +453,7 @@ class _Tracer:
     def _dot_general(self, eqn, ins):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         lhs, rhs = ins
-        weighted = any(v in self.param_vars for v in eqn.invars)
+        weighted = any(self.is_param(v) for v in eqn.invars)
         for a, b in zip(lc, rc):
             joined = self.unify(lhs[a], rhs[b], "a matrix product")
             if not weighted:
@@ -479,7 +484,7 @@ class _Tracer:
             self.block(lhs[k], "a convolution window over channels")
         self._produced(rhs[r_o])  # this layer's output channels, whether or not they can go
         why = "a convolution"
-        if p["batch_group_count"] != 1 or eqn.invars[1] not in self.param_vars:
+        if p["batch_group_count"] != 1 or not self.is_param(eqn.invars[1]):
             why = ("a convolution whose kernel is not a parameter" if p["batch_group_count"] == 1
                    else "a convolution with batch_group_count > 1")
             self.block(lhs[l_f], why)
