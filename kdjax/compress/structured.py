@@ -194,6 +194,11 @@ WIDTHS: dict[type, Callable[[nnx.Module, Mapping[str, int]], dict]] = {
     models.MobileNetV2: _mobilenet_v2}
 
 
+def recordable(model: nnx.Module) -> bool:
+    """Whether `shrink` can record the model's shrunk widths in its ModelSpec (a zoo CNN)."""
+    return any(isinstance(model, cls) for cls in WIDTHS)
+
+
 # The layers whose feature counts kdjax updates when it shrinks a model in place.
 RESIZABLE = (nnx.Linear, nnx.Conv, nnx.BatchNorm)
 
@@ -208,7 +213,7 @@ def structure(model: nnx.Module, input_shape: Sequence[int]) -> Structure:
     nodes = dict(nnx.iter_graph(model))
     bn_scales = {path + ("scale",) for path, node in nodes.items()
                  if isinstance(node, nnx.BatchNorm) and node.scale is not None}
-    rebuilt = any(isinstance(model, cls) for cls in WIDTHS)
+    rebuilt = recordable(model)
     groups, refused = [], dict(found.refused)
     for g in found.groups:
         # A model shrunk in place must hold every member in a layer whose sizes kdjax updates.
@@ -290,8 +295,7 @@ def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, model
     """The model without its pruned channels: (the smaller model, its spec, {group: (channels
     before, after)}), rebuilt from the spec, whose kwargs record the new widths (checkpoints and
     exports store it). Its logits equal `model`'s (up to float summation order)."""
-    widths = next((fn for cls, fn in WIDTHS.items() if isinstance(model, cls)), None)
-    if widths is None:
+    if not recordable(model):
         raise ValueError(
             f"structured pruning cannot record the shrunk widths of a {type(model).__name__} "
             f"({spec.name}) in its ModelSpec: its constructor does not take them, so a checkpoint "
@@ -303,6 +307,7 @@ def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, model
     keep = kept_channels(model, st.groups)
     params = _sliced(model, st.groups, keep)
     kept = {layer_name(p): len(keep[g.name]) for g in st.groups for p in g.producers}
+    widths = next(fn for cls, fn in WIDTHS.items() if isinstance(model, cls))
     new_spec = dataclasses.replace(spec, kwargs={**spec.kwargs, **widths(model, kept)})
     small = nnx.eval_shape(lambda: new_spec.build())
     state = nnx.state(small)
