@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import randomize_batchnorms
 from flax import nnx
@@ -74,3 +75,31 @@ def test_a_model_with_no_removable_channels_is_refused():
                                          "the Linear that can be removed: the model: its channels are the "
                                          "model's output"):
         prune.make_plan(prune_config(sparsity=0.5), model, (784,), 10)
+
+
+def test_the_optimizer_keeps_a_residual_group_pruned_through_momentum():
+    model = nnx.eval_shape(lambda: models.create_model("resnet8", num_classes=10,
+                                                       rngs=nnx.Rngs(0), input_shape=(8, 8, 3)))
+    plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, (8, 8, 3), 10)
+    params = jax.tree.map(lambda v: np.random.default_rng(0).normal(size=v.shape).astype(
+        np.float32), nnx.state(model, nnx.Param))
+    tx = prune.wrap(optax.sgd(0.1, momentum=0.9), plan, prefix=())
+
+    @jax.jit
+    def steps(params):
+        state = tx.init(params)
+        for i in range(3):  # the masks are made at the first update, momentum builds after
+            grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape), params)
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    flat = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(steps(params))}
+    group = next(t.group for t in plan.targets if t.name == "stages/1/0/c2/conv")
+    dead = [~(group._per_channel(flat[m.path], m) != 0).any(axis=(0, 2, 3)) for m in group.masked]
+    # Every Param slice of the stage's residual channels (both convolutions into the sum, their
+    # BatchNorms, the next stage's readers) is exactly 0 on the same 16 channels.
+    assert {structured.layer_name(m.path) for m in group.masked} >= {
+        "stages/1/0/c2/conv/kernel", "stages/1/0/shortcut/conv/kernel",
+        "stages/2/0/c1/conv/kernel", "stages/2/0/shortcut/conv/kernel"}
+    assert all((d == dead[0]).all() for d in dead) and int(dead[0].sum()) == 16
