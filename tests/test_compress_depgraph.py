@@ -205,7 +205,7 @@ def test_pruned_channels_are_zero_in_every_member_of_their_group():
     assert len(plan.targets) == 6
     for t in plan.targets:
         g = t.group
-        alive = [np.asarray(g._per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
+        alive = [np.asarray(g.per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
                  for m in g.masked]
         # Every Param member agrees channel by channel: all zero or (almost surely) all not.
         assert all((a == alive[0]).all() for a in alive), g.name

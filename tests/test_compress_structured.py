@@ -96,7 +96,7 @@ def test_the_optimizer_keeps_a_residual_group_pruned_through_momentum():
 
     flat = {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(steps(params))}
     group = next(t.group for t in plan.targets if t.name == "stages/1/0/c2/conv")
-    dead = [~(group._per_channel(flat[m.path], m) != 0).any(axis=(0, 2, 3)) for m in group.masked]
+    dead = [~(group.per_channel(flat[m.path], m) != 0).any(axis=(0, 2, 3)) for m in group.masked]
     # Every Param slice of the stage's residual channels (both convolutions into the sum, their
     # BatchNorms, the next stage's readers) is exactly 0 on the same 16 channels.
     assert {structured.layer_name(m.path) for m in group.masked} >= {

@@ -67,9 +67,11 @@ class ChannelGroup:
         bshape[member.axis] = shape[member.axis]
         return jnp.broadcast_to(along.reshape(bshape), shape)
 
-    def _per_channel(self, array, member: Member):
-        # [outer, size, inner, rest]: the member's piece, channel on axis 1. Array methods only:
-        # a NumPy array on the host (shrinking), a traced one in the step (scores).
+    def per_channel(self, array: np.ndarray | jnp.ndarray, member: Member
+                    ) -> np.ndarray | jnp.ndarray:
+        """`member`'s slice of `array` (its parameter) as [outer, size, inner, rest]: channel c
+        of the group on axis 1."""
+        # Array methods only: a NumPy array on the host (shrinking), a traced one (scores).
         a = array.transpose((member.axis, *(k for k in range(array.ndim) if k != member.axis)))
         length = member.outer * self.size * member.inner
         a = a[member.offset:member.offset + length]
@@ -78,14 +80,14 @@ class ChannelGroup:
     def score(self, params: Mapping[Path, jnp.ndarray], criterion: str) -> jnp.ndarray:
         """Per-channel importance [size] (module docstring)."""
         if criterion == "group_l2":
-            norms = [jnp.sqrt(jnp.sum(jnp.square(self._per_channel(params[m.path], m)),
+            norms = [jnp.sqrt(jnp.sum(jnp.square(self.per_channel(params[m.path], m)),
                                       axis=(0, 2, 3))) for m in self.masked]
             return sum(norms) / len(norms)
         if criterion == "bn_scale" and self.bn_scales:
             return sum(jnp.abs(params[p]) for p in self.bn_scales) / len(self.bn_scales)
         kernels = [m for m in self.masked if m.path[:-1] in self.producers
                    and m.path[-1] == "kernel"]
-        return sum(jnp.abs(self._per_channel(params[m.path], m)).mean(axis=(0, 2, 3))
+        return sum(jnp.abs(self.per_channel(params[m.path], m)).mean(axis=(0, 2, 3))
                    for m in kernels) / len(kernels)
 
 
@@ -111,7 +113,7 @@ def kept_channels(model: nnx.Module, groups: Sequence[ChannelGroup]) -> dict[str
     for g in groups:
         alive = np.zeros(g.size, bool)
         for m in g.masked:
-            alive |= (g._per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
+            alive |= (g.per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
         if not alive.any():  # a layer cannot have no channels: keep one (it outputs 0)
             alive[0] = True
         keep[g.name] = np.flatnonzero(alive)
