@@ -178,17 +178,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = dict(workdir="", layers=())
     # Pruning inside the fused step (kdjax.compress.prune; README "Compression"): masks in the
     # optimizer state, pruned weights exactly 0. method: none | magnitude | random | nm (N:M,
-    # n of every m weights kept along the input axis) | structured (whole channels, scored by
-    # criterion bn_scale | l1, removed on export). scope: per_layer | global. sparsity: the final
-    # fraction pruned, in [0, 1). schedule: one_shot (at begin_step) | cubic (Zhu & Gupta, from
-    # initial_sparsity at begin_step to sparsity at end_step, masks recomputed every_steps) |
-    # init (structured: prune init.workdir's weights once and train the smaller model).
-    # exclude: parameter-path patterns left dense (fnmatch, e.g. "stages/0/*"); targets:
-    # {pattern: sparsity} per layer; dense_first_last: the input layer and the classifier stay
-    # dense (unstructured and N:M).
+    # n of every m weights kept along the input axis) | structured (whole coupled channel groups,
+    # residual widths included, scored by criterion bn_scale | l1 | group_l2, removed on
+    # export). scope: per_layer | global. sparsity: the final fraction pruned, in [0, 1).
+    # schedule: one_shot (at begin_step) | cubic (Zhu & Gupta, from initial_sparsity at
+    # begin_step to sparsity at end_step, masks recomputed every_steps) | init (structured:
+    # prune init.workdir's weights once and train the smaller model). exclude: parameter-path
+    # patterns left dense (fnmatch, e.g. "stages/0/*"); targets: {pattern: sparsity} per layer;
+    # dense_first_last: the input layer and the classifier stay dense (unstructured and N:M).
+    # round_to: structured: each group keeps a multiple of this many channels (8: ONNX Runtime's
+    # CPU convolutions block channels by 8, and odd widths ran slower than the unpruned model).
     c.prune = dict(method="none", scope="per_layer", sparsity=0.0, initial_sparsity=0.0,
                    schedule="one_shot", begin_step=0, end_step=0, every_steps=100, n=2, m=4,
-                   criterion="bn_scale", exclude=(), targets={}, dense_first_last=True)
+                   criterion="bn_scale", exclude=(), targets={}, dense_first_last=True,
+                   round_to=1)
     # Quantization (kdjax.compress.quantize, built on Qwix). mode: none | qat (the student's
     # forward fake-quantized in the fused step, straight-through gradients, the float teacher
     # beside it) | ptq (trained in float; quantized on export). weights: int8 | int4;

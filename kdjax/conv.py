@@ -23,16 +23,18 @@ Turn it off with the environment variable KDJAX_CPU_CONV=native (read when a fun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["ENV", "MAX_OUTPUT_SIDE", "as_depthwise", "as_matmul", "conv_general_dilated"]
+__all__ = ["ENV", "MAX_OUTPUT_SIDE", "as_depthwise", "as_matmul", "conv_general_dilated",
+           "native"]
 
 ENV = "KDJAX_CPU_CONV"
 _MODES = ("auto", "native")
@@ -62,6 +64,22 @@ def _intercepted() -> bool:
     # expects the kernel Param itself as an operand: a matrix product would hide the convolution.
     f = lax.conv_general_dilated
     return f is not _NATIVE or getattr(f, "__code__", None) is not _NATIVE_CODE
+
+
+@contextlib.contextmanager
+def native() -> Iterator[None]:
+    """XLA's own convolution in every function traced inside: one conv_general_dilated per layer,
+    as its kernel's axes are (the ONNX export and the channel tracer read them). The variable is
+    read at trace time."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "native"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 def _live_taps(k: int, size: int, out: int, stride: int, pad_lo: int) -> list[int]:

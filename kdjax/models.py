@@ -158,15 +158,21 @@ def _run(blocks, x, train: bool):
     return x
 
 
-def _make_stage(block, in_c, planes, n, stride, *, widths=(), dtype, rngs):
+def _make_stage(block, in_c, planes, n, stride, *, widths=(), projection=None, out=None, dtype,
+                rngs):
     """n blocks, the first one strided; returns (nnx.List, out_channels). `widths`, when given,
-    are the blocks' inner widths (BasicBlock's `width`)."""
+    are the blocks' inner widths (their `width`); `projection`, the first block's; `out`, the
+    stage's output width when it is not planes * expansion (a pruned Bottleneck stage)."""
     blocks = []
     for j in range(n):
         extra = {"width": widths[j]} if widths else {}
+        if j == 0 and projection is not None:
+            extra["projection"] = projection
+        if out is not None:
+            extra["out"] = out
         blocks.append(block(in_c, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs,
                             **extra))
-        in_c = planes * block.expansion
+        in_c = out or planes * block.expansion
     return nnx.List(blocks), in_c
 
 
@@ -196,14 +202,15 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_c, planes, stride, *, width=None, dtype, rngs):
-        # width: the channels between c1 and c2 (default planes); structured pruning
-        # (kdjax.compress.structured) shrinks it: they feed no residual sum.
+    def __init__(self, in_c, planes, stride, *, width=None, projection=None, dtype, rngs):
+        # width: the channels between c1 and c2 (default planes); projection: whether the
+        # shortcut is a 1x1 convolution (default: where stride or width change). Structured
+        # pruning (kdjax.compress.structured) shrinks both widths and records them here.
         kw = dict(dtype=dtype, rngs=rngs)
         width = width or planes
         self.c1 = ConvBN(in_c, width, 3, stride=stride, **kw)
         self.c2 = ConvBN(width, planes, 3, act=False, **kw)
-        need = stride != 1 or in_c != planes
+        need = stride != 1 or in_c != planes if projection is None else projection
         self.shortcut = ConvBN(in_c, planes, 1, stride=stride, act=False, **kw) if need else None
 
     def __call__(self, x, train: bool):
@@ -217,13 +224,17 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, in_c, planes, stride, *, dtype, rngs):
+    def __init__(self, in_c, planes, stride, *, width=None, projection=None, out=None, dtype,
+                 rngs):
+        # width: (c1's, c2's) output widths (default planes, planes); out: the block's output
+        # width (default planes * 4); projection as BasicBlock's. Structured pruning sets them.
         kw = dict(dtype=dtype, rngs=rngs)
-        out_c = planes * self.expansion
-        self.c1 = ConvBN(in_c, planes, 1, **kw)
-        self.c2 = ConvBN(planes, planes, 3, stride=stride, **kw)
-        self.c3 = ConvBN(planes, out_c, 1, act=False, **kw)
-        need = stride != 1 or in_c != out_c
+        out_c = out or planes * self.expansion
+        w1, w2 = width or (planes, planes)
+        self.c1 = ConvBN(in_c, w1, 1, **kw)
+        self.c2 = ConvBN(w1, w2, 3, stride=stride, **kw)
+        self.c3 = ConvBN(w2, out_c, 1, act=False, **kw)
+        need = stride != 1 or in_c != out_c if projection is None else projection
         self.shortcut = ConvBN(in_c, out_c, 1, stride=stride, act=False, **kw) if need else None
 
     def __call__(self, x, train: bool):
@@ -237,13 +248,15 @@ class WideBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, in_c, out_c, stride, *, dtype, rngs):
+    def __init__(self, in_c, out_c, stride, *, width=None, projection=None, dtype, rngs):
+        # width: conv1's output width (default out_c); projection as BasicBlock's.
         kw = dict(dtype=dtype, rngs=rngs)
+        width = width or out_c
         self.bn1 = _bn(in_c, **kw)
-        self.conv1 = _conv(in_c, out_c, 3, stride=stride, **kw)
-        self.bn2 = _bn(out_c, **kw)
-        self.conv2 = _conv(out_c, out_c, 3, **kw)
-        self.equal_in_out = in_c == out_c
+        self.conv1 = _conv(in_c, width, 3, stride=stride, **kw)
+        self.bn2 = _bn(width, **kw)
+        self.conv2 = _conv(width, out_c, 3, **kw)
+        self.equal_in_out = in_c == out_c if projection is None else not projection
         self.shortcut = None if self.equal_in_out else _conv(in_c, out_c, 1, stride=stride, **kw)
 
     def __call__(self, x, train: bool):
@@ -271,13 +284,15 @@ class WideBlock(nnx.Module):
 class InvertedResidual(nnx.Module):
     """MobileNetV2 block as in RepDistiller (pw conv present even for t=1)."""
 
-    def __init__(self, in_c, out_c, stride, expand, *, dtype, rngs):
+    def __init__(self, in_c, out_c, stride, expand, *, hidden=None, residual=None, dtype, rngs):
+        # hidden: the expansion width (default in_c * expand); residual: whether the block adds
+        # its input (default: where stride and width allow). Structured pruning sets them.
         kw = dict(dtype=dtype, rngs=rngs)
-        hid = in_c * expand
+        hid = hidden or in_c * expand
         self.pw = ConvBN(in_c, hid, 1, **kw)
         self.dw = ConvBN(hid, hid, 3, stride=stride, groups=hid, **kw)
         self.pwl = ConvBN(hid, out_c, 1, act=False, **kw)
-        self.use_res = stride == 1 and in_c == out_c
+        self.use_res = stride == 1 and in_c == out_c if residual is None else residual
 
     def __call__(self, x, train: bool):
         out = self.pwl(self.dw(self.pw(x, train), train), train)
@@ -345,9 +360,11 @@ class CifarResNet(FeatureModel):
 
     def __init__(self, depth: int = 20, channels: Sequence[int] = (16, 16, 32, 64), *, num_classes: int,
                  rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
-                 block_widths: Sequence[int] = ()):
-        # block_widths: each block's inner width (between its two convolutions), all 3n blocks
-        # in order; () = the stage's width. Structured pruning records its result here.
+                 block_widths: Sequence[int] = (), stem_projection: bool | None = None):
+        # channels: the stem's and each stage's residual width; block_widths: each block's inner
+        # width (between its two convolutions), all 3n blocks in order, () = the stage's width;
+        # stem_projection: whether stage 1's first block projects its shortcut (default: where
+        # the stem's width differs). Structured pruning records its result in these.
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
@@ -360,7 +377,8 @@ class CifarResNet(FeatureModel):
         stages, c = [], channels[0]
         for i, (planes, stride) in enumerate(zip(channels[1:], (1, 2, 2))):
             stage, c = _make_stage(BasicBlock, c, planes, n, stride,
-                                   widths=tuple(block_widths[i * n:(i + 1) * n]), **kw)
+                                   widths=tuple(block_widths[i * n:(i + 1) * n]),
+                                   projection=stem_projection if i == 0 else None, **kw)
             stages.append(stage)
         self.stages = nnx.List(stages)
         self.fc = _linear(c, num_classes, **kw)
@@ -385,14 +403,29 @@ class ImageNetResNet(FeatureModel):
     feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
 
     def __init__(self, block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), *, num_classes: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
+                 channels: Sequence[int] = (), block_widths: Sequence[Any] = (),
+                 stem_projection: bool | None = None):
+        # channels: the stem's and each stage's output (residual) width; block_widths: each
+        # block's inner width(s) in order (a BasicBlock's c1 width, a Bottleneck's (c1, c2)
+        # widths); stem_projection as CifarResNet's. () = torchvision's widths. Structured
+        # pruning (kdjax.compress.structured) records its result here.
         blk = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         kw = dict(dtype=dtype, rngs=rngs)
         self.dtype = dtype
-        self.stem = ConvBN(in_channels, 64, 7, stride=2, **kw)
-        stages, c = [], 64
-        for planes, n, stride in zip((64, 128, 256, 512), layers, (1, 2, 2, 2)):
-            stage, c = _make_stage(blk, c, planes, n, stride, **kw)
+        outs = tuple(channels) or (64, *(p * blk.expansion for p in (64, 128, 256, 512)))
+        self.stem = ConvBN(in_channels, outs[0], 7, stride=2, **kw)
+        stages, c, first = [], outs[0], 0
+        for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 2, 2))):
+            widths = tuple(tuple(w) if isinstance(w, (list, tuple)) else w
+                           for w in block_widths[first:first + n])
+            first += n
+            if blk is BasicBlock:
+                planes, out = outs[i + 1], None
+            else:
+                out = outs[i + 1] if channels else None
+            stage, c = _make_stage(blk, c, planes, n, stride, widths=widths, out=out,
+                                   projection=stem_projection if i == 0 else None, **kw)
             stages.append(stage)
         self.stages = nnx.List(stages)
         self.fc = _linear(c, num_classes, **kw)
@@ -419,17 +452,24 @@ class WideResNet(FeatureModel):
     feature_names = ("stem", "stage1", "stage2", "stage3", "embedding", "logits")
 
     def __init__(self, depth: int = 16, widen_factor: int = 1, *, num_classes: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
+                 channels: Sequence[int] = (), block_widths: Sequence[int] = (),
+                 stem_projection: bool | None = None):
+        # channels: conv1's and each stage's residual width (default 16 and (16, 32, 64) *
+        # widen_factor); block_widths: each block's conv1 width; stem_projection as
+        # CifarResNet's. Structured pruning (kdjax.compress.structured) records them.
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         kw = dict(dtype=dtype, rngs=rngs)
         self.dtype = dtype
-        chans = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        chans = tuple(channels) or (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = _conv(in_channels, chans[0], 3, **kw)
         stages, c = [], chans[0]
-        for planes, stride in zip(chans[1:], (1, 2, 2)):
-            stage, c = _make_stage(WideBlock, c, planes, n, stride, **kw)
+        for i, (planes, stride) in enumerate(zip(chans[1:], (1, 2, 2))):
+            stage, c = _make_stage(WideBlock, c, planes, n, stride,
+                                   widths=tuple(block_widths[i * n:(i + 1) * n]),
+                                   projection=stem_projection if i == 0 else None, **kw)
             stages.append(stage)
         self.stages = nnx.List(stages)
         self.bn = _bn(c, **kw)
@@ -466,11 +506,13 @@ class VGG(FeatureModel):
     feature_names = ("stem", "stage1", "stage2", "stage3", "stage4", "embedding", "logits")
 
     def __init__(self, depth: int = 13, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
-                 in_channels: int = 3):
+                 in_channels: int = 3, widths: Sequence[Sequence[int]] = ()):
+        # widths: each group's convolution widths (default _VGG_CFG[depth]); structured pruning
+        # (kdjax.compress.structured) records its result here.
         kw = dict(dtype=dtype, rngs=rngs)
         self.dtype = dtype
         groups, c = [], in_channels
-        for cfg in _VGG_CFG[depth]:
+        for cfg in widths or _VGG_CFG[depth]:
             layers = []
             for v in cfg:
                 layers.append(ConvBN(c, v, 3, bias=True, **kw))
@@ -506,21 +548,31 @@ class MobileNetV2(FeatureModel):
     _TAPS = {1: "stage1", 2: "stage2", 4: "stage3", 6: "stage4"}
 
     def __init__(self, width_mult: float = 0.5, expand: int = 6, *, num_classes: int,
-                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3):
+                 rngs: nnx.Rngs, dtype=jnp.float32, in_channels: int = 3,
+                 channels: Sequence[int] = (), hidden: Sequence[int] = ()):
+        # channels: the stem's, each block group's and the head's widths; hidden: each block's
+        # expansion width. () = width_mult's. Structured pruning (kdjax.compress.structured)
+        # records them; which blocks add their input stays width_mult's architecture.
         kw = dict(dtype=dtype, rngs=rngs)
         self.dtype = dtype
-        c = int(32 * width_mult)
+        default = [int(32 * width_mult), *(int(ch * width_mult) for _, ch, _, _ in self._SETTING),
+                   int(1280 * width_mult) if width_mult > 1.0 else 1280]
+        widths = list(channels) or default
+        c, c_default = widths[0], default[0]
         self.stem = ConvBN(in_channels, c, 3, stride=2, **kw)
-        groups = []
-        for t, ch, n, s in self._SETTING:
-            out_c = int(ch * width_mult)
+        groups, block = [], 0
+        for g, (t, _, n, s) in enumerate(self._SETTING):
+            out_c = widths[g + 1]
             blocks = []
             for j in range(n):
-                blocks.append(InvertedResidual(c, out_c, s if j == 0 else 1, t or expand, **kw))
-                c = out_c
+                stride = s if j == 0 else 1
+                blocks.append(InvertedResidual(
+                    c, out_c, stride, t or expand, hidden=hidden[block] if hidden else None,
+                    residual=stride == 1 and c_default == default[g + 1], **kw))
+                c, c_default, block = out_c, default[g + 1], block + 1
             groups.append(nnx.List(blocks))
         self.groups = nnx.List(groups)
-        last = int(1280 * width_mult) if width_mult > 1.0 else 1280
+        last = widths[-1]
         self.head = ConvBN(c, last, 1, **kw)
         self.fc = _linear(last, num_classes, **kw)
 

@@ -227,10 +227,11 @@ class Prune:
     every_steps: int  # cubic: masks recomputed this often
     n: int  # N:M: n of every m weights kept
     m: int
-    criterion: str  # structured: bn_scale | l1
+    criterion: str  # structured: bn_scale | l1 | group_l2
     exclude: tuple[str, ...]  # parameter-path globs left dense
     targets: Mapping[str, float]  # {glob: sparsity} per layer (read-only)
     dense_first_last: bool  # the input layer and the classifier stay dense
+    round_to: int  # structured: each group keeps a multiple of this many channels
 
 
 @dataclasses.dataclass(frozen=True)

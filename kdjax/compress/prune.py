@@ -20,8 +20,10 @@ Methods (prune.method):
   pruned layers, so layers end with different sparsities).
 - "nm": N:M sparsity, at most n non-zeros in every m consecutive weights along the input axis
   (2:4 is what sparse tensor cores run); by magnitude.
-- "structured": whole output channels, scored by BatchNorm scale or filter L1 norm, masked while
-  training and physically removed on export (kdjax.compress.structured).
+- "structured": whole coupled channel groups (every parameter slice of a channel, across
+  residual sums: kdjax.compress.coupling), scored by BatchNorm scale, filter L1 or DepGraph's
+  group L2 norm, masked while training and physically removed on export
+  (kdjax.compress.structured).
 
 Which parameters: unstructured and N:M prune the kernels (>= 2-D) of the student's Linear and Conv
 layers; prune.exclude removes some by path pattern and prune.targets gives some their own target
@@ -46,7 +48,7 @@ import optax
 from flax import nnx
 
 from kdjax import plan as plan_lib
-from kdjax.compress import structured
+from kdjax.compress import coupling, structured
 from kdjax.compress.schedule import SCHEDULES, Schedule
 from kdjax.compress.structured import CRITERIA, ChannelGroup, Path, layer_name
 
@@ -82,6 +84,7 @@ class Plan:
     m: int = 4
     criterion: str = "bn_scale"
     seed: int = 0
+    round_to: int = 1  # structured: kept channels per group a multiple of this
 
     @property
     def masked(self) -> tuple[tuple[Path, int | None], ...]:
@@ -89,7 +92,9 @@ class Plan:
         None when the mask is per entry)."""
         if self.method != "structured":
             return tuple((t.kernel, None) for t in self.targets)
-        return tuple(p for t in self.targets for p in t.group.producers)
+        # A parameter in several groups (a kernel's input and output channels) has one mask per
+        # group; the wrapper applies each, so a weight is kept only where all keep it.
+        return tuple((m.path, m.axis) for t in self.targets for m in t.group.masked)
 
     def is_update(self, step) -> jax.Array:
         return jnp.any(jnp.stack([t.schedule.is_update(step) for t in self.targets]))
@@ -98,8 +103,8 @@ class Plan:
         """Boolean masks (True = kept) for `masked`, at `step`'s target sparsities."""
         if self.method == "structured":
             keep = self._channel_masks(params, step)
-            return tuple(_expand(k, params[path].shape, axis)
-                         for k, t in zip(keep, self.targets) for path, axis in t.group.producers)
+            return tuple(t.group.mask(k, m, params[m.path].shape)
+                         for k, t in zip(keep, self.targets) for m in t.group.masked)
         if self.method == "nm":
             return tuple(nm_mask(params[t.kernel], n=self.n, m=self.m) for t in self.targets)
         scores = [jnp.abs(params[t.kernel]) if self.method == "magnitude" else
@@ -112,18 +117,13 @@ class Plan:
     def _channel_masks(self, params, step) -> list[jax.Array]:
         scores = [t.group.score(params, self.criterion) for t in self.targets]
         sparsities = [t.schedule.sparsity(step) for t in self.targets]
-        return _rank_masks(scores, sparsities, self._pooled(), keep_one=True)
+        return _rank_masks(scores, sparsities, self._pooled(), keep_one=True,
+                           round_to=self.round_to)
 
     def _pooled(self) -> list[bool]:
         # Global scope pools the targets on the run's schedule; those with their own target
         # (prune.targets) are pruned per layer to it.
         return [self.scope == "global" and t.schedule == self.schedule for t in self.targets]
-
-
-def _expand(keep: jax.Array, shape, axis: int) -> jax.Array:
-    bshape = [1] * len(shape)
-    bshape[axis] = shape[axis]
-    return jnp.broadcast_to(keep.reshape(bshape), shape)
 
 
 def _ranks(score: jax.Array) -> jax.Array:
@@ -138,16 +138,19 @@ def _pruned_count(sparsity, size: int) -> jax.Array:
     return jnp.round(sparsity * size).astype(jnp.int32)
 
 
-def _rank_masks(scores, sparsities, pooled, *, keep_one: bool) -> list[jax.Array]:
+def _rank_masks(scores, sparsities, pooled, *, keep_one: bool, round_to: int = 1
+                ) -> list[jax.Array]:
     """Per score array, the mask keeping all but the round(s * n) lowest-scoring entries; the
-    pooled ones share one ranking (global scope). `keep_one`: never prune a whole array."""
+    pooled ones share one ranking (global scope). `keep_one`: never prune a whole array.
+    `round_to`: each array keeps a multiple of this many entries (the nearest, or all when it
+    has fewer), its best ones."""
     masks = [None] * len(scores)
     for i, (score, s) in enumerate(zip(scores, sparsities)):
         if not pooled[i]:
             k = _pruned_count(s, score.size)
             if keep_one:
                 k = jnp.minimum(k, score.size - 1)
-            masks[i] = (_ranks(score) >= k).reshape(score.shape)
+            masks[i] = _rounded(score, score.size - k, round_to)
     idx = [i for i, p in enumerate(pooled) if p]
     if idx:
         flat = jnp.concatenate([scores[i].reshape(-1) for i in idx])
@@ -158,8 +161,17 @@ def _rank_masks(scores, sparsities, pooled, *, keep_one: bool) -> list[jax.Array
             start += scores[i].size
             if keep_one:  # a layer left with no channel keeps its best one
                 part = part | (~part.any() & (scores[i] == scores[i].max()))
-            masks[i] = part
+            masks[i] = _rounded(scores[i], part.sum(), round_to) if round_to > 1 else part
     return masks
+
+
+def _rounded(score: jax.Array, kept, round_to: int) -> jax.Array:
+    # The `kept` best entries, `kept` first moved to the nearest multiple of round_to (at least
+    # one multiple; all entries when there are fewer).
+    if round_to > 1:
+        kept = jnp.clip(jnp.round(kept / round_to) * round_to, round_to, score.size)
+        kept = jnp.minimum(kept, score.size).astype(jnp.int32)
+    return (_ranks(score) >= score.size - kept).reshape(score.shape)
 
 
 def nm_mask(kernel: jax.Array, *, n: int, m: int) -> jax.Array:
@@ -184,11 +196,6 @@ class PruneState(NamedTuple):
     inner: optax.OptState
 
 
-def _key_path(path) -> Path:
-    # nnx.State leaves are Variables: drop the trailing attribute that holds the array.
-    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def wrap(tx: optax.GradientTransformation, plan: Plan, *,
          prefix: Path = ("student",)) -> optax.GradientTransformation:
     """`tx` with `plan`'s masks kept in its state and applied to every update (module docstring).
@@ -198,7 +205,7 @@ def wrap(tx: optax.GradientTransformation, plan: Plan, *,
 
     def leaves_by_path(tree):
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        index = {_key_path(p): i for i, (p, _) in enumerate(flat)}
+        index = {coupling.key_path(p): i for i, (p, _) in enumerate(flat)}
         positions = []
         for path, _ in plan.masked:
             full = prefix + tuple(path)
@@ -220,8 +227,8 @@ def wrap(tx: optax.GradientTransformation, plan: Plan, *,
         by_path = {path: p_leaves[i] for (path, _), i in zip(plan.masked, positions)}
         if plan.method == "structured":  # the scores also read the BatchNorm scales
             flat = jax.tree_util.tree_flatten_with_path(params)[0]
-            by_path.update({_key_path(p)[len(prefix):]: leaf for p, leaf in flat
-                            if _key_path(p)[:len(prefix)] == prefix})
+            by_path.update({coupling.key_path(p)[len(prefix):]: leaf for p, leaf in flat
+                            if coupling.key_path(p)[:len(prefix)] == prefix})
         masks = jax.lax.cond(plan.is_update(state.count),
                              lambda: tuple(plan.masks(by_path, state.count)),
                              lambda: state.masks)
@@ -249,18 +256,10 @@ def forward_order(model: nnx.Module, input_shape: Sequence[int]) -> list[Path]:
     """The student's variable paths in the order its forward pass first reads them (the
     equations of its jaxpr), so "first" and "last" layers are the data flow's, not the
     attribute names' (nnx orders those alphabetically)."""
-    graphdef, state = nnx.split(model)  # every array an argument: the model may be abstract
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    paths = [_key_path(p) for p, _ in flat]
-
-    def forward(*leaves):
-        m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        return m(jnp.zeros((1, *input_shape), jnp.float32))
-
-    jaxpr = jax.make_jaxpr(forward)(*[leaf for _, leaf in flat]).jaxpr
-    position = {v: i for i, v in enumerate(jaxpr.invars)}
+    closed, paths, _ = coupling.trace(model, input_shape)
+    position = {v: i for i, v in enumerate(closed.jaxpr.invars[:len(paths)])}
     order, seen = [], set()
-    for eqn in jaxpr.eqns:
+    for eqn in closed.jaxpr.eqns:
         for v in eqn.invars:
             i = position.get(v) if not isinstance(v, jax.extend.core.Literal) else None
             if i is not None and i not in seen:
@@ -306,6 +305,14 @@ def check_config(prune: plan_lib.Prune, total_steps: int) -> Schedule:
             bad(key, value, "steps are >= 0")
     if prune.every_steps < 1:
         bad("every_steps", prune.every_steps, "masks are recomputed every N >= 1 steps")
+    if not isinstance(prune.round_to, int) or isinstance(prune.round_to, bool) \
+            or prune.round_to < 1:
+        bad("round_to", prune.round_to, "each structured group keeps a multiple of round_to "
+                                        "channels: an integer >= 1 (8 for ONNX Runtime's CPU "
+                                        "convolutions; 1 rounds nothing)")
+    if prune.round_to > 1 and prune.method != "structured":
+        bad("round_to", prune.round_to, "rounding counts channels of structured pruning; set "
+                                        "prune.method='structured' or prune.round_to=1")
     method, begin, end = prune.method, prune.begin_step, prune.end_step
     if method == "nm":
         n, m = prune.n, prune.m
@@ -353,36 +360,63 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
     for pattern, value in targets_cfg.items():
         check_sparsity(value, f"prune.targets[{pattern!r}]")
 
-    def target_sparsity(name: str) -> float:
-        hits = [v for p, v in targets_cfg.items() if _matches(name, p)]
+    def target_sparsity(*names: str) -> float:
+        # The last pattern naming any of the layers (a structured group's producers) wins.
+        hits = [v for p, v in targets_cfg.items() if any(_matches(n, p) for n in names)]
         return hits[-1] if hits else schedule.final
 
     if method == "structured":
-        st = structured.structure(model)
-        names = [g.name for g in st.groups] + list(st.refused)
+        st = structured.structure(model, input_shape)
+        if not structured.recordable(model):
+            print(f"kdjax: structured pruning masks the {type(model).__name__}'s channels while "
+                  f"training; its ModelSpec cannot record shrunk widths, so `kdjax export` "
+                  f"refuses to write it shrunk (shrink it in memory with "
+                  f"kdjax.compress.structured.shrink_in_place)", flush=True)
+        if st.unfollowed:
+            print("kdjax: structured pruning leaves dense the channels of layers the channel "
+                  "tracer cannot follow: " + "; ".join(f"{name} ({why})" for name, why
+                                                      in st.unfollowed.items()), flush=True)
+        # A pattern names a group by any of its producing layers (a residual group by the stem,
+        # a block's last convolution or a shortcut projection): the group is pruned as a whole.
+        layers = {g.name: [layer_name(p) for p in g.producers] for g in st.groups}
+        names = [n for g in st.groups for n in layers[g.name]] + list(st.refused)
         _unused(prune.exclude, names, "prune.exclude")
         _unused(targets_cfg, names, "prune.targets")
         for pattern in targets_cfg:
             for name, why in st.refused.items():
                 if _matches(name, pattern):
                     raise ValueError(
-                        f"prune.targets pattern {pattern!r} names layer {name!r}, which "
-                        f"structured pruning cannot shrink safely: {why}. Prune the layers "
+                        f"prune.targets pattern {pattern!r} names layer {name!r}, whose output "
+                        f"channels structured pruning leaves dense: {why}. Prune the groups "
                         f"{', '.join(g.name for g in st.groups[:4])}... instead")
+        chosen = [g for g in st.groups
+                  if not any(_excluded(n, prune.exclude) for n in layers[g.name])]
         if prune.criterion == "bn_scale" and prune.scope == "global":
             # Per layer, a layer without BatchNorm is scored by L1; one global ranking cannot
             # compare |gamma| with L1 norms.
-            for g in st.groups:
-                if g.bn_scale is None and not _excluded(g.name, prune.exclude):
+            for g in chosen:
+                if not g.bn_scales:
                     raise ValueError(
                         f"prune.criterion='bn_scale' with prune.scope='global': layer {g.name!r} "
                         f"of the {type(model).__name__} has no BatchNorm after it, and its L1 "
                         f"scores cannot be ranked with BatchNorm scales; use "
                         f"prune.scope='per_layer', prune.criterion='l1', or add {g.name!r} to "
                         f"prune.exclude")
-        targets = tuple(Target(g.name, dataclasses.replace(schedule, final=target_sparsity(g.name)),
-                               group=g) for g in st.groups if not _excluded(g.name,
-                                                                        prune.exclude))
+        targets = []
+        for g in chosen:
+            final = target_sparsity(*layers[g.name])
+            # A global ranking (the run's sparsity pooled over groups) keeps each group's best
+            # channel; a group pruned to its own target is refused here, before training.
+            pooled = prune.scope == "global" and final == schedule.final
+            if not pooled and round(final * g.size) >= g.size:
+                raise ValueError(
+                    f"structured sparsity {final:g} (prune.sparsity, or prune.targets) removes "
+                    f"all {g.size} channels of group {g.name!r} "
+                    f"(layers {', '.join(layers[g.name])}): a group keeps at least one; give it "
+                    f"at most {(g.size - 1) / g.size:.4g} (prune.targets) or add it to "
+                    f"prune.exclude")
+            targets.append(Target(g.name, dataclasses.replace(schedule, final=final), group=g))
+        targets = tuple(targets)
     else:
         kernels = _kernels(model, input_shape)
         names = [layer_name(k) for k in kernels]
@@ -411,11 +445,25 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
                          f"excluded (prune.exclude={tuple(prune.exclude)}, "
                          f"prune.dense_first_last={prune.dense_first_last}); nothing to prune")
     return Plan(method=method, scope=prune.scope, targets=targets, schedule=schedule,
-                n=prune.n, m=prune.m, criterion=prune.criterion, seed=seed)
+                n=prune.n, m=prune.m, criterion=prune.criterion, seed=seed,
+                round_to=prune.round_to)
 
 
 def _excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(_matches(name, p) for p in patterns)
+
+
+def apply_masks(model: nnx.Module, plan: Plan, step: int = 0) -> nnx.Module:
+    """`model` (in place, and returned) with `plan`'s masks at `step` applied, as the training
+    step leaves its weights: pruned entries exactly 0."""
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
+    masks = jax.jit(plan.masks)(params, step)  # one program, not an eager op per score and rank
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for (path, _), mask in zip(plan.masked, masks):
+        flat[path].set_value(flat[path].get_value() * mask)
+    nnx.update(model, state)
+    return model
 
 
 def sparsity_report(params: Mapping[Path, Any], plan: Plan) -> dict[str, dict[str, float]]:

@@ -1,189 +1,316 @@
-"""Channel (filter) groups of the zoo's architectures, and physically removing pruned channels.
+"""Structured pruning by coupled channel groups, and physically removing the pruned channels.
 
-A channel group is one layer's output channels together with every parameter they touch: the
-producing kernel's output axis, its bias and the BatchNorm after it (masked while training, so a
-pruned channel outputs exactly 0 after its BatchNorm and ReLU), and the consuming layer's input
-axis (only removed when shrinking: it multiplies zeros). Removing a pruned channel is then exact:
-the shrunk model computes the masked model's logits, with fewer channels and fewer FLOPs.
+A channel group is every parameter slice that must go when a channel goes (DepGraph, Fang et al.
+2023): the kernels and biases producing it, the BatchNorms after it, the input axis of every layer
+reading it and, across a residual sum, the same channel of every other tensor in the sum and of
+their producers. kdjax derives the groups from the model itself by tracing its forward pass
+(kdjax.compress.coupling), so a ResNet's residual width (the stem, each block's second
+convolution and the shortcut projection of a stage, and the next stage's readers) is one group
+and shrinks, as do the inner widths, MobileNetV2's expansions (with their depthwise
+convolutions), VGG's and a user's NNX model's channels. Channels that cannot be removed stay
+dense and are reported by layer (`Structure.refused`): the model's output channels, and those an
+operation the tracer does not follow touches (`Structure.unfollowed`).
 
-Channels that feed a residual sum (x + F(x)) are not groups: the identity shortcut ties them to
-every other block's output in the stage, so they could only be pruned as the stage's whole
-residual stream, which kdjax does not do. Those layers are listed as refused, with the reason, and
-naming one in prune.targets is an error. In a CIFAR ResNet that leaves each block's inner layer
-(c1: between its two convolutions), the channels Li et al. (2017) prune in residual networks.
+While training, the group's Param slices are masked (kdjax.compress.prune), so a pruned channel
+is exactly 0 everywhere or multiplies exactly-0 weights; removing it is then exact: the shrunk
+model computes the masked model's logits, with fewer channels and fewer FLOPs. The zoo's MLP,
+SmallCNN and CIFAR ResNets record their new widths in the ModelSpec's kwargs, so checkpoints and
+exports rebuild the smaller model; other models (the other zoo CNNs, a user's NNX model) are
+shrunk in place: their arrays sliced and their layers' feature counts updated.
 
-Supported: MLP (hidden widths), SmallCNN (both convolutions and the dense layer) and the CIFAR
-ResNets (each block's inner width, recorded as `block_widths`). The shrunk ModelSpec records the
-new widths in its kwargs, so checkpoints and exports rebuild the smaller model.
+Importance (prune.criterion), per channel of a group, over its Param members:
+- "group_l2" (DepGraph's): the sum over members of the L2 norm of the channel's slice, divided by
+  the number of members, so that groups of different sizes rank on one scale (global scope);
+- "bn_scale": the mean |gamma| over the group's BatchNorm scales (network slimming);
+- "l1": the mean |w| of the channel's output filters over the group's producing kernels.
+A group with no BatchNorm is scored by "l1" under "bn_scale".
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from kdjax import models
+from kdjax.compress import coupling
+from kdjax.compress.coupling import Member, Path, layer_name
 
-Path = tuple  # a parameter's path inside the student, e.g. ("stages", 0, 1, "c1", "conv", "kernel")
-CRITERIA = ("bn_scale", "l1")
-
-
-def layer_name(path: Path) -> str:
-    return "/".join(str(p) for p in path)
+CRITERIA = ("bn_scale", "l1", "group_l2")
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelGroup:
-    """One layer's `size` output channels (`name` is the layer's path)."""
+    """`size` channels pruned together: `members` (kdjax.compress.coupling.Member) are the array
+    slices that hold them, `producers` the layers whose output they are; `name` is the first
+    producer's path."""
 
     name: str
     size: int
-    producers: tuple[tuple[Path, int], ...]  # (parameter, channel axis): masked in training
-    stats: tuple[Path, ...]  # BatchNorm statistics of those channels (axis 0): sliced on shrink
-    consumers: tuple[tuple[Path, int], ...]  # (parameter, input axis, a multiple of size)
-    kernel: Path  # the producing kernel (its output channels are its last axis): criterion l1
-    bn_scale: Path | None  # the BatchNorm scale after it: criterion bn_scale
+    members: tuple[Member, ...]
+    producers: tuple[Path, ...]
+    bn_scales: tuple[Path, ...]  # the BatchNorm scales among the members
+
+    @property
+    def masked(self) -> tuple[Member, ...]:
+        """The members masked while training: Params (BatchNorm statistics are only sliced)."""
+        return tuple(m for m in self.members if m.param)
+
+    def mask(self, keep: jnp.ndarray, member: Member, shape: Sequence[int]) -> jnp.ndarray:
+        """The boolean mask (True = kept) of `member`'s parameter for kept channels `keep`."""
+        channel = member.channel_map(shape[member.axis], self.size)
+        along = jnp.where(channel >= 0, keep[np.maximum(channel, 0)], True)
+        bshape = [1] * len(shape)
+        bshape[member.axis] = shape[member.axis]
+        return jnp.broadcast_to(along.reshape(bshape), shape)
+
+    def per_channel(self, array: np.ndarray | jnp.ndarray, member: Member
+                    ) -> np.ndarray | jnp.ndarray:
+        """`member`'s slice of `array` (its parameter) as [outer, size, inner, rest]: channel c
+        of the group on axis 1."""
+        # Array methods only: a NumPy array on the host (shrinking), a traced one (scores).
+        a = array.transpose((member.axis, *(k for k in range(array.ndim) if k != member.axis)))
+        length = member.outer * self.size * member.inner
+        a = a[member.offset:member.offset + length]
+        return a.reshape(member.outer, self.size, member.inner, -1)
 
     def score(self, params: Mapping[Path, jnp.ndarray], criterion: str) -> jnp.ndarray:
-        """Per-channel importance [size]: |gamma| (network slimming) or the mean |w| of each
-        output filter (L1 per weight, so that global pruning compares layers fairly). A layer
-        with no BatchNorm after it (a Linear) is scored by L1 under either criterion."""
-        if criterion == "bn_scale" and self.bn_scale is not None:
-            return jnp.abs(params[self.bn_scale])
-        w = params[self.kernel]
-        return jnp.abs(w).reshape(-1, w.shape[-1]).mean(axis=0)
+        """Per-channel importance [size] (module docstring)."""
+        if criterion == "group_l2":
+            norms = [jnp.sqrt(jnp.sum(jnp.square(self.per_channel(params[m.path], m)),
+                                      axis=(0, 2, 3))) for m in self.masked]
+            return sum(norms) / len(norms)
+        if criterion == "bn_scale" and self.bn_scales:
+            return sum(jnp.abs(params[p]) for p in self.bn_scales) / len(self.bn_scales)
+        kernels = [m for m in self.masked if m.path[:-1] in self.producers
+                   and m.path[-1] == "kernel"]
+        return sum(jnp.abs(self.per_channel(params[m.path], m)).mean(axis=(0, 2, 3))
+                   for m in kernels) / len(kernels)
 
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
-    """An architecture's channel groups, the layers refused (name -> why), and how its
-    constructor's kwargs express the channel counts."""
+    """A model's channel groups, and the layers whose output channels stay dense (name -> why;
+    `unfollowed`: those an operation the tracer does not follow blocked)."""
 
     groups: tuple[ChannelGroup, ...]
     refused: dict[str, str]
-    widths: Callable[[dict[str, int]], dict]  # {group name: kept channels} -> model kwargs
-
-
-def _conv_bn(path: Path, conv_bn) -> dict:
-    producers = [(path + ("conv", "kernel"), 3), (path + ("bn", "scale"), 0),
-                 (path + ("bn", "bias"), 0)]
-    if conv_bn.conv.bias is not None:
-        producers.append((path + ("conv", "bias"), 0))
-    return dict(producers=tuple(producers), stats=(path + ("bn", "mean"), path + ("bn", "var")),
-                kernel=path + ("conv", "kernel"), bn_scale=path + ("bn", "scale"))
-
-
-def _linear(path: Path) -> dict:
-    return dict(producers=((path + ("kernel",), 1), (path + ("bias",), 0)), stats=(),
-                kernel=path + ("kernel",), bn_scale=None)
-
-
-def _mlp(model: models.MLP) -> Structure:
-    n = len(model.hidden)
-    consumers = [("hidden", i + 1) for i in range(n - 1)] + [("out",)]
-    groups = tuple(ChannelGroup(name=f"hidden/{i}", size=model.hidden[i].out_features,
-                                consumers=((consumers[i] + ("kernel",), 0),),
-                                **_linear(("hidden", i))) for i in range(n))
-    return Structure(groups, {}, lambda keep: {"hidden": tuple(keep[g.name] for g in groups)})
-
-
-def _small_cnn(model: models.SmallCNN) -> Structure:
-    groups = (
-        ChannelGroup(name="conv1", size=model.conv1.conv.out_features,
-                     consumers=((("conv2", "conv", "kernel"), 2),), **_conv_bn(("conv1",),
-                                                                                model.conv1)),
-        # fc reads the flattened NHWC map: its input index is (h * W + w) * C + c.
-        ChannelGroup(name="conv2", size=model.conv2.conv.out_features,
-                     consumers=((("fc", "kernel"), 0),), **_conv_bn(("conv2",), model.conv2)),
-        ChannelGroup(name="fc", size=model.fc.out_features, consumers=((("out", "kernel"), 0),),
-                     **_linear(("fc",))),
-    )
-    return Structure(groups, {}, lambda keep: {"channels": (keep["conv1"], keep["conv2"]),
-                                               "dense": keep["fc"]})
-
-
-RESIDUAL = ("its output channels feed a residual sum (x + F(x)), tied by the identity "
-            "shortcuts to the whole stage's channels, which kdjax prunes only inside blocks")
-
-
-def _cifar_resnet(model: models.CifarResNet) -> Structure:
-    groups, refused = [], {"stem": RESIDUAL}
-    for i, stage in enumerate(model.stages):
-        for j, block in enumerate(stage):
-            path = ("stages", i, j)
-            groups.append(ChannelGroup(
-                name=layer_name(path + ("c1",)), size=block.c1.conv.out_features,
-                consumers=((path + ("c2", "conv", "kernel"), 2),),
-                **_conv_bn(path + ("c1",), block.c1)))
-            refused[layer_name(path + ("c2",))] = RESIDUAL
-            if block.shortcut is not None:
-                refused[layer_name(path + ("shortcut",))] = RESIDUAL
-    return Structure(tuple(groups), refused,
-                     lambda keep: {"block_widths": tuple(keep[g.name] for g in groups)})
-
-
-ARCHITECTURES: dict[type, Callable[[nnx.Module], Structure]] = {
-    models.MLP: _mlp, models.SmallCNN: _small_cnn, models.CifarResNet: _cifar_resnet}
-
-
-def structure(model: nnx.Module) -> Structure:
-    for cls, fn in ARCHITECTURES.items():
-        if isinstance(model, cls):
-            return fn(model)
-    raise ValueError(
-        f"prune.method='structured' cannot shrink a {type(model).__name__}: kdjax knows the "
-        f"channel structure of {', '.join(c.__name__ for c in ARCHITECTURES)} only (the zoo's "
-        f"mlp*, cnn_*, resnet8..resnet110 and resnet8x4/resnet32x4); use unstructured pruning "
-        f"(prune.method='magnitude') or N:M (prune.method='nm') for this model")
+    unfollowed: dict[str, str]
 
 
 def _params(model: nnx.Module) -> dict[Path, np.ndarray]:
     return {tuple(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def kept_channels(model: nnx.Module, groups) -> dict[str, np.ndarray]:
-    """Per group, the indices of the channels that are not pruned. A pruned channel has all its
-    producing parameters exactly 0 (its output is 0 whatever the input), so removing it changes
-    no output."""
+def kept_channels(model: nnx.Module, groups: Sequence[ChannelGroup]) -> dict[str, np.ndarray]:
+    """Per group, the indices of the channels that are not pruned: a pruned channel has every
+    Param slice of its group exactly 0 (the masks make it so)."""
     params = _params(model)
     keep = {}
     for g in groups:
         alive = np.zeros(g.size, bool)
-        for path, axis in g.producers:
-            p = np.moveaxis(params[path], axis, 0).reshape(g.size, -1)
-            alive |= (p != 0).any(axis=1)
+        for m in g.masked:
+            alive |= (g.per_channel(params[m.path], m) != 0).any(axis=(0, 2, 3))
         if not alive.any():  # a layer cannot have no channels: keep one (it outputs 0)
             alive[0] = True
         keep[g.name] = np.flatnonzero(alive)
     return keep
 
 
-def _take(array: np.ndarray, axis: int, size: int, idx: np.ndarray) -> np.ndarray:
-    # The axis holds (length // size) blocks of `size` channels (a flattened NHWC map): keep
-    # channels idx of every block.
-    shape = array.shape
-    blocks = array.reshape(shape[:axis] + (shape[axis] // size, size) + shape[axis + 1:])
-    out = np.take(blocks, idx, axis=axis + 1)
-    return out.reshape(shape[:axis] + (-1,) + shape[axis + 1:])
+def _module(model: nnx.Module, name: str) -> nnx.Module:
+    node = model
+    for key in name.split("/"):
+        node = node[int(key)] if key.isdigit() else getattr(node, key)
+    return node
+
+
+def _widths(model: nnx.Module, kept: Mapping[str, int], name: str) -> int:
+    # The channels layer `name` keeps: all its outputs when no group prunes it.
+    return kept.get(name, _module(model, name).out_features)
+
+
+def _mlp(model: models.MLP, kept: Mapping[str, int]) -> dict:
+    return {"hidden": tuple(_widths(model, kept, f"hidden/{i}")
+                            for i in range(len(model.hidden)))}
+
+
+def _small_cnn(model: models.SmallCNN, kept: Mapping[str, int]) -> dict:
+    return {"channels": (_widths(model, kept, "conv1/conv"), _widths(model, kept, "conv2/conv")),
+            "dense": _widths(model, kept, "fc")}
+
+
+def _residual(model, kept: Mapping[str, int], stem: str, last: str,
+              inner: Callable[[str], int | tuple[int, ...]]) -> dict:
+    """A ResNet's kwargs: the stem's and each stage's residual width (its first block's `last`
+    layer), each block's inner width(s) (`inner(block path)`), and the first block's shortcut
+    projection kept where pruning made the stem's width equal to stage 1's."""
+    stages = [_widths(model, kept, f"stages/{i}/0/{last}") for i in range(len(model.stages))]
+    out = {"channels": (_widths(model, kept, stem), *stages),
+           "block_widths": tuple(inner(f"stages/{i}/{j}") for i, stage in enumerate(model.stages)
+                                 for j in range(len(stage)))}
+    if model.stages[0][0].shortcut is not None and out["channels"][0] == stages[0]:
+        out["stem_projection"] = True
+    return out
+
+
+def _cifar_resnet(model: models.CifarResNet, kept: Mapping[str, int]) -> dict:
+    return _residual(model, kept, "stem/conv", "c2/conv",
+                     lambda block: _widths(model, kept, f"{block}/c1/conv"))
+
+
+def _wide_resnet(model: models.WideResNet, kept: Mapping[str, int]) -> dict:
+    return _residual(model, kept, "conv1", "conv2",
+                     lambda block: _widths(model, kept, f"{block}/conv1"))
+
+
+def _imagenet_resnet(model: models.ImageNetResNet, kept: Mapping[str, int]) -> dict:
+    if isinstance(model.stages[0][0], models.Bottleneck):
+        return _residual(model, kept, "stem/conv", "c3/conv", lambda block: (
+            _widths(model, kept, f"{block}/c1/conv"), _widths(model, kept, f"{block}/c2/conv")))
+    return _residual(model, kept, "stem/conv", "c2/conv",
+                     lambda block: _widths(model, kept, f"{block}/c1/conv"))
+
+
+def _vgg(model: models.VGG, kept: Mapping[str, int]) -> dict:
+    return {"widths": tuple(tuple(_widths(model, kept, f"groups/{i}/{j}/conv")
+                                  for j in range(len(group)))
+                            for i, group in enumerate(model.groups))}
+
+
+def _mobilenet_v2(model: models.MobileNetV2, kept: Mapping[str, int]) -> dict:
+    groups = [_widths(model, kept, f"groups/{g}/0/pwl/conv") for g in range(len(model.groups))]
+    return {"channels": (_widths(model, kept, "stem/conv"), *groups,
+                         _widths(model, kept, "head/conv")),
+            "hidden": tuple(_widths(model, kept, f"groups/{g}/{j}/pw/conv")
+                            for g, group in enumerate(model.groups) for j in range(len(group)))}
+
+
+# The zoo's architectures whose constructors take their widths: {group producer: kept channels}
+# -> the kwargs that rebuild the shrunk model from its ModelSpec.
+WIDTHS: dict[type, Callable[[nnx.Module, Mapping[str, int]], dict]] = {
+    models.MLP: _mlp, models.SmallCNN: _small_cnn, models.CifarResNet: _cifar_resnet,
+    models.WideResNet: _wide_resnet, models.ImageNetResNet: _imagenet_resnet, models.VGG: _vgg,
+    models.MobileNetV2: _mobilenet_v2}
+
+
+def recordable(model: nnx.Module) -> bool:
+    """Whether `shrink` can record the model's shrunk widths in its ModelSpec (a zoo CNN)."""
+    return any(isinstance(model, cls) for cls in WIDTHS)
+
+
+# The layers whose feature counts kdjax updates when it shrinks a model in place.
+RESIZABLE = (nnx.Linear, nnx.Conv, nnx.BatchNorm)
+
+
+def _kind(node) -> str:
+    return type(node).__name__ if isinstance(node, nnx.Module) else "not an NNX layer"
+
+
+def structure(model: nnx.Module, input_shape: Sequence[int]) -> Structure:
+    """The channel groups of `model` (abstract or not) on `input_shape` inputs."""
+    found = coupling.couple(model, input_shape)
+    nodes = dict(nnx.iter_graph(model))
+    bn_scales = {path + ("scale",) for path, node in nodes.items()
+                 if isinstance(node, nnx.BatchNorm) and node.scale is not None}
+    rebuilt = recordable(model)
+    groups, refused = [], dict(found.refused)
+    for g in found.groups:
+        # A model shrunk in place must hold every member in a layer whose sizes kdjax updates.
+        odd = sorted({f"{layer_name(m.path[:-1])} ({_kind(nodes.get(m.path[:-1]))})"
+                      for m in g.members if not isinstance(nodes.get(m.path[:-1]), RESIZABLE)})
+        if not rebuilt and odd:
+            for p in g.producers:
+                refused[layer_name(p)] = (f"its channels reach {', '.join(odd)}, which kdjax "
+                                          f"cannot resize (it resizes "
+                                          f"{', '.join(c.__name__ for c in RESIZABLE)})")
+            continue
+        scales = tuple(m.path for m in g.members if m.path in bn_scales)
+        groups.append(ChannelGroup(g.name, g.size, g.members, g.producers, scales))
+    if not groups:
+        raise ValueError(
+            f"prune.method='structured' found no channel group of the {type(model).__name__} "
+            f"that can be removed: "
+            + "; ".join(f"{name or 'the model'}: {why}" for name, why in refused.items())
+            + ". Use unstructured pruning (prune.method='magnitude') or N:M (prune.method='nm')")
+    return Structure(tuple(groups), refused, found.unfollowed)
+
+
+def _sliced(model: nnx.Module, groups: Sequence[ChannelGroup], keep: Mapping[str, np.ndarray]
+            ) -> dict[Path, np.ndarray]:
+    params = _params(model)
+    kept_along: dict[tuple[Path, int], np.ndarray] = {}
+    for g in groups:
+        for m in g.members:
+            length = params[m.path].shape[m.axis]
+            channel = m.channel_map(length, g.size)
+            ok = (channel < 0) | np.isin(channel, keep[g.name])
+            key = (m.path, m.axis)
+            kept_along[key] = kept_along.get(key, np.ones(length, bool)) & ok
+    for (path, axis), ok in kept_along.items():
+        params[path] = np.take(params[path], np.flatnonzero(ok), axis=axis)
+    return params
+
+
+def _resize_layers(model: nnx.Module) -> None:
+    # A layer's feature counts follow its (sliced) arrays.
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Linear):
+            node.in_features, node.out_features = node.kernel.shape
+        elif isinstance(node, nnx.Conv):
+            depthwise = node.feature_group_count > 1 and node.kernel.shape[-2] == 1 \
+                and node.feature_group_count == node.in_features
+            node.out_features = node.kernel.shape[-1]
+            node.in_features = node.kernel.shape[-2] * (1 if depthwise
+                                                        else node.feature_group_count)
+            if depthwise:
+                node.feature_group_count = node.out_features
+                node.in_features = node.out_features
+            node.kernel_shape = tuple(node.kernel.shape)
+        elif isinstance(node, nnx.BatchNorm):
+            node.num_features = node.mean.shape[0]
+
+
+def shrink_in_place(model: nnx.Module, input_shape: Sequence[int]
+                    ) -> tuple[nnx.Module, dict[str, tuple[int, int]]]:
+    """A copy of `model` without its pruned channels, its arrays sliced and its layers' feature
+    counts updated, and {group: (channels before, after)}; its logits equal `model`'s (up to
+    float summation order). For a model whose constructor cannot take its widths (a user's NNX
+    model): a ModelSpec cannot rebuild it, so it lives in memory (`shrink` is the persistable
+    form)."""
+    st = structure(model, input_shape)
+    keep = kept_channels(model, st.groups)
+    params = _sliced(model, st.groups, keep)
+    small = nnx.clone(model)
+    state = nnx.state(small)
+    for key, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(params[tuple(key)], var.dtype))
+    nnx.update(small, state)
+    _resize_layers(small)
+    return small, {g.name: (g.size, len(keep[g.name])) for g in st.groups}
 
 
 def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, models.ModelSpec,
                                                                dict[str, tuple[int, int]]]:
     """The model without its pruned channels: (the smaller model, its spec, {group: (channels
-    before, after)}). Its logits equal `model`'s (up to float summation order)."""
-    st = structure(model)
+    before, after)}), rebuilt from the spec, whose kwargs record the new widths (checkpoints and
+    exports store it). Its logits equal `model`'s (up to float summation order)."""
+    if not recordable(model):
+        raise ValueError(
+            f"structured pruning cannot record the shrunk widths of a {type(model).__name__} "
+            f"({spec.name}) in its ModelSpec: its constructor does not take them, so a checkpoint "
+            f"or export could not rebuild the smaller model. kdjax records them for "
+            f"{', '.join(c.__name__ for c in WIDTHS)}; for another model, train with the masks and "
+            f"shrink in memory with kdjax.compress.structured.shrink_in_place, or use "
+            f"prune.method='magnitude'")
+    st = structure(model, spec.input_shape)
     keep = kept_channels(model, st.groups)
-    new_spec = dataclasses.replace(spec, kwargs={**spec.kwargs, **st.widths(
-        {name: len(idx) for name, idx in keep.items()})})
-    params = _params(model)
-    for g in st.groups:
-        idx = keep[g.name]
-        for path, axis in g.producers + tuple((p, 0) for p in g.stats) + g.consumers:
-            params[path] = _take(params[path], axis, g.size, idx)
+    params = _sliced(model, st.groups, keep)
+    kept = {layer_name(p): len(keep[g.name]) for g in st.groups for p in g.producers}
+    widths = next(fn for cls, fn in WIDTHS.items() if isinstance(model, cls))
+    new_spec = dataclasses.replace(spec, kwargs={**spec.kwargs, **widths(model, kept)})
     small = nnx.eval_shape(lambda: new_spec.build())
     state = nnx.state(small)
     for key, var in nnx.to_flat_state(state):
@@ -193,5 +320,4 @@ def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, model
                                  f"rebuilt model expects {var.shape}")
         var.set_value(jnp.asarray(value, var.dtype))
     nnx.update(small, state)
-    sizes = {g.name: (g.size, len(keep[g.name])) for g in st.groups}
-    return small, new_spec, sizes
+    return small, new_spec, {g.name: (g.size, len(keep[g.name])) for g in st.groups}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
 import optax
 from flax import nnx
 
@@ -127,13 +126,7 @@ def prune_once(model: nnx.Module, spec: ModelSpec, prune_section: plan_lib.Prune
     """Structured pruning of `model`'s weights, now, and the physically smaller model."""
     now = dataclasses.replace(prune_section, schedule="one_shot", begin_step=0)
     plan = prune.make_plan(now, model, spec.input_shape, 1)
-    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    masks = jax.jit(plan.masks)(params, 0)  # one program, not an eager op per score and rank
-    state = nnx.state(model)
-    flat = dict(nnx.to_flat_state(state))
-    for (path, _), mask in zip(plan.masked, masks):
-        flat[path].set_value(flat[path].get_value() * mask)
-    nnx.update(model, state)
+    prune.apply_masks(model, plan)
     small, small_spec, _ = structured.shrink(model, spec)
     return small, small_spec
 

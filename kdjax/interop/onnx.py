@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -90,22 +89,6 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-@contextlib.contextmanager
-def _native_convolutions() -> Iterator[None]:
-    # kdjax.conv rewrites small-map and depthwise convolutions into matrix products on the CPU
-    # (faster in XLA:CPU); ONNX Runtime has its own Conv kernels, and one Conv node per layer is
-    # what its fusions (Conv+Add+Relu, QDQ) recognise. The variable is read at trace time.
-    old = os.environ.get(conv.ENV)
-    os.environ[conv.ENV] = "native"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(conv.ENV, None)
-        else:
-            os.environ[conv.ENV] = old
 
 
 class _SymbolicShapes:
@@ -179,7 +162,7 @@ def symbolic_input(input_shape: Sequence[int], dtype: Any = jnp.uint8) -> jax.Sh
 def trace(fn: Callable[[jax.Array], jax.Array], example: jax.ShapeDtypeStruct
           ) -> jex.ClosedJaxpr:
     """The jaxpr of `fn` on `example` (symbolic_input)."""
-    with _native_convolutions():
+    with conv.native():
         return jax.make_jaxpr(fn)(example)
 
 
