@@ -193,11 +193,21 @@ def test_a_model_the_converter_cannot_convert_is_refused_naming_the_op():
 def test_report_times_litert_beside_xla(tmp_path, pruned_run, data_dir):
     from kdjax import report
 
-    result = report.make_report([pruned_run], out=str(tmp_path / "r"), data_dir=data_dir,
-                                runtime="litert",
+    exported = str(tmp_path / "litert")
+    assert cli.main(["export", "--workdir", pruned_run, "--out", exported, "--format",
+                     "litert"]) == 0
+    result = report.make_report([pruned_run, exported], out=str(tmp_path / "r"),
+                                data_dir=data_dir, runtime="litert",
                                 speed_settings={"latency_calls": 3, "throughput_windows": 2,
                                                 "warmup_s": 0.0, "window_s": 0.01})
-    (row,) = result["models"]
+    row, file_row = result["models"]
+    # the .tflite evaluated in the LiteRT interpreter: the run's accuracy (a near-tie may move
+    # one of the 150 examples), timed alone (its XLA peer is the run)
+    assert file_row["kind"] == "litert" and file_row["size"]["flops_per_example"] is None
+    assert file_row["metrics"]["accuracy"] == pytest.approx(row["metrics"]["accuracy"],
+                                                            abs=1 / 150)
+    assert [b["speedup"] for b in file_row["runtime"]["batches"]] == [None] * 4
+    assert file_row["runtime"]["graph"]["form"] == "float32"
     r = row["runtime"]
     assert "skipped" not in r, r
     assert r["runtime"] == "litert" and r["version"] == "2.3.0"
@@ -210,6 +220,7 @@ def test_report_times_litert_beside_xla(tmp_path, pruned_run, data_dir):
     assert r["slower_than_xla"] == [b["batch"] for b in r["batches"] if b["speedup"] < 1]
     md = open(tmp_path / "r" / "report.md").read()
     section = md.split("## Speed in litert beside XLA")[1]
-    assert len([line for line in section.splitlines()
-                if line.startswith(f"| {row['name']} | ")]) == 4
+    for m in (row, file_row):
+        assert len([line for line in section.splitlines()
+                    if line.startswith(f"| {m['name']} | ")]) == 4
     assert "`kdjax export --format litert`'s" in section

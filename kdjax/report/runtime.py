@@ -67,9 +67,9 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
     """Latency (ms) and throughput (images/s) of `artifact` in `runtime` and in XLA at each of
     `batches`, and their ratio; or {"skipped": why} where the model cannot be converted."""
     check(runtime)
-    if artifact.kind == "onnx" and runtime == "onnxruntime":
+    if artifact.kind == FORMAT[runtime]:
         return _file_speed(artifact, runtime, batches=batches, calls=calls, warmup_s=warmup_s)
-    if artifact.kind in ("onnx", "stablehlo"):
+    if artifact.kind in ("onnx", "litert", "stablehlo"):
         return {"runtime": runtime, "skipped": f"a {artifact.kind} export is a file kdjax does "
                 f"not convert to {FORMAT[runtime]}; pass the run or kdjax export it came from"}
     variables = artifact.variables
@@ -129,24 +129,34 @@ def _runner(artifact: Artifact, runtime: str, fn: Callable[[jax.Array], jax.Arra
 
 def _file_speed(artifact: Artifact, runtime: str, *, batches: Sequence[int], calls: int,
                 warmup_s: float) -> dict[str, Any]:
-    """An ONNX export timed as it is, in the runtime alone: the XLA student it came from is
-    another artifact (its run or kdjax export), so no speedup is computed here."""
-    from kdjax.interop import onnx
+    """An ONNX or LiteRT export timed as it is, in its runtime alone: the XLA student it came
+    from is another artifact (its run or kdjax export), so no speedup is computed here."""
+    from kdjax.interop import litert, onnx
 
     with open(artifact.stored_files[0], "rb") as f:
-        session = onnx.session(f.read())
+        model_bytes = f.read()
+    if runtime == "litert":
+        interpreter = litert.interpreter(model_bytes)
+        interpreter.allocate_tensors()
+
+        def call(images: np.ndarray) -> Any:
+            return litert.run(interpreter, images)
+    else:
+        session = onnx.session(model_bytes)
+
+        def call(images: np.ndarray) -> Any:
+            return session.run(None, {onnx.INPUT: images})
     rows = []
     rng = np.random.default_rng(0)
     for batch in batches:
         images = rng.integers(0, 256, (batch, *artifact.input_shape), np.uint8)
-        r_ms = _timed(lambda: session.run(None, {onnx.INPUT: images}), calls=calls,
-                      warmup_s=warmup_s)
+        r_ms = _timed(lambda: call(images), calls=calls, warmup_s=warmup_s)
         rows.append({"batch": batch, "xla_ms": None, "runtime_ms": r_ms,
                      "xla_images_per_s": None,
                      "runtime_images_per_s": batch / (r_ms["median"] / 1e3), "speedup": None})
-    return {"runtime": runtime, "version": importlib.metadata.version(runtime),
-            "threads": session.get_session_options().intra_op_num_threads or "default",
-            "graph": artifact.details.get("onnx"), "batches": rows, "slower_than_xla": []}
+    return {"runtime": runtime, "version": importlib.metadata.version(PACKAGE[runtime]),
+            "threads": "default", "graph": artifact.details.get(FORMAT[runtime]),
+            "batches": rows, "slower_than_xla": []}
 
 
 def markdown(models: Sequence[dict[str, Any]]) -> list[str]:
@@ -165,7 +175,7 @@ def markdown(models: Sequence[dict[str, Any]]) -> list[str]:
             continue
         for b in r["batches"]:
             x, o = b["xla_ms"], b["runtime_ms"]
-            # an ONNX export has no XLA program of its own: its run or kdjax export is the peer
+            # an ONNX or LiteRT export has no XLA program of its own: its run or kdjax export is the peer
             xla_ms = f"{x['median']:.3f} [{x['p25']:.3f}, {x['p75']:.3f}]" if x else "–"
             xla_ips = f"{b['xla_images_per_s']:,.0f}" if x else "–"
             speedup = "–" if b["speedup"] is None else f"{b['speedup']:.2f}x" + (
