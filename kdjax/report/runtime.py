@@ -175,7 +175,8 @@ def markdown(models: Sequence[dict[str, Any]]) -> list[str]:
             continue
         for b in r["batches"]:
             x, o = b["xla_ms"], b["runtime_ms"]
-            # an ONNX or LiteRT export has no XLA program of its own: its run or kdjax export is the peer
+            # an ONNX or LiteRT export has no XLA program of its own: its run or kdjax export
+            # is the peer
             xla_ms = f"{x['median']:.3f} [{x['p25']:.3f}, {x['p75']:.3f}]" if x else "–"
             xla_ips = f"{b['xla_images_per_s']:,.0f}" if x else "–"
             speedup = "–" if b["speedup"] is None else f"{b['speedup']:.2f}x" + (
