@@ -40,7 +40,6 @@ __all__ = ["FILE", "Mismatch", "build", "build_fn", "check", "convert", "describ
            "interpreter", "require", "run", "snippet"]
 
 FILE = "model.tflite"
-INPUT = onnx.INPUT
 CHECK_BATCH = onnx.CHECK_BATCH
 
 SNIPPET = """\
