@@ -4,7 +4,8 @@
 #   make demo-lm  the same for language models, on the Python standard library's sources
 #   make demo-lm-cache  then the student distilled from a top-64 teacher cache
 #   make demo-lm-onpolicy  then the student distilled on its own samples half of the steps
-#   make test     the test suite (make test-extras: the tests of the torch and hf extras)
+#   make test     the test suite (make test-extras: the tests of the torch and hf extras;
+#                 make test-litert: LiteRT export's, in its own environment)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,7 +17,8 @@ SEED   ?= 0
 TEXT   ?= $(CURDIR)/data/text
 LMWORK ?= workdirs/demo_lm
 
-.PHONY: demo demo-lm demo-lm-cache demo-lm-onpolicy test test-extras install data text-data clean
+.PHONY: demo demo-lm demo-lm-cache demo-lm-onpolicy test test-extras test-litert install data \
+        text-data clean
 
 $(BIN)/kdjax: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,14 @@ test-extras: install
 	$(BIN)/pip install -q -e '.[torch,hf,onnx]'
 	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1
 	$(BIN)/python -m pytest -q -n auto --dist loadfile $(EXTRA_TESTS)
+
+# LiteRT export (the litert extra: tensorflow-cpu and ai-edge-litert, ~1.5 GB) in an environment
+# of its own, so that TensorFlow never lands in the one the other tests and CI use; not in CI.
+LITERT_VENV := .venv-litert
+test-litert:
+	$(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/pip install -q -e '.[test,litert]'
+	$(LITERT_VENV)/bin/python -m pytest -q tests/test_interop_litert.py
 
 # Fashion-MNIST's original IDX files come from Debian's package dataset-fashion-mnist.
 $(FMNIST)/train-images-idx3-ubyte.gz:

@@ -74,13 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", default="latest",
                      help="'latest' (default), 'best' (by checkpoint.best_metric) or a step number")
     exp.add_argument("--format", default="kdjax",
-                     choices=("kdjax", "safetensors", "torch", "stablehlo", "onnx", "hf"),
+                     choices=("kdjax", "safetensors", "torch", "stablehlo", "onnx", "litert", "hf"),
                      help="kdjax (default: Orbax, for kdjax.export.load); safetensors / torch: "
                           "the state_dict for PyTorch's load_state_dict (the .pth is written "
                           "without torch); stablehlo: the serialized inference function "
                           "(jax.export), uint8 images in, logits out; onnx: that function as an "
                           "ONNX graph (int8 students with integer weights), checked in ONNX "
-                          "Runtime before it is written; hf: a language model as a Hugging Face "
+                          "Runtime before it is written; litert: that function as a LiteRT "
+                          "(TFLite) model for mobile, float students, checked in the LiteRT "
+                          "interpreter (the litert extra); hf: a language model as a Hugging Face "
                           "folder (transformers' from_pretrained)")
     exp.add_argument("--lora", default="merge", choices=("merge", "separate"),
                      help="a LoRA run (model.lora): merge the adapters into the weights (default)"
@@ -218,10 +220,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--step", default="latest", help="a run's checkpoint: latest, best or N")
     rep.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     rep.add_argument("--no-speed", action="store_true", help="skip the latency/throughput timing")
-    rep.add_argument("--runtime", default=None, choices=("onnxruntime",),
+    rep.add_argument("--runtime", default=None, choices=("onnxruntime", "litert"),
                      help="also time each model in this runtime beside XLA at batches 1, 8, 64, "
-                          "256 (converted as kdjax export --format onnx); speedups below 1x are "
-                          "flagged")
+                          "256 (converted as kdjax export --format onnx, or --format litert for "
+                          "the LiteRT interpreter); speedups below 1x are flagged")
     return p
 
 

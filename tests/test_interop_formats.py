@@ -120,7 +120,7 @@ def test_export_errors(tmp_path, tiny_run):
     with pytest.raises(ValueError, match="it goes with --format safetensors or torch"):
         export.export(tiny_run, out, layout="crd")
     with pytest.raises(ValueError, match=r"--format must be kdjax or one of \('safetensors', "
-                                         r"'torch', 'stablehlo', 'onnx'\), got 'tflite'"):
+                                         r"'torch', 'stablehlo', 'onnx', 'litert'\), got 'tflite'"):
         export.export(tiny_run, out, format="tflite")
     with pytest.raises(ValueError, match="already exists"):
         export.export(tiny_run, tiny_run, format="torch")

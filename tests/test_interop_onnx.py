@@ -199,7 +199,7 @@ def test_formats_that_cannot_hold_the_student_are_refused(tmp_path, pruned_run):
         export.export(pruned_run, out, format="safetensors",
                       overrides=["--config.quant.mode=ptq", "--config.quant.activations=none"])
     with pytest.raises(ValueError, match=r"--format must be kdjax or one of \('safetensors', "
-                                         r"'torch', 'stablehlo', 'onnx'\), got 'tflite'"):
+                                         r"'torch', 'stablehlo', 'onnx', 'litert'\), got 'tflite'"):
         export.export(pruned_run, out, format="tflite")
     with pytest.raises(ValueError, match="--format onnx has none"):
         export.export(pruned_run, out, format="onnx", layout="crd")
@@ -236,9 +236,9 @@ def test_report_times_onnxruntime_beside_xla(tmp_path, pruned_run, data_dir):
         assert len([row for row in section.splitlines()
                     if row.startswith(f"| {m['name']} | ")]) == 4
     assert ("slower than XLA" in md) == bool(r["slower_than_xla"])
-    with pytest.raises(ValueError, match=r"--runtime must be one of \('onnxruntime',\), got "
-                                         r"'litert'"):
-        runtime.check("litert")
+    with pytest.raises(ValueError, match=r"--runtime must be one of \('onnxruntime', "
+                                         r"'litert'\), got 'tensorrt'"):
+        runtime.check("tensorrt")
 
 
 def test_a_language_model_runs_on_tokens():

@@ -82,7 +82,7 @@ def calibration_images(data_plan: plan_lib.Data, preprocess: Mapping[str, Any], 
 def for_other_format(model: nnx.Module, spec: ModelSpec, fmt: str, *, prune: plan_lib.Prune,
                      quant: plan_lib.Quant) -> tuple[nnx.Module, ModelSpec]:
     """The student for an export in another format (kdjax.interop: safetensors, torch,
-    stablehlo): shrunk when pruned structurally; integer weights have no place there."""
+    stablehlo, litert): shrunk when pruned structurally; integer weights have no place there."""
     if quant.mode != "none":
         raise ValueError(f"quant.mode={quant.mode!r}: --format {fmt} cannot represent integer "
                          f"weights and scales; the formats that can: kdjax (drop --format) and, "

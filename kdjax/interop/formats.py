@@ -1,8 +1,8 @@
-"""`kdjax export --format safetensors|torch|stablehlo`: a run's student for other frameworks.
+"""`kdjax export --format safetensors|torch|stablehlo|onnx|litert`: a run's student elsewhere.
 
 An export is a directory (written into a temporary one renamed when complete, like kdjax's own
 format):
-  model.safetensors | model.pth | model.stablehlo   the student
+  model.safetensors | model.pth | model.stablehlo | model.onnx | model.tflite   the student
   kdjax_model.json                                   ModelSpec, layout, normalisation, source
   README.md                                          how to load and run it
 safetensors and torch hold the student's state_dict in a layout (`kdjax.interop.layouts`): the one
@@ -15,7 +15,9 @@ refused for it, naming the formats that serve it, and `--format safetensors` wri
 arrays for `kdjax import`. The .pth is written without torch (the zip format
 `torch.load(path, weights_only=True)` reads). stablehlo is the inference function itself
 (`kdjax.interop.stablehlo`), runnable with jax alone; onnx is that function as an ONNX graph
-(`kdjax.interop.onnx`), checked in ONNX Runtime against kdjax's logits before it is written.
+(`kdjax.interop.onnx`), checked in ONNX Runtime against kdjax's logits before it is written;
+litert is that function as a LiteRT (TFLite) model (`kdjax.interop.litert`), checked the same
+way in the LiteRT interpreter.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from typing import Any
 from flax import nnx
 
 import kdjax
-from kdjax.interop import layouts, onnx, stablehlo, state_dict, torch_code
+from kdjax.interop import layouts, litert, onnx, stablehlo, state_dict, torch_code
 from kdjax.models import ModelSpec
 
 __all__ = ["FORMATS", "export"]
 
-FORMATS = ("safetensors", "torch", "stablehlo", "onnx")
+FORMATS = ("safetensors", "torch", "stablehlo", "onnx", "litert")
 _FILES = {"safetensors": "model.safetensors", "torch": "model.pth", "stablehlo": "model.stablehlo",
-          "onnx": "model.onnx"}
+          "onnx": "model.onnx", "litert": litert.FILE}
+# The formats that hold the whole inference function (uint8 images in, logits out), not a
+# state_dict: no --layout.
+FUNCTIONS = ("stablehlo", "onnx", "litert")
 META_FILE = "kdjax_model.json"
 
 
@@ -76,6 +81,13 @@ def _readme(fmt: str, path: str, spec: ModelSpec, layout: str | None, reference:
                 f"{preprocess['mean']}, std {preprocess['std']}), float32 \"{onnx.OUTPUT}\" "
                 f"[N, {spec.num_classes}] out. {onnx.describe(checked)}\n\n"
                 f"```python\n{onnx.snippet(path, spec)}```\n")
+    if fmt == "litert":
+        return (head + f"`{_FILES[fmt]}` is the inference function as a LiteRT (TFLite) model: "
+                f"uint8 images [N, {', '.join(map(str, spec.input_shape))}] in (N dynamic: "
+                f"resize the input to your batch; normalised inside with mean "
+                f"{preprocess['mean']}, std {preprocess['std']}), float32 logits "
+                f"[N, {spec.num_classes}] out. {litert.describe(checked)}\n\n"
+                f"```python\n{litert.snippet(path, spec)}```\n")
     if fmt == "stablehlo":
         return (head + f"`{_FILES[fmt]}` is the whole inference function as serialized StableHLO "
                 f"(jax.export, lowered for {', '.join(stablehlo.PLATFORMS)}): uint8 images "
@@ -115,10 +127,12 @@ def check(fmt: str, layout: str | None) -> None:
     """Refuse a format or format/layout pair before any checkpoint is read."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be kdjax or one of {FORMATS}, got {fmt!r}")
-    if fmt in ("stablehlo", "onnx") and layout is not None:
+    if fmt in FUNCTIONS and layout is not None:
         raise ValueError(f"--layout names a state_dict layout; --format {fmt} has none")
     if fmt == "onnx":
         onnx.require()
+    if fmt == "litert":
+        litert.require()
     if layout is not None and layout not in layouts.LAYOUTS:
         raise ValueError(f"--layout must be one of {layouts.LAYOUTS}, got {layout!r}")
     if fmt == "torch" and layout == "kdjax":
@@ -158,13 +172,13 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
 
     For onnx, `integers` are an int8 student's stored integer weights (kdjax.interop.onnx)."""
     check(fmt, layout)
-    if fmt not in ("stablehlo", "onnx") and _torch_defined(model):
+    if fmt not in FUNCTIONS and _torch_defined(model):
         if layout is not None:
             raise ValueError(f"--layout {layout}: the student is the PyTorch module "
                              f"{model.factory} builds, written in its own state_dict naming; "
                              f"drop --layout")
         return _export_module(model, spec, run, out, fmt=fmt, source=source)
-    if fmt not in ("stablehlo", "onnx"):
+    if fmt not in FUNCTIONS:
         layout = layout or _run_layout(run, model)
         layouts.entries(model, layout)  # refuses a layout this architecture has no naming for
         if fmt == "torch" and layout == "kdjax":
@@ -180,9 +194,12 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
     if fmt == "onnx":  # converted and checked in ONNX Runtime before anything is written
         model_bytes, checked = onnx.build(model, spec, preprocess, integers)
         meta["onnx"] = checked
+    elif fmt == "litert":  # converted and checked in the LiteRT interpreter, likewise
+        model_bytes, checked = litert.build(model, spec, preprocess)
+        meta["litert"] = checked
     with new_directory(out) as tmp:
         target = os.path.join(tmp, _FILES[fmt])
-        if fmt == "onnx":
+        if fmt in ("onnx", "litert"):
             with open(target, "wb") as f:
                 f.write(model_bytes)
         elif fmt == "stablehlo":

@@ -115,8 +115,8 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
       batch_size: evaluation batch size; speed: time latency/throughput (False: skip), with
         `speed_settings` for `measure.speed` (repeats, windows).
       step: which checkpoint of a run ("latest", "best" or a number).
-      runtime: also time each model in this deployment runtime ("onnxruntime") beside XLA over
-        a batch sweep (kdjax.report.runtime); needs `speed`.
+      runtime: also time each model in this deployment runtime ("onnxruntime" or "litert")
+        beside XLA over a batch sweep (kdjax.report.runtime); needs `speed`.
 
     Returns:
       the report dict written as report.json.
@@ -129,9 +129,9 @@ def make_report(paths: Sequence[str], *, out: str | None = None, split: str | No
     lm_paths = [p for p in paths if lm.is_lm_path(os.path.abspath(p))]
     if lm_paths:
         if runtime:
-            raise ValueError(f"--runtime {runtime}: kdjax converts image classifiers to ONNX "
-                             f"only (uint8 images in); report the language models {lm_paths} "
-                             f"without --runtime")
+            raise ValueError(f"--runtime {runtime}: kdjax times image classifiers only in a "
+                             f"deployment runtime (uint8 images in); report the language "
+                             f"models {lm_paths} without --runtime")
         if len(lm_paths) != len(paths):
             images = [p for p in paths if p not in lm_paths]
             raise ValueError(f"kdjax report compares models of one kind: {lm_paths} are language "

@@ -290,11 +290,45 @@ def _load_onnx_export(path: str, *, step: str | int = "latest") -> Artifact:
                              "nonzero_parameters": "unknown: the weights are in the graph"})
 
 
+def _is_litert_export(path: str) -> bool:
+    return _export_format(path) == "kdjax.export.litert/1" and os.path.isfile(
+        os.path.join(path, "model.tflite"))
+
+
+def _load_litert_export(path: str, *, step: str | int = "latest") -> Artifact:
+    """`kdjax export --format litert`: the file run by the LiteRT interpreter, through a JAX
+    host callback as an ONNX export is; parameters counted from its ModelSpec."""
+    del step
+    from kdjax.interop import litert
+
+    meta, spec, _ = _interop_meta(path)
+    file = os.path.join(path, litert.FILE)
+    with open(file, "rb") as f:
+        interpreter = litert.interpreter(f.read())
+    interpreter.allocate_tensors()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return litert.run(interpreter, np.asarray(images, np.uint8))
+
+    def apply(variables, images):
+        out = jax.ShapeDtypeStruct((images.shape[0], spec.num_classes), jnp.float32)
+        return jax.pure_callback(run, out, images.astype(jnp.uint8), vmap_method="sequential")
+
+    return Artifact(path=path, kind="litert", apply=apply, variables={},
+                    params=_params(spec.abstract()), stored_files=(file,),
+                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
+                    data={"name": meta.get("data")}, spec=spec,
+                    details={"source": meta.get("source"), "litert": meta.get("litert"),
+                             "speed": "the LiteRT interpreter through a host callback",
+                             "nonzero_parameters": "unknown: the weights are in the file"})
+
+
 register_loader("export", _is_export, _load_export, first=False)
 register_loader("safetensors/torch export", _is_state_dict_export, _load_state_dict_export,
                 first=False)
 register_loader("stablehlo export", _is_stablehlo_export, _load_stablehlo_export, first=False)
 register_loader("onnx export", _is_onnx_export, _load_onnx_export, first=False)
+register_loader("litert export", _is_litert_export, _load_litert_export, first=False)
 register_loader("run", _is_run, _load_run, first=False)
 
 

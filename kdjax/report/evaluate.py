@@ -72,7 +72,7 @@ def _adapted(images: jax.Array, artifact: Artifact) -> jax.Array:
                          f"{images.shape[-1]}-channel ones; pass the dataset it was trained on")
     x = jnp.broadcast_to(images.astype(jnp.float32), (*images.shape[:-1], c))
     x = jax.image.resize(x, (x.shape[0], h, w, c), method="bilinear")
-    uint8_only = artifact.kind in ("stablehlo", "onnx")
+    uint8_only = artifact.kind in ("stablehlo", "onnx", "litert")
     return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8) if uint8_only else x
 
 

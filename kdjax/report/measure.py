@@ -55,7 +55,7 @@ def _example(artifact: Artifact, batch: int) -> jax.Array:
 def flops_per_example(artifact: Artifact) -> float | None:
     """FLOPs of one example's forward pass (preprocessing included) from XLA's cost analysis of
     the compiled batch-1 program; None where the backend reports none."""
-    if artifact.kind == "onnx":  # XLA sees a host callback, not the graph it runs
+    if artifact.kind in ("onnx", "litert"):  # XLA sees a host callback, not the file it runs
         return None
     compiled = jax.jit(artifact.apply).lower(artifact.variables, _example(artifact, 1)).compile()
     cost = compiled.cost_analysis()
