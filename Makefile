@@ -49,7 +49,7 @@ test-extras: install
 	$(BIN)/python -m pytest -q -n auto --dist loadfile $(EXTRA_TESTS)
 
 # LiteRT export (the litert extra: tensorflow-cpu and ai-edge-litert, ~1.5 GB) in an environment
-# of its own, so that TensorFlow never lands in the one the other tests and CI use; not in CI.
+# of its own, so that TensorFlow never lands in the one the other tests use (.ci/run runs it last).
 LITERT_VENV := .venv-litert
 test-litert:
 	$(PYTHON) -m venv $(LITERT_VENV)
