@@ -1,0 +1,117 @@
+"""The LM demo's teacher pruned into a student (Minitron) and distilled, against the same shape
+trained from scratch.
+
+  python -m benchmarks.lm_minitron --teacher workdirs/lm/teacher --data-dir data/text
+
+--teacher is a run of experiments/lm/teacher.py (byte-level lm_small on "pystdlib", read only).
+Two students of experiments/lm/minitron.py's SHAPE (2 blocks, d_model 64, 2 query heads in one
+KV group of width 32, d_ff 192), with the same steps, batch, optimizer and data order:
+
+- minitron_kd: the teacher pruned at step 0 by kdjax.compress.minitron (activation importance
+  and Block Influence on 64 training rows), then distilled (distill.py's 0.5 CE + 0.5 forward KL);
+- scratch: randomly initialised, next-token cross-entropy only (student_scratch.py).
+
+Writes benchmarks/results/lm_minitron.{json,md}: held-out perplexity, next-token accuracy,
+agreement with the teacher, train time, the device and the load average. A finished run (its
+summary.json) is read, not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from benchmarks import common
+from benchmarks.suite import _versions
+from kdjax import config as config_lib, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(ROOT, "experiments", "lm")
+
+
+def _shape() -> dict:
+    sys.path.insert(0, EXP)
+    try:
+        import minitron
+    finally:
+        sys.path.remove(EXP)
+    return dict(minitron.SHAPE)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True, help="a finished experiments/lm/teacher.py run")
+    p.add_argument("--data-dir", required=True, help="where the text dataset 'pystdlib' is")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "lm_minitron"))
+    args = p.parse_args(argv)
+    shape = _shape()
+    common_overrides = [f"--config.seed={args.seed}", f"--config.data.data_dir={args.data_dir}",
+                        f"--config.train.steps={args.steps}",
+                        f"--config.eval.every_steps={args.steps}",
+                        f"--config.checkpoint.every_steps={args.steps}"]
+    runs = {"minitron_kd": ("minitron.py", True,
+                            [f"--config.init.workdir={args.teacher}",
+                             f"--config.teacher.workdir={args.teacher}"]),
+            "scratch": ("student_scratch.py", False,
+                        ["--config.model.name=lm_small", f"--config.model.kwargs={shape}"])}
+    host_before, results = common.host_info(), {}
+    for name, (path, distill, extra) in runs.items():
+        workdir = os.path.join(args.workdir, f"seed{args.seed}", name)
+        done = os.path.join(workdir, "summary.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                s = json.load(f)
+        else:
+            config = config_lib.load(os.path.join(EXP, path), common_overrides + extra)
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            s = trainer.train(config, workdir, distill=distill, progress=False)
+            s["load_average_1min_before"], s["measured_s"] = load, time.perf_counter() - t0
+            with open(done, "w") as f:
+                json.dump(s, f, indent=2)
+        results[name] = s
+        print(f"{name}: perplexity {s['eval/perplexity']:.3f}, accuracy "
+              f"{s['eval/accuracy']:.4f}", flush=True)
+    with open(os.path.join(args.teacher, "summary.json")) as f:
+        teacher = json.load(f)
+    result = {"host_before": host_before, "host_after": common.host_info(),
+              "versions": _versions(), "seed": args.seed, "steps": args.steps, "shape": shape,
+              "teacher": {"workdir": args.teacher, **{k: teacher.get(k) for k in (
+                  "eval/perplexity", "eval/accuracy", "num_params", "model")}},
+              "runs": results}
+    common.write_results("lm_minitron", result, _markdown)
+    return 0
+
+
+def _markdown(r: dict) -> str:
+    lines = ["| run | params | held-out perplexity | next-token accuracy | agreement with "
+             "teacher | train time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    t = r["teacher"]
+    lines.append(f"| teacher ({t['model']}, unpruned) | {t['num_params'] or 0:,} | "
+                 f"{t['eval/perplexity']:.3f} | {t['eval/accuracy'] * 100:.2f} % | - | - |")
+    for name, s in r["runs"].items():
+        agree = s.get("eval/teacher_agreement")
+        lines.append(f"| {name} | {s['num_params']:,} | {s['eval/perplexity']:.3f} | "
+                     f"{s['eval/accuracy'] * 100:.2f} % | "
+                     f"{'-' if agree is None else f'{agree * 100:.2f} %'} | "
+                     f"{s['wall_time_s']:.0f} |")
+    h0, h1 = r["host_before"], r["host_after"]
+    lines.append(f"\nStudents of shape {r['shape']} (lm_small's class), {r['steps']} steps of "
+                 f"32 rows x 128 byte-level tokens, seed {r['seed']}, one run each (no error "
+                 f"bars). minitron_kd: the teacher pruned to that shape at step 0 (Minitron's "
+                 f"activation importance for width, Block Influence for depth, 64 calibration "
+                 f"rows), then 0.5 CE + 0.5 forward KL from the unpruned teacher; scratch: random "
+                 f"init, CE only. Device: CPU ({h0['cpu']}, {h0['cpu_count']} cores, shared: "
+                 f"1-minute load average {h0['load_average_1min']:.1f} at the start, "
+                 f"{h1['load_average_1min']:.1f} at the end); jax {r['versions']['jax']}; "
+                 f"{h0['date']}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
