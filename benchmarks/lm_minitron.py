@@ -11,6 +11,10 @@ KV group of width 32, d_ff 192), with the same steps, batch, optimizer and data 
   and Block Influence on 64 training rows), then distilled (distill.py's 0.5 CE + 0.5 forward KL);
 - scratch: randomly initialised, next-token cross-entropy only (student_scratch.py).
 
+Also the pruned student before any training, and the teacher, evaluated by
+kdjax.report.lm.evaluate on the same held-out split (the teacher's number checks that this
+evaluation agrees with the runs' own).
+
 Writes benchmarks/results/lm_minitron.{json,md}: held-out perplexity, next-token accuracy,
 agreement with the teacher, train time, the device and the load average. A finished run (its
 summary.json) is read, not trained again.
@@ -24,9 +28,15 @@ import os
 import sys
 import time
 
+from flax import nnx
+
 from benchmarks import common
 from benchmarks.suite import _versions
-from kdjax import config as config_lib, trainer
+from kdjax import checkpoint, config as config_lib, plan as plan_lib, trainer
+from kdjax.compress import training
+from kdjax.lm import data as text_data
+from kdjax.models import ModelSpec
+from kdjax.report import lm as report_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments", "lm")
@@ -39,6 +49,31 @@ def _shape() -> dict:
     finally:
         sys.path.remove(EXP)
     return dict(minitron.SHAPE)
+
+
+def _held_out(model: nnx.Module, ds: text_data.TextDataset) -> dict:
+    forward = nnx.jit(lambda m, t, s: m(t, segment_ids=s))
+    rows = ds.rows("validation")
+    out = report_lm.evaluate(lambda t, s: forward(model, t, s), rows["tokens"], rows["segments"])
+    return {"eval/perplexity": out["perplexity"], "eval/accuracy": out["accuracy"]}
+
+
+def _before_training(teacher: str, config_path: str, overrides: list[str]) -> dict:
+    """The pruned student at step 0 and the teacher, on the held-out split."""
+    plan = plan_lib.as_plan(config_lib.load(config_path, overrides))
+    ds = text_data.open_text(plan.data.name, plan.data.data_dir or None)
+    spec = ModelSpec(name=plan.model.name, num_classes=ds.vocab_size, input_shape=(ds.seq_len,))
+    rows = ds.rows(plan.data.train_split)
+    calibration = {k: v[:plan.prune.minitron.calibration_rows] for k, v in rows.items()}
+    spec, pruned = training.initial_student(plan, spec, calibration)
+    reader = checkpoint.RunReader(teacher, what="--teacher")
+    try:
+        step = reader.resolve_step("latest")
+        full = reader.load_model(step, reader.model_spec(step))
+    finally:
+        reader.close()
+    return {"pruned, before training": _held_out(pruned, ds),
+            "teacher, evaluated here": _held_out(full, ds)}
 
 
 def main(argv=None) -> int:
@@ -79,11 +114,13 @@ def main(argv=None) -> int:
               f"{s['eval/accuracy']:.4f}", flush=True)
     with open(os.path.join(args.teacher, "summary.json")) as f:
         teacher = json.load(f)
+    before = _before_training(args.teacher, os.path.join(EXP, "minitron.py"),
+                              common_overrides + runs["minitron_kd"][2])
     result = {"host_before": host_before, "host_after": common.host_info(),
               "versions": _versions(), "seed": args.seed, "steps": args.steps, "shape": shape,
               "teacher": {"workdir": args.teacher, **{k: teacher.get(k) for k in (
                   "eval/perplexity", "eval/accuracy", "num_params", "model")}},
-              "runs": results}
+              "runs": results, "before_training": before}
     common.write_results("lm_minitron", result, _markdown)
     return 0
 
@@ -94,6 +131,9 @@ def _markdown(r: dict) -> str:
     t = r["teacher"]
     lines.append(f"| teacher ({t['model']}, unpruned) | {t['num_params'] or 0:,} | "
                  f"{t['eval/perplexity']:.3f} | {t['eval/accuracy'] * 100:.2f} % | - | - |")
+    for name, s in r["before_training"].items():
+        lines.append(f"| {name} | - | {s['eval/perplexity']:.3f} | "
+                     f"{s['eval/accuracy'] * 100:.2f} % | - | - |")
     for name, s in r["runs"].items():
         agree = s.get("eval/teacher_agreement")
         lines.append(f"| {name} | {s['num_params']:,} | {s['eval/perplexity']:.3f} | "

@@ -226,7 +226,7 @@ def shrink(model: lm_models.Transformer, spec, kept: Kept):
             return x[h]  # the residual stream's norms
         raise ValueError(f"minitron: no rule slices the parameter {'/'.join(map(str, path))}")
 
-    return smaller, lm_models._rebuilt(model, smaller, take)
+    return smaller, lm_models.rebuilt(model, smaller, take)
 
 
 def prune(model: lm_models.Transformer, spec, targets: Mapping[str, int], tokens: jax.Array,
