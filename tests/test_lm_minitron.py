@@ -130,7 +130,9 @@ def _masked(model, kept, d_old):
         ff[kept.neurons[j]] = True
         block.mlp.up.kernel[...] = block.mlp.up.kernel[...] * ff
         block.mlp.down.kernel[...] = block.mlp.down.kernel[...] * h
-        for norm in (block.attention_norm, block.mlp_norm):
+        norms = [getattr(block, n) for n in ("attention_norm", "mlp_norm", "post_attention_norm",
+                                             "pre_mlp_norm", "post_mlp_norm") if hasattr(block, n)]
+        for norm in norms:
             norm.scale[...] = norm.scale[...] * np.sqrt(ratio)
             norm.eps = norm.eps * ratio
     model.norm.scale[...] = model.norm.scale[...] * np.sqrt(ratio)
@@ -139,7 +141,9 @@ def _masked(model, kept, d_old):
     return model
 
 
-@pytest.mark.parametrize("extra", [{}, {"qk_norm": True, "qkv_bias": True}])
+@pytest.mark.parametrize("extra", [
+    {}, {"qk_norm": True, "qkv_bias": True},
+    {"sandwich_norms": True, "activation": "gelu_tanh", "tie_embeddings": True}])
 def test_pruned_model_equals_the_masked_original(extra):
     model, tokens = _model(**extra), _tokens()
     targets = {"d_model": 16, "d_ff": 24, "num_heads": 4, "num_layers": 2}
