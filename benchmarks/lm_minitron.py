@@ -127,28 +127,31 @@ def main(argv=None) -> int:
 
 def _markdown(r: dict) -> str:
     lines = ["| run | params | held-out perplexity | next-token accuracy | agreement with "
-             "teacher | train time (s) |", "|---|---:|---:|---:|---:|---:|"]
+             "teacher | train time (s) | 1-min load before |", "|---|---:|---:|---:|---:|---:|---:|"]
     t = r["teacher"]
     lines.append(f"| teacher ({t['model']}, unpruned) | {t['num_params'] or 0:,} | "
-                 f"{t['eval/perplexity']:.3f} | {t['eval/accuracy'] * 100:.2f} % | - | - |")
+                 f"{t['eval/perplexity']:.3f} | {t['eval/accuracy'] * 100:.2f} % | - | - | - |")
+    params = {"pruned, before training": r["runs"]["minitron_kd"]["num_params"],
+              "teacher, evaluated here": t["num_params"] or 0}
     for name, s in r["before_training"].items():
-        lines.append(f"| {name} | - | {s['eval/perplexity']:.3f} | "
-                     f"{s['eval/accuracy'] * 100:.2f} % | - | - |")
+        lines.append(f"| {name} | {params[name]:,} | {s['eval/perplexity']:.3f} | "
+                     f"{s['eval/accuracy'] * 100:.2f} % | - | - | - |")
     for name, s in r["runs"].items():
         agree = s.get("eval/teacher_agreement")
         lines.append(f"| {name} | {s['num_params']:,} | {s['eval/perplexity']:.3f} | "
                      f"{s['eval/accuracy'] * 100:.2f} % | "
                      f"{'-' if agree is None else f'{agree * 100:.2f} %'} | "
-                     f"{s['wall_time_s']:.0f} |")
+                     f"{s['wall_time_s']:.0f} | {s['load_average_1min_before']:.1f} |")
     h0, h1 = r["host_before"], r["host_after"]
     lines.append(f"\nStudents of shape {r['shape']} (lm_small's class), {r['steps']} steps of "
                  f"32 rows x 128 byte-level tokens, seed {r['seed']}, one run each (no error "
                  f"bars). minitron_kd: the teacher pruned to that shape at step 0 (Minitron's "
                  f"activation importance for width, Block Influence for depth, 64 calibration "
                  f"rows), then 0.5 CE + 0.5 forward KL from the unpruned teacher; scratch: random "
-                 f"init, CE only. Device: CPU ({h0['cpu']}, {h0['cpu_count']} cores, shared: "
-                 f"1-minute load average {h0['load_average_1min']:.1f} at the start, "
-                 f"{h1['load_average_1min']:.1f} at the end); jax {r['versions']['jax']}; "
+                 f"init, CE only; train times include the teacher's forward (minitron_kd) and compiles. "
+                 f"Device: CPU ({h0['cpu']}, {h0['cpu_count']} cores, shared with other jobs; "
+                 f"1-minute load average {h0['load_average_1min']:.1f} and "
+                 f"{h1['load_average_1min']:.1f} around this report's evaluations); jax {r['versions']['jax']}; "
                  f"{h0['date']}.")
     return "\n".join(lines) + "\n"
 
