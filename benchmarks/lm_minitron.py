@@ -9,7 +9,9 @@ KV group of width 32, d_ff 192), with the same steps, batch, optimizer and data 
 
 - minitron_kd: the teacher pruned at step 0 by kdjax.compress.minitron (activation importance
   and Block Influence on 64 training rows), then distilled (distill.py's 0.5 CE + 0.5 forward KL);
-- scratch: randomly initialised, next-token cross-entropy only (student_scratch.py).
+- scratch: randomly initialised, next-token cross-entropy only (student_scratch.py);
+- scratch_kd: randomly initialised and distilled with minitron_kd's loss (distill.py), which
+  separates what the pruned initialisation adds from what distillation adds.
 
 Also the pruned student before any training, and the teacher, evaluated by
 kdjax.report.lm.evaluate on the same held-out split (the teacher's number checks that this
@@ -93,7 +95,10 @@ def main(argv=None) -> int:
                             [f"--config.init.workdir={args.teacher}",
                              f"--config.teacher.workdir={args.teacher}"]),
             "scratch": ("student_scratch.py", False,
-                        ["--config.model.name=lm_small", f"--config.model.kwargs={shape}"])}
+                        ["--config.model.name=lm_small", f"--config.model.kwargs={shape}"]),
+            "scratch_kd": ("distill.py", True,
+                           ["--config.model.name=lm_small", f"--config.model.kwargs={shape}",
+                            f"--config.teacher.workdir={args.teacher}"])}
     host_before, results = common.host_info(), {}
     for name, (path, distill, extra) in runs.items():
         workdir = os.path.join(args.workdir, f"seed{args.seed}", name)
@@ -126,8 +131,9 @@ def main(argv=None) -> int:
 
 
 def _markdown(r: dict) -> str:
-    lines = ["| run | params | held-out perplexity | next-token accuracy | agreement with "
-             "teacher | train time (s) | 1-min load before |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| run | params | held-out perplexity | next-token accuracy | agreement with "
+              "teacher | train time (s) | 1-min load before |"),
+             "|---|---:|---:|---:|---:|---:|---:|"]
     t = r["teacher"]
     lines.append(f"| teacher ({t['model']}, unpruned) | {t['num_params'] or 0:,} | "
                  f"{t['eval/perplexity']:.3f} | {t['eval/accuracy'] * 100:.2f} % | - | - | - |")
@@ -148,11 +154,11 @@ def _markdown(r: dict) -> str:
                  f"bars). minitron_kd: the teacher pruned to that shape at step 0 (Minitron's "
                  f"activation importance for width, Block Influence for depth, 64 calibration "
                  f"rows), then 0.5 CE + 0.5 forward KL from the unpruned teacher; scratch: random "
-                 f"init, CE only; train times include the teacher's forward (minitron_kd) and compiles. "
-                 f"Device: CPU ({h0['cpu']}, {h0['cpu_count']} cores, shared with other jobs; "
-                 f"1-minute load average {h0['load_average_1min']:.1f} and "
-                 f"{h1['load_average_1min']:.1f} around this report's evaluations); jax {r['versions']['jax']}; "
-                 f"{h0['date']}.")
+                 f"init, CE only; scratch_kd: random init, minitron_kd's loss. Train times include "
+                 f"the teacher's forward (the distilled runs) and compiles. Device: CPU "
+                 f"({h0['cpu']}, {h0['cpu_count']} cores, shared with other jobs; 1-minute load "
+                 f"average {h0['load_average_1min']:.1f} and {h1['load_average_1min']:.1f} around "
+                 f"this report's evaluations); jax {r['versions']['jax']}; {h0['date']}.")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,6 @@ from flax import nnx
 
 from _float32 import assert_close
 from kdjax.compress import minitron
-from kdjax.lm import models as lm_models
 from kdjax.models import ModelSpec
 
 VOCAB, T = 40, 12
@@ -101,7 +100,7 @@ def test_importance_matches_an_independent_numpy_forward():
 
 def test_keep_everything_gives_identical_logits():
     model, tokens = _model(), _tokens()
-    spec, small, kept = minitron.prune(model, _spec(), {}, tokens)
+    spec, small, _ = minitron.prune(model, _spec(), {}, tokens)
     np.testing.assert_array_equal(np.asarray(small(tokens)), np.asarray(model(tokens)))
     assert spec.kwargs["d_model"] == 24 and spec.kwargs["num_layers"] == 3
 
@@ -150,6 +149,7 @@ def test_pruned_model_equals_the_masked_original(extra):
     spec, small, kept = minitron.prune(model, _spec(**extra), targets, _tokens(seed=5))
     assert (small.d_model, small.num_layers, small.num_heads, small.num_kv_heads) == (16, 2, 4, 2)
     assert small.layers[0].mlp.gate.out_features == 24 and small.head_dim == model.head_dim
+    assert spec.abstract().d_model == 16 and spec.kwargs["head_dim"] == 4
     # the kept channels are the top-scoring ones
     scores = minitron.importance(model, _tokens(seed=5))
     assert scores.hidden[kept.hidden].min() >= np.delete(scores.hidden, kept.hidden).max()

@@ -11,7 +11,7 @@ d_ff 192, about lm_mini's size. distill.py's loss and steps then recover what pr
 student_scratch.py with model.kwargs of the pruned shape is its baseline.
 """
 
-import distill  # the shared loss, data, optimizer and steps (kdjax.config.load puts this folder on the path)
+import distill  # its loss, data, optimizer, steps (kdjax.config.load puts this folder on the path)
 
 #: The pruned shape, also what a from-scratch baseline of the same shape builds (model.kwargs).
 SHAPE = dict(d_model=64, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=192, head_dim=32)
