@@ -188,10 +188,16 @@ def base_config() -> ml_collections.ConfigDict:
     # dense_first_last: the input layer and the classifier stay dense (unstructured and N:M).
     # round_to: structured: each group keeps a multiple of this many channels (8: ONNX Runtime's
     # CPU convolutions block channels by 8, and odd widths ran slower than the unpruned model).
+    # method "minitron" (language models, schedule "init"; kdjax.compress.minitron): init.workdir's
+    # transformer pruned once, before training, to the minitron sizes (0 keeps the model's):
+    # d_model (the residual width), d_ff, num_heads (in whole KV groups) and num_layers (whole
+    # blocks), ranked by Minitron's activation importance and ShortGPT's Block Influence on
+    # calibration_rows rows of data.train_split.
     c.prune = dict(method="none", scope="per_layer", sparsity=0.0, initial_sparsity=0.0,
                    schedule="one_shot", begin_step=0, end_step=0, every_steps=100, n=2, m=4,
                    criterion="bn_scale", exclude=(), targets={}, dense_first_last=True,
-                   round_to=1)
+                   round_to=1, minitron=dict(d_model=0, d_ff=0, num_heads=0, num_layers=0,
+                                             calibration_rows=64))
     # Quantization (kdjax.compress.quantize, built on Qwix). mode: none | qat (the student's
     # forward fake-quantized in the fused step, straight-through gradients, the float teacher
     # beside it) | ptq (trained in float; quantized on export). weights: int8 | int4;

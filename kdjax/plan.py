@@ -214,10 +214,21 @@ class Init:
 
 
 @dataclasses.dataclass(frozen=True)
+class Minitron:
+    """An LM's target sizes for prune.method="minitron" (kdjax.compress.minitron); 0 = keep."""
+
+    d_model: int
+    d_ff: int
+    num_heads: int  # query heads, in whole KV groups
+    num_layers: int
+    calibration_rows: int  # training rows the importance is estimated on
+
+
+@dataclasses.dataclass(frozen=True)
 class Prune:
     """Pruning in the fused step (kdjax.compress.prune)."""
 
-    method: str  # none | magnitude | random | nm | structured
+    method: str  # none | magnitude | random | nm | structured | minitron
     scope: str  # per_layer | global
     sparsity: float  # the final fraction pruned, in [0, 1)
     initial_sparsity: float  # cubic: where the ramp starts
@@ -232,6 +243,7 @@ class Prune:
     targets: Mapping[str, float]  # {glob: sparsity} per layer (read-only)
     dense_first_last: bool  # the input layer and the classifier stay dense
     round_to: int  # structured: each group keeps a multiple of this many channels
+    minitron: Minitron
 
 
 @dataclasses.dataclass(frozen=True)

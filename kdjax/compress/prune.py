@@ -52,7 +52,7 @@ from kdjax.compress import coupling, structured
 from kdjax.compress.schedule import SCHEDULES, Schedule
 from kdjax.compress.structured import CRITERIA, ChannelGroup, Path, layer_name
 
-METHODS = ("none", "magnitude", "random", "nm", "structured")
+METHODS = ("none", "magnitude", "random", "nm", "structured", "minitron")
 SCOPES = ("per_layer", "global")
 # prune.schedule "init": structured pruning of the initial weights (init.workdir's) once, before
 # training, physically (kdjax.compress.initial); the run trains the smaller model, with no masks.
@@ -332,10 +332,17 @@ def check_config(prune: plan_lib.Prune, total_steps: int) -> Schedule:
             bad("end_step", end, f"the cubic schedule ramps from prune.begin_step={begin} to "
                                  f"prune.end_step, which must be in ({begin}, "
                                  f"train.steps={total_steps}]")
-    if prune.schedule == "init" and method not in ("none", "structured"):
+    if prune.schedule == "init" and method not in ("none", "structured", "minitron"):
         bad("schedule", "init", "pruning the initial weights before training is structured "
-                                "pruning (prune.method='structured'); unstructured methods "
-                                "prune at prune.begin_step=0 with prune.schedule='one_shot'")
+                                "pruning (prune.method='structured' or 'minitron'); unstructured "
+                                "methods prune at prune.begin_step=0 with "
+                                "prune.schedule='one_shot'")
+    if method == "minitron" and prune.schedule != "init":
+        bad("schedule", prune.schedule, "Minitron prunes init.workdir's transformer once, before "
+                                        "training; set prune.schedule='init'")
+    if prune.minitron.calibration_rows < 1:
+        bad("minitron.calibration_rows", prune.minitron.calibration_rows,
+            "the importance is estimated on this many training rows: an integer >= 1")
     return Schedule(kind=prune.schedule, final=final, initial=initial, begin=begin, end=end,
                     every=prune.every_steps)
 

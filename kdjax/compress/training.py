@@ -8,28 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+
+import numpy as np
 
 import optax
 from flax import nnx
 
 from kdjax import checkpoint, lora, plan as plan_lib
-from kdjax.compress import prune, quantize, structured
+from kdjax.compress import minitron, prune, quantize, structured
 from kdjax.lm import models as lm_models
 from kdjax.models import ModelSpec
 
 
-def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, nnx.Module]:
+def initial_student(run: plan_lib.RunPlan, spec: ModelSpec,
+                    calibration: Mapping[str, np.ndarray] | None = None
+                    ) -> tuple[ModelSpec, nnx.Module]:
     """The student the run trains and its spec (recorded in its checkpoints).
 
     It takes the whole plan because it orchestrates three sections and the seed: init.workdir:
     that run's latest student, as its spec records it. prune.schedule="init": its channels
     pruned by prune.criterion to prune.sparsity and physically removed (the spec records the new
-    widths). quant.mode="qat": its forward fake-quantized (Qwix). Otherwise `spec` built with
-    the run's seed. (A config is turned into a plan first: `kdjax.plan.as_plan`.)
+    widths), or, with prune.method="minitron", a transformer pruned to prune.minitron's sizes by
+    the activations of `calibration` ({"tokens", "segments"} training rows, an LM task's).
+    quant.mode="qat": its forward fake-quantized (Qwix). Otherwise `spec` built with the run's
+    seed. (A config is turned into a plan first: `kdjax.plan.as_plan`.)
     """
     run = plan_lib.as_plan(run)
     prune.check_config(run.prune, run.train.steps)
-    init_once = run.prune.schedule == "init" and run.prune.method == "structured"
+    init_once = run.prune.schedule == "init" and run.prune.method in ("structured", "minitron")
     if run.init.layers and not run.init.workdir:
         raise ValueError(f"init.layers={list(run.init.layers)} picks blocks of init.workdir's "
                          f"model, and init.workdir is not set: set it to the run to start from "
@@ -43,7 +50,11 @@ def initial_student(run: plan_lib.RunPlan, spec: ModelSpec) -> tuple[ModelSpec, 
                              "to prune (e.g. the teacher's workdir), or use "
                              "prune.schedule='one_shot'/'cubic' to prune during training")
         model = spec.build(run.seed)
-    if init_once:
+    if init_once and run.prune.method == "minitron":
+        spec, model = _minitron(model, spec, run.prune.minitron, calibration)
+        print(f"kdjax: Minitron pruning of {run.init.workdir}'s student before training: "
+              f"{spec.name} with {dict(spec.kwargs)}", flush=True)
+    elif init_once:
         model, spec = prune_once(model, spec, run.prune)
         print(f"kdjax: structured pruning of {run.init.workdir}'s student before training: "
               f"{spec.name} with {dict(spec.kwargs)}", flush=True)
@@ -129,6 +140,20 @@ def prune_once(model: nnx.Module, spec: ModelSpec, prune_section: plan_lib.Prune
     prune.apply_masks(model, plan)
     small, small_spec, _ = structured.shrink(model, spec)
     return small, small_spec
+
+
+def _minitron(model: nnx.Module, spec: ModelSpec, targets: plan_lib.Minitron,
+              calibration: Mapping[str, np.ndarray] | None) -> tuple[ModelSpec, nnx.Module]:
+    sizes = {k: getattr(targets, k) for k in minitron.TARGETS}
+    minitron.check_targets(model, sizes)
+    if calibration is None:
+        raise ValueError("prune.method='minitron' ranks a language model's channels on training "
+                         "rows, and this run has none to give (it is not an LM run); use "
+                         "prune.method='structured'")
+    rows = slice(0, targets.calibration_rows)
+    spec, model, _ = minitron.prune(model, spec, sizes, calibration["tokens"][rows],
+                                    calibration["segments"][rows])
+    return spec, model
 
 
 def wrap_optimizer(tx: optax.GradientTransformation, pruning: plan_lib.Prune,

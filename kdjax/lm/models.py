@@ -559,9 +559,11 @@ def registry() -> dict[str, Callable[..., Transformer]]:
 # -- reshaped copies -------------------------------------------------------------------------------
 
 
-def _rebuilt(model: nnx.Module, spec, take: Callable[[tuple, jax.Array], jax.Array]
+def rebuilt(model: nnx.Module, spec, take: Callable[[tuple, dict], jax.Array]
              ) -> nnx.Module:
-    """`spec`'s model with each variable at path p set to ``take(p', model's array at p')``."""
+    """`spec`'s model with each variable at path p set to ``take(p, source)``, `source` mapping
+    each of `model`'s variable paths to its variable: a reshaped copy of `model` (fewer blocks,
+    vocabulary rows or channels)."""
     graphdef, abstract = nnx.split(spec.abstract())
     source = dict(nnx.to_flat_state(nnx.state(model)))
     return nnx.merge(graphdef, nnx.from_flat_state(
@@ -587,7 +589,7 @@ def keep_layers(model: nnx.Module, spec, layers: Sequence[int]):
     def take(path, source):
         return source[(path[0], layers[path[1]], *path[2:]) if path[0] == "layers" else path][...]
 
-    return smaller, _rebuilt(model, smaller, take)
+    return smaller, rebuilt(model, smaller, take)
 
 
 def slice_vocab(model: Transformer, spec, vocab: int):
@@ -600,4 +602,4 @@ def slice_vocab(model: Transformer, spec, vocab: int):
         x = source[path][...]
         return x[:vocab] if path[0] == "embed" else x[:, :vocab] if path[0] == "lm_head" else x
 
-    return smaller, _rebuilt(model, smaller, take)
+    return smaller, rebuilt(model, smaller, take)

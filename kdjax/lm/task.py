@@ -382,7 +382,11 @@ class LanguageModelTask(Task):
     def build(self, data: RunData, teachers: tuple[FrozenModel, ...]
               ) -> tuple[Distillee, ModelSpec]:
         # init.workdir (an imported model, init.layers of its blocks) or a fresh student.
-        student, model = compress.initial_student(self.plan, data.student)
+        calibration = None
+        if self.plan.prune.method == "minitron":
+            calibration = _rows(self._dataset(), self.plan.data.train_split,
+                                self.plan.prune.minitron.calibration_rows)
+        student, model = compress.initial_student(self.plan, data.student, calibration)
         return Distillee(model), student
 
     def make_step(self, graphdef, tx, teachers, data: RunData, **compile_args: Any) -> Step:
