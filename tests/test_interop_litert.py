@@ -21,28 +21,8 @@ pytest.importorskip("ai_edge_litert")
 from kdjax import cli, export  # noqa: E402
 from kdjax.interop import formats, litert  # noqa: E402
 from kdjax.models import ModelSpec  # noqa: E402
+from _deploy import pruned_run, uint8_images  # noqa: E402,F401  (pruned_run: a fixture)
 
-EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-RUN = ["--config.train.steps=4", "--config.train.batch_size=32", "--config.eval.every_steps=4",
-       "--config.train.log_every_steps=4", "--config.checkpoint.every_steps=4",
-       "--config.eval.batch_size=50", "--no-progress"]
-PRUNE = ["--config.prune.method=structured", "--config.prune.sparsity=0.5",
-         "--config.prune.schedule=one_shot", "--config.prune.begin_step=0"]
-
-
-@pytest.fixture(scope="module")
-def pruned_run(data_dir, tmp_path_factory):
-    """A 4-step run of the zoo's small CNN (BatchNorm, max-pool) structurally pruned to half
-    its channels."""
-    out = str(tmp_path_factory.mktemp("litert_runs") / "pruned")
-    assert cli.main(["train", "--config", f"{EXP}/fashion_mnist/teacher.py", "--workdir", out,
-                     "--config.model.name=cnn_tiny", f"--config.data.data_dir={data_dir}", *RUN,
-                     *PRUNE]) == 0
-    return out
-
-
-def _images(n):
-    return np.random.default_rng(1).integers(0, 256, (n, 28, 28, 1), np.uint8)
 
 
 def _interpreter(path):
@@ -72,7 +52,7 @@ def _formats_export(spec, tmp_path, model=None):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)((x / 255.0 - 0.3) / 0.4))
     for n in (1, 5):
-        images = _images(n)
+        images = uint8_images(n)
         got, want = _litert_logits(out, images), np.asarray(forward(state, images))
         assert got.shape == (n, 10) and got.dtype == np.float32
         assert np.abs(got - want).max() <= meta["litert"]["tolerance"], (n, meta["litert"])
@@ -111,7 +91,7 @@ def test_a_structured_pruned_run_is_exported_shrunk(tmp_path, pruned_run):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(preprocess(x)))
     for n in (1, 5):
-        images = _images(n)
+        images = uint8_images(n)
         got, want = _litert_logits(ours, images), np.asarray(forward(state, images))
         assert np.abs(got - want).max() <= meta["litert"]["tolerance"]
     it = _interpreter(ours)

@@ -22,28 +22,8 @@ import onnx  # noqa: E402  (after the skip: installed with onnxruntime's extra)
 from kdjax import cli, export  # noqa: E402
 from kdjax.interop import formats, onnx as kdjax_onnx  # noqa: E402
 from kdjax.models import ModelSpec  # noqa: E402
+from _deploy import EXP, pruned_run, uint8_images  # noqa: E402,F401  (pruned_run: a fixture)
 
-EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-RUN = ["--config.train.steps=4", "--config.train.batch_size=32", "--config.eval.every_steps=4",
-       "--config.train.log_every_steps=4", "--config.checkpoint.every_steps=4",
-       "--config.eval.batch_size=50", "--no-progress"]
-PRUNE = ["--config.prune.method=structured", "--config.prune.sparsity=0.5",
-         "--config.prune.schedule=one_shot", "--config.prune.begin_step=0"]
-
-
-@pytest.fixture(scope="module")
-def pruned_run(data_dir, tmp_path_factory):
-    """A 4-step run of the zoo's small CNN (BatchNorm, max-pool) structurally pruned to half
-    its channels."""
-    out = str(tmp_path_factory.mktemp("onnx_runs") / "pruned")
-    assert cli.main(["train", "--config", f"{EXP}/fashion_mnist/teacher.py", "--workdir", out,
-                     "--config.model.name=cnn_tiny", f"--config.data.data_dir={data_dir}", *RUN,
-                     *PRUNE]) == 0
-    return out
-
-
-def _images(n):
-    return np.random.default_rng(1).integers(0, 256, (n, 28, 28, 1), np.uint8)
 
 
 def _kdjax_logits(path, images):
@@ -77,7 +57,7 @@ def _assert_runs_as_kdjax(ours, theirs):
     dims = given.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [28, 28, 1]
     for n in (1, 5):  # the dynamic batch: the check ran 5 and 1; here other images
-        images = _images(n)
+        images = uint8_images(n)
         got, want = _ort_logits(ours, images), _kdjax_logits(theirs, images)
         assert got.shape == (n, 10) and got.dtype == np.float32
         assert np.abs(got - want).max() <= checked["tolerance"], (n, checked)
@@ -100,7 +80,7 @@ def _formats_export(spec, tmp_path, model=None):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)((x / 255.0 - 0.3) / 0.4))
     for n in (1, 5):
-        images = _images(n)
+        images = uint8_images(n)
         got, want = _ort_logits(out, images), np.asarray(forward(state, images))
         assert got.shape == (n, 10)
         assert np.abs(got - want).max() <= meta["onnx"]["tolerance"]
