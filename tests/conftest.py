@@ -75,3 +75,24 @@ def randomize_batchnorms(model, seed=0):
             node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
             node.bias[...] = jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)
     return model
+
+
+@pytest.fixture(scope="module")
+def pruned_run(data_dir, tmp_path_factory):
+    """A 4-step run of the zoo's small CNN (BatchNorm, max-pool) structurally pruned to half
+    its channels: the student the deployment-format tests export."""
+    out = str(tmp_path_factory.mktemp("deploy_runs") / "pruned")
+    assert cli.main(["train", "--config", f"{EXP}/teacher.py", "--workdir", out,
+                     "--config.model.name=cnn_tiny", f"--config.data.data_dir={data_dir}",
+                     "--config.train.steps=4", "--config.train.batch_size=32",
+                     "--config.eval.every_steps=4", "--config.train.log_every_steps=4",
+                     "--config.checkpoint.every_steps=4", "--config.eval.batch_size=50",
+                     "--no-progress", "--config.prune.method=structured",
+                     "--config.prune.sparsity=0.5", "--config.prune.schedule=one_shot",
+                     "--config.prune.begin_step=0"]) == 0
+    return out
+
+
+def uint8_images(n: int) -> np.ndarray:
+    """n random 28x28x1 uint8 images (a deployment format's input)."""
+    return np.random.default_rng(1).integers(0, 256, (n, 28, 28, 1), np.uint8)

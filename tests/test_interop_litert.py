@@ -21,7 +21,7 @@ pytest.importorskip("ai_edge_litert")
 from kdjax import cli, export  # noqa: E402
 from kdjax.interop import formats, litert  # noqa: E402
 from kdjax.models import ModelSpec  # noqa: E402
-from _deploy import pruned_run, uint8_images  # noqa: E402,F401  (pruned_run: a fixture)
+from conftest import uint8_images  # noqa: E402
 
 
 

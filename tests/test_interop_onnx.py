@@ -22,7 +22,7 @@ import onnx  # noqa: E402  (after the skip: installed with onnxruntime's extra)
 from kdjax import cli, export  # noqa: E402
 from kdjax.interop import formats, onnx as kdjax_onnx  # noqa: E402
 from kdjax.models import ModelSpec  # noqa: E402
-from _deploy import EXP, pruned_run, uint8_images  # noqa: E402,F401  (pruned_run: a fixture)
+from conftest import ROOT, uint8_images  # noqa: E402
 
 
 
@@ -241,7 +241,7 @@ def test_a_language_model_runs_on_tokens():
 
 def test_a_language_model_run_exports_with_its_tokenizer(text_dir, tmp_path):
     run, out = str(tmp_path / "lm"), str(tmp_path / "lm_onnx")
-    assert cli.main(["train", "--config", f"{EXP}/lm/teacher.py", "--workdir", run,
+    assert cli.main(["train", "--config", f"{ROOT}/experiments/lm/teacher.py", "--workdir", run,
                      f"--config.data.data_dir={text_dir}", "--config.data.name=tiny",
                      "--config.model.name=lm_tiny", "--config.train.steps=2",
                      "--config.train.batch_size=4", "--config.eval.every_steps=2",
