@@ -3,6 +3,7 @@ student's weights of that very step, λ = 0 is the supervised step's program, a 
 counts its generated tokens only (checked against numpy formulas), λ between mixes whole
 batches, and every refusal comes before a run directory exists."""
 
+import dataclasses
 import json
 import os
 
@@ -348,3 +349,14 @@ def test_instruction_rows_continue_their_conversations_prompts(tmp_path):
     plain = jax.device_get(parts.rollout(None, (teacher,), parts.inputs(
         {k: v for k, v in rows.items() if k != "loss_mask"}, key), key))
     np.testing.assert_array_equal(plain["tokens"][:, :p], np.asarray(rows["tokens"])[:, :p])
+    # prompts longer than every row's usable one: refused when the data loads, with the fix
+    host = ds.rows("train")
+    onpolicy.check_prompts(host, on_policy, data_name="chat", split="train")
+    shortest = min(len(prompt) for prompt in map(lambda r: _expected_prompt(
+        r[:-1], conversations, ds.seq_len), host["tokens"]) if prompt)
+    with pytest.raises(ValueError, match=rf"lm.on_policy.prompt_tokens={shortest - 1}: no row of "
+                                         rf"split 'train' of data.name='chat' has a conversation .*"
+                                         rf"the shortest is {shortest} tokens: set lm.on_policy."
+                                         rf"prompt_tokens >= {shortest}"):
+        onpolicy.check_prompts(host, dataclasses.replace(on_policy, prompt_tokens=shortest - 1),
+                               data_name="chat", split="train")

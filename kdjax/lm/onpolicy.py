@@ -33,7 +33,8 @@ Where the prompts come from:
   Longer prompts are skipped rather than truncated from the left: that would cut off a
   system prompt or the question's beginning, a prompt no conversation of the data has. A row
   with no such conversation (plain-text documents of instruction data have no prompt) counts
-  nothing in that step.
+  nothing in that step; training data none of whose rows has one is refused
+  (`check_prompts`).
 
 A generated row is one document, prompt and continuation, laid out in the batch's own shape
 (``[B, seq_len]``, the tail padding), and the loss counts its generated tokens only: the
@@ -49,10 +50,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kdjax import plan as plan_lib
-from kdjax.lm import sampling
+from kdjax.lm import packing, sampling
 
 GENERATORS = ("student", "teacher")
 # The step key's sub-streams: the coin that picks the batch, the sampler's keys.
@@ -163,6 +165,37 @@ def prompt_of_conversation(tokens: jax.Array, segment_ids: jax.Array, response: 
     prompts = jnp.where(source >= begin[:, None],
                         jnp.take_along_axis(tokens, jnp.clip(source, 0, t - 1), axis=1), 0)
     return prompts, pad.astype(jnp.int32), valid
+
+
+def check_prompts(rows: Mapping[str, np.ndarray], on_policy: plan_lib.OnPolicy, *,
+                  data_name: str, split: str, chunk: int = 1024) -> None:
+    """Refuse instruction rows (`rows` with "loss_mask") of which none has a usable conversation
+    prompt (`prompt_of_conversation`) of at most lm.on_policy.prompt_tokens tokens: every
+    generated batch would count no token. Checked `chunk` rows at a time on the device."""
+    if "loss_mask" not in rows:
+        return
+    width, seq_len = on_policy.prompt_tokens, rows["tokens"].shape[1] - 1
+    find = jax.jit(prompt_of_conversation, static_argnums=3)
+    shortest = seq_len + 1
+    for start in range(0, len(rows["tokens"]), chunk):
+        inputs = packing.model_inputs(*(rows[k][start:start + chunk]
+                                        for k in ("tokens", "segments", "loss_mask")))
+        response = rows["loss_mask"][start:start + chunk, :-1]
+        if jax.device_get(find(inputs["tokens"], inputs["segment_ids"], response, width)[2]
+                          ).any():
+            return
+        # the longest width: each row's first conversation prompt, however long
+        _, pad, valid = jax.device_get(find(inputs["tokens"], inputs["segment_ids"], response,
+                                            seq_len))
+        if valid.any():
+            shortest = min(shortest, int((seq_len - pad)[valid].min()))
+    found = (f"the shortest is {shortest} tokens: set lm.on_policy.prompt_tokens >= {shortest} "
+             f"(with prompt_tokens + max_new_tokens <= {seq_len})" if shortest <= seq_len else
+             "there is none: prepare conversations, prompt/response or messages lines")
+    raise ValueError(f"lm.on_policy.prompt_tokens={width}: no row of split {split!r} of "
+                     f"data.name={data_name!r} has a conversation beginning inside it whose "
+                     f"prompt (its tokens before the response) fits in {width} tokens, so no "
+                     f"generated token would count; {found}, or set lm.on_policy.fraction=0")
 
 
 def rollout(on_policy: plan_lib.OnPolicy, eos: int | None = None) -> Callable[..., Any] | None:
