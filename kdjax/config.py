@@ -239,10 +239,12 @@ def base_config() -> ml_collections.ConfigDict:
     # teacher with another (byte-level) tokenizer, aligned by byte offsets and compared on the
     # next byte (kdjax.lm.cross_tokenizer); "" refuses one.
     # on_policy (kdjax.lm.onpolicy; `kdjax distill` with an online teacher): with probability
-    # fraction (λ in [0, 1]; 0 = supervised distillation only) a step's batch is instead the
-    # first prompt_tokens tokens of each of its rows continued by max_new_tokens tokens sampled
-    # at temperature (0 = greedy) inside the fused step, and the loss (loss.name's divergence,
-    # loss.kwargs) counts the generated tokens only. generator: "student" (on-policy
+    # fraction (λ in [0, 1]; 0 = supervised distillation only) a step's batch is instead a
+    # prompt of each of its rows (plain text: its first prompt_tokens tokens; instruction data:
+    # a conversation's prompt of at most prompt_tokens tokens, else the row counts nothing;
+    # kdjax.lm.onpolicy) continued by max_new_tokens tokens sampled at temperature (0 =
+    # greedy) inside the fused step, and the loss (loss.name's divergence, loss.kwargs) counts
+    # the generated tokens only. generator: "student" (on-policy
     # distillation: the student with this step's weights generates, the teacher scores; no CE
     # on the student's own tokens) | "teacher" (sequence-level KD: the teacher generates, the
     # student learns its tokens by CE and its distribution by the divergence).

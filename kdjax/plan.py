@@ -299,7 +299,7 @@ class OnPolicy:
 
     fraction: float  # λ: the probability that a step's batch is generated; 0 = off
     generator: str  # student (on-policy distillation) | teacher (sequence-level KD)
-    prompt_tokens: int  # the first tokens of each corpus row, continued
+    prompt_tokens: int  # a plain row's first tokens continued; an instruction prompt's limit
     max_new_tokens: int
     temperature: float  # 0 = greedy
 

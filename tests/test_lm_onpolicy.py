@@ -3,6 +3,7 @@ student's weights of that very step, λ = 0 is the supervised step's program, a 
 counts its generated tokens only (checked against numpy formulas), λ between mixes whole
 batches, and every refusal comes before a run directory exists."""
 
+import dataclasses
 import json
 import os
 
@@ -18,7 +19,7 @@ from conftest import ROOT
 from kdjax import cli, models, sharding
 from kdjax import plan as plan_lib
 from kdjax.lm import onpolicy, packing, sampling
-from kdjax.lm.step import TokenObjective, make_lm_step
+from kdjax.lm.step import TokenObjective, lm_parts, make_lm_step
 from kdjax.step import DeviceData, freeze, init_train_state
 
 EXP = os.path.join(ROOT, "experiments", "lm")
@@ -250,3 +251,112 @@ def test_kdjax_distill_runs_on_policy_end_to_end(text_dir, tmp_path):
     assert 0 < train["train/generated"] < 1 and np.isfinite(train["train/loss"])
     with open(student / "summary.json") as f:
         assert json.load(f)["eval/perplexity"] > 1
+
+
+def test_conversation_prompts_follow_the_documented_rule():
+    """Of the conversations that begin inside a row (segment 2 on), the first whose prompt fits
+    in the width, left-padded; a row without one keeps its first tokens and is not valid."""
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3],
+                    [1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 4, 4, 4, 4, 0],
+                    [1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]])
+    resp = np.array([[1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+                     # segment 1 began in the row before; segment 2's prompt is 5 > 4 long;
+                     # segment 3 is plain text; segment 4's prompt is 3 long
+                     [0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0],
+                     [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    tokens = np.arange(10, 58).reshape(3, 16)
+    prompts, pad, valid = jax.device_get(onpolicy.prompt_of_conversation(
+        jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(resp), 4))
+    np.testing.assert_array_equal(prompts, [[0, 0, 13, 14], [0, 37, 38, 39], [42, 43, 44, 45]])
+    np.testing.assert_array_equal(pad, [2, 1, 0])
+    np.testing.assert_array_equal(valid, [True, True, False])
+
+
+def _instruction_rows(tmp_path):
+    """A tiny instruction dataset (byte tokenizer, plain chat format) and each conversation's
+    prompt and first response token, computed from the JSONL lines alone."""
+    from kdjax.lm import data as text_data
+    from kdjax.prepare.text import prepare_text
+
+    lines = [{"prompt": "q" * (1 + i % 4), "response": "ab"[i % 2] * (1 + i % 3)}
+             for i in range(10)]
+    lines += [{"prompt": "a question far too long", "response": "no"}, {"text": "plain text"}]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    prepare_text([src], name="chat", data_dir=tmp_path / "d", seq_len=64, held_out=0)
+    ds = text_data.open_text("chat", str(tmp_path / "d"))
+    tok = ds.tokenizer()
+    conversations = [([tok.bos, *tok.encode(f"user: {x['prompt']}\nassistant: ")],
+                      tok.encode(x["response"])[0]) for x in lines if "prompt" in x]
+    return ds, tok, conversations
+
+
+def _expected_prompt(row, conversations, width):
+    """The first conversation of `row`'s input tokens that starts after position 0, whose first
+    response token is an input too and whose prompt is at most `width` tokens; or None."""
+    found = []
+    for prompt, first in conversations:
+        pattern = [*prompt, first]
+        for s in range(1, len(row) - len(pattern) + 1):
+            if list(row[s:s + len(pattern)]) == pattern and len(prompt) <= width:
+                found.append((s, prompt))
+    return min(found)[1] if found else None
+
+
+def test_instruction_rows_continue_their_conversations_prompts(tmp_path):
+    """On instruction data each generated row starts with its conversation's prompt exactly
+    (left-padded in the decode, moved to the row's start), continues it as the teacher does
+    alone, counts only the generated tokens, and rows without a usable prompt count nothing;
+    the same rows without their loss mask are plain text: prompts of their first tokens."""
+    ds, tok, conversations = _instruction_rows(tmp_path)
+    p, n = 24, 8
+    rows = {k: jnp.asarray(v) for k, v in ds.rows("train").items()}
+    spec = models.ModelSpec("lm_tiny", ds.vocab_size, (ds.seq_len,))
+    teacher = spec.build(1)
+    on_policy = plan_lib.OnPolicy(fraction=1.0, generator="teacher", prompt_tokens=p,
+                                  max_new_tokens=n, temperature=0.0)
+    parts = lm_parts(TokenObjective(divergence="forward_kl"), on_policy=on_policy, eos=tok.eos)
+    key = jax.random.key(0)
+    out = jax.device_get(parts.rollout(None, (teacher,), parts.inputs(rows, key), key))
+    lengths, total = [], 0
+    for b, row in enumerate(np.asarray(rows["tokens"])[:, :-1]):
+        prompt = _expected_prompt(row, conversations, p)
+        if prompt is None:
+            assert not out["loss_mask"][b].any()
+            continue
+        k = len(prompt)
+        lengths.append(k)
+        np.testing.assert_array_equal(out["tokens"][b, :k], prompt)
+        [alone] = sampling.generate(teacher, [prompt], max_new_tokens=n)
+        np.testing.assert_array_equal(out["targets"][b, k - 1:k - 1 + n], alone)
+        ends = np.flatnonzero(alone == tok.eos)
+        counted = n if not len(ends) else ends[0] + 1
+        total += counted
+        np.testing.assert_array_equal(np.flatnonzero(out["loss_mask"][b]),
+                                      np.arange(k - 1, k - 1 + counted))
+    # the data exercises the rule: rows of prompts of different lengths, and skipped rows
+    assert len(set(lengths)) > 1 and 0 < len(lengths) < len(out["tokens"])
+    assert len(conversations[-1][0]) > p
+    # the train step (its data with the loss mask, every row in the batch) counts the same
+    tx = optax.sgd(0.0)
+    graphdef, state = init_train_state(spec.build(0), tx, seed=0, num_examples=len(out["tokens"]))
+    step = make_lm_step(graphdef, tx, TokenObjective(divergence="forward_kl"),
+                        teacher=freeze(teacher), data=DeviceData(rows, batch_size=len(
+                            out["tokens"])), mesh=sharding.make_mesh(), on_policy=on_policy,
+                        eos=tok.eos)
+    _, metrics = step(state)
+    assert float(metrics["tokens"]) == float(metrics["generated_sum"]) == total
+    plain = jax.device_get(parts.rollout(None, (teacher,), parts.inputs(
+        {k: v for k, v in rows.items() if k != "loss_mask"}, key), key))
+    np.testing.assert_array_equal(plain["tokens"][:, :p], np.asarray(rows["tokens"])[:, :p])
+    # prompts longer than every row's usable one: refused when the data loads, with the fix
+    host = ds.rows("train")
+    onpolicy.check_prompts(host, on_policy, data_name="chat", split="train")
+    shortest = min(len(prompt) for prompt in map(lambda r: _expected_prompt(
+        r[:-1], conversations, ds.seq_len), host["tokens"]) if prompt)
+    with pytest.raises(ValueError, match=rf"lm.on_policy.prompt_tokens={shortest - 1}: no row of "
+                                         rf"split 'train' of data.name='chat' has a conversation .*"
+                                         rf"the shortest is {shortest} tokens: set lm.on_policy."
+                                         rf"prompt_tokens >= {shortest}"):
+        onpolicy.check_prompts(host, dataclasses.replace(on_policy, prompt_tokens=shortest - 1),
+                               data_name="chat", split="train")

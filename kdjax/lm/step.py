@@ -95,7 +95,8 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
 
     With `on_policy` (lm.on_policy, λ > 0) a share λ of the batches are generated in the step
     (kdjax.lm.onpolicy; `eos`: the tokenizer's end-of-document id, after which generated tokens
-    do not count) and the metrics gain "generated_sum"."""
+    do not count; instruction rows, with "loss_mask", are continued from their conversations'
+    prompts) and the metrics gain "generated_sum"."""
     rollout = None if on_policy is None else onpolicy.rollout(on_policy, eos)
 
     def inputs(batch, key):
@@ -105,6 +106,9 @@ def lm_parts(objective: TokenObjective, cache: Layout | None = None,
             out["teacher_topk"] = cache.decode(batch["cache"])
         if reading is not None:
             out.update({k: batch[k] for k in ("teacher_tokens", "teacher_segments", "align")})
+        if rollout is not None and "loss_mask" in batch:
+            # instruction data: the rollout continues each conversation's own prompt
+            out["response"] = batch["loss_mask"][..., :-1]
         return out
 
     def teach(models, inputs):

@@ -272,6 +272,9 @@ class LanguageModelTask(Task):
         ds, batch_size = self._dataset(), self.plan.train.batch_size
         arrays = _rows(ds, self.plan.data.train_split)
         tokens = arrays["tokens"]
+        if self.plan.lm.on_policy.fraction:
+            onpolicy.check_prompts(arrays, self.plan.lm.on_policy, data_name=self.plan.data.name,
+                                   split=self.plan.data.train_split)
         eval_batches = self.open_eval(mesh)
         if batch_size > len(tokens):
             raise ValueError(f"train.batch_size={batch_size} exceeds the {len(tokens)} "
