@@ -22,6 +22,7 @@ import onnx  # noqa: E402  (after the skip: installed with onnxruntime's extra)
 
 from kdjax.interop import onnx as kdjax_onnx  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                    "fashion_mnist")
 RUN = ["--config.train.steps=4", "--config.train.batch_size=32", "--config.eval.every_steps=4",
@@ -39,14 +40,23 @@ def _spec(workdir: str) -> ModelSpec:
         reader.close()
 
 
-def _onnx_matches_kdjax(workdir: str, tmp_path, name: str) -> tuple[dict, dict]:
+def _onnx_export(workdir: str, out: str) -> tuple[dict, dict]:
+    """`kdjax export --format onnx` (which checks ONNX Runtime against kdjax before writing):
+    (its kdjax_model.json, the shapes of the ONNX file's initializers)."""
+    assert cli.main(["export", "--workdir", workdir, "--out", out, "--format", "onnx"]) == 0
+    shapes = {i.name: list(i.dims) for i in onnx.load(os.path.join(out, "model.onnx"))
+              .graph.initializer}
+    return json.load(open(os.path.join(out, "kdjax_model.json"))), shapes
+
+
+def _onnx_matches_kdjax(workdir: str, tmp_path) -> tuple[dict, dict]:
     """Both exports of `workdir`: ONNX Runtime's logits against kdjax's own export's forward, at
     batch 1 and 5, within the tolerance the ONNX export states. Returns (the kdjax export's
     spec json, the ONNX initializers' shapes)."""
-    ours, theirs = str(tmp_path / f"{name}_onnx"), str(tmp_path / f"{name}_kdjax")
-    assert cli.main(["export", "--workdir", workdir, "--out", ours, "--format", "onnx"]) == 0
+    ours, theirs = str(tmp_path / "onnx"), str(tmp_path / "kdjax")
+    meta, shapes = _onnx_export(workdir, ours)
     assert cli.main(["export", "--workdir", workdir, "--out", theirs]) == 0
-    checked = json.load(open(os.path.join(ours, "kdjax_model.json")))["onnx"]
+    checked = meta["onnx"]
     session = kdjax_onnx.session(open(os.path.join(ours, "model.onnx"), "rb").read())
     model, preprocess = export.load(theirs)
     graphdef, state = nnx.split(model)
@@ -56,13 +66,11 @@ def _onnx_matches_kdjax(workdir: str, tmp_path, name: str) -> tuple[dict, dict]:
         got, want = session.run(None, {"images": images})[0], np.asarray(forward(state, images))
         assert got.shape == (n, 10)
         assert np.abs(got - want).max() <= checked["tolerance"], (n, checked)
-    shapes = {i.name: list(i.dims) for i in onnx.load(os.path.join(ours, "model.onnx"))
-              .graph.initializer}
     return json.load(open(os.path.join(theirs, export.META_FILE)))["model"], shapes
 
 
 def test_a_user_residual_model_is_pruned_distilled_evaluated_and_exported_shrunk(
-        data_dir, tmp_path):
+        data_dir, tmp_path, capsys):
     data = [f"--config.data.data_dir={data_dir}"]
     # PoolResNet (width 8): the stem and the residual branch's convolution are one group.
     teacher = str(tmp_path / "teacher")
@@ -71,9 +79,10 @@ def test_a_user_residual_model_is_pruned_distilled_evaluated_and_exported_shrunk
                      "--config.prune.begin_step=0", "--config.prune.sparsity=0.5"]) == 0
     # Trained with the masks: the checkpoint holds the full model, the export the shrunk one.
     assert _spec(teacher).shrunk == {}
-    spec_json, shapes = _onnx_matches_kdjax(teacher, tmp_path, "teacher")
-    assert spec_json["shrunk"]["conv/kernel"] == [3, 3, 4, 4]
-    assert spec_json["shrunk"]["head/kernel"] == [4, 10]
+    meta, shapes = _onnx_export(teacher, str(tmp_path / "teacher_onnx"))
+    assert meta["model"]["shrunk"]["conv/kernel"] == [3, 3, 4, 4]
+    assert meta["model"]["shrunk"]["head/kernel"] == [4, 10]
+    assert meta["onnx"]["max_abs_diff"] <= meta["onnx"]["tolerance"]
     assert [3, 3, 4, 4] in shapes.values() and [3, 3, 8, 8] not in shapes.values()
 
     # Distilled from it, starting from its weights pruned further (to 2 of the residual 8
@@ -96,7 +105,20 @@ def test_a_user_residual_model_is_pruned_distilled_evaluated_and_exported_shrunk
     with open(os.path.join(student, "eval.json")) as f:
         assert json.load(f)["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
 
-    spec_json, shapes = _onnx_matches_kdjax(student, tmp_path, "student")
+    # Resumed from its step-4 checkpoint (the shrunk student rebuilt from init.workdir again).
+    capsys.readouterr()
+    assert cli.main(["distill", "--config", f"{EXP}/kd.py", "--workdir", student, *RUN, *data,
+                     f"--config.teacher.workdir={teacher}", f"--config.init.workdir={teacher}",
+                     *STRUCTURED, "--config.prune.schedule=init", "--config.prune.sparsity=0.75",
+                     "--config.train.steps=8"]) == 0
+    assert "kdjax: resumed from" in capsys.readouterr().out
+    reader = checkpoint.RunReader(student, what="the test's run")
+    try:
+        assert list(reader.manager.all_steps()) == [4, 8] and reader.model_spec(8) == spec
+    finally:
+        reader.close()
+
+    spec_json, shapes = _onnx_matches_kdjax(student, tmp_path)
     assert spec_json["shrunk"] == {k: list(v) for k, v in spec.shrunk.items()}
     assert [3, 3, 2, 2] in shapes.values() and [3, 3, 4, 4] not in shapes.values()
 
