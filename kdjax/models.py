@@ -768,18 +768,33 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     compute_dtype: str = "auto"
+    # A structured-pruned model whose constructor cannot take its widths (a user's NNX model):
+    # {variable path: its shape after shrinking}, the variables whose shape the shrink changed.
+    # The kept channels are re-indexed 0..n-1, so shapes suffice: `build` builds the model, then
+    # slices each of them to its recorded shape (kdjax.compress.structured.resize); the weights
+    # come from the checkpoint.
+    shrunk: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def build(self, seed: int = 0) -> nnx.Module:
-        return create_model(self.name, num_classes=self.num_classes, rngs=nnx.Rngs(seed),
-                            input_shape=self.input_shape, dtype=compute_dtype(self.compute_dtype),
-                            **self.kwargs)
+        model = create_model(self.name, num_classes=self.num_classes, rngs=nnx.Rngs(seed),
+                             input_shape=self.input_shape,
+                             dtype=compute_dtype(self.compute_dtype), **self.kwargs)
+        if self.shrunk:
+            # Imported here: kdjax.compress.structured imports this module.
+            from kdjax.compress import structured
+
+            structured.resize(model, self.shrunk, self.name)
+        return model
 
     def abstract(self) -> nnx.Module:
         """The model with ShapeDtypeStructs for arrays: a restore target that allocates nothing."""
         return nnx.eval_shape(self.build)
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+        d = {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+        if not self.shrunk:  # an unshrunk model's spec reads as before the field existed
+            del d["shrunk"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ModelSpec":

@@ -262,13 +262,27 @@ def test_a_user_residual_model_is_shrunk_in_place_with_the_masked_logits():
     assert_close(logits(small, x), logits(model, x), n=9 * 8 + 8)
 
 
-def test_a_model_whose_spec_cannot_record_its_widths_is_not_shrunk_for_export():
+def test_a_user_models_spec_records_its_shrunk_shapes_and_rebuilds_it():
     spec = ModelSpec("_user_models:PoolResNet", 10, RGB, {"width": 8}, "float32")
-    model = PoolResNet(3, 10, width=8, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"structured pruning cannot record the shrunk widths "
-                                         r"of a PoolResNet \(_user_models:PoolResNet\) in its "
-                                         r"ModelSpec: its constructor does not take them"):
-        structured.shrink(model, spec)
+    model = randomize_batchnorms(spec.build(0))
+    plan = prune.make_plan(prune_config(sparsity=0.5, criterion="group_l2"), model, RGB, 10)
+    model = prune.apply_masks(model, plan)
+    small, small_spec, sizes = structured.shrink(model, spec)
+    assert sizes == {"stem": (8, 4)}
+    assert small_spec.kwargs == {"width": 8}  # the constructor's arguments stay as they were
+    assert small_spec.shrunk == {
+        "stem/kernel": [3, 3, 3, 4], "stem/bias": [4], "conv/kernel": [3, 3, 4, 4],
+        "head/kernel": [4, 10], **{f"{bn}/{n}": [4] for bn in ("bn", "bn2")
+                                   for n in ("scale", "bias", "mean", "var")}}
+    rebuilt = ModelSpec.from_json(small_spec.to_json()).build(1)
+    assert (rebuilt.conv.in_features, rebuilt.bn2.num_features, rebuilt.head.in_features) == (
+        4, 4, 4)
+    assert jax.tree.map(np.shape, nnx.state(rebuilt)) == jax.tree.map(np.shape, nnx.state(small))
+    # With the shrunk model's weights, the rebuilt model computes the masked model's logits.
+    nnx.update(rebuilt, nnx.state(small))
+    x = np.random.default_rng(0).normal(size=(4, *RGB)).astype(np.float32)
+    assert_close(logits(rebuilt, x), logits(model, x), n=9 * 8 + 8)
+    assert "shrunk" not in spec.to_json()  # an unshrunk spec's json is as before
 
 
 def test_layers_kdjax_cannot_resize_are_refused_before_training():

@@ -374,11 +374,6 @@ def make_plan(prune: plan_lib.Prune, model: nnx.Module, input_shape: Sequence[in
 
     if method == "structured":
         st = structured.structure(model, input_shape)
-        if not structured.recordable(model):
-            print(f"kdjax: structured pruning masks the {type(model).__name__}'s channels while "
-                  f"training; its ModelSpec cannot record shrunk widths, so `kdjax export` "
-                  f"refuses to write it shrunk (shrink it in memory with "
-                  f"kdjax.compress.structured.shrink_in_place)", flush=True)
         if st.unfollowed:
             print("kdjax: structured pruning leaves dense the channels of layers the channel "
                   "tracer cannot follow: " + "; ".join(f"{name} ({why})" for name, why

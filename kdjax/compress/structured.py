@@ -13,10 +13,12 @@ operation the tracer does not follow touches (`Structure.unfollowed`).
 
 While training, the group's Param slices are masked (kdjax.compress.prune), so a pruned channel
 is exactly 0 everywhere or multiplies exactly-0 weights; removing it is then exact: the shrunk
-model computes the masked model's logits, with fewer channels and fewer FLOPs. The zoo's MLP,
-SmallCNN and CIFAR ResNets record their new widths in the ModelSpec's kwargs, so checkpoints and
-exports rebuild the smaller model; other models (the other zoo CNNs, a user's NNX model) are
-shrunk in place: their arrays sliced and their layers' feature counts updated.
+model computes the masked model's logits, with fewer channels and fewer FLOPs. The zoo's CNNs
+and MLP record their new widths in the ModelSpec's kwargs; a user's NNX model, whose constructor
+does not take them, is shrunk in place (its arrays sliced, its layers' feature counts updated)
+and its spec records the shrunk shapes of the variables that changed (ModelSpec.shrunk), which
+`ModelSpec.build` applies to the built model (`resize`). Either way checkpoints and exports
+rebuild the smaller model.
 
 Importance (prune.criterion), per channel of a group, over its Param members:
 - "group_l2" (DepGraph's): the sum over members of the L2 norm of the channel's slice, divided by
@@ -197,7 +199,8 @@ WIDTHS: dict[type, Callable[[nnx.Module, Mapping[str, int]], dict]] = {
 
 
 def recordable(model: nnx.Module) -> bool:
-    """Whether `shrink` can record the model's shrunk widths in its ModelSpec (a zoo CNN)."""
+    """Whether `shrink` records the model's shrunk widths as constructor kwargs (a zoo CNN);
+    other models record their shrunk variable shapes (ModelSpec.shrunk)."""
     return any(isinstance(model, cls) for cls in WIDTHS)
 
 
@@ -277,9 +280,7 @@ def shrink_in_place(model: nnx.Module, input_shape: Sequence[int]
                     ) -> tuple[nnx.Module, dict[str, tuple[int, int]]]:
     """A copy of `model` without its pruned channels, its arrays sliced and its layers' feature
     counts updated, and {group: (channels before, after)}; its logits equal `model`'s (up to
-    float summation order). For a model whose constructor cannot take its widths (a user's NNX
-    model): a ModelSpec cannot rebuild it, so it lives in memory (`shrink` is the persistable
-    form)."""
+    float summation order). In memory only: `shrink` also returns the spec that rebuilds it."""
     st = structure(model, input_shape)
     keep = kept_channels(model, st.groups)
     params = _sliced(model, st.groups, keep)
@@ -292,19 +293,70 @@ def shrink_in_place(model: nnx.Module, input_shape: Sequence[int]
     return small, {g.name: (g.size, len(keep[g.name])) for g in st.groups}
 
 
+def resize(model: nnx.Module, shapes: Mapping[str, Sequence[int]], name: str) -> None:
+    """Slice, in place, each variable `shapes` names ({path: shape}, ModelSpec.shrunk) to its
+    first channels along each axis, and update its layer's feature counts: how a ModelSpec
+    rebuilds a shrunk user model (`name`, for the errors) before its weights are restored. Works
+    on an abstract model (ModelSpec.abstract)."""
+    nodes = dict(nnx.iter_graph(model))
+    state = nnx.state(model)
+    variables = {layer_name(k): (tuple(k), v) for k, v in nnx.to_flat_state(state)}
+    for path, shape in shapes.items():
+        if path not in variables:
+            raise ValueError(
+                f"ModelSpec.shrunk of {name!r} records a shrunk {path!r}, which the model built "
+                f"from the spec does not have (its variables: {', '.join(sorted(variables))}): the "
+                f"model's code or model.kwargs changed since it was pruned; rebuild it with the "
+                f"code and kwargs it was trained with")
+        key, var = variables[path]
+        layer = nodes.get(key[:-1])
+        if not isinstance(layer, RESIZABLE):
+            raise ValueError(
+                f"ModelSpec.shrunk of {name!r} records a shrunk {path!r}, in a "
+                f"{_kind(layer)}, which kdjax cannot resize (it resizes "
+                f"{', '.join(c.__name__ for c in RESIZABLE)}); the model's code changed since it "
+                f"was pruned")
+        if len(shape) != len(var.shape) or any(n > m or n < 1 for n, m in zip(shape, var.shape)):
+            raise ValueError(
+                f"ModelSpec.shrunk of {name!r} records {path!r} as {list(shape)}, and the model "
+                f"built from the spec has it {list(var.shape)}: shrinking only narrows a "
+                f"variable, keeping its rank; the model's code or model.kwargs changed since it "
+                f"was pruned")
+        var.set_value(var[...][tuple(slice(0, n) for n in shape)])
+    nnx.update(model, state)
+    _resize_layers(model)
+
+
+def _shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    return {layer_name(k): tuple(v.shape) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _recorded(small: nnx.Module, spec: models.ModelSpec) -> models.ModelSpec:
+    """`spec` recording `small`'s (a shrunk user model's) shapes: those that differ from the
+    model its constructor builds. Refused when the spec builds a model with other variables."""
+    built = _shapes(dataclasses.replace(spec, shrunk={}).abstract())
+    have = _shapes(small)
+    if set(built) != set(have):
+        raise ValueError(
+            f"structured pruning cannot record the shrunk {type(small).__name__} in its "
+            f"ModelSpec ({spec.name} with kwargs {dict(spec.kwargs)}): that spec builds a model "
+            f"with other variables (only in the spec's: {sorted(set(built) - set(have))}; only "
+            f"in the model's: {sorted(set(have) - set(built))}); pass the spec the model was "
+            f"built from")
+    return dataclasses.replace(spec, shrunk={p: list(s) for p, s in have.items()
+                                             if s != built[p]})
+
+
 def shrink(model: nnx.Module, spec: models.ModelSpec) -> tuple[nnx.Module, models.ModelSpec,
                                                                dict[str, tuple[int, int]]]:
     """The model without its pruned channels: (the smaller model, its spec, {group: (channels
-    before, after)}), rebuilt from the spec, whose kwargs record the new widths (checkpoints and
-    exports store it). Its logits equal `model`'s (up to float summation order)."""
+    before, after)}). A zoo model is rebuilt from the spec, whose kwargs record the new widths;
+    another model is shrunk in place and the spec records its shrunk variable shapes
+    (ModelSpec.shrunk). Checkpoints and exports store the spec and rebuild the smaller model
+    from it. Its logits equal `model`'s (up to float summation order)."""
     if not recordable(model):
-        raise ValueError(
-            f"structured pruning cannot record the shrunk widths of a {type(model).__name__} "
-            f"({spec.name}) in its ModelSpec: its constructor does not take them, so a checkpoint "
-            f"or export could not rebuild the smaller model. kdjax records them for "
-            f"{', '.join(c.__name__ for c in WIDTHS)}; for another model, train with the masks and "
-            f"shrink in memory with kdjax.compress.structured.shrink_in_place, or use "
-            f"prune.method='magnitude'")
+        small, sizes = shrink_in_place(model, spec.input_shape)
+        return small, _recorded(small, spec), sizes
     st = structure(model, spec.input_shape)
     keep = kept_channels(model, st.groups)
     params = _sliced(model, st.groups, keep)

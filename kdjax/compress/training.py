@@ -114,7 +114,8 @@ def _load_initial(init: plan_lib.Init, spec: ModelSpec) -> tuple[ModelSpec, nnx.
             raise ValueError(f"model.kwargs={dict(spec.kwargs)} differ from the architecture "
                              f"init.workdir={init.workdir!r} records, {dict(saved.kwargs)}; "
                              f"leave model.kwargs empty to take that run's")
-        spec = dataclasses.replace(spec, kwargs=dict(saved.kwargs))
+        # A structured-pruned user model's shrunk shapes come with it (ModelSpec.shrunk).
+        spec = dataclasses.replace(spec, kwargs=dict(saved.kwargs), shrunk=dict(saved.shrunk))
         model = reader.load_model(step, spec, what=f"the student of init.workdir "
                                                    f"{init.workdir!r}")
     finally:
