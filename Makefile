@@ -41,8 +41,13 @@ test: install
 # PyTorch bridge (the torch extra: torch, torchax, timm), Hugging Face models (the hf extra:
 # transformers) and ONNX export (the onnx extra, and jax2onnx without its declared dependencies:
 # they pin orbax-checkpoint < 0.11.37, and converting an NNX model imports none of them). CI runs
-# them after the core suite (.ci/run).
-EXTRA_TESTS := $(wildcard tests/test_torch_*.py) tests/test_lm_hf.py tests/test_interop_onnx.py
+# them after the core suite (.ci/run), with the files whose other tests run in the core suite but
+# which compare against PyTorch or ONNX Runtime where installed (layouts, .pth, formats, benchmarks,
+# structured pruning's ONNX exports).
+EXTRA_TESTS := $(wildcard tests/test_torch_*.py) tests/test_lm_hf.py tests/test_interop_onnx.py \
+               tests/test_interop_layouts.py tests/test_interop_pth.py tests/test_interop_formats.py \
+               tests/test_benchmarks.py tests/test_compress_depgraph.py \
+               tests/test_compress_user_shrink.py
 test-extras: install
 	$(BIN)/pip install -q -e '.[torch,hf,onnx]'
 	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1
