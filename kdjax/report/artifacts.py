@@ -178,8 +178,8 @@ def _load_export(path: str, *, step: str | int = "latest") -> Artifact:
         data = {**_data_of(config), **data}
         teacher = _teacher_of(config, os.path.dirname(source["workdir"]))
     # model/ (Orbax), or weights.npz for a compressed export (kdjax.compress.encode)
-    stored = tuple(p for p in (os.path.join(path, export.MODEL_DIR), os.path.join(path, encode.FILE))
-                   if os.path.exists(p))
+    stored = tuple(p for p in (os.path.join(path, export.MODEL_DIR),
+                               os.path.join(path, encode.FILE)) if os.path.exists(p))
     return Artifact(path=path, kind="export", apply=apply, variables=variables,
                     params=_params(model), stored_files=stored,
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes, data=data,
@@ -277,17 +277,27 @@ def _load_onnx_export(path: str, *, step: str | int = "latest") -> Artifact:
     def run(images: np.ndarray) -> np.ndarray:
         return session.run(None, {onnx.INPUT: np.asarray(images, np.uint8)})[0]
 
+    return _runtime_artifact(path, "onnx", run, meta, spec, file, runtime="ONNX Runtime",
+                             holder="graph")
+
+
+def _runtime_artifact(path: str, kind: str, run: Callable[[np.ndarray], np.ndarray],
+                      meta: dict[str, Any], spec: ModelSpec, file: str, *, runtime: str,
+                      holder: str) -> Artifact:
+    """An export that its own runtime runs (`run`: uint8 images to logits, on the host), seen by
+    the report through a JAX host callback; its parameters counted from its ModelSpec."""
+
     def apply(variables, images):
         out = jax.ShapeDtypeStruct((images.shape[0], spec.num_classes), jnp.float32)
         return jax.pure_callback(run, out, images.astype(jnp.uint8), vmap_method="sequential")
 
-    return Artifact(path=path, kind="onnx", apply=apply, variables={},
+    return Artifact(path=path, kind=kind, apply=apply, variables={},
                     params=_params(spec.abstract()), stored_files=(file,),
                     input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
                     data={"name": meta.get("data")}, spec=spec,
-                    details={"source": meta.get("source"), "onnx": meta.get("onnx"),
-                             "speed": "ONNX Runtime through a host callback",
-                             "nonzero_parameters": "unknown: the weights are in the graph"})
+                    details={"source": meta.get("source"), kind: meta.get(kind),
+                             "speed": f"{runtime} through a host callback",
+                             "nonzero_parameters": f"unknown: the weights are in the {holder}"})
 
 
 def _is_litert_export(path: str) -> bool:
@@ -310,17 +320,8 @@ def _load_litert_export(path: str, *, step: str | int = "latest") -> Artifact:
     def run(images: np.ndarray) -> np.ndarray:
         return litert.run(interpreter, np.asarray(images, np.uint8))
 
-    def apply(variables, images):
-        out = jax.ShapeDtypeStruct((images.shape[0], spec.num_classes), jnp.float32)
-        return jax.pure_callback(run, out, images.astype(jnp.uint8), vmap_method="sequential")
-
-    return Artifact(path=path, kind="litert", apply=apply, variables={},
-                    params=_params(spec.abstract()), stored_files=(file,),
-                    input_shape=tuple(spec.input_shape), num_classes=spec.num_classes,
-                    data={"name": meta.get("data")}, spec=spec,
-                    details={"source": meta.get("source"), "litert": meta.get("litert"),
-                             "speed": "the LiteRT interpreter through a host callback",
-                             "nonzero_parameters": "unknown: the weights are in the file"})
+    return _runtime_artifact(path, "litert", run, meta, spec, file,
+                             runtime="the LiteRT interpreter", holder="file")
 
 
 register_loader("export", _is_export, _load_export, first=False)
