@@ -56,9 +56,9 @@ logits = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])  #
 """
 
 
-class Mismatch(ValueError):
-    """The LiteRT interpreter's logits differ from kdjax's beyond the tolerance: nothing was
-    written."""
+#: The interpreter's logits differ from kdjax's beyond the tolerance: nothing was written (the
+#: error every export format's check raises, `onnx.compare`).
+Mismatch = onnx.Mismatch
 
 
 def require() -> None:
@@ -136,17 +136,8 @@ def check(model_bytes: bytes, images: np.ndarray, reference: np.ndarray, atol: f
         raise Mismatch(f"--format litert: the LiteRT interpreter cannot run the converted file "
                        f"({e}); nothing written. Export --format onnx or stablehlo meanwhile"
                        ) from e
-    if got.shape != reference.shape:
-        raise Mismatch(f"--format litert: the LiteRT interpreter returned logits of shape "
-                       f"{got.shape} for {len(images)} images, kdjax {reference.shape}; nothing "
-                       f"written")
-    diff = float(np.abs(got.astype(np.float64) - reference).max())
-    if not diff <= atol:  # NaN fails too
-        raise Mismatch(f"--format litert: the LiteRT interpreter's logits differ from kdjax's by "
-                       f"up to {diff:.3g} on {len(images)} images, beyond the tolerance "
-                       f"{atol:.3g} ({what}); the file is not written. This is a converter "
-                       f"fault: export --format onnx or stablehlo meanwhile")
-    return diff
+    return onnx.compare(got, reference, atol, what, fmt="litert",
+                        runtime="the LiteRT interpreter", instead="--format onnx or stablehlo")
 
 
 def build_fn(fn: Callable[[jax.Array], jax.Array], input_shape: Sequence[int], *,

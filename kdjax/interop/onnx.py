@@ -72,7 +72,8 @@ logits = session.run(None, {{"images": images}})[0]  # float32 [N, {classes}]
 
 
 class Mismatch(ValueError):
-    """ONNX Runtime's logits differ from kdjax's beyond the tolerance: nothing was written."""
+    """A runtime's logits (ONNX Runtime's, the LiteRT interpreter's) differ from kdjax's beyond
+    the tolerance: nothing was written."""
 
 
 def require() -> None:
@@ -565,16 +566,26 @@ def check(model_bytes: bytes, images: np.ndarray, reference: np.ndarray, atol: f
     """Run the file in ONNX Runtime on `images` (uint8, or an LM's tokens) and compare with
     kdjax's `reference` logits; the largest |difference|, or Mismatch beyond `atol`."""
     got = session(model_bytes).run(None, {input_name: images})[0]
+    return compare(got, reference, atol, what, fmt="onnx", runtime="ONNX Runtime",
+                   instead="--format stablehlo (the same function for any XLA runtime) or "
+                           "kdjax's own format")
+
+
+def compare(got: np.ndarray, reference: np.ndarray, atol: float, what: str, *, fmt: str,
+            runtime: str, instead: str) -> float:
+    """The largest |difference| between a runtime's logits `got` and kdjax's `reference`, or
+    Mismatch (naming `runtime`, the tolerance `atol` and `what` it allows, and the export to use
+    `instead`) when the shapes differ or it exceeds `atol`: the check every export format makes
+    before it writes a file."""
     if got.shape != reference.shape:
-        raise Mismatch(f"--format onnx: ONNX Runtime returned logits of shape {got.shape} for "
-                       f"{len(images)} images, kdjax {reference.shape}; nothing written")
+        raise Mismatch(f"--format {fmt}: {runtime} returned logits of shape {got.shape} for "
+                       f"{len(reference)} images, kdjax {reference.shape}; nothing written")
     diff = float(np.abs(got.astype(np.float64) - reference).max())
     if not diff <= atol:  # NaN fails too
-        raise Mismatch(f"--format onnx: ONNX Runtime's logits differ from kdjax's by up to "
-                       f"{diff:.3g} on {len(images)} images, beyond the tolerance {atol:.3g} "
+        raise Mismatch(f"--format {fmt}: {runtime}'s logits differ from kdjax's by up to "
+                       f"{diff:.3g} on {len(reference)} images, beyond the tolerance {atol:.3g} "
                        f"({what}); the file is not written. This is a converter fault: export "
-                       f"--format stablehlo (the same function for any XLA runtime) or kdjax's "
-                       f"own format meanwhile")
+                       f"{instead} meanwhile")
     return diff
 
 
