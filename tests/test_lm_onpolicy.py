@@ -318,18 +318,24 @@ def test_instruction_rows_continue_their_conversations_prompts(tmp_path):
     parts = lm_parts(TokenObjective(divergence="forward_kl"), on_policy=on_policy, eos=tok.eos)
     key = jax.random.key(0)
     out = jax.device_get(parts.rollout(None, (teacher,), parts.inputs(rows, key), key))
+    prompts = {b: _expected_prompt(row, conversations, p)
+               for b, row in enumerate(np.asarray(rows["tokens"])[:, :-1])}
+    # each prompt continued by the teacher alone, unpadded: one generate call per prompt length
+    alone = {}
+    for k in {len(q) for q in prompts.values() if q is not None}:
+        same = [b for b, q in prompts.items() if q is not None and len(q) == k]
+        alone.update(zip(same, sampling.generate(teacher, [prompts[b] for b in same],
+                                                 max_new_tokens=n)))
     lengths, total = [], 0
-    for b, row in enumerate(np.asarray(rows["tokens"])[:, :-1]):
-        prompt = _expected_prompt(row, conversations, p)
+    for b, prompt in prompts.items():
         if prompt is None:
             assert not out["loss_mask"][b].any()
             continue
         k = len(prompt)
         lengths.append(k)
         np.testing.assert_array_equal(out["tokens"][b, :k], prompt)
-        [alone] = sampling.generate(teacher, [prompt], max_new_tokens=n)
-        np.testing.assert_array_equal(out["targets"][b, k - 1:k - 1 + n], alone)
-        ends = np.flatnonzero(alone == tok.eos)
+        np.testing.assert_array_equal(out["targets"][b, k - 1:k - 1 + n], alone[b])
+        ends = np.flatnonzero(alone[b] == tok.eos)
         counted = n if not len(ends) else ends[0] + 1
         total += counted
         np.testing.assert_array_equal(np.flatnonzero(out["loss_mask"][b]),
