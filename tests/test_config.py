@@ -99,3 +99,16 @@ def test_schedules():
         optim.make_optimizer(dataclasses.replace(opt, name="lamb"), 100)
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
         optim.make_optimizer(dataclasses.replace(opt, learning_rate=0.0), 100)
+
+
+@pytest.mark.parametrize("role", ["prune", "prune-abc", "prune-1.5", "student-0.3", "teacher-x"])
+def test_resnet_deploy_refuses_a_role_it_does_not_have(role):
+    with pytest.raises(ValueError, match=rf"resnet_deploy.py:ROLE takes teacher, student or "
+                                         rf"prune-SPARSITY with SPARSITY in \[0, 1\) \(e.g. "
+                                         rf"prune-0.3\), got '{role}'"):
+        config_lib.load(os.path.join(ROOT, "experiments", "fashion_mnist",
+                                     f"resnet_deploy.py:{role}"))
+    c = config_lib.load(os.path.join(ROOT, "experiments", "fashion_mnist",
+                                     "resnet_deploy.py:prune-0.3"))
+    assert (c.model.name, c.prune.method, c.prune.sparsity, c.prune.round_to) == (
+        "resnet20", "structured", 0.3, 8)

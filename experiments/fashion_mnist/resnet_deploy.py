@@ -34,9 +34,14 @@ AUGMENTATION = {"crop_padding": 2, "flip": True}
 
 def get_config(role: str = "student"):
     kind, _, sparsity = role.partition("-")
-    if kind not in ("teacher", "student", "prune") or (kind == "prune") != bool(sparsity):
-        raise ValueError(f"resnet_deploy.py:ROLE takes teacher, student or prune-SPARSITY (e.g. "
-                         f"prune-0.3), got {role!r}")
+    try:
+        valid = kind in ("teacher", "student") and not sparsity or (
+            kind == "prune" and 0 <= float(sparsity) < 1)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"resnet_deploy.py:ROLE takes teacher, student or prune-SPARSITY with "
+                         f"SPARSITY in [0, 1) (e.g. prune-0.3), got {role!r}")
     c = base_config()
     c.seed = 0
     c.data.name = "fashion_mnist"
