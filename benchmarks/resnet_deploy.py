@@ -94,6 +94,7 @@ def ort_int8(onnx_dir: str, out: str, calibration: np.ndarray) -> None:
             return next(self.batches, None)
 
     tmp = f"{out}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier try; `out` appears complete
     shutil.copytree(onnx_dir, tmp)
     file, pre = os.path.join(tmp, kdjax_onnx.FILE), os.path.join(tmp, "pre.onnx")
     quant_pre_process(os.path.join(onnx_dir, kdjax_onnx.FILE), pre, skip_symbolic_shape=True)
@@ -249,10 +250,10 @@ def render(result: dict[str, Any], out: str) -> None:
                      f"{_cell(runs, ort(0))} | {_cell(runs, ort(1))} | "
                      f"{_cell(runs, xla(0)) if has_xla else '–'} | "
                      f"{_cell(runs, xla(1)) if has_xla else '–'} | {' | '.join(speedups)} |")
-    kd = {(r["name"], r["seed"]): 100 * r["onnx_accuracy"] for r in rows}
+    accuracy = {(r["name"], r["seed"]): 100 * r["onnx_accuracy"] for r in rows}
     lines.append("")
     for fewer in PRUNE:
-        diff = [kd[(f"pruned_{fewer}_kd", s)] - kd[(f"pruned_{fewer}_ce", s)]
+        diff = [accuracy[(f"pruned_{fewer}_kd", s)] - accuracy[(f"pruned_{fewer}_ce", s)]
                 for s in result["seeds"]]
         m, sd = mean_std(diff)
         lines.append(f"- Pruned {fewer}: distillation minus label-only fine-tuning "
