@@ -127,14 +127,17 @@ def _onnx(model: nnx.Module, spec: ModelSpec, run: dict, plan, out: str, *, step
     encode.refuse_for_onnx(plan.prune, plan.quant)
     encoded = encode.encode(model, spec, lambda k: encode.calibration_images(
         plan.data, run["preprocess"], k, seed=plan.seed), prune=plan.prune, quant=plan.quant)
-    model, integers = encoded.model, None
+    model, integers, images = encoded.model, None, None
     if encoded.arrays is not None:
         model = encode.decode(encoded.spec, encoded.record, encoded.arrays)
         if plan.quant.mode != "none" and plan.quant.activations == "none":
             integers = encode.integer_weights(encoded.record, encoded.arrays)
+        elif plan.quant.mode != "none":  # W8A8: the file is calibrated on the student's images
+            images = encode.training_images(plan.data, plan.quant.calibration_examples,
+                                            seed=plan.seed)
     model.eval()
     return formats.export(model, encoded.spec, run, out, fmt="onnx", layout=None, step=step,
-                          source=source, integers=integers)
+                          source=source, integers=integers, images=images)
 
 
 def snippet(path: str, spec: ModelSpec | None = None) -> str:

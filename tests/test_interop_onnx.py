@@ -3,8 +3,10 @@
 
 Each export is compared here with kdjax's own forward of the same student, in ONNX Runtime, at
 batch 1 and 5 (the batch dimension is dynamic), on uint8 images, within the tolerance the export
-states (float32 reassociation over the graph's reductions, tests/_float32.py's rule; W8A8 adds
-its activation-tie allowance, kdjax.interop.onnx.quantization_slack).
+states (float32 reassociation over the graph's reductions, tests/_float32.py's rule). A W8A8
+student is checked on its calibration images, within its own activation quantization error
+(kdjax.interop.onnx._build_w8a8), and its file holds its integers in the QDQ form ONNX Runtime
+fuses into integer kernels (kdjax.interop.onnx_qdq).
 """
 
 import json
@@ -124,21 +126,120 @@ def test_a_structured_pruned_student_is_exported_shrunk(tmp_path, pruned_run):
     assert [3, 3, 1, 4] in shapes.values() and [3, 3, 4, 8] in shapes.values()
 
 
-@pytest.mark.parametrize("activations", ["none", "int8"])
-def test_int8_students_keep_their_integers(tmp_path, pruned_run, data_dir, activations):
+def test_a_weight_only_int8_student_keeps_its_integers(tmp_path, pruned_run, data_dir):
     _, ops = _assert_runs_as_kdjax(*_export_both(
         pruned_run, tmp_path, "--config.quant.mode=ptq", "--config.quant.weights=int8",
-        f"--config.quant.activations={activations}", "--config.quant.calibration_examples=32",
-        f"--config.data.data_dir={data_dir}"))
+        "--config.quant.activations=none", f"--config.data.data_dir={data_dir}"))
     graph = onnx.load(tmp_path / "onnx" / "model.onnx").graph
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert len(int8) == 4  # conv1, conv2, fc, out: every kernel stored as integers
     assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2 and
                    np.prod(i.dims) >= 36 for i in graph.initializer)  # no float kernel left
-    if activations == "none":  # QDQ weights: DequantizeLinear per output channel
-        assert "DequantizeLinear" in ops and "ConvInteger" not in ops
-    else:  # W8A8: ONNX Runtime's integer kernels
-        assert {"ConvInteger", "MatMulInteger"} <= ops and "Conv" not in ops
+    assert "DequantizeLinear" in ops and "QuantizeLinear" not in ops  # float activations
+
+
+W8A8 = ("--config.quant.mode=ptq", "--config.quant.calibration_examples=32")
+
+
+def _w8a8_export(pruned_run, tmp_path, data_dir):
+    ours, theirs = _export_both(pruned_run, tmp_path, *W8A8, f"--config.data.data_dir={data_dir}")
+    checked = json.load(open(os.path.join(ours, "kdjax_model.json")))["onnx"]
+    return ours, theirs, checked
+
+
+def _calibration_images(workdir, data_dir):
+    """The images the export calibrated and checked the file on: the run's training images drawn
+    with its seed (kdjax.compress.encode.training_images, tested in test_compress_training)."""
+    from kdjax import plan as plan_lib
+    from kdjax.compress import encode
+
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    plan = plan_lib.as_plan(saved, [f"--config.data.data_dir={data_dir}"])
+    return encode.training_images(plan.data, 32, seed=plan.seed)
+
+
+def test_a_w8a8_student_runs_as_kdjax_on_integer_kernels(tmp_path, pruned_run, data_dir):
+    ours, theirs, checked = _w8a8_export(pruned_run, tmp_path, data_dir)
+    # on the images it was checked on, and on one of them (the batch is dynamic)
+    images = _calibration_images(pruned_run, data_dir)
+    for batch in (images, images[:1]):
+        got, want = _ort_logits(ours, batch), _kdjax_logits(theirs, batch)
+        assert np.abs(got - want).max() <= checked["tolerance"]
+    assert checked["checked_batches"] == [32, 1] and checked["max_abs_diff"] <= (
+        checked["tolerance"])
+    assert checked["tolerance_rule"].startswith("twice the student's own activation quantization")
+    # QDQ: quantized inputs and int8 weights through DequantizeLinear around float operators,
+    # which ONNX Runtime's graph optimizer fuses into its integer kernels: no float Conv left
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused and not {"Conv", "ConvInteger"} & fused
+
+
+def test_a_w8a8_file_holds_the_students_integers(tmp_path, pruned_run, data_dir):
+    ours, theirs, _ = _w8a8_export(pruned_run, tmp_path, data_dir)
+    model, _ = export.load(theirs)
+    integers = {"/".join(map(str, k[:-3])): np.asarray(v.get_value(), np.int32)
+                for k, v in nnx.to_flat_state(nnx.state(model)) if k[-1] == "qvalue"}
+    stored = [onnx.numpy_helper.to_array(i).astype(np.int32)
+              for i in onnx.load(os.path.join(ours, "model.onnx")).graph.initializer
+              if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(integers) == len(stored) == 4  # conv1, conv2, fc, out
+    for name, q in integers.items():
+        # kdjax: HWIO / [in, out]; the file: OIHW / [in, out]; per output channel, the file's
+        # integers are the student's times the sign of its folded BatchNorm's factor
+        rows = q.transpose(3, 2, 0, 1) if q.ndim == 4 else q.T
+        rows = rows.reshape(len(rows), -1)
+        match = [f for f in stored if f.shape == (q.transpose(3, 2, 0, 1).shape if q.ndim == 4
+                                                  else q.shape)]
+        assert any(all(np.array_equal(a, b) or np.array_equal(a, -b) for a, b in zip(
+            (f.reshape(len(f), -1) if f.ndim == 4 else f.T), rows)) for f in match), name
+    assert any((q == -128).any() for q in integers.values())  # Qwix's range, kept
+
+
+def test_a_w8a8_file_that_disagrees_is_refused(tmp_path, pruned_run, data_dir, monkeypatch):
+    from kdjax.interop import onnx_qdq
+
+    real_quantize = onnx_qdq.quantize
+
+    def classifier_negated(*args):  # the last layer's integers negated: other logits
+        proto = real_quantize(*args)
+        last = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
+        dq = next(n for n in proto.graph.node if last.input[1] in n.output)
+        init = next(i for i in proto.graph.initializer if i.name == dq.input[0])
+        q = onnx.numpy_helper.to_array(init).astype(np.int32)
+        init.CopyFrom(onnx.numpy_helper.from_array(np.clip(-q, -128, 127).astype(np.int8),
+                                                   init.name))
+        return proto
+
+    monkeypatch.setattr(onnx_qdq, "quantize", classifier_negated)
+    with pytest.raises(kdjax_onnx.Mismatch, match=r"ONNX Runtime's logits differ from kdjax's by "
+                                                  r"up to [0-9.e-]+ on 32 images, beyond the "
+                                                  r"tolerance [0-9.e-]+ \(twice the student's "
+                                                  r"own activation quantization error"):
+        export.export(pruned_run, str(tmp_path / "bad"), format="onnx",
+                      overrides=[*W8A8, f"--config.data.data_dir={data_dir}"])
+    monkeypatch.undo()
+    real = onnx_qdq._overrides
+
+    def off_by_one_step(graph, layers, pinned):  # every weight scale 5 % off
+        out = real(graph, layers, pinned)
+        for channels in out.values():
+            for c in channels:
+                if "axis" in c:
+                    c["scale"] = c["scale"] * np.float32(1.05)
+        return out
+
+    monkeypatch.setattr(onnx_qdq, "_overrides", off_by_one_step)
+    with pytest.raises(ValueError, match=r"--format onnx: ONNX Runtime's quantizer did not store "
+                                         r"the student's integers for conv1/conv/kernel, "):
+        export.export(pruned_run, str(tmp_path / "bad"), format="onnx",
+                      overrides=[*W8A8, f"--config.data.data_dir={data_dir}"])
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_file_that_disagrees_is_refused_and_nothing_is_written(tmp_path, pruned_run,
@@ -221,6 +322,26 @@ def test_report_times_onnxruntime_beside_xla(tmp_path, pruned_run, data_dir):
         runtime.check("tensorrt")
 
 
+def test_report_times_a_w8a8_student_in_its_integer_form(tmp_path, pruned_run, data_dir):
+    from kdjax import report
+
+    exported = str(tmp_path / "int8")
+    assert cli.main(["export", "--workdir", pruned_run, "--out", exported, *W8A8,
+                     f"--config.data.data_dir={data_dir}"]) == 0
+    result = report.make_report([exported], data_dir=data_dir, runtime="onnxruntime",
+                                speed_settings={"latency_calls": 3, "throughput_windows": 2,
+                                                "warmup_s": 0.0, "window_s": 0.01})
+    (row,) = result["models"]
+    # converted as `kdjax export --format onnx` converts it (calibrated on the training split's
+    # images: the report loads them only for a W8A8 student), checked, then timed
+    assert "skipped" not in row["runtime"], row["runtime"]["skipped"]
+    graph = row["runtime"]["graph"]
+    assert "skipped" not in row["runtime"] and graph["form"].startswith("int8 weights and "
+                                                                         "activations in QDQ")
+    assert graph["max_abs_diff"] <= graph["tolerance"]
+    assert [b["batch"] for b in row["runtime"]["batches"]] == [1, 8, 64, 256]
+
+
 def test_a_language_model_runs_on_tokens():
     spec = ModelSpec("lm_tiny", 64, (16,), {"d_model": 16, "d_ff": 32})
     model = spec.build(0)
@@ -230,7 +351,7 @@ def test_a_language_model_runs_on_tokens():
     def forward(tokens):
         return nnx.merge(graphdef, state)(tokens)
 
-    model_bytes, checked = kdjax_onnx.build_fn(forward, spec.input_shape, spec.name, state,
+    model_bytes, checked = kdjax_onnx.build_fn(forward, spec.input_shape, spec.name,
                                                inputs=kdjax_onnx.tokens(64))
     assert checked["input"] == "tokens" and checked["max_abs_diff"] <= checked["tolerance"]
     tokens = np.random.default_rng(2).integers(0, 64, (3, 16)).astype(np.int32)

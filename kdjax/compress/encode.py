@@ -67,16 +67,22 @@ def export_config(saved: Mapping[str, Any], overrides: Sequence[str] = ()) -> pl
     return plan_lib.as_plan(saved, overrides)
 
 
-def calibration_images(data_plan: plan_lib.Data, preprocess: Mapping[str, Any], n: int, *,
-                       seed: int) -> np.ndarray:
-    """n training images drawn with the run's seed, preprocessed as the model sees them."""
+def training_images(data_plan: plan_lib.Data, n: int, *, seed: int) -> np.ndarray:
+    """n training images (uint8 [n, H, W, C], in order) drawn with the run's seed: the images a
+    post-training quantization is calibrated on."""
     arrays = data.load_arrays(data_plan.name, data_plan.train_split,
                               data_dir=data_plan.data_dir or None)
     count = len(arrays["label"])
     idx = np.sort(np.random.default_rng(seed).choice(count, min(n, count), replace=False))
+    return arrays["image"][idx]
+
+
+def calibration_images(data_plan: plan_lib.Data, preprocess: Mapping[str, Any], n: int, *,
+                       seed: int) -> np.ndarray:
+    """`training_images`, preprocessed as the model sees them."""
     recipe = augment.Preprocess(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]))
-    return np.asarray(augment.preprocess(jnp.asarray(arrays["image"][idx]), recipe, key=None,
-                                         dtype=jnp.float32))
+    return np.asarray(augment.preprocess(jnp.asarray(training_images(data_plan, n, seed=seed)),
+                                         recipe, key=None, dtype=jnp.float32))
 
 
 def for_other_format(model: nnx.Module, spec: ModelSpec, fmt: str, *, prune: plan_lib.Prune,

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 import kdjax
@@ -167,10 +168,11 @@ def _torch_defined(model: nnx.Module) -> bool:
 
 def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *, fmt: str,
            layout: str | None, step: int, source: str,
-           integers: onnx.Integers | None = None) -> str:
+           integers: onnx.Integers | None = None, images: np.ndarray | None = None) -> str:
     """Write `model` (the student of `run`'s checkpoint `step`) to the new directory `out`.
 
-    For onnx, `integers` are an int8 student's stored integer weights (kdjax.interop.onnx)."""
+    For onnx, `integers` are a weight-only int8 student's stored integer weights, `images` a
+    W8A8 student's calibration images (kdjax.interop.onnx.build)."""
     check(fmt, layout)
     if fmt not in FUNCTIONS and _torch_defined(model):
         if layout is not None:
@@ -192,7 +194,7 @@ def export(model: nnx.Module, spec: ModelSpec, run: dict[str, Any], out: str, *,
             "source": source}
     checked = None
     if fmt == "onnx":  # converted and checked in ONNX Runtime before anything is written
-        model_bytes, checked = onnx.build(model, spec, preprocess, integers)
+        model_bytes, checked = onnx.build(model, spec, preprocess, integers, images=images)
         meta["onnx"] = checked
     elif fmt == "litert":  # converted and checked in the LiteRT interpreter, likewise
         model_bytes, checked = litert.build(model, spec, preprocess)

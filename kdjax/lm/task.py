@@ -499,7 +499,7 @@ def export_onnx(workdir: str, out: str, *, step: str | int = "latest") -> str:
     def forward(tokens: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, state)(tokens).astype(np.float32)
 
-    model_bytes, checked = onnx.build_fn(forward, spec.input_shape, spec.name, state,
+    model_bytes, checked = onnx.build_fn(forward, spec.input_shape, spec.name,
                                          inputs=onnx.tokens(spec.num_classes))
     description = run["tokenizer"]
     meta = {"format": "kdjax.export.onnx/1", "kdjax_version": kdjax.__version__,

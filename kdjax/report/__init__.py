@@ -27,6 +27,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from kdjax import calibration, data as data_lib, plan
 from kdjax.report import evaluate, lm, measure, render, runtime as runtime_lib
 from kdjax.report.artifacts import Artifact, load_artifact, register_loader
@@ -35,6 +37,9 @@ __all__ = ["Artifact", "load_artifact", "register_loader", "make_report", "measu
            "CONVENTIONS"]
 
 FORMAT = "kdjax.report/1"
+# Training images a W8A8 student's ONNX file is calibrated on (quant.calibration_examples'
+# default).
+CALIBRATION_IMAGES = 512
 CONVENTIONS = {
     "ECE": f"expected calibration error of the top label, sum_b (n_b / N) |acc_b - conf_b| over "
            f"{calibration.NUM_BINS} equal-width confidence bins [b/15, (b+1)/15) (closed on the "
@@ -197,8 +202,18 @@ def _measure(a: Artifact, name: str, cache: _Cache, *, split: str, names: dict[s
         if runtime:
             log(f"kdjax report: {name}: timing in {runtime} and XLA, batches "
                 f"{runtime_lib.BATCHES}", flush=True)
-            entry["runtime"] = runtime_lib.speed(a, runtime)
+            entry["runtime"] = runtime_lib.speed(
+                a, runtime, calibration=lambda: _training_images(a, cache, split))
     return entry
+
+
+def _training_images(a: Artifact, cache: _Cache, split: str) -> np.ndarray:
+    """The first CALIBRATION_IMAGES images of the artifact's training split (for a W8A8
+    student's ONNX file: kdjax.report.runtime)."""
+    data = cache.data(a, split)
+    train = a.data.get("train_split") or data.train_split
+    return data_lib.load_arrays(data.name, train, data_dir=data.data_dir or None)["image"][
+        :CALIBRATION_IMAGES]
 
 
 def _temperature(a: Artifact, cache: _Cache, split: str, calibration_split: str | None,

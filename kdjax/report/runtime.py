@@ -25,7 +25,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from kdjax.report.artifacts import Artifact
 from kdjax.report.measure import spread
@@ -62,10 +61,12 @@ def _timed(fn: Callable[[], Any], *, calls: int, warmup_s: float) -> dict[str, f
 
 
 def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
-          batches: Sequence[int] = BATCHES, calls: int = 20, warmup_s: float = 0.3
-          ) -> dict[str, Any]:
+          batches: Sequence[int] = BATCHES, calls: int = 20, warmup_s: float = 0.3,
+          calibration: Callable[[], np.ndarray] | None = None) -> dict[str, Any]:
     """Latency (ms) and throughput (images/s) of `artifact` in `runtime` and in XLA at each of
-    `batches`, and their ratio; or {"skipped": why} where the model cannot be converted."""
+    `batches`, and their ratio; or {"skipped": why} where the model cannot be converted.
+    `calibration()`: uint8 training images, loaded only for a W8A8 student, whose ONNX file is
+    calibrated and checked on them (kdjax.interop.onnx.build)."""
     check(runtime)
     if artifact.kind == FORMAT[runtime]:
         return _file_speed(artifact, runtime, batches=batches, calls=calls, warmup_s=warmup_s)
@@ -78,7 +79,7 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
         return artifact.apply(variables, images).astype(np.float32)
 
     try:
-        call, checked = _runner(artifact, runtime, fn)
+        call, checked = _runner(artifact, runtime, fn, calibration)
     except Exception as e:  # a model the converter cannot follow is reported, not fatal
         return {"runtime": runtime, "skipped": f"{type(e).__name__}: {e}"}
     xla = jax.jit(fn)
@@ -101,7 +102,8 @@ def speed(artifact: Artifact, runtime: str = "onnxruntime", *,
             "batches": rows, "slower_than_xla": [r["batch"] for r in rows if r["speedup"] < 1]}
 
 
-def _runner(artifact: Artifact, runtime: str, fn: Callable[[jax.Array], jax.Array]
+def _runner(artifact: Artifact, runtime: str, fn: Callable[[jax.Array], jax.Array],
+            calibration: Callable[[], np.ndarray] | None
             ) -> tuple[Callable[[np.ndarray], Any], dict[str, Any]]:
     """(a call of the converted, checked file on a uint8 batch in `runtime`; what was checked).
     """
@@ -117,12 +119,12 @@ def _runner(artifact: Artifact, runtime: str, fn: Callable[[jax.Array], jax.Arra
         interpreter.allocate_tensors()
         return lambda images: litert.run(interpreter, images), checked
     if artifact.module is not None and artifact.normalization is not None:
-        model_bytes, checked = onnx.build(artifact.module, artifact.spec, artifact.normalization)
+        model_bytes, checked = onnx.build(
+            artifact.module, artifact.spec, artifact.normalization,
+            images=calibration() if calibration and onnx.is_w8a8(artifact.module) else None)
     else:
-        variables = artifact.variables
-        state = variables if isinstance(variables, nnx.State) else nnx.State({})
         model_bytes, checked = onnx.build_fn(
-            fn, artifact.input_shape, artifact.spec.name if artifact.spec else "model", state)
+            fn, artifact.input_shape, artifact.spec.name if artifact.spec else "model")
     session = onnx.session(model_bytes)
     return lambda images: session.run(None, {onnx.INPUT: images}), checked
 
