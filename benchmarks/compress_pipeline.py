@@ -7,10 +7,13 @@ teacher as the student (Minitron). Every row is measured on its export, the arte
 ships: `kdjax.export.load` it, top-1 on the whole test split.
 
   nice -n 10 python benchmarks/compress_pipeline.py --data-dir data/tfds --seeds 0 1 2
-  nice -n 10 python benchmarks/compress_pipeline.py --data-dir data/tfds --render --report
+  nice -n 10 python benchmarks/compress_pipeline.py --data-dir data/tfds --render --report \
+      --runtime onnxruntime
 
 The second command adds the size and speed columns (bytes stored, non-zero parameters, latency at
-batch 1, time per batch of 256), measured on every export by `kdjax report`'s measure module.
+batch 1, time per batch of 256), measured on every export by `kdjax report`'s measure module,
+and with --runtime each export's latency in that deployment runtime beside XLA's at batch 1 and
+256, as `kdjax report --runtime` measures it.
 
 Each seed trains its own teacher (teacher.py, --teacher-epochs) and distilled student (kd.py,
 --student-epochs); every compression run starts from that student (init.workdir) and fine-tunes
@@ -183,21 +186,53 @@ def run_seed(p: Pipeline, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def add_report_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+RUNTIME_BATCHES = (1, 256)
+CALIBRATION = 512  # training images for a W8A8 export's ONNX file (quant.calibration_examples)
+
+
+def add_report_columns(rows: list[dict[str, Any]], data_dir: str,
+                       runtime: str | None = None) -> dict[str, Any]:
     """Bytes stored, non-zero parameters, batch-1 latency and batch-256 throughput of each row's
-    export, measured by `kdjax report`'s measure module (one timer for the whole project);
-    returns the environment it measured in."""
-    from kdjax.report import load_artifact, measure
+    export, measured by `kdjax report`'s measure module (one timer for the whole project), and
+    with `runtime` its latency there beside XLA's (kdjax.report.runtime, as `kdjax report
+    --runtime` measures it) at RUNTIME_BATCHES; returns the environment it measured in."""
+    from kdjax.report import load_artifact, measure, runtime as runtime_lib
 
     env = measure.environment()
+
+    def calibration():
+        return data.load_arrays("fashion_mnist", "train", data_dir=data_dir)["image"][
+            :CALIBRATION]
+
     for r in rows:
         artifact = load_artifact(r["export"])
         size, speed = measure.size(artifact), measure.speed(artifact)
         r["report"] = {"size": size, "speed": speed}
+        if runtime:
+            r["report"]["runtime"] = runtime_lib.speed(
+                artifact, runtime, batches=RUNTIME_BATCHES, calibration=calibration)
         print(f"{r['name']} seed {r['seed']}: {size['stored_bytes']:,} B stored, latency "
               f"{speed['latency_batch1_ms']['median']:.3f} ms", flush=True)
     env["load_average_end"] = os.getloadavg()[0]
+    env["runtime"] = runtime
     return env
+
+
+def _runtime_cells(rows: list[dict[str, Any]]) -> str:
+    """Median over seeds of the runtime's latency at each of RUNTIME_BATCHES, then its speedup
+    over XLA's (below 1 flagged); "skipped" with the reason where it could not convert."""
+    skipped = [r["report"]["runtime"]["skipped"] for r in rows
+               if "skipped" in r["report"]["runtime"]]
+    if skipped:
+        return " | ".join(["skipped: " + skipped[0].split(":")[0]] * (2 * len(RUNTIME_BATCHES)))
+    cells = []
+    for b in range(len(RUNTIME_BATCHES)):
+        ms = [r["report"]["runtime"]["batches"][b]["runtime_ms"]["median"] for r in rows]
+        cells.append(f"{np.median(ms):.3f}")
+    for b in range(len(RUNTIME_BATCHES)):
+        su = float(np.median([r["report"]["runtime"]["batches"][b]["speedup"] for r in rows]))
+        cells.append(f"{su:.2f}x" + (" **slower**" if su < 1 else ""))
+    return " | ".join(cells)
 
 
 def _speed(rows: list[dict[str, Any]]) -> str:
@@ -220,12 +255,17 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
     by = {n: [r for r in rows if r["name"] == n] for n in names}
     acc = {n: np.array([r["export_accuracy"] for r in by[n]]) * 100 for n in names}
     reported = all("report" in r for r in rows)
+    deployed = reported and all("runtime" in r["report"] for r in rows)
+    where = (meta.get("report_environment") or {}).get("runtime")
     lines = ["| stage | run | top-1 of the export (%) | per seed | distillation minus labels "
              "(points; seeds ahead) | bytes on disk | non-zero params | params | "
              + ("latency batch 1 (ms) | batch 256 (ms) | " if reported else "")
+             + ("".join(f"{where} batch {b} (ms) | " for b in RUNTIME_BATCHES)
+                + "".join(f"{where} vs XLA, batch {b} | " for b in RUNTIME_BATCHES)
+                if deployed else "")
              + "train img/s |",
              "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if reported else "")
-             + "---:|"]
+             + ("---:|" * 2 * len(RUNTIME_BATCHES) if deployed else "") + "---:|"]
     for n in names:
         r0 = by[n][0]
         mean, std = mean_std(acc[n])
@@ -243,6 +283,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
             ips = np.median([r["report"]["speed"]["throughput"]["images_per_s"]["median"]
                              for r in by[n]])
             timing = f"{lat:.3f} | {256 / ips * 1e3:.2f} | "
+            if deployed:
+                timing += _runtime_cells(by[n]) + " | "
         else:
             stored = np.mean([r["bytes_on_disk"] for r in by[n]])
             nonzeros = np.mean([r["nonzero_params"] for r in by[n]])
@@ -265,6 +307,14 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
             f"preprocessing included), on {env['cpu']} ({env['cpu_count']} cores, shared), load "
             f"{env['load_average_1min']:.1f} at the start and {env['load_average_end']:.1f} at the "
             f"end of the measurements: the machine's numbers at that load, not the models'.")
+        if deployed:
+            lines.append(
+                f"\n{where} columns: `kdjax report --runtime {where}`'s measurement "
+                f"(kdjax.report.runtime): each export converted as `kdjax export --format onnx` "
+                f"converts it and checked against XLA, then the median of 20 calls at each "
+                f"batch in {where} (its default threads) and in XLA, median over seeds; "
+                f"'vs XLA' is XLA's latency over {where}'s, below 1x flagged. Unstructured "
+                f"sparsity is stored sparse by kdjax's export but runs dense in {where}.")
     if meta.get("note"):
         lines.append(f"\n{meta['note']}")
     return "\n".join(lines)
@@ -284,6 +334,9 @@ def main() -> None:
     p.add_argument("--report", action="store_true",
                    help="with --render: add the size and speed columns, measured on the exports "
                         "by kdjax report (kdjax.report.measure)")
+    p.add_argument("--runtime", choices=["onnxruntime", "litert"], default=None,
+                   help="with --report: also time every export in this deployment runtime beside "
+                        "XLA (kdjax.report.runtime)")
     p.add_argument("--note", default=None, help="with --render: a note on how the run went, "
                                                 "printed under the table")
     args = p.parse_args()
@@ -294,7 +347,8 @@ def main() -> None:
         if args.note:
             saved["meta"]["note"] = args.note
         if args.report:
-            saved["meta"]["report_environment"] = add_report_columns(saved["rows"])
+            saved["meta"]["report_environment"] = add_report_columns(
+                saved["rows"], saved["args"]["data_dir"], args.runtime)
         write(saved["rows"], saved["meta"], argparse.Namespace(**saved["args"]),
               saved["commands"])
         return
@@ -315,6 +369,9 @@ def write(rows, meta, args, commands) -> None:
     with open(os.path.join(args.out, "compress_pipeline_cpu.md"), "w") as f:
         reported = " then\n`... --render --report` (size and speed columns)" if all(
             "report" in r for r in rows) else ""
+        where = (meta.get("report_environment") or {}).get("runtime")
+        if reported and where:
+            reported = reported.replace("--report`", f"--report --runtime {where}`")
         f.write(f"# Compression pipeline, Fashion-MNIST\n\n`nice -n 10 python "
                 f"benchmarks/compress_pipeline.py --data-dir {args.data_dir} --seeds "
                 f"{' '.join(map(str, args.seeds))}`,{reported}\n\n{text}\n")
