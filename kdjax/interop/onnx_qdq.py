@@ -26,8 +26,8 @@ what kdjax already decided pinned through its TensorQuantOverrides:
   - biases are int32 at input scale x weight scale, ONNX Runtime's rule (its adjustment of the
     weight scale for small bias scales is off, as it would change the integers);
   - the tensors kdjax does not quantize get ONNX Runtime's min-max calibration on the same
-    training images the student's scales came from; the logits stay float (the last layer's
-    output is not quantized).
+    training images the student's scales came from, except the outputs of dense layers, which
+    stay float as in the student (QGemm writes float32: the logits among them).
 The layers a student keeps float (quant.exclude) stay float here too.
 """
 
