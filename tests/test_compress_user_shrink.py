@@ -122,6 +122,18 @@ def test_a_user_residual_model_is_pruned_distilled_evaluated_and_exported_shrunk
     assert spec_json["shrunk"] == {k: list(v) for k, v in spec.shrunk.items()}
     assert [3, 3, 2, 2] in shapes.values() and [3, 3, 4, 4] not in shapes.values()
 
+    # int8 (W8A8) on export, in ONNX Runtime's integer form: shrunk, its integers, checked
+    int8 = str(tmp_path / "int8_onnx")
+    assert cli.main(["export", "--workdir", student, "--out", int8, "--format", "onnx",
+                     "--config.quant.mode=ptq", "--config.quant.calibration_examples=32",
+                     *data]) == 0
+    checked = json.load(open(os.path.join(int8, "kdjax_model.json")))["onnx"]
+    assert checked["form"].startswith("int8 weights and activations in QDQ form")
+    assert checked["max_abs_diff"] <= checked["tolerance"]
+    kernels = [list(i.dims) for i in onnx.load(os.path.join(int8, "model.onnx")).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert sorted(kernels) == [[2, 1, 3, 3], [2, 2, 3, 3], [2, 10]]  # OIHW; the head [in, out]
+
 
 def test_a_spec_whose_model_changed_since_pruning_is_refused():
     spec = ModelSpec("_user_models:PoolResNet", 10, (8, 8, 3), {"width": 8}, "float32",
@@ -144,15 +156,3 @@ def test_a_model_its_spec_does_not_build_is_not_recorded():
                                          r"in its ModelSpec \(_user_models:TinyNet with kwargs "
                                          r"\{\}\): that spec builds a model with other variables"):
         structured.shrink(model, spec)
-
-    # int8 (W8A8) on export, in ONNX Runtime's integer form: shrunk, its integers, checked
-    int8 = str(tmp_path / "int8_onnx")
-    assert cli.main(["export", "--workdir", student, "--out", int8, "--format", "onnx",
-                     "--config.quant.mode=ptq", "--config.quant.calibration_examples=32",
-                     *data]) == 0
-    checked = json.load(open(os.path.join(int8, "kdjax_model.json")))["onnx"]
-    assert checked["form"].startswith("int8 weights and activations in QDQ form")
-    assert checked["max_abs_diff"] <= checked["tolerance"]
-    kernels = [list(i.dims) for i in onnx.load(os.path.join(int8, "model.onnx")).graph.initializer
-               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-    assert sorted(kernels) == [[2, 1, 3, 3], [2, 2, 3, 3], [2, 10]]  # OIHW; the head [in, out]

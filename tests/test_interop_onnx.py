@@ -116,6 +116,7 @@ def test_zoo_mlp(tmp_path):
     meta, ops = _formats_export(ModelSpec("mlp", 10, (28, 28, 1), {"hidden": (16, 8)}),
                                 tmp_path)
     assert "Gemm" in ops and meta["model"]["name"] == "mlp"
+    assert "Add" not in ops  # each bias inside its Gemm (kdjax.interop.onnx._gemm_biases)
 
 
 def test_a_structured_pruned_student_is_exported_shrunk(tmp_path, pruned_run):

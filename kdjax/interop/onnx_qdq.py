@@ -131,6 +131,7 @@ def quantize(proto: Any, kernels: Mapping[str, np.ndarray], pinned: Mapping[str,
         quant_pre_process(given, pre, skip_symbolic_shape=True)
         graph_model = onnx.load(pre)
         _drop_zero_gemm_bias(graph_model.graph)
+        _pooling_pads(graph_model.graph)
         layers = _match(graph_model.graph, kernels)
         overrides = _overrides(graph_model.graph, layers, pinned)
         onnx.save(graph_model, pre)
@@ -138,7 +139,8 @@ def quantize(proto: Any, kernels: Mapping[str, np.ndarray], pinned: Mapping[str,
             pre, out, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=[n.name for n in graph_model.graph.node
-                              if n.op_type in _LAYERS and n.name not in layers],
+                              if n.op_type in _LAYERS and n.name not in layers]
+            + _preprocessing(graph_model.graph, layers),
             extra_options={"TensorQuantOverrides": overrides,
                            "QDQDisableWeightAdjustForInt32Bias": True,
                            "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
@@ -157,6 +159,40 @@ def _drop_zero_gemm_bias(graph: Any) -> None:
     for node in graph.node:
         if node.op_type == "Gemm" and len(node.input) == 3 and node.input[2] in zeros:
             del node.input[2]
+
+
+def _pooling_pads(graph: Any) -> None:
+    """Fold a constant -inf Pad into the MaxPool that reads it (its `pads`, which pad with -inf
+    by definition): kdjax writes a padded max-pool as the two (jax2onnx's MaxPool takes no
+    explicit padding), and quantize_static would calibrate the Pad's output, -inf included, to
+    an infinite scale."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        after = readers.get(pad.output[0], [])
+        mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"),
+                    b"constant")
+        if (len(after) != 1 or after[0].op_type != "MaxPool" or mode != b"constant"
+                or len(pad.input) < 3 or pad.input[1] not in inits or pad.input[2] not in inits
+                or not np.all(np.isneginf(inits[pad.input[2]]))):
+            continue
+        pads = inits[pad.input[1]].reshape(2, -1)  # [begins; ends] over NCHW
+        pool = after[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+        if pads[:, :2].any() or any(attrs.get("pads", [])) or attrs.get("auto_pad", b"NOTSET") \
+                not in (b"NOTSET", b"VALID"):
+            continue
+        for a in [a for a in pool.attribute if a.name in ("pads", "auto_pad")]:
+            pool.attribute.remove(a)  # VALID: no padding of its own
+        pool.input[0] = pad.input[0]
+        pool.attribute.append(helper.make_attribute("pads", [int(p) for p in
+                                                             pads[:, 2:].reshape(-1)]))
+        graph.node.remove(pad)
 
 
 def _match(graph: Any, kernels: Mapping[str, np.ndarray]) -> dict[str, str]:
@@ -181,6 +217,27 @@ def _match(graph: Any, kernels: Mapping[str, np.ndarray]) -> dict[str, str]:
                          f"kernel(s) {', '.join(missing)}, so their integers cannot be stored; "
                          f"nothing written. Export this student in kdjax's format (drop --format)")
     return layers
+
+
+def _preprocessing(graph: Any, layers: Mapping[str, str]) -> list[str]:
+    """The nodes that compute the first quantized layers' inputs from the uint8 images (the
+    Cast and normalisation): they stay float, as in the student, whose first quantization is
+    that layer's input (quantizing them too costs a QLinearMul and its requantization)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+
+    def ancestors(tensor: str, seen: set[str]) -> set[str]:
+        node = producers.get(tensor)
+        if node is None or node.name in seen:
+            return seen
+        seen.add(node.name)
+        for x in node.input:
+            ancestors(x, seen)
+        return seen
+
+    upstream = {name: ancestors(nodes[name].input[0], set()) for name in layers}
+    first = [name for name, up in upstream.items() if not up & set(layers)]
+    return sorted(set().union(*(upstream[name] for name in first)))
 
 
 def _nonnegative(graph: Any, tensor: str) -> bool:
