@@ -129,7 +129,8 @@ def measure_ort_int8(p: Pipeline, float_row: str, out: str) -> dict[str, Any]:
     artifact = load_artifact(out)
     return {"onnx_accuracy": _onnx_accuracy(os.path.join(out, kdjax_onnx.FILE), p.test),
             "onnx_bytes": os.path.getsize(os.path.join(out, kdjax_onnx.FILE)),
-            "speed": runtime.speed(artifact, "onnxruntime", batches=BATCHES, calls=CALLS)}
+            "speed": runtime.speed(artifact, "onnxruntime", batches=BATCHES, calls=CALLS,
+                               calibration=lambda: p.calibration)}
 
 
 def measure_row(p: Pipeline, workdir: str, out: str, overrides: list[str]) -> dict[str, Any]:
@@ -150,7 +151,8 @@ def measure_row(p: Pipeline, workdir: str, out: str, overrides: list[str]) -> di
     return {"onnx_accuracy": _onnx_accuracy(onnx_file, p.test), "params": size["parameters"],
             "flops": size["flops_per_example"], "onnx_bytes": os.path.getsize(onnx_file),
             "onnx_graph": graph,
-            "speed": runtime.speed(artifact, "onnxruntime", batches=BATCHES, calls=CALLS),
+            "speed": runtime.speed(artifact, "onnxruntime", batches=BATCHES, calls=CALLS,
+                               calibration=lambda: p.calibration),
             "measure_wall_s": time.perf_counter() - t}
 
 
