@@ -320,17 +320,26 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pipeline_arguments(description: str, *, name: str, epochs: float
+                       ) -> argparse.ArgumentParser:
+    """The options every pipeline benchmark takes (this one, resnet_deploy.py): data, seeds,
+    the teacher's and student's epochs (default `epochs`) and the fine-tuning's (1), its workdir
+    (workdirs/`name`), where the results go, and --render."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--teacher-epochs", type=float, default=2.0)
-    p.add_argument("--student-epochs", type=float, default=2.0)
+    p.add_argument("--teacher-epochs", type=float, default=epochs)
+    p.add_argument("--student-epochs", type=float, default=epochs)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
-    p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "compress_pipeline"))
+    p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", name))
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--render", action="store_true",
                    help="only rewrite the .md from the .json of a finished run")
+    return p
+
+
+def main() -> None:
+    p = pipeline_arguments(__doc__.splitlines()[0], name="compress_pipeline", epochs=2.0)
     p.add_argument("--report", action="store_true",
                    help="with --render: add the size and speed columns, measured on the exports "
                         "by kdjax report (kdjax.report.measure)")

@@ -26,7 +26,6 @@ benchmarks/results/resnet_deploy_cpu.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -35,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from compress_pipeline import Pipeline
-from fashion_mnist_common import RESULTS, ROOT, machine, mean_std
+from compress_pipeline import Pipeline, pipeline_arguments
+from fashion_mnist_common import machine, mean_std
 
 from kdjax import data, export
 from kdjax.interop import formats
@@ -283,17 +282,8 @@ def render(result: dict[str, Any], out: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--teacher-epochs", type=float, default=1.0)
-    p.add_argument("--student-epochs", type=float, default=1.0)
-    p.add_argument("--finetune-epochs", type=float, default=1.0)
-    p.add_argument("--workdir", default=os.path.join(ROOT, "workdirs", "resnet_deploy"))
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite the .md from the .json of a finished run")
-    args = p.parse_args()
+    args = pipeline_arguments(__doc__.splitlines()[0], name="resnet_deploy",
+                              epochs=1.0).parse_args()
     if args.render:
         with open(os.path.join(args.out, "resnet_deploy_cpu.json")) as f:
             return render(json.load(f), args.out)
