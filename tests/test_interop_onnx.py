@@ -200,6 +200,12 @@ def test_a_w8a8_file_holds_the_students_integers(tmp_path, pruned_run, data_dir)
         assert any(all(np.array_equal(a, b) or np.array_equal(a, -b) for a, b in zip(
             (f.reshape(len(f), -1) if f.ndim == 4 else f.T), rows)) for f in match), name
     assert any((q == -128).any() for q in integers.values())  # Qwix's range, kept
+    # built without the images it is calibrated and checked on: refused, naming them
+    meta = json.load(open(os.path.join(theirs, "kdjax_model.json")))
+    with pytest.raises(ValueError, match=r"a W8A8 student's ONNX file is calibrated and checked "
+                                         r"on the images its activation scales came from: pass "
+                                         r"images \(uint8 training images"):
+        kdjax_onnx.build(model, ModelSpec.from_json(meta["model"]), meta["preprocess"])
 
 
 def test_a_w8a8_file_that_disagrees_is_refused(tmp_path, pruned_run, data_dir, monkeypatch):
