@@ -21,6 +21,19 @@ class TinyNet(nnx.Module):
         return self.head(x)
 
 
+class SharedLayer(nnx.Module):
+    """One Linear applied twice (its weights shared between two calls)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(in_features, 12, rngs=rngs)
+        self.mix = nnx.Linear(12, 12, rngs=rngs)
+        self.head = nnx.Linear(12, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.fc(x.reshape(x.shape[0], -1)))
+        return self.head(nnx.relu(self.mix(nnx.relu(self.mix(x)))))
+
+
 class NormNet(nnx.Module):
     """BatchNorm and Dropout switched by NNX's train()/eval(), not by a train argument."""
 

@@ -208,6 +208,21 @@ def test_a_w8a8_file_holds_the_students_integers(tmp_path, pruned_run, data_dir)
         kdjax_onnx.build(model, ModelSpec.from_json(meta["model"]), meta["preprocess"])
 
 
+def test_a_w8a8_layer_called_twice_is_refused_naming_it():
+    from kdjax import plan as plan_lib
+    from kdjax.compress import quantize
+    from kdjax.interop import onnx_qdq
+
+    spec = ModelSpec("_user_models:SharedLayer", 10, (28, 28, 1))
+    images = uint8_images(16).astype(np.float32) / 255
+    quant = plan_lib.as_plan({"quant": {"mode": "ptq"}}).quant
+    model = quantize.calibrated(spec.build(0), quant, images, batch_size=16)
+    with pytest.raises(ValueError, match=r"--format onnx: the int8 layer 'mix' has 2 static "
+                                         r"activation scales \(one per call of its kernel\); the "
+                                         r"QDQ form holds one per layer"):
+        onnx_qdq.float_twin(model, spec)
+
+
 def test_a_w8a8_file_that_disagrees_is_refused(tmp_path, pruned_run, data_dir, monkeypatch):
     from kdjax.interop import onnx_qdq
 
