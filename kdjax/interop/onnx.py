@@ -323,9 +323,10 @@ def _relus(graph: Any) -> None:
 
 def _gemm_biases(graph: Any) -> None:
     """Move a dense layer's bias into its Gemm: jax2onnx writes x @ W + b as Gemm(x, W) or
-    Gemm(x, W, 0) with beta 0, and the bias in an Add after it (through a Reshape to [1, N]); Gemm(x, W, b) is one
-    kernel, and in an int8 graph the bias is then added in int32 inside QGemm instead of in a
-    separate requantized QLinearAdd. The same values: Gemm adds C in float32 as the Add does."""
+    Gemm(x, W, 0) with beta 0, and the bias in an Add after it (through a Reshape to [1, N]).
+    Gemm(x, W, b) is one kernel, and in an int8 graph the bias is then added in int32 inside
+    QGemm instead of in a separate requantized QLinearAdd. The same values: Gemm adds C in
+    float32 as the Add does."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
