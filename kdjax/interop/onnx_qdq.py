@@ -240,9 +240,9 @@ def _preprocessing(graph: Any, layers: Mapping[str, str]) -> list[str]:
     return sorted(set().union(*(upstream[name] for name in first)))
 
 
-def _nonnegative(graph: Any, tensor: str) -> bool:
-    """Whether `tensor` comes out of a ReLU through sign-keeping operators only."""
-    producers = {o: n for n in graph.node for o in n.output}
+def _nonnegative(producers: Mapping[str, Any], tensor: str) -> bool:
+    """Whether `tensor` comes out of a ReLU through sign-keeping operators only (`producers`:
+    each tensor's node)."""
     node = producers.get(tensor)
     while node is not None and node.op_type in _KEEP_SIGN:
         if node.op_type == "Relu":
@@ -272,12 +272,13 @@ def _overrides(graph: Any, layers: Mapping[str, str], pinned: Mapping[str, Pinne
 
     nodes = {n.name: n for n in graph.node}
     inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
     overrides: dict[str, list[dict[str, Any]]] = {}
     for node_name, kernel in layers.items():
         node = nodes[node_name]
         tensor = node.input[0]
         scale = np.array(pinned[kernel].activation_scale, np.float32)
-        zero = np.array(0 if _nonnegative(graph, tensor) else 128, np.uint8)
+        zero = np.array(0 if _nonnegative(producers, tensor) else 128, np.uint8)
         if tensor in overrides and overrides[tensor][0]["scale"] != scale:
             raise ValueError(f"--format onnx: layers reading the same tensor {tensor!r} have "
                              f"different activation scales ({overrides[tensor][0]['scale']} and "
